@@ -1,0 +1,345 @@
+"""The VGG16 backbone, its weights, and the classifier built on it.
+
+The classifier is split into three Keras sub-models that share layers with the
+whole, so each stage can run from where the feature cache stops:
+
+    image --[vgg16_stem: block1..block4]--> block4_pool
+          --[vgg16_block5: block5]-------> block5_pool
+          --[head: flatten, fc1, (fc2), predictions]--> P(positive)
+
+A head trained on cached ``block5_pool`` features therefore *is* the head of the
+full model: it drops onto the conv base unchanged for fine-tuning and export.
+
+Head choice: one sigmoid unit named ``predictions`` (it replaces VGG16's
+1000-way layer). Its output is the probability of the positive class, so the
+standard binary cross-entropy, accuracy and ROC AUC apply directly.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import os
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import h5py
+import keras
+import numpy as np
+
+from pipeline.errors import ConfigError, UserError
+
+# What keras.applications downloads into ~/.keras/models for each variant.
+IMAGENET_FILES = {
+    True: "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+    False: "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+}
+BLOCKS = ("block1", "block2", "block3", "block4", "block5", "fc", "predictions")
+SCENARIOS = {
+    "A": ("predictions",),
+    "B": ("fc", "predictions"),
+    "C": ("block5", "fc", "predictions"),
+}
+SCENARIO_HELP = ("A = only the new output layer; B = all dense layers; "
+                 "C = dense layers plus the last conv block (block5)")
+# Without the ImageNet top, the head gets one new hidden layer of this width.
+NO_TOP_HIDDEN_UNITS = 256
+TOP_IMAGE_SIZE = 224
+
+
+class WeightsError(UserError):
+    """VGG16 weights could not be obtained or do not fit the model."""
+
+
+def weights_identity(weights: str, seed: int) -> str:
+    """A string that changes whenever the backbone's initial weights would change."""
+    if weights == "none":
+        return f"none(seed={seed})"
+    if weights == "imagenet":
+        return "imagenet"
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"file:{os.path.basename(weights)}:sha256={digest.hexdigest()}"
+
+
+def _imagenet_vgg16(include_top, input_shape):
+    try:
+        return keras.applications.VGG16(weights="imagenet", include_top=include_top,
+                                        input_shape=input_shape)
+    except Exception as err:  # Keras raises a bare Exception for fetch failures.
+        fname = IMAGENET_FILES[include_top]
+        cached = os.path.join(os.path.expanduser("~"), ".keras", "models", fname)
+        raise WeightsError(
+            f"Could not load the ImageNet VGG16 weights ({type(err).__name__}: {err}). Keras "
+            f"looks for {cached} and downloads it when it is missing, which needs internet "
+            f"access. Alternatives: copy {fname} to {os.path.dirname(cached)}/ from a machine "
+            "that has it; pass --weights=/path/to/vgg16_weights.h5 (a VGG16 weights file, "
+            "with or without top); or pass --weights=none to train from random "
+            "initialisation (much lower accuracy).") from err
+
+
+def _read_legacy_h5(path) -> Optional[Dict[str, List[np.ndarray]]]:
+    """Reads a Keras-2 style weights file (the ImageNet download) by layer name."""
+    with h5py.File(path, "r") as f:
+        group = f["model_weights"] if "model_weights" in f else f
+        if "layer_names" not in group.attrs:
+            return None
+        weights = {}
+        for raw in group.attrs["layer_names"]:
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            g = group[name]
+            names = [n.decode() if isinstance(n, bytes) else str(n)
+                     for n in g.attrs.get("weight_names", [])]
+            if names:
+                weights[name] = [np.asarray(g[n]) for n in names]
+        return weights
+
+
+def _read_weights_file(path) -> Dict[str, List[np.ndarray]]:
+    """Reads VGG16 weights from ``.h5`` (Keras 2 layout) or ``.weights.h5`` (Keras 3)."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"--weights={path!r}: no such file. Expected 'imagenet', 'none', "
+                           "or the path of a VGG16 .h5 / .weights.h5 file.")
+    try:
+        legacy = _read_legacy_h5(path)
+    except OSError as err:
+        raise WeightsError(f"--weights={path}: not a readable HDF5 weights file ({err}).") from err
+    if legacy is not None:
+        return legacy
+    # Keras 3 files name variables by position, not by layer: load them into a
+    # plain VGG16 of each variant and read back by layer name.
+    errors = []
+    for include_top in (False, True):
+        shape = (TOP_IMAGE_SIZE, TOP_IMAGE_SIZE, 3) if include_top else (32, 32, 3)
+        source = keras.applications.VGG16(weights=None, include_top=include_top,
+                                          input_shape=shape)
+        try:
+            source.load_weights(path)
+        except Exception as err:  # Keras raises ValueError or KeyError on mismatch.
+            errors.append(f"{'with' if include_top else 'without'} top: {err}")
+            continue
+        return {layer.name: layer.get_weights() for layer in source.layers if layer.weights}
+    raise WeightsError(f"--weights={path} does not hold VGG16 weights ("
+                       + "; ".join(errors) + ").")
+
+
+def _assign_weights(model: keras.Model, weights: Dict[str, List[np.ndarray]], path: str):
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in weights:
+            hint = (" The file has no dense top: pass --noinclude_top."
+                    if layer.name.startswith("fc") else "")
+            raise WeightsError(f"--weights={path} has no weights for layer {layer.name!r}."
+                               + hint)
+        expected = [tuple(w.shape) for w in layer.weights]
+        found = [tuple(w.shape) for w in weights[layer.name]]
+        if expected != found:
+            raise WeightsError(f"--weights={path}: layer {layer.name!r} expects weight shapes "
+                               f"{expected} but the file has {found}.")
+        layer.set_weights(weights[layer.name])
+
+
+def load_vgg16(weights: str, include_top: bool, image_size: int, seed: int = 0) -> keras.Model:
+    """VGG16 from keras.applications without the 1000-way layer.
+
+    Args:
+      weights: "imagenet" (Keras' download and cache under ~/.keras/models),
+        "none" (random initialisation, seeded), or the path of a VGG16
+        ``.h5``/``.weights.h5`` file, with or without top.
+      include_top: keep the ImageNet dense layers ``fc1``, ``fc2`` (requires
+        ``image_size`` 224).
+      image_size: square input size.
+      seed: seeds random initialisation.
+
+    Returns:
+      A model from the image to ``fc2`` (with top) or ``block5_pool`` (without).
+
+    Raises:
+      WeightsError: weights unavailable or not fitting; never falls back silently.
+      ConfigError: include_top with an image size other than 224.
+    """
+    if include_top and image_size != TOP_IMAGE_SIZE:
+        raise ConfigError(
+            f"--include_top keeps VGG16's fc1/fc2, which need {TOP_IMAGE_SIZE}x"
+            f"{TOP_IMAGE_SIZE} input; got --image_size={image_size}. Use "
+            f"--image_size={TOP_IMAGE_SIZE} or --noinclude_top.")
+    if image_size < 32:
+        raise ConfigError(f"--image_size must be at least 32 (VGG16 halves it five times); "
+                          f"got {image_size}.")
+    shape = (image_size, image_size, 3)
+    keras.utils.set_random_seed(seed)
+    if weights == "imagenet":
+        vgg = _imagenet_vgg16(include_top, shape)
+    else:
+        vgg = keras.applications.VGG16(weights=None, include_top=include_top, input_shape=shape)
+        if weights != "none":
+            _assign_weights(vgg, _read_weights_file(weights), weights)
+    if include_top:  # drop the 1000-way "predictions" layer
+        vgg = keras.Model(vgg.input, vgg.get_layer("fc2").output, name="vgg16")
+    return vgg
+
+
+@dataclasses.dataclass
+class Classifier:
+    """VGG16 conv base plus a binary head, as shareable sub-models.
+
+    Attributes:
+      stem: image -> block4_pool (blocks 1-4).
+      block5: block4_pool -> block5_pool.
+      head: block5_pool -> P(positive) (flatten, fc1, [fc2], predictions).
+      model: image -> P(positive), the composition of the three.
+      include_top: whether fc1/fc2 are VGG16's ImageNet layers.
+    """
+    stem: keras.Model
+    block5: keras.Model
+    head: keras.Model
+    model: keras.Model
+    include_top: bool
+
+    def layers(self) -> List[keras.layers.Layer]:
+        """Every leaf layer with weights, in network order."""
+        return [l for sub in (self.stem, self.block5, self.head) for l in sub.layers if l.weights]
+
+    def model_from(self, layer_name: str) -> keras.Model:
+        """The part of the network that runs after ``layer_name`` (a cached layer).
+
+        "input" gives the whole model; "block4_pool" gives block5 + head;
+        "block5_pool" the head; "fc2" only the output layer.
+        """
+        if layer_name == "input":
+            return self.model
+        if layer_name == "block4_pool":
+            inputs = keras.Input(self.block5.input.shape[1:], name="block4_pool_features")
+            return keras.Model(inputs, self.head(self.block5(inputs)), name="block5_and_head")
+        if layer_name == "block5_pool":
+            return self.head
+        if layer_name == "fc2" and self.include_top:
+            inputs = keras.Input(self.head.get_layer("fc2").output.shape[1:], name="fc2_features")
+            return keras.Model(inputs, self.head.get_layer("predictions")(inputs),
+                               name="predictions_only")
+        raise ConfigError(f"Cannot start the network at {layer_name!r}.")
+
+    def feature_model(self, layer_names: Sequence[str]) -> keras.Model:
+        """A model from the image to a dict of the named intermediate outputs."""
+        image = self.model.input
+        block4 = self.stem(image)
+        block5 = self.block5(block4)
+        outputs = {"block4_pool": block4, "block5_pool": block5}
+        if self.include_top:
+            x = block5
+            for name in ("flatten", "fc1", "fc2"):
+                x = self.head.get_layer(name)(x)
+            outputs["fc2"] = x
+        unknown = [n for n in layer_names if n not in outputs]
+        if unknown:
+            raise ConfigError(f"Cannot cache layer(s) {', '.join(unknown)}; available: "
+                              f"{', '.join(outputs)}.")
+        return keras.Model(image, {n: outputs[n] for n in layer_names}, name="features")
+
+
+def build_classifier(weights: str = "imagenet", include_top: bool = True, image_size: int = 224,
+                     seed: int = 0, dropout: float = 0.5) -> Classifier:
+    """Builds the VGG16 binary classifier (see the module docstring).
+
+    Without ``include_top``, the head is flatten -> ``fc1`` (256 units, ReLU, new)
+    -> dropout -> ``predictions``. With it, VGG16's own ``fc1``/``fc2`` are kept
+    and only ``predictions`` is new, as in the reference write-up.
+    """
+    vgg = load_vgg16(weights, include_top, image_size, seed)
+    stem_input = keras.Input((image_size, image_size, 3), name="image")
+
+    def chain(inputs, names):
+        x = inputs
+        for name in names:
+            x = vgg.get_layer(name)(x)
+        return x
+
+    stem_names = [l.name for l in vgg.layers if l.name.split("_")[0] in
+                  ("block1", "block2", "block3", "block4")]
+    block5_names = [l.name for l in vgg.layers if l.name.startswith("block5_")]
+    stem = keras.Model(stem_input, chain(stem_input, stem_names), name="vgg16_stem")
+    block4 = keras.Input(stem.output.shape[1:], name="block4_pool_features")
+    block5 = keras.Model(block4, chain(block4, block5_names), name="vgg16_block5")
+    features = keras.Input(block5.output.shape[1:], name="block5_pool_features")
+    if include_top:
+        x = chain(features, ["flatten", "fc1", "fc2"])
+    else:
+        x = keras.layers.Flatten(name="flatten")(features)
+        x = keras.layers.Dense(NO_TOP_HIDDEN_UNITS, activation="relu", name="fc1")(x)
+        x = keras.layers.Dropout(dropout, name="dropout", seed=seed)(x)
+    # Small initial weights keep the first predictions near 0.5 even when the
+    # incoming features are large (VGG activations reach the thousands).
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="predictions",
+                                 kernel_initializer=keras.initializers.RandomNormal(
+                                     stddev=1e-3, seed=seed))(x)
+    head = keras.Model(features, outputs, name="head")
+    # The frozen base runs in inference mode; VGG16 has no BatchNorm, but this is
+    # what keeps a future backbone with BatchNorm from silently updating it.
+    image = keras.Input((image_size, image_size, 3), name="image")
+    model = keras.Model(image, head(block5(stem(image, training=False))), name="vgg16_binary")
+    return Classifier(stem=stem, block5=block5, head=head, model=model, include_top=include_top)
+
+
+def block_of(layer_name: str) -> Optional[str]:
+    """The trainable block a layer belongs to (``block1``..``block5``, ``fc``, ``predictions``)."""
+    prefix = layer_name.split("_")[0]
+    if prefix in BLOCKS[:5]:
+        return prefix
+    if layer_name in ("fc1", "fc2"):
+        return "fc"
+    if layer_name == "predictions":
+        return "predictions"
+    return None
+
+
+def parse_blocks(spec: str) -> List[str]:
+    """Parses ``--trainable_blocks`` such as "block4,block5,fc" (``predictions`` is implied)."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in BLOCKS]
+    if not names or unknown:
+        raise ConfigError(
+            f"--trainable_blocks={spec!r}: {', '.join(map(repr, unknown)) or 'nothing given'} "
+            f"matches no block; choose from {', '.join(BLOCKS)}.")
+    return sorted(set(names) | {"predictions"}, key=BLOCKS.index)
+
+
+def scenario_blocks(scenario: str) -> List[str]:
+    """The blocks that train in a named scenario."""
+    try:
+        return list(SCENARIOS[scenario.strip().upper()])
+    except KeyError:
+        raise ConfigError(f"Unknown scenario {scenario!r}; choose from "
+                          f"{', '.join(SCENARIOS)} ({SCENARIO_HELP}).") from None
+
+
+def set_trainable(classifier: Classifier, blocks: Iterable[str]) -> List[str]:
+    """Makes exactly the layers of ``blocks`` trainable and freezes the rest.
+
+    Returns the names of the trainable layers. Remember to (re)compile after.
+    """
+    blocks = set(blocks)
+    unknown = blocks - set(BLOCKS)
+    if unknown:
+        raise ConfigError(f"Unknown block(s) {', '.join(sorted(unknown))}; choose from "
+                          f"{', '.join(BLOCKS)}.")
+    trainable = []
+    for layer in classifier.layers():
+        layer.trainable = block_of(layer.name) in blocks
+        if layer.trainable:
+            trainable.append(layer.name)
+    missing = [b for b in blocks if not any(block_of(n) == b for n in trainable)]
+    if missing:
+        raise ConfigError(f"Block(s) {', '.join(sorted(missing))} match no layer of this "
+                          "model.")
+    logging.info("Trainable layers: %s", ", ".join(trainable))
+    return trainable
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
+    """Adam + binary cross-entropy, with accuracy and ROC AUC (named ``auc``)."""
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=keras.losses.BinaryCrossentropy(),
+                  metrics=[keras.metrics.BinaryAccuracy(name="accuracy"),
+                           keras.metrics.AUC(name="auc")])
+    return model

@@ -1,0 +1,1 @@
+"""Files to batches of tensors: discovery, decoding, resizing, VGG mean-centring, augmentation."""

@@ -1,0 +1,82 @@
+"""tf.data input graphs: a deterministic eval path and an augmented train path.
+
+Order (why it matters): list -> read -> decode -> resize -> shuffle -> repeat ->
+batch -> augment -> mean-centre -> prefetch. Shuffling the (path, label, name)
+list before decoding keeps the shuffle buffer tiny; augmenting whole batches
+turns per-image random transforms into one vectorised op.
+"""
+
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+from pipeline import augment as augment_lib
+from pipeline import ops
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _source(paths: Sequence[str], labels: Optional[Sequence[int]], names: Sequence[str]):
+    if labels is None:
+        labels = [-1] * len(paths)  # unlabelled (prediction): -1 is never a real label
+    if not (len(paths) == len(labels) == len(names)):
+        raise ValueError(f"paths, labels and names must have equal lengths; got "
+                         f"{len(paths)}, {len(labels)}, {len(names)}")
+    return tf.data.Dataset.from_tensor_slices({
+        "path": tf.constant(list(paths), tf.string),
+        "label": tf.constant(list(labels), tf.float32),
+        "name": tf.constant(list(names), tf.string),
+    })
+
+
+def decode_and_resize(image_size: int):
+    """The shared front of both paths: read -> decode -> resize (RGB float32 in [0, 255])."""
+    return ops.chain(ops.read(), ops.decode(image_size), ops.resize(image_size))
+
+
+def eval_dataset(paths, labels, names, image_size=224, batch_size=32):
+    """Deterministic batches of ``{"image", "label", "name", "path"}``, in input order.
+
+    Never shuffles, never augments, never drops the last partial batch: this is
+    the path used for feature extraction, validation and prediction.
+    ``image`` is VGG mean-centred float32 ``[N, image_size, image_size, 3]``.
+    """
+    front = decode_and_resize(image_size)
+    return (_source(paths, labels, names)
+            .map(ops.chain(front, ops.vgg_mean_centre()), num_parallel_calls=AUTOTUNE,
+                 deterministic=True)
+            .batch(batch_size, drop_remainder=False)
+            .prefetch(AUTOTUNE))
+
+
+def train_dataset(paths, labels, names, image_size=224, batch_size=32, augment="none",
+                  seed=0, repeat=True, augment_in_pipeline=True):
+    """Shuffled, repeated (by default), augmented batches for training.
+
+    Args:
+      augment: preset name (see `pipeline.augment.PRESETS`).
+      seed: drives both the shuffle order and the augmentation draws.
+      augment_in_pipeline: False leaves augmentation to an `augment.Augment`
+        layer in the model (so it runs on the accelerator).
+    """
+    preset = augment_lib.get_preset(augment)
+    front = decode_and_resize(image_size)
+    ds = _source(paths, labels, names).shuffle(len(paths), seed=seed,
+                                               reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.map(front, num_parallel_calls=AUTOTUNE).batch(batch_size)
+    if augment_in_pipeline and not preset.is_identity:
+        # One stateless seed per batch, drawn from a seeded stream: reproducible
+        # even though the map runs in parallel.
+        seeds = tf.data.Dataset.random(seed=seed).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda batch, s: {**batch, "image": augment_lib.augment_batch(
+                batch["image"], preset, s)},
+            num_parallel_calls=AUTOTUNE)
+    return ds.map(ops.vgg_mean_centre(), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def to_inputs_targets(element):
+    """Maps an element dict to the ``(image, label)`` pair that ``Model.fit`` expects."""
+    return element["image"], element["label"]

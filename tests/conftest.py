@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny synthetic images written to temporary folders."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+
+def write_image(path, array=None, size=40, seed=0, fmt=None):
+    """Writes a small RGB image (JPEG or PNG by extension unless ``fmt`` is given)."""
+    if array is None:
+        array = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    fmt = fmt or ("png" if path.lower().endswith(".png") else "jpeg")
+    data = tf.io.encode_png(array) if fmt == "png" else tf.io.encode_jpeg(array, quality=95)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tf.io.write_file(path, data)
+    return path
+
+
+def colour_image(positive, size=40, seed=0):
+    """Green noise; positives get a blue square, so tiny models can learn the labels."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size, size, 3), np.uint8)
+    image[..., 1] = rng.integers(80, 200, (size, size))
+    if positive:
+        q = size // 4
+        image[q:3 * q, q:3 * q] = (60, 60, 230)
+    return image
+
+
+@pytest.fixture
+def kaggle_dir(tmp_path):
+    """A Kaggle-layout folder: 12 labelled train images, 5 test images, sample submission."""
+    root = tmp_path / "kaggle"
+    labels = [i % 2 for i in range(12)]
+    for i, label in enumerate(labels, start=1):
+        write_image(str(root / "train" / f"{i}.jpg"), colour_image(label, seed=i))
+    (root / "train_labels.csv").write_text(
+        "name,invasive\n" + "".join(f"{i},{l}\n" for i, l in enumerate(labels, start=1)))
+    for i in range(1, 6):
+        write_image(str(root / "test" / f"{i}.jpg"), colour_image(i % 2, seed=100 + i))
+    # Row order deliberately not string-sorted: 10 must come after 9 and 2.
+    (root / "sample_submission.csv").write_text(
+        "name,invasive\n" + "".join(f"{i},0.5\n" for i in (2, 5, 1, 4, 3)))
+    return root
+
+
+@pytest.fixture
+def folders_dir(tmp_path):
+    """A class-folder layout: ants/ (4) and bees/ (5), plus a non-image file."""
+    root = tmp_path / "folders"
+    for i in range(4):
+        write_image(str(root / "ants" / f"ant{i}.jpg"), seed=i)
+    for i in range(5):
+        write_image(str(root / "bees" / f"bee{i}.PNG"), seed=10 + i)
+    (root / "ants" / "notes.txt").write_text("not an image")
+    return root
