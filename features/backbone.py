@@ -140,6 +140,19 @@ def _assign_weights(model: keras.Model, weights: Dict[str, List[np.ndarray]], pa
         layer.set_weights(weights[layer.name])
 
 
+def _he_initialise(model: keras.Model, seed: int) -> None:
+    """Re-draws kernels with He-normal scaling (biases stay zero).
+
+    Keras' default Glorot init shrinks activations about 100-fold by block5 in
+    a 13-layer ReLU stack; He scaling keeps them at the magnitude pretrained
+    VGG16 features have, so the "none" path exercises the same numerics as real
+    weights and its features stay usable.
+    """
+    for i, layer in enumerate(l for l in model.layers if l.weights):
+        init = keras.initializers.HeNormal(seed=seed * 1000 + i)
+        layer.kernel.assign(init(layer.kernel.shape))
+
+
 def load_vgg16(weights: str, include_top: bool, image_size: int, seed: int = 0) -> keras.Model:
     """VGG16 from keras.applications without the 1000-way layer.
 
@@ -173,7 +186,9 @@ def load_vgg16(weights: str, include_top: bool, image_size: int, seed: int = 0) 
         vgg = _imagenet_vgg16(include_top, shape)
     else:
         vgg = keras.applications.VGG16(weights=None, include_top=include_top, input_shape=shape)
-        if weights != "none":
+        if weights == "none":
+            _he_initialise(vgg, seed)
+        else:
             _assign_weights(vgg, _read_weights_file(weights), weights)
     if include_top:  # drop the 1000-way "predictions" layer
         vgg = keras.Model(vgg.input, vgg.get_layer("fc2").output, name="vgg16")

@@ -381,3 +381,53 @@ def parse_val_size(text: str) -> Union[int, float]:
     if 0 < value < 1:
         return value
     raise ConfigError(f"--val_size must be a count >= 1 or a fraction in (0, 1); got {text!r}.")
+
+
+def natural_key(name: str):
+    """Sort key that puts "2" before "10" (numbers compared as numbers)."""
+    import re
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+            for part in re.split(r"(\d+)", name) if part]
+
+
+def discover_unlabelled(data_dir: str) -> pd.DataFrame:
+    """Images to predict under ``data_dir``, as columns ``path, name`` in output order.
+
+    ``data_dir`` is a Kaggle root (then ``test/`` is predicted and, if
+    ``sample_submission.csv`` exists, exactly its names in exactly its row
+    order) or a plain folder of images (natural order: 2 before 10).
+    """
+    if not data_dir or not os.path.isdir(data_dir):
+        raise DataError(f"Folder to predict {data_dir!r} does not exist or is not a folder.")
+    data_dir = os.path.abspath(data_dir)
+    test_dir = os.path.join(data_dir, "test")
+    is_kaggle = os.path.isdir(test_dir) and (
+        os.path.isfile(os.path.join(data_dir, LABELS_CSV))
+        or os.path.isfile(os.path.join(data_dir, SAMPLE_SUBMISSION_CSV))
+        or not list_images(data_dir)[0])
+    folder = test_dir if is_kaggle else data_dir
+    paths, ignored = list_images(folder)
+    if ignored:
+        logging.info("Ignored %d non-image file(s) in %s.", ignored, folder)
+    if not paths:
+        raise DataError(f"No images to predict in {folder} (expected files ending in "
+                        f"{', '.join(IMAGE_EXTENSIONS)}, any case).")
+    by_name = _names_to_paths(paths, folder)
+    sample = os.path.join(data_dir, SAMPLE_SUBMISSION_CSV)
+    if is_kaggle and os.path.isfile(sample):
+        rows = read_names_csv(sample, (NAME_COLUMN,))
+        names = [image_name(n) if is_image_file(n) else n for n in rows[NAME_COLUMN]]
+        missing = [(line, n) for line, n in zip(rows.line, names) if n not in by_name]
+        if missing:
+            raise DataError(
+                f"{sample} lists names with no image in {folder}: " + ", ".join(
+                    f"line {line}: {n!r}" for line, n in missing[:_MAX_LISTED])
+                + (f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED
+                   else "") + ".")
+        extra = len(by_name) - len(set(names))
+        if extra:
+            logging.warning("%d image(s) in %s are not in %s and will not be predicted.",
+                            extra, folder, sample)
+    else:
+        names = sorted(by_name, key=natural_key)
+    return pd.DataFrame({"path": [by_name[n] for n in names], "name": names})

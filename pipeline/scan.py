@@ -70,3 +70,35 @@ def require_good_images(paths: Sequence[str], image_size: int = 224) -> None:
         raise DataError(f"{len(bad)} of {len(paths)} images cannot be used:\n"
                         + format_bad_images(bad)
                         + "\nFix or remove these files and run again.")
+
+
+def filter_bad_images(frame, image_size: int, policy: str, report_path: str,
+                      keep_rows: bool = False):
+    """Applies ``--on_bad_image`` to a frame of images (column ``path``).
+
+    Args:
+      policy: "fail" raises DataError listing every bad image; "skip" writes
+        ``report_path`` (CSV: path, reason) and leaves them out.
+      keep_rows: for prediction: keep every row and mark the bad ones in a
+        boolean column ``bad`` instead of dropping them.
+    """
+    import pandas as pd
+    from pipeline.atomic import atomic_path
+
+    bad = scan_images(frame.path.tolist(), image_size)
+    if keep_rows:
+        frame = frame.assign(bad=frame.path.isin({p for p, _ in bad}))
+    if not bad:
+        return frame
+    if policy == "fail":
+        raise DataError(f"{len(bad)} of {len(frame)} images cannot be used:\n"
+                        + format_bad_images(bad)
+                        + "\nFix or remove these files, or pass --on_bad_image=skip to leave "
+                        "them out (a report is written to the run folder).")
+    with atomic_path(report_path) as tmp:
+        pd.DataFrame(bad, columns=["path", "reason"]).to_csv(tmp, index=False)
+    logging.warning("Skipping %d bad image(s) of %d; report: %s\n%s", len(bad), len(frame),
+                    report_path, format_bad_images(bad))
+    if keep_rows:
+        return frame
+    return frame[~frame.path.isin({p for p, _ in bad})].reset_index(drop=True)

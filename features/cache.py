@@ -1,0 +1,415 @@
+"""Frozen VGG16 features computed once and cached in HDF5.
+
+One file per (data folder, backbone configuration). Layout::
+
+    names      [N] str     image names (file name without extension)
+    paths      [N] str     absolute image paths (the row key, with ``identity``)
+    identity   [N] str     "size:mtime_ns[:view]" of each image when extracted
+    labels     [N] int8    0/1 (-1 for unlabelled images)
+    view       [N] int16   0 = the plain eval-path image; k >= 1 = k-th augmented view
+    row_crc    [N] uint32  CRC32 of the row's features, to detect corruption
+    <layer>    [N, ...]    one dataset per cached layer, named by its Keras layer
+                           name (block4_pool, block5_pool, fc2), chunked by batch
+
+Provenance (backbone, weights identity, image size, preprocessing, layers, dtype,
+library versions, data folder) lives in the file attributes and, hashed, in its
+name; a file whose attributes do not match what is asked for is rebuilt.
+
+Crash safety: rows are written into ``<name>.partial.h5`` batch by batch and the
+attribute ``rows_done`` is advanced only after the batch is flushed, so an
+interrupted extraction resumes from the last flushed batch. Only a finished
+file is renamed to ``<name>.h5``; readers never see a partial one. Adding
+images copies the finished file to a partial one, appends, and renames back.
+An exclusive lock file serialises writers sharing one ``--cache_dir``.
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+from typing import Dict, List, Optional, Sequence
+
+import h5py
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from features.backbone import Classifier
+from pipeline import augment as augment_lib
+from pipeline import input as input_lib
+from pipeline import ops
+from pipeline.errors import ConfigError, DataError
+
+FORMAT_VERSION = 1
+PREPROCESSING = ("decode(jpeg dct-downscale while >= size; 3 channels) -> "
+                 "resize(bilinear, antialias, square) -> vgg_mean_centre(RGB->BGR minus "
+                 "ImageNet means 103.939,116.779,123.68; no scaling)")
+CACHE_DTYPES = ("float16", "float32")
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """Everything a cache's contents depend on, apart from the images themselves."""
+    weights_id: str
+    include_top: bool
+    image_size: int
+    layers: tuple
+    dtype: str = "float16"
+    data_dir: str = ""
+    augment: str = "none"     # preset of the augmented views (views > 0 only)
+
+    def __post_init__(self):
+        if self.dtype not in CACHE_DTYPES:
+            raise ConfigError(f"--cache_dtype={self.dtype!r}: choose one of "
+                              f"{', '.join(CACHE_DTYPES)}.")
+
+    def provenance(self) -> Dict[str, str]:
+        """Attributes stored with the cache and compared on reuse."""
+        return {
+            "format_version": str(FORMAT_VERSION),
+            "backbone": "keras.applications.VGG16",
+            "weights": self.weights_id,
+            "include_top": str(self.include_top),
+            "image_size": str(self.image_size),
+            "preprocessing": PREPROCESSING,
+            "layers": ",".join(self.layers),
+            "dtype": self.dtype,
+            "data_dir": os.path.abspath(self.data_dir),
+            "augment": self.augment,
+            "tensorflow_version": tf.__version__,
+            "keras_version": keras.__version__,
+            "h5py_version": h5py.__version__,
+        }
+
+    def file_name(self) -> str:
+        """Readable, unique name: what matters at a glance plus a hash of everything."""
+        digest = hashlib.sha256(json.dumps(
+            {k: v for k, v in self.provenance().items() if not k.endswith("_version")},
+            sort_keys=True).encode()).hexdigest()[:12]
+        weights = self.weights_id.split(":")[0].split("(")[0]
+        data = os.path.basename(os.path.abspath(self.data_dir).rstrip(os.sep)) or "data"
+        aug = "" if self.augment == "none" else f"-aug_{self.augment}"
+        return (f"vgg16-{data}-{self.image_size}px-{weights}-"
+                f"{'top' if self.include_top else 'notop'}-{self.dtype}{aug}-{digest}.h5")
+
+
+def cached_layers(include_top: bool) -> tuple:
+    """The layers every cache holds: block4_pool (for scenario C), block5_pool, and fc2."""
+    return ("block4_pool", "block5_pool", "fc2") if include_top else ("block4_pool",
+                                                                      "block5_pool")
+
+
+def image_identity(path: str, view: int = 0) -> str:
+    """Changes when the file changes (size or modification time)."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}" + (f":{view}" if view else "")
+
+
+def _row_crc(arrays: Sequence[np.ndarray]) -> int:
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a).tobytes(), crc)
+    return crc
+
+
+@contextlib.contextmanager
+def _lock(path: str):
+    """Exclusive advisory lock held while a cache file is being written."""
+    with open(path + ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.info("Another run is writing %s; waiting for it ...", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class _CorruptCache(Exception):
+    pass
+
+
+def _open_checked(path: str, spec: CacheSpec, mode="r"):
+    """Opens a cache file and checks its provenance; raises _CorruptCache with the reason."""
+    try:
+        f = h5py.File(path, mode)
+    except (OSError, ValueError) as err:
+        raise _CorruptCache(f"cannot be opened as HDF5 ({err})") from err
+    try:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f.attrs.items()}
+        expected = spec.provenance()
+        diffs = [f"{k}: cached {attrs.get(k)!r}, wanted {v!r}" for k, v in expected.items()
+                 if attrs.get(k) != v]
+        if diffs:
+            raise _CorruptCache("was built differently (" + "; ".join(diffs) + ")")
+        needed = ["names", "paths", "identity", "labels", "view", "row_crc", *spec.layers]
+        missing = [n for n in needed if n not in f]
+        if missing:
+            raise _CorruptCache(f"lacks datasets {', '.join(missing)}")
+        done = int(f.attrs.get("rows_done", -1))
+        if not 0 <= done <= min(len(f[n]) for n in needed):
+            raise _CorruptCache(f"has an inconsistent row count {done}")
+        return f
+    except _CorruptCache:
+        f.close()
+        raise
+    except Exception as err:  # h5py raises many kinds on damaged files
+        f.close()
+        raise _CorruptCache(f"is damaged ({type(err).__name__}: {err})") from err
+
+
+def _create(path: str, spec: CacheSpec, feature_shapes: Dict[str, tuple], chunk: int):
+    f = h5py.File(path, "w")
+    for key, value in spec.provenance().items():
+        f.attrs[key] = value
+    f.attrs["rows_done"] = 0
+    for name, dtype in (("names", _STR), ("paths", _STR), ("identity", _STR),
+                        ("labels", np.int8), ("view", np.int16), ("row_crc", np.uint32)):
+        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,))
+    for layer, shape in feature_shapes.items():
+        f.create_dataset(layer, shape=(0, *shape), maxshape=(None, *shape), dtype=spec.dtype,
+                         chunks=(chunk, *shape))
+    return f
+
+
+def _append(f, rows: Dict[str, np.ndarray], layers: Sequence[str]):
+    """Writes one batch of rows after ``rows_done`` and then advances ``rows_done``."""
+    start = int(f.attrs["rows_done"])
+    n = len(rows["names"])
+    for name, values in rows.items():
+        ds = f[name]
+        if ds.shape[0] < start + n:
+            ds.resize(start + n, axis=0)
+        ds[start:start + n] = values
+    f.flush()  # data first, then the counter that makes it count
+    f.attrs["rows_done"] = start + n
+    f.flush()
+
+
+def _valid_rows(f, layers: Sequence[str], verify: bool) -> Dict[str, int]:
+    """Maps "path|identity" to row index for rows that are complete (and intact)."""
+    done = int(f.attrs["rows_done"])
+    paths = f["paths"].asstr()[:done]
+    ident = f["identity"].asstr()[:done]
+    rows = {}
+    bad = 0
+    crcs = f["row_crc"][:done]
+    for start in range(0, done, 256):
+        stop = min(done, start + 256)
+        blocks = [f[layer][start:stop] for layer in layers] if verify else None
+        for i in range(start, stop):
+            if verify and _row_crc([b[i - start] for b in blocks]) != int(crcs[i]):
+                bad += 1
+                continue
+            rows[f"{paths[i]}|{ident[i]}"] = i
+    if bad:
+        logging.warning("Cache %s: %d row(s) fail their checksum and will be recomputed.",
+                        f.filename, bad)
+    return rows
+
+
+def _extraction_dataset(items: pd.DataFrame, image_size: int, batch_size: int,
+                        preset_name: str):
+    """The eval path, plus (for views > 0) a per-image seeded augmentation."""
+    if preset_name == "none" or (items.view == 0).all():
+        ds = input_lib.eval_dataset(items.path.tolist(), items.label.tolist(),
+                                    items.name.tolist(), image_size, batch_size)
+        return ds
+    preset = augment_lib.get_preset(preset_name)
+    front = input_lib.decode_and_resize(image_size)
+
+    def augment_one(element):
+        # Seed from (name, view): the same view of the same image is identical
+        # whenever it is (re)computed, e.g. after a resume.
+        seed = tf.stack([tf.strings.to_hash_bucket_fast(element["name"], 2**31 - 1),
+                         tf.cast(element["view"], tf.int64)])
+        image = augment_lib.augment_batch(element["image"][None], preset, seed)[0]
+        image = tf.where(element["view"] > 0, image, element["image"])
+        return {**element, "image": ops.vgg_mean_centre_image(image)}
+
+    source = tf.data.Dataset.from_tensor_slices({
+        "path": items.path.tolist(), "label": items.label.astype(np.float32).tolist(),
+        "name": items.name.tolist(), "view": items.view.astype(np.int64).tolist()})
+    return (source.map(ops.chain(front, augment_one), num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True)
+            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+@dataclasses.dataclass
+class CacheResult:
+    path: str
+    reused: int
+    computed: int
+    seconds: float
+
+
+def ensure_features(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame,
+                    cache_dir: str, batch_size: int = 32, views: int = 0,
+                    progress: bool = True) -> CacheResult:
+    """Makes sure the cache holds features of every image in ``frame``; returns its path.
+
+    Args:
+      classifier: supplies the frozen layers (its weights must match ``spec``).
+      spec: what the cache is built from.
+      frame: columns ``path, name`` and optionally ``label``.
+      cache_dir: folder of cache files (created if needed).
+      views: 0 caches the plain eval-path image; K >= 1 caches K augmented
+        views of each image (``spec.augment`` preset) instead.
+
+    Only images whose rows are missing, changed (size/mtime) or corrupt are
+    computed; a cache built from anything else is rebuilt, with the reason logged.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, spec.file_name())
+    partial = path[:-3] + ".partial.h5"
+    items = _items(frame, views)
+    started = time.perf_counter()
+    with _lock(path):
+        # 1. What a finished file already has.
+        have = {}
+        if os.path.exists(path):
+            try:
+                with _open_checked(path, spec) as f:
+                    have = _valid_rows(f, spec.layers, verify=True)
+                    total = int(f.attrs["rows_done"])
+                if len(have) < total:
+                    raise _CorruptCache(f"has {total - len(have)} corrupt row(s)")
+            except _CorruptCache as why:
+                logging.warning("Cache %s %s: rebuilding it.", path, why)
+                os.remove(path)
+                have = {}
+        keys = items.path + "|" + items.identity
+        todo = items[~keys.isin(set(have))]
+        if todo.empty:
+            logging.info("Feature cache hit: %s (%d images).", path, len(items))
+            return CacheResult(path, len(items), 0, time.perf_counter() - started)
+        # 2. Resume a partial file, or start one (from the finished file, if any).
+        f = None
+        if os.path.exists(partial):
+            try:
+                f = _open_checked(partial, spec, mode="r+")
+                logging.info("Resuming the interrupted extraction in %s (%d rows done).",
+                             partial, int(f.attrs["rows_done"]))
+            except _CorruptCache as why:
+                logging.warning("Partial cache %s %s: starting it again.", partial, why)
+                os.remove(partial)
+        if f is None and have:
+            shutil.copyfile(path, partial + ".copy")
+            os.replace(partial + ".copy", partial)
+            f = _open_checked(partial, spec, mode="r+")
+        try:
+            if f is not None:
+                done = _valid_rows(f, spec.layers, verify=False)
+                todo = todo[~(todo.path + "|" + todo.identity).isin(set(done))]
+            logging.info("Extracting %s for %d image(s)%s into %s.", ", ".join(spec.layers),
+                         len(todo), f" ({len(have)} already cached)" if have else "", path)
+            f = _extract_into(f, partial, classifier, spec, todo, batch_size, progress)
+            rows = int(f.attrs["rows_done"])
+            f.attrs["complete"] = True
+            f.close()
+            f = None
+            os.replace(partial, path)
+        finally:
+            if f is not None:
+                f.close()
+    return CacheResult(path, len(items) - len(todo), len(todo), time.perf_counter() - started)
+
+
+def _items(frame: pd.DataFrame, views: int) -> pd.DataFrame:
+    base = pd.DataFrame({
+        "path": [os.path.abspath(p) for p in frame.path],
+        "name": frame.name.astype(str).tolist(),
+        "label": frame.label.astype(int).tolist() if "label" in frame else -1,
+    })
+    view_ids = [0] if views == 0 else list(range(1, views + 1))
+    items = pd.concat([base.assign(view=v) for v in view_ids], ignore_index=True)
+    try:
+        items["identity"] = [image_identity(p, v) for p, v in zip(items.path, items.view)]
+    except FileNotFoundError as err:
+        raise DataError(f"Image {err.filename} disappeared while the run was starting.") from err
+    return items
+
+
+def _extract_into(f, partial, classifier, spec, todo, batch_size, progress):
+    if todo.empty:
+        return f
+    model = classifier.feature_model(spec.layers)
+    shapes = {name: tuple(model.output[name].shape[1:]) for name in spec.layers}
+    if f is None:
+        f = _create(partial, spec, shapes, chunk=batch_size)
+    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    bar = keras.utils.Progbar(len(todo), unit_name="image") if progress else None
+    offset = 0
+    for batch in _extraction_dataset(todo, spec.image_size, batch_size, spec.augment):
+        n = int(batch["image"].shape[0])
+        chunk = todo.iloc[offset:offset + n]
+        offset += n
+        outputs = predict(batch["image"])
+        feats = {}
+        for layer in spec.layers:
+            values = outputs[layer].numpy().astype(spec.dtype)
+            if not np.all(np.isfinite(values)):
+                raise ConfigError(
+                    f"Features of layer {layer} overflow {spec.dtype} for images such as "
+                    f"{chunk.path.iloc[0]}; use --cache_dtype=float32.")
+            feats[layer] = values
+        rows = {
+            "names": chunk.name.to_numpy(dtype=object),
+            "paths": chunk.path.to_numpy(dtype=object),
+            "identity": chunk.identity.to_numpy(dtype=object),
+            "labels": chunk.label.to_numpy(np.int8),
+            "view": chunk.view.to_numpy(np.int16),
+            "row_crc": np.array([_row_crc([feats[l][i] for l in spec.layers])
+                                 for i in range(n)], np.uint32),
+            **feats,
+        }
+        _append(f, rows, spec.layers)
+        if bar is not None:
+            bar.add(n)
+    return f
+
+
+def load_features(cache_path: str, spec: CacheSpec, frame: pd.DataFrame,
+                  layers: Sequence[str], views: int = 0) -> Dict[str, np.ndarray]:
+    """Features of the images in ``frame`` (in its row order), for the given layers.
+
+    With ``views`` >= 1 the result has ``len(frame) * views`` rows, view-major.
+    Rows are verified against their checksums.
+
+    Raises:
+      DataError: an image in ``frame`` is not in the cache (call
+        `ensure_features` first), or a row is corrupt.
+    """
+    items = _items(frame, views)
+    try:
+        f = _open_checked(cache_path, spec)
+    except _CorruptCache as why:
+        raise DataError(f"Feature cache {cache_path} {why}; run again to rebuild it.") from None
+    with f:
+        index = _valid_rows(f, spec.layers, verify=False)
+        keys = (items.path + "|" + items.identity).tolist()
+        missing = [k.split("|")[0] for k in keys if k not in index]
+        if missing:
+            raise DataError(f"Feature cache {cache_path} lacks {len(missing)} image(s), e.g. "
+                            f"{missing[0]}; it changed since extraction. Run again.")
+        rows = np.array([index[k] for k in keys], np.int64)
+        # One contiguous read per layer, then NumPy indexing: h5py's point
+        # selection is far slower than reading the whole span.
+        lo, hi = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
+        out = {layer: f[layer][lo:hi][rows - lo] for layer in spec.layers}
+        crcs = f["row_crc"][lo:hi][rows - lo]
+    for i, crc in enumerate(crcs):
+        if _row_crc([out[l][i] for l in spec.layers]) != int(crc):
+            raise DataError(f"Feature cache {cache_path}: row for {items.path.iloc[i]} is "
+                            "corrupt; run again to recompute it.")
+    return {layer: out[layer] for layer in layers}

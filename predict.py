@@ -1,0 +1,75 @@
+"""Predict P(positive class) for a folder of images with a model exported by train.py.
+
+  python predict.py --workdir=runs/NAME --data_dir=DIR --output=submission.csv
+
+DIR is a Kaggle root (its test/ folder is predicted, in the row order of
+sample_submission.csv when present) or a plain folder of images. The CSV has
+the header ``name,invasive``; it is written to a temporary name and renamed,
+so an interrupted run never leaves a half-written file.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pipeline import cli  # noqa: E402
+
+cli.quiet_tensorflow()
+
+import json  # noqa: E402
+import logging as py_logging  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run folder of train.py holding model.keras and "
+                    "model_info.json.", required=True)
+flags.DEFINE_string("data_dir", None, "Kaggle root (predicts test/) or a folder of images.",
+                    required=True)
+flags.DEFINE_string("output", "submission.csv", "CSV to write (name,invasive).")
+flags.DEFINE_integer("batch_size", 32, "Images per batch.")
+flags.DEFINE_integer("tta", 1, "Test-time augmentation: average over N deterministic views "
+                     "(1 = plain; 2 adds the mirror; up to 8 adds crops).")
+flags.DEFINE_string("labels", None, "Optional name,invasive CSV of true labels: print ROC AUC, "
+                    "accuracy, confusion matrix and draw <output>_roc.png.")
+flags.DEFINE_enum("on_bad_image", "fail", ["fail", "skip"], "An image that cannot be decoded: "
+                  "stop (fail), or write the fallback probability 0.5 for it with a warning "
+                  "(skip), since a submission must list every name.")
+
+
+def run():
+    """Loads the model, predicts every image in order, writes the CSV (and scores)."""
+    from features import inference
+    from pipeline import discovery, scan
+
+    model, info = inference.load_exported(FLAGS.workdir)
+    inference.check_tta(FLAGS.tta)
+    image_size = int(info["image_size"])
+    frame = discovery.discover_unlabelled(FLAGS.data_dir)
+    report = os.path.splitext(FLAGS.output)[0] + "_bad_images.csv"
+    frame = scan.filter_bad_images(frame, image_size, FLAGS.on_bad_image, report,
+                                   keep_rows=True)
+    logging.info("Predicting %d images (positive class %r, %d px, tta=%d).", len(frame),
+                 info.get("positive_class"), image_size, FLAGS.tta)
+    probs = inference.predict_frame(model, frame, image_size, FLAGS.batch_size, FLAGS.tta)
+    inference.write_predictions(frame.name, probs, FLAGS.output)
+    print(f"Wrote {len(frame)} predictions of P({info.get('positive_class')}) to {FLAGS.output}")
+    if FLAGS.labels:
+        roc = os.path.splitext(FLAGS.output)[0] + "_roc.png"
+        scores = inference.score_against_labels(frame.name.tolist(), probs, FLAGS.labels, roc)
+        print(inference.format_scores(scores))
+        print(f"ROC curve: {roc}")
+        return scores
+    return None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    py_logging.getLogger().setLevel(py_logging.INFO)
+    with cli.user_errors():
+        run()
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,223 @@
+"""HDF5 feature cache: hits, misses, rebuilds, resume, corruption, equivalences."""
+
+import logging
+import os
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from features import backbone, cache, heads
+from pipeline import discovery, input as input_lib
+from tests.conftest import colour_image, write_image
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    for i in range(10):
+        cls = "pos" if i % 2 else "neg"
+        write_image(str(root / cls / f"img{i}.jpg"), colour_image(i % 2, size=36, seed=i))
+    return discovery.discover(str(root), positive_class="pos")
+
+
+def _spec(ds, dtype="float32", **kw):
+    return cache.CacheSpec(weights_id="none(seed=0)", include_top=False, image_size=SIZE,
+                           layers=cache.cached_layers(False), dtype=dtype,
+                           data_dir=ds.data_dir, **kw)
+
+
+def _direct(classifier, frame):
+    model = classifier.feature_model(["block4_pool", "block5_pool"])
+    batches = input_lib.eval_dataset(frame.path.tolist(), frame.label.tolist(),
+                                     frame.name.tolist(), SIZE, 4)
+    outs = [model(b["image"], training=False) for b in batches]
+    return {k: np.concatenate([o[k].numpy() for o in outs]) for k in outs[0]}
+
+
+def test_layout_and_provenance(classifier, data, tmp_path):
+    spec = _spec(data)
+    result = cache.ensure_features(classifier, spec, data.frame, str(tmp_path / "c"), 4,
+                                   progress=False)
+    assert result.computed == 10 and result.reused == 0
+    assert os.path.basename(result.path) == spec.file_name()
+    with h5py.File(result.path) as f:
+        assert f["names"].asstr()[:].tolist() == data.frame.name.tolist()
+        assert f["labels"][:].tolist() == data.frame.label.tolist()
+        assert f["block5_pool"].shape == (10, 1, 1, 512)
+        assert f["block4_pool"].chunks[0] == 4  # chunked by batch
+        for key in ("backbone", "weights", "image_size", "preprocessing", "layers",
+                    "tensorflow_version", "keras_version"):
+            assert key in f.attrs
+        assert f.attrs["weights"] == "none(seed=0)"
+    assert not os.path.exists(result.path[:-3] + ".partial.h5")
+
+
+def test_cached_features_equal_direct_model_outputs(classifier, data, tmp_path):
+    spec = _spec(data)
+    result = cache.ensure_features(classifier, spec, data.frame, str(tmp_path), 4,
+                                   progress=False)
+    shuffled = data.frame.sample(frac=1, random_state=0)
+    cached = cache.load_features(result.path, spec, shuffled, spec.layers)
+    direct = _direct(classifier, shuffled)
+    for layer in spec.layers:
+        np.testing.assert_allclose(cached[layer], direct[layer], rtol=1e-5, atol=1e-4)
+
+
+def test_hit_then_only_new_and_changed_images_are_computed(classifier, data, tmp_path):
+    spec, cdir = _spec(data), str(tmp_path / "c")
+    first = data.frame.iloc[:6]
+    assert cache.ensure_features(classifier, spec, first, cdir, 4, progress=False).computed == 6
+    hit = cache.ensure_features(classifier, spec, first, cdir, 4, progress=False)
+    assert (hit.computed, hit.reused) == (0, 6)
+    more = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
+    assert (more.computed, more.reused) == (4, 6)
+    # Changing an image (new content, new mtime) recomputes just that image.
+    changed = data.frame.path.iloc[0]
+    write_image(changed, colour_image(1, size=36, seed=99))
+    os.utime(changed, ns=(1, 10**18))
+    again = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
+    assert (again.computed, again.reused) == (1, 9)
+    loaded = cache.load_features(again.path, spec, data.frame.iloc[:1], spec.layers)
+    np.testing.assert_allclose(loaded["block5_pool"], _direct(classifier, data.frame.iloc[:1])
+                               ["block5_pool"], rtol=1e-5, atol=1e-4)
+
+
+def test_every_provenance_change_is_a_miss(data):
+    base = _spec(data)
+    variants = [
+        _spec(data, dtype="float16"),
+        cache.CacheSpec(**{**base.__dict__, "weights_id": "none(seed=1)"}),
+        cache.CacheSpec(**{**base.__dict__, "image_size": 64}),
+        cache.CacheSpec(**{**base.__dict__, "include_top": True}),
+        cache.CacheSpec(**{**base.__dict__, "data_dir": "/elsewhere"}),
+        cache.CacheSpec(**{**base.__dict__, "layers": ("block5_pool",)}),
+        cache.CacheSpec(**{**base.__dict__, "augment": "keras_blog"}),
+    ]
+    names = {v.file_name() for v in variants}
+    assert len(names) == len(variants) and base.file_name() not in names
+
+
+@pytest.mark.parametrize("attr, value", [("tensorflow_version", "0.0.1"),
+                                         ("preprocessing", "something else"),
+                                         ("weights", "imagenet")])
+def test_mismatched_attributes_in_same_file_are_rebuilt(classifier, data, tmp_path, caplog,
+                                                         attr, value):
+    spec, cdir = _spec(data), str(tmp_path)
+    path = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False).path
+    with h5py.File(path, "r+") as f:
+        f.attrs[attr] = value
+    with caplog.at_level(logging.WARNING):
+        result = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
+    assert result.computed == 10
+    assert "rebuilding" in caplog.text and attr in caplog.text
+    with h5py.File(path) as f:
+        assert f.attrs[attr] == spec.provenance()[attr]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_extraction_resumes_where_it_stopped(classifier, data, tmp_path,
+                                                          monkeypatch):
+    spec, cdir = _spec(data), str(tmp_path)
+    real_append, calls = cache._append, []
+
+    def dying_append(f, rows, layers):
+        calls.append(len(rows["names"]))
+        if len(calls) == 2:
+            raise _Interrupt()  # dies after one flushed batch of 4
+        real_append(f, rows, layers)
+
+    monkeypatch.setattr(cache, "_append", dying_append)
+    with pytest.raises(_Interrupt):
+        cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
+    final = os.path.join(cdir, spec.file_name())
+    assert not os.path.exists(final)  # a partial file is never the cache
+    assert os.path.exists(final[:-3] + ".partial.h5")
+    with pytest.raises(Exception):
+        cache.load_features(final, spec, data.frame, spec.layers)
+    monkeypatch.setattr(cache, "_append", real_append)
+    resumed = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
+    assert resumed.computed == 6  # 10 minus the 4 already flushed
+    got = cache.load_features(resumed.path, spec, data.frame, spec.layers)
+    np.testing.assert_allclose(got["block5_pool"], _direct(classifier, data.frame)["block5_pool"],
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupted_cache_is_detected_and_rebuilt(classifier, data, tmp_path, caplog, damage):
+    spec, cdir = _spec(data), str(tmp_path)
+    path = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False).path
+    if damage == "flip":
+        with h5py.File(path) as f:
+            offset = f["block4_pool"].id.get_chunk_info(0).byte_offset
+        with open(path, "r+b") as f:
+            f.seek(offset + 100)
+            byte = f.read(1)
+            f.seek(offset + 100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(Exception, match="corrupt|damaged|cannot be opened|rebuild"):
+        cache.load_features(path, spec, data.frame, spec.layers)
+    with caplog.at_level(logging.WARNING):
+        result = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
+    assert result.computed == 10 and "rebuilding" in caplog.text
+    cache.load_features(path, spec, data.frame, spec.layers)
+
+
+def test_head_trained_on_cache_drops_onto_conv_base(data, tmp_path):
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1)
+    spec = _spec(data)
+    path = cache.ensure_features(clf, spec, data.frame, str(tmp_path), 4, progress=False).path
+    feats = cache.load_features(path, spec, data.frame, spec.layers)
+    y = data.frame.label.to_numpy()
+    for scenario in ("B", "C"):
+        results = heads.train_scenarios(clf, [scenario], feats, y, feats, y, epochs=2,
+                                        batch_size=4, learning_rate=1e-3, seed=0,
+                                        out_dir=str(tmp_path / "run"), verbose=0)
+        fresh = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1)
+        heads.load_scenario_weights(fresh, scenario, results[scenario].weights_path)
+        start = results[scenario].start_layer
+        on_cache = fresh.model_from(start).predict(feats[start], verbose=0)[:, 0]
+        images = np.concatenate([b["image"].numpy() for b in input_lib.eval_dataset(
+            data.frame.path.tolist(), y.tolist(), data.frame.name.tolist(), SIZE, 4)])
+        on_base = fresh.model.predict(images, verbose=0)[:, 0]
+        np.testing.assert_allclose(on_base, on_cache, atol=1e-4)
+        # ... and training actually changed the head (the test would be vacuous otherwise).
+        untrained = backbone.build_classifier("none", include_top=False, image_size=SIZE,
+                                              seed=1).model.predict(images, verbose=0)[:, 0]
+        assert not np.allclose(untrained, on_base, atol=1e-4)
+
+
+FLOAT16_TOLERANCE = 2e-3  # max |P16 - P32| documented in the README
+
+
+def test_float16_cache_changes_predictions_within_tolerance(classifier, data, tmp_path):
+    f32, f16 = _spec(data, "float32"), _spec(data, "float16")
+    p32 = cache.ensure_features(classifier, f32, data.frame, str(tmp_path), 4, progress=False)
+    p16 = cache.ensure_features(classifier, f16, data.frame, str(tmp_path), 4, progress=False)
+    x32 = cache.load_features(p32.path, f32, data.frame, f32.layers)
+    x16 = cache.load_features(p16.path, f16, data.frame, f16.layers)
+    assert x16["block5_pool"].dtype == np.float16
+    y = data.frame.label.to_numpy()
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    results = heads.train_scenarios(clf, ["B"], x32, y, x32, y, epochs=3, batch_size=4,
+                                    learning_rate=1e-3, seed=0, out_dir=str(tmp_path / "run"),
+                                    verbose=0)
+    heads.load_scenario_weights(clf, "B", results["B"].weights_path)
+    p_32 = clf.head.predict(x32["block5_pool"], verbose=0)[:, 0]
+    p_16 = clf.head.predict(x16["block5_pool"].astype(np.float32), verbose=0)[:, 0]
+    assert np.max(np.abs(p_32 - p_16)) <= FLOAT16_TOLERANCE
+    assert np.ptp(p_32) > 1e-3  # the head is not constant, so the comparison means something

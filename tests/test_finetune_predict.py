@@ -1,0 +1,217 @@
+"""Second stage: fine-tuning with checkpoints/resume, export, safe loading, prediction."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from features import backbone, finetune, inference
+from pipeline import discovery, input as input_lib
+from tests.conftest import colour_image, write_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 32
+
+
+def _run(script, *args, cwd=None):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+@pytest.fixture
+def split(kaggle_dir):
+    ds = discovery.discover(str(kaggle_dir))
+    return discovery.split_train_val(ds.frame, 4, seed=0)
+
+
+def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
+    train, val = split
+    workdir = str(tmp_path / "run")
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    kwargs = dict(workdir=workdir, image_size=SIZE, batch_size=4, augment="keras_blog",
+                  learning_rate=1e-4, patience=10, monitor="auc", seed=0, verbose=0)
+    first = finetune.finetune(clf, ["block5", "fc", "predictions"], train, val, epochs=2,
+                              **kwargs)
+    assert first["epochs_run"] == 2 and first["resumed_from_epoch"] == 0
+    state = json.load(open(os.path.join(workdir, "finetune", "state.json")))
+    assert state["epoch"] == 2
+    assert os.path.isfile(os.path.join(workdir, "finetune", "best.weights.h5"))
+    last = str(tmp_path / "epoch2.weights.h5")
+    shutil.copyfile(os.path.join(workdir, "finetune", state["checkpoint"], "model.weights.h5"),
+                    last)
+
+    # A fresh process would start from a new classifier: resume must load epoch 2's
+    # weights and optimizer state, and run only epoch 3.
+    clf2 = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=5)
+    seen = {}
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen["kernel"] = clf2.head.get_layer("predictions").kernel.numpy().copy()
+            seen["iterations"] = int(clf2.model.optimizer.iterations.numpy())
+
+    real_fit = keras.Model.fit
+
+    def fit_with_spy(self, *args, callbacks=(), **kw):
+        return real_fit(self, *args, callbacks=[Spy(), *callbacks], **kw)
+
+    keras.Model.fit = fit_with_spy
+    try:
+        second = finetune.finetune(clf2, ["block5", "fc", "predictions"], train, val,
+                                   epochs=3, resume=True, **kwargs)
+    finally:
+        keras.Model.fit = real_fit
+    ref = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=5)
+    ref.model.load_weights(last)
+    np.testing.assert_array_equal(seen["kernel"],
+                                  ref.head.get_layer("predictions").kernel.numpy())
+    assert seen["iterations"] == 2 * 2  # 2 epochs x 2 steps (8 train images / batch 4)
+    assert second["resumed_from_epoch"] == 2 and second["epochs_run"] == 3
+    assert len(second["history"]) == 3
+
+    # Without --resume a run starts clean.
+    third = finetune.finetune(clf2, ["fc", "predictions"], train, val, epochs=1, **kwargs)
+    assert third["resumed_from_epoch"] == 0 and third["epochs_run"] == 1
+
+
+def test_augmentation_inside_the_model_trains_and_is_not_exported(split, tmp_path):
+    train, val = split
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    out = finetune.finetune(clf, ["fc", "predictions"], train, val, workdir=str(tmp_path),
+                            image_size=SIZE, batch_size=4, augment="aggressive",
+                            learning_rate=1e-4, epochs=1, patience=2, augment_on="model",
+                            verbose=0)
+    assert out["epochs_run"] == 1
+    assert "augment" not in [l.name for l in clf.model.layers]
+
+
+def test_export_loads_in_safe_mode_and_predicts_identically(split, tmp_path):
+    train, _ = split
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf.head.get_layer("predictions").bias.assign([0.3])
+    inference.export_model(clf.model, str(tmp_path), {"image_size": SIZE,
+                                                      "positive_class": "1"})
+    model, info = inference.load_exported(str(tmp_path))
+    assert info["image_size"] == SIZE
+    # No Lambda (or any custom) layer: the file is plain Keras config.
+    reloaded = keras.models.load_model(os.path.join(tmp_path, "model.keras"), safe_mode=True)
+    names = [l.__class__.__name__ for l in reloaded._flatten_layers()]
+    assert "Lambda" not in names
+    paths, names_ = train.path.tolist(), train.name.tolist()
+    direct = inference.predict_paths(clf.model, paths, names_, SIZE, 3, progress=False)
+    exported = inference.predict_paths(model, paths, names_, SIZE, 5, progress=False)
+    np.testing.assert_allclose(direct, exported, atol=1e-6)
+    assert np.all((direct >= 0) & (direct <= 1))
+    tta = inference.predict_paths(model, paths, names_, SIZE, 3, tta=4, progress=False)
+    assert tta.shape == direct.shape and np.all((tta >= 0) & (tta <= 1))
+    mirror = inference.predict_paths(model, paths, names_, SIZE, 3, tta=2, progress=False)
+    assert not np.allclose(mirror, direct)
+
+
+def test_tta_views_are_deterministic_and_first_is_identity():
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    views = inference.tta_views(x, 8)
+    assert len(views) == 8 and all(v.shape == x.shape for v in views)
+    np.testing.assert_array_equal(views[0], x)
+    np.testing.assert_array_equal(views[1], x[:, :, ::-1])
+    with pytest.raises(Exception, match="--tta"):
+        inference.check_tta(9)
+
+
+def test_prediction_order_follows_sample_submission_then_natural_order(tmp_path):
+    root = tmp_path / "k"
+    for i in (1, 2, 10, 11):
+        write_image(str(root / "test" / f"{i}.jpg"), size=8, seed=i)
+    (root / "sample_submission.csv").write_text("name,invasive\n11,0.5\n2,0.5\n10,0.5\n1,0.5\n")
+    assert discovery.discover_unlabelled(str(root)).name.tolist() == ["11", "2", "10", "1"]
+    os.remove(root / "sample_submission.csv")
+    assert discovery.discover_unlabelled(str(root)).name.tolist() == ["1", "2", "10", "11"]
+    assert discovery.discover_unlabelled(str(root / "test")).name.tolist() == ["1", "2", "10",
+                                                                               "11"]
+    (root / "sample_submission.csv").write_text("name,invasive\n1,0.5\n3,0.5\n")
+    with pytest.raises(Exception, match="line 3: '3'"):
+        discovery.discover_unlabelled(str(root))
+
+
+def test_labels_scoring_matches_sklearn(tmp_path):
+    names = [str(i) for i in range(1, 9)]
+    probs = np.array([0.1, 0.8, 0.4, 0.35, 0.9, 0.2, 0.6, 0.7])
+    labels = [0, 1, 0, 1, 1, 0, 0, 1]
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("name,invasive\n" + "".join(f"{n},{l}\n" for n, l in zip(names, labels)))
+    png = str(tmp_path / "roc.png")
+    scores = inference.score_against_labels(names, probs, str(csv_path), png)
+    assert scores["auc"] == pytest.approx(roc_auc_score(labels, probs))
+    assert scores["accuracy"] == pytest.approx(np.mean((probs >= 0.5) == np.array(labels)))
+    assert scores["confusion_matrix"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
+    workdir = tmp_path / "run"
+    common = [f"--data_dir={kaggle_dir}", f"--workdir={workdir}", "--weights=none",
+              "--noinclude_top", f"--image_size={SIZE}", "--val_size=4", "--batch_size=4",
+              f"--cache_dir={tmp_path / 'cache'}", "--epochs=2", "--finetune_epochs=1",
+              "--scenarios=A,C", "--augment=keras_blog"]
+    result = _run("train.py", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("model.keras", "model_info.json", "metrics.json", "split.csv",
+                 "history_heads_A.csv", "history_heads_C.csv", "heads_comparison.png",
+                 "history_finetune.csv", "finetune_history.png", "submission.csv",
+                 "heads/A.weights.h5", "heads/C.weights.h5"):
+        assert (workdir / name).is_file(), name
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert set(metrics["heads"]) == {"A", "C"} and metrics["finetune"]["scenario"] in "AC"
+    history = pd.read_csv(workdir / "history_heads_C.csv")
+    assert list(history.columns[:7]) == ["epoch", "loss", "accuracy", "auc", "val_loss",
+                                         "val_accuracy", "val_auc"]
+    assert "Outputs in" in result.stdout and "submission" in result.stdout
+
+    out = tmp_path / "pred.csv"
+    labels = tmp_path / "test_labels.csv"
+    labels.write_text("name,invasive\n" + "".join(f"{i},{i % 2}\n" for i in range(1, 6)))
+    result = _run("predict.py", f"--workdir={workdir}", f"--data_dir={kaggle_dir}",
+                  f"--output={out}", "--tta=2", f"--labels={labels}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.reader(open(out)))
+    assert rows[0] == ["name", "invasive"]
+    assert [r[0] for r in rows[1:]] == ["2", "5", "1", "4", "3"]  # sample submission order
+    probs = np.array([float(r[1]) for r in rows[1:]])
+    assert np.all((probs >= 0) & (probs <= 1))
+    truth = [int(r[0]) % 2 for r in rows[1:]]
+    assert f"ROC AUC {roc_auc_score(truth, probs):.4f}" in result.stdout
+    assert (tmp_path / "pred_roc.png").is_file()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--data_dir"),
+    (["--data_dir=/nonexistent/folder"], "does not exist"),
+    (["--data_dir={tmp}", "--weights=/nonexistent/w.h5"], "no such file"),
+    (["--data_dir={tmp}", "--scenarios=A,Z"], "Unknown scenario 'Z'"),
+    (["--data_dir={tmp}", "--trainable_blocks=block5,head"], "'head' matches no block"),
+    (["--data_dir={tmp}", "--image_size=64"], "--noinclude_top"),
+])
+def test_train_bad_input_is_one_clear_paragraph(kaggle_dir, args, message):
+    args = [a.replace("{tmp}", str(kaggle_dir)) for a in args]
+    result = _run("train.py", "--val_size=4", "--weights=none", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_names_an_undecodable_image(kaggle_dir, tmp_path):
+    (kaggle_dir / "train" / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    result = _run("train.py", f"--data_dir={kaggle_dir}", "--weights=none", "--noinclude_top",
+                  "--image_size=32", "--val_size=4", f"--workdir={tmp_path / 'w'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(kaggle_dir / "train" / "3.jpg") in result.stderr
