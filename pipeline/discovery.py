@@ -183,12 +183,14 @@ def _discover_folders(data_dir, entries, positive_class) -> Dataset:
     negative_class = subdirs[0] if positive_class == subdirs[1] else subdirs[1]
     frame = pd.concat(frames, ignore_index=True)
     frame["label"] = (frame.pop("class") == positive_class).astype(np.int64)
-    clashes = frame.name[frame.name.duplicated()].tolist()
-    if clashes:
-        raise DataError(
-            f"Images in different class folders of {data_dir} share names "
-            f"{_listing(sorted(set(clashes)))}; names (file names without extension) must "
-            "be unique because they are the ids in split and prediction CSVs.")
+    clashes = frame.name.duplicated(keep=False)
+    if clashes.any():
+        # Names are the ids in split and prediction CSVs: qualify the ones that
+        # occur in both class folders with their folder ("cats/1").
+        frame.loc[clashes, "name"] = [f"{os.path.basename(os.path.dirname(p))}/{n}" for p, n in
+                                      zip(frame.path[clashes], frame.name[clashes])]
+        logging.info("%d image names occur in both class folders; they are written as "
+                     "<class>/<name>.", int(clashes.sum()))
     frame = frame.sort_values("name", kind="stable").reset_index(drop=True)
     return Dataset(frame=frame, layout="folders", class_names=(negative_class, positive_class),
                    data_dir=data_dir, ignored=ignored)

@@ -8,6 +8,7 @@ together rather than one per run.
 import concurrent.futures
 import logging
 import os
+import re
 from typing import List, Sequence, Tuple
 
 import tensorflow as tf
@@ -18,6 +19,13 @@ from pipeline.errors import DataError
 # Formats the pipeline accepts, by their leading bytes.
 _SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
 _MIN_SIDE = 1
+
+
+def _clean(err) -> str:
+    """TensorFlow's op error without its graph-node prefix and op suffix."""
+    message = (err.message or type(err).__name__).splitlines()[0]
+    message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)
+    return re.sub(r"\s*\[Op:\w+\]", "", message).strip()
 
 
 def check_image(path: str, image_size: int = 224) -> str:
@@ -37,8 +45,7 @@ def check_image(path: str, image_size: int = 224) -> str:
     try:
         image = ops.decode_image_bytes(contents, image_size)
     except (tf.errors.InvalidArgumentError, tf.errors.OpError) as err:
-        message = err.message.splitlines()[0] if err.message else type(err).__name__
-        return f"cannot be decoded as {kind} ({message})"
+        return f"cannot be decoded as {kind}: truncated or corrupt ({_clean(err)})"
     height, width = int(image.shape[0]), int(image.shape[1])
     if min(height, width) < _MIN_SIDE:
         return f"has an empty size {height}x{width}"

@@ -1,0 +1,323 @@
+"""Reliability: messy images, hostile inputs, kills at every stage, concurrent cache use.
+
+Rows of docs/hazards.md point at the tests here.
+"""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+from pipeline import discovery, input as input_lib, ops, scan
+from pipeline.errors import DataError
+from tests.conftest import colour_image, write_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RNG = np.random.default_rng(0)
+ARRAY = RNG.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+
+
+def _pil_bytes(image, fmt, **kw):
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _jpeg():
+    return _pil_bytes(Image.fromarray(ARRAY), "JPEG")
+
+
+def _gif():
+    frames = [Image.fromarray(ARRAY), Image.fromarray(255 - ARRAY)]
+    return _pil_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+
+# name -> (file bytes, expected: "ok" or a fragment of the reason)
+IMAGE_HAZARDS = {
+    "zero_byte.jpg": (b"", "empty (0 bytes)"),
+    "truncated.jpg": (_jpeg()[:len(_jpeg()) // 2], "truncated or corrupt"),
+    "random_bytes.jpg": (RNG.bytes(700), "not a JPEG or PNG"),
+    "png_saved_as.jpg": (_pil_bytes(Image.fromarray(ARRAY), "PNG"), "ok"),
+    "grayscale.jpg": (_pil_bytes(Image.fromarray(ARRAY[..., 0]), "JPEG"), "ok"),
+    "cmyk.jpg": (_pil_bytes(Image.fromarray(ARRAY).convert("CMYK"), "JPEG"), "ok"),
+    "alpha.png": (_pil_bytes(Image.fromarray(np.dstack([ARRAY, ARRAY[..., :1]])), "PNG"), "ok"),
+    "sixteen_bit.png": (_pil_bytes(Image.fromarray(ARRAY[..., 0].astype(np.uint16) * 257),
+                                   "PNG"), "ok"),
+    "animated_gif.jpg": (_gif(), "is a GIF"),
+    "tiny_5x5.JPG": (_pil_bytes(Image.fromarray(ARRAY[:5, :5]), "JPEG"), "ok"),
+    "UPPER CASE.JPEG": (_jpeg(), "ok"),
+    "spaces and ünïcödé é.jpg": (_jpeg(), "ok"),
+}
+
+
+@pytest.fixture(scope="module")
+def hazard_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hazards")
+    for name, (data, _) in IMAGE_HAZARDS.items():
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_HAZARDS))
+def test_image_hazard_matrix(hazard_dir, name):
+    path = str(hazard_dir / name)
+    expected = IMAGE_HAZARDS[name][1]
+    reason = scan.check_image(path, 32)
+    if expected == "ok":
+        assert reason == ""
+        # ... and the real pipeline turns it into one well-formed batch.
+        batch = next(iter(input_lib.eval_dataset([path], [1], ["x"], 32, 1)))
+        assert batch["image"].shape == (1, 32, 32, 3)
+        assert np.all(np.isfinite(batch["image"].numpy()))
+    else:
+        assert expected in reason
+
+
+def test_pixels_of_odd_formats_are_right(hazard_dir):
+    def decode(name):
+        return ops.decode_image_bytes((hazard_dir / name).read_bytes(), 32).numpy()
+    np.testing.assert_array_equal(decode("png_saved_as.jpg"), ARRAY)
+    np.testing.assert_array_equal(decode("alpha.png"), ARRAY)
+    sixteen = decode("sixteen_bit.png")
+    np.testing.assert_array_equal(sixteen[..., 0], ARRAY[..., 0])  # 16-bit scaled to 8-bit
+    np.testing.assert_array_equal(sixteen[..., 0], sixteen[..., 2])
+    assert np.abs(decode("cmyk.jpg").astype(int) - ARRAY).mean() < 12  # colours survive
+
+
+def test_very_large_jpeg_is_decoded_downscaled(tmp_path):
+    big = np.tile(np.linspace(0, 255, 8000, dtype=np.uint8)[None, :, None], (6000, 1, 3))
+    path = str(write_image(str(tmp_path / "huge.jpg"), big))
+    del big
+    contents = tf.io.read_file(path)
+    # 6000 / 8 = 750 >= 224: the decoder never materialises the 144 MB full image.
+    assert ops.decode_image_bytes(contents, 224).shape == (750, 1000, 3)
+    assert scan.check_image(path, 224) == ""
+    batch = next(iter(input_lib.eval_dataset([path], [0], ["huge"], 64, 1)))
+    assert batch["image"].shape == (1, 64, 64, 3)
+
+
+def test_bad_images_skip_policy_writes_report_and_keeps_the_rest(hazard_dir, tmp_path):
+    paths = sorted(str(p) for p in hazard_dir.iterdir())
+    frame = pd.DataFrame({"path": paths, "name": [os.path.basename(p) for p in paths]})
+    with pytest.raises(DataError) as err:
+        scan.filter_bad_images(frame, 32, "fail", str(tmp_path / "r.csv"))
+    for name, (_, expected) in IMAGE_HAZARDS.items():
+        assert (name in str(err.value)) == (expected != "ok")
+    kept = scan.filter_bad_images(frame, 32, "skip", str(tmp_path / "r.csv"))
+    report = pd.read_csv(tmp_path / "r.csv")
+    assert len(kept) + len(report) == len(frame)
+    assert set(report.path.map(os.path.basename)) == {
+        n for n, (_, e) in IMAGE_HAZARDS.items() if e != "ok"}
+    flagged = scan.filter_bad_images(frame, 32, "skip", str(tmp_path / "p.csv"), keep_rows=True)
+    assert len(flagged) == len(frame) and flagged.bad.sum() == len(report)
+
+
+def test_gif_files_are_ignored_and_counted_in_class_folders(tmp_path):
+    for cls in ("a", "b"):
+        write_image(str(tmp_path / cls / "x.jpg"), size=8)
+    (tmp_path / "a" / "imageNotFound.gif").write_bytes(_gif())
+    ds = discovery.discover(str(tmp_path))
+    assert ds.ignored == 1 and len(ds.frame) == 2
+    assert sorted(ds.frame.name) == ["a/x", "b/x"]  # same file name in both classes
+
+
+# ---------------------------------------------------------------- hostile inputs (fuzz)
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(
+    st.text(max_size=300),
+    st.lists(st.tuples(st.text(max_size=12), st.sampled_from(
+        ["0", "1", "1.0", "0.0", "2", "", "nan", "-1", " 1 ", "x"])), max_size=8).map(
+        lambda rows: "name,invasive\n" + "".join(f"{n},{l}\n" for n, l in rows))))
+def test_fuzz_labels_csv_either_parses_cleanly_or_raises_data_error(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("fuzz") / "train_labels.csv"
+    path.write_text(text, encoding="utf-8")
+    try:
+        frame = discovery.read_labels_csv(str(path))
+    except DataError:
+        return
+    assert set(frame.label) <= {0, 1}
+    assert not frame.name.duplicated().any()
+    for name in frame.name:
+        assert name and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+_SEEDS = [_jpeg(), _pil_bytes(Image.fromarray(ARRAY), "PNG")]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(
+    st.binary(max_size=3000),
+    st.tuples(st.sampled_from([0, 1]), st.integers(0, 10**6), st.integers(0, 255),
+              st.integers(1, 10**6)).map(lambda t: _mutate(*t))))
+def test_fuzz_image_check_never_raises_and_accepted_means_decodable(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("fuzzimg") / "x.jpg"
+    path.write_bytes(data)
+    reason = scan.check_image(str(path), 32)
+    assert isinstance(reason, str)
+    if not reason:
+        batch = next(iter(input_lib.eval_dataset([str(path)], [0], ["x"], 32, 1)))
+        assert batch["image"].shape == (1, 32, 32, 3)
+
+
+def _mutate(which, position, value, cut):
+    data = bytearray(_SEEDS[which])
+    data[position % len(data)] = value
+    return bytes(data[:max(1, cut % (len(data) + 1))])
+
+
+# ---------------------------------------------------------------- interruptions
+
+def _popen(log, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, cwd=ROOT)
+
+
+def _kill_when(proc, ready, timeout=300, delay=0.3):
+    """SIGKILLs ``proc`` once ``ready()`` is true; returns False if it ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if ready():
+            time.sleep(delay)
+            if proc.poll() is not None:
+                return False
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("timed out waiting for the kill point")
+
+
+@pytest.fixture(scope="module")
+def kill_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("killdata")
+    labels = [i % 2 for i in range(48)]
+    for i, label in enumerate(labels, start=1):
+        write_image(str(root / "train" / f"{i}.jpg"), colour_image(label, size=96, seed=i))
+        if i <= 20:
+            write_image(str(root / "test" / f"{i}.jpg"), colour_image(label, size=96, seed=1000 + i))
+    (root / "train_labels.csv").write_text(
+        "name,invasive\n" + "".join(f"{i},{l}\n" for i, l in enumerate(labels, start=1)))
+    return root
+
+
+def test_sigkill_at_every_stage_then_rerun_resumes_or_restarts_cleanly(kill_data, tmp_path):
+    workdir, cache_dir = tmp_path / "run", tmp_path / "cache"
+    args = [os.path.join(ROOT, "train.py"), f"--data_dir={kill_data}", f"--workdir={workdir}",
+            f"--cache_dir={cache_dir}", "--weights=none", "--noinclude_top", "--image_size=64",
+            "--batch_size=2", "--val_size=8", "--epochs=3", "--finetune_epochs=3",
+            "--patience=10", "--augment=keras_blog"]
+    logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(6)]
+
+    def partial_cache_with_rows():
+        """True once the extraction has flushed a few batches into its partial file."""
+        partials = [p for p in os.listdir(cache_dir) if p.endswith(".partial.h5")] \
+            if cache_dir.exists() else []
+        try:
+            with h5py.File(cache_dir / partials[0], "r", locking=False) as f:
+                return int(f.attrs["rows_done"]) >= 4
+        except Exception:  # not there yet, or caught mid-write: poll again
+            return False
+
+    # 1. Killed during extraction: no finished cache exists, only the partial one.
+    assert _kill_when(_popen(logs[0], *args), partial_cache_with_rows, delay=0.0)
+    assert not [p for p in os.listdir(cache_dir) if p.endswith(".h5")
+                and not p.endswith(".partial.h5")]
+    # 2. Rerun: resumes extraction; killed during the heads stage.
+    assert _kill_when(_popen(logs[1], *args),
+                      lambda: (workdir / "heads" / "A.weights.h5").exists(), delay=0.2)
+    logs[1].seek(0)
+    assert "Resuming the interrupted extraction" in logs[1].read()
+    finished = [p for p in os.listdir(cache_dir) if p.endswith(".h5")]
+    assert len(finished) == 1 and not finished[0].endswith(".partial.h5")
+    # 3. Rerun: cache hit, heads from scratch; killed during fine-tuning after a checkpoint.
+    assert _kill_when(_popen(logs[2], *args),
+                      lambda: (workdir / "finetune" / "state.json").exists(), delay=0.0)
+    logs[2].seek(0)
+    assert "Feature cache hit" in logs[2].read()
+    assert not (workdir / "model.keras").exists()
+    # 4. Resume fine-tuning from its checkpoint and finish.
+    proc = _popen(logs[3], *args, "--stage=finetune", "--resume")
+    assert proc.wait() == 0
+    logs[3].seek(0)
+    text = logs[3].read()
+    assert "Resumed fine-tuning after epoch" in text, text[-2000:]
+    assert (workdir / "model.keras").exists()
+    # 5. Prediction killed mid-way never leaves a CSV; the rerun writes all rows.
+    out = tmp_path / "pred.csv"
+    pred = [os.path.join(ROOT, "predict.py"), f"--workdir={workdir}",
+            f"--data_dir={kill_data}", f"--output={out}", "--batch_size=1", "--tta=8"]
+
+    def predicting():
+        logs[4].seek(0)
+        return "Predicting" in logs[4].read()
+
+    killed = _kill_when(_popen(logs[4], *pred), predicting, delay=0.5)
+    assert killed and not out.exists()
+    assert _popen(logs[5], *pred).wait() == 0
+    rows = pd.read_csv(out, dtype={"name": str})
+    assert rows.name.tolist() == [str(i) for i in range(1, 21)]
+    assert rows.invasive.between(0, 1).all()
+
+
+_EXTRACT = """
+import sys, json
+sys.path.insert(0, {root!r})
+from features import backbone, cache
+from pipeline import discovery
+ds = discovery.discover({data!r})
+clf = backbone.build_classifier("none", False, 64, 0)
+spec = cache.CacheSpec("none(seed=0)", False, 64, cache.cached_layers(False), "float16",
+                       ds.data_dir)
+r = cache.ensure_features(clf, spec, ds.frame, {cache_dir!r}, 2, progress=False)
+print(json.dumps({{"computed": r.computed, "reused": r.reused, "path": r.path}}))
+"""
+
+
+def test_two_runs_sharing_a_cache_dir_do_not_corrupt_it(kill_data, tmp_path):
+    code = _EXTRACT.format(root=ROOT, data=str(kill_data), cache_dir=str(tmp_path / "c"))
+    logs = [open(tmp_path / f"c{i}.txt", "w+") for i in range(2)]
+    procs = [_popen(log, "-c", code) for log in logs]
+    assert [p.wait() for p in procs] == [0, 0]
+    import json
+    results = []
+    for log in logs:
+        log.seek(0)
+        results.append(json.loads(log.read().strip().splitlines()[-1]))
+    assert sorted(r["computed"] for r in results) == [0, 48]  # one built, one waited and hit
+    with h5py.File(results[0]["path"]) as f:
+        assert int(f.attrs["rows_done"]) == 48
+    # Everything in it passes its checksum.
+    from features import cache
+    spec = cache.CacheSpec("none(seed=0)", False, 64, cache.cached_layers(False), "float16",
+                           str(kill_data))
+    frame = discovery.discover(str(kill_data)).frame
+    feats = cache.load_features(results[0]["path"], spec, frame, spec.layers)
+    assert feats["block5_pool"].shape[0] == 48
+
+
+def test_skipped_test_image_still_gets_a_fallback_row(kaggle_dir, tmp_path):
+    from features import backbone, inference
+    (kaggle_dir / "test" / "3.jpg").write_bytes(b"")
+    frame = discovery.discover_unlabelled(str(kaggle_dir))
+    frame = scan.filter_bad_images(frame, 32, "skip", str(tmp_path / "bad.csv"), keep_rows=True)
+    clf = backbone.build_classifier("none", False, 32, 0)
+    probs = inference.predict_frame(clf.model, frame, 32, 2, progress=False)
+    assert len(probs) == len(frame) == 5
+    assert probs[frame.name.tolist().index("3")] == inference.FALLBACK_PROBABILITY
+    assert pd.read_csv(tmp_path / "bad.csv").path.str.endswith("3.jpg").all()
