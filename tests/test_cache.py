@@ -221,3 +221,41 @@ def test_float16_cache_changes_predictions_within_tolerance(classifier, data, tm
     p_16 = clf.head.predict(x16["block5_pool"].astype(np.float32), verbose=0)[:, 0]
     assert np.max(np.abs(p_32 - p_16)) <= FLOAT16_TOLERANCE
     assert np.ptp(p_32) > 1e-3  # the head is not constant, so the comparison means something
+
+
+def test_augmented_views_are_cached_per_image_and_differ_from_the_plain_view(classifier, data,
+                                                                               tmp_path):
+    plain = _spec(data)
+    aug = cache.CacheSpec(**{**plain.__dict__, "augment": "keras_blog"})
+    p = cache.ensure_features(classifier, plain, data.frame, str(tmp_path), 4, progress=False)
+    a = cache.ensure_features(classifier, aug, data.frame, str(tmp_path), 4, views=2,
+                              progress=False)
+    assert a.computed == 20 and a.path != p.path
+    views = cache.load_features(a.path, aug, data.frame, aug.layers, views=2)
+    base = cache.load_features(p.path, plain, data.frame, plain.layers)
+    assert views["block5_pool"].shape[0] == 20
+    first, second = views["block4_pool"][:10], views["block4_pool"][10:]
+    assert not np.allclose(first, base["block4_pool"], atol=1e-3)
+    assert not np.allclose(first, second, atol=1e-3)
+    # Deterministic per (image, view): a rebuild reproduces the same views.
+    os.remove(a.path)
+    cache.ensure_features(classifier, aug, data.frame, str(tmp_path), 4, views=2, progress=False)
+    again = cache.load_features(a.path, aug, data.frame, aug.layers, views=2)
+    np.testing.assert_allclose(again["block4_pool"], views["block4_pool"], rtol=1e-5, atol=1e-4)
+
+
+def test_cross_validation_reports_mean_and_std_per_scenario(classifier, data, tmp_path):
+    spec = _spec(data)
+    path = cache.ensure_features(classifier, spec, data.frame, str(tmp_path), 4,
+                                 progress=False).path
+    feats = cache.load_features(path, spec, data.frame, spec.layers)
+    cv = heads.cross_validate(classifier, ["A", "B"], feats, data.frame.label.to_numpy(),
+                              folds=3, epochs=1, batch_size=4, learning_rate=1e-3, seed=0)
+    for scenario in ("A", "B"):
+        aucs = cv[scenario]["fold_aucs"]
+        assert len(aucs) == 3 and all(0 <= a <= 1 for a in aucs)
+        assert cv[scenario]["auc_mean"] == pytest.approx(np.mean(aucs), abs=1e-6)
+        assert cv[scenario]["auc_std"] == pytest.approx(np.std(aucs), abs=1e-6)
+    with pytest.raises(Exception, match="cv_folds"):
+        heads.cross_validate(classifier, ["A"], feats, data.frame.label.to_numpy(), folds=6,
+                             epochs=1, batch_size=4, learning_rate=1e-3, seed=0)

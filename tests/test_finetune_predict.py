@@ -161,7 +161,7 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     common = [f"--data_dir={kaggle_dir}", f"--workdir={workdir}", "--weights=none",
               "--noinclude_top", f"--image_size={SIZE}", "--val_size=4", "--batch_size=4",
               f"--cache_dir={tmp_path / 'cache'}", "--epochs=2", "--finetune_epochs=1",
-              "--scenarios=A,C", "--augment=keras_blog"]
+              "--scenarios=A,C", "--augment=keras_blog", "--cv_folds=2"]
     result = _run("train.py", *common)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("model.keras", "model_info.json", "metrics.json", "split.csv",
@@ -171,6 +171,8 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
         assert (workdir / name).is_file(), name
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert set(metrics["heads"]) == {"A", "C"} and metrics["finetune"]["scenario"] in "AC"
+    assert set(metrics["cross_validation"]) == {"A", "C"}
+    assert len(metrics["cross_validation"]["C"]["fold_aucs"]) == 2
     history = pd.read_csv(workdir / "history_heads_C.csv")
     assert list(history.columns[:7]) == ["epoch", "loss", "accuracy", "auc", "val_loss",
                                          "val_accuracy", "val_auc"]
