@@ -16,7 +16,6 @@ from pipeline import cli  # noqa: E402
 
 cli.quiet_tensorflow()
 
-import json  # noqa: E402
 import logging as py_logging  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402

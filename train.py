@@ -112,6 +112,7 @@ def _summary(model):
 
 def run():
     """The whole training job, in the order the stages run."""
+    import numpy as np
     from features import backbone, cache as cache_lib, heads, inference
     from features import finetune as finetune_lib
     from pipeline import discovery, scan
@@ -169,7 +170,6 @@ def run():
                                             FLAGS.batch_size, views=FLAGS.cache_augmented_views)
             views = cache_lib.load_features(aug.path, aug_spec, train, spec.layers,
                                             views=FLAGS.cache_augmented_views)
-            import numpy as np
             train_feats = {k: np.concatenate([train_feats[k], views[k]]) for k in spec.layers}
             y_train = np.concatenate([y_train] * (FLAGS.cache_augmented_views + 1))
             logging.info("Heads train on %d plain + %d augmented views.", len(train),

@@ -76,7 +76,6 @@ def main():
     if args._extract_only:
         return extract_only(args)
 
-    import numpy as np
     import tensorflow as tf
     from features import backbone, cache, heads
     from pipeline import discovery, input as input_lib, scan

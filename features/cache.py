@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 import zlib
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 import h5py
 import keras
@@ -314,7 +314,6 @@ def ensure_features(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame
             logging.info("Extracting %s for %d image(s)%s into %s.", ", ".join(spec.layers),
                          len(todo), f" ({len(have)} already cached)" if have else "", path)
             f = _extract_into(f, partial, classifier, spec, todo, batch_size, progress)
-            rows = int(f.attrs["rows_done"])
             f.attrs["complete"] = True
             f.close()
             f = None

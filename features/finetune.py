@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import time
-from typing import Optional
 
 import keras
 import numpy as np
@@ -38,13 +37,15 @@ class Checkpointer(keras.callbacks.Callback):
       directory: where ``state.json``, ``ckpt-*/`` and ``best.weights.h5`` live.
       target: the model whose weights are saved (the classifier, even when the
         fitted model wraps it with an augmentation layer).
+      optimizer: the fitted model's optimizer, whose state is checkpointed too.
       monitor: a logged metric such as "val_auc" (maximised) or "val_loss" (minimised).
       patience: epochs without improvement before stopping.
     """
 
-    def __init__(self, directory: str, target: keras.Model, monitor="val_auc", patience=5):
+    def __init__(self, directory: str, target: keras.Model, optimizer, monitor="val_auc",
+                 patience=5):
         super().__init__()
-        self.directory, self.target = directory, target
+        self.directory, self.target, self.optimizer = directory, target, optimizer
         self.monitor, self.patience = monitor, patience
         self.mode = "min" if monitor.endswith("loss") else "max"
         self.best, self.best_epoch, self.wait, self.epoch = None, 0, 0, 0
@@ -65,12 +66,11 @@ class Checkpointer(keras.callbacks.Callback):
             ckpt = os.path.join(self.directory, state["checkpoint"])
             self.target.load_weights(os.path.join(ckpt, "model.weights.h5"))
             opt = np.load(os.path.join(ckpt, "optimizer.npz"))
-            optimizer = self.model_optimizer()
-            optimizer.build(self.target.trainable_variables)
-            if len(opt.files) != len(optimizer.variables):
-                raise ValueError(f"optimizer has {len(optimizer.variables)} variables, "
+            self.optimizer.build(self.target.trainable_variables)
+            if len(opt.files) != len(self.optimizer.variables):
+                raise ValueError(f"optimizer has {len(self.optimizer.variables)} variables, "
                                  f"checkpoint {len(opt.files)}")
-            for i, var in enumerate(optimizer.variables):
+            for i, var in enumerate(self.optimizer.variables):
                 var.assign(opt[f"v{i}"])
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
             raise ConfigError(
@@ -84,12 +84,6 @@ class Checkpointer(keras.callbacks.Callback):
                      float("nan"), self.best_epoch)
         return self.epoch
 
-    def model_optimizer(self):
-        return self._optimizer
-
-    def set_optimizer(self, optimizer):
-        self._optimizer = optimizer
-
     def _save(self, epoch):
         name = f"ckpt-{epoch:06d}"
         final = os.path.join(self.directory, name)
@@ -99,7 +93,7 @@ class Checkpointer(keras.callbacks.Callback):
         self.target.save_weights(os.path.join(tmp, "model.weights.h5"))
         np.savez(os.path.join(tmp, "optimizer.npz"),
                  **{f"v{i}": np.asarray(v.numpy()) for i, v in
-                    enumerate(self.model_optimizer().variables)})
+                    enumerate(self.optimizer.variables)})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_text(self.state_path(), json.dumps({
@@ -176,8 +170,8 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
         fit_model = classifier.model
     # Recompile after changing what trains (Keras snapshots trainability at compile).
     backbone.compile_model(fit_model, learning_rate)
-    checkpointer = Checkpointer(ckpt_dir, classifier.model, "val_" + monitor, patience)
-    checkpointer.set_optimizer(fit_model.optimizer)
+    checkpointer = Checkpointer(ckpt_dir, classifier.model, fit_model.optimizer,
+                                "val_" + monitor, patience)
     initial_epoch = checkpointer.restore() if resume else 0
     train = input_lib.train_dataset(
         train_frame.path.tolist(), train_frame.label.tolist(), train_frame.name.tolist(),

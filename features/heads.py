@@ -12,11 +12,12 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from sklearn import metrics as sk_metrics
 from sklearn.model_selection import StratifiedKFold
 
@@ -25,6 +26,21 @@ from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.errors import ConfigError
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc")
+
+
+def snapshot(model: keras.Model):
+    """Weights *and* random-seed state (e.g. dropout's), so that a restored model
+    trains identically: ``get_weights`` alone leaves dropout masks drifting."""
+    seeds = [v for v in model.variables if "seed_generator" in v.path]
+    return model.get_weights(), [(v, v.numpy()) for v in seeds]
+
+
+def restore(model: keras.Model, state) -> None:
+    """Undoes everything since `snapshot`."""
+    weights, seeds = state
+    model.set_weights(weights)
+    for variable, value in seeds:
+        variable.assign(value)
 
 
 def start_layer(blocks: Sequence[str], include_top: bool) -> str:
@@ -87,6 +103,18 @@ def _history_frame(history: keras.callbacks.History) -> pd.DataFrame:
                  [c for c in frame if c not in HISTORY_COLUMNS]]
 
 
+def _shuffled_batches(x, y, batch_size: int, seed: int) -> tf.data.Dataset:
+    """In-memory features, reshuffled every epoch from an explicit seed.
+
+    Keras' own ``shuffle=True`` for arrays draws from TensorFlow's global op-seed
+    counter, so two identical runs in one process shuffle differently; an
+    explicitly seeded tf.data shuffle makes a scenario's result reproducible.
+    """
+    return (tf.data.Dataset.from_tensor_slices((x, np.asarray(y, np.float32)))
+            .shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+            .batch(batch_size))
+
+
 def fit_from_features(model: keras.Model, x_train, y_train, x_val, y_val, *, epochs: int,
                       batch_size: int, learning_rate: float, seed: int, verbose: int = 0):
     """Compiles and fits ``model`` on in-memory features; restores the best-AUC epoch.
@@ -97,9 +125,10 @@ def fit_from_features(model: keras.Model, x_train, y_train, x_val, y_val, *, epo
     backbone.compile_model(model, learning_rate)
     best = BestWeights()
     started = time.perf_counter()
-    history = model.fit(x_train, np.asarray(y_train, np.float32), batch_size=batch_size,
-                        epochs=epochs, validation_data=(x_val, np.asarray(y_val, np.float32)),
-                        shuffle=True, callbacks=[best], verbose=verbose)
+    history = model.fit(_shuffled_batches(x_train, y_train, batch_size, seed), epochs=epochs,
+                        validation_data=(x_val, np.asarray(y_val, np.float32)),
+                        validation_batch_size=batch_size, callbacks=[best], shuffle=False,
+                        verbose=verbose)
     seconds = time.perf_counter() - started
     probs = model.predict(x_val, batch_size=max(batch_size, 64), verbose=0)[:, 0]
     auc, accuracy = binary_scores(y_val, probs)
@@ -125,10 +154,10 @@ def train_scenarios(classifier: backbone.Classifier, scenarios: Sequence[str],
     Files written into ``out_dir`` (when given): ``heads/<S>.weights.h5`` and
     ``history_heads_<S>.csv``.
     """
-    initial = classifier.model.get_weights()
+    initial = snapshot(classifier.model)
     results = {}
     for scenario in scenarios:
-        classifier.model.set_weights(initial)
+        restore(classifier.model, initial)
         blocks = backbone.scenario_blocks(scenario)
         backbone.set_trainable(classifier, blocks)
         start = start_layer(blocks, classifier.include_top)
@@ -147,7 +176,7 @@ def train_scenarios(classifier: backbone.Classifier, scenarios: Sequence[str],
         logging.info("Scenario %s: best val AUC %.4f (accuracy %.3f) at epoch %d, %.1f s.",
                      scenario, auc, accuracy, best_epoch, seconds)
         results[scenario] = result
-    classifier.model.set_weights(initial)
+    restore(classifier.model, initial)
     return results
 
 
@@ -168,7 +197,7 @@ def cross_validate(classifier: backbone.Classifier, scenarios: Sequence[str],
     if folds < 2 or np.bincount(labels.astype(int)).min() < folds:
         raise ConfigError(f"--cv_folds={folds} needs at least 2 folds and at least {folds} "
                           "images in each class.")
-    initial = classifier.model.get_weights()
+    initial = snapshot(classifier.model)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     out = {}
     for scenario in scenarios:
@@ -176,20 +205,20 @@ def cross_validate(classifier: backbone.Classifier, scenarios: Sequence[str],
         start = start_layer(blocks, classifier.include_top)
         aucs = []
         for k, (tr, va) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-            classifier.model.set_weights(initial)
+            restore(classifier.model, initial)
             backbone.set_trainable(classifier, blocks)
             model = classifier.model_from(start)
             keras.utils.set_random_seed(seed + k)
             backbone.compile_model(model, learning_rate)
-            model.fit(feats[start][tr], labels[tr].astype(np.float32), batch_size=batch_size,
-                      epochs=epochs, shuffle=True, verbose=0)
+            model.fit(_shuffled_batches(feats[start][tr], labels[tr], batch_size, seed + k),
+                      epochs=epochs, shuffle=False, verbose=0)
             probs = model.predict(feats[start][va], batch_size=64, verbose=0)[:, 0]
             aucs.append(binary_scores(labels[va], probs)[0])
         out[scenario] = {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
                          "fold_aucs": [round(a, 6) for a in aucs], "folds": folds}
         logging.info("Scenario %s: %d-fold CV AUC %.4f +- %.4f", scenario, folds,
                      out[scenario]["auc_mean"], out[scenario]["auc_std"])
-    classifier.model.set_weights(initial)
+    restore(classifier.model, initial)
     return out
 
 

@@ -5,7 +5,6 @@ import os
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 
 from features import backbone, cache, heads

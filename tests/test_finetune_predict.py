@@ -14,8 +14,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from features import backbone, finetune, inference
-from pipeline import discovery, input as input_lib
-from tests.conftest import colour_image, write_image
+from pipeline import discovery
+from tests.conftest import write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
