@@ -64,9 +64,10 @@ class Checkpointer(keras.callbacks.Callback):
             with open(self.state_path(), encoding="utf-8") as f:
                 state = json.load(f)
             ckpt = os.path.join(self.directory, state["checkpoint"])
+            # Built first, so that Keras can also restore it from a compiled model's file.
+            self.optimizer.build(self.target.trainable_variables)
             self.target.load_weights(os.path.join(ckpt, "model.weights.h5"))
             opt = np.load(os.path.join(ckpt, "optimizer.npz"))
-            self.optimizer.build(self.target.trainable_variables)
             if len(opt.files) != len(self.optimizer.variables):
                 raise ValueError(f"optimizer has {len(self.optimizer.variables)} variables, "
                                  f"checkpoint {len(opt.files)}")
