@@ -62,7 +62,7 @@ class CacheSpec:
     include_top: bool
     image_size: int
     layers: tuple
-    dtype: str = "float16"
+    dtype: str = "float32"
     data_dir: str = ""
     augment: str = "none"     # preset of the augmented views (views > 0 only)
 
