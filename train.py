@@ -89,9 +89,12 @@ flags.DEFINE_boolean("resume", False, "Resume an interrupted fine-tuning from it
 flags.DEFINE_integer("tta", 1, "Test-time augmentation views when predicting the test set.")
 
 _OUR_FLAGS = sorted(set(FLAGS) - _ABSL_FLAGS)
+# With 40 validation images the demo's AUC saturates near 1.0 in every epoch, so it
+# selects the fine-tuning epoch by validation loss, which also keeps the 0.5 threshold
+# (and so the printed accuracy) meaningful.
 DEMO_SETTINGS = {"weights": "none", "include_top": False, "image_size": 64, "val_size": "40",
                  "epochs": 8, "finetune_epochs": 3, "batch_size": 16, "patience": 3,
-                 "augment": "keras_blog", "learning_rate": 1e-4}
+                 "augment": "keras_blog", "learning_rate": 1e-4, "monitor": "loss"}
 
 
 def _apply_demo():

@@ -253,6 +253,7 @@ def plot_comparison(histories: Dict[str, pd.DataFrame], path: str,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(metrics_to_plot), figsize=(5 * len(metrics_to_plot), 3.8),
                              squeeze=False)
@@ -261,6 +262,7 @@ def plot_comparison(histories: Dict[str, pd.DataFrame], path: str,
             if metric in frame:
                 ax.plot(frame.epoch, frame[metric], marker="o", label=str(label))
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
