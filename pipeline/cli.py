@@ -10,8 +10,9 @@ from pipeline.errors import UserError
 
 
 def quiet_tensorflow():
-    """Hides TensorFlow's C++ info logs; call before importing tensorflow."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Hides TensorFlow C++ logs (e.g. a failed CUDA probe on CPU machines); call before
+    importing tensorflow. Real failures still surface as Python exceptions."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def log_to_file(path: str) -> None:
