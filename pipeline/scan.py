@@ -69,16 +69,6 @@ def format_bad_images(bad: Sequence[Tuple[str, str]], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
-def require_good_images(paths: Sequence[str], image_size: int = 224) -> None:
-    """Raises DataError listing every image that cannot be decoded."""
-    logging.info("Checking %d images ...", len(paths))
-    bad = scan_images(paths, image_size)
-    if bad:
-        raise DataError(f"{len(bad)} of {len(paths)} images cannot be used:\n"
-                        + format_bad_images(bad)
-                        + "\nFix or remove these files and run again.")
-
-
 def filter_bad_images(frame, image_size: int, policy: str, report_path: str,
                       keep_rows: bool = False):
     """Applies ``--on_bad_image`` to a frame of images (column ``path``).

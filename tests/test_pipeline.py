@@ -166,5 +166,7 @@ def test_scan_names_undecodable_files(tmp_path, image_files):
     result = dict(scan.scan_images(paths + [str(bad), str(empty)], 32))
     assert set(result) == {str(bad), str(empty)}
     assert "decoded" in result[str(bad)] and "empty" in result[str(empty)]
+    import pandas as pd
+    frame = pd.DataFrame({"path": paths + [str(bad)]})
     with pytest.raises(Exception, match="bad.jpg"):
-        scan.require_good_images(paths + [str(bad)], 32)
+        scan.filter_bad_images(frame, 32, "fail", str(tmp_path / "report.csv"))
