@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import Dict, Optional, Sequence
 
 import keras
@@ -186,7 +187,11 @@ def load_scenario_weights(classifier: backbone.Classifier, scenario: str, weight
     if not os.path.isfile(weights_path):
         raise ConfigError(f"No trained head for scenario {scenario} at {weights_path}; run "
                           "--stage=heads first (with the same --workdir).")
-    classifier.model_from(start).load_weights(weights_path)
+    with warnings.catch_warnings():
+        # The file also holds the heads stage's optimizer state, which fine-tuning
+        # does not want (it starts a fresh optimizer); Keras warns when it skips it.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        classifier.model_from(start).load_weights(weights_path)
 
 
 def cross_validate(classifier: backbone.Classifier, scenarios: Sequence[str],
