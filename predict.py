@@ -9,10 +9,8 @@ so an interrupted run never leaves a half-written file.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pipeline import cli  # noqa: E402
+from pipeline import cli
 
 cli.quiet_tensorflow()
 
@@ -31,6 +29,8 @@ flags.DEFINE_integer("tta", 1, "Test-time augmentation: average over N determini
                      "(1 = plain; 2 adds the mirror; up to 8 adds crops).")
 flags.DEFINE_string("labels", None, "Optional name,invasive CSV of true labels: print ROC AUC, "
                     "accuracy, confusion matrix and draw <output>_roc.png.")
+flags.DEFINE_boolean("bag", True, "Use the run's bag (bag.keras: the averaged fold heads and "
+                     "final model) when it has one; --nobag uses model.keras alone.")
 flags.DEFINE_enum("on_bad_image", "fail", ["fail", "skip"], "An image that cannot be decoded: "
                   "stop (fail), or write the fallback probability 0.5 for it with a warning "
                   "(skip), since a submission must list every name.")
@@ -41,18 +41,21 @@ def run():
     from features import inference
     from pipeline import discovery, scan
 
-    model, info = inference.load_exported(FLAGS.workdir)
+    use_bag = FLAGS.bag and os.path.isfile(os.path.join(FLAGS.workdir, inference.BAG_FILE))
+    model, info = inference.load_exported(FLAGS.workdir, bag=use_bag)
     inference.check_tta(FLAGS.tta)
     image_size = int(info["image_size"])
     frame = discovery.discover_unlabelled(FLAGS.data_dir)
     report = os.path.splitext(FLAGS.output)[0] + "_bad_images.csv"
     frame = scan.filter_bad_images(frame, image_size, FLAGS.on_bad_image, report,
                                    keep_rows=True)
-    logging.info("Predicting %d images (positive class %r, %d px, tta=%d).", len(frame),
+    logging.info("Predicting %d images with %s (positive class %r, %d px, tta=%d).",
+                 len(frame), inference.BAG_FILE if use_bag else inference.MODEL_FILE,
                  info.get("positive_class"), image_size, FLAGS.tta)
     probs = inference.predict_frame(model, frame, image_size, FLAGS.batch_size, FLAGS.tta)
     inference.write_predictions(frame.name, probs, FLAGS.output)
-    print(f"Wrote {len(frame)} predictions of P({info.get('positive_class')}) to {FLAGS.output}")
+    print(f"Wrote {len(frame)} predictions of P({info.get('positive_class')}) to {FLAGS.output} "
+          f"({'bag of ' + str(info['bag']['members']) + ' models' if use_bag else 'one model'})")
     if FLAGS.labels:
         roc = os.path.splitext(FLAGS.output)[0] + "_roc.png"
         scores = inference.score_against_labels(frame.name.tolist(), probs, FLAGS.labels, roc)

@@ -33,13 +33,39 @@ IMAGENET_FILES = {
     False: "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
 }
 BLOCKS = ("block1", "block2", "block3", "block4", "block5", "fc", "predictions")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """One row of the scenario table: what trains, where it starts, how fast it learns.
+
+    Attributes:
+      name: "A", "B" or "C".
+      blocks: the blocks that train (names from `BLOCKS`).
+      learning_rate: default heads-stage learning rate. Measured on real photos with
+        ImageNet-derived weights (docs/benchmarks.md): the output layer alone (A)
+        wants 1e-3, as in the reference write-up; training the dense layers (B) or
+        block5 (C) from the cache at 1e-3 overfits within an epoch or two (C
+        collapsed to AUC 0.65), so they get the reference's 1e-4.
+      description: one line for --help and logs.
+    """
+    name: str
+    blocks: tuple
+    learning_rate: float
+    description: str
+
+    def start_layer(self, include_top: bool) -> str:
+        """The cached layer this scenario trains from (see `start_layer`)."""
+        return start_layer(self.blocks, include_top)
+
+
 SCENARIOS = {
-    "A": ("predictions",),
-    "B": ("fc", "predictions"),
-    "C": ("block5", "fc", "predictions"),
+    "A": Scenario("A", ("predictions",), 1e-3, "only the new output layer"),
+    "B": Scenario("B", ("fc", "predictions"), 1e-4, "all dense layers"),
+    "C": Scenario("C", ("block5", "fc", "predictions"), 1e-4,
+                  "dense layers plus the last conv block (block5)"),
 }
-SCENARIO_HELP = ("A = only the new output layer; B = all dense layers; "
-                 "C = dense layers plus the last conv block (block5)")
+SCENARIO_HELP = "; ".join(f"{s.name} = {s.description}" for s in SCENARIOS.values())
 # Without the ImageNet top, the head gets one new hidden layer of this width.
 NO_TOP_HIDDEN_UNITS = 256
 TOP_IMAGE_SIZE = 224
@@ -235,6 +261,16 @@ class Classifier:
                                name="predictions_only")
         raise ConfigError(f"Cannot start the network at {layer_name!r}.")
 
+    def trunk(self, layer_name: str) -> keras.Model:
+        """The frozen part below ``layer_name``: image -> that layer's output.
+
+        The complement of `model_from`: ``model_from(l)(trunk(l)(x)) == model(x)``.
+        """
+        if layer_name == "input":
+            raise ConfigError("The whole network trains: there is no frozen trunk.")
+        return keras.Model(self.model.input, self.feature_model([layer_name]).output[layer_name],
+                           name=f"trunk_to_{layer_name}")
+
     def feature_model(self, layer_names: Sequence[str]) -> keras.Model:
         """A model from the image to a dict of the named intermediate outputs."""
         image = self.model.input
@@ -319,16 +355,37 @@ def parse_blocks(spec: str) -> List[str]:
     return sorted(set(names) | {"predictions"}, key=BLOCKS.index)
 
 
-def scenario_blocks(scenario: str) -> List[str]:
-    """The blocks that train in a named scenario."""
+def get_scenario(scenario: str) -> Scenario:
+    """The scenario table's row for a name such as "b" or " C "."""
     try:
-        return list(SCENARIOS[scenario.strip().upper()])
+        return SCENARIOS[scenario.strip().upper()]
     except KeyError:
         raise ConfigError(f"Unknown scenario {scenario!r}; choose from "
                           f"{', '.join(SCENARIOS)} ({SCENARIO_HELP}).") from None
 
 
-def set_trainable(classifier: Classifier, blocks: Iterable[str]) -> List[str]:
+def scenario_blocks(scenario: str) -> List[str]:
+    """The blocks that train in a named scenario."""
+    return list(get_scenario(scenario).blocks)
+
+
+def start_layer(blocks: Sequence[str], include_top: bool) -> str:
+    """The highest cached layer below every trainable block ("input" if none is cached).
+
+    Scenario A (output layer only) starts from ``fc2`` when the ImageNet top is
+    kept, else from ``block5_pool``; B from ``block5_pool``; C from ``block4_pool``.
+    """
+    blocks = set(blocks)
+    if blocks & {"block1", "block2", "block3", "block4"}:
+        return "input"
+    if "block5" in blocks:
+        return "block4_pool"
+    if "fc" in blocks or not include_top:
+        return "block5_pool"
+    return "fc2"
+
+
+def set_trainable(classifier: Classifier, blocks: Iterable[str], log: bool = True) -> List[str]:
     """Makes exactly the layers of ``blocks`` trainable and freezes the rest.
 
     Returns the names of the trainable layers. Remember to (re)compile after.
@@ -347,13 +404,30 @@ def set_trainable(classifier: Classifier, blocks: Iterable[str]) -> List[str]:
     if missing:
         raise ConfigError(f"Block(s) {', '.join(sorted(missing))} match no layer of this "
                           "model.")
-    logging.info("Trainable layers: %s", ", ".join(trainable))
+    if log:
+        logging.info("Trainable layers: %s", ", ".join(trainable))
     return trainable
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
-    """Adam + binary cross-entropy, with accuracy and ROC AUC (named ``auc``)."""
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+
+
+def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    """Adam, SGD with Nesterov momentum 0.9 (the reference's fine-tuning choice), or RMSprop."""
+    name = name.strip().lower()
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate)
+    raise ConfigError(f"Unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}.")
+
+
+def compile_model(model: keras.Model, learning_rate: float,
+                  optimizer: str = "adam") -> keras.Model:
+    """Binary cross-entropy with accuracy and ROC AUC (named ``auc``); Adam by default."""
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate),
                   loss=keras.losses.BinaryCrossentropy(),
                   metrics=[keras.metrics.BinaryAccuracy(name="accuracy"),
                            keras.metrics.AUC(name="auc")])

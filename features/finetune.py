@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -127,11 +128,23 @@ class Checkpointer(keras.callbacks.Callback):
                          "%d).", self.monitor, self.wait, self.best, self.best_epoch)
             self.model.stop_training = True
 
+    def set_baseline(self, value: float):
+        """Counts the starting weights as epoch 0 with ``value``: an epoch must beat
+        them to be kept, so fine-tuning never exports a model that validates worse
+        than the head it started from."""
+        self.best, self.best_epoch, self.wait = float(value), 0, 0
+        with atomic_path(os.path.join(self.directory, BEST_WEIGHTS)) as tmp:
+            self.target.save_weights(tmp)
+
     def restore_best(self):
         """Loads the best epoch's weights into the target model."""
         path = os.path.join(self.directory, BEST_WEIGHTS)
         if os.path.isfile(path):
-            self.target.load_weights(path)
+            with warnings.catch_warnings():
+                # best.weights.h5 of epoch 0 was saved before the optimizer was built;
+                # only the model's weights matter here.
+                warnings.filterwarnings("ignore", message="Skipping variable loading")
+                self.target.load_weights(path)
 
 
 def gpu_available() -> bool:
@@ -142,7 +155,7 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
              val_frame: pd.DataFrame, *, workdir: str, image_size: int, batch_size: int,
              augment: str, learning_rate: float, epochs: int, patience: int,
              monitor: str = "auc", seed: int = 0, resume: bool = False,
-             augment_on: str = "auto", verbose: int = 1) -> dict:
+             augment_on: str = "auto", optimizer: str = "adam", verbose: int = 1) -> dict:
     """Fine-tunes ``blocks`` of ``classifier`` end to end; leaves the best weights in it.
 
     Writes ``finetune/`` (checkpoints) and ``history_finetune.csv`` into ``workdir``.
@@ -170,7 +183,7 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
     else:
         fit_model = classifier.model
     # Recompile after changing what trains (Keras snapshots trainability at compile).
-    backbone.compile_model(fit_model, learning_rate)
+    backbone.compile_model(fit_model, learning_rate, optimizer)
     checkpointer = Checkpointer(ckpt_dir, classifier.model, fit_model.optimizer,
                                 "val_" + monitor, patience)
     initial_epoch = checkpointer.restore() if resume else 0
@@ -181,6 +194,12 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
     val = input_lib.eval_dataset(
         val_frame.path.tolist(), val_frame.label.tolist(), val_frame.name.tolist(),
         image_size, batch_size).map(input_lib.to_inputs_targets)
+    start_value = None
+    if not resume:
+        start_value = float(fit_model.evaluate(val, verbose=0, return_dict=True)[monitor])
+        checkpointer.set_baseline(start_value)
+        logging.info("Before fine-tuning: val_%s %.4f (epoch 0; an epoch must beat it).",
+                     monitor, start_value)
     steps = max(1, math.ceil(len(train_frame) / batch_size))
     logging.info("Fine-tuning %s (%d layers) for up to %d epochs, %d steps each, lr %g, "
                  "augment=%s on the %s.", "+".join(blocks), len(trainable), epochs, steps,
@@ -196,4 +215,4 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
     return {"history": history, "best_epoch": checkpointer.best_epoch,
             "best_" + checkpointer.monitor: checkpointer.best, "epochs_run": checkpointer.epoch,
             "seconds": round(seconds, 2), "trainable_layers": trainable,
-            "resumed_from_epoch": initial_epoch}
+            "resumed_from_epoch": initial_epoch, "start_" + checkpointer.monitor: start_value}

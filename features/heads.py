@@ -7,13 +7,14 @@ from ``block4_pool``. Because the trained sub-model shares its layers with the
 full classifier, the result drops onto the conv base unchanged.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
 import warnings
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -44,39 +45,99 @@ def restore(model: keras.Model, state) -> None:
         variable.assign(value)
 
 
-def start_layer(blocks: Sequence[str], include_top: bool) -> str:
-    """The cached layer a set of trainable blocks can train from ("input" if none)."""
-    blocks = set(blocks)
-    if blocks & {"block1", "block2", "block3", "block4"}:
-        return "input"
-    if "block5" in blocks:
-        return "block4_pool"
-    if "fc" in blocks or not include_top:
-        return "block5_pool"
-    return "fc2"
+class WeightsAtEpoch(keras.callbacks.Callback):
+    """Restores the weights of one given epoch at the end of training.
 
+    Keras' EarlyStopping(restore_best_weights=True) restores the epoch with the
+    best *monitored* value of this run; here the epoch was chosen beforehand by
+    cross-validation, which a small validation set cannot overrule.
+    """
 
-class BestWeights(keras.callbacks.Callback):
-    """Keeps the weights of the best epoch in memory and restores them at the end."""
-
-    def __init__(self, monitor="val_auc", mode="max"):
+    def __init__(self, epoch: int):
         super().__init__()
-        self.monitor, self.mode = monitor, mode
-        self.best, self.best_epoch, self.best_weights = None, None, None
+        self.epoch, self.weights = epoch, None
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None:
-            return
-        better = (self.best is None or (value > self.best if self.mode == "max"
-                                        else value < self.best))
-        if better:
-            self.best, self.best_epoch = value, epoch + 1
-            self.best_weights = self.model.get_weights()
+        if epoch + 1 == self.epoch:
+            self.weights = self.model.get_weights()
 
     def on_train_end(self, logs=None):
-        if self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
+
+
+class HeldOutAUC(keras.callbacks.Callback):
+    """Exact (scikit-learn) ROC AUC on held-out features after every epoch.
+
+    Keras' AUC metric bins scores into 200 thresholds, which lumps together the
+    near-0 and near-1 probabilities a confident head produces; choosing an epoch
+    by cross-validation needs the exact ranking measure.
+    """
+
+    def __init__(self, x, y, batch_size: int):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, np.asarray(y), batch_size
+        self.aucs = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        probs = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)[:, 0]
+        self.aucs.append(binary_scores(self.y, probs)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """What one cached-feature training run varies: the sweep's grid point.
+
+    ``dropout`` None keeps the classifier's own rate; ``views`` is the number of
+    cached augmented views per training image added to the plain ones.
+    """
+    scenario: str
+    learning_rate: float
+    optimizer: str = "adam"
+    dropout: Optional[float] = None
+    views: int = 0
+
+    @classmethod
+    def for_scenario(cls, scenario: str, learning_rate: Optional[float] = None,
+                     **kwargs) -> "HeadConfig":
+        """A config with the scenario table's learning rate unless one is given."""
+        row = backbone.get_scenario(scenario)
+        return cls(row.name, row.learning_rate if learning_rate is None else learning_rate,
+                   **kwargs)
+
+    def describe(self) -> str:
+        """Short label for plots and logs, e.g. ``B adam lr=1e-4 do=0.5 v=2``."""
+        text = f"{self.scenario} {self.optimizer} lr={self.learning_rate:g}"
+        if self.dropout is not None:
+            text += f" do={self.dropout:g}"
+        return text + f" v={self.views}"
+
+
+@contextlib.contextmanager
+def dropout_rate(classifier: backbone.Classifier, rate: Optional[float]):
+    """Temporarily sets the head's dropout rate (no-op for ``None`` or a head without one).
+
+    Keras reads ``Dropout.rate`` when it traces the training step, and every fit
+    here compiles afresh, so the new rate applies to that fit only.
+    """
+    layer = next((l for l in classifier.head.layers
+                  if isinstance(l, keras.layers.Dropout)), None)
+    if rate is None or layer is None:
+        yield
+        return
+    if not 0 <= rate < 1:
+        raise ConfigError(f"Dropout rate must be in [0, 1); got {rate}.")
+    old = layer.rate
+    layer.rate = float(rate)
+    try:
+        yield
+    finally:
+        layer.rate = old
+
+
+def has_dropout(classifier: backbone.Classifier) -> bool:
+    """Whether the head has a dropout layer (only without the ImageNet top)."""
+    return any(isinstance(l, keras.layers.Dropout) for l in classifier.head.layers)
 
 
 @dataclasses.dataclass
@@ -86,15 +147,32 @@ class HeadResult:
     start_layer: str
     history: pd.DataFrame
     best_epoch: int
-    val_auc: float          # exact (scikit-learn) AUC of the restored best weights
+    val_auc: float          # exact (scikit-learn) AUC of the kept weights
     val_accuracy: float
     seconds: float
     weights_path: Optional[str] = None
+    config: Optional[HeadConfig] = None
+    cv: Optional[dict] = None  # cross-validation on the training split, when run
+    selected_by: str = "validation"
+
+    @property
+    def score(self) -> float:
+        """What scenarios are ranked by: CV mean AUC when cross-validated, else val AUC."""
+        return self.cv["auc_mean"] if self.cv else self.val_auc
 
     def summary(self) -> dict:
-        return {"best_val_auc": round(self.val_auc, 6), "val_accuracy": round(self.val_accuracy, 6),
-                "epoch": self.best_epoch, "seconds": round(self.seconds, 3),
-                "start_layer": self.start_layer, "weights": self.weights_path}
+        out = {"best_val_auc": round(self.val_auc, 6), "val_accuracy": round(self.val_accuracy, 6),
+               "epoch": self.best_epoch, "seconds": round(self.seconds, 3),
+               "start_layer": self.start_layer, "weights": self.weights_path,
+               "epoch_selected_by": self.selected_by}
+        if self.config is not None:
+            out.update({"learning_rate": self.config.learning_rate,
+                        "optimizer": self.config.optimizer, "dropout": self.config.dropout,
+                        "views": self.config.views})
+        if self.cv:
+            out.update({"cv_auc_mean": round(self.cv["auc_mean"], 6),
+                        "cv_auc_std": round(self.cv["auc_std"], 6)})
+        return out
 
 
 def _history_frame(history: keras.callbacks.History) -> pd.DataFrame:
@@ -116,24 +194,51 @@ def _shuffled_batches(x, y, batch_size: int, seed: int) -> tf.data.Dataset:
             .batch(batch_size))
 
 
-def fit_from_features(model: keras.Model, x_train, y_train, x_val, y_val, *, epochs: int,
-                      batch_size: int, learning_rate: float, seed: int, verbose: int = 0):
-    """Compiles and fits ``model`` on in-memory features; restores the best-AUC epoch.
+def with_views(x, y, views_x=None, rows=None):
+    """Training rows ``rows`` of the plain features plus the same images' cached views.
 
-    Returns (history frame, best epoch, exact validation AUC, validation accuracy, seconds).
+    ``views_x`` holds V views per image, view-major (row ``v * N + i`` is view v of
+    image i of the N plain rows), as `cache.load_features` returns them.
     """
+    n = len(y)
+    rows = np.arange(n) if rows is None else np.asarray(rows)
+    y = np.asarray(y)
+    if views_x is None or len(views_x) == 0:
+        return x[rows], y[rows]
+    v = len(views_x) // n
+    view_rows = np.concatenate([rows + k * n for k in range(v)])
+    return np.concatenate([x[rows], views_x[view_rows]]), np.concatenate([y[rows]] * (v + 1))
+
+
+def fit_head(classifier: backbone.Classifier, config: HeadConfig, x_train, y_train,
+             x_val=None, y_val=None, *, epochs: int, batch_size: int, seed: int,
+             keep_epoch: Optional[int] = None, callbacks=(), verbose: int = 0):
+    """Compiles and fits the part of ``classifier`` that ``config.scenario`` trains.
+
+    The caller puts the classifier in its starting state (see `snapshot`). With
+    ``keep_epoch`` the weights after that epoch are kept; otherwise, given
+    validation data, those of the epoch with the best validation AUC. Returns
+    (the fitted sub-model, its keras History).
+    """
+    blocks = backbone.scenario_blocks(config.scenario)
+    backbone.set_trainable(classifier, blocks, log=False)
+    model = classifier.model_from(backbone.start_layer(blocks, classifier.include_top))
     keras.utils.set_random_seed(seed)
-    backbone.compile_model(model, learning_rate)
-    best = BestWeights()
-    started = time.perf_counter()
-    history = model.fit(_shuffled_batches(x_train, y_train, batch_size, seed), epochs=epochs,
-                        validation_data=(x_val, np.asarray(y_val, np.float32)),
-                        validation_batch_size=batch_size, callbacks=[best], shuffle=False,
-                        verbose=verbose)
-    seconds = time.perf_counter() - started
-    probs = model.predict(x_val, batch_size=max(batch_size, 64), verbose=0)[:, 0]
-    auc, accuracy = binary_scores(y_val, probs)
-    return _history_frame(history), best.best_epoch or epochs, auc, accuracy, seconds
+    callbacks = list(callbacks)
+    if keep_epoch is not None:
+        callbacks.append(WeightsAtEpoch(keep_epoch))
+    elif x_val is not None:
+        # patience=epochs: never stops early, only restores the best epoch at the end.
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=epochs, restore_best_weights=True))
+    validation = (x_val, np.asarray(y_val, np.float32)) if x_val is not None else None
+    with dropout_rate(classifier, config.dropout):
+        backbone.compile_model(model, config.learning_rate, config.optimizer)
+        history = model.fit(_shuffled_batches(x_train, y_train, batch_size, seed),
+                            epochs=epochs, validation_data=validation,
+                            validation_batch_size=batch_size, callbacks=callbacks,
+                            shuffle=False, verbose=verbose)
+    return model, history
 
 
 def binary_scores(labels, probs):
@@ -146,44 +251,145 @@ def binary_scores(labels, probs):
     return float(sk_metrics.roc_auc_score(labels, probs)), accuracy
 
 
-def train_scenarios(classifier: backbone.Classifier, scenarios: Sequence[str],
-                    train_feats: Dict[str, np.ndarray], y_train, val_feats: Dict[str, np.ndarray],
-                    y_val, *, epochs: int, batch_size: int, learning_rate: float, seed: int,
-                    out_dir: Optional[str] = None, verbose: int = 1) -> Dict[str, HeadResult]:
-    """Trains each scenario from the same initial weights; saves best weights and history.
+def make_folds(labels, folds: int, seed: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Stratified K-fold (train, validation) index pairs, shuffled by ``seed``."""
+    labels = np.asarray(labels).astype(int)
+    smallest = int(np.bincount(labels, minlength=2).min())
+    if folds < 2 or smallest < folds:
+        raise ConfigError(f"--cv_folds={folds} needs at least 2 folds and at least {folds} "
+                          f"training images in each class (the smaller class has {smallest}).")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(labels)), labels))
 
-    Files written into ``out_dir`` (when given): ``heads/<S>.weights.h5`` and
-    ``history_heads_<S>.csv``.
+
+def cv_curves(classifier: backbone.Classifier, config: HeadConfig, x, y, folds, *,
+              epochs: int, batch_size: int, seed: int, views_x=None,
+              progress: Optional[keras.utils.Progbar] = None) -> np.ndarray:
+    """Exact validation AUC after every epoch on every fold: an array [folds, epochs].
+
+    Each fold starts from the classifier's current weights and is restored after.
+    """
+    initial = snapshot(classifier.model)
+    curves = []
+    try:
+        for k, (tr, va) in enumerate(folds):
+            restore(classifier.model, initial)
+            x_tr, y_tr = with_views(x, y, views_x, tr)
+            auc = HeldOutAUC(x[va], np.asarray(y)[va], max(batch_size, 64))
+            fit_head(classifier, config, x_tr, y_tr, epochs=epochs, batch_size=batch_size,
+                     seed=seed + k, callbacks=[auc])
+            curves.append(auc.aucs)
+            if progress is not None:
+                progress.add(1)
+    finally:
+        restore(classifier.model, initial)
+    return np.asarray(curves, np.float64)
+
+
+def summarise_curves(curves: np.ndarray) -> dict:
+    """The epoch whose mean AUC over folds is highest, with that epoch's mean and std."""
+    mean = np.nanmean(curves, axis=0)
+    best = int(np.nanargmax(mean)) if np.isfinite(mean).any() else len(mean) - 1
+    at = curves[:, best]
+    return {"epoch": best + 1, "auc_mean": float(np.nanmean(at)), "auc_std": float(np.nanstd(at)),
+            "fold_aucs": [round(float(a), 6) for a in at], "folds": int(curves.shape[0]),
+            "mean_auc_per_epoch": [round(float(m), 6) for m in mean]}
+
+
+def train_scenarios(classifier: backbone.Classifier, configs: Sequence[HeadConfig],
+                    train_feats: Dict[str, np.ndarray], y_train, val_feats: Dict[str, np.ndarray],
+                    y_val, *, epochs: int, batch_size: int, seed: int,
+                    learning_rate: Optional[float] = None, folds: Optional[Sequence] = None,
+                    views_feats: Optional[Dict[str, np.ndarray]] = None,
+                    out_dir: Optional[str] = None, verbose: int = 1) -> Dict[str, HeadResult]:
+    """Trains each config's scenario from the same initial weights; saves weights and history.
+
+    Without ``folds`` the kept epoch is the one with the best validation AUC. With
+    ``folds`` (index pairs into the training rows) each scenario is first
+    cross-validated on them; the epoch with the best mean CV AUC is kept and the
+    scenario is ranked by that mean, which a small validation set cannot sway.
+
+    ``configs`` may also be scenario names: they train with ``learning_rate``, or
+    the scenario table's rate when it is None. Files written into ``out_dir``
+    (when given): ``heads/<S>.weights.h5`` and ``history_heads_<S>.csv``.
     """
     initial = snapshot(classifier.model)
     results = {}
-    for scenario in scenarios:
+    y_train = np.asarray(y_train)
+    for config in configs:
+        if isinstance(config, str):
+            config = HeadConfig.for_scenario(config, learning_rate)
+        scenario = config.scenario
         restore(classifier.model, initial)
-        blocks = backbone.scenario_blocks(scenario)
-        backbone.set_trainable(classifier, blocks)
-        start = start_layer(blocks, classifier.include_top)
-        model = classifier.model_from(start)
-        logging.info("Scenario %s: training %s from cached %s for %d epochs.", scenario,
-                     "+".join(blocks), start, epochs)
-        history, best_epoch, auc, accuracy, seconds = fit_from_features(
-            model, train_feats[start], y_train, val_feats[start], y_val, epochs=epochs,
-            batch_size=batch_size, learning_rate=learning_rate, seed=seed, verbose=verbose)
-        result = HeadResult(scenario, start, history, best_epoch, auc, accuracy, seconds)
+        start = backbone.start_layer(backbone.scenario_blocks(scenario), classifier.include_top)
+        views_x = views_feats[start] if views_feats else None
+        started = time.perf_counter()
+        cv, keep = None, None
+        if folds:
+            curves = cv_curves(classifier, config, train_feats[start], y_train, folds,
+                               epochs=epochs, batch_size=batch_size, seed=seed, views_x=views_x)
+            cv = summarise_curves(curves)
+            keep = cv["epoch"]
+            logging.info("Scenario %s: %d-fold CV AUC %.4f +- %.4f at epoch %d (chosen by CV).",
+                         scenario, len(folds), cv["auc_mean"], cv["auc_std"], keep)
+        logging.info("Scenario %s: training %s from cached %s for %d epochs (%s).", scenario,
+                     "+".join(backbone.scenario_blocks(scenario)), start, epochs,
+                     config.describe())
+        x_tr, y_tr = with_views(train_feats[start], y_train, views_x)
+        model, history = fit_head(classifier, config, x_tr, y_tr, val_feats[start], y_val,
+                                  epochs=epochs, batch_size=batch_size, seed=seed,
+                                  keep_epoch=keep, verbose=verbose)
+        frame = _history_frame(history)
+        if keep is None:
+            keep = int(frame.epoch[frame.val_auc.idxmax()]) if len(frame) else epochs
+        seconds = time.perf_counter() - started
+        probs = model.predict(val_feats[start], batch_size=max(batch_size, 64), verbose=0)[:, 0]
+        auc, accuracy = binary_scores(y_val, probs)
+        result = HeadResult(scenario, start, frame, keep, auc, accuracy, seconds,
+                            config=config, cv=cv,
+                            selected_by="cross-validation" if cv else "validation")
         if out_dir:
             result.weights_path = os.path.join(out_dir, "heads", f"{scenario}.weights.h5")
             with atomic_path(result.weights_path) as tmp:
                 model.save_weights(tmp)
-            write_csv(history, os.path.join(out_dir, f"history_heads_{scenario}.csv"))
-        logging.info("Scenario %s: best val AUC %.4f (accuracy %.3f) at epoch %d, %.1f s.",
-                     scenario, auc, accuracy, best_epoch, seconds)
+            write_csv(frame, os.path.join(out_dir, f"history_heads_{scenario}.csv"))
+        logging.info("Scenario %s: val AUC %.4f (accuracy %.3f) at epoch %d, %.1f s.",
+                     scenario, auc, accuracy, keep, seconds)
         results[scenario] = result
     restore(classifier.model, initial)
     return results
 
 
+def best_result(results: Dict[str, HeadResult]) -> HeadResult:
+    """The result with the highest score (CV mean when cross-validated); NaN ranks last."""
+    return max(results.values(),
+               key=lambda r: r.score if np.isfinite(r.score) else -np.inf)
+
+
+def fold_members(classifier: backbone.Classifier, config: HeadConfig, x, y, folds, *,
+                 epochs: int, batch_size: int, seed: int, views_x=None) -> List[list]:
+    """The K fold models of a bag: weights of the scenario's trainable part, one per fold.
+
+    Each member is trained on its fold's training rows for ``epochs`` epochs, with
+    the same seeds as `cv_curves`, so it is the model that produced that fold's score.
+    """
+    initial = snapshot(classifier.model)
+    members = []
+    try:
+        for k, (tr, _) in enumerate(folds):
+            restore(classifier.model, initial)
+            x_tr, y_tr = with_views(x, y, views_x, tr)
+            model, _ = fit_head(classifier, config, x_tr, y_tr, epochs=epochs,
+                                batch_size=batch_size, seed=seed + k)
+            members.append(model.get_weights())
+    finally:
+        restore(classifier.model, initial)
+    return members
+
+
 def load_scenario_weights(classifier: backbone.Classifier, scenario: str, weights_path: str):
     """Puts a scenario's cache-trained weights into ``classifier`` (in place)."""
-    start = start_layer(backbone.scenario_blocks(scenario), classifier.include_top)
+    start = backbone.start_layer(backbone.scenario_blocks(scenario), classifier.include_top)
     if not os.path.isfile(weights_path):
         raise ConfigError(f"No trained head for scenario {scenario} at {weights_path}; run "
                           "--stage=heads first (with the same --workdir).")
@@ -194,37 +400,90 @@ def load_scenario_weights(classifier: backbone.Classifier, scenario: str, weight
         classifier.model_from(start).load_weights(weights_path)
 
 
-def cross_validate(classifier: backbone.Classifier, scenarios: Sequence[str],
-                   feats: Dict[str, np.ndarray], labels, *, folds: int, epochs: int,
-                   batch_size: int, learning_rate: float, seed: int) -> Dict[str, dict]:
-    """Stratified K-fold AUC per scenario (AUC after the last epoch; no peeking)."""
-    labels = np.asarray(labels)
-    if folds < 2 or np.bincount(labels.astype(int)).min() < folds:
-        raise ConfigError(f"--cv_folds={folds} needs at least 2 folds and at least {folds} "
-                          "images in each class.")
-    initial = snapshot(classifier.model)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    out = {}
-    for scenario in scenarios:
-        blocks = backbone.scenario_blocks(scenario)
-        start = start_layer(blocks, classifier.include_top)
-        aucs = []
-        for k, (tr, va) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-            restore(classifier.model, initial)
-            backbone.set_trainable(classifier, blocks)
-            model = classifier.model_from(start)
-            keras.utils.set_random_seed(seed + k)
-            backbone.compile_model(model, learning_rate)
-            model.fit(_shuffled_batches(feats[start][tr], labels[tr], batch_size, seed + k),
-                      epochs=epochs, shuffle=False, verbose=0)
-            probs = model.predict(feats[start][va], batch_size=64, verbose=0)[:, 0]
-            aucs.append(binary_scores(labels[va], probs)[0])
-        out[scenario] = {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
-                         "fold_aucs": [round(a, 6) for a in aucs], "folds": folds}
-        logging.info("Scenario %s: %d-fold CV AUC %.4f +- %.4f", scenario, folds,
-                     out[scenario]["auc_mean"], out[scenario]["auc_std"])
-    restore(classifier.model, initial)
-    return out
+def set_dropout(classifier: backbone.Classifier, rate: Optional[float]) -> None:
+    """Sets the head's dropout rate for good (no-op for ``None`` or no dropout layer)."""
+    for layer in classifier.head.layers:
+        if rate is not None and isinstance(layer, keras.layers.Dropout):
+            layer.rate = float(rate)
+
+
+def _bag_file(folder: str, scenario: str) -> str:
+    return os.path.join(folder, f"{scenario}.npz")
+
+
+def save_bag_members(classifier: backbone.Classifier, scenario: str, members, folder: str):
+    """Saves the fold heads' weights (``<folder>/<S>.npz``) atomically."""
+    arrays = {f"m{k}_w{i}": w for k, weights in enumerate(members)
+              for i, w in enumerate(weights)}
+    os.makedirs(folder, exist_ok=True)
+    with atomic_path(_bag_file(folder, scenario)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, members=len(members), **arrays)
+
+
+def load_bag_members(classifier: backbone.Classifier, scenario: str, folder: str) -> List[list]:
+    """The fold heads saved by `save_bag_members` ([] when there are none)."""
+    path = _bag_file(folder, scenario)
+    if not os.path.isfile(path):
+        return []
+    part = classifier.model_from(backbone.start_layer(backbone.scenario_blocks(scenario),
+                                                      classifier.include_top))
+    n_weights = len(part.get_weights())
+    try:
+        with np.load(path) as data:
+            return [[data[f"m{k}_w{i}"] for i in range(n_weights)]
+                    for k in range(int(data["members"]))]
+    except (OSError, KeyError, ValueError) as err:
+        raise ConfigError(f"Cannot read the bag's fold heads {path} ({err}); rerun "
+                          "--stage=heads.") from err
+
+
+def read_metrics(path: str) -> dict:
+    """The run's metrics.json as a dict ({} when absent)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def chosen_scenario(metrics_path: str) -> str:
+    """The scenario the heads stage chose (recorded in ``metrics.json``)."""
+    data = read_metrics(metrics_path)
+    if "heads_choice" in data:
+        scenario = data["heads_choice"]["scenario"]
+        logging.info("Scenario chosen by the heads stage (by %s): %s.",
+                     data["heads_choice"]["by"], scenario)
+        return scenario
+    if not data.get("heads"):
+        raise ConfigError(f"No heads-stage results in {metrics_path}: run --stage=heads first "
+                          "or pass --scenario.")
+    scores = {s: m.get("best_val_auc") for s, m in data["heads"].items()}
+    best = max(scores, key=lambda s: scores[s] if scores[s] is not None
+               and np.isfinite(scores[s]) else -np.inf)
+    logging.info("Best scenario by validation AUC: %s (%.4f).", best, scores[best])
+    return best
+
+
+def format_summary(results: Dict[str, HeadResult], probe: dict, best: HeadResult) -> str:
+    """The heads stage's console summary: each scenario, the probe, and who wins."""
+    lines = []
+    for s, r in results.items():
+        cv = (f", {r.cv['folds']}-fold CV AUC {r.cv['auc_mean']:.4f} +- {r.cv['auc_std']:.4f}"
+              if r.cv else "")
+        lines.append(f"scenario {s}: val AUC {r.val_auc:.4f}, accuracy {r.val_accuracy:.3f} "
+                     f"(epoch {r.best_epoch} by {r.selected_by}{cv}; {r.seconds:.1f} s, from "
+                     f"{r.start_layer})")
+    cv = (f", CV AUC {probe['cv_auc_mean']:.4f} +- {probe['cv_auc_std']:.4f}"
+          if "cv_auc_mean" in probe else "")
+    lines.append(f"linear probe (baseline): val AUC {probe['val_auc']:.4f}, accuracy "
+                 f"{probe['val_accuracy']:.3f}{cv}")
+    probe_score = probe.get("cv_auc_mean", probe["val_auc"]) if best.cv else probe["val_auc"]
+    what = "CV AUC" if best.cv else "val AUC"
+    verdict = "beats" if best.score > probe_score else "does NOT beat"
+    lines.append(f"best scenario {best.scenario} {verdict} the probe: {what} {best.score:.4f} "
+                 f"vs {probe_score:.4f}")
+    return "\n".join(lines)
 
 
 def write_csv(frame: pd.DataFrame, path: str) -> None:
@@ -252,9 +511,24 @@ def update_metrics(path: str, section: str, values) -> dict:
     return data
 
 
+def plot_history(history: pd.DataFrame, path: str, title: str = "Fine-tuning") -> str:
+    """Train vs validation accuracy, loss and AUC per epoch (a fine-tuning history); PNG."""
+    names = ("accuracy", "loss", "auc")
+    return plot_comparison(
+        {"train": history[["epoch", *names]],
+         "validation": history[["epoch", *(f"val_{m}" for m in names)]]
+         .rename(columns=lambda c: c.replace("val_", ""))},
+        path, metrics_to_plot=names, title=title)
+
+
 def plot_comparison(histories: Dict[str, pd.DataFrame], path: str,
-                    metrics_to_plot=("val_accuracy", "val_auc"), title="") -> str:
-    """One panel per metric, one line per run (e.g. scenario), against epoch; PNG."""
+                    metrics_to_plot=("val_accuracy", "val_auc"), title="",
+                    reference: Optional[dict] = None) -> str:
+    """One panel per metric, one line per run (e.g. scenario), against epoch; PNG.
+
+    ``reference`` maps a metric to (value, label): a dashed horizontal line, e.g.
+    the linear probe's validation AUC.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -266,6 +540,9 @@ def plot_comparison(histories: Dict[str, pd.DataFrame], path: str,
         for label, frame in histories.items():
             if metric in frame:
                 ax.plot(frame.epoch, frame[metric], marker="o", label=str(label))
+        if reference and metric in reference and np.isfinite(reference[metric][0]):
+            value, label = reference[metric]
+            ax.axhline(value, color="grey", linestyle="--", label=f"{label} {value:.4f}")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)

@@ -18,6 +18,7 @@ from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.errors import ConfigError, DataError
 
 MODEL_FILE = "model.keras"
+BAG_FILE = "bag.keras"
 INFO_FILE = "model_info.json"
 MAX_TTA = 8
 # (y0, x0, y1, x1) crop boxes in relative coordinates, and whether to mirror.
@@ -42,9 +43,56 @@ def export_model(model: keras.Model, workdir: str, info: dict) -> str:
     return path
 
 
-def load_exported(workdir: str):
-    """Loads ``model.keras`` (safe mode: no deserialised code) and its info dict."""
-    path = os.path.join(workdir, MODEL_FILE)
+def build_bag(classifier, scenario: str, members, final_model: bool = True,
+              name: str = "bag") -> keras.Model:
+    """One Keras model averaging a bag: the K fold heads of ``scenario`` and, with
+    ``final_model``, the classifier's own head, all on the shared frozen conv base.
+
+    The graph is image -> vgg16_stem [-> vgg16_block5] -> (members) -> Average:
+    the frozen layers run once per image, and there are only plain layers, so the
+    bag loads with ``safe_mode=True``. Members are clones of the part above the
+    cached layer (block5 + head for C, the head otherwise) with their weights.
+    """
+    from features import backbone
+    start = backbone.start_layer(backbone.scenario_blocks(scenario), classifier.include_top)
+    if start == "input":
+        raise ConfigError(f"Scenario {scenario} trains the whole network: no bag from the cache.")
+    # A with the ImageNet top trains only `predictions` above fc2; its members are whole
+    # heads (block5_pool in) that differ in that layer, which keeps one graph shape.
+    bag_start = "block4_pool" if start == "block4_pool" else "block5_pool"
+    part = classifier.model_from(bag_start)
+    image = keras.Input(classifier.model.input.shape[1:], name="image")
+    features = classifier.stem(image, training=False)
+    if bag_start == "block5_pool":
+        features = classifier.block5(features, training=False)
+    outputs = [part(features)] if final_model else []
+    for k, weights in enumerate(members):
+        clone = keras.models.clone_model(part)
+        clone.set_weights(part.get_weights())
+        if start == "fc2":
+            clone.get_layer("predictions").set_weights(weights)
+        else:
+            clone.set_weights(weights)
+        inputs = keras.Input(part.input.shape[1:], name=f"member_{k}_features")
+        outputs.append(keras.Model(inputs, clone(inputs), name=f"member_{k}")(features))
+    if not outputs:
+        raise ConfigError("A bag needs at least one member.")
+    average = outputs[0] if len(outputs) == 1 else keras.layers.Average(name="average")(outputs)
+    return keras.Model(image, average, name=name)
+
+
+def export_bag(bag: keras.Model, workdir: str) -> str:
+    """Saves the bag as ``workdir/bag.keras`` atomically."""
+    path = os.path.join(workdir, BAG_FILE)
+    with atomic_path(path) as tmp:
+        bag.save(tmp)
+    return path
+
+
+def load_exported(workdir: str, bag: bool = False):
+    """Loads ``model.keras`` (or, with ``bag``, ``bag.keras``) in safe mode (no
+    deserialised code), and its info dict."""
+    path = os.path.join(workdir, BAG_FILE if bag else MODEL_FILE)
     info_path = os.path.join(workdir, INFO_FILE)
     if not os.path.isfile(path) or not os.path.isfile(info_path):
         raise ConfigError(f"No exported model in {workdir}: expected {MODEL_FILE} and "

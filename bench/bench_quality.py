@@ -1,0 +1,151 @@
+"""Transfer quality on real photos: scenarios, probe, sweep, final model, bag, TTA.
+
+Meant for ImageNet-derived weights (see ../shared/data/README.md); random weights
+say nothing about transfer. Prints, in one run:
+
+  1. per scenario, 5-fold CV AUC (mean +- std at the CV-chosen epoch) on the
+     training split with the scenario table's learning rate, and with the old
+     single rate 1e-3 (which made C collapse), beside the linear probe;
+  2. train.py end to end with default flags (plus --finetune_epochs): the heads,
+     the probe, the fine-tuned final model and the bag on the held-out split;
+  3. the held-out split scored by model.keras and bag.keras, with and without TTA;
+  4. optionally (--sweep) train.py --stage=sweep and its best configuration.
+
+  W=$(python ../shared/tools/vgg16_pretrained.py)
+  python bench/bench_quality.py --data_dir=../shared/data/hymenoptera/train --weights="$W"
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from anywhere without installing
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _train(args, workdir, *extra):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={args.data_dir}",
+           f"--weights={args.weights}", "--noinclude_top", f"--image_size={args.image_size}",
+           f"--workdir={workdir}", f"--cache_dir={args.cache_dir}", "--on_bad_image=skip",
+           f"--batch_size={args.batch_size}", *extra]
+    started = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return out.stdout, time.perf_counter() - started
+
+
+def scenario_cv(args):
+    """Section 1: CV of A, B, C at the table's rates and at 1e-3, on the training split."""
+    import numpy as np
+    from features import backbone, cache, heads, probe
+    from pipeline import discovery, scan
+    ds = discovery.discover(args.data_dir)
+    frame = scan.filter_bad_images(ds.frame, args.image_size, "skip",
+                                   os.path.join(tempfile.mkdtemp(), "bad.csv"))
+    train, _ = discovery.split_train_val(frame, 0.2, 0)
+    clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
+    spec = cache.CacheSpec(backbone.weights_identity(args.weights, 0), False, args.image_size,
+                           cache.cached_layers(False), "float32", ds.data_dir)
+    path = cache.ensure_features(clf, spec, frame, args.cache_dir, args.batch_size).path
+    feats = cache.load_features(path, spec, train, spec.layers)
+    y = train.label.to_numpy()
+    folds = heads.make_folds(y, 5, 0)
+    p = probe.cross_validate(probe.pooled(feats["block5_pool"]), y, folds)
+    print(f"\n## 1. 5-fold CV on the training split ({len(y)} images, {args.image_size} px, "
+          f"{args.epochs} epochs)\n")
+    print("| head | learning rate | CV AUC at chosen epoch | epoch | AUC per epoch (mean) | s |")
+    print("|---|---|---|---|---|---|")
+    print(f"| linear probe | C by inner CV | {p['auc_mean']:.4f} ± {p['auc_std']:.4f} | | | |")
+    for s in args.scenarios.split(","):
+        for lr in sorted({backbone.get_scenario(s).learning_rate, 1e-3}, reverse=True):
+            started = time.perf_counter()
+            curves = heads.cv_curves(clf, heads.HeadConfig(s, lr), feats[
+                backbone.get_scenario(s).start_layer(False)], y, folds, epochs=args.epochs,
+                batch_size=args.batch_size, seed=0)
+            cv = heads.summarise_curves(curves)
+            tag = " (table default)" if lr == backbone.get_scenario(s).learning_rate else ""
+            print(f"| {s} | {lr:g}{tag} | {cv['auc_mean']:.4f} ± {cv['auc_std']:.4f} | "
+                  f"{cv['epoch']} | {' '.join(f'{m:.3f}' for m in cv['mean_auc_per_epoch'])} | "
+                  f"{time.perf_counter() - started:.0f} |", flush=True)
+    return np
+
+
+def end_to_end(args):
+    """Sections 2 and 3: train.py with defaults, then model vs bag, TTA, on held-out images."""
+    import numpy as np
+    import pandas as pd
+    from features import heads, inference
+    workdir = os.path.join(args.work, "e2e")
+    stdout, seconds = _train(args, workdir, f"--finetune_epochs={args.finetune_epochs}")
+    metrics = json.load(open(os.path.join(workdir, "metrics.json")))
+    print(f"\n## 2. train.py, default flags + --finetune_epochs={args.finetune_epochs} "
+          f"({seconds:.0f} s)\n")
+    print("```\n" + "\n".join(l for l in stdout.splitlines() if l.startswith(
+        ("scenario", "linear probe", "best scenario", "final model"))) + "\n```")
+    split = pd.read_csv(os.path.join(workdir, "split.csv"))
+    val = split[split.subset == "val"]
+    print(f"\n## 3. Held-out split ({len(val)} images): single model vs bag, TTA\n")
+    print("| model | tta=1 AUC | tta=2 AUC | tta=4 AUC |")
+    print("|---|---|---|---|")
+    for bag in (False, True):
+        if bag and not os.path.isfile(os.path.join(workdir, inference.BAG_FILE)):
+            continue
+        model, _ = inference.load_exported(workdir, bag=bag)
+        row = []
+        for tta in (1, 2, 4):
+            probs = inference.predict_paths(model, val.path.tolist(), val.name.tolist(),
+                                            args.image_size, args.batch_size, tta,
+                                            progress=False)
+            row.append(heads.binary_scores(val.label.to_numpy(), probs)[0])
+        name = (f"bag.keras ({metrics['bag']['members']} members)" if bag
+                else f"model.keras (scenario {metrics['finetune']['scenario']})")
+        print(f"| {name} | " + " | ".join(f"{a:.4f}" for a in row) + " |", flush=True)
+    print(f"| linear probe (same split) | {metrics['probe']['val_auc']:.4f} | | |")
+    return np
+
+
+def sweep(args):
+    """Section 4: the default sweep grid through train.py."""
+    import pandas as pd
+    workdir = os.path.join(args.work, "sweep")
+    stdout, seconds = _train(args, workdir, "--stage=sweep")
+    table = pd.read_csv(os.path.join(workdir, "sweep.csv"))
+    print(f"\n## 4. train.py --stage=sweep, default grid ({len(table)} configurations, "
+          f"{seconds:.0f} s)\n")
+    print("```\n" + table.head(8).drop(columns=["fold_aucs"]).to_string(index=False) + "\n```")
+    print("\n" + [l for l in stdout.splitlines() if l.startswith("Sweep:")][0])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--weights", required=True, help="VGG16 conv-base weights file")
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--scenarios", default="A,B,C")
+    p.add_argument("--finetune_epochs", type=int, default=3)
+    p.add_argument("--sections", default="cv,e2e,sweep")
+    p.add_argument("--cache_dir", default=os.path.join(ROOT, "cache"))
+    p.add_argument("--work", default=None)
+    args = p.parse_args()
+    args.work = args.work or tempfile.mkdtemp(prefix="bench_quality_")
+    sections = args.sections.split(",")
+    print(f"# bench_quality: {args.data_dir}, {args.image_size} px, weights "
+          f"{os.path.basename(args.weights)}; work folder {args.work}")
+    if "cv" in sections:
+        scenario_cv(args)
+    if "e2e" in sections:
+        end_to_end(args)
+    if "sweep" in sections:
+        sweep(args)
+
+
+if __name__ == "__main__":
+    main()

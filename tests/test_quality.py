@@ -1,0 +1,241 @@
+"""Model-quality machinery: scenario table, probe, CV selection, sweep, bag, val_size."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from features import backbone, cache, finetune, heads, inference, probe, sweep
+from pipeline import discovery
+from pipeline import input as input_lib
+from pipeline.errors import ConfigError
+from tests.conftest import colour_image, write_image
+from tests.test_finetune_predict import _run
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """16 tiny labelled images, a classifier, and their cached features."""
+    root = tmp_path_factory.mktemp("quality")
+    for i in range(16):
+        write_image(str(root / "data" / ("pos" if i % 2 else "neg") / f"img{i}.jpg"),
+                    colour_image(i % 2, size=36, seed=i))
+    ds = discovery.discover(str(root / "data"), positive_class="pos")
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    spec = cache.CacheSpec("none(seed=0)", False, SIZE, cache.cached_layers(False),
+                           data_dir=ds.data_dir)
+    path = cache.ensure_features(clf, spec, ds.frame, str(root / "cache"), 4,
+                                 progress=False).path
+    feats = cache.load_features(path, spec, ds.frame, spec.layers)
+    return clf, ds, feats, ds.frame.label.to_numpy(), root
+
+
+def test_scenario_table_rates_and_an_explicit_rate_wins():
+    assert backbone.get_scenario("a").learning_rate == 1e-3
+    assert backbone.get_scenario("B").learning_rate == 1e-4
+    assert backbone.get_scenario(" c ").learning_rate == 1e-4
+    assert heads.HeadConfig.for_scenario("C").learning_rate == 1e-4
+    assert heads.HeadConfig.for_scenario("C", 3e-2).learning_rate == 3e-2
+    assert backbone.get_scenario("C").start_layer(False) == "block4_pool"
+    assert backbone.get_scenario("A").start_layer(True) == "fc2"
+    with pytest.raises(ConfigError, match="Unknown scenario 'D'"):
+        backbone.get_scenario("D")
+
+
+def test_val_size_auto_is_200_for_large_data_and_a_fifth_for_small():
+    import train
+    assert train._resolve_val_size("auto", 2295) == 200
+    assert train._resolve_val_size("auto", 244) == 0.2
+    assert train._resolve_val_size("50", 244) == 50
+
+
+def test_folds_are_stratified_disjoint_and_cover_every_row():
+    labels = np.array([0] * 12 + [1] * 8)
+    folds = heads.make_folds(labels, 4, seed=3)
+    seen = np.concatenate([va for _, va in folds])
+    assert sorted(seen) == list(range(20))  # every row validated exactly once
+    for tr, va in folds:
+        assert not set(tr) & set(va)
+        assert np.bincount(labels[va]).tolist() == [3, 2]  # stratified
+    with pytest.raises(ConfigError, match="at least 9 training images in each class"):
+        heads.make_folds(labels, 9, seed=0)
+
+
+def test_summarise_curves_picks_the_epoch_with_the_best_mean():
+    curves = np.array([[0.6, 0.9, 0.8], [0.7, 0.7, 0.9]])  # means 0.65, 0.80, 0.85
+    out = heads.summarise_curves(curves)
+    assert out["epoch"] == 3
+    assert out["auc_mean"] == pytest.approx(0.85)
+    assert out["auc_std"] == pytest.approx(0.05)
+    assert out["fold_aucs"] == [0.8, 0.9]
+
+
+def test_with_views_adds_the_same_images_views_view_major():
+    x = np.arange(4)[:, None].astype(float)          # 4 images
+    views = 10 + np.arange(8)[:, None].astype(float)  # 2 views: rows v*4 + i
+    xs, ys = heads.with_views(x, np.array([0, 1, 0, 1]), views, rows=[1, 3])
+    assert xs[:, 0].tolist() == [1, 3, 11, 13, 15, 17]
+    assert ys.tolist() == [1, 1, 1, 1, 1, 1]
+
+
+def test_probe_separates_separable_features_and_not_random_labels():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    x = rng.normal(size=(80, 2, 2, 8)) + y[:, None, None, None] * 1.5
+    assert probe.pooled(x).shape == (80, 8)
+    np.testing.assert_allclose(probe.pooled(x)[0], x[0].mean(axis=(0, 1)), rtol=1e-6)
+    order = rng.permutation(80)
+    tr, va = order[:60], order[60:]
+    good = probe.evaluate(probe.pooled(x[tr]), y[tr], probe.pooled(x[va]), y[va])
+    assert good.auc > 0.9 and good.c in probe.C_GRID
+    noise = rng.normal(size=(80, 8))
+    shuffled = rng.permutation(y)
+    bad = probe.cross_validate(noise, shuffled, heads.make_folds(shuffled, 4, 0))
+    assert bad["auc_mean"] < 0.75
+
+
+def test_heads_stage_with_folds_selects_epoch_and_scenario_by_cv(cached):
+    clf, _, feats, y, root = cached
+    folds = heads.make_folds(y, 2, seed=0)
+    results = heads.train_scenarios(clf, ["A", "B"], feats, y, feats, y, epochs=3,
+                                    batch_size=4, seed=0, folds=folds, verbose=0)
+    for r in results.values():
+        assert r.selected_by == "cross-validation"
+        assert r.best_epoch == r.cv["epoch"]
+        assert r.config.learning_rate == backbone.get_scenario(r.scenario).learning_rate
+        # the CV score is what the scenario is ranked by, not the validation AUC
+        assert r.score == r.cv["auc_mean"]
+    best = heads.best_result(results)
+    assert best.score == max(r.cv["auc_mean"] for r in results.values())
+
+
+def test_dropout_rate_applies_to_one_fit_and_is_restored(cached):
+    clf = cached[0]
+    layer = clf.head.get_layer("dropout")
+    assert layer.rate == 0.5
+    with heads.dropout_rate(clf, 0.1):
+        assert layer.rate == 0.1
+    assert layer.rate == 0.5
+    with pytest.raises(ConfigError, match="Dropout rate"):
+        with heads.dropout_rate(clf, 1.5):
+            pass
+
+
+def test_sweep_grid_validates_and_collapses_dropout_without_a_dropout_layer():
+    grid = sweep.build_grid(["a", "B"], [1e-3, 1e-4], ["adam", "SGD"], [0.2, 0.5], [0, 2],
+                            head_has_dropout=False)
+    assert len(grid) == 2 * 2 * 2 * 1 * 2 and all(c.dropout is None for c in grid)
+    assert {c.optimizer for c in grid} == {"adam", "sgd"}
+    assert len(sweep.build_grid(["A"], [1e-3], ["adam"], [0.2, 0.5], [0])) == 2
+    with pytest.raises(ConfigError, match="Unknown optimizer 'adagrad'"):
+        sweep.build_grid(["A"], [1e-3], ["adagrad"], [0.5], [0])
+
+
+def test_sweep_ranks_configurations_and_writes_csv_and_png(cached, tmp_path):
+    clf, _, feats, y, _ = cached
+    grid = sweep.build_grid(["A", "B"], [1e-3], ["adam", "rmsprop"], [0.5], [0, 1])
+    mirrored = {k: v[:, :, ::-1] for k, v in feats.items()}  # one "view" per image
+    folds = heads.make_folds(y, 2, seed=0)
+    table = sweep.run(clf, grid, feats, y, folds, epochs=2, batch_size=4, seed=0,
+                      views_feats=mirrored, progress=False)
+    assert len(table) == len(grid) and list(table["rank"]) == list(range(1, len(grid) + 1))
+    assert table.cv_auc_mean.is_monotonic_decreasing
+    assert set(zip(table.scenario, table.optimizer, table.views)) == {
+        (c.scenario, c.optimizer, c.views) for c in grid}
+    csv_path, png = str(tmp_path / "sweep.csv"), str(tmp_path / "sweep.png")
+    sweep.write(table, csv_path, png, probe_cv=0.7)
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    again = sweep.read_table(csv_path)
+    assert sweep.best_config(again) == sweep.best_config(table)
+    assert sweep.best_config(table).scenario == table.scenario[0]
+    with pytest.raises(ConfigError, match="2 augmented views"):
+        sweep.run(clf, sweep.build_grid(["A"], [1e-3], ["adam"], [0.5], [2]), feats, y, folds,
+                  epochs=1, batch_size=4, seed=0, progress=False)
+
+
+def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_path):
+    clf, ds, feats, y, _ = cached
+    for scenario in ("B", "C"):
+        start = backbone.get_scenario(scenario).start_layer(False)
+        folds = heads.make_folds(y, 2, seed=0)
+        members = heads.fold_members(clf, heads.HeadConfig.for_scenario(scenario, 1e-2),
+                                     feats[start], y, folds, epochs=2, batch_size=4, seed=0)
+        assert not np.allclose(members[0][-2], members[1][-2])  # really different members
+        heads.save_bag_members(clf, scenario, members, str(tmp_path / "bag"))
+        members = heads.load_bag_members(clf, scenario, str(tmp_path / "bag"))
+        bag = inference.build_bag(clf, scenario, members)
+        part = clf.model_from(start)
+        own = part.predict(feats[start], verbose=0)[:, 0]
+        expected = [own]
+        initial = part.get_weights()
+        for weights in members:
+            part.set_weights(weights)
+            expected.append(part.predict(feats[start], verbose=0)[:, 0])
+        part.set_weights(initial)
+        images = np.concatenate([b["image"].numpy() for b in input_lib.eval_dataset(
+            ds.frame.path.tolist(), None, ds.frame.name.tolist(), SIZE, 4)])
+        got = bag.predict(images, verbose=0)[:, 0]
+        np.testing.assert_allclose(got, np.mean(expected, axis=0), atol=1e-5)
+        inference.export_bag(bag, str(tmp_path))
+        loaded = keras.models.load_model(str(tmp_path / "bag.keras"), safe_mode=True)
+        np.testing.assert_allclose(loaded.predict(images, verbose=0)[:, 0], got, atol=1e-6)
+
+
+def test_finetuning_never_exports_worse_than_its_starting_head(cached, tmp_path):
+    clf, ds, _, _, _ = cached
+    train, val = discovery.split_train_val(ds.frame, 6, seed=0)
+    before = clf.model.predict(np.zeros((2, SIZE, SIZE, 3)), verbose=0)
+    initial = clf.model.get_weights()
+    # A learning rate this large wrecks every epoch: epoch 0 (the start) must win.
+    out = finetune.finetune(clf, ["fc", "predictions"], train, val, workdir=str(tmp_path),
+                            image_size=SIZE, batch_size=4, augment="none", learning_rate=50.0,
+                            epochs=2, patience=5, monitor="loss", optimizer="sgd", verbose=0)
+    assert out["best_epoch"] == 0 and out["epochs_run"] == 2
+    assert out["best_val_loss"] == pytest.approx(out["start_val_loss"])
+    np.testing.assert_allclose(clf.model.predict(np.zeros((2, SIZE, SIZE, 3)), verbose=0),
+                               before, atol=1e-6)
+    clf.model.set_weights(initial)
+
+
+def test_sweep_then_use_sweep_through_the_scripts(kaggle_dir, tmp_path):
+    workdir = tmp_path / "run"
+    common = [f"--data_dir={kaggle_dir}", f"--workdir={workdir}", "--weights=none",
+              "--noinclude_top", f"--image_size={SIZE}", "--val_size=4", "--batch_size=4",
+              f"--cache_dir={tmp_path / 'cache'}", "--epochs=2"]
+    result = _run("train.py", *common, "--stage=sweep", "--sweep_folds=2",
+                  "--sweep_optimizers=adam,sgd", "--sweep_views=0,1", "--sweep_scenarios=A,B")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(workdir / "sweep.csv")
+    assert len(table) == 2 * 2 * 2 * 2 and (workdir / "sweep.png").is_file()
+    assert "cv_auc_mean" in table and "cv_auc_std" in table and "seconds" in table
+    assert "linear probe CV AUC" in result.stdout and "rank" in result.stdout
+    best = table.iloc[0]
+
+    result = _run("train.py", *common, "--stage=all", "--use_sweep", "--finetune_epochs=1",
+                  "--cv_folds=2", "--augment=none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert list(metrics["heads"]) == [best.scenario]
+    used = metrics["heads"][best.scenario]
+    assert used["optimizer"] == best.optimizer and used["views"] == best.views
+    assert used["learning_rate"] == pytest.approx(best.learning_rate)
+    assert metrics["finetune"]["scenario"] == best.scenario
+    # the probe is reported beside the heads, on the validation set and the same folds
+    assert {"val_auc", "cv_auc_mean", "cv_auc_std", "C"} <= set(metrics["probe"])
+    assert "linear probe (baseline)" in result.stdout
+    assert metrics["bag"]["members"] == 3 and (workdir / "bag.keras").is_file()
+
+    out = tmp_path / "pred.csv"
+    with_bag = _run("predict.py", f"--workdir={workdir}", f"--data_dir={kaggle_dir}",
+                    f"--output={out}")
+    assert with_bag.returncode == 0 and "bag of 3 models" in with_bag.stdout
+    bag_probs = pd.read_csv(out).invasive.to_numpy()
+    single = _run("predict.py", f"--workdir={workdir}", f"--data_dir={kaggle_dir}",
+                  f"--output={out}", "--nobag")
+    assert single.returncode == 0 and "one model" in single.stdout
+    assert not np.allclose(bag_probs, pd.read_csv(out).invasive.to_numpy())
