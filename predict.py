@@ -28,7 +28,8 @@ flags.DEFINE_integer("batch_size", 32, "Images per batch.")
 flags.DEFINE_integer("tta", 1, "Test-time augmentation: average over N deterministic views "
                      "(1 = plain; 2 adds the mirror; up to 8 adds crops).")
 flags.DEFINE_string("labels", None, "Optional name,invasive CSV of true labels: print ROC AUC, "
-                    "accuracy, confusion matrix and draw <output>_roc.png.")
+                    "accuracy, confusion matrix and draw <output>_roc.png, "
+                    "<output>_confusion_matrix.png and <output>_top_losses.png.")
 flags.DEFINE_boolean("bag", True, "Use the run's bag (bag.keras: the averaged fold heads and "
                      "final model) when it has one; --nobag uses model.keras alone.")
 flags.DEFINE_enum("on_bad_image", "fail", ["fail", "skip"], "An image that cannot be decoded: "
@@ -57,10 +58,17 @@ def run():
     print(f"Wrote {len(frame)} predictions of P({info.get('positive_class')}) to {FLAGS.output} "
           f"({'bag of ' + str(info['bag']['members']) + ' models' if use_bag else 'one model'})")
     if FLAGS.labels:
-        roc = os.path.splitext(FLAGS.output)[0] + "_roc.png"
-        scores = inference.score_against_labels(frame.name.tolist(), probs, FLAGS.labels, roc)
+        from features import interpret
+        stem = os.path.splitext(FLAGS.output)[0]
+        scores = inference.score_against_labels(frame.name.tolist(), probs, FLAGS.labels)
         print(inference.format_scores(scores))
-        print(f"ROC curve: {roc}")
+        good = ~frame["bad"].to_numpy(bool) if "bad" in frame else slice(None)
+        y = inference.labels_for(frame.name.tolist(), FLAGS.labels)
+        classes = info.get("class_names") or ("0", "1")
+        plots = interpret.write_all(os.path.dirname(stem), frame.path[good].tolist(), y[good],
+                                    probs[good], classes, prefix=os.path.basename(stem) + "_")
+        for what, path in plots.items():
+            print(f"{what}: {path}")
         return scores
     return None
 

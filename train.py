@@ -50,6 +50,8 @@ flags.DEFINE_enum("on_bad_image", "fail", ["fail", "skip"], "An image that canno
 flags.DEFINE_string("workdir", None, "Run folder for histories, plots, metrics, weights and "
                     "the model. Default: runs/<data folder name> (runs/demo for --demo).")
 flags.DEFINE_string("cache_dir", "cache", "Folder of HDF5 feature caches (shareable).")
+flags.DEFINE_boolean("tensorboard", True, "Write TensorBoard logs of every heads scenario and of "
+                     "the fine-tuning under <workdir>/tensorboard/.")
 # Model
 flags.DEFINE_string("weights", "imagenet", "'imagenet' (Keras download, cached in "
                     "~/.keras/models), 'none' (random init), or a VGG16 .h5/.weights.h5 path.")
@@ -117,9 +119,8 @@ _OUR_FLAGS = sorted(set(FLAGS) - _ABSL_FLAGS)
 # selects the fine-tuning epoch by validation loss, which also keeps the 0.5 threshold
 # (and so the printed accuracy) meaningful.
 DEMO_SETTINGS = {"weights": "none", "include_top": False, "image_size": 64, "val_size": "40",
-                 "epochs": 8, "finetune_epochs": 3, "batch_size": 16, "patience": 3,
-                 "augment": "keras_blog", "learning_rate": 1e-4, "monitor": "loss",
-                 "cv_folds": "3"}
+                 "epochs": 5, "finetune_epochs": 3, "batch_size": 16, "patience": 3,
+                 "augment": "keras_blog", "monitor": "loss", "cv_folds": "3"}
 # Below this many validation images, --cv_folds=auto cross-validates (see the flag).
 SMALL_VAL = 100
 AUTO_FOLDS = 5
@@ -287,8 +288,9 @@ def heads_stage(cfg: RunConfig, job: Job, chosen=None) -> str:
     results = heads.train_scenarios(job.classifier, configs, train, y_train, val, y_val,
                                     epochs=cfg.epochs, batch_size=cfg.batch_size,
                                     seed=cfg.seed, folds=job.folds, views_feats=view_feats,
-                                    out_dir=job.workdir)
+                                    out_dir=job.workdir, tensorboard_dir=_board(cfg, job))
     best = heads.best_result(results)
+    _interpret(job, job.path("heads"), best.val_probs, f"heads scenario {best.scenario}")
     heads.update_metrics(job.metrics_path, "heads", {s: r.summary() for s, r in results.items()})
     if job.folds:
         heads.update_metrics(job.metrics_path, "cross_validation",
@@ -366,13 +368,14 @@ def finetune_stage(cfg: RunConfig, job: Job, scenario: str, optimizer: str = "ad
             image_size=cfg.image_size, batch_size=cfg.batch_size, augment=cfg.augment,
             learning_rate=cfg.finetune_learning_rate, epochs=cfg.finetune_epochs,
             patience=cfg.patience, monitor=cfg.monitor, seed=cfg.seed, resume=cfg.resume,
-            augment_on=cfg.augment_on, optimizer=optimizer)
+            augment_on=cfg.augment_on, optimizer=optimizer, tensorboard_dir=_board(cfg, job))
         history = ft.pop("history")
         heads.write_csv(history, job.path("history_finetune.csv"))
         job.outputs["fine-tuning plot"] = heads.plot_history(history,
                                                              job.path("finetune_history.png"))
         summary.update(ft)
-    val_auc, val_acc = _validate(cfg, job, job.classifier.model)
+    val_auc, val_acc, probs = _validate(cfg, job, job.classifier.model)
+    _interpret(job, job.workdir, probs, "final model")
     summary.update({"val_auc": val_auc, "val_accuracy": val_acc})
     heads.update_metrics(job.metrics_path, "finetune", summary)
     info = {"image_size": cfg.image_size, "class_names": list(job.dataset.class_names),
@@ -397,10 +400,27 @@ def _preprocessing():
 
 
 def _validate(cfg, job, model):
+    """(AUC, accuracy, probabilities) of ``model`` on the validation images."""
     from features import heads, inference
     probs = inference.predict_paths(model, job.val.path.tolist(), job.val.name.tolist(),
                                     cfg.image_size, cfg.batch_size, progress=False)
-    return heads.binary_scores(job.val.label.to_numpy(), probs)
+    return (*heads.binary_scores(job.val.label.to_numpy(), probs), probs)
+
+
+def _board(cfg, job):
+    """Where TensorBoard logs go (None with --notensorboard)."""
+    if not cfg.tensorboard:
+        return None
+    job.outputs["tensorboard"] = job.path("tensorboard")
+    return job.path("tensorboard")
+
+
+def _interpret(job, folder, probs, what):
+    """confusion_matrix.png, roc.png, top_losses.png of ``probs`` on the validation set."""
+    from features import interpret
+    interpret.write_all(folder, job.val.path.tolist(), job.val.label.to_numpy(), probs,
+                        job.dataset.class_names)
+    job.outputs[f"{what} plots"] = os.path.join(folder, "{" + ",".join(interpret.FILES) + "}")
 
 
 def _export_bag(cfg, job, scenario, blocks, single) -> Optional[dict]:
@@ -417,7 +437,7 @@ def _export_bag(cfg, job, scenario, blocks, single) -> Optional[dict]:
             os.remove(stale)  # never leave a bag from another run beside this model
         return None
     bag = inference.build_bag(job.classifier, scenario, members)
-    auc, acc = _validate(cfg, job, bag)
+    auc, acc, _ = _validate(cfg, job, bag)
     inference.export_bag(bag, job.workdir)
     job.outputs["bag"] = stale
     logging.info("Bag of %d fold heads + the final model: val AUC %.4f (single model %.4f).",

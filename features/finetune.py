@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import warnings
+from typing import Optional
 
 import keras
 import numpy as np
@@ -155,13 +156,16 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
              val_frame: pd.DataFrame, *, workdir: str, image_size: int, batch_size: int,
              augment: str, learning_rate: float, epochs: int, patience: int,
              monitor: str = "auc", seed: int = 0, resume: bool = False,
-             augment_on: str = "auto", optimizer: str = "adam", verbose: int = 1) -> dict:
+             augment_on: str = "auto", optimizer: str = "adam",
+             tensorboard_dir: Optional[str] = None, verbose: int = 1) -> dict:
     """Fine-tunes ``blocks`` of ``classifier`` end to end; leaves the best weights in it.
 
     Writes ``finetune/`` (checkpoints) and ``history_finetune.csv`` into ``workdir``.
 
     Args:
       monitor: "auc" or "accuracy" (validation).
+      tensorboard_dir: when given, TensorBoard logs go to ``<tensorboard_dir>/finetune``
+        (kept across a resume, so the curves continue).
       augment_on: "pipeline" (tf.data, on the CPU), "model" (an `Augment` layer
         in the training model, so on the accelerator), or "auto" (model when a
         GPU is visible).
@@ -204,10 +208,16 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
     logging.info("Fine-tuning %s (%d layers) for up to %d epochs, %d steps each, lr %g, "
                  "augment=%s on the %s.", "+".join(blocks), len(trainable), epochs, steps,
                  learning_rate, augment, "model" if on_model else "input pipeline")
+    callbacks = [checkpointer]
+    if tensorboard_dir:
+        log_dir = os.path.join(tensorboard_dir, "finetune")
+        if not resume:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        callbacks.append(keras.callbacks.TensorBoard(log_dir))
     started = time.perf_counter()
     if initial_epoch < epochs and checkpointer.wait < patience:
         fit_model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
-                      steps_per_epoch=steps, callbacks=[checkpointer], shuffle=False,
+                      steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
                       verbose=verbose)
     seconds = time.perf_counter() - started
     checkpointer.restore_best()

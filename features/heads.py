@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -154,6 +155,7 @@ class HeadResult:
     config: Optional[HeadConfig] = None
     cv: Optional[dict] = None  # cross-validation on the training split, when run
     selected_by: str = "validation"
+    val_probs: Optional[np.ndarray] = None  # P(positive) of the kept weights on validation
 
     @property
     def score(self) -> float:
@@ -301,7 +303,8 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence[HeadConfi
                     y_val, *, epochs: int, batch_size: int, seed: int,
                     learning_rate: Optional[float] = None, folds: Optional[Sequence] = None,
                     views_feats: Optional[Dict[str, np.ndarray]] = None,
-                    out_dir: Optional[str] = None, verbose: int = 1) -> Dict[str, HeadResult]:
+                    out_dir: Optional[str] = None, tensorboard_dir: Optional[str] = None,
+                    progress: bool = True, verbose: int = 1) -> Dict[str, HeadResult]:
     """Trains each config's scenario from the same initial weights; saves weights and history.
 
     Without ``folds`` the kept epoch is the one with the best validation AUC. With
@@ -311,7 +314,9 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence[HeadConfi
 
     ``configs`` may also be scenario names: they train with ``learning_rate``, or
     the scenario table's rate when it is None. Files written into ``out_dir``
-    (when given): ``heads/<S>.weights.h5`` and ``history_heads_<S>.csv``.
+    (when given): ``heads/<S>.weights.h5`` and ``history_heads_<S>.csv``; with
+    ``tensorboard_dir``, TensorBoard logs of each scenario's training in
+    ``<tensorboard_dir>/heads_<S>``.
     """
     initial = snapshot(classifier.model)
     results = {}
@@ -326,8 +331,12 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence[HeadConfi
         started = time.perf_counter()
         cv, keep = None, None
         if folds:
+            if progress:
+                print(f"Scenario {scenario}: {len(folds)}-fold cross-validation")
+            bar = keras.utils.Progbar(len(folds), unit_name="fold") if progress else None
             curves = cv_curves(classifier, config, train_feats[start], y_train, folds,
-                               epochs=epochs, batch_size=batch_size, seed=seed, views_x=views_x)
+                               epochs=epochs, batch_size=batch_size, seed=seed, views_x=views_x,
+                               progress=bar)
             cv = summarise_curves(curves)
             keep = cv["epoch"]
             logging.info("Scenario %s: %d-fold CV AUC %.4f +- %.4f at epoch %d (chosen by CV).",
@@ -336,9 +345,14 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence[HeadConfi
                      "+".join(backbone.scenario_blocks(scenario)), start, epochs,
                      config.describe())
         x_tr, y_tr = with_views(train_feats[start], y_train, views_x)
+        board = []
+        if tensorboard_dir:
+            log_dir = os.path.join(tensorboard_dir, f"heads_{scenario}")
+            shutil.rmtree(log_dir, ignore_errors=True)  # one run's curves per folder
+            board.append(keras.callbacks.TensorBoard(log_dir))
         model, history = fit_head(classifier, config, x_tr, y_tr, val_feats[start], y_val,
                                   epochs=epochs, batch_size=batch_size, seed=seed,
-                                  keep_epoch=keep, verbose=verbose)
+                                  keep_epoch=keep, callbacks=board, verbose=verbose)
         frame = _history_frame(history)
         if keep is None:
             keep = int(frame.epoch[frame.val_auc.idxmax()]) if len(frame) else epochs
@@ -347,7 +361,8 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence[HeadConfi
         auc, accuracy = binary_scores(y_val, probs)
         result = HeadResult(scenario, start, frame, keep, auc, accuracy, seconds,
                             config=config, cv=cv,
-                            selected_by="cross-validation" if cv else "validation")
+                            selected_by="cross-validation" if cv else "validation",
+                            val_probs=probs)
         if out_dir:
             result.weights_path = os.path.join(out_dir, "heads", f"{scenario}.weights.h5")
             with atomic_path(result.weights_path) as tmp:
@@ -543,6 +558,8 @@ def plot_comparison(histories: Dict[str, pd.DataFrame], path: str,
         if reference and metric in reference and np.isfinite(reference[metric][0]):
             value, label = reference[metric]
             ax.axhline(value, color="grey", linestyle="--", label=f"{label} {value:.4f}")
+            low, high = ax.get_ylim()  # axhline does not widen the axis by itself
+            ax.set_ylim(min(low, value - 0.01), max(high, value + 0.01))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)

@@ -164,15 +164,9 @@ def write_predictions(names: Sequence[str], probs: Sequence[float], path: str,
     return path
 
 
-def score_against_labels(names: Sequence[str], probs: Sequence[float], labels_csv: str,
-                         roc_png: Optional[str] = None) -> dict:
-    """ROC AUC, accuracy at 0.5 and the confusion matrix against a ``name,invasive`` CSV.
-
-    Draws the ROC curve to ``roc_png`` when given.
-    """
-    from sklearn import metrics as sk_metrics
+def labels_for(names: Sequence[str], labels_csv: str) -> np.ndarray:
+    """The 0/1 label of each name from a ``name,invasive`` CSV, in the order of ``names``."""
     from pipeline import discovery
-
     truth = discovery.read_labels_csv(labels_csv)
     by_name = dict(zip(truth.name, truth.label))
     missing = [n for n in names if n not in by_name]
@@ -180,10 +174,23 @@ def score_against_labels(names: Sequence[str], probs: Sequence[float], labels_cs
         raise DataError(f"{labels_csv} has no label for {len(missing)} predicted image(s), "
                         f"e.g. {missing[:3]}.")
     y = np.array([by_name[n] for n in names])
-    p = np.asarray(probs, np.float64)
     if len(np.unique(y)) < 2:
         raise DataError(f"{labels_csv}: the predicted images are all of one class; ROC AUC "
                         "needs both.")
+    return y
+
+
+def score_against_labels(names: Sequence[str], probs: Sequence[float], labels_csv: str,
+                         roc_png: Optional[str] = None) -> dict:
+    """ROC AUC, accuracy at 0.5 and the confusion matrix against a ``name,invasive`` CSV.
+
+    Draws the ROC curve to ``roc_png`` when given.
+    """
+    from sklearn import metrics as sk_metrics
+    from features import interpret
+
+    y = labels_for(names, labels_csv)
+    p = np.asarray(probs, np.float64)
     auc = float(sk_metrics.roc_auc_score(y, p))
     predicted = (p >= 0.5).astype(int)
     matrix = sk_metrics.confusion_matrix(y, predicted, labels=[0, 1])
@@ -192,22 +199,7 @@ def score_against_labels(names: Sequence[str], probs: Sequence[float], labels_cs
                                    "fn": int(matrix[1, 0]), "tp": int(matrix[1, 1])},
               "n": int(len(y))}
     if roc_png:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fpr, tpr, _ = sk_metrics.roc_curve(y, p)
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        ax.plot(fpr, tpr, label=f"AUC = {auc:.4f}")
-        ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.set_title(f"ROC, {len(y)} images")
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        with atomic_path(roc_png) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
-        result["roc_png"] = roc_png
+        result["roc_png"] = interpret.roc_png(y, p, roc_png)
     return result
 
 

@@ -52,12 +52,24 @@ def check_image(path: str, image_size: int = 224) -> str:
     return ""
 
 
-def scan_images(paths: Sequence[str], image_size: int = 224,
-                workers: int = 0) -> List[Tuple[str, str]]:
-    """Checks every image; returns ``[(path, reason), ...]`` for the bad ones, in input order."""
+def scan_images(paths: Sequence[str], image_size: int = 224, workers: int = 0,
+                progress: bool = False) -> List[Tuple[str, str]]:
+    """Checks every image; returns ``[(path, reason), ...]`` for the bad ones, in input order.
+
+    With ``progress``, a progress bar counts the images checked (shown for 100 or more).
+    """
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
+    bar = None
+    if progress and len(paths) >= 100:
+        import keras
+        print(f"Pre-flight check of {len(paths)} images")
+        bar = keras.utils.Progbar(len(paths), unit_name="image")
+    reasons = []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        reasons = list(pool.map(lambda p: check_image(p, image_size), paths))
+        for reason in pool.map(lambda p: check_image(p, image_size), paths):
+            reasons.append(reason)
+            if bar is not None:
+                bar.add(1)
     return [(p, r) for p, r in zip(paths, reasons) if r]
 
 
@@ -82,7 +94,7 @@ def filter_bad_images(frame, image_size: int, policy: str, report_path: str,
     import pandas as pd
     from pipeline.atomic import atomic_path
 
-    bad = scan_images(frame.path.tolist(), image_size)
+    bad = scan_images(frame.path.tolist(), image_size, progress=True)
     if keep_rows:
         frame = frame.assign(bad=frame.path.isin({p for p, _ in bad}))
     if not bad:

@@ -1,5 +1,6 @@
 """HDF5 feature cache: hits, misses, rebuilds, resume, corruption, equivalences."""
 
+import dataclasses
 import logging
 import os
 
@@ -9,6 +10,7 @@ import pytest
 
 from features import backbone, cache, heads
 from pipeline import discovery, input as input_lib
+from pipeline.errors import DataError
 from tests.conftest import colour_image, write_image
 
 SIZE = 32
@@ -90,19 +92,30 @@ def test_hit_then_only_new_and_changed_images_are_computed(classifier, data, tmp
                                ["block5_pool"], rtol=1e-5, atol=1e-4)
 
 
-def test_every_provenance_change_is_a_miss(data):
+def test_every_provenance_change_is_a_miss(classifier, data, tmp_path, caplog):
     base = _spec(data)
     variants = [
         _spec(data, dtype="float16"),
-        cache.CacheSpec(**{**base.__dict__, "weights_id": "none(seed=1)"}),
-        cache.CacheSpec(**{**base.__dict__, "image_size": 64}),
-        cache.CacheSpec(**{**base.__dict__, "include_top": True}),
-        cache.CacheSpec(**{**base.__dict__, "data_dir": "/elsewhere"}),
-        cache.CacheSpec(**{**base.__dict__, "layers": ("block5_pool",)}),
-        cache.CacheSpec(**{**base.__dict__, "augment": "keras_blog"}),
+        dataclasses.replace(base, weights_id="none(seed=1)"),
+        dataclasses.replace(base, image_size=64),
+        dataclasses.replace(base, include_top=True),
+        dataclasses.replace(base, data_dir="/elsewhere"),
+        dataclasses.replace(base, layers=("block5_pool",)),
+        dataclasses.replace(base, augment="keras_blog"),
     ]
     names = {v.file_name() for v in variants}
     assert len(names) == len(variants) and base.file_name() not in names
+    # A real miss: the cache of `base` exists, the changed spec still computes every image.
+    cdir = str(tmp_path)
+    assert cache.ensure_features(classifier, base, data.frame, cdir, 4,
+                                 progress=False).computed == 10
+    assert cache.ensure_features(classifier, base, data.frame, cdir, 4,
+                                 progress=False).computed == 0
+    with caplog.at_level(logging.INFO):
+        miss = cache.ensure_features(classifier, variants[0], data.frame, cdir, 4,
+                                     progress=False)
+    assert miss.computed == 10 and miss.path != os.path.join(cdir, base.file_name())
+    assert "Extracting block4_pool, block5_pool for 10 image(s)" in caplog.text
 
 
 @pytest.mark.parametrize("attr, value", [("tensorflow_version", "0.0.1"),
@@ -143,7 +156,7 @@ def test_interrupted_extraction_resumes_where_it_stopped(classifier, data, tmp_p
     final = os.path.join(cdir, spec.file_name())
     assert not os.path.exists(final)  # a partial file is never the cache
     assert os.path.exists(final[:-3] + ".partial.h5")
-    with pytest.raises(Exception):
+    with pytest.raises(DataError, match="cannot be opened"):
         cache.load_features(final, spec, data.frame, spec.layers)
     monkeypatch.setattr(cache, "_append", real_append)
     resumed = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)

@@ -14,7 +14,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from features import backbone, finetune, inference
-from pipeline import discovery
+from pipeline import augment, discovery
+from pipeline import input as input_lib
 from tests.conftest import write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,37 +84,56 @@ def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
     assert third["resumed_from_epoch"] == 0 and third["epochs_run"] == 1
 
 
-def test_augmentation_inside_the_model_trains_and_is_not_exported(split, tmp_path):
+def test_augmentation_inside_the_model_reaches_training_and_is_not_exported(split, tmp_path):
     train, val = split
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    out = finetune.finetune(clf, ["fc", "predictions"], train, val, workdir=str(tmp_path),
-                            image_size=SIZE, batch_size=4, augment="aggressive",
-                            learning_rate=1e-4, epochs=1, patience=2, augment_on="model",
-                            verbose=0)
-    assert out["epochs_run"] == 1
-    assert "augment" not in [l.name for l in clf.model.layers]
+    images = np.random.default_rng(0).normal(0, 50, (2, SIZE, SIZE, 3)).astype("float32")
+    layer = augment.Augment("aggressive", seed=0)
+    assert not np.allclose(layer(images, training=True), images)  # changes training inputs
+    np.testing.assert_array_equal(layer(images, training=False), images)  # identity otherwise
+    weights = {}
+    for preset in ("none", "aggressive"):
+        clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+        out = finetune.finetune(clf, ["fc", "predictions"], train, val,
+                                workdir=str(tmp_path / preset), image_size=SIZE, batch_size=4,
+                                augment=preset, learning_rate=1e-2, epochs=1, patience=2,
+                                augment_on="model", monitor="loss", verbose=0)
+        assert out["epochs_run"] == 1
+        # the trained epoch, whether or not it beat epoch 0
+        clf.model.load_weights(str(tmp_path / preset / "finetune" / "ckpt-000001" /
+                                   "model.weights.h5"))
+        weights[preset] = clf.head.get_layer("fc1").kernel.numpy()
+        classes = {l.__class__.__name__ for l in clf.model._flatten_layers()}
+        assert "Augment" not in classes and "Lambda" not in classes
+    # Same seed, same data: only the in-model augmentation can make the weights differ.
+    assert not np.allclose(weights["none"], weights["aggressive"])
 
 
 def test_export_loads_in_safe_mode_and_predicts_identically(split, tmp_path):
     train, _ = split
+    # The guard is real: safe mode refuses a model that carries Python code.
+    inputs = keras.Input((3,))
+    unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    unsafe.save(str(tmp_path / "unsafe.keras"))
+    with pytest.raises(ValueError, match="(?i)lambda|unsafe|safe_mode"):
+        keras.models.load_model(str(tmp_path / "unsafe.keras"), safe_mode=True)
+
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     clf.head.get_layer("predictions").bias.assign([0.3])
     inference.export_model(clf.model, str(tmp_path), {"image_size": SIZE,
                                                       "positive_class": "1"})
     model, info = inference.load_exported(str(tmp_path))
     assert info["image_size"] == SIZE
-    # No Lambda (or any custom) layer: the file is plain Keras config.
-    reloaded = keras.models.load_model(os.path.join(tmp_path, "model.keras"), safe_mode=True)
-    names = [l.__class__.__name__ for l in reloaded._flatten_layers()]
-    assert "Lambda" not in names
     paths, names_ = train.path.tolist(), train.name.tolist()
     direct = inference.predict_paths(clf.model, paths, names_, SIZE, 3, progress=False)
     exported = inference.predict_paths(model, paths, names_, SIZE, 5, progress=False)
     np.testing.assert_allclose(direct, exported, atol=1e-6)
-    assert np.all((direct >= 0) & (direct <= 1))
-    tta = inference.predict_paths(model, paths, names_, SIZE, 3, tta=4, progress=False)
-    assert tta.shape == direct.shape and np.all((tta >= 0) & (tta <= 1))
+    # tta=2 is the mean of the plain and the mirrored image, computed here by hand.
     mirror = inference.predict_paths(model, paths, names_, SIZE, 3, tta=2, progress=False)
+    batch = np.concatenate([b["image"].numpy() for b in input_lib.eval_dataset(
+        paths, None, names_, SIZE, 4)])
+    by_hand = (model.predict(batch, verbose=0)[:, 0] +
+               model.predict(batch[:, :, ::-1], verbose=0)[:, 0]) / 2
+    np.testing.assert_allclose(mirror, by_hand, atol=1e-5)
     assert not np.allclose(mirror, direct)
 
 
@@ -167,8 +187,13 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     for name in ("model.keras", "model_info.json", "metrics.json", "split.csv",
                  "history_heads_A.csv", "history_heads_C.csv", "heads_comparison.png",
                  "history_finetune.csv", "finetune_history.png", "submission.csv",
-                 "heads/A.weights.h5", "heads/C.weights.h5"):
+                 "heads/A.weights.h5", "heads/C.weights.h5", "confusion_matrix.png", "roc.png",
+                 "top_losses.png", "heads/confusion_matrix.png", "heads/roc.png",
+                 "heads/top_losses.png", "bag.keras"):
         assert (workdir / name).is_file(), name
+    for board in ("heads_A", "heads_C", "finetune"):
+        events = list((workdir / "tensorboard" / board).rglob("events.out.tfevents.*"))
+        assert events and all(e.stat().st_size > 0 for e in events), board
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert set(metrics["heads"]) == {"A", "C"} and metrics["finetune"]["scenario"] in "AC"
     assert set(metrics["cross_validation"]) == {"A", "C"}
@@ -188,10 +213,10 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     assert rows[0] == ["name", "invasive"]
     assert [r[0] for r in rows[1:]] == ["2", "5", "1", "4", "3"]  # sample submission order
     probs = np.array([float(r[1]) for r in rows[1:]])
-    assert np.all((probs >= 0) & (probs <= 1))
     truth = [int(r[0]) % 2 for r in rows[1:]]
     assert f"ROC AUC {roc_auc_score(truth, probs):.4f}" in result.stdout
-    assert (tmp_path / "pred_roc.png").is_file()
+    for plot in ("pred_roc.png", "pred_confusion_matrix.png", "pred_top_losses.png"):
+        assert open(tmp_path / plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n", plot
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 

@@ -239,3 +239,27 @@ def test_sweep_then_use_sweep_through_the_scripts(kaggle_dir, tmp_path):
                   f"--output={out}", "--nobag")
     assert single.returncode == 0 and "one model" in single.stdout
     assert not np.allclose(bag_probs, pd.read_csv(out).invasive.to_numpy())
+
+
+def test_top_losses_are_the_confident_errors_most_confident_first():
+    from features import interpret
+    labels = np.array([1, 1, 0, 0, 1, 0])
+    probs = np.array([0.9, 0.05, 0.8, 0.1, 0.4, 0.99])
+    # errors: index 1 (true 1, P .05), 2 (true 0, P .8), 4 (true 1, P .4), 5 (true 0, P .99)
+    assert interpret.top_losses(labels, probs).tolist() == [5, 1, 2, 4]
+    assert interpret.top_losses(labels, probs, n=2).tolist() == [5, 1]
+    assert interpret.top_losses([1, 0], [0.9, 0.1]).tolist() == []
+
+
+def test_with_tensorboard_off_no_logs_are_written(kaggle_dir, tmp_path):
+    workdir = tmp_path / "run"
+    result = _run("train.py", f"--data_dir={kaggle_dir}", f"--workdir={workdir}",
+                  "--weights=none", "--noinclude_top", f"--image_size={SIZE}", "--val_size=4",
+                  "--batch_size=4", f"--cache_dir={tmp_path / 'cache'}", "--epochs=1",
+                  "--scenarios=A", "--stage=heads", "--notensorboard", "--cv_folds=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workdir / "heads" / "A.weights.h5").is_file()
+    assert not (workdir / "tensorboard").exists()
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["heads"]["A"]["epoch_selected_by"] == "validation"
+    assert "cross_validation" not in metrics and not (workdir / "bag.keras").exists()
