@@ -430,9 +430,9 @@ def _export_bag(cfg, job, scenario, blocks, single) -> Optional[dict]:
     stale = os.path.join(job.workdir, inference.BAG_FILE)
     members = heads.load_bag_members(job.classifier, scenario, folder) if cfg.bag else []
     start = backbone.start_layer(backbone.scenario_blocks(scenario), job.classifier.include_top)
-    # Fold heads sit on the frozen trunk below `start`; fine-tuning deeper blocks changes it.
-    deeper = backbone.start_layer(blocks, job.classifier.include_top)
-    if not members or deeper != start and (deeper == "input" or start == "fc2"):
+    # Fold heads sit on the frozen layers below `start`; --trainable_blocks reaching
+    # deeper changes those layers under them, so such a run gets no bag.
+    if not members or backbone.start_layer(blocks, job.classifier.include_top) != start:
         if os.path.exists(stale):
             os.remove(stale)  # never leave a bag from another run beside this model
         return None

@@ -102,9 +102,14 @@ class CacheSpec:
 
 
 def cached_layers(include_top: bool) -> tuple:
-    """The layers every cache holds: block4_pool (for scenario C), block5_pool, and fc2."""
-    return ("block4_pool", "block5_pool", "fc2") if include_top else ("block4_pool",
-                                                                      "block5_pool")
+    """The layers every cache holds: each scenario's start layer (from the scenario table)
+    plus ``block5_pool`` (the linear probe's input), in network order.
+
+    Without the ImageNet top: block4_pool (C), block5_pool (A, B); with it also fc2 (A).
+    """
+    from features.backbone import SCENARIOS
+    wanted = {s.start_layer(include_top) for s in SCENARIOS.values()} | {"block5_pool"}
+    return tuple(layer for layer in ("block4_pool", "block5_pool", "fc2") if layer in wanted)
 
 
 def image_identity(path: str, view: int = 0) -> str:

@@ -367,6 +367,8 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence[HeadConfi
             result.weights_path = os.path.join(out_dir, "heads", f"{scenario}.weights.h5")
             with atomic_path(result.weights_path) as tmp:
                 model.save_weights(tmp)
+            # From Keras' History, written once and atomically: CSVLogger writes while
+            # training (a kill leaves a torn file) and numbers epochs from 0.
             write_csv(frame, os.path.join(out_dir, f"history_heads_{scenario}.csv"))
         logging.info("Scenario %s: val AUC %.4f (accuracy %.3f) at epoch %d, %.1f s.",
                      scenario, auc, accuracy, keep, seconds)

@@ -263,3 +263,22 @@ def test_with_tensorboard_off_no_logs_are_written(kaggle_dir, tmp_path):
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["heads"]["A"]["epoch_selected_by"] == "validation"
     assert "cross_validation" not in metrics and not (workdir / "bag.keras").exists()
+
+
+def test_run_config_is_frozen_and_demo_defaults_never_touch_the_flags(tmp_path):
+    import dataclasses as dc
+    import train
+    flags = train.FLAGS
+    try:
+        flags(["train.py", "--demo", "--epochs=2", f"--data_dir={tmp_path}"])
+        cfg = train.RunConfig.from_flags(flags)
+        assert cfg.epochs == 2                       # passed: the user's value wins
+        assert cfg.weights == "none" and cfg.image_size == 64   # not passed: demo's
+        assert flags.weights == "imagenet" and flags.image_size == 224  # FLAGS untouched
+        assert cfg.workdir == os.path.join("runs", "demo")
+        with pytest.raises(dc.FrozenInstanceError):
+            cfg.epochs = 3
+        with pytest.raises(TypeError):
+            cfg.values["epochs"] = 3
+    finally:
+        flags.unparse_flags()
