@@ -55,8 +55,10 @@ def run():
                  info.get("positive_class"), image_size, FLAGS.tta)
     probs = inference.predict_frame(model, frame, image_size, FLAGS.batch_size, FLAGS.tta)
     inference.write_predictions(frame.name, probs, FLAGS.output)
+    used = (f"bag of {info.get('bag', {}).get('members', '?')} models" if use_bag
+            else "one model")
     print(f"Wrote {len(frame)} predictions of P({info.get('positive_class')}) to {FLAGS.output} "
-          f"({'bag of ' + str(info['bag']['members']) + ' models' if use_bag else 'one model'})")
+          f"({used})")
     if FLAGS.labels:
         from features import interpret
         stem = os.path.splitext(FLAGS.output)[0]

@@ -194,7 +194,12 @@ def _resolve_folds(cfg: RunConfig, train, val):
     text = str(cfg.cv_folds).strip().lower()
     if text == "auto":
         smallest = int(train.label.value_counts().min())
-        if len(val) >= SMALL_VAL or smallest < AUTO_FOLDS:
+        if len(val) >= SMALL_VAL:
+            return None
+        if smallest < AUTO_FOLDS:
+            logging.warning("Validation set is small (%d images) but a class has only %d "
+                            "training images, too few for %d-fold CV: choosing by validation "
+                            "AUC.", len(val), smallest, AUTO_FOLDS)
             return None
         logging.info("Validation set is small (%d < %d images): scenarios and epochs are "
                      "chosen by %d-fold CV on the training split (mean +- std), not by "

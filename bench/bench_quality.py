@@ -86,7 +86,7 @@ def end_to_end(args):
     metrics = json.load(open(os.path.join(workdir, "metrics.json")))
     print(f"\n## 2. train.py, default flags + --finetune_epochs={args.finetune_epochs} "
           f"({seconds:.0f} s)\n")
-    print("```\n" + "\n".join(l for l in stdout.splitlines() if l.startswith(
+    print("```\n" + "\n".join(line for line in stdout.splitlines() if line.startswith(
         ("scenario", "linear probe", "best scenario", "final model"))) + "\n```")
     split = pd.read_csv(os.path.join(workdir, "split.csv"))
     val = split[split.subset == "val"]
@@ -119,7 +119,7 @@ def sweep(args):
     print(f"\n## 4. train.py --stage=sweep, default grid ({len(table)} configurations, "
           f"{seconds:.0f} s)\n")
     print("```\n" + table.head(8).drop(columns=["fold_aucs"]).to_string(index=False) + "\n```")
-    print("\n" + [l for l in stdout.splitlines() if l.startswith("Sweep:")][0])
+    print("\n" + [line for line in stdout.splitlines() if line.startswith("Sweep:")][0])
 
 
 def main():

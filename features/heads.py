@@ -125,8 +125,8 @@ def dropout_rate(classifier: backbone.Classifier, rate: Optional[float]):
     Keras reads ``Dropout.rate`` when it traces the training step, and every fit
     here compiles afresh, so the new rate applies to that fit only.
     """
-    layer = next((l for l in classifier.head.layers
-                  if isinstance(l, keras.layers.Dropout)), None)
+    layer = next((layer for layer in classifier.head.layers
+                  if isinstance(layer, keras.layers.Dropout)), None)
     if rate is None or layer is None:
         yield
         return
@@ -142,7 +142,7 @@ def dropout_rate(classifier: backbone.Classifier, rate: Optional[float]):
 
 def has_dropout(classifier: backbone.Classifier) -> bool:
     """Whether the head has a dropout layer (only without the ImageNet top)."""
-    return any(isinstance(l, keras.layers.Dropout) for l in classifier.head.layers)
+    return any(isinstance(layer, keras.layers.Dropout) for layer in classifier.head.layers)
 
 
 @dataclasses.dataclass

@@ -156,7 +156,7 @@ def write(table: pd.DataFrame, csv_path: str, png_path: str,
     if probe_cv is not None and np.isfinite(probe_cv):
         ax.axvline(probe_cv, color="grey", linestyle="--", label=f"linear probe {probe_cv:.4f}")
         ax.legend(loc="lower left", fontsize=8)
-    ax.set_xlabel(f"CV ROC AUC (mean +- std over folds)")
+    ax.set_xlabel("CV ROC AUC (mean +- std over folds)")
     ax.set_title("Sweep on cached features (best first)")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
