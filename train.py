@@ -359,6 +359,7 @@ def sweep_stage(cfg: RunConfig, job: Job):
 def finetune_stage(cfg: RunConfig, job: Job, scenario: str, optimizer: str = "adam") -> None:
     """Fine-tunes ``scenario`` from its cache-trained head and exports the model (and bag)."""
     from features import backbone, heads, inference
+    from features import cache as cache_lib
     from features import finetune as finetune_lib
     head_weights = job.path("heads", f"{scenario}.weights.h5")
     heads.load_scenario_weights(job.classifier, scenario, head_weights)
@@ -387,7 +388,7 @@ def finetune_stage(cfg: RunConfig, job: Job, scenario: str, optimizer: str = "ad
             "positive_class": job.dataset.class_names[1], "scenario": scenario,
             "trainable_blocks": blocks, "include_top": cfg.include_top,
             "weights": backbone.weights_identity(cfg.weights, cfg.seed),
-            "preprocessing": _preprocessing(), "output": "P(positive class)",
+            "preprocessing": cache_lib.PREPROCESSING, "output": "P(positive class)",
             "val_auc": val_auc, "val_accuracy": val_acc, "layout": job.dataset.layout}
     bag = _export_bag(cfg, job, scenario, blocks, (val_auc, val_acc))
     if bag:
@@ -397,11 +398,6 @@ def finetune_stage(cfg: RunConfig, job: Job, scenario: str, optimizer: str = "ad
     print(f"final model (scenario {scenario}): validation AUC {val_auc:.4f}, accuracy "
           f"{val_acc:.4f}" + (f"; linear probe {probe_auc:.4f}" if probe_auc is not None else "")
           + (f"; bag of {bag['members']} {bag['val_auc']:.4f}" if bag else ""))
-
-
-def _preprocessing():
-    from features import cache as cache_lib
-    return cache_lib.PREPROCESSING
 
 
 def _validate(cfg, job, model):

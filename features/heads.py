@@ -103,8 +103,7 @@ def dropout_rate(classifier: backbone.Classifier, rate: Optional[float]):
     Keras reads ``Dropout.rate`` when it traces the training step, and every fit
     here compiles afresh, so the new rate applies to that fit only.
     """
-    layer = next((layer for layer in classifier.head.layers
-                  if isinstance(layer, keras.layers.Dropout)), None)
+    layer = _dropout_layer(classifier)
     if rate is None or layer is None:
         yield
         return
@@ -118,9 +117,14 @@ def dropout_rate(classifier: backbone.Classifier, rate: Optional[float]):
         layer.rate = old
 
 
+def _dropout_layer(classifier: backbone.Classifier) -> Optional[keras.layers.Dropout]:
+    return next((layer for layer in classifier.head.layers
+                 if isinstance(layer, keras.layers.Dropout)), None)
+
+
 def has_dropout(classifier: backbone.Classifier) -> bool:
     """Whether the head has a dropout layer (only without the ImageNet top)."""
-    return any(isinstance(layer, keras.layers.Dropout) for layer in classifier.head.layers)
+    return _dropout_layer(classifier) is not None
 
 
 @dataclasses.dataclass
@@ -464,9 +468,9 @@ def load_scenario_weights(classifier: backbone.Classifier, scenario: str, weight
 
 def set_dropout(classifier: backbone.Classifier, rate: Optional[float]) -> None:
     """Sets the head's dropout rate for good (no-op for ``None`` or no dropout layer)."""
-    for layer in classifier.head.layers:
-        if rate is not None and isinstance(layer, keras.layers.Dropout):
-            layer.rate = float(rate)
+    layer = _dropout_layer(classifier)
+    if rate is not None and layer is not None:
+        layer.rate = float(rate)
 
 
 def _bag_file(folder: str, scenario: str) -> str:
