@@ -81,8 +81,50 @@ def format_bad_images(bad: Sequence[Tuple[str, str]], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _identity(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{os.path.abspath(path)}|{st.st_size}:{st.st_mtime_ns}"
+
+
+def scan_with_memo(paths: Sequence[str], image_size: int, memo_path: str = None,
+                   progress: bool = True) -> List[Tuple[str, str]]:
+    """`scan_images`, remembering in ``memo_path`` (JSON) the images that decoded.
+
+    Decoding every photo costs ~10 ms each on 2 cores (~20 s for the Kaggle set)
+    on every run; an image whose size and modification time are unchanged since
+    it passed needs no second check. Bad images are always checked again (they
+    may have been fixed), and the memo is rewritten atomically.
+    """
+    if not memo_path:
+        return scan_images(paths, image_size, progress=progress)
+    import json
+    from pipeline.atomic import atomic_write_text
+    try:
+        with open(memo_path, encoding="utf-8") as f:
+            known = set(json.load(f).get("ok", []))
+    except (OSError, ValueError, AttributeError):
+        known = set()  # missing or damaged: check everything
+    ids = {p: _identity(p) for p in paths}
+    todo = [p for p in paths if not ids[p] or ids[p] not in known]
+    bad = scan_images(todo, image_size, progress=progress)
+    if todo:
+        failed = {p for p, _ in bad}
+        known |= {ids[p] for p in todo if ids[p] and p not in failed}
+        try:
+            atomic_write_text(memo_path, json.dumps({"ok": sorted(known)}))
+        except OSError as err:  # a memo is an optimisation: never fail the run for it
+            logging.warning("Could not write the pre-flight memo %s (%s).", memo_path, err)
+    else:
+        logging.info("Pre-flight: all %d images unchanged since they were checked (%s).",
+                     len(paths), memo_path)
+    return bad
+
+
 def filter_bad_images(frame, image_size: int, policy: str, report_path: str,
-                      keep_rows: bool = False):
+                      keep_rows: bool = False, memo_path: str = None):
     """Applies ``--on_bad_image`` to a frame of images (column ``path``).
 
     Args:
@@ -90,11 +132,12 @@ def filter_bad_images(frame, image_size: int, policy: str, report_path: str,
         ``report_path`` (CSV: path, reason) and leaves them out.
       keep_rows: for prediction: keep every row and mark the bad ones in a
         boolean column ``bad`` instead of dropping them.
+      memo_path: remember the images that passed (see `scan_with_memo`).
     """
     import pandas as pd
     from pipeline.atomic import atomic_path
 
-    bad = scan_images(frame.path.tolist(), image_size, progress=True)
+    bad = scan_with_memo(frame.path.tolist(), image_size, memo_path)
     if keep_rows:
         frame = frame.assign(bad=frame.path.isin({p for p, _ in bad}))
     if not bad:

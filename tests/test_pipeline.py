@@ -170,3 +170,26 @@ def test_scan_names_undecodable_files(tmp_path, image_files):
     frame = pd.DataFrame({"path": paths + [str(bad)]})
     with pytest.raises(Exception, match="bad.jpg"):
         scan.filter_bad_images(frame, 32, "fail", str(tmp_path / "report.csv"))
+
+
+def test_scan_memo_skips_unchanged_good_images_only(tmp_path, image_files, monkeypatch):
+    paths, _, _ = image_files
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    memo = str(tmp_path / "cache" / "preflight.json")
+    checked = []
+    real = scan.check_image
+    monkeypatch.setattr(scan, "check_image", lambda p, s=224: checked.append(p) or real(p, s))
+    everything = paths + [str(bad)]
+    assert [p for p, _ in scan.scan_with_memo(everything, 32, memo)] == [str(bad)]
+    assert sorted(checked) == sorted(everything)
+    checked.clear()
+    # Unchanged good images are not decoded again; the bad one always is.
+    assert [p for p, _ in scan.scan_with_memo(everything, 32, memo)] == [str(bad)]
+    assert checked == [str(bad)]
+    # A changed file (new size and mtime) is checked again, and found bad now.
+    checked.clear()
+    with open(paths[0], "r+b") as f:
+        f.truncate(10)
+    assert {p for p, _ in scan.scan_with_memo(everything, 32, memo)} == {paths[0], str(bad)}
+    assert sorted(checked) == sorted([paths[0], str(bad)])

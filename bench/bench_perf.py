@@ -1,0 +1,285 @@
+"""Performance against peers and the hardware limit, measured in one run.
+
+Sections (--sections, comma-separated; all by default):
+
+  limit     float32 and bfloat16 matmul GFLOP/s on this machine (the ceiling);
+  extract   VGG16 conv-base throughput: the bare Keras model on one in-memory batch,
+            then the project's extraction (decode + resize + mean-centre + model +
+            HDF5 write) in float32 and in --precision=auto's choice, with achieved
+            GFLOP/s as a fraction of the matmul rate;
+  heads     the dense-layer experiment (A and B, 5 epochs each) as whole processes:
+            train.py --stage=heads from a warm cache vs the reference write-up's way
+            (ImageDataGenerator over a frozen VGG16, every epoch re-running it);
+  precision heads-stage scenario AUCs (5-fold CV) in float32 vs mixed_bfloat16;
+  finetune  the final model (scenario B, aggressive augmentation, patience 5) from
+            K cached views vs the whole network (K = 0): stage seconds and val AUC.
+
+Meant for ImageNet-derived weights on real photos:
+
+  W=$(python ../shared/tools/vgg16_pretrained.py)
+  python bench/bench_perf.py --data_dir=../shared/data/hymenoptera/train --weights="$W"
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from anywhere without installing
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Multiply-accumulates of the VGG16 conv base per 224 px image (13 conv layers);
+# they scale with the number of pixels.
+VGG16_CONV_GMAC_224 = 15.35
+
+
+def gflop_per_image(size: int) -> float:
+    """FLOPs (2 per multiply-accumulate) of the conv base for one ``size`` px image."""
+    return 2 * VGG16_CONV_GMAC_224 * (size / 224) ** 2
+
+
+def _train(args, workdir, *extra, cache_dir=None):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={args.data_dir}",
+           f"--weights={args.weights}", "--noinclude_top", f"--image_size={args.image_size}",
+           f"--workdir={workdir}", f"--cache_dir={cache_dir or args.cache_dir}",
+           "--on_bad_image=skip", f"--batch_size={args.batch_size}", "--notensorboard",
+           *extra]
+    started = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return out.stdout, time.perf_counter() - started
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def matmul_rates(seconds: float = 4.0, n: int = 2048) -> dict:
+    """GFLOP/s of an n x n matmul in float32 and bfloat16."""
+    import tensorflow as tf
+    rates = {}
+    for dtype in ("float32", "bfloat16"):
+        a = tf.random.uniform((n, n), dtype=tf.float32)
+        a = tf.cast(a, dtype)
+        mm = tf.function(lambda x: tf.matmul(x, x))
+        mm(a).numpy()
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            mm(a).numpy()
+            count += 1
+        rates[dtype] = 2 * n ** 3 * count / (time.perf_counter() - started) / 1e9
+    return rates
+
+
+def section_limit(args, results):
+    rates = matmul_rates()
+    results["matmul"] = rates
+    print(f"\n## limit: {2048}^2 matmul  float32 {rates['float32']:.0f} GFLOP/s, bfloat16 "
+          f"{rates['bfloat16']:.0f} GFLOP/s (bf16/fp32 {rates['bfloat16'] / rates['float32']:.2f})")
+
+
+def _bare_rate(policy, size, batch, seconds):
+    """img/s of keras.applications.VGG16 (no top) on one in-memory batch."""
+    import keras
+    import tensorflow as tf
+    keras.mixed_precision.set_global_policy(policy)
+    model = keras.applications.VGG16(weights=None, include_top=False,
+                                     input_shape=(size, size, 3))
+    run = tf.function(lambda x: model(x, training=False))
+    x = tf.random.uniform((batch, size, size, 3), -120, 150)
+    run(x).numpy()
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run(x).numpy()
+        count += batch
+    keras.mixed_precision.set_global_policy("float32")
+    return count / (time.perf_counter() - started)
+
+
+def section_extract(args, results):
+    import pandas as pd
+    from features import backbone, cache, precision
+    from pipeline import discovery, scan
+    frame = discovery.discover(args.data_dir).frame
+    frame = scan.filter_bad_images(frame, args.image_size, "skip",
+                                   os.path.join(tempfile.mkdtemp(), "bad.csv"))
+    frame = frame.iloc[:args.extract_images].reset_index(drop=True)
+    auto = precision.choose("auto")
+    policies = ["float32"] + (["mixed_bfloat16"] if auto.policy == "float32" else [auto.policy])
+    gflop = gflop_per_image(args.image_size)
+    rates = results.get("matmul") or matmul_rates()
+    print(f"\n## extract: {len(frame)} photos at {args.image_size} px ({gflop:.1f} GFLOP each); "
+          f"auto precision here = {auto.policy} ({auto.reason})")
+    rows = []
+    for policy in policies:
+        bare = _bare_rate(policy, args.image_size, args.batch_size, args.seconds)
+        precision.apply(precision.Precision(policy, "bench"))
+        clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
+        spec = cache.CacheSpec(backbone.weights_identity(args.weights, 0), False,
+                               args.image_size, cache.cached_layers(False), "float32",
+                               args.data_dir, precision=policy)
+        folder = tempfile.mkdtemp(prefix="bench-extract-")
+        result = cache.ensure_features(clf, spec, frame, folder, args.batch_size,
+                                       progress=False)
+        shutil.rmtree(folder)
+        ours = len(frame) / result.seconds
+        limit = rates["bfloat16" if "bfloat16" in policy else "float32"]
+        rows.append({"precision": policy, "bare_img_s": round(bare, 2),
+                     "extract_img_s": round(ours, 2), "extract_vs_bare": round(ours / bare, 3),
+                     "gflop_s": round(ours * gflop, 1),
+                     "fraction_of_matmul": round(ours * gflop / limit, 3)})
+    precision.apply(precision.Precision("float32", "bench"))
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False))
+    if len(rows) > 1:
+        print(f"{rows[1]['precision']} / float32 extraction: "
+              f"{rows[1]['extract_img_s'] / rows[0]['extract_img_s']:.2f}x")
+    results["extract"] = rows
+
+
+REFERENCE_SCRIPT = r'''
+import sys, time, numpy as np, pandas as pd, keras
+from sklearn.metrics import roc_auc_score
+from keras.preprocessing.image import ImageDataGenerator
+split, weights, size, epochs, batch = sys.argv[1:6]
+size, epochs, batch = int(size), int(epochs), int(batch)
+frame = pd.read_csv(split)
+frame["label"] = frame.label.astype(str)
+base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+base.load_weights(weights)
+base.trainable = False
+gen = ImageDataGenerator(preprocessing_function=keras.applications.vgg16.preprocess_input)
+def flow(subset, shuffle):
+    return gen.flow_from_dataframe(frame[frame.subset == subset], x_col="path", y_col="label",
+                                   target_size=(size, size), class_mode="binary",
+                                   batch_size=batch, shuffle=shuffle, seed=0)
+for scenario, lr in (("A", 1e-3), ("B", 1e-4)):
+    x = keras.layers.Flatten()(base.output)
+    x = keras.layers.Dense(256, activation="relu", trainable=scenario == "B")(x)
+    x = keras.layers.Dropout(0.5)(x)
+    out = keras.layers.Dense(1, activation="sigmoid")(x)
+    model = keras.Model(base.input, out)
+    model.compile(keras.optimizers.Adam(lr), "binary_crossentropy", metrics=["auc"])
+    model.fit(flow("train", True), validation_data=flow("val", False), epochs=epochs,
+              verbose=0)
+'''
+
+
+def section_heads(args, results):
+    """A+B for 5 epochs: ours from a warm cache vs the ImageDataGenerator way, as processes."""
+    import pandas as pd
+    workdir = tempfile.mkdtemp(prefix="bench-heads-")
+    flags = ["--stage=heads", "--scenarios=A,B", "--epochs=5", "--cv_folds=0",
+             "--precision=float32"]
+    _train(args, workdir, *flags)  # warm the cache (not timed)
+    _, ours = _train(args, workdir, *flags)
+    split = os.path.join(workdir, "split.csv")
+    n = len(pd.read_csv(split))
+    script = os.path.join(workdir, "reference.py")
+    with open(script, "w", encoding="utf-8") as f:
+        f.write(REFERENCE_SCRIPT)
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, script, split, args.weights, str(args.image_size),
+                          "5", str(args.batch_size)], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"reference script failed:\n{out.stderr[-3000:]}")
+    reference = time.perf_counter() - started
+    results["heads"] = {"images": n, "ours_s": round(ours, 1), "reference_s": round(reference, 1),
+                        "speedup": round(reference / ours, 1)}
+    print(f"\n## heads: A+B, 5 epochs each, {n} photos at {args.image_size} px, whole processes"
+          f"\n  train.py --stage=heads (warm cache) {ours:.1f} s; reference way "
+          f"(ImageDataGenerator over frozen VGG16) {reference:.1f} s: {reference / ours:.1f}x")
+
+
+def section_precision(args, results):
+    rows = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        workdir = tempfile.mkdtemp(prefix=f"bench-precision-{policy}-")
+        _, seconds = _train(args, workdir, "--stage=heads", "--cv_folds=5",
+                            f"--precision={policy}")
+        heads = _metrics(workdir)["heads"]
+        rows[policy] = {"seconds": round(seconds, 1),
+                        **{s: heads[s]["cv_auc_mean"] for s in sorted(heads)}}
+    results["precision"] = rows
+    print(f"\n## precision: heads stage (extraction + 5-fold CV of A, B, C), "
+          f"{args.image_size} px")
+    for policy, row in rows.items():
+        print(f"  {policy:15s} " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    worst = max(abs(rows["float32"][s] - rows["mixed_bfloat16"][s]) for s in "ABC")
+    print(f"  largest scenario CV AUC change: {worst:.4f}")
+
+
+def section_finetune(args, results):
+    """The reference recipe's final model from K cached views vs the whole network."""
+    base = tempfile.mkdtemp(prefix="bench-finetune-")
+    heads_dir = os.path.join(base, "heads_run")
+    _train(args, heads_dir, "--stage=heads", "--scenarios=B", "--cv_folds=0")
+    plain_cache = glob.glob(os.path.join(args.cache_dir,
+                                         f"vgg16-*-{args.image_size}px-file-notop-float32-*.h5"))
+    rows = []
+    for k in args.views:
+        workdir = os.path.join(base, f"k{k}")
+        shutil.copytree(heads_dir, workdir)
+        # A fresh cache folder holding only the plain features: K's views are extracted
+        # inside the timed stage, as a first run would.
+        cache_dir = os.path.join(base, f"cache{k}")
+        os.makedirs(cache_dir)
+        for path in plain_cache:
+            if "-aug_" not in path:
+                shutil.copy(path, cache_dir)
+        _, wall = _train(args, workdir, "--stage=finetune", "--scenario=B", "--bag=false",
+                         "--augment=aggressive", "--patience=5",
+                         f"--finetune_epochs={args.finetune_epochs}", f"--finetune_views={k}",
+                         cache_dir=cache_dir)
+        ft = _metrics(workdir)["finetune"]
+        rows.append({"K": k, "stage_s": ft["seconds"], "process_s": round(wall, 1),
+                     "epochs": ft["epochs_run"], "best_epoch": ft["best_epoch"],
+                     "val_auc": round(ft["val_auc"], 4)})
+        print(rows[-1], flush=True)
+    results["finetune"] = rows
+    import pandas as pd
+    table = pd.DataFrame(rows)
+    whole = table[table.K == 0]
+    if len(whole):
+        table["speedup_vs_K0"] = (float(whole.stage_s.iloc[0]) / table.stage_s).round(1)
+    print(f"\n## finetune: scenario B, aggressive augmentation, patience 5, at most "
+          f"{args.finetune_epochs} epochs, {args.image_size} px\n{table.to_string(index=False)}")
+
+
+SECTIONS = {"limit": section_limit, "extract": section_extract, "heads": section_heads,
+            "precision": section_precision, "finetune": section_finetune}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--cache_dir", default=os.path.join(ROOT, "cache"))
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--extract_images", type=int, default=96)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--views", type=lambda s: [int(v) for v in s.split(",")],
+                        default=[0, 2, 5])
+    parser.add_argument("--finetune_epochs", type=int, default=20)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    results = {}
+    for name in args.sections.split(","):
+        SECTIONS[name.strip()](args, results)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Numeric precision: which Keras dtype policy a run computes in, and why.
+
+Mixed precision keeps variables in float32 and computes in a 16-bit type. It
+pays only where the hardware has a fast 16-bit path: bfloat16 on CPUs with
+AVX512-BF16 or AMX and on GPUs of compute capability >= 8.0 (Ampere and later),
+float16 on older GPUs (tensor cores since Volta; it needs loss scaling because
+its range is small, which Keras' ``compile`` adds and `loss_scaled` provides for
+hand-written steps). Elsewhere bfloat16 is emulated and is no faster than
+float32: on an AVX2-only CPU the VGG16 conv base ran at the same 3.3 img/s
+both ways and a bf16 matmul was 0.77x float32 (docs/benchmarks.md), so `auto`
+picks float32 there.
+
+The output layer always computes in float32 (the Keras mixed-precision rule:
+a sigmoid and its log-loss in 16 bits saturate), and so does everything after
+it (bagging's average).
+"""
+
+import dataclasses
+import logging
+from typing import Iterable, Optional, Sequence, Tuple
+
+import keras
+
+from pipeline.errors import ConfigError
+
+POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+CHOICES = ("auto",) + POLICIES
+# Layers that stay float32 whatever the policy: the sigmoid output and what follows it.
+FLOAT32_LAYERS = ("predictions", "average")
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """A resolved precision: the Keras policy name and the reason it was chosen."""
+    policy: str
+    reason: str
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.policy != "float32"
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
+    """The CPU's feature flags (Linux); empty where they cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def gpu_capabilities() -> Tuple[Tuple[int, int], ...]:
+    """Compute capability (major, minor) of each visible GPU."""
+    import tensorflow as tf
+    caps = []
+    for device in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(device)
+        caps.append(tuple(details.get("compute_capability", (0, 0))))
+    return tuple(caps)
+
+
+def choose(requested: str = "auto", flags: Optional[Iterable[str]] = None,
+           gpus: Optional[Sequence[Tuple[int, int]]] = None) -> Precision:
+    """Resolves ``--precision``; ``flags`` and ``gpus`` default to this machine's.
+
+    ``auto``: on GPUs, mixed_bfloat16 when every GPU has compute capability >= 8.0,
+    else mixed_float16 (>= 7.0) or float32; on CPUs, mixed_bfloat16 with
+    AVX512-BF16 or AMX, else float32.
+    """
+    requested = (requested or "auto").strip().lower()
+    if requested not in CHOICES:
+        raise ConfigError(f"--precision={requested!r}: choose one of {', '.join(CHOICES)}.")
+    if requested != "auto":
+        return Precision(requested, "requested with --precision")
+    gpus = gpu_capabilities() if gpus is None else tuple(gpus)
+    if gpus:
+        lowest = min(gpus)
+        where = f"{len(gpus)} GPU(s), lowest compute capability {lowest[0]}.{lowest[1]}"
+        if lowest >= (8, 0):
+            return Precision("mixed_bfloat16", f"auto: {where} (bfloat16 tensor cores)")
+        if lowest >= (7, 0):
+            return Precision("mixed_float16", f"auto: {where} (float16 tensor cores, no "
+                                              "bfloat16; training uses loss scaling)")
+        return Precision("float32", f"auto: {where} (no 16-bit tensor cores)")
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    found = [f for f in _BF16_CPU_FLAGS if f in flags]
+    if found:
+        return Precision("mixed_bfloat16", f"auto: CPU with {' and '.join(found)}")
+    return Precision("float32", "auto: CPU without AVX512-BF16 or AMX, where bfloat16 is "
+                                "emulated and no faster than float32")
+
+
+def apply(precision: Precision) -> None:
+    """Sets the global Keras policy: layers built from now on compute in it."""
+    keras.mixed_precision.set_global_policy(precision.policy)
+    logging.info("Precision: %s (%s).", precision.policy, precision.reason)
+
+
+def resolve_and_apply(requested: str) -> Precision:
+    """`choose` then `apply`; returns the choice."""
+    precision = choose(requested)
+    apply(precision)
+    return precision
+
+
+def current_policy() -> str:
+    """The name of the global Keras policy."""
+    return keras.mixed_precision.global_policy().name
+
+
+def loss_scaled(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """Wraps ``optimizer`` in dynamic loss scaling under mixed_float16 (hand-written steps
+    must then call ``optimizer.scale_loss``); returns it unchanged otherwise."""
+    if current_policy() == "mixed_float16":
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _retyped(config, policy: str, inside: Optional[str] = None):
+    """A copy of a Keras config in which every layer computes in ``policy``, except
+    `FLOAT32_LAYERS`, which stay float32."""
+    if isinstance(config, list):
+        return [_retyped(c, policy, inside) for c in config]
+    if not isinstance(config, dict):
+        return config
+    if config.get("class_name") == "DTypePolicy" and isinstance(config.get("config"), dict):
+        name = "float32" if inside in FLOAT32_LAYERS else policy
+        return {**config, "config": {**config["config"], "name": name}}
+    layer = config.get("name") if isinstance(config.get("name"), str) else inside
+    return {k: _retyped(v, policy, layer if k == "config" else inside)
+            for k, v in config.items()}
+
+
+def with_policy(model: keras.Model, policy: str) -> keras.Model:
+    """The same functional model (same weights) computing in ``policy``.
+
+    A saved model remembers the policy it was trained in; prediction on another
+    machine should compute in that machine's precision. Weights are float32 under
+    every policy, so they carry over unchanged.
+    """
+    if policy not in POLICIES:
+        raise ConfigError(f"Unknown precision policy {policy!r}; choose from "
+                          f"{', '.join(POLICIES)}.")
+    rebuilt = model.__class__.from_config(_retyped(model.get_config(), policy))
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def policies_of(model: keras.Model) -> dict:
+    """Layer name -> compute dtype, for every leaf layer (nested models included)."""
+    out = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out.update(policies_of(layer))
+        elif not isinstance(layer, keras.layers.InputLayer):
+            out[layer.name] = layer.compute_dtype
+    return out

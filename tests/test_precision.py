@@ -1,0 +1,183 @@
+"""Mixed precision (features.precision) and fine-tuning from cached augmented views."""
+
+import json
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from features import backbone, cache, finetune, heads, inference, precision
+from pipeline import discovery
+from pipeline.errors import ConfigError
+from tests.conftest import colour_image, write_image
+
+SIZE = 32
+
+
+@pytest.fixture
+def policy():
+    """Sets a global Keras policy for one test and always puts float32 back."""
+    def use(name):
+        precision.apply(precision.Precision(name, "test"))
+    yield use
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precision")
+    for i in range(12):
+        write_image(str(root / "data" / ("pos" if i % 2 else "neg") / f"img{i}.jpg"),
+                    colour_image(i % 2, size=36, seed=i))
+    return discovery.discover(str(root / "data"), positive_class="pos")
+
+
+@pytest.mark.parametrize("flags, gpus, expected", [
+    ({"avx2", "avx512f"}, (), "float32"),
+    ({"avx2", "avx512f", "avx512_bf16"}, (), "mixed_bfloat16"),
+    ({"avx2", "amx_bf16", "amx_tile"}, (), "mixed_bfloat16"),
+    (set(), ((9, 0),), "mixed_bfloat16"),            # H100
+    (set(), ((8, 0), (8, 6)), "mixed_bfloat16"),
+    ({"avx512_bf16"}, ((7, 5),), "mixed_float16"),    # T4: the GPU decides, not the CPU
+    (set(), ((8, 0), (7, 0)), "mixed_float16"),      # the weakest GPU decides
+    (set(), ((6, 1),), "float32"),
+])
+def test_auto_follows_the_hardware_and_says_why(flags, gpus, expected):
+    chosen = precision.choose("auto", flags=flags, gpus=gpus)
+    assert chosen.policy == expected
+    assert chosen.reason.startswith("auto: ")
+
+
+def test_an_explicit_choice_wins_and_a_wrong_one_is_a_clear_error():
+    assert precision.choose("float32", flags={"amx_bf16"}, gpus=()).policy == "float32"
+    assert precision.choose("mixed_float16", flags=(), gpus=()).policy == "mixed_float16"
+    with pytest.raises(ConfigError, match="--precision='bf16'"):
+        precision.choose("bf16")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\n")
+    assert precision.cpu_flags(str(info)) == {"fpu", "avx2", "amx_bf16"}
+    assert precision.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_mixed_model_computes_in_16_bits_but_outputs_float32(policy):
+    policy("mixed_bfloat16")
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    dtypes = precision.policies_of(clf.model)
+    assert dtypes["block1_conv1"] == dtypes["fc1"] == "bfloat16"
+    assert dtypes["predictions"] == "float32"
+    x = np.random.default_rng(0).uniform(-120, 150, (4, SIZE, SIZE, 3)).astype(np.float32)
+    mixed = clf.model.predict(x, verbose=0)
+    assert mixed.dtype == np.float32
+    # The same weights computed in float32: bfloat16 keeps ~3 significant digits.
+    full = precision.with_policy(clf.model, "float32")
+    assert set(precision.policies_of(full).values()) == {"float32"}
+    np.testing.assert_allclose(full.predict(x, verbose=0), mixed, atol=0.02)
+
+
+def test_exported_mixed_model_predicts_in_the_precision_asked_for(policy, tmp_path, data):
+    policy("mixed_bfloat16")
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    inference.export_model(clf.model, str(tmp_path), {"image_size": SIZE})
+    policy("float32")
+    model, _ = inference.load_exported(str(tmp_path), policy="float32")
+    assert set(precision.policies_of(model).values()) == {"float32"}
+    again, _ = inference.load_exported(str(tmp_path), policy="mixed_bfloat16")
+    dtypes = precision.policies_of(again)
+    assert dtypes["block3_conv1"] == "bfloat16" and dtypes["predictions"] == "float32"
+    paths, names = data.frame.path.tolist(), data.frame.name.tolist()
+    np.testing.assert_allclose(inference.predict_paths(model, paths, names, SIZE, 4,
+                                                       progress=False),
+                               inference.predict_paths(again, paths, names, SIZE, 4,
+                                                       progress=False), atol=0.02)
+
+
+def _spec(data, **kw):
+    return cache.CacheSpec("none(seed=0)", False, SIZE, cache.cached_layers(False),
+                           data_dir=data.data_dir, **kw)
+
+
+def test_precision_is_part_of_the_cache_provenance(policy, data, tmp_path):
+    policy("mixed_bfloat16")
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    spec = _spec(data, precision="mixed_bfloat16")
+    result = cache.ensure_features(clf, spec, data.frame, str(tmp_path), 4, progress=False)
+    with h5py.File(result.path) as f:
+        assert f.attrs["precision"] == "mixed_bfloat16"
+        assert f["block5_pool"].dtype == np.float32  # stored as --cache_dtype says
+    assert "mixed_bfloat16" in os.path.basename(result.path)
+    assert _spec(data).file_name() != spec.file_name()
+    # The provenance must be true: a float32 cache cannot be filled by a bf16 model.
+    with pytest.raises(ConfigError, match="computes in mixed_bfloat16"):
+        cache.ensure_features(clf, _spec(data), data.frame, str(tmp_path), 4, progress=False)
+
+
+def test_float32_cache_from_before_precision_was_recorded_is_reused(data, tmp_path):
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    spec = _spec(data)
+    first = cache.ensure_features(clf, spec, data.frame, str(tmp_path), 4, progress=False)
+    with h5py.File(first.path, "r+") as f:
+        del f.attrs["precision"]  # what an older version wrote
+    again = cache.ensure_features(clf, spec, data.frame, str(tmp_path), 4, progress=False)
+    assert again.path == first.path and again.computed == 0 and again.reused == len(data.frame)
+
+
+def test_mixed_float16_training_scales_the_loss_and_learns(policy):
+    policy("mixed_float16")
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    trainer = heads.FoldTrainer(clf, heads.HeadConfig.for_scenario("B"), jit_compile=False)
+    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    x = rng.normal(0, 1, (40, 1, 1, 512)).astype(np.float32) + y[:, None, None, None] * 0.8
+    aucs = trainer.train(x, y, epochs=8, batch_size=8, seed=0, x_val=x, y_val=y)
+    assert np.all(np.isfinite(aucs)) and aucs[-1] > 0.9
+
+
+def _views(clf, data, k):
+    train, val = discovery.split_train_val(data.frame, 4, seed=0)
+    rng = np.random.default_rng(1)
+    shape = clf.head.input.shape[1:]
+    y = train.label.to_numpy()
+    x = rng.normal(0, 1, (k * len(y), *shape)).astype(np.float32)
+    x += np.tile(y, k)[:, None, None, None]
+    val_x = rng.normal(0, 1, (len(val), *shape)).astype(np.float32)
+    val_x += val.label.to_numpy()[:, None, None, None]
+    return train, val, finetune.CachedViews("block5_pool", x, np.tile(y, k), val_x,
+                                            val.label.to_numpy(), k)
+
+
+def test_finetuning_from_cached_views_trains_only_the_head_and_resumes(data, tmp_path):
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    train, val, views = _views(clf, data, 3)
+    conv = clf.stem.get_layer("block1_conv1").kernel.numpy().copy()
+    fc1 = clf.head.get_layer("fc1").kernel.numpy().copy()
+    kwargs = dict(workdir=str(tmp_path), image_size=SIZE, batch_size=4, augment="keras_blog",
+                  learning_rate=1e-3, patience=10, monitor="loss", seed=0, verbose=0,
+                  cached=views)
+    out = finetune.finetune(clf, ["fc", "predictions"], train, val, epochs=2, **kwargs)
+    assert out["epochs_run"] == 2 and len(out["history"]) == 2
+    assert not np.allclose(clf.head.get_layer("fc1").kernel.numpy(), fc1)
+    np.testing.assert_array_equal(clf.stem.get_layer("block1_conv1").kernel.numpy(), conv)
+    state = json.load(open(tmp_path / "finetune" / "state.json"))
+    assert state["epoch"] == 2
+    again = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    resumed = finetune.finetune(again, ["fc", "predictions"], train, val, epochs=3,
+                                resume=True, **{**kwargs, "cached": _views(again, data, 3)[2]})
+    assert resumed["resumed_from_epoch"] == 2 and resumed["epochs_run"] == 3
+    # Resumed optimizer state (2 epochs x 2 steps) plus one more epoch of 2 steps.
+    assert int(again.head.optimizer.iterations.numpy()) == 3 * 2
+
+
+def test_cached_views_must_match_where_the_blocks_start(data, tmp_path):
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    train, val, views = _views(clf, data, 2)
+    with pytest.raises(ConfigError, match="train from block4_pool"):
+        finetune.finetune(clf, ["block5", "fc", "predictions"], train, val,
+                          workdir=str(tmp_path), image_size=SIZE, batch_size=4,
+                          augment="none", learning_rate=1e-3, epochs=1, patience=2,
+                          cached=views, verbose=0)
