@@ -32,6 +32,16 @@ flags.DEFINE_string("labels", None, "Optional name,invasive CSV of true labels: 
                     "<output>_confusion_matrix.png and <output>_top_losses.png.")
 flags.DEFINE_boolean("bag", True, "Use the run's bag (bag.keras: the averaged fold heads and "
                      "final model) when it has one; --nobag uses model.keras alone.")
+flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+                  "Compute precision (as train.py's): auto picks bfloat16/float16 where the "
+                  "hardware has them, float32 otherwise, whatever the model was trained in.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "one", "mirrored"], "As train.py's: split each "
+                  "batch over all local GPUs (or --cpu_replicas) with MirroredStrategy.")
+flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into N logical devices (for tests).")
+flags.DEFINE_string("ray_address", None, "Predict on a Ray cluster (as train.py's): 'local', "
+                    "'auto' or HOST:PORT; workers load the model from --workdir, which must be "
+                    "readable at the same path on every node.")
+flags.DEFINE_integer("ray_workers", 2, "Ray actor workers, each holding one model copy.")
 flags.DEFINE_enum("on_bad_image", "fail", ["fail", "skip"], "An image that cannot be decoded: "
                   "stop (fail), or write the fallback probability 0.5 for it with a warning "
                   "(skip), since a submission must list every name.")
@@ -39,21 +49,32 @@ flags.DEFINE_enum("on_bad_image", "fail", ["fail", "skip"], "An image that canno
 
 def run():
     """Loads the model, predicts every image in order, writes the CSV (and scores)."""
-    from features import inference
+    from features import inference, precision
     from pipeline import discovery, scan
 
     use_bag = FLAGS.bag and os.path.isfile(os.path.join(FLAGS.workdir, inference.BAG_FILE))
-    model, info = inference.load_exported(FLAGS.workdir, bag=use_bag)
+    chosen = precision.resolve_and_apply(FLAGS.precision)
+    model, info = inference.load_exported(FLAGS.workdir, bag=use_bag, policy=chosen.policy)
     inference.check_tta(FLAGS.tta)
     image_size = int(info["image_size"])
     frame = discovery.discover_unlabelled(FLAGS.data_dir)
     report = os.path.splitext(FLAGS.output)[0] + "_bad_images.csv"
     frame = scan.filter_bad_images(frame, image_size, FLAGS.on_bad_image, report,
                                    keep_rows=True)
-    logging.info("Predicting %d images with %s (positive class %r, %d px, tta=%d).",
+    logging.info("Predicting %d images with %s (positive class %r, %d px, tta=%d, %s).",
                  len(frame), inference.BAG_FILE if use_bag else inference.MODEL_FILE,
-                 info.get("positive_class"), image_size, FLAGS.tta)
-    probs = inference.predict_frame(model, frame, image_size, FLAGS.batch_size, FLAGS.tta)
+                 info.get("positive_class"), image_size, FLAGS.tta, chosen.policy)
+    engine = None
+    if FLAGS.ray_address:
+        from features import ray_engine
+        engine = ray_engine.RayEngine(FLAGS.ray_address, FLAGS.ray_workers,
+                                      precision=chosen.policy).start()
+    try:
+        probs = inference.predict_frame(model, frame, image_size, FLAGS.batch_size, FLAGS.tta,
+                                        engine=engine, workdir=FLAGS.workdir, bag=use_bag)
+    finally:
+        if engine is not None:
+            engine.stop()
     inference.write_predictions(frame.name, probs, FLAGS.output)
     used = (f"bag of {info.get('bag', {}).get('members', '?')} models" if use_bag
             else "one model")
@@ -80,7 +101,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     py_logging.getLogger().setLevel(py_logging.INFO)
     with cli.user_errors():
-        run()
+        from features import distribute
+        with distribute.scope(distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)):
+            run()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,22 @@ flags.DEFINE_boolean("include_top", True, "Keep VGG16's ImageNet dense layers fc
                      "replace only the 1000-way layer (needs --image_size=224). With "
                      "--noinclude_top the head is a new 256-unit fc1 + dropout.")
 flags.DEFINE_integer("image_size", 224, "Square input size in pixels.")
+flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+                  "Compute precision of extraction, heads, fine-tuning and prediction. auto: "
+                  "mixed_bfloat16 on CPUs with AVX512-BF16/AMX and GPUs of compute capability "
+                  ">= 8.0, mixed_float16 on older GPUs, float32 otherwise (logged). The output "
+                  "layer stays float32; cached features are stored as --cache_dtype says.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "one", "mirrored"], "Devices of this host: "
+                  "mirrored = one model replica per device, each batch split between them "
+                  "(tf.distribute.MirroredStrategy); auto = mirrored over 2+ GPUs (or "
+                  "--cpu_replicas), else one device. The global batch stays --batch_size.")
+flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into N logical devices (N >= 2) so "
+                     "that mirrored runs work without GPUs: for tests, not for speed.")
+flags.DEFINE_string("ray_address", None, "Extract features on a Ray cluster (Ray Data, "
+                    "pip install -e \".[ray]\"): 'local' starts one on this machine with "
+                    "--ray_workers CPUs, 'auto' joins the cluster of `ray start`, or HOST:PORT. "
+                    "Unset: no Ray.")
+flags.DEFINE_integer("ray_workers", 2, "Ray actor workers, each holding one model copy.")
 flags.DEFINE_integer("batch_size", 32, "Batch size for extraction, training and validation.")
 flags.DEFINE_float("dropout", 0.5, "Dropout rate after the new fc1 (--noinclude_top only).")
 # Stage 1: heads on cached features
@@ -107,6 +123,11 @@ flags.DEFINE_enum("augment_on", "auto", ["auto", "pipeline", "model"], "Where au
 flags.DEFINE_float("finetune_learning_rate", 1e-4, "Adam learning rate for fine-tuning.")
 flags.DEFINE_integer("finetune_epochs", 50, "Maximum fine-tuning epochs (0: export the "
                      "cache-trained model without fine-tuning).")
+flags.DEFINE_integer("finetune_views", 5, "K > 0: when the fine-tuned blocks start above a "
+                     "cached layer (A, B above block5_pool; C above block4_pool), cache K "
+                     "augmented views (--augment preset) of each training image once and run "
+                     "the fine-tuning epochs from the cache. 0: every epoch runs the whole "
+                     "network on freshly augmented images. See the README for the measurement.")
 flags.DEFINE_integer("patience", 5, "Early-stopping patience in epochs.")
 flags.DEFINE_enum("monitor", "auc", ["auc", "accuracy", "loss"], "Validation metric for early "
                   "stopping and best-model selection.")
@@ -161,6 +182,7 @@ class RunConfig:
 @dataclasses.dataclass
 class Job:
     """What the stages share: data, split, model, where outputs go."""
+    precision: object
     dataset: object
     frame: object
     train: object
@@ -169,6 +191,7 @@ class Job:
     workdir: str
     folds: Optional[list]
     outputs: dict
+    engine: object = None  # a features.ray_engine.RayEngine with --ray_address
 
     @property
     def metrics_path(self):
@@ -219,7 +242,7 @@ def _resolve_folds(cfg: RunConfig, train, val):
 
 def prepare(cfg: RunConfig) -> Job:
     """Discovers and checks the data, splits it, builds the classifier."""
-    from features import backbone, heads
+    from features import backbone, distribute, heads, precision
     from pipeline import discovery, scan
     dataset = discovery.discover(cfg.data_dir, cfg.positive_class)
     workdir = cfg.workdir or os.path.join(
@@ -233,7 +256,8 @@ def prepare(cfg: RunConfig) -> Job:
         backbone.parse_blocks(cfg.trainable_blocks)
     # Pre-flight: every image checked once, problems reported together.
     frame = scan.filter_bad_images(dataset.frame, cfg.image_size, cfg.on_bad_image,
-                                   os.path.join(workdir, "bad_images.csv"))
+                                   os.path.join(workdir, "bad_images.csv"),
+                                   memo_path=os.path.join(cfg.cache_dir, "preflight.json"))
     train, val = discovery.split_train_val(frame, _resolve_val_size(cfg.val_size, len(frame)),
                                            cfg.seed)
     split = frame.assign(subset=["val" if n in set(val.name) else "train" for n in frame.name])
@@ -241,12 +265,16 @@ def prepare(cfg: RunConfig) -> Job:
                                                                              "split.csv"))
     logging.info("Split: %d train, %d validation (seed %d) -> %s", len(train), len(val),
                  cfg.seed, os.path.join(workdir, "split.csv"))
-    heads.write_json(os.path.join(workdir, "run_config.json"), dict(cfg.values))
+    # Before the model is built: layers take the global policy when they are created.
+    chosen = precision.resolve_and_apply(cfg.precision)
+    heads.write_json(os.path.join(workdir, "run_config.json"),
+                     {**cfg.values, "precision_resolved": dataclasses.asdict(chosen),
+                      "replicas": distribute.replicas()})
     classifier = backbone.build_classifier(cfg.weights, cfg.include_top, cfg.image_size,
                                            cfg.seed, dropout=cfg.dropout)
     classifier.model.summary(print_fn=lambda line, *a, **k: logging.info(line),
                              expand_nested=True)
-    return Job(dataset, frame, train, val, classifier, workdir,
+    return Job(chosen, dataset, frame, train, val, classifier, workdir,
                _resolve_folds(cfg, train, val), {})
 
 
@@ -258,9 +286,9 @@ def load_cached(cfg: RunConfig, job: Job, views: int = 0):
         weights_id=backbone.weights_identity(cfg.weights, cfg.seed),
         include_top=cfg.include_top, image_size=cfg.image_size,
         layers=cache_lib.cached_layers(cfg.include_top), dtype=cfg.cache_dtype,
-        data_dir=job.dataset.data_dir)
+        data_dir=job.dataset.data_dir, precision=job.precision.policy)
     result = cache_lib.ensure_features(job.classifier, spec, job.frame, cfg.cache_dir,
-                                       cfg.batch_size)
+                                       cfg.batch_size, engine=job.engine)
     logging.info("Feature cache %s: %d reused, %d computed in %.1f s.", result.path,
                  result.reused, result.computed, result.seconds)
     train = cache_lib.load_features(result.path, spec, job.train, spec.layers)
@@ -270,7 +298,7 @@ def load_cached(cfg: RunConfig, job: Job, views: int = 0):
     aug_spec = dataclasses.replace(
         spec, augment=cfg.augment if cfg.augment != "none" else "keras_blog")
     aug = cache_lib.ensure_features(job.classifier, aug_spec, job.train, cfg.cache_dir,
-                                    cfg.batch_size, views=views)
+                                    cfg.batch_size, views=views, engine=job.engine)
     logging.info("Cached %d augmented view(s) (%s) of each training image.", views,
                  aug_spec.augment)
     return train, val, cache_lib.load_features(aug.path, aug_spec, job.train, spec.layers,
@@ -368,13 +396,20 @@ def finetune_stage(cfg: RunConfig, job: Job, scenario: str, optimizer: str = "ad
     logging.info("Fine-tuning scenario %s (blocks %s) from %s.", scenario, ",".join(blocks),
                  head_weights)
     summary = {"scenario": scenario, "blocks": blocks}
+    started = time.perf_counter()
     if cfg.finetune_epochs > 0:
+        cached = _finetune_views(cfg, job, blocks)
         ft = finetune_lib.finetune(
             job.classifier, blocks, job.train, job.val, workdir=job.workdir,
             image_size=cfg.image_size, batch_size=cfg.batch_size, augment=cfg.augment,
             learning_rate=cfg.finetune_learning_rate, epochs=cfg.finetune_epochs,
             patience=cfg.patience, monitor=cfg.monitor, seed=cfg.seed, resume=cfg.resume,
-            augment_on=cfg.augment_on, optimizer=optimizer, tensorboard_dir=_board(cfg, job))
+            augment_on=cfg.augment_on, optimizer=optimizer, tensorboard_dir=_board(cfg, job),
+            cached=cached)
+        # The whole stage, view extraction included, so both ways compare honestly.
+        ft["fit_seconds"] = ft.pop("seconds")
+        ft["seconds"] = round(time.perf_counter() - started, 2)
+        ft["views"] = cached.views if cached else 0
         history = ft.pop("history")
         heads.write_csv(history, job.path("history_finetune.csv"))
         job.outputs["fine-tuning plot"] = heads.plot_history(history,
@@ -389,7 +424,8 @@ def finetune_stage(cfg: RunConfig, job: Job, scenario: str, optimizer: str = "ad
             "trainable_blocks": blocks, "include_top": cfg.include_top,
             "weights": backbone.weights_identity(cfg.weights, cfg.seed),
             "preprocessing": cache_lib.PREPROCESSING, "output": "P(positive class)",
-            "val_auc": val_auc, "val_accuracy": val_acc, "layout": job.dataset.layout}
+            "val_auc": val_auc, "val_accuracy": val_acc, "layout": job.dataset.layout,
+            "trained_precision": job.precision.policy}
     bag = _export_bag(cfg, job, scenario, blocks, (val_auc, val_acc))
     if bag:
         info["bag"] = bag
@@ -398,6 +434,31 @@ def finetune_stage(cfg: RunConfig, job: Job, scenario: str, optimizer: str = "ad
     print(f"final model (scenario {scenario}): validation AUC {val_auc:.4f}, accuracy "
           f"{val_acc:.4f}" + (f"; linear probe {probe_auc:.4f}" if probe_auc is not None else "")
           + (f"; bag of {bag['members']} {bag['val_auc']:.4f}" if bag else ""))
+
+
+def _finetune_views(cfg, job, blocks):
+    """`finetune.CachedViews` for --finetune_views=K when the blocks start above a cached
+    layer (extracting the views once), else None: the whole network trains from images."""
+    import numpy as np
+    from features import backbone, cache as cache_lib
+    from features import finetune as finetune_lib
+    start = backbone.start_layer(blocks, job.classifier.include_top)
+    if cfg.finetune_views <= 0:
+        return None
+    if start not in cache_lib.cached_layers(cfg.include_top):
+        logging.info("Fine-tuning blocks %s reach below every cached layer: training the whole "
+                     "network from images (--finetune_views applies above a cached layer).",
+                     ",".join(blocks))
+        return None
+    if cfg.augment == "none":  # K identical views would be the plain features K times
+        train, val, _ = load_cached(cfg, job)
+        views, train_x = 1, train[start]
+    else:
+        train, val, aug = load_cached(cfg, job, cfg.finetune_views)
+        views, train_x = cfg.finetune_views, aug[start]
+    labels = job.train.label.to_numpy()
+    return finetune_lib.CachedViews(start, train_x, np.tile(labels, views), val[start],
+                                    job.val.label.to_numpy(), views)
 
 
 def _validate(cfg, job, model):
@@ -458,7 +519,7 @@ def predict_test(cfg: RunConfig, job: Job) -> None:
                                   job.path("bad_test_images.csv"), keep_rows=True)
     model = job.classifier.model
     if "bag" in job.outputs:
-        model, _ = inference.load_exported(job.workdir, bag=True)
+        model, _ = inference.load_exported(job.workdir, bag=True, policy=job.precision.policy)
     probs = inference.predict_frame(model, test, cfg.image_size, cfg.batch_size, cfg.tta)
     job.outputs["submission"] = inference.write_predictions(test.name, probs,
                                                             job.path("submission.csv"))
@@ -470,10 +531,30 @@ def predict_test(cfg: RunConfig, job: Job) -> None:
 
 
 def run(cfg: RunConfig) -> Job:
-    """The whole training job, in the order the stages run."""
+    """The whole training job, under the chosen tf.distribute strategy."""
+    from features import distribute
+    engine = None
+    if cfg.ray_address:
+        from features import ray_engine
+        engine = ray_engine.RayEngine(cfg.ray_address, cfg.ray_workers, build={
+            "weights": cfg.weights, "include_top": cfg.include_top,
+            "image_size": cfg.image_size, "seed": cfg.seed})
+    try:
+        with distribute.scope(distribute.make_strategy(cfg.strategy, cfg.cpu_replicas)):
+            return _run_stages(cfg, engine)
+    finally:
+        if engine is not None:
+            engine.stop()
+
+
+def _run_stages(cfg: RunConfig, engine=None) -> Job:
+    """The stages, in the order they run."""
     from features import heads, sweep
     started = time.perf_counter()
     job = prepare(cfg)
+    if engine is not None:
+        engine.precision = job.precision.policy
+        job.engine = engine.start()
     chosen = None
     if cfg.stage == "sweep" or (cfg.use_sweep and cfg.stage == "all"
                                 and not os.path.isfile(job.path("sweep.csv"))):
@@ -514,6 +595,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     py_logging.getLogger().setLevel(py_logging.INFO)
     with cli.user_errors():
+        if FLAGS.cpu_replicas > 1:  # before anything starts TensorFlow's devices
+            from features import distribute
+            distribute.split_cpu(FLAGS.cpu_replicas)
         if not FLAGS.demo and not FLAGS.data_dir:
             from pipeline.errors import ConfigError
             raise ConfigError("Pass --data_dir=PATH (a Kaggle root or a folder of two class "

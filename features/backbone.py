@@ -321,7 +321,9 @@ def build_classifier(weights: str = "imagenet", include_top: bool = True, image_
         x = keras.layers.Dropout(dropout, name="dropout", seed=seed)(x)
     # Small initial weights keep the first predictions near 0.5 even when the
     # incoming features are large (VGG activations reach the thousands).
-    outputs = keras.layers.Dense(1, activation="sigmoid", name="predictions",
+    # float32 whatever the precision policy (features.precision): a 16-bit sigmoid
+    # saturates and its log-loss loses the small differences training lives on.
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="predictions", dtype="float32",
                                  kernel_initializer=keras.initializers.RandomNormal(
                                      stddev=1e-3, seed=seed))(x)
     head = keras.Model(features, outputs, name="head")

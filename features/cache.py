@@ -11,9 +11,10 @@ One file per (data folder, backbone configuration). Layout::
     <layer>    [N, ...]    one dataset per cached layer, named by its Keras layer
                            name (block4_pool, block5_pool, fc2), chunked by batch
 
-Provenance (backbone, weights identity, image size, preprocessing, layers, dtype,
-library versions, data folder) lives in the file attributes and, hashed, in its
-name; a file whose attributes do not match what is asked for is rebuilt.
+Provenance (backbone, weights identity, image size, preprocessing, layers, storage
+dtype, compute precision, library versions, data folder) lives in the file
+attributes and, hashed, in its name; a file whose attributes do not match what
+is asked for is rebuilt.
 
 Crash safety: rows are written into ``<name>.partial.h5`` batch by batch and the
 attribute ``rows_done`` is advanced only after the batch is flushed, so an
@@ -41,6 +42,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from features import distribute
 from features.backbone import Classifier
 from pipeline import augment as augment_lib
 from pipeline import input as input_lib
@@ -65,6 +67,8 @@ class CacheSpec:
     dtype: str = "float32"
     data_dir: str = ""
     augment: str = "none"     # preset of the augmented views (views > 0 only)
+    precision: str = "float32"  # Keras policy the features were computed in
+
 
     def __post_init__(self):
         if self.dtype not in CACHE_DTYPES:
@@ -84,6 +88,7 @@ class CacheSpec:
             "dtype": self.dtype,
             "data_dir": os.path.abspath(self.data_dir),
             "augment": self.augment,
+            "precision": self.precision,
             "tensorflow_version": tf.__version__,
             "keras_version": keras.__version__,
             "h5py_version": h5py.__version__,
@@ -91,14 +96,18 @@ class CacheSpec:
 
     def file_name(self) -> str:
         """Readable, unique name: what matters at a glance plus a hash of everything."""
-        digest = hashlib.sha256(json.dumps(
-            {k: v for k, v in self.provenance().items() if not k.endswith("_version")},
-            sort_keys=True).encode()).hexdigest()[:12]
+        # float32 is left out of the hash so caches made before precision was recorded
+        # (all float32) keep their names and stay valid.
+        hashed = {k: v for k, v in self.provenance().items() if not k.endswith("_version")
+                  and not (k == "precision" and v == "float32")}
+        digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:12]
         weights = self.weights_id.split(":")[0].split("(")[0]
         data = os.path.basename(os.path.abspath(self.data_dir).rstrip(os.sep)) or "data"
         aug = "" if self.augment == "none" else f"-aug_{self.augment}"
+        computed = "" if self.precision == "float32" else f"-{self.precision}"
         return (f"vgg16-{data}-{self.image_size}px-{weights}-"
-                f"{'top' if self.include_top else 'notop'}-{self.dtype}{aug}-{digest}.h5")
+                f"{'top' if self.include_top else 'notop'}-{self.dtype}{computed}{aug}-"
+                f"{digest}.h5")
 
 
 def cached_layers(include_top: bool) -> tuple:
@@ -152,6 +161,7 @@ def _open_checked(path: str, spec: CacheSpec, mode="r"):
         raise _CorruptCache(f"cannot be opened as HDF5 ({err})") from err
     try:
         attrs = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f.attrs.items()}
+        attrs.setdefault("precision", "float32")  # written before the attribute existed
         expected = spec.provenance()
         diffs = [f"{k}: cached {attrs.get(k)!r}, wanted {v!r}" for k, v in expected.items()
                  if attrs.get(k) != v]
@@ -260,7 +270,7 @@ class CacheResult:
 
 def ensure_features(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame,
                     cache_dir: str, batch_size: int = 32, views: int = 0,
-                    progress: bool = True) -> CacheResult:
+                    progress: bool = True, engine=None) -> CacheResult:
     """Makes sure the cache holds features of every image in ``frame``; returns its path.
 
     Args:
@@ -270,6 +280,9 @@ def ensure_features(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame
       cache_dir: folder of cache files (created if needed).
       views: 0 caches the plain eval-path image; K >= 1 caches K augmented
         views of each image (``spec.augment`` preset) instead.
+      engine: where the rows are computed: None for this process, or a
+        `features.ray_engine.RayEngine` (the rows stream back here and are
+        written exactly as local ones, with the same resume and checksums).
 
     Only images whose rows are missing, changed (size/mtime) or corrupt are
     computed; a cache built from anything else is rebuilt, with the reason logged.
@@ -317,8 +330,10 @@ def ensure_features(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame
                 done = _valid_rows(f, spec.layers, verify=False)
                 todo = todo[~(todo.path + "|" + todo.identity).isin(set(done))]
             logging.info("Extracting %s for %d image(s)%s into %s.", ", ".join(spec.layers),
-                         len(todo), f" ({len(have)} already cached)" if have else "", path)
-            f = _extract_into(f, partial, classifier, spec, todo, batch_size, progress)
+                         len(todo), f" ({len(items) - len(todo)} already cached)"
+                         if len(todo) < len(items) else "", path)
+            f = _extract_into(f, partial, classifier, spec, todo, batch_size, progress,
+                              engine)
             f.attrs["complete"] = True
             f.close()
             f = None
@@ -344,24 +359,48 @@ def _items(frame: pd.DataFrame, views: int) -> pd.DataFrame:
     return items
 
 
-def _extract_into(f, partial, classifier, spec, todo, batch_size, progress):
+def compute_features(predict, items: pd.DataFrame, spec: CacheSpec, batch_size: int):
+    """Yields ``(rows of items, {layer: features})`` batch by batch, in order.
+
+    ``predict`` maps a batch of mean-centred images to the dict of ``spec.layers``
+    outputs. Used on this machine and, unchanged, inside Ray workers, so both
+    compute the same rows.
+    """
+    offset = 0
+    for batch in _extraction_dataset(items, spec.image_size, batch_size, spec.augment):
+        n = int(batch["image"].shape[0])
+        outputs = predict(batch["image"])
+        yield items.iloc[offset:offset + n], {l: np.asarray(outputs[l]) for l in spec.layers}
+        offset += n
+
+
+def _local_batches(classifier, spec, todo, batch_size):
+    computes_in = classifier.stem.get_layer("block1_conv1").dtype_policy.name
+    if computes_in != spec.precision:
+        # The provenance must say how the rows were really computed.
+        raise ConfigError(f"The backbone computes in {computes_in} but the cache is for "
+                          f"{spec.precision}; build the classifier after setting the precision.")
+    model = classifier.feature_model(spec.layers)
+    # Split over the replicas of a mirrored strategy (one device otherwise).
+    predict = distribute.sharded(lambda x: model(x, training=False))
+    return compute_features(predict, todo, spec, batch_size)
+
+
+def _extract_into(f, partial, classifier, spec, todo, batch_size, progress, engine=None):
     if todo.empty:
         return f
-    model = classifier.feature_model(spec.layers)
-    shapes = {name: tuple(model.output[name].shape[1:]) for name in spec.layers}
+    feature_model = classifier.feature_model(spec.layers)
+    shapes = {name: tuple(feature_model.output[name].shape[1:]) for name in spec.layers}
     if f is None:
         f = _create(partial, spec, shapes, chunk=batch_size)
-    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    source = (engine.feature_batches(spec, todo, batch_size) if engine is not None
+              else _local_batches(classifier, spec, todo, batch_size))
     bar = keras.utils.Progbar(len(todo), unit_name="image") if progress else None
-    offset = 0
-    for batch in _extraction_dataset(todo, spec.image_size, batch_size, spec.augment):
-        n = int(batch["image"].shape[0])
-        chunk = todo.iloc[offset:offset + n]
-        offset += n
-        outputs = predict(batch["image"])
+    for chunk, outputs in source:
+        n = len(chunk)
         feats = {}
         for layer in spec.layers:
-            values = outputs[layer].numpy().astype(spec.dtype)
+            values = outputs[layer].astype(spec.dtype)
             if not np.all(np.isfinite(values)):
                 raise ConfigError(
                     f"Features of layer {layer} overflow {spec.dtype} for images such as "

@@ -8,6 +8,7 @@ then does ``state.json`` (written by rename) point at it, so a kill at any
 moment leaves either the previous or the new checkpoint, never a torn one.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -148,6 +149,35 @@ class Checkpointer(keras.callbacks.Callback):
                 self.target.load_weights(path)
 
 
+@dataclasses.dataclass
+class CachedViews:
+    """Fine-tuning data from the feature cache: K augmented views of every training image
+    at ``start_layer`` (view-major, as `cache.load_features` returns them) and the plain
+    validation features.
+
+    An epoch is as many samples as there are training images, drawn without
+    replacement from all K x N views (reshuffled every epoch), so it costs what an
+    epoch from images costs in optimizer steps while showing fresh augmentations.
+    """
+    start_layer: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    views: int
+
+    def datasets(self, batch_size: int, seed: int, epochs: int):
+        """(training batches for ``epochs`` epochs of one image's worth each, validation
+        batches) for ``Model.fit``, with the steps per epoch."""
+        from features import heads
+        images = len(self.train_y) // self.views
+        train, steps = heads.shuffled_batches(self.train_x, self.train_y, batch_size, seed,
+                                              epochs, per_epoch=images)
+        val = tf.data.Dataset.from_tensor_slices(
+            (self.val_x, np.asarray(self.val_y, np.float32))).batch(batch_size)
+        return train, val, steps
+
+
 def gpu_available() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
@@ -157,13 +187,18 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
              augment: str, learning_rate: float, epochs: int, patience: int,
              monitor: str = "auc", seed: int = 0, resume: bool = False,
              augment_on: str = "auto", optimizer: str = "adam",
-             tensorboard_dir: Optional[str] = None, verbose: int = 1) -> dict:
-    """Fine-tunes ``blocks`` of ``classifier`` end to end; leaves the best weights in it.
+             tensorboard_dir: Optional[str] = None, cached: Optional["CachedViews"] = None,
+             verbose: int = 1) -> dict:
+    """Fine-tunes ``blocks`` of ``classifier``; leaves the best weights in it.
 
     Writes ``finetune/`` (checkpoints) and ``history_finetune.csv`` into ``workdir``.
 
     Args:
       monitor: "auc" or "accuracy" (validation).
+      cached: train from cached features instead of images (see `CachedViews`):
+        only the part above ``cached.start_layer`` runs, which is the whole
+        trainable part when ``blocks`` start above that layer. Early stopping,
+        best-model choice, resume and the result are the same as from images.
       tensorboard_dir: when given, TensorBoard logs go to ``<tensorboard_dir>/finetune``
         (kept across a resume, so the curves continue).
       augment_on: "pipeline" (tf.data, on the CPU), "model" (an `Augment` layer
@@ -180,7 +215,13 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
         shutil.rmtree(ckpt_dir)  # a fresh run never mixes with an old one
     trainable = backbone.set_trainable(classifier, blocks)
     on_model = augment_on == "model" or (augment_on == "auto" and gpu_available())
-    if on_model and not preset.is_identity:
+    if cached is not None:
+        start = backbone.start_layer(blocks, classifier.include_top)
+        if start != cached.start_layer:
+            raise ConfigError(f"Blocks {','.join(blocks)} train from {start}, but the cached "
+                              f"views are of {cached.start_layer}.")
+        fit_model = classifier.model_from(start)
+    elif on_model and not preset.is_identity:
         image = keras.Input(classifier.model.input.shape[1:], name="image")
         fit_model = keras.Model(image, classifier.model(
             augment_lib.Augment(augment, seed=seed, name="augment")(image)), name="train_model")
@@ -191,23 +232,29 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
     checkpointer = Checkpointer(ckpt_dir, classifier.model, fit_model.optimizer,
                                 "val_" + monitor, patience)
     initial_epoch = checkpointer.restore() if resume else 0
-    train = input_lib.train_dataset(
-        train_frame.path.tolist(), train_frame.label.tolist(), train_frame.name.tolist(),
-        image_size, batch_size, augment=augment, seed=seed + initial_epoch,
-        augment_in_pipeline=not on_model).map(input_lib.to_inputs_targets)
-    val = input_lib.eval_dataset(
-        val_frame.path.tolist(), val_frame.label.tolist(), val_frame.name.tolist(),
-        image_size, batch_size).map(input_lib.to_inputs_targets)
+    steps = max(1, math.ceil(len(train_frame) / batch_size))
+    if cached is not None:
+        train, val, steps = cached.datasets(batch_size, seed + initial_epoch,
+                                            max(1, epochs - initial_epoch))
+    else:
+        train = input_lib.train_dataset(
+            train_frame.path.tolist(), train_frame.label.tolist(), train_frame.name.tolist(),
+            image_size, batch_size, augment=augment, seed=seed + initial_epoch,
+            augment_in_pipeline=not on_model).map(input_lib.to_inputs_targets)
+        val = input_lib.eval_dataset(
+            val_frame.path.tolist(), val_frame.label.tolist(), val_frame.name.tolist(),
+            image_size, batch_size).map(input_lib.to_inputs_targets)
     start_value = None
     if not resume:
         start_value = float(fit_model.evaluate(val, verbose=0, return_dict=True)[monitor])
         checkpointer.set_baseline(start_value)
         logging.info("Before fine-tuning: val_%s %.4f (epoch 0; an epoch must beat it).",
                      monitor, start_value)
-    steps = max(1, math.ceil(len(train_frame) / batch_size))
+    where = (f"{cached.views} cached view(s) of {cached.start_layer}" if cached is not None
+             else "the model" if on_model else "the input pipeline")
     logging.info("Fine-tuning %s (%d layers) for up to %d epochs, %d steps each, lr %g, "
-                 "augment=%s on the %s.", "+".join(blocks), len(trainable), epochs, steps,
-                 learning_rate, augment, "model" if on_model else "input pipeline")
+                 "augment=%s from %s.", "+".join(blocks), len(trainable), epochs, steps,
+                 learning_rate, augment, where)
     callbacks = [checkpointer]
     if tensorboard_dir:
         log_dir = os.path.join(tensorboard_dir, "finetune")

@@ -24,7 +24,7 @@ import tensorflow as tf
 from sklearn import metrics as sk_metrics
 from sklearn.model_selection import StratifiedKFold
 
-from features import backbone
+from features import backbone, precision
 from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.errors import ConfigError
 
@@ -170,16 +170,48 @@ def _history_frame(history: keras.callbacks.History) -> pd.DataFrame:
                  [c for c in frame if c not in HISTORY_COLUMNS]]
 
 
-def _shuffled_batches(x, y, batch_size: int, seed: int) -> tf.data.Dataset:
-    """In-memory features, reshuffled every epoch from an explicit seed.
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of ``epoch`` (0-based): ``default_rng([seed, epoch]).permutation(n)``."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
-    Keras' own ``shuffle=True`` for arrays draws from TensorFlow's global op-seed
-    counter, so two identical runs in one process shuffle differently; an
-    explicitly seeded tf.data shuffle makes a scenario's result reproducible.
+
+def shuffled_batches(x, y, batch_size: int, seed: int, epochs: int,
+                     per_epoch: Optional[int] = None):
+    """``epochs`` epochs of feature batches, each epoch in its `epoch_order`; returns
+    (dataset, steps per epoch). Fit it with ``steps_per_epoch=steps``.
+
+    ``per_epoch`` rows (default: all) are taken from the front of each epoch's order,
+    e.g. one image's worth of a pool of K augmented views per image.
+
+    The order is a table fixed before training, so two identical runs in one process
+    train identically (Keras' ``shuffle=True`` draws from TensorFlow's global op-seed
+    counter) and so does a MirroredStrategy run: under it, a seeded tf.data shuffle
+    and a PyDataset both came out in another order from the second epoch on, because
+    the strategy resets and prefetches input differently. Rows are gathered from
+    ``x`` (anything NumPy-indexable) on the host, a batch at a time.
     """
-    return (tf.data.Dataset.from_tensor_slices((x, np.asarray(y, np.float32)))
-            .shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-            .batch(batch_size))
+    y = np.asarray(y, np.float32)
+    n = len(y)
+    per_epoch = n if per_epoch is None else min(per_epoch, n)
+    steps = -(-per_epoch // batch_size)
+    orders = np.stack([epoch_order(n, seed, e)[:per_epoch]
+                       for e in range(epochs)]).astype(np.int64)
+    shape = tuple(np.shape(x)[1:])
+
+    def gather(rows):
+        return np.asarray(x[rows], np.float32), y[rows]
+
+    def load(rows):
+        xb, yb = tf.numpy_function(gather, [rows], [tf.float32, tf.float32], stateful=False)
+        xb.set_shape([None, *shape])
+        yb.set_shape([None])
+        return xb, yb
+
+    dataset = (tf.data.Dataset.from_tensor_slices(orders)
+               .flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order)
+                         .batch(batch_size))
+               .map(load).prefetch(2))
+    return dataset, steps
 
 
 def with_views(x, y, views_x=None, rows=None):
@@ -222,7 +254,8 @@ def fit_head(classifier: backbone.Classifier, config: HeadConfig, x_train, y_tra
     validation = (x_val, np.asarray(y_val, np.float32)) if x_val is not None else None
     with dropout_rate(classifier, config.dropout):
         backbone.compile_model(model, config.learning_rate, config.optimizer)
-        history = model.fit(_shuffled_batches(x_train, y_train, batch_size, seed),
+        batches, steps = shuffled_batches(x_train, y_train, batch_size, seed, epochs)
+        history = model.fit(batches, steps_per_epoch=steps,
                             epochs=epochs, validation_data=validation,
                             validation_batch_size=batch_size, callbacks=callbacks,
                             shuffle=False, verbose=verbose)
@@ -268,21 +301,57 @@ class FoldTrainer:
         blocks = backbone.scenario_blocks(config.scenario)
         backbone.set_trainable(classifier, blocks, log=False)
         self.model = classifier.model_from(backbone.start_layer(blocks, classifier.include_top))
-        self.optimizer = backbone.make_optimizer(config.optimizer, config.learning_rate)
+        self.optimizer = precision.loss_scaled(
+            backbone.make_optimizer(config.optimizer, config.learning_rate))
         self.optimizer.build(self.model.trainable_variables)
         self._fresh = [v.numpy() for v in self.optimizer.variables]
         self._loss = keras.losses.BinaryCrossentropy()
         features = tf.TensorSpec([None, *self.model.input.shape[1:]], tf.float32)
-        self._step = tf.function(self._train_step, jit_compile=jit_compile,
-                                 input_signature=[features, tf.TensorSpec([None], tf.float32)])
+        signature = [features, tf.TensorSpec([None], tf.float32)]
+        self._strategy = tf.distribute.get_strategy()
+        if self._strategy.num_replicas_in_sync > 1:
+            # Mirrored variables are updated from the replicas (each on its share of the
+            # batch), not compiled by XLA as one step: tf.distribute owns that graph.
+            self._step = tf.function(self._distributed_step, input_signature=signature)
+            jit_compile = False
+        else:
+            self._step = tf.function(self._train_step, jit_compile=jit_compile,
+                                     input_signature=signature)
         self._predict = tf.function(lambda x: self.model(x, training=False)[:, 0],
                                     jit_compile=jit_compile, input_signature=[features])
+
+    def _distributed_step(self, x, y):
+        """`_train_step` split over the replicas; the summed gradients equal the global
+        batch's (each replica's loss is its share of the global mean)."""
+        total = tf.cast(tf.shape(y)[0], tf.float32)
+
+        def shard(t):
+            def piece(ctx):
+                per = (tf.shape(t)[0] + ctx.num_replicas_in_sync - 1) // ctx.num_replicas_in_sync
+                return t[ctx.replica_id_in_sync_group * per:
+                         (ctx.replica_id_in_sync_group + 1) * per]
+            return self._strategy.experimental_distribute_values_from_function(piece)
+
+        def replica_step(xs, ys):
+            with tf.GradientTape() as tape:
+                per_image = keras.losses.binary_crossentropy(
+                    ys[:, None], self.model(xs, training=True))
+                loss = tf.reduce_sum(per_image) / total
+                scaled = self.optimizer.scale_loss(loss)
+            variables = self.model.trainable_variables
+            self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+            return loss
+
+        losses = self._strategy.run(replica_step, args=(shard(x), shard(y)))
+        return self._strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
     def _train_step(self, x, y):
         with tf.GradientTape() as tape:
             loss = self._loss(y[:, None], self.model(x, training=True))
+            # Identity except under mixed_float16, where apply_gradients unscales.
+            scaled = self.optimizer.scale_loss(loss)
         variables = self.model.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
         return loss
 
     def predict(self, x, batch_size: int = 64) -> np.ndarray:
@@ -297,11 +366,13 @@ class FoldTrainer:
         for variable, value in zip(self.optimizer.variables, self._fresh):
             variable.assign(value)
         keras.utils.set_random_seed(seed)
-        batches = _shuffled_batches(np.asarray(x, np.float32), y, batch_size, seed)
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
         aucs = []
-        for _ in range(epochs):
-            for xb, yb in batches:
-                self._step(xb, yb)
+        for epoch in range(epochs):
+            order = epoch_order(len(y), seed, epoch)  # as `shuffled_batches`, so as fit
+            for start in range(0, len(y), batch_size):
+                rows = order[start:start + batch_size]
+                self._step(x[rows], y[rows])
             if x_val is not None:
                 aucs.append(binary_scores(y_val, self.predict(x_val))[0])
         return aucs

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from features import distribute, precision
 from pipeline import input as input_lib
 from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.errors import ConfigError, DataError
@@ -77,7 +78,7 @@ def build_bag(classifier, scenario: str, members, final_model: bool = True,
         outputs.append(keras.Model(inputs, clone(inputs), name=f"member_{k}")(features))
     if not outputs:
         raise ConfigError("A bag needs at least one member.")
-    average = outputs[0] if len(outputs) == 1 else keras.layers.Average(name="average")(outputs)
+    average = outputs[0] if len(outputs) == 1 else keras.layers.Average(name="average", dtype="float32")(outputs)
     return keras.Model(image, average, name=name)
 
 
@@ -89,9 +90,14 @@ def export_bag(bag: keras.Model, workdir: str) -> str:
     return path
 
 
-def load_exported(workdir: str, bag: bool = False):
+def load_exported(workdir: str, bag: bool = False, policy: Optional[str] = None):
     """Loads ``model.keras`` (or, with ``bag``, ``bag.keras``) in safe mode (no
-    deserialised code), and its info dict."""
+    deserialised code), and its info dict.
+
+    ``policy`` (a `features.precision` policy name) makes the model compute in it
+    instead of the precision it was trained in (e.g. a model trained in bfloat16
+    on a GPU predicts in float32 on a CPU without bfloat16).
+    """
     path = os.path.join(workdir, BAG_FILE if bag else MODEL_FILE)
     info_path = os.path.join(workdir, INFO_FILE)
     if not os.path.isfile(path) or not os.path.isfile(info_path):
@@ -103,6 +109,8 @@ def load_exported(workdir: str, bag: bool = False):
         model = keras.models.load_model(path, safe_mode=True, compile=False)
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise ConfigError(f"Cannot load the model in {workdir}: {err}") from err
+    if policy is not None:
+        model = precision.with_policy(model, policy)
     return model, info
 
 
@@ -136,7 +144,7 @@ def predict_paths(model: keras.Model, paths: Sequence[str], names: Sequence[str]
     """
     check_tta(tta)
     dataset = input_lib.eval_dataset(list(paths), None, list(names), image_size, batch_size)
-    run = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    run = distribute.sharded(lambda x: model(x, training=False))
     bar = keras.utils.Progbar(len(paths), unit_name="image") if progress else None
     out = []
     for batch in dataset:
@@ -217,12 +225,19 @@ FALLBACK_PROBABILITY = 0.5
 
 
 def predict_frame(model: keras.Model, frame, image_size: int, batch_size: int = 32,
-                  tta: int = 1, progress: bool = True) -> np.ndarray:
+                  tta: int = 1, progress: bool = True, engine=None, workdir: str = None,
+                  bag: bool = False) -> np.ndarray:
     """Like `predict_paths` for a frame with ``path, name`` and optionally a boolean ``bad``
-    column; bad rows get `FALLBACK_PROBABILITY`."""
+    column; bad rows get `FALLBACK_PROBABILITY`.
+
+    With ``engine`` (a `features.ray_engine.RayEngine`), Ray workers load the model
+    exported in ``workdir`` (``bag.keras`` with ``bag``) and predict instead.
+    """
     probs = np.full(len(frame), FALLBACK_PROBABILITY, np.float64)
     good = ~frame["bad"].to_numpy(bool) if "bad" in frame else np.ones(len(frame), bool)
-    if good.any():
+    if good.any() and engine is not None:
+        probs[good] = engine.predict(workdir, bag, frame[good], image_size, batch_size, tta)
+    elif good.any():
         probs[good] = predict_paths(model, frame.path[good].tolist(), frame.name[good].tolist(),
                                     image_size, batch_size, tta, progress)
     return probs

@@ -198,6 +198,12 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     assert set(metrics["heads"]) == {"A", "C"} and metrics["finetune"]["scenario"] in "AC"
     assert set(metrics["cross_validation"]) == {"A", "C"}
     assert len(metrics["cross_validation"]["C"]["fold_aucs"]) == 2
+    # A and C start above a cached layer: fine-tuned from 5 cached views (the default),
+    # and the stage's seconds include extracting them.
+    assert metrics["finetune"]["views"] == 5
+    assert metrics["finetune"]["seconds"] >= metrics["finetune"]["fit_seconds"]
+    resolved = json.loads((workdir / "run_config.json").read_text())["precision_resolved"]
+    assert resolved["policy"] in ("float32", "mixed_bfloat16") and resolved["reason"]
     history = pd.read_csv(workdir / "history_heads_C.csv")
     assert list(history.columns[:7]) == ["epoch", "loss", "accuracy", "auc", "val_loss",
                                          "val_accuracy", "val_auc"]
@@ -207,7 +213,7 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     labels = tmp_path / "test_labels.csv"
     labels.write_text("name,invasive\n" + "".join(f"{i},{i % 2}\n" for i in range(1, 6)))
     result = _run("predict.py", f"--workdir={workdir}", f"--data_dir={kaggle_dir}",
-                  f"--output={out}", "--tta=2", f"--labels={labels}")
+                  f"--output={out}", "--tta=2", f"--labels={labels}", "--precision=float32")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.reader(open(out)))
     assert rows[0] == ["name", "invasive"]

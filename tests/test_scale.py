@@ -1,0 +1,118 @@
+"""Scale-out: MirroredStrategy over CPU replicas, Ray Data for extraction and prediction."""
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from features import backbone, cache, distribute, inference, ray_engine
+from pipeline import discovery
+from pipeline.errors import ConfigError
+from tests.conftest import colour_image, write_image
+from tests.test_finetune_predict import ROOT, _run
+
+SIZE = 32
+
+
+def test_strategy_names_and_late_cpu_split_are_clear_errors():
+    with pytest.raises(ConfigError, match="--strategy='many'"):
+        distribute.make_strategy("many")
+    # Once TensorFlow has started its devices, splitting the CPU cannot work.
+    import tensorflow as tf
+    tf.config.list_logical_devices()
+    with pytest.raises(ConfigError, match="before TensorFlow starts"):
+        distribute.split_cpu(3)
+    assert distribute.make_strategy("one").num_replicas_in_sync == 1
+
+
+def test_without_ray_address_ray_is_never_imported():
+    code = ("import sys; import features.cache, features.inference, features.ray_engine; "
+            "import train; assert 'ray' not in sys.modules, 'ray imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    for i in range(20):
+        write_image(str(root / "data" / ("pos" if i % 2 else "neg") / f"img{i}.jpg"),
+                    colour_image(i % 2, size=36, seed=i))
+    return discovery.discover(str(root / "data"), positive_class="pos"), root
+
+
+def test_ray_rows_and_predictions_equal_a_plain_run(images, tmp_path):
+    ds, _ = images
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    spec = cache.CacheSpec("none(seed=0)", False, SIZE, cache.cached_layers(False),
+                           data_dir=ds.data_dir)
+    plain = cache.ensure_features(clf, spec, ds.frame, str(tmp_path / "plain"), 4,
+                                  progress=False)
+    # Half the images are already cached: Ray must compute only the other half.
+    ray_dir = str(tmp_path / "ray")
+    cache.ensure_features(clf, spec, ds.frame.iloc[:10], ray_dir, 4, progress=False)
+    engine = ray_engine.RayEngine("local", 2, build={"weights": "none", "include_top": False,
+                                                     "image_size": SIZE, "seed": 0}).start()
+    try:
+        result = cache.ensure_features(clf, spec, ds.frame, ray_dir, 4, progress=False,
+                                       engine=engine)
+        assert (result.reused, result.computed) == (10, 10)
+        with h5py.File(result.path) as f:  # streamed in by the driver, checksummed
+            assert int(f.attrs["rows_done"]) == 20
+        a = cache.load_features(plain.path, spec, ds.frame, spec.layers)
+        b = cache.load_features(result.path, spec, ds.frame, spec.layers)
+        for layer in spec.layers:
+            # Float rounding only: oneDNN may pick another kernel for another batch split.
+            np.testing.assert_allclose(b[layer], a[layer], rtol=1e-4,
+                                       atol=1e-5 * np.abs(a[layer]).max())
+
+        workdir = tmp_path / "run"
+        inference.export_model(clf.model, str(workdir), {"image_size": SIZE})
+        local = inference.predict_frame(clf.model, ds.frame, SIZE, 4, progress=False)
+        remote = inference.predict_frame(None, ds.frame, SIZE, 4, engine=engine,
+                                         workdir=str(workdir))
+        np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-6)  # same order too
+    finally:
+        engine.stop()
+
+
+def test_mirrored_two_cpu_replicas_match_one_device_and_resume(kaggle_dir, tmp_path):
+    def train(name, *extra):
+        workdir = tmp_path / name
+        result = _run("train.py", f"--data_dir={kaggle_dir}", f"--workdir={workdir}",
+                      "--weights=none", "--noinclude_top", f"--image_size={SIZE}",
+                      "--val_size=4", "--batch_size=4", f"--cache_dir={tmp_path / name}c",
+                      "--scenarios=A", "--cv_folds=0", "--dropout=0", "--epochs=2",
+                      "--finetune_epochs=1", "--finetune_views=2", "--augment=keras_blog",
+                      "--notensorboard", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return workdir
+
+    one = train("one", "--strategy=one")
+    two = train("two", "--strategy=mirrored", "--cpu_replicas=2")
+    configs = [json.loads((w / "run_config.json").read_text()) for w in (one, two)]
+    assert [c["replicas"] for c in configs] == [1, 2]
+    # Without dropout the global batch gives the same gradients however it is split.
+    h1, h2 = (pd.read_csv(w / "history_heads_A.csv") for w in (one, two))
+    np.testing.assert_allclose(h2.val_loss, h1.val_loss, rtol=1e-4)
+    s1, s2 = (pd.read_csv(w / "submission.csv") for w in (one, two))
+    assert list(s1.name) == list(s2.name)
+    np.testing.assert_allclose(s2.invasive, s1.invasive, atol=1e-4)
+    # Resume under the mirrored strategy continues from the checkpointed epoch.
+    result = _run("train.py", f"--data_dir={kaggle_dir}", f"--workdir={two}",
+                  "--weights=none", "--noinclude_top", f"--image_size={SIZE}", "--val_size=4",
+                  "--batch_size=4", f"--cache_dir={tmp_path / 'two'}c", "--stage=finetune",
+                  "--scenario=A", "--dropout=0", "--finetune_epochs=2", "--finetune_views=2",
+                  "--augment=keras_blog", "--notensorboard", "--resume",
+                  "--strategy=mirrored", "--cpu_replicas=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    finetune = json.loads((two / "metrics.json").read_text())["finetune"]
+    assert finetune["resumed_from_epoch"] == 1 and finetune["epochs_run"] == 2
+    model, _ = inference.load_exported(str(two))  # exported under mirrored: safe mode loads
+    assert model.output.shape[-1] == 1
