@@ -64,6 +64,9 @@ def run():
     logging.info("Predicting %d images with %s (positive class %r, %d px, tta=%d, %s).",
                  len(frame), inference.BAG_FILE if use_bag else inference.MODEL_FILE,
                  info.get("positive_class"), image_size, FLAGS.tta, chosen.policy)
+    from pipeline import progress
+    progress.report("predict", f"predict again ({FLAGS.output} is only written once every "
+                               "row is done)")
     engine = None
     if FLAGS.ray_address:
         from features import ray_engine

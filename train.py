@@ -90,6 +90,10 @@ flags.DEFINE_string("optimizer", "adam", "Heads-stage optimizer: adam, sgd (mome
 flags.DEFINE_enum("cache_dtype", "float32", ["float16", "float32"], "Storage type of cached "
                   "features. float16 halves the cache; it left scenarios A/B unchanged but "
                   "cost scenario C ~0.03 AUC in docs/benchmarks.md.")
+flags.DEFINE_float("heads_memory_gb", None, "Memory budget for cached features in the heads, "
+                   "sweep and cached fine-tuning stages. Above it they stream batches from the "
+                   "HDF5 cache instead of loading it (same results, slower). Default: half of "
+                   "the memory available when the run starts.")
 flags.DEFINE_integer("cache_augmented_views", 0, "K > 0: also cache K augmented views of "
                      "each training image (--augment preset, keras_blog if none) and train "
                      "heads on them.")
@@ -278,38 +282,103 @@ def prepare(cfg: RunConfig) -> Job:
                _resolve_folds(cfg, train, val), {})
 
 
-def load_cached(cfg: RunConfig, job: Job, views: int = 0):
-    """Cached features of the split (extracting what is missing), and of K augmented views
-    of the training images when ``views`` > 0: (train, val, views or None)."""
+def _cache_spec(cfg: RunConfig, job: Job, augmented: bool = False):
+    """The cache of this run's plain features, or (``augmented``) of its augmented views."""
     from features import backbone, cache as cache_lib
-    spec = cache_lib.CacheSpec(
+    return cache_lib.CacheSpec(
         weights_id=backbone.weights_identity(cfg.weights, cfg.seed),
         include_top=cfg.include_top, image_size=cfg.image_size,
         layers=cache_lib.cached_layers(cfg.include_top), dtype=cfg.cache_dtype,
-        data_dir=job.dataset.data_dir, precision=job.precision.policy)
+        data_dir=job.dataset.data_dir, precision=job.precision.policy,
+        augment=(cfg.augment if cfg.augment != "none" else "keras_blog") if augmented
+        else "none")
+
+
+def check_disk(cfg: RunConfig, job: Job) -> None:
+    """Stops before any long work when what the run will write cannot fit (one paragraph:
+    what needs how much, where, how much is free, what to do)."""
+    from features import cache as cache_lib
+    from pipeline import diskspace
+    needs = [("feature cache", cache_lib.planned_bytes(job.classifier, _cache_spec(cfg, job),
+                                                       job.frame, cfg.cache_dir), cfg.cache_dir)]
+    views = max(cfg.cache_augmented_views,
+                cfg.finetune_views if cfg.stage in ("finetune", "all") else 0)
+    if views > 0 and cfg.augment != "none":
+        needs.append((f"{views} augmented view(s) per training image", cache_lib.planned_bytes(
+            job.classifier, _cache_spec(cfg, job, augmented=True), job.train, cfg.cache_dir,
+            views), cfg.cache_dir))
+    if cfg.stage in ("finetune", "all"):
+        weights = job.classifier.model.count_params() * 4
+        # best + last checkpoint + the next one being written + Adam's two slots
+        needs.append(("fine-tuning checkpoints", 5 * weights, job.workdir))
+        needs.append(("exported model(s)", weights * (2 if cfg.bag else 1), job.workdir))
+    diskspace.check(needs, advice="Use --cache_dir (or --workdir) on a bigger disk, "
+                    "--cache_dtype=float16 (halves the cache), fewer cached views "
+                    "(--finetune_views, --cache_augmented_views) or a smaller --image_size.")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; else 4 GB)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def _stream_features(cfg: RunConfig, job: Job, views: int) -> bool:
+    """Whether the cached features of this run exceed the memory budget (logged either way)."""
+    from features import cache as cache_lib
+    spec = _cache_spec(cfg, job)
+    model = job.classifier.feature_model(spec.layers)
+    shapes = {name: tuple(model.output[name].shape[1:]) for name in spec.layers}
+    rows = len(job.train) * (1 + max(views, 0)) + len(job.val)
+    need = cache_lib.feature_bytes(spec, shapes, rows)
+    budget = (cfg.heads_memory_gb * (1 << 30) if cfg.heads_memory_gb is not None
+              else available_memory() // 2)
+    stream = need > budget
+    logging.info("Cached features for this stage: %.2f GB for %d rows; memory budget %.2f GB "
+                 "(%s): %s.", need / (1 << 30), rows, budget / (1 << 30),
+                 "--heads_memory_gb" if cfg.heads_memory_gb is not None
+                 else "half the available memory",
+                 "streaming batches from the HDF5 cache" if stream else "loading into memory")
+    return stream
+
+
+def load_cached(cfg: RunConfig, job: Job, views: int = 0):
+    """Cached features of the split (extracting what is missing), and of K augmented views
+    of the training images when ``views`` > 0: (train, val, views or None). Arrays, or
+    `cache.H5Rows` read on demand when they exceed the memory budget."""
+    from features import cache as cache_lib
+    spec = _cache_spec(cfg, job)
     result = cache_lib.ensure_features(job.classifier, spec, job.frame, cfg.cache_dir,
                                        cfg.batch_size, engine=job.engine)
     logging.info("Feature cache %s: %d reused, %d computed in %.1f s.", result.path,
                  result.reused, result.computed, result.seconds)
-    train = cache_lib.load_features(result.path, spec, job.train, spec.layers)
-    val = cache_lib.load_features(result.path, spec, job.val, spec.layers)
+    stream = _stream_features(cfg, job, views)
+    train = cache_lib.load_features(result.path, spec, job.train, spec.layers, stream=stream)
+    val = cache_lib.load_features(result.path, spec, job.val, spec.layers, stream=stream)
     if views <= 0:
         return train, val, None
-    aug_spec = dataclasses.replace(
-        spec, augment=cfg.augment if cfg.augment != "none" else "keras_blog")
+    aug_spec = _cache_spec(cfg, job, augmented=True)
     aug = cache_lib.ensure_features(job.classifier, aug_spec, job.train, cfg.cache_dir,
                                     cfg.batch_size, views=views, engine=job.engine)
     logging.info("Cached %d augmented view(s) (%s) of each training image.", views,
                  aug_spec.augment)
     return train, val, cache_lib.load_features(aug.path, aug_spec, job.train, spec.layers,
-                                               views=views)
+                                               views=views, stream=stream)
 
 
 def heads_stage(cfg: RunConfig, job: Job, chosen=None) -> str:
     """Probe + scenarios on the cache; returns the best scenario. ``chosen``: a sweep config."""
     import shutil
     from features import heads, probe
+    from pipeline import progress
     shutil.rmtree(job.path("heads", "bag"), ignore_errors=True)  # never mix with an old bag
+    progress.report("heads", "repeat the heads stage (it trains from the feature cache)")
     views = chosen.views if chosen else cfg.cache_augmented_views
     train, val, view_feats = load_cached(cfg, job, views)
     y_train, y_val = job.train.label.to_numpy(), job.val.label.to_numpy()
@@ -337,6 +406,7 @@ def heads_stage(cfg: RunConfig, job: Job, chosen=None) -> str:
     if cfg.bag and job.folds:
         _save_bag_members(cfg, job, best, train, view_feats)
     print(heads.format_summary(results, baseline, best))
+    progress.clear("heads")
     return best.scenario
 
 
@@ -552,6 +622,7 @@ def _run_stages(cfg: RunConfig, engine=None) -> Job:
     from features import heads, sweep
     started = time.perf_counter()
     job = prepare(cfg)
+    check_disk(cfg, job)
     if engine is not None:
         engine.precision = job.precision.policy
         job.engine = engine.start()

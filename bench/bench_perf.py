@@ -12,7 +12,9 @@ Sections (--sections, comma-separated; all by default):
             (ImageDataGenerator over a frozen VGG16, every epoch re-running it);
   precision heads-stage scenario AUCs (5-fold CV) in float32 vs mixed_bfloat16;
   finetune  the final model (scenario B, aggressive augmentation, patience 5) from
-            K cached views vs the whole network (K = 0): stage seconds and val AUC.
+            K cached views vs the whole network (K = 0): stage seconds and val AUC;
+  ray       extraction in this process vs a local Ray cluster with 1 and 2 workers;
+  mirrored  the heads stage (with extraction) on one device vs 2 CPU replicas.
 
 Meant for ImageNet-derived weights on real photos:
 
@@ -147,7 +149,10 @@ def section_extract(args, results):
 REFERENCE_SCRIPT = r'''
 import sys, time, numpy as np, pandas as pd, keras
 from sklearn.metrics import roc_auc_score
-from keras.preprocessing.image import ImageDataGenerator
+try:
+    from keras.preprocessing.image import ImageDataGenerator
+except ImportError:  # Keras 3.15 keeps it only as a legacy module
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
 split, weights, size, epochs, batch = sys.argv[1:6]
 size, epochs, batch = int(size), int(epochs), int(batch)
 frame = pd.read_csv(split)
@@ -253,8 +258,74 @@ def section_finetune(args, results):
           f"{args.finetune_epochs} epochs, {args.image_size} px\n{table.to_string(index=False)}")
 
 
+def section_ray(args, results):
+    """Extraction of the same photos on this process vs a local Ray cluster (1, 2 workers)."""
+    from features import backbone, cache, ray_engine
+    from pipeline import discovery, scan
+    frame = discovery.discover(args.data_dir).frame
+    frame = scan.filter_bad_images(frame, args.image_size, "skip",
+                                   os.path.join(tempfile.mkdtemp(), "bad.csv"))
+    frame = frame.iloc[:args.extract_images].reset_index(drop=True)
+    clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
+    spec = cache.CacheSpec(backbone.weights_identity(args.weights, 0), False, args.image_size,
+                           cache.cached_layers(False), "float32", args.data_dir)
+    build = {"weights": args.weights, "include_top": False, "image_size": args.image_size,
+             "seed": 0}
+    rows = []
+    folder = tempfile.mkdtemp(prefix="bench-ray-")
+    plain = cache.ensure_features(clf, spec, frame, folder, args.batch_size, progress=False)
+    shutil.rmtree(folder)
+    rows.append({"engine": "this process", "start_s": 0.0, "extract_s": round(plain.seconds, 1),
+                 "img_s": round(len(frame) / plain.seconds, 2)})
+    for workers in (1, 2):
+        started = time.perf_counter()
+        engine = ray_engine.RayEngine("local", workers, build=build).start()
+        start_s = time.perf_counter() - started
+        folder = tempfile.mkdtemp(prefix="bench-ray-")
+        try:
+            result = cache.ensure_features(clf, spec, frame, folder, args.batch_size,
+                                           progress=False, engine=engine)
+        finally:
+            engine.stop()
+            shutil.rmtree(folder)
+        rows.append({"engine": f"ray local, {workers} worker(s)", "start_s": round(start_s, 1),
+                     "extract_s": round(result.seconds, 1),
+                     "img_s": round(len(frame) / result.seconds, 2)})
+    import pandas as pd
+    table = pd.DataFrame(rows)
+    table["time_vs_plain"] = (table.extract_s / rows[0]["extract_s"]).round(2)
+    table["overhead_ms_per_image"] = ((table.extract_s - rows[0]["extract_s"]) * 1000
+                                      / len(frame)).round(0)
+    results["ray"] = table.to_dict("records")
+    print(f"\n## ray: extraction of {len(frame)} photos at {args.image_size} px "
+          f"(extract_s includes worker start-up: TensorFlow import + model build)\n"
+          f"{table.to_string(index=False)}")
+
+
+def section_mirrored(args, results):
+    """train.py --stage=heads (fresh cache, so extraction included) on one device vs
+    mirrored over 2 CPU replicas, as whole processes."""
+    rows = []
+    for name, extra in (("one device", ["--strategy=one"]),
+                        ("mirrored, 2 CPU replicas", ["--strategy=mirrored",
+                                                      "--cpu_replicas=2"])):
+        workdir = tempfile.mkdtemp(prefix="bench-mirrored-")
+        cache_dir = os.path.join(workdir, "cache")
+        _, seconds = _train(args, workdir, "--stage=heads", "--scenarios=A,B", "--cv_folds=0",
+                            "--epochs=5", *extra, cache_dir=cache_dir)
+        heads = _metrics(workdir)["heads"]
+        rows.append({"run": name, "seconds": round(seconds, 1),
+                     **{f"{s}_val_auc": round(heads[s]["best_val_auc"], 4) for s in heads}})
+    results["mirrored"] = rows
+    print(f"\n## mirrored: --stage=heads with extraction, {args.image_size} px")
+    for row in rows:
+        print("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    print(f"  mirrored / one device: {rows[1]['seconds'] / rows[0]['seconds']:.2f}x time")
+
+
 SECTIONS = {"limit": section_limit, "extract": section_extract, "heads": section_heads,
-            "precision": section_precision, "finetune": section_finetune}
+            "precision": section_precision, "finetune": section_finetune,
+            "ray": section_ray, "mirrored": section_mirrored}
 
 
 def main():

@@ -46,7 +46,8 @@ from features import distribute
 from features.backbone import Classifier
 from pipeline import augment as augment_lib
 from pipeline import input as input_lib
-from pipeline import ops
+from pipeline import diskspace, ops
+from pipeline import progress as progress_lib
 from pipeline.errors import ConfigError, DataError
 
 FORMAT_VERSION = 1
@@ -201,14 +202,21 @@ def _append(f, rows: Dict[str, np.ndarray], layers: Sequence[str]):
     """Writes one batch of rows after ``rows_done`` and then advances ``rows_done``."""
     start = int(f.attrs["rows_done"])
     n = len(rows["names"])
-    for name, values in rows.items():
-        ds = f[name]
-        if ds.shape[0] < start + n:
-            ds.resize(start + n, axis=0)
-        ds[start:start + n] = values
-    f.flush()  # data first, then the counter that makes it count
-    f.attrs["rows_done"] = start + n
-    f.flush()
+    opened = []
+    try:
+        for name, values in rows.items():
+            ds = f[name]
+            opened.append(ds)
+            if ds.shape[0] < start + n:
+                ds.resize(start + n, axis=0)
+            ds[start:start + n] = values
+        f.flush()  # data first, then the counter that makes it count
+        f.attrs["rows_done"] = start + n
+        f.flush()
+    except BaseException as err:
+        if diskspace.disk_full_error(err) is not None:
+            _UNCLOSABLE.extend(opened)  # freeing them would fail again (see ensure_features)
+        raise
 
 
 def _valid_rows(f, layers: Sequence[str], verify: bool) -> Dict[str, int]:
@@ -258,6 +266,9 @@ def _extraction_dataset(items: pd.DataFrame, image_size: int, batch_size: int,
     return (source.map(ops.chain(front, augment_one), num_parallel_calls=tf.data.AUTOTUNE,
                        deterministic=True)
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+_UNCLOSABLE = []  # files that hit a full disk (see ensure_features)
 
 
 @dataclasses.dataclass
@@ -322,7 +333,12 @@ def ensure_features(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame
                 logging.warning("Partial cache %s %s: starting it again.", partial, why)
                 os.remove(partial)
         if f is None and have:
-            shutil.copyfile(path, partial + ".copy")
+            try:
+                shutil.copyfile(path, partial + ".copy")
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(partial + ".copy")  # never leave a torn copy behind
+                raise
             os.replace(partial + ".copy", partial)
             f = _open_checked(partial, spec, mode="r+")
         try:
@@ -338,6 +354,15 @@ def ensure_features(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame
             f.close()
             f = None
             os.replace(partial, path)
+            progress_lib.clear("extraction")
+        except BaseException as err:
+            if f is not None and diskspace.disk_full_error(err) is not None:
+                # HDF5 cannot flush onto a full disk: closing (or freeing) the file would
+                # fail again, and at exit crash the interpreter. Keep it open; the rows
+                # committed before are on disk, and the CLI exits without HDF5's cleanup.
+                _UNCLOSABLE.append(f)
+                f = None
+            raise
         finally:
             if f is not None:
                 f.close()
@@ -396,8 +421,16 @@ def _extract_into(f, partial, classifier, spec, todo, batch_size, progress, engi
     source = (engine.feature_batches(spec, todo, batch_size) if engine is not None
               else _local_batches(classifier, spec, todo, batch_size))
     bar = keras.utils.Progbar(len(todo), unit_name="image") if progress else None
+    per_row = row_bytes(shapes, spec.dtype)
+    total = int(f.attrs["rows_done"]) + len(todo)
     for chunk, outputs in source:
         n = len(chunk)
+        done = int(f.attrs["rows_done"])
+        # Stop while HDF5 can still close the file (see pipeline.diskspace); a chunk
+        # of `batch_size` rows per dataset may be allocated at once.
+        diskspace.ensure_room(partial, 2 * max(n, batch_size) * per_row + (1 << 20),
+                              "batch of cached features",
+                              f"{done} of {total} rows are committed in {partial}")
         feats = {}
         for layer in spec.layers:
             values = outputs[layer].astype(spec.dtype)
@@ -417,17 +450,117 @@ def _extract_into(f, partial, classifier, spec, todo, batch_size, progress, engi
             **feats,
         }
         _append(f, rows, spec.layers)
+        progress_lib.report("extraction", f"resume the feature extraction: {done + n} of "
+                                          f"{total} rows are committed in {partial}")
         if bar is not None:
             bar.add(n)
     return f
 
 
+def row_bytes(shapes: Dict[str, tuple], dtype: str) -> int:
+    """Bytes one cache row takes on disk: its features plus about 200 bytes of index."""
+    item = np.dtype(dtype).itemsize
+    return sum(int(np.prod(shape)) * item for shape in shapes.values()) + 200
+
+
+def planned_bytes(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame,
+                  cache_dir: str, views: int = 0) -> int:
+    """What `ensure_features` would write for ``frame``: its missing rows, plus a copy
+    of the finished file when rows are added to it (the append happens in a copy)."""
+    model = classifier.feature_model(spec.layers)
+    shapes = {name: tuple(model.output[name].shape[1:]) for name in spec.layers}
+    path = os.path.join(cache_dir, spec.file_name())
+    rows = len(frame) * max(views, 1)
+    existing = 0
+    if os.path.exists(path):
+        try:
+            with _open_checked(path, spec) as f:
+                have = _valid_rows(f, spec.layers, verify=False)
+            keys = _items(frame, views)
+            rows = int((~(keys.path + "|" + keys.identity).isin(set(have))).sum())
+            existing = os.path.getsize(path) if rows else 0
+        except _CorruptCache:
+            pass  # it will be rebuilt: count every row
+    return rows * row_bytes(shapes, spec.dtype) + existing
+
+
+class H5Rows:
+    """Rows of cached features read from HDF5 on demand: an array-like for data larger
+    than memory.
+
+    ``x[rows]`` (an index array or a slice) reads just those rows and returns a
+    float32 NumPy array, in the order asked; `take` and `concat` build new views
+    without reading. Each source is a (file, dataset) pair, so plain rows and
+    cached augmented views of another file combine into one training set.
+    """
+
+    def __init__(self, sources, source, row):
+        self.sources = list(sources)
+        self.source = np.asarray(source, np.int64)
+        self.row = np.asarray(row, np.int64)
+        self._files = {}
+        path, name = self.sources[0]
+        self.shape = (len(self.row), *self._dataset(path, name).shape[1:])
+        self.ndim, self.dtype = len(self.shape), np.dtype(np.float32)
+
+    def _dataset(self, path, name):
+        if path not in self._files:
+            self._files[path] = h5py.File(path, "r")
+        return self._files[path][name]
+
+    def __len__(self):
+        return len(self.row)
+
+    def __getitem__(self, key) -> np.ndarray:
+        source, row = self.source[key], self.row[key]
+        out = np.empty((len(row), *self.shape[1:]), np.float32)
+        for s in np.unique(source):
+            pick = np.flatnonzero(source == s)
+            wanted = row[pick]
+            unique = np.unique(wanted)  # h5py reads increasing indices only
+            block = self._dataset(*self.sources[s])[unique]
+            out[pick] = block[np.searchsorted(unique, wanted)]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        values = self[:]
+        return values if dtype is None else values.astype(dtype)
+
+    def take(self, rows) -> "H5Rows":
+        """A view of the given rows (nothing is read)."""
+        return H5Rows(self.sources, self.source[rows], self.row[rows])
+
+    @staticmethod
+    def concat(parts) -> "H5Rows":
+        """The rows of ``parts`` one after the other (nothing is read)."""
+        sources, source, row = [], [], []
+        for part in parts:
+            remap = []
+            for src in part.sources:
+                if src not in sources:
+                    sources.append(src)
+                remap.append(sources.index(src))
+            source.append(np.asarray(remap, np.int64)[part.source])
+            row.append(part.row)
+        return H5Rows(sources, np.concatenate(source), np.concatenate(row))
+
+    def __getstate__(self):  # picklable (Ray, multiprocessing): files reopen lazily
+        return {**self.__dict__, "_files": {}}
+
+
+def feature_bytes(spec: CacheSpec, shapes: Dict[str, tuple], rows: int) -> int:
+    """Memory that ``rows`` rows of every cached layer take as float32 arrays."""
+    return rows * sum(int(np.prod(shape)) * 4 for shape in shapes.values())
+
+
 def load_features(cache_path: str, spec: CacheSpec, frame: pd.DataFrame,
-                  layers: Sequence[str], views: int = 0) -> Dict[str, np.ndarray]:
+                  layers: Sequence[str], views: int = 0, stream: bool = False):
     """Features of the images in ``frame`` (in its row order), for the given layers.
 
     With ``views`` >= 1 the result has ``len(frame) * views`` rows, view-major.
-    Rows are verified against their checksums.
+    Rows are verified against their checksums. With ``stream`` the result holds
+    `H5Rows` views instead of arrays (rows are read when used; the checksums are
+    verified in one pass of bounded memory).
 
     Raises:
       DataError: an image in ``frame`` is not in the cache (call
@@ -446,6 +579,10 @@ def load_features(cache_path: str, spec: CacheSpec, frame: pd.DataFrame,
             raise DataError(f"Feature cache {cache_path} lacks {len(missing)} image(s), e.g. "
                             f"{missing[0]}; it changed since extraction. Run again.")
         rows = np.array([index[k] for k in keys], np.int64)
+        if stream:
+            _verify_rows(f, spec, rows, items, cache_path)
+            return {layer: H5Rows([(cache_path, layer)], np.zeros(len(rows)), rows)
+                    for layer in layers}
         # One contiguous read per layer, then NumPy indexing: h5py's point
         # selection is far slower than reading the whole span.
         lo, hi = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
@@ -456,3 +593,17 @@ def load_features(cache_path: str, spec: CacheSpec, frame: pd.DataFrame,
             raise DataError(f"Feature cache {cache_path}: row for {items.path.iloc[i]} is "
                             "corrupt; run again to recompute it.")
     return {layer: out[layer] for layer in layers}
+
+
+def _verify_rows(f, spec, rows, items, cache_path, chunk: int = 256):
+    """Checks the rows' checksums reading ``chunk`` rows at a time."""
+    order = np.argsort(rows)
+    crcs = f["row_crc"][:]
+    for start in range(0, len(rows), chunk):
+        pick = order[start:start + chunk]
+        wanted = rows[pick]
+        blocks = {l: f[l][wanted] for l in spec.layers}  # increasing: argsort order
+        for j, i in enumerate(pick):
+            if _row_crc([blocks[l][j] for l in spec.layers]) != int(crcs[wanted[j]]):
+                raise DataError(f"Feature cache {cache_path}: row for {items.path.iloc[i]} "
+                                "is corrupt; run again to recompute it.")

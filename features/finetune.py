@@ -26,6 +26,7 @@ import tensorflow as tf
 from features import backbone
 from pipeline import augment as augment_lib
 from pipeline import input as input_lib
+from pipeline import progress
 from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.errors import ConfigError
 
@@ -94,15 +95,21 @@ class Checkpointer(keras.callbacks.Callback):
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        self.target.save_weights(os.path.join(tmp, "model.weights.h5"))
-        np.savez(os.path.join(tmp, "optimizer.npz"),
-                 **{f"v{i}": np.asarray(v.numpy()) for i, v in
-                    enumerate(self.optimizer.variables)})
+        try:
+            self.target.save_weights(os.path.join(tmp, "model.weights.h5"))
+            np.savez(os.path.join(tmp, "optimizer.npz"),
+                     **{f"v{i}": np.asarray(v.numpy()) for i, v in
+                        enumerate(self.optimizer.variables)})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: no torn checkpoint
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_text(self.state_path(), json.dumps({
             "checkpoint": name, "epoch": epoch, "best": self.best, "best_epoch": self.best_epoch,
             "wait": self.wait, "monitor": self.monitor, "history": self.history}, indent=1))
+        progress.report("finetune", f"continue the fine-tuning from epoch {epoch} with "
+                                    f"--stage=finetune --resume (checkpoint in {self.directory})")
         for old in os.listdir(self.directory):
             if old.startswith("ckpt-") and old != name:
                 shutil.rmtree(os.path.join(self.directory, old), ignore_errors=True)
@@ -173,8 +180,7 @@ class CachedViews:
         images = len(self.train_y) // self.views
         train, steps = heads.shuffled_batches(self.train_x, self.train_y, batch_size, seed,
                                               epochs, per_epoch=images)
-        val = tf.data.Dataset.from_tensor_slices(
-            (self.val_x, np.asarray(self.val_y, np.float32))).batch(batch_size)
+        val = heads.sequential_batches(self.val_x, self.val_y, batch_size)
         return train, val, steps
 
 
@@ -262,11 +268,14 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
             shutil.rmtree(log_dir, ignore_errors=True)
         callbacks.append(keras.callbacks.TensorBoard(log_dir))
     started = time.perf_counter()
+    if not resume:
+        progress.report("finetune", "start the fine-tuning again (no epoch had finished)")
     if initial_epoch < epochs and checkpointer.wait < patience:
         fit_model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
                       steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
                       verbose=verbose)
     seconds = time.perf_counter() - started
+    progress.clear("finetune")
     checkpointer.restore_best()
     history = pd.DataFrame(checkpointer.history)
     return {"history": history, "best_epoch": checkpointer.best_epoch,

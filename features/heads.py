@@ -214,20 +214,55 @@ def shuffled_batches(x, y, batch_size: int, seed: int, epochs: int,
     return dataset, steps
 
 
+def take(x, rows):
+    """Rows of ``x``: an array's copy, or (for `cache.H5Rows`) a view that reads nothing."""
+    return x[rows] if isinstance(x, np.ndarray) else x.take(rows)
+
+
 def with_views(x, y, views_x=None, rows=None):
     """Training rows ``rows`` of the plain features plus the same images' cached views.
 
     ``views_x`` holds V views per image, view-major (row ``v * N + i`` is view v of
-    image i of the N plain rows), as `cache.load_features` returns them.
+    image i of the N plain rows), as `cache.load_features` returns them. Streamed
+    features (`cache.H5Rows`) stay streamed.
     """
     n = len(y)
     rows = np.arange(n) if rows is None else np.asarray(rows)
     y = np.asarray(y)
     if views_x is None or len(views_x) == 0:
-        return x[rows], y[rows]
+        return take(x, rows), y[rows]
     v = len(views_x) // n
     view_rows = np.concatenate([rows + k * n for k in range(v)])
-    return np.concatenate([x[rows], views_x[view_rows]]), np.concatenate([y[rows]] * (v + 1))
+    labels = np.concatenate([y[rows]] * (v + 1))
+    if isinstance(x, np.ndarray) and isinstance(views_x, np.ndarray):
+        return np.concatenate([x[rows], views_x[view_rows]]), labels
+    return type(x).concat([take(x, rows), take(views_x, view_rows)]), labels
+
+
+def sequential_batches(x, y, batch_size: int) -> tf.data.Dataset:
+    """Batches of ``x`` (array or `cache.H5Rows`) and ``y`` in order, read a batch at a
+    time: validation and prediction without holding ``x`` in memory."""
+    y = np.asarray(y, np.float32)
+    shape = tuple(np.shape(x)[1:]) if isinstance(x, np.ndarray) else tuple(x.shape[1:])
+
+    def gather(start):
+        stop = min(int(start) + batch_size, len(y))
+        return np.asarray(x[int(start):stop], np.float32), y[int(start):stop]
+
+    def load(start):
+        xb, yb = tf.numpy_function(gather, [start], [tf.float32, tf.float32], stateful=False)
+        xb.set_shape([None, *shape])
+        yb.set_shape([None])
+        return xb, yb
+
+    return tf.data.Dataset.range(0, len(y), batch_size).map(load).prefetch(2)
+
+
+def predict_rows(model: keras.Model, x, batch_size: int) -> np.ndarray:
+    """P(positive) of every row of ``x`` (array or `cache.H5Rows`), batch by batch."""
+    return np.concatenate([model.predict_on_batch(np.asarray(x[i:i + batch_size], np.float32))
+                           [:, 0] for i in range(0, len(x), batch_size)]) if len(x) else \
+        np.zeros([0], np.float32)
 
 
 def fit_head(classifier: backbone.Classifier, config: HeadConfig, x_train, y_train,
@@ -251,13 +286,13 @@ def fit_head(classifier: backbone.Classifier, config: HeadConfig, x_train, y_tra
         # patience=epochs: never stops early, only restores the best epoch at the end.
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=epochs, restore_best_weights=True))
-    validation = (x_val, np.asarray(y_val, np.float32)) if x_val is not None else None
+    validation = (sequential_batches(x_val, y_val, batch_size) if x_val is not None
+                  else None)
     with dropout_rate(classifier, config.dropout):
         backbone.compile_model(model, config.learning_rate, config.optimizer)
         batches, steps = shuffled_batches(x_train, y_train, batch_size, seed, epochs)
         history = model.fit(batches, steps_per_epoch=steps,
-                            epochs=epochs, validation_data=validation,
-                            validation_batch_size=batch_size, callbacks=callbacks,
+                            epochs=epochs, validation_data=validation, callbacks=callbacks,
                             shuffle=False, verbose=verbose)
     return model, history
 
@@ -366,13 +401,13 @@ class FoldTrainer:
         for variable, value in zip(self.optimizer.variables, self._fresh):
             variable.assign(value)
         keras.utils.set_random_seed(seed)
-        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        y = np.asarray(y, np.float32)  # x stays as given: an array or streamed rows
         aucs = []
         for epoch in range(epochs):
             order = epoch_order(len(y), seed, epoch)  # as `shuffled_batches`, so as fit
             for start in range(0, len(y), batch_size):
                 rows = order[start:start + batch_size]
-                self._step(x[rows], y[rows])
+                self._step(np.asarray(x[rows], np.float32), y[rows])
             if x_val is not None:
                 aucs.append(binary_scores(y_val, self.predict(x_val))[0])
         return aucs
@@ -397,7 +432,7 @@ def cv_curves(classifier: backbone.Classifier, config: HeadConfig, x, y, folds, 
                 restore(classifier.model, initial)
                 x_tr, y_tr = with_views(x, y, views_x, tr)
                 curves.append(trainer.train(x_tr, y_tr, epochs=epochs, batch_size=batch_size,
-                                            seed=seed + k, x_val=x[va], y_val=y[va]))
+                                            seed=seed + k, x_val=take(x, va), y_val=y[va]))
                 if progress is not None:
                     progress.add(1)
     finally:
@@ -474,7 +509,7 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence[HeadConfi
         if keep is None:
             keep = int(frame.epoch[frame.val_auc.idxmax()]) if len(frame) else epochs
         seconds = time.perf_counter() - started
-        probs = model.predict(val_feats[start], batch_size=max(batch_size, 64), verbose=0)[:, 0]
+        probs = predict_rows(model, val_feats[start], max(batch_size, 64))
         auc, accuracy = binary_scores(y_val, probs)
         result = HeadResult(scenario, start, frame, keep, auc, accuracy, seconds,
                             config=config, cv=cv,

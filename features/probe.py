@@ -26,8 +26,16 @@ C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))
 PROBE_LAYER = "block5_pool"
 
 
-def pooled(features: np.ndarray) -> np.ndarray:
-    """Global average pooling of [N, H, W, C] feature maps to [N, C] (2-D input passes)."""
+def pooled(features, chunk: int = 256) -> np.ndarray:
+    """Global average pooling of [N, H, W, C] feature maps to [N, C] (2-D input passes).
+
+    Streamed features (`cache.H5Rows`) are pooled ``chunk`` rows at a time, so only
+    the [N, C] result is ever in memory.
+    """
+    if not isinstance(features, np.ndarray) and len(features.shape) == 4:
+        return np.concatenate([np.asarray(features[i:i + chunk], np.float32).mean(axis=(1, 2))
+                               for i in range(0, len(features), chunk)]) if len(features) \
+            else np.zeros([0, features.shape[-1]], np.float32)
     features = np.asarray(features, np.float32)
     return features.mean(axis=(1, 2)) if features.ndim == 4 else features
 

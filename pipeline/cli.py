@@ -23,18 +23,67 @@ def log_to_file(path: str) -> None:
     logging.getLogger().addHandler(handler)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every ``finally`` runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _paragraphs(text: str) -> str:
+    return "\n".join(textwrap.fill(line, 100) if len(line) > 100 and not line.startswith("  ")
+                     else line for line in text.splitlines())
+
+
+def _interrupted(what: str, status: int):
+    from pipeline import progress
+    lines = progress.summary()
+    print(f"interrupted ({what}): every output written so far is complete (files are only "
+          "renamed into place when whole)." + (f" A rerun will:\n{lines}" if lines else
+                                                " Rerun to start again."), file=sys.stderr)
+    sys.exit(status)
+
+
 @contextlib.contextmanager
 def user_errors():
-    """Turns a UserError into a one-paragraph message and exit status 2 (no traceback)."""
+    """Turns the ways a run can stop into one paragraph and an exit status, never a
+    traceback: a UserError (2), a full disk (3), Ctrl-C (130), SIGTERM (143)."""
+    import signal
+    from pipeline import diskspace
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    unraisable = sys.unraisablehook
+
+    def quiet_disk_full(info):
+        # After a write hit a full disk, h5py objects fail again as they are freed;
+        # that is the same error, reported once below, not a new traceback.
+        if diskspace.disk_full_error(info.exc_value) is None:
+            unraisable(info)
+
+    sys.unraisablehook = quiet_disk_full
     try:
         yield
     except UserError as err:
-        text = str(err)
-        paragraphs = [textwrap.fill(line, 100) if len(line) > 100 and not line.startswith("  ")
-                      else line for line in text.splitlines()]
-        print("error: " + "\n".join(paragraphs), file=sys.stderr)
+        print("error: " + _paragraphs(str(err)), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: outputs written so far are complete; rerun to resume.",
-              file=sys.stderr)
-        sys.exit(130)
+        _interrupted("Ctrl-C / SIGINT", 130)
+    except Terminated:
+        _interrupted("SIGTERM", 143)
+    except Exception as err:  # only a full disk is turned into a message here
+        filename = diskspace.disk_full_error(err)
+        if filename is None:
+            raise
+        from pipeline import progress
+        lines = progress.summary()
+        print("error: " + _paragraphs(diskspace.disk_full_message(filename))
+              + (f"\nA rerun will:\n{lines}" if lines else ""), file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        logging.shutdown()
+        # HDF5 that failed to write cannot close its files, and would crash the
+        # interpreter at exit; everything of ours is already closed or removed.
+        os._exit(3)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = unraisable

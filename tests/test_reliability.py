@@ -181,12 +181,15 @@ def _mutate(which, position, value, cut):
 def _popen(log, *args):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONUNBUFFERED": "1"}
+    # A background process inherits SIGINT ignored; a user's Ctrl-C is not.
     return subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, cwd=ROOT)
+                            env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _kill_when(proc, ready, timeout=300, delay=0.3):
-    """SIGKILLs ``proc`` once ``ready()`` is true; returns False if it ended first."""
+def _kill_when(proc, ready, timeout=300, delay=0.3, sig=signal.SIGKILL):
+    """Sends ``sig`` to ``proc`` once ``ready()`` is true and waits for it; returns False
+    if it ended first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -195,8 +198,8 @@ def _kill_when(proc, ready, timeout=300, delay=0.3):
             time.sleep(delay)
             if proc.poll() is not None:
                 return False
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
             return True
         time.sleep(0.01)
     proc.kill()

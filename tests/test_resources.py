@@ -1,0 +1,305 @@
+"""Resource limits: a full disk, SIGINT/SIGTERM, feature sets larger than memory."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import diskspace
+from tests.test_finetune_predict import ROOT
+from tests.test_reliability import _kill_when, _popen, kill_data  # noqa: F401 (fixture)
+
+
+def _mount_tmpfs(path, size):
+    """A real size-limited file system (needs root); False where it cannot be had."""
+    os.makedirs(path, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """(folder on a 1 MB file system, whether it is real). Without root, the folder is
+    ordinary and writes are made to fail by the scripts themselves (simulated)."""
+    path = tmp_path / "small"
+    real = os.geteuid() == 0 and _mount_tmpfs(path, "1m")
+    yield path, real
+    if real:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_the_estimate_names_what_where_how_much_and_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 5 << 20)
+    with pytest.raises(diskspace.DiskSpaceError) as err:
+        diskspace.check([("feature cache", 40 << 20, str(tmp_path / "cache")),
+                         ("model", 1 << 20, str(tmp_path / "run"))],
+                        advice="Use --cache_dtype=float16.")
+    text = str(err.value)
+    for part in ("feature cache 40.0 MB", str(tmp_path / "cache"), "5.0 MB is free",
+                 "--cache_dtype=float16", "mounted at"):
+        assert part in text, part
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 50 << 20)
+    diskspace.check([("small", 1 << 20, str(tmp_path))])  # fits: no error
+
+
+def test_disk_full_is_recognised_from_oserror_and_from_hdf5_text():
+    assert diskspace.disk_full_error(OSError(errno.ENOSPC, "No space", "/x/a.csv")) == "/x/a.csv"
+    assert diskspace.disk_full_error(OSError(errno.EDQUOT, "quota")) == ""
+    hdf5 = RuntimeError("Unable to flush file (file write failed: filename = '/c/f.h5', "
+                        "file descriptor = 5, errno = 28, error message = 'No space left')")
+    assert diskspace.disk_full_error(hdf5) == "/c/f.h5"
+    assert diskspace.disk_full_error(ValueError("bad")) is None
+
+
+_EXTRACT_ON_SMALL_DISK = r"""
+import errno, json, os, sys
+from pipeline import cli, diskspace
+from features import backbone, cache
+from pipeline import discovery
+cache_dir, real, guard = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+if not guard:
+    diskspace.ensure_room = lambda *a, **k: None   # let the HDF5 write itself fail
+if not real:  # no size-limited file system: fail the 5th batch's flush as ENOSPC would
+    import h5py
+    calls = {"n": 0}
+    flush = h5py.File.flush
+    def failing_flush(self):
+        calls["n"] += 1
+        if calls["n"] > 8:
+            raise RuntimeError(f"Unable to synchronously flush file (file write failed: "
+                               f"filename = '{self.filename}', errno = 28, error message = "
+                               "'No space left on device')")
+        return flush(self)
+    h5py.File.flush = failing_flush
+    if guard:
+        real_free = diskspace.free_bytes
+        diskspace.free_bytes = lambda p: 1 << 20
+ds = discovery.discover(sys.argv[4])
+clf = backbone.build_classifier("none", False, 64, 0)
+spec = cache.CacheSpec("none(seed=0)", False, 64, cache.cached_layers(False),
+                       data_dir=ds.data_dir)
+with cli.user_errors():
+    r = cache.ensure_features(clf, spec, ds.frame, cache_dir, 4, progress=False)
+    print(json.dumps({"computed": r.computed, "reused": r.reused}))
+"""
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["stopped-before-full", "write-failed"])
+def test_cache_on_a_full_disk_ends_cleanly_and_resumes(small_fs, kill_data, tmp_path, guard):
+    folder, real = small_fs
+    script = tmp_path / "extract.py"
+    script.write_text(_EXTRACT_ON_SMALL_DISK)
+    log = open(tmp_path / "log.txt", "w+")
+    proc = _popen(log, str(script), str(folder), "1" if real else "0", "1" if guard else "0",
+                  str(kill_data))
+    code = proc.wait(timeout=300)
+    log.seek(0)
+    text = log.read()
+    # One paragraph, the file and the file system named, never a traceback or a crash.
+    assert code == (2 if guard else 3), text[-3000:]
+    assert "Traceback" not in text and "Segmentation" not in text, text[-3000:]
+    assert ".partial.h5" in text and "rerun" in text.lower()
+    assert ("almost full" if guard else "is full") in text
+    partial = [p for p in os.listdir(folder) if p.endswith(".partial.h5")]
+    assert len(partial) == 1 and not [p for p in os.listdir(folder)
+                                      if p.endswith(".h5") and "partial" not in p]
+    # Move the committed rows to a bigger disk: the rerun computes only the rest.
+    bigger = tmp_path / "bigger"
+    bigger.mkdir()
+    for name in os.listdir(folder):
+        with open(folder / name, "rb") as src, open(bigger / name, "wb") as dst:
+            dst.write(src.read())
+    with h5py.File(bigger / partial[0], "r") as f:
+        committed = int(f.attrs["rows_done"])
+    assert committed > 0 or guard
+    done = subprocess.run([sys.executable, "-c",
+                           _EXTRACT_ON_SMALL_DISK.replace('sys.argv[2] == "1"', "True")
+                           .replace('sys.argv[3] == "1"', "True"),
+                           str(bigger), "1", "1", str(kill_data)],
+                          capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"computed": 48 - committed, "reused": committed}
+
+
+_WRITERS = r"""
+import errno, json, os, sys, glob
+import numpy as np, pandas as pd
+from pipeline import diskspace
+from pipeline.atomic import atomic_write_text
+folder, real = sys.argv[1], sys.argv[2] == "1"
+if real:  # fill the file system to the last byte
+    with open(os.path.join(folder, "filler"), "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+else:  # simulated: every write into `folder` fails as a full disk does
+    import builtins
+    real_open = builtins.open
+    def full_open(file, mode="r", *a, **k):
+        if str(file).startswith(folder) and any(c in mode for c in "wax+"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *a, **k)
+    builtins.open = full_open
+from features import backbone, finetune, heads, inference, interpret
+clf = backbone.build_classifier("none", False, 32, 0)
+clf.model.compile(optimizer="adam", loss="binary_crossentropy")
+writers = {
+    "csv": lambda p: heads.write_csv(pd.DataFrame({"a": range(100000)}), p + ".csv"),
+    "json": lambda p: heads.write_json(p + ".json", {"x": "y" * 10_000_000}),
+    "predictions": lambda p: inference.write_predictions(
+        [str(i) for i in range(100000)], np.zeros(100000), p + ".csv"),
+    "plot": lambda p: interpret.roc_png(np.arange(10) % 2, np.linspace(0, 1, 10), p + ".png"),
+    "model": lambda p: inference.export_model(clf.model, p, {"image_size": 32}),
+    "checkpoint": lambda p: finetune.Checkpointer(p, clf.model, clf.model.optimizer)._save(1),
+}
+results = {}
+for name, write in writers.items():
+    target = os.path.join(folder, name)
+    try:
+        write(target)
+        results[name] = "written"
+    except Exception as err:
+        results[name] = diskspace.disk_full_error(err)
+    left = [os.path.basename(p) for p in glob.glob(os.path.join(folder, "**", "*"),
+                                                   recursive=True) if "filler" not in p]
+    results[name + "_left"] = left
+print(json.dumps(results))
+sys.stdout.flush()
+os._exit(0)  # HDF5 that failed to write must not flush at exit
+"""
+
+
+def test_every_writer_fails_cleanly_on_a_full_disk(small_fs, tmp_path):
+    folder, real = small_fs
+    result = subprocess.run([sys.executable, "-c", _WRITERS, str(folder), "1" if real else "0"],
+                            capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("csv", "json", "predictions", "plot", "model", "checkpoint"):
+        assert out[name] is not None and out[name] != "written", (name, out[name])
+        # Nothing is left under a final name, nor as a temporary file.
+        leftovers = [p for p in out[name + "_left"]
+                     if not (name == "model" or name == "checkpoint") or
+                     not os.path.isdir(os.path.join(folder, p))]
+        assert not [p for p in leftovers if p.startswith(name) or p.startswith(".tmp-")
+                    or p.endswith(".tmp")], (name, out[name + "_left"])
+
+
+# --- feature sets larger than memory ------------------------------------------------
+
+def test_streamed_heads_equal_in_memory_heads(tmp_path):
+    from features import backbone, cache, heads, probe
+    from pipeline import discovery
+    from tests.conftest import colour_image, write_image
+    for i in range(16):
+        write_image(str(tmp_path / "data" / ("pos" if i % 2 else "neg") / f"img{i}.jpg"),
+                    colour_image(i % 2, size=36, seed=i))
+    ds = discovery.discover(str(tmp_path / "data"), positive_class="pos")
+    train, val = discovery.split_train_val(ds.frame, 4, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=32, seed=0)
+    spec = cache.CacheSpec("none(seed=0)", False, 32, cache.cached_layers(False),
+                           data_dir=ds.data_dir)
+    path = cache.ensure_features(clf, spec, ds.frame, str(tmp_path / "c"), 4,
+                                 progress=False).path
+    aug = cache.CacheSpec(**{**spec.__dict__, "augment": "keras_blog"})
+    aug_path = cache.ensure_features(clf, aug, train, str(tmp_path / "c"), 4, views=2,
+                                     progress=False).path
+    y_tr, y_va = train.label.to_numpy(), val.label.to_numpy()
+    folds = heads.make_folds(y_tr, 3, 0)
+    runs = {}
+    for stream in (False, True):
+        tr = cache.load_features(path, spec, train, spec.layers, stream=stream)
+        va = cache.load_features(path, spec, val, spec.layers, stream=stream)
+        views = cache.load_features(aug_path, aug, train, spec.layers, views=2, stream=stream)
+        assert isinstance(tr["block4_pool"], cache.H5Rows) == stream
+        results = heads.train_scenarios(clf, ["A", "C"], tr, y_tr, va, y_va, epochs=2,
+                                        batch_size=4, seed=0, folds=folds, views_feats=views,
+                                        progress=False, verbose=0)
+        runs[stream] = (results, probe.pooled(tr["block5_pool"]))
+    (mem, pooled_mem), (streamed, pooled_streamed) = runs[False], runs[True]
+    np.testing.assert_allclose(pooled_streamed, pooled_mem, rtol=1e-6)
+    for s in ("A", "C"):  # same batches in the same order: equal up to float rounding
+        assert streamed[s].best_epoch == mem[s].best_epoch
+        np.testing.assert_allclose(streamed[s].cv["fold_aucs"], mem[s].cv["fold_aucs"],
+                                   atol=1e-6)
+        np.testing.assert_allclose(streamed[s].val_probs, mem[s].val_probs, atol=1e-5)
+
+
+def test_h5rows_reads_rows_in_the_order_asked(tmp_path):
+    from features import cache
+    path = str(tmp_path / "f.h5")
+    with h5py.File(path, "w") as f:
+        f["a"] = np.arange(20, dtype=np.float32).reshape(10, 2)
+        f["b"] = 100 + np.arange(20, dtype=np.float32).reshape(10, 2)
+    a = cache.H5Rows([(path, "a")], np.zeros(10), np.arange(10))
+    b = cache.H5Rows([(path, "b")], np.zeros(10), np.arange(10))
+    both = cache.H5Rows.concat([a.take([7, 1, 1]), b.take([0])])
+    assert len(both) == 4 and both.shape == (4, 2)
+    np.testing.assert_array_equal(both[[3, 0, 2]], [[100, 101], [14, 15], [2, 3]])
+    np.testing.assert_array_equal(both[1:3], [[2, 3], [2, 3]])
+
+
+# --- interrupts ------------------------------------------------------------------------
+
+def test_sigint_and_sigterm_say_interrupted_and_what_a_rerun_does(kill_data, tmp_path):
+    workdir, cache_dir = tmp_path / "run", tmp_path / "cache"
+    args = [os.path.join(ROOT, "train.py"), f"--data_dir={kill_data}", f"--workdir={workdir}",
+            f"--cache_dir={cache_dir}", "--weights=none", "--noinclude_top", "--image_size=48",
+            "--batch_size=2", "--val_size=8", "--epochs=2", "--finetune_epochs=6",
+            "--patience=10", "--augment=keras_blog", "--cv_folds=0", "--scenarios=A",
+            "--finetune_views=0", "--heads_memory_gb=0.0001", "--notensorboard"]
+    logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(4)]
+
+    def text(i):
+        logs[i].seek(0)
+        return logs[i].read()
+
+    def rows_committed():
+        partials = list(cache_dir.glob("*.partial.h5")) if cache_dir.exists() else []
+        try:
+            with h5py.File(partials[0], "r", locking=False) as f:
+                return int(f.attrs["rows_done"]) >= 4
+        except Exception:  # not there yet, or caught mid-write: poll again
+            return False
+
+    # 1. Ctrl-C during extraction: 130, and the rerun resumes from the committed rows.
+    proc = _popen(logs[0], *args)
+    assert _kill_when(proc, rows_committed, delay=0.0, sig=signal.SIGINT)
+    assert proc.returncode == 130, text(0)[-3000:]
+    assert "interrupted (Ctrl-C / SIGINT)" in text(0) and "Traceback" not in text(0)
+    assert "resume the feature extraction:" in text(0) and "rows are committed" in text(0)
+    assert not [p for p in os.listdir(cache_dir) if p.endswith(".h5") and "partial" not in p]
+    # 2. SIGTERM during the heads stage (features streamed from the cache): 143.
+    proc = _popen(logs[1], *args)
+    assert _kill_when(proc, lambda: (workdir / "heads" / "A.weights.h5").exists(),
+                      delay=0.0, sig=signal.SIGTERM)
+    assert proc.returncode == 143, text(1)[-3000:]
+    assert "Resuming the interrupted extraction" in text(1)
+    assert "streaming batches from the HDF5 cache" in text(1)
+    assert "interrupted (SIGTERM)" in text(1) and "repeat the heads stage" in text(1)
+    # 3. SIGTERM during fine-tuning, after a checkpoint: the hint names the epoch.
+    proc = _popen(logs[2], *args)
+    state = workdir / "finetune" / "state.json"
+    assert _kill_when(proc, state.exists, delay=0.0, sig=signal.SIGTERM)
+    assert proc.returncode == 143, text(2)[-3000:]
+    assert "continue the fine-tuning from epoch" in text(2) and "--resume" in text(2)
+    epoch = json.loads(state.read_text())["epoch"]
+    assert f"from epoch {epoch} " in text(2)
+    assert not (workdir / "model.keras").exists()
+    assert not list(workdir.rglob(".tmp-*"))
+    # 4. The rerun the message promised: resume fine-tuning from that epoch.
+    proc = _popen(logs[3], *args, "--stage=finetune", "--resume", "--finetune_epochs=2")
+    assert proc.wait(timeout=600) == 0, text(3)[-3000:]
+    assert f"Resumed fine-tuning after epoch {epoch}" in text(3)
