@@ -260,9 +260,12 @@ def sequential_batches(x, y, batch_size: int) -> tf.data.Dataset:
 
 def predict_rows(model: keras.Model, x, batch_size: int) -> np.ndarray:
     """P(positive) of every row of ``x`` (array or `cache.H5Rows`), batch by batch."""
-    return np.concatenate([model.predict_on_batch(np.asarray(x[i:i + batch_size], np.float32))
-                           [:, 0] for i in range(0, len(x), batch_size)]) if len(x) else \
-        np.zeros([0], np.float32)
+    if isinstance(x, np.ndarray):
+        return model.predict(x, batch_size=batch_size, verbose=0)[:, 0]
+    # One predict over a streamed dataset (predict_on_batch per chunk returned every row
+    # once per replica under MirroredStrategy).
+    return model.predict(sequential_batches(x, np.zeros(len(x)), batch_size).map(
+        lambda xb, yb: xb), verbose=0)[:, 0]
 
 
 def fit_head(classifier: backbone.Classifier, config: HeadConfig, x_train, y_train,

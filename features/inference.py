@@ -78,7 +78,9 @@ def build_bag(classifier, scenario: str, members, final_model: bool = True,
         outputs.append(keras.Model(inputs, clone(inputs), name=f"member_{k}")(features))
     if not outputs:
         raise ConfigError("A bag needs at least one member.")
-    average = outputs[0] if len(outputs) == 1 else keras.layers.Average(name="average", dtype="float32")(outputs)
+    # float32 like the members' outputs, whatever the precision policy.
+    average = (outputs[0] if len(outputs) == 1 else
+               keras.layers.Average(name="average", dtype="float32")(outputs))
     return keras.Model(image, average, name=name)
 
 

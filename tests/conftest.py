@@ -58,3 +58,18 @@ def folders_dir(tmp_path):
         write_image(str(root / "bees" / f"bee{i}.PNG"), seed=10 + i)
     (root / "ants" / "notes.txt").write_text("not an image")
     return root
+
+
+@pytest.fixture(scope="module")
+def kill_data(tmp_path_factory):
+    """48 labelled 96 px photos (Kaggle layout) and 20 test photos, for process-level tests."""
+    root = tmp_path_factory.mktemp("killdata")
+    labels = [i % 2 for i in range(48)]
+    for i, label in enumerate(labels, start=1):
+        write_image(str(root / "train" / f"{i}.jpg"), colour_image(label, size=96, seed=i))
+        if i <= 20:
+            write_image(str(root / "test" / f"{i}.jpg"),
+                        colour_image(label, size=96, seed=1000 + i))
+    (root / "train_labels.csv").write_text(
+        "name,invasive\n" + "".join(f"{i},{l}\n" for i, l in enumerate(labels, start=1)))
+    return root

@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline import discovery, input as input_lib, ops, scan
 from pipeline.errors import DataError
-from tests.conftest import colour_image, write_image
+from tests.conftest import write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(0)
@@ -204,19 +204,6 @@ def _kill_when(proc, ready, timeout=300, delay=0.3, sig=signal.SIGKILL):
         time.sleep(0.01)
     proc.kill()
     raise AssertionError("timed out waiting for the kill point")
-
-
-@pytest.fixture(scope="module")
-def kill_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("killdata")
-    labels = [i % 2 for i in range(48)]
-    for i, label in enumerate(labels, start=1):
-        write_image(str(root / "train" / f"{i}.jpg"), colour_image(label, size=96, seed=i))
-        if i <= 20:
-            write_image(str(root / "test" / f"{i}.jpg"), colour_image(label, size=96, seed=1000 + i))
-    (root / "train_labels.csv").write_text(
-        "name,invasive\n" + "".join(f"{i},{l}\n" for i, l in enumerate(labels, start=1)))
-    return root
 
 
 def test_sigkill_at_every_stage_then_rerun_resumes_or_restarts_cleanly(kill_data, tmp_path):
