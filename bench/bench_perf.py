@@ -14,7 +14,8 @@ Sections (--sections, comma-separated; all by default):
   finetune  the final model (scenario B, aggressive augmentation, patience 5) from
             K cached views vs the whole network (K = 0): stage seconds and val AUC;
   ray       extraction in this process vs a local Ray cluster with 1 and 2 workers;
-  mirrored  the heads stage (with extraction) on one device vs 2 CPU replicas.
+  mirrored  the heads stage (with extraction) on one device vs 2 CPU replicas;
+  ftprofile one whole-network fine-tuning epoch: input alone, step alone, fit.
 
 Meant for ImageNet-derived weights on real photos:
 
@@ -323,9 +324,52 @@ def section_mirrored(args, results):
     print(f"  mirrored / one device: {rows[1]['seconds'] / rows[0]['seconds']:.2f}x time")
 
 
+def section_ftprofile(args, results):
+    """One whole-network fine-tuning epoch of scenario B split into input, model and the
+    rest: the tf.data input alone, the training step alone on a fixed batch, and fit."""
+    import numpy as np
+    import keras
+    from features import backbone
+    from pipeline import discovery, scan
+    from pipeline import input as input_lib
+    frame = discovery.discover(args.data_dir).frame
+    frame = scan.filter_bad_images(frame, args.image_size, "skip",
+                                   os.path.join(tempfile.mkdtemp(), "bad.csv"))
+    train = frame.iloc[:args.extract_images]
+    steps = -(-len(train) // args.batch_size)
+    clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
+    backbone.set_trainable(clf, ["fc", "predictions"], log=False)
+    backbone.compile_model(clf.model, 1e-4)
+    data = input_lib.train_dataset(train.path.tolist(), train.label.tolist(),
+                                   train.name.tolist(), args.image_size, args.batch_size,
+                                   augment="aggressive").map(input_lib.to_inputs_targets)
+    it = iter(data)
+    next(it)
+    started = time.perf_counter()
+    for _ in range(steps):
+        batch = next(it)
+    input_s = time.perf_counter() - started
+    x, y = batch
+    clf.model.train_on_batch(x, y)
+    started = time.perf_counter()
+    for _ in range(steps):
+        clf.model.train_on_batch(x, y)
+    model_s = time.perf_counter() - started
+    clf.model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)  # trace once
+    started = time.perf_counter()
+    clf.model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+    epoch_s = time.perf_counter() - started
+    results["ftprofile"] = {"images": len(train), "steps": steps, "input_s": round(input_s, 1),
+                            "model_s": round(model_s, 1), "epoch_s": round(epoch_s, 1)}
+    print(f"\n## ftprofile: one fine-tuning epoch of B from images, {len(train)} photos at "
+          f"{args.image_size} px, {steps} steps\n  input pipeline alone {input_s:.1f} s, "
+          f"training step alone {model_s:.1f} s, fit epoch {epoch_s:.1f} s "
+          f"(overlap: {epoch_s / (input_s + model_s):.2f} of input + model)")
+
+
 SECTIONS = {"limit": section_limit, "extract": section_extract, "heads": section_heads,
             "precision": section_precision, "finetune": section_finetune,
-            "ray": section_ray, "mirrored": section_mirrored}
+            "ray": section_ray, "mirrored": section_mirrored, "ftprofile": section_ftprofile}
 
 
 def main():

@@ -259,7 +259,7 @@ def test_sigint_and_sigterm_say_interrupted_and_what_a_rerun_does(kill_data, tmp
             "--batch_size=2", "--val_size=8", "--epochs=2", "--finetune_epochs=6",
             "--patience=10", "--augment=keras_blog", "--cv_folds=0", "--scenarios=A",
             "--finetune_views=0", "--heads_memory_gb=0.0001", "--notensorboard"]
-    logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(4)]
+    logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(5)]
 
     def text(i):
         logs[i].seek(0)
@@ -302,3 +302,11 @@ def test_sigint_and_sigterm_say_interrupted_and_what_a_rerun_does(kill_data, tmp
     proc = _popen(logs[3], *args, "--stage=finetune", "--resume", "--finetune_epochs=2")
     assert proc.wait(timeout=600) == 0, text(3)[-3000:]
     assert f"Resumed fine-tuning after epoch {epoch}" in text(3)
+    # 5. SIGTERM during prediction: 143, and no CSV at all.
+    out = tmp_path / "pred.csv"
+    proc = _popen(logs[4], os.path.join(ROOT, "predict.py"), f"--workdir={workdir}",
+                  f"--data_dir={kill_data}", f"--output={out}", "--batch_size=1", "--tta=8")
+    assert _kill_when(proc, lambda: "Predicting" in text(4), delay=0.5, sig=signal.SIGTERM)
+    assert proc.returncode == 143, text(4)[-3000:]
+    assert "interrupted (SIGTERM)" in text(4) and "predict again" in text(4)
+    assert not out.exists() and not list(tmp_path.glob(".tmp-pred*"))

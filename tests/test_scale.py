@@ -47,7 +47,17 @@ def images(tmp_path_factory):
     return discovery.discover(str(root / "data"), positive_class="pos"), root
 
 
-def test_ray_rows_and_predictions_equal_a_plain_run(images, tmp_path):
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local 2-worker Ray cluster for the Ray tests (started once: ~5 s)."""
+    engine = ray_engine.RayEngine("local", 2, build={"weights": "none", "include_top": False,
+                                                     "image_size": SIZE, "seed": 0}).start()
+    yield engine
+    engine.stop()
+
+
+def test_ray_rows_equal_a_plain_run_and_only_missing_rows_are_computed(images, ray_cluster,
+                                                                        tmp_path):
     ds, _ = images
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     spec = cache.CacheSpec("none(seed=0)", False, SIZE, cache.cached_layers(False),
@@ -57,29 +67,28 @@ def test_ray_rows_and_predictions_equal_a_plain_run(images, tmp_path):
     # Half the images are already cached: Ray must compute only the other half.
     ray_dir = str(tmp_path / "ray")
     cache.ensure_features(clf, spec, ds.frame.iloc[:10], ray_dir, 4, progress=False)
-    engine = ray_engine.RayEngine("local", 2, build={"weights": "none", "include_top": False,
-                                                     "image_size": SIZE, "seed": 0}).start()
-    try:
-        result = cache.ensure_features(clf, spec, ds.frame, ray_dir, 4, progress=False,
-                                       engine=engine)
-        assert (result.reused, result.computed) == (10, 10)
-        with h5py.File(result.path) as f:  # streamed in by the driver, checksummed
-            assert int(f.attrs["rows_done"]) == 20
-        a = cache.load_features(plain.path, spec, ds.frame, spec.layers)
-        b = cache.load_features(result.path, spec, ds.frame, spec.layers)
-        for layer in spec.layers:
-            # Float rounding only: oneDNN may pick another kernel for another batch split.
-            np.testing.assert_allclose(b[layer], a[layer], rtol=1e-4,
-                                       atol=1e-5 * np.abs(a[layer]).max())
+    result = cache.ensure_features(clf, spec, ds.frame, ray_dir, 4, progress=False,
+                                   engine=ray_cluster)
+    assert (result.reused, result.computed) == (10, 10)
+    with h5py.File(result.path) as f:  # streamed in by the driver, checksummed
+        assert int(f.attrs["rows_done"]) == 20
+    a = cache.load_features(plain.path, spec, ds.frame, spec.layers)
+    b = cache.load_features(result.path, spec, ds.frame, spec.layers)
+    for layer in spec.layers:
+        # Float rounding only: oneDNN may pick another kernel for another batch split.
+        np.testing.assert_allclose(b[layer], a[layer], rtol=1e-4,
+                                   atol=1e-5 * np.abs(a[layer]).max())
 
-        workdir = tmp_path / "run"
-        inference.export_model(clf.model, str(workdir), {"image_size": SIZE})
-        local = inference.predict_frame(clf.model, ds.frame, SIZE, 4, progress=False)
-        remote = inference.predict_frame(None, ds.frame, SIZE, 4, engine=engine,
-                                         workdir=str(workdir))
-        np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-6)  # same order too
-    finally:
-        engine.stop()
+
+def test_ray_predictions_equal_a_plain_run_in_order(images, ray_cluster, tmp_path):
+    ds, _ = images
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    workdir = tmp_path / "run"
+    inference.export_model(clf.model, str(workdir), {"image_size": SIZE})
+    local = inference.predict_frame(clf.model, ds.frame, SIZE, 4, progress=False)
+    remote = inference.predict_frame(None, ds.frame, SIZE, 4, engine=ray_cluster,
+                                     workdir=str(workdir))
+    np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-6)  # same order too
 
 
 def test_mirrored_two_cpu_replicas_match_one_device_and_resume(kaggle_dir, tmp_path):
