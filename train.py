@@ -333,10 +333,9 @@ def _stream_features(cfg: RunConfig, job: Job, views: int) -> bool:
     """Whether the cached features of this run exceed the memory budget (logged either way)."""
     from features import cache as cache_lib
     spec = _cache_spec(cfg, job)
-    model = job.classifier.feature_model(spec.layers)
-    shapes = {name: tuple(model.output[name].shape[1:]) for name in spec.layers}
+    shapes = cache_lib.layer_shapes(job.classifier, spec.layers)
     rows = len(job.train) * (1 + max(views, 0)) + len(job.val)
-    need = cache_lib.feature_bytes(spec, shapes, rows)
+    need = cache_lib.feature_bytes(shapes, rows)
     budget = (cfg.heads_memory_gb * (1 << 30) if cfg.heads_memory_gb is not None
               else available_memory() // 2)
     stream = need > budget

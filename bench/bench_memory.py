@@ -59,8 +59,7 @@ def make_cache(folder: str, rows: int, size: int) -> None:
     spec = cache.CacheSpec("none(seed=0)", False, size, cache.cached_layers(False),
                            data_dir=folder)
     clf = backbone.build_classifier("none", False, size, 0)
-    model = clf.feature_model(spec.layers)
-    shapes = {n: tuple(model.output[n].shape[1:]) for n in spec.layers}
+    shapes = cache.layer_shapes(clf, spec.layers)
     items = cache._items(frame, 0)
     partial = os.path.join(folder, spec.file_name())
     f = cache._create(partial, spec, shapes, chunk=32)

@@ -327,8 +327,6 @@ def section_mirrored(args, results):
 def section_ftprofile(args, results):
     """One whole-network fine-tuning epoch of scenario B split into input, model and the
     rest: the tf.data input alone, the training step alone on a fixed batch, and fit."""
-    import numpy as np
-    import keras
     from features import backbone
     from pipeline import discovery, scan
     from pipeline import input as input_lib

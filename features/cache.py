@@ -414,8 +414,7 @@ def _local_batches(classifier, spec, todo, batch_size):
 def _extract_into(f, partial, classifier, spec, todo, batch_size, progress, engine=None):
     if todo.empty:
         return f
-    feature_model = classifier.feature_model(spec.layers)
-    shapes = {name: tuple(feature_model.output[name].shape[1:]) for name in spec.layers}
+    shapes = layer_shapes(classifier, spec.layers)
     if f is None:
         f = _create(partial, spec, shapes, chunk=batch_size)
     source = (engine.feature_batches(spec, todo, batch_size) if engine is not None
@@ -457,6 +456,12 @@ def _extract_into(f, partial, classifier, spec, todo, batch_size, progress, engi
     return f
 
 
+def layer_shapes(classifier: Classifier, layers: Sequence[str]) -> Dict[str, tuple]:
+    """Per-image shape of each named layer's output (one row of the cache)."""
+    model = classifier.feature_model(layers)
+    return {name: tuple(model.output[name].shape[1:]) for name in layers}
+
+
 def row_bytes(shapes: Dict[str, tuple], dtype: str) -> int:
     """Bytes one cache row takes on disk: its features plus about 200 bytes of index."""
     item = np.dtype(dtype).itemsize
@@ -467,8 +472,7 @@ def planned_bytes(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame,
                   cache_dir: str, views: int = 0) -> int:
     """What `ensure_features` would write for ``frame``: its missing rows, plus a copy
     of the finished file when rows are added to it (the append happens in a copy)."""
-    model = classifier.feature_model(spec.layers)
-    shapes = {name: tuple(model.output[name].shape[1:]) for name in spec.layers}
+    shapes = layer_shapes(classifier, spec.layers)
     path = os.path.join(cache_dir, spec.file_name())
     rows = len(frame) * max(views, 1)
     existing = 0
@@ -548,7 +552,7 @@ class H5Rows:
         return {**self.__dict__, "_files": {}}
 
 
-def feature_bytes(spec: CacheSpec, shapes: Dict[str, tuple], rows: int) -> int:
+def feature_bytes(shapes: Dict[str, tuple], rows: int) -> int:
     """Memory that ``rows`` rows of every cached layer take as float32 arrays."""
     return rows * sum(int(np.prod(shape)) * 4 for shape in shapes.values())
 
