@@ -95,20 +95,28 @@ def sharded(fn: Callable) -> Callable:
     between the replicas and concatenates their outputs in input order.
 
     ``fn`` maps a batch tensor to a tensor or a dict of tensors with the batch as
-    first axis. A batch smaller than the replica count leaves some replicas empty.
+    first axis. The batch is padded with zero rows to a multiple of the replica
+    count and the padded rows are dropped from the result: no replica ever gets
+    an empty batch, which oneDNN's AVX-512 convolution rejects ("input depth must
+    be evenly divisible by filter depth") when the last batch of a run is smaller
+    than the number of devices, the normal case on a multi-GPU host.
     """
     strategy = tf.distribute.get_strategy()
-    if strategy.num_replicas_in_sync == 1:
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
         return tf.function(fn, reduce_retracing=True)
 
     @tf.function(reduce_retracing=True)
     def run(batch):
+        n = tf.shape(batch)[0]
+        per = (n + replicas - 1) // replicas
+        padding = [[0, per * replicas - n]] + [[0, 0]] * (len(batch.shape) - 1)
+        padded = tf.pad(batch, padding)
+
         def shard(ctx):
-            n = tf.shape(batch)[0]
-            per = (n + ctx.num_replicas_in_sync - 1) // ctx.num_replicas_in_sync
-            return batch[ctx.replica_id_in_sync_group * per:
-                         (ctx.replica_id_in_sync_group + 1) * per]
+            return padded[ctx.replica_id_in_sync_group * per:
+                          (ctx.replica_id_in_sync_group + 1) * per]
         parts = strategy.run(fn, args=(strategy.experimental_distribute_values_from_function(
             shard),))
-        return tf.nest.map_structure(lambda t: strategy.gather(t, axis=0), parts)
+        return tf.nest.map_structure(lambda t: strategy.gather(t, axis=0)[:n], parts)
     return run

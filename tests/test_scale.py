@@ -125,3 +125,50 @@ def test_mirrored_two_cpu_replicas_match_one_device_and_resume(kaggle_dir, tmp_p
     assert finetune["resumed_from_epoch"] == 1 and finetune["epochs_run"] == 2
     model, _ = inference.load_exported(str(two))  # exported under mirrored: safe mode loads
     assert model.output.shape[-1] == 1
+
+
+_UNEVEN = """
+import sys, json
+import numpy as np
+sys.path.insert(0, {root!r})
+from features import distribute
+distribute.split_cpu(3)
+import tensorflow as tf
+from features import backbone, cache, inference
+from pipeline import discovery
+ds = discovery.discover({data!r}, positive_class="pos")
+one = backbone.build_classifier("none", include_top=False, image_size={size}, seed=0)
+frame = ds.frame.iloc[:5]          # 5 images, batch 4: the last batch has 1 row for 3 replicas
+spec = cache.CacheSpec("none(seed=0)", False, {size}, cache.cached_layers(False),
+                       data_dir=ds.data_dir)
+ref_probs = inference.predict_frame(one.model, frame, {size}, 4, progress=False)
+ref = cache.ensure_features(one, spec, frame, {cache_one!r}, 4, progress=False)
+ref_feats = cache.load_features(ref.path, spec, frame, spec.layers)
+with distribute.scope(distribute.make_strategy("mirrored", 3)) as strategy:
+    assert strategy.num_replicas_in_sync == 3
+    clf = backbone.build_classifier("none", include_top=False, image_size={size}, seed=0)
+    out = {{}}
+    for n in (1, 2, 5):             # fewer images than replicas, and a remainder of 2
+        probs = inference.predict_frame(clf.model, frame.iloc[:n], {size}, 4, progress=False)
+        out[f"predict_{{n}}"] = float(np.abs(probs - ref_probs[:n]).max())
+    got = cache.ensure_features(clf, spec, frame, {cache_two!r}, 4, progress=False)
+    feats = cache.load_features(got.path, spec, frame, spec.layers)
+    out["extract"] = max(float(np.abs(feats[l] - ref_feats[l]).max() /
+                               (np.abs(ref_feats[l]).max() + 1e-12)) for l in spec.layers)
+print(json.dumps(out))
+"""
+
+
+def test_extraction_and_prediction_with_fewer_images_than_replicas(images, tmp_path):
+    ds, root = images
+    code = _UNEVEN.format(root=ROOT, data=ds.data_dir, size=SIZE,
+                          cache_one=str(tmp_path / "one"), cache_two=str(tmp_path / "two"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+                                           "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    # Every row came back, in order, equal to one device's up to float rounding.
+    assert set(errors) == {"predict_1", "predict_2", "predict_5", "extract"}
+    assert max(v for k, v in errors.items() if k.startswith("predict")) < 1e-4
+    assert errors["extract"] < 1e-4
