@@ -273,6 +273,7 @@ def prepare(cfg: RunConfig) -> Job:
     chosen = precision.resolve_and_apply(cfg.precision)
     heads.write_json(os.path.join(workdir, "run_config.json"),
                      {**cfg.values, "precision_resolved": dataclasses.asdict(chosen),
+                      "precision_parts": precision.parts(chosen.policy),
                       "replicas": distribute.replicas()})
     classifier = backbone.build_classifier(cfg.weights, cfg.include_top, cfg.image_size,
                                            cfg.seed, dropout=cfg.dropout)

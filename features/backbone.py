@@ -313,16 +313,25 @@ def build_classifier(weights: str = "imagenet", include_top: bool = True, image_
     block4 = keras.Input(stem.output.shape[1:], name="block4_pool_features")
     block5 = keras.Model(block4, chain(block4, block5_names), name="vgg16_block5")
     features = keras.Input(block5.output.shape[1:], name="block5_pool_features")
+    # The head computes in float32 whatever the precision policy: the conv base is
+    # where the FLOPs are (bfloat16 halves extraction time on AVX512-BF16), the
+    # dense layers cost next to nothing either way, and a 16-bit head draws other
+    # dropout masks and rounds the small logit differences training lives on
+    # (docs/benchmarks.md, "precision per part"). A 16-bit sigmoid also saturates.
+    x = keras.layers.Flatten(name="flatten", dtype="float32")(features)
     if include_top:
-        x = chain(features, ["flatten", "fc1", "fc2"])
+        for name in ("fc1", "fc2"):
+            source = vgg.get_layer(name)
+            dense = keras.layers.Dense(source.units, activation="relu", name=name,
+                                       dtype="float32")
+            x = dense(x)
+            dense.set_weights(source.get_weights())
     else:
-        x = keras.layers.Flatten(name="flatten")(features)
-        x = keras.layers.Dense(NO_TOP_HIDDEN_UNITS, activation="relu", name="fc1")(x)
-        x = keras.layers.Dropout(dropout, name="dropout", seed=seed)(x)
+        x = keras.layers.Dense(NO_TOP_HIDDEN_UNITS, activation="relu", name="fc1",
+                               dtype="float32")(x)
+        x = keras.layers.Dropout(dropout, name="dropout", seed=seed, dtype="float32")(x)
     # Small initial weights keep the first predictions near 0.5 even when the
     # incoming features are large (VGG activations reach the thousands).
-    # float32 whatever the precision policy (features.precision): a 16-bit sigmoid
-    # saturates and its log-loss loses the small differences training lives on.
     outputs = keras.layers.Dense(1, activation="sigmoid", name="predictions", dtype="float32",
                                  kernel_initializer=keras.initializers.RandomNormal(
                                      stddev=1e-3, seed=seed))(x)

@@ -68,8 +68,8 @@ def test_mixed_model_computes_in_16_bits_but_outputs_float32(policy):
     policy("mixed_bfloat16")
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     dtypes = precision.policies_of(clf.model)
-    assert dtypes["block1_conv1"] == dtypes["fc1"] == "bfloat16"
-    assert dtypes["predictions"] == "float32"
+    assert dtypes["block1_conv1"] == dtypes["block5_conv3"] == "bfloat16"
+    assert dtypes["fc1"] == dtypes["dropout"] == dtypes["predictions"] == "float32"
     x = np.random.default_rng(0).uniform(-120, 150, (4, SIZE, SIZE, 3)).astype(np.float32)
     mixed = clf.model.predict(x, verbose=0)
     assert mixed.dtype == np.float32
@@ -88,7 +88,8 @@ def test_exported_mixed_model_predicts_in_the_precision_asked_for(policy, tmp_pa
     assert set(precision.policies_of(model).values()) == {"float32"}
     again, _ = inference.load_exported(str(tmp_path), policy="mixed_bfloat16")
     dtypes = precision.policies_of(again)
-    assert dtypes["block3_conv1"] == "bfloat16" and dtypes["predictions"] == "float32"
+    assert dtypes["block3_conv1"] == "bfloat16"
+    assert dtypes["fc1"] == dtypes["predictions"] == "float32"
     paths, names = data.frame.path.tolist(), data.frame.name.tolist()
     np.testing.assert_allclose(inference.predict_paths(model, paths, names, SIZE, 4,
                                                        progress=False),
@@ -181,3 +182,25 @@ def test_cached_views_must_match_where_the_blocks_start(data, tmp_path):
                           workdir=str(tmp_path), image_size=SIZE, batch_size=4,
                           augment="none", learning_rate=1e-3, epochs=1, patience=2,
                           cached=views, verbose=0)
+
+
+def test_heads_train_identically_whatever_the_conv_base_computes_in(policy):
+    """The head computes in float32 under every policy, so the heads stage on given
+    features does not depend on --precision (a bfloat16 head drew other dropout masks)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 1, 1, 512)).astype(np.float32) * 50
+    y = np.arange(24) % 2
+    probs = {}
+    for name in ("float32", "mixed_bfloat16"):
+        policy(name)
+        clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+        model, _ = heads.fit_head(clf, heads.HeadConfig.for_scenario("A"), x, y, epochs=2,
+                                  batch_size=8, seed=0)
+        probs[name] = model.predict(x, verbose=0)[:, 0]
+    np.testing.assert_allclose(probs["mixed_bfloat16"], probs["float32"], rtol=1e-5, atol=1e-6)
+
+
+def test_run_config_records_the_precision_of_each_part():
+    assert precision.parts("mixed_bfloat16") == {
+        "conv_base": "mixed_bfloat16", "fine_tuned_conv_blocks": "mixed_bfloat16",
+        "head": "float32", "variables": "float32"}
