@@ -37,11 +37,12 @@ def main():
     import numpy as np
     from features import backbone, cache, heads
     from pipeline import discovery, scan
+    from workflow import config
 
     ds = discovery.discover(args.data_dir)
     work = args.cache_dir or tempfile.mkdtemp(prefix="bench_quality_")
     frame = scan.filter_bad_images(ds.frame, args.image_size, "skip", os.path.join(work, "b.csv"))
-    train, val = discovery.split_train_val(frame, discovery.parse_val_size(args.val_size), 0)
+    train, val = discovery.split_train_val(frame, config.parse_val_size(args.val_size), 0)
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
     wid = backbone.weights_identity(args.weights, 0)
     specs = {dt: cache.CacheSpec(wid, False, args.image_size, cache.cached_layers(False), dt,

@@ -5,7 +5,7 @@ One file per (data folder, backbone configuration). Layout::
     names      [N] str     image names (file name without extension)
     paths      [N] str     absolute image paths (the row key, with ``identity``)
     identity   [N] str     "size:mtime_ns[:view]" of each image when extracted
-    labels     [N] int8    0/1 (-1 for unlabelled images)
+    labels     [N] int8    the label when it fits (binary, < 128 classes), else -1
     view       [N] int16   0 = the plain eval-path image; k >= 1 = k-th augmented view
     row_crc    [N] uint32  CRC32 of the row's features, to detect corruption
     <layer>    [N, ...]    one dataset per cached layer, named by its Keras layer
@@ -14,7 +14,12 @@ One file per (data folder, backbone configuration). Layout::
 Provenance (backbone, weights identity, image size, preprocessing, layers, storage
 dtype, compute precision, library versions, data folder) lives in the file
 attributes and, hashed, in its name; a file whose attributes do not match what
-is asked for is rebuilt.
+is asked for is rebuilt, with the reason logged.
+
+Integrity is per row: rows are checked against their CRC when they are read
+(`FeatureCache.read`), and `load` recomputes just the rows that fail, which are
+appended again and supersede the damaged ones. A file that cannot be opened,
+lacks datasets or has an inconsistent row count is rebuilt as a whole.
 
 Crash safety: rows are written into ``<name>.partial.h5`` batch by batch and the
 attribute ``rows_done`` is advanced only after the batch is flushed, so an
@@ -34,7 +39,7 @@ import os
 import shutil
 import time
 import zlib
-from typing import Dict, Sequence
+from typing import Dict, Iterable, Sequence
 
 import h5py
 import keras
@@ -42,11 +47,11 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from features import distribute
-from features.backbone import Classifier
+from features import backbone, distribute, scenarios
+from features.rows import H5Rows
 from pipeline import augment as augment_lib
-from pipeline import input as input_lib
 from pipeline import diskspace, ops
+from pipeline import input as input_lib
 from pipeline import progress as progress_lib
 from pipeline.errors import ConfigError, DataError
 
@@ -56,6 +61,8 @@ PREPROCESSING = ("decode(jpeg dct-downscale while >= size; 3 channels) -> "
                  "ImageNet means 103.939,116.779,123.68; no scaling)")
 CACHE_DTYPES = ("float16", "float32")
 _STR = h5py.string_dtype("utf-8")
+_INDEX = (("names", _STR), ("paths", _STR), ("identity", _STR), ("labels", np.int8),
+          ("view", np.int16), ("row_crc", np.uint32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +76,6 @@ class CacheSpec:
     data_dir: str = ""
     augment: str = "none"     # preset of the augmented views (views > 0 only)
     precision: str = "float32"  # Keras policy the features were computed in
-
 
     def __post_init__(self):
         if self.dtype not in CACHE_DTYPES:
@@ -117,9 +123,9 @@ def cached_layers(include_top: bool) -> tuple:
 
     Without the ImageNet top: block4_pool (C), block5_pool (A, B); with it also fc2 (A).
     """
-    from features.backbone import SCENARIOS
-    wanted = {s.start_layer(include_top) for s in SCENARIOS.values()} | {"block5_pool"}
-    return tuple(layer for layer in ("block4_pool", "block5_pool", "fc2") if layer in wanted)
+    wanted = ({s.start_layer(include_top) for s in scenarios.SCENARIOS.values()}
+              | {scenarios.BLOCK5_POOL})
+    return tuple(layer for layer in scenarios.CACHEABLE if layer in wanted)
 
 
 def image_identity(path: str, view: int = 0) -> str:
@@ -128,11 +134,191 @@ def image_identity(path: str, view: int = 0) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}" + (f":{view}" if view else "")
 
 
+def row_key(path: str, identity: str) -> str:
+    """The key of one cached row: the image file and its identity (and view)."""
+    return f"{path}|{identity}"
+
+
+def _keys(items: pd.DataFrame) -> pd.Series:
+    return items.path + "|" + items.identity
+
+
 def _row_crc(arrays: Sequence[np.ndarray]) -> int:
     crc = 0
     for a in arrays:
         crc = zlib.crc32(np.ascontiguousarray(a).tobytes(), crc)
     return crc
+
+
+class CacheMismatch(Exception):
+    """A cache file that cannot be used as a whole; the message says why."""
+
+
+class CorruptRows(Exception):
+    """Rows whose features fail their checksum (``keys``: their row keys)."""
+
+    def __init__(self, path: str, keys: Sequence[str]):
+        super().__init__(f"Feature cache {path}: {len(keys)} row(s) fail their checksum, e.g. "
+                         f"{keys[0].split('|')[0]}; run again to recompute them.")
+        self.keys = list(keys)
+
+
+class FeatureCache:
+    """One open cache file: open-and-verify, index, append, read rows.
+
+    Use `open` (checks provenance, datasets and row count) or `create`; close it
+    (or use it as a context manager) when done.
+    """
+
+    def __init__(self, f: h5py.File, spec: CacheSpec):
+        self.file, self.spec, self.path = f, spec, f.filename
+
+    @classmethod
+    def open(cls, path: str, spec: CacheSpec, mode: str = "r") -> "FeatureCache":
+        """Opens ``path`` and checks it was built from ``spec``; raises `CacheMismatch`."""
+        try:
+            f = h5py.File(path, mode)
+        except (OSError, ValueError) as err:
+            raise CacheMismatch(f"cannot be opened as HDF5 ({err})") from err
+        try:
+            attrs = {k: (v.decode() if isinstance(v, bytes) else str(v))
+                     for k, v in f.attrs.items()}
+            attrs.setdefault("precision", "float32")  # written before the attribute existed
+            diffs = [f"{k}: cached {attrs.get(k)!r}, wanted {v!r}"
+                     for k, v in spec.provenance().items() if attrs.get(k) != v]
+            if diffs:
+                raise CacheMismatch("was built differently (" + "; ".join(diffs) + ")")
+            needed = [name for name, _ in _INDEX] + list(spec.layers)
+            missing = [n for n in needed if n not in f]
+            if missing:
+                raise CacheMismatch(f"lacks datasets {', '.join(missing)}")
+            done = int(f.attrs.get("rows_done", -1))
+            if not 0 <= done <= min(len(f[n]) for n in needed):
+                raise CacheMismatch(f"has an inconsistent row count {done}")
+            return cls(f, spec)
+        except CacheMismatch:
+            f.close()
+            raise
+        except Exception as err:  # h5py raises many kinds on damaged files
+            f.close()
+            raise CacheMismatch(f"is damaged ({type(err).__name__}: {err})") from err
+
+    @classmethod
+    def create(cls, path: str, spec: CacheSpec, shapes: Dict[str, tuple],
+               chunk: int) -> "FeatureCache":
+        """A new, empty cache file for ``spec`` with rows of the given feature shapes."""
+        f = h5py.File(path, "w")
+        for key, value in spec.provenance().items():
+            f.attrs[key] = value
+        f.attrs["rows_done"] = 0
+        for name, dtype in _INDEX:
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,))
+        for layer, shape in shapes.items():
+            f.create_dataset(layer, shape=(0, *shape), maxshape=(None, *shape),
+                             dtype=spec.dtype, chunks=(chunk, *shape))
+        return cls(f, spec)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    @property
+    def rows_done(self) -> int:
+        return int(self.file.attrs["rows_done"])
+
+    def index(self) -> Dict[str, int]:
+        """Row key -> row of every committed row (a later row supersedes an earlier one)."""
+        done = self.rows_done
+        paths = self.file["paths"].asstr()[:done]
+        ident = self.file["identity"].asstr()[:done]
+        return {row_key(p, i): row for row, (p, i) in enumerate(zip(paths, ident))}
+
+    def append(self, items: pd.DataFrame, feats: Dict[str, np.ndarray]) -> None:
+        """Writes rows for ``items`` (columns path, name, label, view, identity) after
+        ``rows_done``, then advances ``rows_done``: a crash in between loses the batch,
+        never the file."""
+        n = len(items)
+        labels = items.label.to_numpy()
+        rows = {"names": items.name.to_numpy(dtype=object),
+                "paths": items.path.to_numpy(dtype=object),
+                "identity": items.identity.to_numpy(dtype=object),
+                "labels": np.where((labels >= -1) & (labels < 128), labels, -1).astype(np.int8),
+                "view": items.view.to_numpy(np.int16),
+                "row_crc": np.array([_row_crc([feats[l][i] for l in self.spec.layers])
+                                     for i in range(n)], np.uint32),
+                **feats}
+        _append(self.file, rows)
+
+    def read(self, keys: Sequence[str], stream: bool = False) -> Dict[str, object]:
+        """Features of the rows ``keys`` in that order, by layer: arrays, or with
+        ``stream`` `H5Rows` that read on demand. Every row is checked against its CRC
+        (streamed: in one bounded pass); failures raise `CorruptRows`.
+
+        Raises:
+          DataError: a key is not in the cache.
+        """
+        index = self.index()
+        missing = [k for k in keys if k not in index]
+        if missing:
+            raise DataError(f"Feature cache {self.path} lacks {len(missing)} image(s), e.g. "
+                            f"{missing[0].split('|')[0]}; it changed since extraction. Run "
+                            "again.")
+        rows = np.array([index[k] for k in keys], np.int64)
+        layers = self.spec.layers
+        crcs = self.file["row_crc"][:]
+        bad = []
+        if stream:
+            order = np.argsort(rows)
+            for start in range(0, len(rows), 256):  # h5py reads increasing indices
+                pick = order[start:start + 256]
+                blocks = [self.file[l][rows[pick]] for l in layers]
+                bad += [keys[i] for j, i in enumerate(pick)
+                        if _row_crc([b[j] for b in blocks]) != crcs[rows[i]]]
+            out = {l: H5Rows([(self.path, l)], np.zeros(len(rows)), rows) for l in layers}
+        else:
+            # One contiguous read per layer, then NumPy indexing: h5py's point
+            # selection is far slower than reading the whole span.
+            lo, hi = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
+            out = {l: self.file[l][lo:hi][rows - lo] for l in layers}
+            bad = [keys[i] for i in range(len(rows))
+                   if _row_crc([out[l][i] for l in layers]) != crcs[rows[i]]]
+        if bad:
+            raise CorruptRows(self.path, bad)
+        return out
+
+
+def _append(f: h5py.File, rows: Dict[str, np.ndarray]) -> None:
+    """Writes one batch of rows after ``rows_done`` and then advances ``rows_done``."""
+    start = int(f.attrs["rows_done"])
+    n = len(rows["names"])
+    opened = []
+    try:
+        for name, values in rows.items():
+            ds = f[name]
+            opened.append(ds)
+            if ds.shape[0] < start + n:
+                ds.resize(start + n, axis=0)
+            ds[start:start + n] = values
+        f.flush()  # data first, then the counter that makes it count
+        f.attrs["rows_done"] = start + n
+        f.flush()
+    except BaseException as err:
+        _keep_open_on_full_disk(err, f, *opened)
+        raise
+
+
+def _keep_open_on_full_disk(err: BaseException, *h5_objects) -> None:
+    """HDF5 cannot flush onto a full disk: closing or freeing the file would fail again
+    and, at exit, crash the interpreter. The exception keeps the objects alive until
+    `workflow.console.user_errors` reports it and exits without HDF5's cleanup; the rows
+    committed before are on disk."""
+    if diskspace.disk_full_error(err) is not None:
+        err.h5_objects = getattr(err, "h5_objects", ()) + h5_objects
 
 
 @contextlib.contextmanager
@@ -150,104 +336,184 @@ def _lock(path: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-class _CorruptCache(Exception):
-    pass
-
-
-def _open_checked(path: str, spec: CacheSpec, mode="r"):
-    """Opens a cache file and checks its provenance; raises _CorruptCache with the reason."""
+def _items(frame: pd.DataFrame, views: int) -> pd.DataFrame:
+    """One row per cached row wanted: each image (and view), with its identity."""
+    labels = frame.label if "label" in frame else None
+    base = pd.DataFrame({
+        "path": [os.path.abspath(p) for p in frame.path],
+        "name": frame.name.astype(str).tolist(),
+        "label": [int(v) if np.ndim(v) == 0 else -1 for v in labels] if labels is not None
+        else -1,
+    })
+    view_ids = [0] if views == 0 else list(range(1, views + 1))
+    items = pd.concat([base.assign(view=v) for v in view_ids], ignore_index=True)
     try:
-        f = h5py.File(path, mode)
-    except (OSError, ValueError) as err:
-        raise _CorruptCache(f"cannot be opened as HDF5 ({err})") from err
+        items["identity"] = [image_identity(p, v) for p, v in zip(items.path, items.view)]
+    except FileNotFoundError as err:
+        raise DataError(f"Image {err.filename} disappeared while the run was starting.") from err
+    return items
+
+
+def _usable_rows(path: str, spec: CacheSpec) -> set:
+    """Keys of the rows a finished cache file holds; a file that cannot be used as a
+    whole is removed (it will be rebuilt) with the reason logged."""
+    if not os.path.exists(path):
+        return set()
     try:
-        attrs = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f.attrs.items()}
-        attrs.setdefault("precision", "float32")  # written before the attribute existed
-        expected = spec.provenance()
-        diffs = [f"{k}: cached {attrs.get(k)!r}, wanted {v!r}" for k, v in expected.items()
-                 if attrs.get(k) != v]
-        if diffs:
-            raise _CorruptCache("was built differently (" + "; ".join(diffs) + ")")
-        needed = ["names", "paths", "identity", "labels", "view", "row_crc", *spec.layers]
-        missing = [n for n in needed if n not in f]
-        if missing:
-            raise _CorruptCache(f"lacks datasets {', '.join(missing)}")
-        done = int(f.attrs.get("rows_done", -1))
-        if not 0 <= done <= min(len(f[n]) for n in needed):
-            raise _CorruptCache(f"has an inconsistent row count {done}")
-        return f
-    except _CorruptCache:
-        f.close()
-        raise
-    except Exception as err:  # h5py raises many kinds on damaged files
-        f.close()
-        raise _CorruptCache(f"is damaged ({type(err).__name__}: {err})") from err
+        with FeatureCache.open(path, spec) as cache:
+            return set(cache.index())
+    except CacheMismatch as why:
+        logging.warning("Cache %s %s: rebuilding it.", path, why)
+        os.remove(path)
+        return set()
 
 
-def _create(path: str, spec: CacheSpec, feature_shapes: Dict[str, tuple], chunk: int):
-    f = h5py.File(path, "w")
-    for key, value in spec.provenance().items():
-        f.attrs[key] = value
-    f.attrs["rows_done"] = 0
-    for name, dtype in (("names", _STR), ("paths", _STR), ("identity", _STR),
-                        ("labels", np.int8), ("view", np.int16), ("row_crc", np.uint32)):
-        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,))
-    for layer, shape in feature_shapes.items():
-        f.create_dataset(layer, shape=(0, *shape), maxshape=(None, *shape), dtype=spec.dtype,
-                         chunks=(chunk, *shape))
-    return f
-
-
-def _append(f, rows: Dict[str, np.ndarray], layers: Sequence[str]):
-    """Writes one batch of rows after ``rows_done`` and then advances ``rows_done``."""
-    start = int(f.attrs["rows_done"])
-    n = len(rows["names"])
-    opened = []
+@contextlib.contextmanager
+def _writable(path: str, partial: str, spec: CacheSpec, have: set, shapes, chunk: int):
+    """The partial file to append to: an interrupted one resumed, else a copy of the
+    finished file (when rows are added to it), else a new one."""
+    cache = None
+    if os.path.exists(partial):
+        try:
+            cache = FeatureCache.open(partial, spec, mode="r+")
+            logging.info("Resuming the interrupted extraction in %s (%d rows done).",
+                         partial, cache.rows_done)
+        except CacheMismatch as why:
+            logging.warning("Partial cache %s %s: starting it again.", partial, why)
+            os.remove(partial)
+    if cache is None and have:
+        try:
+            shutil.copyfile(path, partial + ".copy")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(partial + ".copy")  # never leave a torn copy behind
+            raise
+        os.replace(partial + ".copy", partial)
+        cache = FeatureCache.open(partial, spec, mode="r+")
+    if cache is None:
+        cache = FeatureCache.create(partial, spec, shapes, chunk)
     try:
-        for name, values in rows.items():
-            ds = f[name]
-            opened.append(ds)
-            if ds.shape[0] < start + n:
-                ds.resize(start + n, axis=0)
-            ds[start:start + n] = values
-        f.flush()  # data first, then the counter that makes it count
-        f.attrs["rows_done"] = start + n
-        f.flush()
+        yield cache
     except BaseException as err:
-        if diskspace.disk_full_error(err) is not None:
-            _UNCLOSABLE.extend(opened)  # freeing them would fail again (see ensure_features)
+        _keep_open_on_full_disk(err, cache.file)
+        if not hasattr(err, "h5_objects"):
+            cache.close()
         raise
+    cache.file.attrs["complete"] = True
+    cache.close()
 
 
-def _valid_rows(f, layers: Sequence[str], verify: bool) -> Dict[str, int]:
-    """Maps "path|identity" to row index for rows that are complete (and intact)."""
-    done = int(f.attrs["rows_done"])
-    paths = f["paths"].asstr()[:done]
-    ident = f["identity"].asstr()[:done]
-    rows = {}
-    bad = 0
-    crcs = f["row_crc"][:done]
-    for start in range(0, done, 256):
-        stop = min(done, start + 256)
-        blocks = [f[layer][start:stop] for layer in layers] if verify else None
-        for i in range(start, stop):
-            if verify and _row_crc([b[i - start] for b in blocks]) != int(crcs[i]):
-                bad += 1
-                continue
-            rows[f"{paths[i]}|{ident[i]}"] = i
-    if bad:
-        logging.warning("Cache %s: %d row(s) fail their checksum and will be recomputed.",
-                        f.filename, bad)
-    return rows
+@dataclasses.dataclass
+class CacheResult:
+    path: str
+    reused: int
+    computed: int
+    seconds: float
+
+
+def ensure_features(classifier: backbone.Classifier, spec: CacheSpec, frame: pd.DataFrame,
+                    cache_dir: str, batch_size: int = 32, views: int = 0,
+                    progress: bool = True, engine=None,
+                    recompute: Iterable[str] = ()) -> CacheResult:
+    """Makes sure the cache holds features of every image in ``frame``.
+
+    Args:
+      classifier: supplies the frozen layers (its weights must match ``spec``).
+      spec: what the cache is built from.
+      frame: columns ``path, name`` and optionally ``label``.
+      cache_dir: folder of cache files (created if needed).
+      views: 0 caches the plain eval-path image; K >= 1 caches K augmented
+        views of each image (``spec.augment`` preset) instead.
+      engine: where the rows are computed: None for this process, or a
+        `features.ray_engine.RayEngine` (the rows stream back here and are
+        written exactly as local ones, with the same resume and checksums).
+      recompute: row keys to compute again although present (rows that failed
+        their checksum; see `load`).
+
+    Only images whose rows are missing, changed (size/mtime) or in ``recompute``
+    are computed; a cache built from anything else is rebuilt, with the reason logged.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, spec.file_name())
+    partial = path[:-3] + ".partial.h5"
+    items = _items(frame, views)
+    recompute = set(recompute)
+    started = time.perf_counter()
+    with _lock(path):
+        have = _usable_rows(path, spec)
+        todo = items[~_keys(items).isin(have - recompute)]
+        if todo.empty:
+            logging.info("Feature cache hit: %s (%d images).", path, len(items))
+            return CacheResult(path, len(items), 0, time.perf_counter() - started)
+        shapes = layer_shapes(classifier, spec.layers)
+        with _writable(path, partial, spec, have, shapes, batch_size) as cache:
+            todo = todo[~_keys(todo).isin(set(cache.index()) - recompute)]
+            logging.info("Extracting %s for %d image(s)%s into %s.", ", ".join(spec.layers),
+                         len(todo), f" ({len(items) - len(todo)} already cached)"
+                         if len(todo) < len(items) else "", path)
+            _extract_into(cache, classifier, todo, batch_size, progress, engine)
+        os.replace(partial, path)
+        progress_lib.clear("extraction")
+    return CacheResult(path, len(items) - len(todo), len(todo), time.perf_counter() - started)
+
+
+def load_features(cache_path: str, spec: CacheSpec, frame: pd.DataFrame,
+                  layers: Sequence[str] = None, views: int = 0, stream: bool = False):
+    """Features of the images in ``frame`` (in its row order), by layer.
+
+    With ``views`` >= 1 the result has ``len(frame) * views`` rows, view-major.
+    With ``stream`` the values are `H5Rows` read on demand. Every row is checked
+    against its checksum.
+
+    Raises:
+      DataError: the file is unusable, lacks an image of ``frame`` (call
+        `ensure_features` first) or has a corrupt row (`CorruptRows`, a DataError
+        message; `load` recomputes such rows instead).
+    """
+    keys = _keys(_items(frame, views)).tolist()
+    try:
+        cache = FeatureCache.open(cache_path, spec)
+    except CacheMismatch as why:
+        raise DataError(f"Feature cache {cache_path} {why}; run again to rebuild it.") from None
+    with cache:
+        try:
+            out = cache.read(keys, stream=stream)
+        except CorruptRows as err:
+            raise DataError(str(err)) from err
+    return {layer: out[layer] for layer in (layers or spec.layers)}
+
+
+def load(classifier: backbone.Classifier, spec: CacheSpec, frame: pd.DataFrame,
+         cache_dir: str, batch_size: int = 32, views: int = 0, stream: bool = False,
+         engine=None, progress: bool = True):
+    """`ensure_features` then read them: (features by layer, `CacheResult`).
+
+    Rows that fail their checksum are recomputed once (just those rows) and read again.
+    """
+    result = ensure_features(classifier, spec, frame, cache_dir, batch_size, views,
+                             progress=progress, engine=engine)
+    keys = _keys(_items(frame, views)).tolist()
+    for attempt in range(2):
+        with FeatureCache.open(result.path, spec) as cache:
+            try:
+                return cache.read(keys, stream=stream), result
+            except CorruptRows as err:
+                if attempt:
+                    raise DataError(str(err)) from err
+                bad = err.keys
+        logging.warning("Cache %s: %d row(s) fail their checksum; recomputing just those rows.",
+                        result.path, len(bad))
+        result = ensure_features(classifier, spec, frame, cache_dir, batch_size, views,
+                                 progress=progress, engine=engine, recompute=bad)
+    raise AssertionError("unreachable")
 
 
 def _extraction_dataset(items: pd.DataFrame, image_size: int, batch_size: int,
                         preset_name: str):
     """The eval path, plus (for views > 0) a per-image seeded augmentation."""
     if preset_name == "none" or (items.view == 0).all():
-        ds = input_lib.eval_dataset(items.path.tolist(), items.label.tolist(),
-                                    items.name.tolist(), image_size, batch_size)
-        return ds
+        return input_lib.eval_dataset(items.path.tolist(), None, items.name.tolist(),
+                                      image_size, batch_size)
     preset = augment_lib.get_preset(preset_name)
     front = input_lib.decode_and_resize(image_size)
 
@@ -261,127 +527,11 @@ def _extraction_dataset(items: pd.DataFrame, image_size: int, batch_size: int,
         return {**element, "image": ops.vgg_mean_centre_image(image)}
 
     source = tf.data.Dataset.from_tensor_slices({
-        "path": items.path.tolist(), "label": items.label.astype(np.float32).tolist(),
-        "name": items.name.tolist(), "view": items.view.astype(np.int64).tolist()})
+        "path": items.path.tolist(), "name": items.name.tolist(),
+        "view": items.view.astype(np.int64).tolist()})
     return (source.map(ops.chain(front, augment_one), num_parallel_calls=tf.data.AUTOTUNE,
                        deterministic=True)
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
-
-
-_UNCLOSABLE = []  # files that hit a full disk (see ensure_features)
-
-
-@dataclasses.dataclass
-class CacheResult:
-    path: str
-    reused: int
-    computed: int
-    seconds: float
-
-
-def ensure_features(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame,
-                    cache_dir: str, batch_size: int = 32, views: int = 0,
-                    progress: bool = True, engine=None) -> CacheResult:
-    """Makes sure the cache holds features of every image in ``frame``; returns its path.
-
-    Args:
-      classifier: supplies the frozen layers (its weights must match ``spec``).
-      spec: what the cache is built from.
-      frame: columns ``path, name`` and optionally ``label``.
-      cache_dir: folder of cache files (created if needed).
-      views: 0 caches the plain eval-path image; K >= 1 caches K augmented
-        views of each image (``spec.augment`` preset) instead.
-      engine: where the rows are computed: None for this process, or a
-        `features.ray_engine.RayEngine` (the rows stream back here and are
-        written exactly as local ones, with the same resume and checksums).
-
-    Only images whose rows are missing, changed (size/mtime) or corrupt are
-    computed; a cache built from anything else is rebuilt, with the reason logged.
-    """
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, spec.file_name())
-    partial = path[:-3] + ".partial.h5"
-    items = _items(frame, views)
-    started = time.perf_counter()
-    with _lock(path):
-        # 1. What a finished file already has.
-        have = {}
-        if os.path.exists(path):
-            try:
-                with _open_checked(path, spec) as f:
-                    have = _valid_rows(f, spec.layers, verify=True)
-                    total = int(f.attrs["rows_done"])
-                if len(have) < total:
-                    raise _CorruptCache(f"has {total - len(have)} corrupt row(s)")
-            except _CorruptCache as why:
-                logging.warning("Cache %s %s: rebuilding it.", path, why)
-                os.remove(path)
-                have = {}
-        keys = items.path + "|" + items.identity
-        todo = items[~keys.isin(set(have))]
-        if todo.empty:
-            logging.info("Feature cache hit: %s (%d images).", path, len(items))
-            return CacheResult(path, len(items), 0, time.perf_counter() - started)
-        # 2. Resume a partial file, or start one (from the finished file, if any).
-        f = None
-        if os.path.exists(partial):
-            try:
-                f = _open_checked(partial, spec, mode="r+")
-                logging.info("Resuming the interrupted extraction in %s (%d rows done).",
-                             partial, int(f.attrs["rows_done"]))
-            except _CorruptCache as why:
-                logging.warning("Partial cache %s %s: starting it again.", partial, why)
-                os.remove(partial)
-        if f is None and have:
-            try:
-                shutil.copyfile(path, partial + ".copy")
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.remove(partial + ".copy")  # never leave a torn copy behind
-                raise
-            os.replace(partial + ".copy", partial)
-            f = _open_checked(partial, spec, mode="r+")
-        try:
-            if f is not None:
-                done = _valid_rows(f, spec.layers, verify=False)
-                todo = todo[~(todo.path + "|" + todo.identity).isin(set(done))]
-            logging.info("Extracting %s for %d image(s)%s into %s.", ", ".join(spec.layers),
-                         len(todo), f" ({len(items) - len(todo)} already cached)"
-                         if len(todo) < len(items) else "", path)
-            f = _extract_into(f, partial, classifier, spec, todo, batch_size, progress,
-                              engine)
-            f.attrs["complete"] = True
-            f.close()
-            f = None
-            os.replace(partial, path)
-            progress_lib.clear("extraction")
-        except BaseException as err:
-            if f is not None and diskspace.disk_full_error(err) is not None:
-                # HDF5 cannot flush onto a full disk: closing (or freeing) the file would
-                # fail again, and at exit crash the interpreter. Keep it open; the rows
-                # committed before are on disk, and the CLI exits without HDF5's cleanup.
-                _UNCLOSABLE.append(f)
-                f = None
-            raise
-        finally:
-            if f is not None:
-                f.close()
-    return CacheResult(path, len(items) - len(todo), len(todo), time.perf_counter() - started)
-
-
-def _items(frame: pd.DataFrame, views: int) -> pd.DataFrame:
-    base = pd.DataFrame({
-        "path": [os.path.abspath(p) for p in frame.path],
-        "name": frame.name.astype(str).tolist(),
-        "label": frame.label.astype(int).tolist() if "label" in frame else -1,
-    })
-    view_ids = [0] if views == 0 else list(range(1, views + 1))
-    items = pd.concat([base.assign(view=v) for v in view_ids], ignore_index=True)
-    try:
-        items["identity"] = [image_identity(p, v) for p, v in zip(items.path, items.view)]
-    except FileNotFoundError as err:
-        raise DataError(f"Image {err.filename} disappeared while the run was starting.") from err
-    return items
 
 
 def compute_features(predict, items: pd.DataFrame, spec: CacheSpec, batch_size: int):
@@ -407,29 +557,26 @@ def _local_batches(classifier, spec, todo, batch_size):
                           f"{spec.precision}; build the classifier after setting the precision.")
     model = classifier.feature_model(spec.layers)
     # Split over the replicas of a mirrored strategy (one device otherwise).
-    predict = distribute.sharded(lambda x: model(x, training=False))
+    predict = distribute.sharded(lambda x: model(x, training=False), model.input.shape[1:])
     return compute_features(predict, todo, spec, batch_size)
 
 
-def _extract_into(f, partial, classifier, spec, todo, batch_size, progress, engine=None):
+def _extract_into(cache: FeatureCache, classifier, todo, batch_size, progress, engine=None):
     if todo.empty:
-        return f
-    shapes = layer_shapes(classifier, spec.layers)
-    if f is None:
-        f = _create(partial, spec, shapes, chunk=batch_size)
+        return
+    spec = cache.spec
     source = (engine.feature_batches(spec, todo, batch_size) if engine is not None
               else _local_batches(classifier, spec, todo, batch_size))
     bar = keras.utils.Progbar(len(todo), unit_name="image") if progress else None
-    per_row = row_bytes(shapes, spec.dtype)
-    total = int(f.attrs["rows_done"]) + len(todo)
+    per_row = row_bytes(layer_shapes(classifier, spec.layers), spec.dtype)
+    total = cache.rows_done + len(todo)
     for chunk, outputs in source:
-        n = len(chunk)
-        done = int(f.attrs["rows_done"])
+        done = cache.rows_done
         # Stop while HDF5 can still close the file (see pipeline.diskspace); a chunk
         # of `batch_size` rows per dataset may be allocated at once.
-        diskspace.ensure_room(partial, 2 * max(n, batch_size) * per_row + (1 << 20),
+        diskspace.ensure_room(cache.path, 2 * max(len(chunk), batch_size) * per_row + (1 << 20),
                               "batch of cached features",
-                              f"{done} of {total} rows are committed in {partial}")
+                              f"{done} of {total} rows are committed in {cache.path}")
         feats = {}
         for layer in spec.layers:
             values = outputs[layer].astype(spec.dtype)
@@ -438,25 +585,14 @@ def _extract_into(f, partial, classifier, spec, todo, batch_size, progress, engi
                     f"Features of layer {layer} overflow {spec.dtype} for images such as "
                     f"{chunk.path.iloc[0]}; use --cache_dtype=float32.")
             feats[layer] = values
-        rows = {
-            "names": chunk.name.to_numpy(dtype=object),
-            "paths": chunk.path.to_numpy(dtype=object),
-            "identity": chunk.identity.to_numpy(dtype=object),
-            "labels": chunk.label.to_numpy(np.int8),
-            "view": chunk.view.to_numpy(np.int16),
-            "row_crc": np.array([_row_crc([feats[l][i] for l in spec.layers])
-                                 for i in range(n)], np.uint32),
-            **feats,
-        }
-        _append(f, rows, spec.layers)
-        progress_lib.report("extraction", f"resume the feature extraction: {done + n} of "
-                                          f"{total} rows are committed in {partial}")
+        cache.append(chunk, feats)
+        progress_lib.report("extraction", f"resume the feature extraction: {done + len(chunk)}"
+                                          f" of {total} rows are committed in {cache.path}")
         if bar is not None:
-            bar.add(n)
-    return f
+            bar.add(len(chunk))
 
 
-def layer_shapes(classifier: Classifier, layers: Sequence[str]) -> Dict[str, tuple]:
+def layer_shapes(classifier: backbone.Classifier, layers: Sequence[str]) -> Dict[str, tuple]:
     """Per-image shape of each named layer's output (one row of the cache)."""
     model = classifier.feature_model(layers)
     return {name: tuple(model.output[name].shape[1:]) for name in layers}
@@ -468,7 +604,12 @@ def row_bytes(shapes: Dict[str, tuple], dtype: str) -> int:
     return sum(int(np.prod(shape)) * item for shape in shapes.values()) + 200
 
 
-def planned_bytes(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame,
+def feature_bytes(shapes: Dict[str, tuple], rows: int) -> int:
+    """Memory that ``rows`` rows of every cached layer take as float32 arrays."""
+    return rows * sum(int(np.prod(shape)) * 4 for shape in shapes.values())
+
+
+def planned_bytes(classifier: backbone.Classifier, spec: CacheSpec, frame: pd.DataFrame,
                   cache_dir: str, views: int = 0) -> int:
     """What `ensure_features` would write for ``frame``: its missing rows, plus a copy
     of the finished file when rows are added to it (the append happens in a copy)."""
@@ -478,136 +619,10 @@ def planned_bytes(classifier: Classifier, spec: CacheSpec, frame: pd.DataFrame,
     existing = 0
     if os.path.exists(path):
         try:
-            with _open_checked(path, spec) as f:
-                have = _valid_rows(f, spec.layers, verify=False)
-            keys = _items(frame, views)
-            rows = int((~(keys.path + "|" + keys.identity).isin(set(have))).sum())
+            with FeatureCache.open(path, spec) as cache:
+                have = set(cache.index())
+            rows = int((~_keys(_items(frame, views)).isin(have)).sum())
             existing = os.path.getsize(path) if rows else 0
-        except _CorruptCache:
+        except CacheMismatch:
             pass  # it will be rebuilt: count every row
     return rows * row_bytes(shapes, spec.dtype) + existing
-
-
-class H5Rows:
-    """Rows of cached features read from HDF5 on demand: an array-like for data larger
-    than memory.
-
-    ``x[rows]`` (an index array or a slice) reads just those rows and returns a
-    float32 NumPy array, in the order asked; `take` and `concat` build new views
-    without reading. Each source is a (file, dataset) pair, so plain rows and
-    cached augmented views of another file combine into one training set.
-    """
-
-    def __init__(self, sources, source, row):
-        self.sources = list(sources)
-        self.source = np.asarray(source, np.int64)
-        self.row = np.asarray(row, np.int64)
-        self._files = {}
-        path, name = self.sources[0]
-        self.shape = (len(self.row), *self._dataset(path, name).shape[1:])
-        self.ndim, self.dtype = len(self.shape), np.dtype(np.float32)
-
-    def _dataset(self, path, name):
-        if path not in self._files:
-            self._files[path] = h5py.File(path, "r")
-        return self._files[path][name]
-
-    def __len__(self):
-        return len(self.row)
-
-    def __getitem__(self, key) -> np.ndarray:
-        source, row = self.source[key], self.row[key]
-        out = np.empty((len(row), *self.shape[1:]), np.float32)
-        for s in np.unique(source):
-            pick = np.flatnonzero(source == s)
-            wanted = row[pick]
-            unique = np.unique(wanted)  # h5py reads increasing indices only
-            block = self._dataset(*self.sources[s])[unique]
-            out[pick] = block[np.searchsorted(unique, wanted)]
-        return out
-
-    def __array__(self, dtype=None, copy=None):
-        values = self[:]
-        return values if dtype is None else values.astype(dtype)
-
-    def take(self, rows) -> "H5Rows":
-        """A view of the given rows (nothing is read)."""
-        return H5Rows(self.sources, self.source[rows], self.row[rows])
-
-    @staticmethod
-    def concat(parts) -> "H5Rows":
-        """The rows of ``parts`` one after the other (nothing is read)."""
-        sources, source, row = [], [], []
-        for part in parts:
-            remap = []
-            for src in part.sources:
-                if src not in sources:
-                    sources.append(src)
-                remap.append(sources.index(src))
-            source.append(np.asarray(remap, np.int64)[part.source])
-            row.append(part.row)
-        return H5Rows(sources, np.concatenate(source), np.concatenate(row))
-
-    def __getstate__(self):  # picklable (Ray, multiprocessing): files reopen lazily
-        return {**self.__dict__, "_files": {}}
-
-
-def feature_bytes(shapes: Dict[str, tuple], rows: int) -> int:
-    """Memory that ``rows`` rows of every cached layer take as float32 arrays."""
-    return rows * sum(int(np.prod(shape)) * 4 for shape in shapes.values())
-
-
-def load_features(cache_path: str, spec: CacheSpec, frame: pd.DataFrame,
-                  layers: Sequence[str], views: int = 0, stream: bool = False):
-    """Features of the images in ``frame`` (in its row order), for the given layers.
-
-    With ``views`` >= 1 the result has ``len(frame) * views`` rows, view-major.
-    Rows are verified against their checksums. With ``stream`` the result holds
-    `H5Rows` views instead of arrays (rows are read when used; the checksums are
-    verified in one pass of bounded memory).
-
-    Raises:
-      DataError: an image in ``frame`` is not in the cache (call
-        `ensure_features` first), or a row is corrupt.
-    """
-    items = _items(frame, views)
-    try:
-        f = _open_checked(cache_path, spec)
-    except _CorruptCache as why:
-        raise DataError(f"Feature cache {cache_path} {why}; run again to rebuild it.") from None
-    with f:
-        index = _valid_rows(f, spec.layers, verify=False)
-        keys = (items.path + "|" + items.identity).tolist()
-        missing = [k.split("|")[0] for k in keys if k not in index]
-        if missing:
-            raise DataError(f"Feature cache {cache_path} lacks {len(missing)} image(s), e.g. "
-                            f"{missing[0]}; it changed since extraction. Run again.")
-        rows = np.array([index[k] for k in keys], np.int64)
-        if stream:
-            _verify_rows(f, spec, rows, items, cache_path)
-            return {layer: H5Rows([(cache_path, layer)], np.zeros(len(rows)), rows)
-                    for layer in layers}
-        # One contiguous read per layer, then NumPy indexing: h5py's point
-        # selection is far slower than reading the whole span.
-        lo, hi = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
-        out = {layer: f[layer][lo:hi][rows - lo] for layer in spec.layers}
-        crcs = f["row_crc"][lo:hi][rows - lo]
-    for i, crc in enumerate(crcs):
-        if _row_crc([out[l][i] for l in spec.layers]) != int(crc):
-            raise DataError(f"Feature cache {cache_path}: row for {items.path.iloc[i]} is "
-                            "corrupt; run again to recompute it.")
-    return {layer: out[layer] for layer in layers}
-
-
-def _verify_rows(f, spec, rows, items, cache_path, chunk: int = 256):
-    """Checks the rows' checksums reading ``chunk`` rows at a time."""
-    order = np.argsort(rows)
-    crcs = f["row_crc"][:]
-    for start in range(0, len(rows), chunk):
-        pick = order[start:start + chunk]
-        wanted = rows[pick]
-        blocks = {l: f[l][wanted] for l in spec.layers}  # increasing: argsort order
-        for j, i in enumerate(pick):
-            if _row_crc([blocks[l][j] for l in spec.layers]) != int(crcs[wanted[j]]):
-                raise DataError(f"Feature cache {cache_path}: row for {items.path.iloc[i]} "
-                                "is corrupt; run again to recompute it.")

@@ -25,7 +25,7 @@ extraction and prediction scale out with Ray instead (`features.ray_engine`).
 
 import contextlib
 import logging
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 
@@ -90,7 +90,7 @@ def scope(strategy: tf.distribute.Strategy):
         yield strategy
 
 
-def sharded(fn: Callable) -> Callable:
+def sharded(fn: Callable, input_shape: Optional[Sequence[int]] = None) -> Callable:
     """A compiled ``fn(batch)`` that, under a multi-replica strategy, splits the batch
     between the replicas and concatenates their outputs in input order.
 
@@ -100,13 +100,17 @@ def sharded(fn: Callable) -> Callable:
     an empty batch, which oneDNN's AVX-512 convolution rejects ("input depth must
     be evenly divisible by filter depth") when the last batch of a run is smaller
     than the number of devices, the normal case on a multi-GPU host.
+
+    With ``input_shape`` (one example's shape) the function is traced once for every
+    batch size, instead of once per size seen.
     """
     strategy = tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
+    signature = (None if input_shape is None else
+                 [tf.TensorSpec([None, *input_shape], tf.float32)])
     if replicas == 1:
-        return tf.function(fn, reduce_retracing=True)
+        return tf.function(fn, input_signature=signature, reduce_retracing=True)
 
-    @tf.function(reduce_retracing=True)
     def run(batch):
         n = tf.shape(batch)[0]
         per = (n + replicas - 1) // replicas
@@ -119,4 +123,4 @@ def sharded(fn: Callable) -> Callable:
         parts = strategy.run(fn, args=(strategy.experimental_distribute_values_from_function(
             shard),))
         return tf.nest.map_structure(lambda t: strategy.gather(t, axis=0)[:n], parts)
-    return run
+    return tf.function(run, input_signature=signature, reduce_retracing=True)

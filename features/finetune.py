@@ -1,46 +1,54 @@
 """Second stage: fine-tune chosen blocks end to end on augmented images.
 
-Checkpointing is done by `Checkpointer` rather than Keras' ModelCheckpoint +
-EarlyStopping + BackupAndRestore because a resumable run needs their state
-(best value, patience counter, epoch, optimizer moments) saved *together* and
-*atomically*: each epoch goes into a fresh ``ckpt-<epoch>/`` folder and only
-then does ``state.json`` (written by rename) point at it, so a kill at any
-moment leaves either the previous or the new checkpoint, never a torn one.
+Resume rests on ``tf.train.Checkpoint`` + ``tf.train.CheckpointManager``: the
+model, the optimizer, the epoch, the best score, the best epoch, the patience
+counter and the history are saved together in one checkpoint after every epoch.
+The manager writes the checkpoint's files first and then points its
+``checkpoint`` state file at them (written by rename), so a kill at any moment
+leaves either the previous or the new checkpoint, never a torn one. The best
+epoch's weights live beside it as a TensorFlow checkpoint ``best-<epoch>``,
+written completely before the checkpoint that names them, so they always match
+it (TensorFlow's writer also fails cleanly on a full disk, where HDF5 can crash).
+
+The starting head counts as epoch 0: its validation score is the first row of
+the history and the baseline an epoch must beat to be kept, so fine-tuning never
+exports a model that validates worse than the head it started from.
 """
 
 import dataclasses
+import glob
 import json
 import logging
 import math
 import os
 import shutil
 import time
-import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from features import backbone
+from features import backbone, distribute, rows as rows_lib, scenarios
+from features.task import Task
+from features.training import EpochLog, ExactValidation, history_frame, sample_weights
 from pipeline import augment as augment_lib
 from pipeline import input as input_lib
 from pipeline import progress
-from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.errors import ConfigError
 
-STATE_FILE = "state.json"
-BEST_WEIGHTS = "best.weights.h5"
+CHECKPOINT_FILE = "checkpoint"  # tf.train.CheckpointManager's state file
+_BEST = "best-{:06d}"
 
 
 class Checkpointer(keras.callbacks.Callback):
-    """Best-model checkpoint, early stopping and resumable last-epoch state, in one.
+    """Best-model weights, early stopping and resumable state in one checkpoint.
 
     Args:
-      directory: where ``state.json``, ``ckpt-*/`` and ``best.weights.h5`` live.
+      directory: where the checkpoint and ``best-<epoch>.weights.h5`` live.
       target: the model whose weights are saved (the classifier, even when the
-        fitted model wraps it with an augmentation layer).
+        fitted model is a part of it or wraps it with an augmentation layer).
       optimizer: the fitted model's optimizer, whose state is checkpointed too.
       monitor: a logged metric such as "val_auc" (maximised) or "val_loss" (minimised).
       patience: epochs without improvement before stopping.
@@ -52,114 +60,147 @@ class Checkpointer(keras.callbacks.Callback):
         self.directory, self.target, self.optimizer = directory, target, optimizer
         self.monitor, self.patience = monitor, patience
         self.mode = "min" if monitor.endswith("loss") else "max"
-        self.best, self.best_epoch, self.wait, self.epoch = None, 0, 0, 0
-        self.history = []
         os.makedirs(directory, exist_ok=True)
+        self.state = {"epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
+                      "best": tf.Variable(np.nan, dtype=tf.float64, trainable=False),
+                      "best_epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
+                      "wait": tf.Variable(0, dtype=tf.int64, trainable=False),
+                      "history": tf.Variable("[]", dtype=tf.string, trainable=False)}
+        self.checkpoint = tf.train.Checkpoint(model=target, optimizer=optimizer, **self.state)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=1)
 
     # -- state ----------------------------------------------------------------
-    def state_path(self):
-        return os.path.join(self.directory, STATE_FILE)
+    @property
+    def epoch(self) -> int:
+        return int(self.state["epoch"].numpy())
+
+    @property
+    def best(self) -> Optional[float]:
+        value = float(self.state["best"].numpy())
+        return None if math.isnan(value) else value
+
+    @property
+    def best_epoch(self) -> int:
+        return int(self.state["best_epoch"].numpy())
+
+    @property
+    def wait(self) -> int:
+        return int(self.state["wait"].numpy())
+
+    @property
+    def history(self) -> list:
+        return json.loads(self.state["history"].numpy().decode())
 
     def restore(self) -> int:
         """Loads the last complete checkpoint, if any; returns the epochs already done."""
-        if not os.path.isfile(self.state_path()):
+        latest = self.manager.latest_checkpoint
+        if latest is None:
             return 0
         try:
-            with open(self.state_path(), encoding="utf-8") as f:
-                state = json.load(f)
-            ckpt = os.path.join(self.directory, state["checkpoint"])
-            # Built first, so that Keras can also restore it from a compiled model's file.
+            # Built first, so that the optimizer's slots exist to be restored into.
             self.optimizer.build(self.target.trainable_variables)
-            self.target.load_weights(os.path.join(ckpt, "model.weights.h5"))
-            opt = np.load(os.path.join(ckpt, "optimizer.npz"))
-            if len(opt.files) != len(self.optimizer.variables):
-                raise ValueError(f"optimizer has {len(self.optimizer.variables)} variables, "
-                                 f"checkpoint {len(opt.files)}")
-            for i, var in enumerate(self.optimizer.variables):
-                var.assign(opt[f"v{i}"])
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            if not tf.io.gfile.exists(self._best_path(self.best_epoch) + ".index"):
+                raise ValueError(f"its best weights {self._best_path(self.best_epoch)} are "
+                                 "missing")
+        except (tf.errors.OpError, AssertionError, ValueError) as err:
             raise ConfigError(
                 f"Cannot resume from {self.directory} ({err}). Rerun without --resume to "
                 "start the fine-tuning afresh.") from err
-        self.best, self.best_epoch = state["best"], state["best_epoch"]
-        self.wait, self.epoch = state["wait"], state["epoch"]
-        self.history = state.get("history", [])
         logging.info("Resumed fine-tuning after epoch %d (best %s %.4f at epoch %d).",
                      self.epoch, self.monitor, self.best if self.best is not None else
                      float("nan"), self.best_epoch)
         return self.epoch
 
-    def _save(self, epoch):
-        name = f"ckpt-{epoch:06d}"
-        final = os.path.join(self.directory, name)
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+    def _best_path(self, epoch: int) -> str:
+        return os.path.join(self.directory, _BEST.format(epoch))
+
+    def _write(self, write) -> None:
+        """Runs a TensorFlow checkpoint write; if it fails (e.g. a full disk), removes the
+        temporary folders it leaves (``*_temp``): what stays is complete."""
         try:
-            self.target.save_weights(os.path.join(tmp, "model.weights.h5"))
-            np.savez(os.path.join(tmp, "optimizer.npz"),
-                     **{f"v{i}": np.asarray(v.numpy()) for i, v in
-                        enumerate(self.optimizer.variables)})
+            write()
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: no torn checkpoint
+            for temp in glob.glob(os.path.join(self.directory, "*_temp")):
+                shutil.rmtree(temp, ignore_errors=True)
             raise
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(self.state_path(), json.dumps({
-            "checkpoint": name, "epoch": epoch, "best": self.best, "best_epoch": self.best_epoch,
-            "wait": self.wait, "monitor": self.monitor, "history": self.history}, indent=1))
-        progress.report("finetune", f"continue the fine-tuning from epoch {epoch} with "
-                                    f"--stage=finetune --resume (checkpoint in {self.directory})")
-        for old in os.listdir(self.directory):
-            if old.startswith("ckpt-") and old != name:
-                shutil.rmtree(os.path.join(self.directory, old), ignore_errors=True)
+
+    def _weights(self) -> tf.train.Checkpoint:
+        # The weights alone (not the model object, which also tracks its optimizer).
+        return tf.train.Checkpoint(weights=list(self.target.weights))
+
+    def _save_best(self, epoch: int) -> None:
+        self._write(lambda: self._weights().write(self._best_path(epoch)))
+
+    def _commit(self, epoch: int) -> None:
+        """One checkpoint for everything; then old best weights can go."""
+        self._write(lambda: self.manager.save(checkpoint_number=epoch))
+        keep = os.path.basename(self._best_path(self.best_epoch)) + "."
+        for old in glob.glob(os.path.join(self.directory, "best-*")):
+            if not os.path.basename(old).startswith(keep):
+                os.remove(old)
+        progress.report("finetune", self._resume_hint)
+
+    def _resume_hint(self) -> str:
+        """What a rerun would do, from the checkpoint on disk right now."""
+        latest = tf.train.latest_checkpoint(self.directory)
+        epoch = int(latest.rsplit("-", 1)[1]) if latest else 0
+        return (f"continue the fine-tuning from epoch {epoch} with --stage=finetune --resume "
+                f"(checkpoint in {self.directory})")
+
+    def _record(self, row: dict) -> None:
+        history = self.history + [row]
+        self.state["history"].assign(json.dumps(history))
 
     # -- callback -------------------------------------------------------------
+    def set_baseline(self, logs: dict) -> None:
+        """The starting weights are epoch 0 with these validation logs: an epoch must
+        beat them to be kept."""
+        value = float(logs[self.monitor])
+        self.state["best"].assign(value)
+        self.state["best_epoch"].assign(0)
+        self.state["wait"].assign(0)
+        self.state["epoch"].assign(0)
+        self._record({"epoch": 0, **{k: float(v) for k, v in logs.items()}})
+        self._save_best(0)
+        self._commit(0)
+
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         value = logs.get(self.monitor)
         if value is None:
             raise ConfigError(f"Metric {self.monitor!r} is not logged; available: "
                               f"{', '.join(logs)}.")
-        self.epoch = epoch + 1
-        self.history.append({"epoch": self.epoch, **{k: float(v) for k, v in logs.items()}})
-        improved = self.best is None or (value > self.best if self.mode == "max"
-                                         else value < self.best)
+        self.state["epoch"].assign(epoch + 1)
+        self._record({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
+        best = self.best
+        improved = best is None or (value > best if self.mode == "max" else value < best)
         if improved:
-            self.best, self.best_epoch, self.wait = float(value), self.epoch, 0
-            with atomic_path(os.path.join(self.directory, BEST_WEIGHTS)) as tmp:
-                self.target.save_weights(tmp)
+            self._save_best(epoch + 1)  # before the checkpoint that names it
+            self.state["best"].assign(float(value))
+            self.state["best_epoch"].assign(epoch + 1)
+            self.state["wait"].assign(0)
         else:
-            self.wait += 1
-        self._save(self.epoch)
+            self.state["wait"].assign_add(1)
+        self._commit(epoch + 1)
         if self.wait >= self.patience:
             logging.info("Early stopping: no %s improvement for %d epochs (best %.4f at epoch "
                          "%d).", self.monitor, self.wait, self.best, self.best_epoch)
             self.model.stop_training = True
 
-    def set_baseline(self, value: float):
-        """Counts the starting weights as epoch 0 with ``value``: an epoch must beat
-        them to be kept, so fine-tuning never exports a model that validates worse
-        than the head it started from."""
-        self.best, self.best_epoch, self.wait = float(value), 0, 0
-        with atomic_path(os.path.join(self.directory, BEST_WEIGHTS)) as tmp:
-            self.target.save_weights(tmp)
-
-    def restore_best(self):
+    def restore_best(self) -> None:
         """Loads the best epoch's weights into the target model."""
-        path = os.path.join(self.directory, BEST_WEIGHTS)
-        if os.path.isfile(path):
-            with warnings.catch_warnings():
-                # best.weights.h5 of epoch 0 was saved before the optimizer was built;
-                # only the model's weights matter here.
-                warnings.filterwarnings("ignore", message="Skipping variable loading")
-                self.target.load_weights(path)
+        self._weights().read(self._best_path(self.best_epoch)).assert_consumed()
+
+    def remove(self) -> None:
+        """Deletes the checkpoints (after a successful export: nothing left to resume)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @dataclasses.dataclass
 class CachedViews:
     """Fine-tuning data from the feature cache: K augmented views of every training image
-    at ``start_layer`` (view-major, as `cache.load_features` returns them) and the plain
+    at ``start_layer`` (view-major, as the cache returns them) and the plain
     validation features.
 
     An epoch is as many samples as there are training images, drawn without
@@ -167,40 +208,55 @@ class CachedViews:
     epoch from images costs in optimizer steps while showing fresh augmentations.
     """
     start_layer: str
-    train_x: np.ndarray
+    train_x: object
     train_y: np.ndarray
-    val_x: np.ndarray
+    val_x: object
     val_y: np.ndarray
     views: int
-
-    def datasets(self, batch_size: int, seed: int, epochs: int):
-        """(training batches for ``epochs`` epochs of one image's worth each, validation
-        batches) for ``Model.fit``, with the steps per epoch."""
-        from features import heads
-        images = len(self.train_y) // self.views
-        train, steps = heads.shuffled_batches(self.train_x, self.train_y, batch_size, seed,
-                                              epochs, per_epoch=images)
-        val = heads.sequential_batches(self.val_x, self.val_y, batch_size)
-        return train, val, steps
 
 
 def gpu_available() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
+def _image_validation(model: keras.Model, task: Task, frame: pd.DataFrame, image_size: int,
+                      batch_size: int) -> Callable[[], np.ndarray]:
+    """Predicts the validation images (decoded once, kept in memory) with ``model``."""
+    dataset = input_lib.eval_dataset(frame.path.tolist(), None, frame.name.tolist(),
+                                     image_size, batch_size).map(lambda b: b["image"]).cache()
+    run = distribute.sharded(lambda x: model(x, training=False), model.input.shape[1:])
+
+    def predict():
+        outputs = [np.asarray(run(batch)) for batch in dataset]
+        return task.probabilities(np.concatenate(outputs) if outputs
+                                  else np.zeros((0, model.output.shape[-1])))
+    return predict
+
+
+def _feature_validation(model: keras.Model, task: Task, x, batch_size: int):
+    run = distribute.sharded(lambda v: model(v, training=False), model.input.shape[1:])
+
+    def predict():
+        outputs = [np.asarray(run(np.asarray(x[i:i + batch_size], np.float32)))
+                   for i in range(0, len(x), batch_size)]
+        return task.probabilities(np.concatenate(outputs))
+    return predict
+
+
+def finetune(classifier: backbone.Classifier, blocks, task: Task, train_frame: pd.DataFrame,
              val_frame: pd.DataFrame, *, workdir: str, image_size: int, batch_size: int,
              augment: str, learning_rate: float, epochs: int, patience: int,
-             monitor: str = "auc", seed: int = 0, resume: bool = False,
+             monitor: Optional[str] = None, seed: int = 0, resume: bool = False,
              augment_on: str = "auto", optimizer: str = "adam",
-             tensorboard_dir: Optional[str] = None, cached: Optional["CachedViews"] = None,
-             verbose: int = 1) -> dict:
+             tensorboard_dir: Optional[str] = None, cached: Optional[CachedViews] = None,
+             class_weight=None, label_smoothing: float = 0.0) -> dict:
     """Fine-tunes ``blocks`` of ``classifier``; leaves the best weights in it.
 
-    Writes ``finetune/`` (checkpoints) and ``history_finetune.csv`` into ``workdir``.
+    Writes checkpoints into ``workdir/finetune/``.
 
     Args:
-      monitor: "auc" or "accuracy" (validation).
+      monitor: validation metric for early stopping and the kept epoch ("auc",
+        "accuracy", "loss", "map"; default the task's headline).
       cached: train from cached features instead of images (see `CachedViews`):
         only the part above ``cached.start_layer`` runs, which is the whole
         trainable part when ``blocks`` start above that layer. Early stopping,
@@ -211,49 +267,66 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
         in the training model, so on the accelerator), or "auto" (model when a
         GPU is visible).
 
-    Returns a summary dict for ``metrics.json``.
+    Returns a summary dict for ``metrics.json`` (with the history as a table).
     """
-    if monitor not in ("auc", "accuracy", "loss"):
-        raise ConfigError(f"--monitor={monitor!r}: choose auc, accuracy or loss.")
+    monitor = monitor or task.headline
+    if monitor not in ("auc", "accuracy", "loss", "map"):
+        raise ConfigError(f"--monitor={monitor!r}: choose auc, accuracy, loss or map.")
     preset = augment_lib.get_preset(augment)
     ckpt_dir = os.path.join(workdir, "finetune")
     if not resume and os.path.isdir(ckpt_dir):
         shutil.rmtree(ckpt_dir)  # a fresh run never mixes with an old one
-    trainable = backbone.set_trainable(classifier, blocks)
+    trainable = classifier.set_trainable(blocks)
     on_model = augment_on == "model" or (augment_on == "auto" and gpu_available())
+    y_train = np.asarray(train_frame.label.tolist())
+    y_val = np.asarray(val_frame.label.tolist())
     if cached is not None:
-        start = backbone.start_layer(blocks, classifier.include_top)
+        start = scenarios.start_layer(blocks, classifier.include_top)
         if start != cached.start_layer:
             raise ConfigError(f"Blocks {','.join(blocks)} train from {start}, but the cached "
                               f"views are of {cached.start_layer}.")
         fit_model = classifier.model_from(start)
+        validate = _feature_validation(fit_model, task, cached.val_x, batch_size)
+        y_val = cached.val_y
     elif on_model and not preset.is_identity:
         image = keras.Input(classifier.model.input.shape[1:], name="image")
         fit_model = keras.Model(image, classifier.model(
             augment_lib.Augment(augment, seed=seed, name="augment")(image)), name="train_model")
+        validate = _image_validation(classifier.model, task, val_frame, image_size, batch_size)
     else:
         fit_model = classifier.model
+        validate = _image_validation(classifier.model, task, val_frame, image_size, batch_size)
     # Recompile after changing what trains (Keras snapshots trainability at compile).
-    backbone.compile_model(fit_model, learning_rate, optimizer)
+    fit_model.compile(optimizer=backbone.make_optimizer(optimizer, learning_rate),
+                      loss=task.loss(label_smoothing), metrics=task.keras_metrics())
     checkpointer = Checkpointer(ckpt_dir, classifier.model, fit_model.optimizer,
                                 "val_" + monitor, patience)
-    initial_epoch = checkpointer.restore() if resume else 0
-    steps = max(1, math.ceil(len(train_frame) / batch_size))
+    resumed = resume and checkpointer.manager.latest_checkpoint is not None
+    if resume and not resumed:
+        logging.warning("--resume: no fine-tuning checkpoint in %s (removed after the last "
+                        "successful export, or never written); starting afresh.", ckpt_dir)
+    initial_epoch = checkpointer.restore() if resumed else 0
+    remaining = max(1, epochs - initial_epoch)
+    replicas = distribute.replicas()
     if cached is not None:
-        train, val, steps = cached.datasets(batch_size, seed + initial_epoch,
-                                            max(1, epochs - initial_epoch))
+        weights = _class_weights(task, cached.train_y, class_weight)
+        train, steps = rows_lib.shuffled_batches(
+            cached.train_x, task.targets(cached.train_y), batch_size, seed + initial_epoch,
+            remaining, per_epoch=len(cached.train_y) // cached.views, min_rows=replicas,
+            weights=weights)
     else:
+        steps = max(1, math.ceil(len(train_frame) / batch_size))
         train = input_lib.train_dataset(
-            train_frame.path.tolist(), train_frame.label.tolist(), train_frame.name.tolist(),
+            train_frame.path.tolist(), task.targets(y_train), train_frame.name.tolist(),
             image_size, batch_size, augment=augment, seed=seed + initial_epoch,
-            augment_in_pipeline=not on_model).map(input_lib.to_inputs_targets)
-        val = input_lib.eval_dataset(
-            val_frame.path.tolist(), val_frame.label.tolist(), val_frame.name.tolist(),
-            image_size, batch_size).map(input_lib.to_inputs_targets)
+            augment_in_pipeline=not on_model,
+            weights=_class_weights(task, y_train, class_weight)).map(input_lib.to_inputs_targets)
+    validation = ExactValidation(validate, y_val, task)
     start_value = None
-    if not resume:
-        start_value = float(fit_model.evaluate(val, verbose=0, return_dict=True)[monitor])
-        checkpointer.set_baseline(start_value)
+    if not resumed:
+        start_logs = {f"val_{k}": v for k, v in task.scores(y_val, validate()).items()}
+        checkpointer.set_baseline(start_logs)
+        start_value = float(start_logs["val_" + monitor])
         logging.info("Before fine-tuning: val_%s %.4f (epoch 0; an epoch must beat it).",
                      monitor, start_value)
     where = (f"{cached.views} cached view(s) of {cached.start_layer}" if cached is not None
@@ -261,24 +334,34 @@ def finetune(classifier: backbone.Classifier, blocks, train_frame: pd.DataFrame,
     logging.info("Fine-tuning %s (%d layers) for up to %d epochs, %d steps each, lr %g, "
                  "augment=%s from %s.", "+".join(blocks), len(trainable), epochs, steps,
                  learning_rate, augment, where)
-    callbacks = [checkpointer]
+    callbacks = [validation, EpochLog("Fine-tuning", epochs), checkpointer]
     if tensorboard_dir:
         log_dir = os.path.join(tensorboard_dir, "finetune")
-        if not resume:
+        if not resumed:
             shutil.rmtree(log_dir, ignore_errors=True)
-        callbacks.append(keras.callbacks.TensorBoard(log_dir))
+        callbacks.insert(2, keras.callbacks.TensorBoard(log_dir))
     started = time.perf_counter()
-    if not resume:
-        progress.report("finetune", "start the fine-tuning again (no epoch had finished)")
     if initial_epoch < epochs and checkpointer.wait < patience:
-        fit_model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch,
-                      steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
-                      verbose=verbose)
+        fit_model.fit(train, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
+                      callbacks=callbacks, shuffle=False, verbose=0)
     seconds = time.perf_counter() - started
     progress.clear("finetune")
     checkpointer.restore_best()
-    history = pd.DataFrame(checkpointer.history)
+    history = history_frame(checkpointer.history)
     return {"history": history, "best_epoch": checkpointer.best_epoch,
             "best_" + checkpointer.monitor: checkpointer.best, "epochs_run": checkpointer.epoch,
             "seconds": round(seconds, 2), "trainable_layers": trainable,
-            "resumed_from_epoch": initial_epoch, "start_" + checkpointer.monitor: start_value}
+            "resumed_from_epoch": initial_epoch, "monitor": checkpointer.monitor,
+            "start_" + checkpointer.monitor: start_value if start_value is not None else
+            _start_value(history, checkpointer.monitor),
+            "checkpoints": checkpointer}
+
+
+def _class_weights(task: Task, y, class_weight):
+    return sample_weights(task, y, class_weight) if class_weight else None
+
+
+def _start_value(history: pd.DataFrame, monitor: str):
+    """The epoch-0 value from the history (a resumed run did not measure it again)."""
+    row = history[history.epoch == 0]
+    return float(row[monitor].iloc[0]) if len(row) and monitor in row else None

@@ -4,8 +4,7 @@ Mixed precision keeps variables in float32 and computes in a 16-bit type. It
 pays only where the hardware has a fast 16-bit path: bfloat16 on CPUs with
 AVX512-BF16 or AMX and on GPUs of compute capability >= 8.0 (Ampere and later),
 float16 on older GPUs (tensor cores since Volta; it needs loss scaling because
-its range is small, which Keras' ``compile`` adds and `loss_scaled` provides for
-hand-written steps). Elsewhere bfloat16 is emulated and is no faster than
+its range is small, which Keras' ``compile`` adds). Elsewhere bfloat16 is emulated and is no faster than
 float32: on an AVX2-only CPU the VGG16 conv base ran at the same 3.3 img/s
 both ways and a bf16 matmul was 0.77x float32 (docs/benchmarks.md), so `auto`
 picks float32 there.
@@ -122,14 +121,6 @@ def resolve_and_apply(requested: str) -> Precision:
 def current_policy() -> str:
     """The name of the global Keras policy."""
     return keras.mixed_precision.global_policy().name
-
-
-def loss_scaled(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
-    """Wraps ``optimizer`` in dynamic loss scaling under mixed_float16 (hand-written steps
-    must then call ``optimizer.scale_loss``); returns it unchanged otherwise."""
-    if current_policy() == "mixed_float16":
-        return keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
 
 
 def _retyped(config, policy: str, inside: Optional[str] = None):

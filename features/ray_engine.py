@@ -120,19 +120,22 @@ class RayEngine:
 
     def predict(self, workdir: str, bag: bool, frame: pd.DataFrame, image_size: int,
                 batch_size: int, tta: int) -> np.ndarray:
-        """P(positive) of every row of ``frame`` (columns path, name), in its order."""
+        """Model outputs [N, units] of every row of ``frame`` (columns path, name), in order."""
         items = pd.DataFrame({"row": np.arange(len(frame)), "path": frame.path.tolist(),
                               "name": frame.name.astype(str).tolist()})
         kwargs = {"workdir": os.path.abspath(workdir), "bag": bag, "policy": self.precision,
                   "image_size": image_size, "batch_size": batch_size, "tta": tta}
-        probs = np.full(len(frame), np.nan)
+        outputs = None
         for batch in self._map(items, PredictWorker, kwargs, batch_size).iter_batches(
                 batch_size=None, batch_format="numpy"):
-            probs[np.asarray(batch["row"], np.int64)] = batch["prob"]
-        if np.isnan(probs).any():
-            raise ConfigError(f"Ray returned no prediction for {int(np.isnan(probs).sum())} "
-                              "image(s).")
-        return probs
+            values = np.asarray(batch["outputs"], np.float64)
+            if outputs is None:
+                outputs = np.full((len(frame), values.shape[1]), np.nan)
+            outputs[np.asarray(batch["row"], np.int64)] = values
+        if outputs is None or np.isnan(outputs).any():
+            missing = len(frame) if outputs is None else int(np.isnan(outputs[:, 0]).sum())
+            raise ConfigError(f"Ray returned no prediction for {missing} image(s).")
+        return outputs
 
 
 class FeatureWorker:
@@ -171,7 +174,7 @@ class PredictWorker:
 
     def __call__(self, items: pd.DataFrame) -> dict:
         image_size, batch_size, tta = self._args
-        probs = self._inference.predict_paths(self._model, items.path.tolist(),
-                                              items.name.tolist(), image_size, batch_size,
-                                              tta, progress=False)
-        return {"row": items.row.to_numpy(), "prob": probs}
+        outputs = self._inference.predict_paths(self._model, items.path.tolist(),
+                                                items.name.tolist(), image_size, batch_size,
+                                                tta, progress=False)
+        return {"row": items.row.to_numpy(), "outputs": outputs}

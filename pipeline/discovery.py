@@ -371,20 +371,6 @@ def split_train_val(frame: pd.DataFrame, val_size: Union[int, float], seed: int)
     return train, val
 
 
-def parse_val_size(text: str) -> Union[int, float]:
-    """Parses ``--val_size``: an integer count ("200") or a fraction ("0.2")."""
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise ConfigError(f"--val_size must be a count like 200 or a fraction like 0.2; got "
-                          f"{text!r}.") from err
-    if value.is_integer() and value >= 1:
-        return int(value)
-    if 0 < value < 1:
-        return value
-    raise ConfigError(f"--val_size must be a count >= 1 or a fraction in (0, 1); got {text!r}.")
-
-
 def natural_key(name: str):
     """Sort key that puts "2" before "10" (numbers compared as numbers)."""
     import re

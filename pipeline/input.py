@@ -6,8 +6,9 @@ list before decoding keeps the shuffle buffer tiny; augmenting whole batches
 turns per-image random transforms into one vectorised op.
 """
 
-from typing import Optional, Sequence
+from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from pipeline import augment as augment_lib
@@ -16,17 +17,21 @@ from pipeline import ops
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def _source(paths: Sequence[str], labels: Optional[Sequence[int]], names: Sequence[str]):
+def _source(paths: Sequence[str], labels, names: Sequence[str], weights=None):
     if labels is None:
         labels = [-1] * len(paths)  # unlabelled (prediction): -1 is never a real label
     if not (len(paths) == len(labels) == len(names)):
         raise ValueError(f"paths, labels and names must have equal lengths; got "
                          f"{len(paths)}, {len(labels)}, {len(names)}")
-    return tf.data.Dataset.from_tensor_slices({
+    columns = {
         "path": tf.constant(list(paths), tf.string),
-        "label": tf.constant(list(labels), tf.float32),
+        # [N] for one label per image, [N, K] for one-hot or multi-label targets.
+        "label": tf.constant(np.asarray(labels, np.float32)),
         "name": tf.constant(list(names), tf.string),
-    })
+    }
+    if weights is not None:
+        columns["weight"] = tf.constant(np.asarray(weights, np.float32))
+    return tf.data.Dataset.from_tensor_slices(columns)
 
 
 def decode_and_resize(image_size: int):
@@ -50,7 +55,7 @@ def eval_dataset(paths, labels, names, image_size=224, batch_size=32):
 
 
 def train_dataset(paths, labels, names, image_size=224, batch_size=32, augment="none",
-                  seed=0, repeat=True, augment_in_pipeline=True):
+                  seed=0, repeat=True, augment_in_pipeline=True, weights=None):
     """Shuffled, repeated (by default), augmented batches for training.
 
     Args:
@@ -58,10 +63,11 @@ def train_dataset(paths, labels, names, image_size=224, batch_size=32, augment="
       seed: drives both the shuffle order and the augmentation draws.
       augment_in_pipeline: False leaves augmentation to an `augment.Augment`
         layer in the model (so it runs on the accelerator).
+      weights: optional per-image sample weights (element key ``weight``).
     """
     preset = augment_lib.get_preset(augment)
     front = decode_and_resize(image_size)
-    ds = _source(paths, labels, names).shuffle(len(paths), seed=seed,
+    ds = _source(paths, labels, names, weights).shuffle(len(paths), seed=seed,
                                                reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
@@ -78,5 +84,7 @@ def train_dataset(paths, labels, names, image_size=224, batch_size=32, augment="
 
 
 def to_inputs_targets(element):
-    """Maps an element dict to the ``(image, label)`` pair that ``Model.fit`` expects."""
+    """Maps an element dict to the ``(image, label[, weight])`` that ``Model.fit`` expects."""
+    if "weight" in element:
+        return element["image"], element["label"], element["weight"]
     return element["image"], element["label"]

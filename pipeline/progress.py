@@ -5,13 +5,14 @@ user learns that a rerun resumes extraction from N of M rows or continues
 fine-tuning from epoch K, instead of guessing.
 """
 
-from typing import Dict
+from typing import Callable, Dict, Union
 
-_STATE: Dict[str, str] = {}
+_STATE: Dict[str, Union[str, Callable[[], str]]] = {}
 
 
-def report(stage: str, text: str) -> None:
-    """Records (replaces) what a rerun would do about ``stage``."""
+def report(stage: str, text: Union[str, Callable[[], str]]) -> None:
+    """Records (replaces) what a rerun would do about ``stage``: a text, or a function
+    that says it when asked (e.g. from the files on disk at that moment)."""
     _STATE[stage] = text
 
 
@@ -22,4 +23,4 @@ def clear(stage: str) -> None:
 
 def summary() -> str:
     """One line per stage in progress (empty when none)."""
-    return "\n".join(f"  {text}" for text in _STATE.values())
+    return "\n".join(f"  {text() if callable(text) else text}" for text in _STATE.values())

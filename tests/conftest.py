@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -73,3 +75,13 @@ def kill_data(tmp_path_factory):
     (root / "train_labels.csv").write_text(
         "name,invasive\n" + "".join(f"{i},{l}\n" for i, l in enumerate(labels, start=1)))
     return root
+
+
+def checkpoint_epoch(folder) -> int:
+    """The epoch of the fine-tuning checkpoint a resume would load (-1 when none)."""
+    try:
+        text = open(os.path.join(folder, "checkpoint"), encoding="utf-8").read()
+    except OSError:
+        return -1
+    match = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', text, re.M)
+    return int(match.group(1)) if match else -1

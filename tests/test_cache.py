@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from features import backbone, cache, heads
+from features import backbone, cache, cv, heads, task as task_lib
+from features.training import restore, snapshot
 from pipeline import discovery, input as input_lib
 from pipeline.errors import DataError
 from tests.conftest import colour_image, write_image
@@ -144,11 +145,11 @@ def test_interrupted_extraction_resumes_where_it_stopped(classifier, data, tmp_p
     spec, cdir = _spec(data), str(tmp_path)
     real_append, calls = cache._append, []
 
-    def dying_append(f, rows, layers):
+    def dying_append(f, rows):
         calls.append(len(rows["names"]))
         if len(calls) == 2:
             raise _Interrupt()  # dies after one flushed batch of 4
-        real_append(f, rows, layers)
+        real_append(f, rows)
 
     monkeypatch.setattr(cache, "_append", dying_append)
     with pytest.raises(_Interrupt):
@@ -167,7 +168,9 @@ def test_interrupted_extraction_resumes_where_it_stopped(classifier, data, tmp_p
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_corrupted_cache_is_detected_and_rebuilt(classifier, data, tmp_path, caplog, damage):
+def test_corrupted_cache_is_detected_and_repaired(classifier, data, tmp_path, caplog, damage):
+    """A flipped byte costs the rows it damaged (recomputed, superseding them); a file that
+    cannot be read as a whole is rebuilt."""
     spec, cdir = _spec(data), str(tmp_path)
     path = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False).path
     if damage == "flip":
@@ -181,12 +184,17 @@ def test_corrupted_cache_is_detected_and_rebuilt(classifier, data, tmp_path, cap
     else:
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(Exception, match="corrupt|damaged|cannot be opened|rebuild"):
+    with pytest.raises(DataError, match="fail their checksum|cannot be opened|damaged"):
         cache.load_features(path, spec, data.frame, spec.layers)
     with caplog.at_level(logging.WARNING):
-        result = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
-    assert result.computed == 10 and "rebuilding" in caplog.text
-    cache.load_features(path, spec, data.frame, spec.layers)
+        feats, result = cache.load(classifier, spec, data.frame, cdir, 4, progress=False)
+    if damage == "flip":  # byte 100 of the first chunk: the first row of 4
+        assert result.computed == 1 and "recomputing just those rows" in caplog.text
+    else:
+        assert result.computed == 10 and "rebuilding" in caplog.text
+    np.testing.assert_allclose(feats["block4_pool"], _direct(classifier, data.frame)
+                               ["block4_pool"], rtol=1e-5, atol=1e-4)
+    cache.load_features(path, spec, data.frame, spec.layers)  # intact again
 
 
 def test_head_trained_on_cache_drops_onto_conv_base(data, tmp_path):
@@ -196,9 +204,9 @@ def test_head_trained_on_cache_drops_onto_conv_base(data, tmp_path):
     feats = cache.load_features(path, spec, data.frame, spec.layers)
     y = data.frame.label.to_numpy()
     for scenario in ("B", "C"):
-        results = heads.train_scenarios(clf, [scenario], feats, y, feats, y, epochs=2,
-                                        batch_size=4, learning_rate=1e-3, seed=0,
-                                        out_dir=str(tmp_path / "run"), verbose=0)
+        results = heads.train_scenarios(clf, [scenario], task_lib.binary(), feats, y, feats,
+                                        y, epochs=2, batch_size=4, learning_rate=1e-3, seed=0,
+                                        out_dir=str(tmp_path / "run"), progress=False)
         fresh = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1)
         heads.load_scenario_weights(fresh, scenario, results[scenario].weights_path)
         start = results[scenario].start_layer
@@ -225,9 +233,9 @@ def test_float16_cache_changes_predictions_within_tolerance(classifier, data, tm
     assert x16["block5_pool"].dtype == np.float16
     y = data.frame.label.to_numpy()
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    results = heads.train_scenarios(clf, ["B"], x32, y, x32, y, epochs=3, batch_size=4,
-                                    learning_rate=1e-3, seed=0, out_dir=str(tmp_path / "run"),
-                                    verbose=0)
+    results = heads.train_scenarios(clf, ["B"], task_lib.binary(), x32, y, x32, y, epochs=3,
+                                    batch_size=4, learning_rate=1e-3, seed=0,
+                                    out_dir=str(tmp_path / "run"), progress=False)
     heads.load_scenario_weights(clf, "B", results["B"].weights_path)
     p_32 = clf.head.predict(x32["block5_pool"], verbose=0)[:, 0]
     p_16 = clf.head.predict(x16["block5_pool"].astype(np.float32), verbose=0)[:, 0]
@@ -256,43 +264,35 @@ def test_augmented_views_are_cached_per_image_and_differ_from_the_plain_view(cla
     np.testing.assert_allclose(again["block4_pool"], views["block4_pool"], rtol=1e-5, atol=1e-4)
 
 
-def test_cv_curves_score_each_fold_exactly_and_leave_the_classifier_unchanged(
+def test_cross_validation_scores_each_fold_exactly_and_keeps_what_folds_made(
         classifier, data, tmp_path):
     spec = _spec(data)
     path = cache.ensure_features(classifier, spec, data.frame, str(tmp_path), 4,
                                  progress=False).path
     feats = cache.load_features(path, spec, data.frame, spec.layers)["block5_pool"]
     y = data.frame.label.to_numpy()
-    folds = heads.make_folds(y, 2, seed=0)
-    config = heads.HeadConfig.for_scenario("B", 1e-2)
+    task = task_lib.binary()
+    folds = cv.make_folds(y, 2, seed=0)
     before = classifier.model.get_weights()
-    curves = heads.cv_curves(classifier, config, feats, y, folds, epochs=2, batch_size=4, seed=0,
-                             jit_compile=False)
-    assert curves.shape == (2, 2)
-    # XLA (the default) changes rounding, and dropout's random draws (XLA picks its own
-    # RNG algorithm): without dropout the same fold trains to the same model both ways.
-    probs, state = [], heads.snapshot(classifier.model)
-    with heads.dropout_rate(classifier, 0.0):
-        for jit in (False, True):
-            heads.restore(classifier.model, state)
-            trainer = heads.FoldTrainer(classifier, heads.HeadConfig.for_scenario("B"),
-                                        jit_compile=jit)
-            trainer.train(feats[folds[0][0]], y[folds[0][0]], epochs=2, batch_size=4, seed=0)
-            probs.append(trainer.predict(feats))
-    heads.restore(classifier.model, state)
-    np.testing.assert_allclose(probs[0], probs[1], atol=1e-4)
-    assert np.ptp(probs[0]) > 1e-4  # trained into something that is not constant
-    for w0, w1 in zip(before, classifier.model.get_weights()):
+    config = heads.HeadConfig.for_scenario("B", 1e-4)
+    with config.trainer(classifier, task) as trainer:
+        result = cv.cross_validate(trainer, feats, y, folds, epochs=2, batch_size=4, seed=0)
+    assert result.curves.shape == (2, 2) and 1 <= result.epoch <= 2
+    for w0, w1 in zip(before, classifier.model.get_weights()):  # left as it was found
         np.testing.assert_array_equal(w0, w1)
-    # Fold 1, epoch 2, by hand with Keras' own fit: the same seed, the same model and AUC.
+    # Fold 1 by hand, through the same compiled trainer: the same seed gives the same
+    # model, whose exact AUC is the curve's, whose weights are the kept member and whose
+    # validation probabilities are the kept out-of-fold ones.
     tr, va = folds[1]
-    model, _ = heads.fit_head(classifier, config, feats[tr], y[tr], epochs=2, batch_size=4,
-                              seed=1)
-    probs = model.predict(feats[va], verbose=0)[:, 0]
-    assert curves[1, 1] == pytest.approx(heads.binary_scores(y[va], probs)[0])
-    for w0, w1 in zip(before, classifier.model.get_weights()):  # fit_head trains in place
-        if not np.array_equal(w0, w1):
-            break
-    else:
-        pytest.fail("training changed nothing, so the comparison above is vacuous")
-    classifier.model.set_weights(before)
+    state = snapshot(classifier.model)
+    with config.trainer(classifier, task) as trainer:
+        trainer.fit(feats[tr], y[tr], epochs=result.epoch, batch_size=4, seed=1, keep=None)
+        probs = trainer.predict(feats[va])
+        weights = [v.numpy() for v in trainer.trainable]
+    restore(classifier.model, state)
+    assert result.curves[1, result.epoch - 1] == pytest.approx(task.scores(y[va], probs)["auc"])
+    np.testing.assert_allclose(result.oof_probs[va], probs, atol=1e-6)
+    for kept, by_hand in zip(result.members[1], weights):
+        np.testing.assert_allclose(kept, by_hand, atol=1e-6)
+    assert np.ptp(probs) > 1e-4  # trained into something that is not constant
+    assert not np.allclose(result.members[0][-2], result.members[1][-2])  # folds differ

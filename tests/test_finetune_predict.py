@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -14,12 +13,14 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from features import backbone, finetune, inference
+from features import task as task_lib
 from pipeline import augment, discovery
 from pipeline import input as input_lib
 from tests.conftest import write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
+BINARY = task_lib.binary()
 
 
 def _run(script, *args, cwd=None):
@@ -39,16 +40,18 @@ def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
     workdir = str(tmp_path / "run")
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     kwargs = dict(workdir=workdir, image_size=SIZE, batch_size=4, augment="keras_blog",
-                  learning_rate=1e-4, patience=10, monitor="auc", seed=0, verbose=0)
-    first = finetune.finetune(clf, ["block5", "fc", "predictions"], train, val, epochs=2,
-                              **kwargs)
+                  learning_rate=1e-4, patience=10, monitor="auc", seed=0)
+    blocks = ["block5", "fc", "predictions"]
+    first = finetune.finetune(clf, blocks, BINARY, train, val, epochs=2, **kwargs)
     assert first["epochs_run"] == 2 and first["resumed_from_epoch"] == 0
-    state = json.load(open(os.path.join(workdir, "finetune", "state.json")))
-    assert state["epoch"] == 2
-    assert os.path.isfile(os.path.join(workdir, "finetune", "best.weights.h5"))
-    last = str(tmp_path / "epoch2.weights.h5")
-    shutil.copyfile(os.path.join(workdir, "finetune", state["checkpoint"], "model.weights.h5"),
-                    last)
+    folder = os.path.join(workdir, "finetune")
+    assert "ckpt-2" in open(os.path.join(folder, finetune.CHECKPOINT_FILE)).read()
+    assert os.path.isfile(os.path.join(folder, f"best-{first['best_epoch']:06d}.index"))
+    # The state after epoch 2, as a fresh process would find it.
+    ref = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=5)
+    import tensorflow as tf
+    tf.train.Checkpoint(model=ref.model).read(
+        tf.train.latest_checkpoint(folder)).expect_partial()
 
     # A fresh process would start from a new classifier: resume must load epoch 2's
     # weights and optimizer state, and run only epoch 3.
@@ -67,20 +70,19 @@ def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
 
     keras.Model.fit = fit_with_spy
     try:
-        second = finetune.finetune(clf2, ["block5", "fc", "predictions"], train, val,
-                                   epochs=3, resume=True, **kwargs)
+        second = finetune.finetune(clf2, blocks, BINARY, train, val, epochs=3, resume=True,
+                                   **kwargs)
     finally:
         keras.Model.fit = real_fit
-    ref = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=5)
-    ref.model.load_weights(last)
     np.testing.assert_array_equal(seen["kernel"],
                                   ref.head.get_layer("predictions").kernel.numpy())
     assert seen["iterations"] == 2 * 2  # 2 epochs x 2 steps (8 train images / batch 4)
     assert second["resumed_from_epoch"] == 2 and second["epochs_run"] == 3
-    assert len(second["history"]) == 3
+    assert list(second["history"].epoch) == [0, 1, 2, 3]  # epoch 0 = the starting head
 
     # Without --resume a run starts clean.
-    third = finetune.finetune(clf2, ["fc", "predictions"], train, val, epochs=1, **kwargs)
+    third = finetune.finetune(clf2, ["fc", "predictions"], BINARY, train, val, epochs=1,
+                              **kwargs)
     assert third["resumed_from_epoch"] == 0 and third["epochs_run"] == 1
 
 
@@ -93,14 +95,15 @@ def test_augmentation_inside_the_model_reaches_training_and_is_not_exported(spli
     weights = {}
     for preset in ("none", "aggressive"):
         clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-        out = finetune.finetune(clf, ["fc", "predictions"], train, val,
+        out = finetune.finetune(clf, ["fc", "predictions"], BINARY, train, val,
                                 workdir=str(tmp_path / preset), image_size=SIZE, batch_size=4,
                                 augment=preset, learning_rate=1e-2, epochs=1, patience=2,
-                                augment_on="model", monitor="loss", verbose=0)
+                                augment_on="model", monitor="loss")
         assert out["epochs_run"] == 1
         # the trained epoch, whether or not it beat epoch 0
-        clf.model.load_weights(str(tmp_path / preset / "finetune" / "ckpt-000001" /
-                                   "model.weights.h5"))
+        import tensorflow as tf
+        tf.train.Checkpoint(model=clf.model).read(tf.train.latest_checkpoint(
+            str(tmp_path / preset / "finetune"))).expect_partial()
         weights[preset] = clf.head.get_layer("fc1").kernel.numpy()
         classes = {l.__class__.__name__ for l in clf.model._flatten_layers()}
         assert "Augment" not in classes and "Lambda" not in classes
@@ -124,11 +127,11 @@ def test_export_loads_in_safe_mode_and_predicts_identically(split, tmp_path):
     model, info = inference.load_exported(str(tmp_path))
     assert info["image_size"] == SIZE
     paths, names_ = train.path.tolist(), train.name.tolist()
-    direct = inference.predict_paths(clf.model, paths, names_, SIZE, 3, progress=False)
-    exported = inference.predict_paths(model, paths, names_, SIZE, 5, progress=False)
+    direct = inference.predict_paths(clf.model, paths, names_, SIZE, 3, progress=False)[:, 0]
+    exported = inference.predict_paths(model, paths, names_, SIZE, 5, progress=False)[:, 0]
     np.testing.assert_allclose(direct, exported, atol=1e-6)
     # tta=2 is the mean of the plain and the mirrored image, computed here by hand.
-    mirror = inference.predict_paths(model, paths, names_, SIZE, 3, tta=2, progress=False)
+    mirror = inference.predict_paths(model, paths, names_, SIZE, 3, tta=2, progress=False)[:, 0]
     batch = np.concatenate([b["image"].numpy() for b in input_lib.eval_dataset(
         paths, None, names_, SIZE, 4)])
     by_hand = (model.predict(batch, verbose=0)[:, 0] +
@@ -140,11 +143,18 @@ def test_export_loads_in_safe_mode_and_predicts_identically(split, tmp_path):
 def test_tta_views_are_deterministic_and_first_is_identity():
     x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
     views = inference.tta_views(x, 8)
+    again = inference.tta_views(x, 8)
     assert len(views) == 8 and all(v.shape == x.shape for v in views)
+    for a, b in zip(views, again):  # the same views every time: no random crops
+        np.testing.assert_array_equal(a, b)
+    assert len({np.asarray(v).tobytes() for v in views}) == 8  # and all different
     np.testing.assert_array_equal(views[0], x)
     np.testing.assert_array_equal(views[1], x[:, :, ::-1])
     with pytest.raises(Exception, match="--tta"):
         inference.check_tta(9)
+    from workflow import config
+    with pytest.raises(Exception, match="--tta"):
+        config.check_tta(0)
 
 
 def test_prediction_order_follows_sample_submission_then_natural_order(tmp_path):
@@ -169,10 +179,12 @@ def test_labels_scoring_matches_sklearn(tmp_path):
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("name,invasive\n" + "".join(f"{n},{l}\n" for n, l in zip(names, labels)))
     png = str(tmp_path / "roc.png")
-    scores = inference.score_against_labels(names, probs, str(csv_path), png)
+    from workflow import plots, predicting
+    scores = predicting.score_against_labels(names, probs, str(csv_path), BINARY)
     assert scores["auc"] == pytest.approx(roc_auc_score(labels, probs))
     assert scores["accuracy"] == pytest.approx(np.mean((probs >= 0.5) == np.array(labels)))
     assert scores["confusion_matrix"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
+    plots.roc(labels, probs, ("0", "1"), png, "ROC")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,6 +1,5 @@
 """Mixed precision (features.precision) and fine-tuning from cached augmented views."""
 
-import json
 import os
 
 import h5py
@@ -9,11 +8,13 @@ import numpy as np
 import pytest
 
 from features import backbone, cache, finetune, heads, inference, precision
+from features import task as task_lib
 from pipeline import discovery
 from pipeline.errors import ConfigError
 from tests.conftest import colour_image, write_image
 
 SIZE = 32
+BINARY = task_lib.binary()
 
 
 @pytest.fixture
@@ -128,14 +129,17 @@ def test_float32_cache_from_before_precision_was_recorded_is_reused(data, tmp_pa
 
 
 def test_mixed_float16_training_scales_the_loss_and_learns(policy):
+    """Under mixed_float16 the trained conv block computes in float16, so Keras' compile
+    adds dynamic loss scaling, and the scenario still learns."""
     policy("mixed_float16")
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    trainer = heads.FoldTrainer(clf, heads.HeadConfig.for_scenario("B"), jit_compile=False)
-    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
     rng = np.random.default_rng(0)
     y = np.arange(40) % 2
-    x = rng.normal(0, 1, (40, 1, 1, 512)).astype(np.float32) + y[:, None, None, None] * 0.8
-    aucs = trainer.train(x, y, epochs=8, batch_size=8, seed=0, x_val=x, y_val=y)
+    x = rng.normal(0, 1, (40, 2, 2, 512)).astype(np.float32) + y[:, None, None, None] * 0.8
+    with heads.HeadConfig.for_scenario("C", 1e-3).trainer(clf, BINARY) as trainer:
+        assert isinstance(trainer.model.optimizer, keras.optimizers.LossScaleOptimizer)
+        fit = trainer.fit(x, y, epochs=8, batch_size=8, seed=0, x_val=x, y_val=y)
+    aucs = [s["auc"] for s in fit.val_scores]
     assert np.all(np.isfinite(aucs)) and aucs[-1] > 0.9
 
 
@@ -158,16 +162,14 @@ def test_finetuning_from_cached_views_trains_only_the_head_and_resumes(data, tmp
     conv = clf.stem.get_layer("block1_conv1").kernel.numpy().copy()
     fc1 = clf.head.get_layer("fc1").kernel.numpy().copy()
     kwargs = dict(workdir=str(tmp_path), image_size=SIZE, batch_size=4, augment="keras_blog",
-                  learning_rate=1e-3, patience=10, monitor="loss", seed=0, verbose=0,
-                  cached=views)
-    out = finetune.finetune(clf, ["fc", "predictions"], train, val, epochs=2, **kwargs)
-    assert out["epochs_run"] == 2 and len(out["history"]) == 2
+                  learning_rate=1e-3, patience=10, monitor="loss", seed=0, cached=views)
+    out = finetune.finetune(clf, ["fc", "predictions"], BINARY, train, val, epochs=2, **kwargs)
+    assert out["epochs_run"] == 2 and list(out["history"].epoch) == [0, 1, 2]
     assert not np.allclose(clf.head.get_layer("fc1").kernel.numpy(), fc1)
     np.testing.assert_array_equal(clf.stem.get_layer("block1_conv1").kernel.numpy(), conv)
-    state = json.load(open(tmp_path / "finetune" / "state.json"))
-    assert state["epoch"] == 2
+    assert "ckpt-2" in open(tmp_path / "finetune" / finetune.CHECKPOINT_FILE).read()
     again = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    resumed = finetune.finetune(again, ["fc", "predictions"], train, val, epochs=3,
+    resumed = finetune.finetune(again, ["fc", "predictions"], BINARY, train, val, epochs=3,
                                 resume=True, **{**kwargs, "cached": _views(again, data, 3)[2]})
     assert resumed["resumed_from_epoch"] == 2 and resumed["epochs_run"] == 3
     # Resumed optimizer state (2 epochs x 2 steps) plus one more epoch of 2 steps.
@@ -178,10 +180,10 @@ def test_cached_views_must_match_where_the_blocks_start(data, tmp_path):
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     train, val, views = _views(clf, data, 2)
     with pytest.raises(ConfigError, match="train from block4_pool"):
-        finetune.finetune(clf, ["block5", "fc", "predictions"], train, val,
+        finetune.finetune(clf, ["block5", "fc", "predictions"], BINARY, train, val,
                           workdir=str(tmp_path), image_size=SIZE, batch_size=4,
                           augment="none", learning_rate=1e-3, epochs=1, patience=2,
-                          cached=views, verbose=0)
+                          cached=views)
 
 
 def test_heads_train_identically_whatever_the_conv_base_computes_in(policy):
@@ -194,9 +196,9 @@ def test_heads_train_identically_whatever_the_conv_base_computes_in(policy):
     for name in ("float32", "mixed_bfloat16"):
         policy(name)
         clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-        model, _ = heads.fit_head(clf, heads.HeadConfig.for_scenario("A"), x, y, epochs=2,
-                                  batch_size=8, seed=0)
-        probs[name] = model.predict(x, verbose=0)[:, 0]
+        with heads.HeadConfig.for_scenario("A").trainer(clf, BINARY) as trainer:
+            trainer.fit(x, y, epochs=2, batch_size=8, seed=0)
+            probs[name] = trainer.predict(x)
     np.testing.assert_allclose(probs["mixed_bfloat16"], probs["float32"], rtol=1e-5, atol=1e-6)
 
 

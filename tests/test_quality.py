@@ -8,12 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import backbone, cache, finetune, heads, inference, probe, sweep
+from features import backbone, bag, cache, cv, finetune, heads, probe, rows, scenarios, sweep
+from features import task as task_lib
+from features.training import restore, snapshot
 from pipeline import discovery
 from pipeline import input as input_lib
 from pipeline.errors import ConfigError
 from tests.conftest import colour_image, write_image
 from tests.test_finetune_predict import _run
+
+BINARY = task_lib.binary()
 
 SIZE = 32
 
@@ -36,49 +40,50 @@ def cached(tmp_path_factory):
 
 
 def test_scenario_table_rates_and_an_explicit_rate_wins():
-    assert backbone.get_scenario("a").learning_rate == 1e-3
-    assert backbone.get_scenario("B").learning_rate == 1e-4
-    assert backbone.get_scenario(" c ").learning_rate == 1e-4
+    assert scenarios.get_scenario("a").learning_rate == 1e-3
+    assert scenarios.get_scenario("B").learning_rate == 1e-4
+    assert scenarios.get_scenario(" c ").learning_rate == 1e-4
     assert heads.HeadConfig.for_scenario("C").learning_rate == 1e-4
     assert heads.HeadConfig.for_scenario("C", 3e-2).learning_rate == 3e-2
-    assert backbone.get_scenario("C").start_layer(False) == "block4_pool"
-    assert backbone.get_scenario("A").start_layer(True) == "fc2"
+    assert scenarios.get_scenario("C").start_layer(False) == "block4_pool"
+    assert scenarios.get_scenario("A").start_layer(True) == "fc2"
     with pytest.raises(ConfigError, match="Unknown scenario 'D'"):
-        backbone.get_scenario("D")
+        scenarios.get_scenario("D")
 
 
 def test_val_size_auto_is_200_for_large_data_and_a_fifth_for_small():
-    import train
-    assert train._resolve_val_size("auto", 2295) == 200
-    assert train._resolve_val_size("auto", 244) == 0.2
-    assert train._resolve_val_size("50", 244) == 50
+    from workflow.job import resolve_val_size
+    assert resolve_val_size("auto", 2295) == 200
+    assert resolve_val_size("auto", 244) == 0.2
+    assert resolve_val_size("50", 244) == 50
 
 
 def test_folds_are_stratified_disjoint_and_cover_every_row():
     labels = np.array([0] * 12 + [1] * 8)
-    folds = heads.make_folds(labels, 4, seed=3)
+    folds = cv.make_folds(labels, 4, seed=3)
     seen = np.concatenate([va for _, va in folds])
     assert sorted(seen) == list(range(20))  # every row validated exactly once
     for tr, va in folds:
         assert not set(tr) & set(va)
         assert np.bincount(labels[va]).tolist() == [3, 2]  # stratified
     with pytest.raises(ConfigError, match="at least 9 training images in each class"):
-        heads.make_folds(labels, 9, seed=0)
+        cv.make_folds(labels, 9, seed=0)
 
 
-def test_summarise_curves_picks_the_epoch_with_the_best_mean():
+def test_the_chosen_epoch_has_the_best_mean_over_folds():
     curves = np.array([[0.6, 0.9, 0.8], [0.7, 0.7, 0.9]])  # means 0.65, 0.80, 0.85
-    out = heads.summarise_curves(curves)
-    assert out["epoch"] == 3
-    assert out["auc_mean"] == pytest.approx(0.85)
-    assert out["auc_std"] == pytest.approx(0.05)
-    assert out["fold_aucs"] == [0.8, 0.9]
+    assert cv.best_epoch(curves) == 3
+    result = cv.CVResult(curves, 3, "auc", np.zeros(2), [], [])
+    assert result.mean == pytest.approx(0.85) and result.std == pytest.approx(0.05)
+    summary = result.summary()
+    assert summary["fold_aucs"] == [0.8, 0.9] and summary["auc_mean"] == pytest.approx(0.85)
+    assert cv.best_epoch(np.array([[np.nan, 0.7], [np.nan, 0.6]])) == 2  # NaN never wins
 
 
 def test_with_views_adds_the_same_images_views_view_major():
     x = np.arange(4)[:, None].astype(float)          # 4 images
     views = 10 + np.arange(8)[:, None].astype(float)  # 2 views: rows v*4 + i
-    xs, ys = heads.with_views(x, np.array([0, 1, 0, 1]), views, rows=[1, 3])
+    xs, ys = rows.with_views(x, np.array([0, 1, 0, 1]), views, rows=[1, 3])
     assert xs[:, 0].tolist() == [1, 3, 11, 13, 15, 17]
     assert ys.tolist() == [1, 1, 1, 1, 1, 1]
 
@@ -91,38 +96,49 @@ def test_probe_separates_separable_features_and_not_random_labels():
     np.testing.assert_allclose(probe.pooled(x)[0], x[0].mean(axis=(0, 1)), rtol=1e-6)
     order = rng.permutation(80)
     tr, va = order[:60], order[60:]
-    good = probe.evaluate(probe.pooled(x[tr]), y[tr], probe.pooled(x[va]), y[va])
-    assert good.auc > 0.9 and good.c in probe.C_GRID
+    good = probe.evaluate(probe.pooled(x[tr]), y[tr], probe.pooled(x[va]), y[va], BINARY)
+    assert good["auc"] > 0.9 and good["C"] in probe.C_GRID
     noise = rng.normal(size=(80, 8))
     shuffled = rng.permutation(y)
-    bad = probe.cross_validate(noise, shuffled, heads.make_folds(shuffled, 4, 0))
+    bad = probe.cross_validate(noise, shuffled, cv.make_folds(shuffled, 4, 0), BINARY)
     assert bad["auc_mean"] < 0.75
 
 
-def test_heads_stage_with_folds_selects_epoch_and_scenario_by_cv(cached):
+def test_heads_stage_keeps_the_weights_of_the_epoch_cv_chose(cached, tmp_path):
     clf, _, feats, y, root = cached
-    folds = heads.make_folds(y, 2, seed=0)
-    results = heads.train_scenarios(clf, ["A", "B"], feats, y, feats, y, epochs=3,
-                                    batch_size=4, seed=0, folds=folds, verbose=0)
+    folds = cv.make_folds(y, 2, seed=0)
+    start = snapshot(clf.model)
+    results = heads.train_scenarios(clf, ["A", "B"], BINARY, feats, y, feats, y, epochs=3,
+                                    batch_size=4, seed=0, folds=folds,
+                                    out_dir=str(tmp_path), progress=False)
     for r in results.values():
-        assert r.selected_by == "cross-validation"
-        assert r.best_epoch == r.cv["epoch"]
-        assert r.config.learning_rate == backbone.get_scenario(r.scenario).learning_rate
-        # the CV score is what the scenario is ranked by, not the validation AUC
-        assert r.score == r.cv["auc_mean"]
-    best = heads.best_result(results)
-    assert best.score == max(r.cv["auc_mean"] for r in results.values())
+        assert r.selected_by == "cross-validation" and r.best_epoch == r.cv.epoch
+        assert r.config.learning_rate == scenarios.get_scenario(r.scenario).learning_rate
+        assert r.score == r.cv.mean  # ranked by CV, not by the validation set
+        # The saved head is the whole training split's fit stopped at the CV epoch:
+        # the same fit by hand (same seed, same compiled step) gives the same outputs.
+        restore(clf.model, start)
+        with r.config.trainer(clf, BINARY) as trainer:
+            trainer.fit(feats[r.start_layer], y, epochs=r.cv.epoch, batch_size=4, seed=0,
+                        keep=None)
+            by_hand = trainer.predict(feats[r.start_layer])
+        restore(clf.model, start)
+        heads.load_scenario_weights(clf, r.scenario, r.weights_path)
+        saved = scenarios.get_scenario(r.scenario).part(clf).predict(feats[r.start_layer],
+                                                                     verbose=0)[:, 0]
+        np.testing.assert_allclose(saved, by_hand, atol=1e-5)
+    restore(clf.model, start)
 
 
-def test_dropout_rate_applies_to_one_fit_and_is_restored(cached):
+def test_dropout_rate_applies_for_a_while_and_is_restored(cached):
     clf = cached[0]
     layer = clf.head.get_layer("dropout")
     assert layer.rate == 0.5
-    with heads.dropout_rate(clf, 0.1):
+    with clf.dropout_rate(0.1):
         assert layer.rate == 0.1
     assert layer.rate == 0.5
     with pytest.raises(ConfigError, match="Dropout rate"):
-        with heads.dropout_rate(clf, 1.5):
+        with clf.dropout_rate(1.5):
             pass
 
 
@@ -136,54 +152,62 @@ def test_sweep_grid_validates_and_collapses_dropout_without_a_dropout_layer():
         sweep.build_grid(["A"], [1e-3], ["adagrad"], [0.5], [0])
 
 
-def test_sweep_ranks_configurations_and_writes_csv_and_png(cached, tmp_path):
+def test_sweep_scores_every_configuration_by_its_folds_and_ranks_them(cached, tmp_path):
     clf, _, feats, y, _ = cached
     grid = sweep.build_grid(["A", "B"], [1e-3], ["adam", "rmsprop"], [0.5], [0, 1])
     mirrored = {k: v[:, :, ::-1] for k, v in feats.items()}  # one "view" per image
-    folds = heads.make_folds(y, 2, seed=0)
-    table = sweep.run(clf, grid, feats, y, folds, epochs=2, batch_size=4, seed=0,
+    folds = cv.make_folds(y, 2, seed=0)
+    table = sweep.run(clf, grid, BINARY, feats, y, folds, epochs=2, batch_size=4, seed=0,
                       views_feats=mirrored, progress=False)
-    assert len(table) == len(grid) and list(table["rank"]) == list(range(1, len(grid) + 1))
-    assert table.cv_auc_mean.is_monotonic_decreasing
+    assert list(table["rank"]) == list(range(1, len(grid) + 1))
     assert set(zip(table.scenario, table.optimizer, table.views)) == {
         (c.scenario, c.optimizer, c.views) for c in grid}
-    csv_path, png = str(tmp_path / "sweep.csv"), str(tmp_path / "sweep.png")
-    sweep.write(table, csv_path, png, probe_cv=0.7)
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    for row in table.itertuples():  # each row's numbers are its own folds' scores
+        folds_auc = [float(a) for a in row.fold_aucs.split()]
+        assert len(folds_auc) == 2
+        assert row.cv_auc_mean == pytest.approx(np.mean(folds_auc), abs=1e-4)
+        assert row.cv_auc_std == pytest.approx(np.std(folds_auc), abs=1e-4)
+    csv_path = str(tmp_path / "sweep.csv")
+    table.to_csv(csv_path, index=False)
     again = sweep.read_table(csv_path)
     assert sweep.best_config(again) == sweep.best_config(table)
     assert sweep.best_config(table).scenario == table.scenario[0]
     with pytest.raises(ConfigError, match="2 augmented views"):
-        sweep.run(clf, sweep.build_grid(["A"], [1e-3], ["adam"], [0.5], [2]), feats, y, folds,
-                  epochs=1, batch_size=4, seed=0, progress=False)
+        sweep.run(clf, sweep.build_grid(["A"], [1e-3], ["adam"], [0.5], [2]), BINARY, feats,
+                  y, folds, epochs=1, batch_size=4, seed=0, progress=False)
 
 
 def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_path):
     clf, ds, feats, y, _ = cached
-    for scenario in ("B", "C"):
-        start = backbone.get_scenario(scenario).start_layer(False)
-        folds = heads.make_folds(y, 2, seed=0)
-        members = heads.fold_members(clf, heads.HeadConfig.for_scenario(scenario, 1e-2),
-                                     feats[start], y, folds, epochs=2, batch_size=4, seed=0)
-        assert not np.allclose(members[0][-2], members[1][-2])  # really different members
-        heads.save_bag_members(clf, scenario, members, str(tmp_path / "bag"))
-        members = heads.load_bag_members(clf, scenario, str(tmp_path / "bag"))
-        bag = inference.build_bag(clf, scenario, members)
-        part = clf.model_from(start)
-        own = part.predict(feats[start], verbose=0)[:, 0]
-        expected = [own]
+    images = np.concatenate([b["image"].numpy() for b in input_lib.eval_dataset(
+        ds.frame.path.tolist(), None, ds.frame.name.tolist(), SIZE, 4)])
+    for scenario in ("A", "B", "C"):
+        row = scenarios.get_scenario(scenario)
+        start = row.start_layer(False)
+        folds = cv.make_folds(y, 2, seed=0)
+        with heads.HeadConfig.for_scenario(scenario, 1e-3).trainer(clf, BINARY) as trainer:
+            result = cv.cross_validate(trainer, feats[start], y, folds, epochs=2, batch_size=4,
+                                       seed=0)
+        members = [bag.as_member(clf, row.blocks, m) for m in result.members]
+        bag.save_members(str(tmp_path / "bag"), scenario, members)
+        loaded = bag.load_members(str(tmp_path / "bag"), scenario)
+        assert list(loaded[0]) == list(members[0])  # the trainable layers, by name
+        model = bag.build_bag(clf, row.blocks, loaded)
+        part = row.part(clf)
         initial = part.get_weights()
-        for weights in members:
-            part.set_weights(weights)
+        expected = [part.predict(feats[start], verbose=0)[:, 0]]
+        clf.set_trainable(row.blocks, log=False)
+        for values in result.members:
+            for variable, value in zip(part.trainable_variables, values):
+                variable.assign(value)
             expected.append(part.predict(feats[start], verbose=0)[:, 0])
         part.set_weights(initial)
-        images = np.concatenate([b["image"].numpy() for b in input_lib.eval_dataset(
-            ds.frame.path.tolist(), None, ds.frame.name.tolist(), SIZE, 4)])
-        got = bag.predict(images, verbose=0)[:, 0]
+        got = model.predict(images, verbose=0)[:, 0]
         np.testing.assert_allclose(got, np.mean(expected, axis=0), atol=1e-5)
-        inference.export_bag(bag, str(tmp_path))
-        loaded = keras.models.load_model(str(tmp_path / "bag.keras"), safe_mode=True)
-        np.testing.assert_allclose(loaded.predict(images, verbose=0)[:, 0], got, atol=1e-6)
+        assert not np.allclose(expected[1], expected[2])  # really different members
+        bag.export(model, str(tmp_path / "bag.keras"))
+        again = keras.models.load_model(str(tmp_path / "bag.keras"), safe_mode=True)
+        np.testing.assert_allclose(again.predict(images, verbose=0)[:, 0], got, atol=1e-6)
 
 
 def test_finetuning_never_exports_worse_than_its_starting_head(cached, tmp_path):
@@ -192,11 +216,13 @@ def test_finetuning_never_exports_worse_than_its_starting_head(cached, tmp_path)
     before = clf.model.predict(np.zeros((2, SIZE, SIZE, 3)), verbose=0)
     initial = clf.model.get_weights()
     # A learning rate this large wrecks every epoch: epoch 0 (the start) must win.
-    out = finetune.finetune(clf, ["fc", "predictions"], train, val, workdir=str(tmp_path),
-                            image_size=SIZE, batch_size=4, augment="none", learning_rate=50.0,
-                            epochs=2, patience=5, monitor="loss", optimizer="sgd", verbose=0)
+    out = finetune.finetune(clf, ["fc", "predictions"], BINARY, train, val,
+                            workdir=str(tmp_path), image_size=SIZE, batch_size=4,
+                            augment="none", learning_rate=50.0, epochs=2, patience=5,
+                            monitor="loss", optimizer="sgd")
     assert out["best_epoch"] == 0 and out["epochs_run"] == 2
     assert out["best_val_loss"] == pytest.approx(out["start_val_loss"])
+    assert list(out["history"].epoch) == [0, 1, 2]  # epoch 0, the start, is a row
     np.testing.assert_allclose(clf.model.predict(np.zeros((2, SIZE, SIZE, 3)), verbose=0),
                                before, atol=1e-6)
     clf.model.set_weights(initial)
@@ -242,14 +268,14 @@ def test_sweep_then_use_sweep_through_the_scripts(kaggle_dir, tmp_path):
     assert not np.allclose(bag_probs, pd.read_csv(out).invasive.to_numpy())
 
 
-def test_top_losses_are_the_confident_errors_most_confident_first():
-    from features import interpret
+def test_top_losses_are_the_errors_with_the_largest_loss_first():
+    from workflow import interpret
     labels = np.array([1, 1, 0, 0, 1, 0])
     probs = np.array([0.9, 0.05, 0.8, 0.1, 0.4, 0.99])
     # errors: index 1 (true 1, P .05), 2 (true 0, P .8), 4 (true 1, P .4), 5 (true 0, P .99)
-    assert interpret.top_losses(labels, probs).tolist() == [5, 1, 2, 4]
-    assert interpret.top_losses(labels, probs, n=2).tolist() == [5, 1]
-    assert interpret.top_losses([1, 0], [0.9, 0.1]).tolist() == []
+    assert interpret.top_losses(BINARY, labels, probs).tolist() == [5, 1, 2, 4]
+    assert interpret.top_losses(BINARY, labels, probs, n=2).tolist() == [5, 1]
+    assert interpret.top_losses(BINARY, [1, 0], [0.9, 0.1]).tolist() == []
 
 
 def test_with_tensorboard_off_no_logs_are_written(kaggle_dir, tmp_path):
@@ -266,20 +292,25 @@ def test_with_tensorboard_off_no_logs_are_written(kaggle_dir, tmp_path):
     assert "cross_validation" not in metrics and not (workdir / "bag.keras").exists()
 
 
-def test_run_config_is_frozen_and_demo_defaults_never_touch_the_flags(tmp_path):
+def test_config_is_typed_frozen_and_demo_defaults_never_touch_the_flags(tmp_path):
     import dataclasses as dc
-    import train
-    flags = train.FLAGS
-    try:
-        flags(["train.py", "--demo", "--epochs=2", f"--data_dir={tmp_path}"])
-        cfg = train.RunConfig.from_flags(flags)
-        assert cfg.epochs == 2                       # passed: the user's value wins
-        assert cfg.weights == "none" and cfg.image_size == 64   # not passed: demo's
-        assert flags.weights == "imagenet" and flags.image_size == 224  # FLAGS untouched
-        assert cfg.workdir == os.path.join("runs", "demo")
-        with pytest.raises(dc.FrozenInstanceError):
-            cfg.epochs = 3
-        with pytest.raises(TypeError):
-            cfg.values["epochs"] = 3
-    finally:
-        flags.unparse_flags()
+    from absl import flags as absl_flags
+    from workflow import config, flags
+    fv = absl_flags.FlagValues()
+    flags.define_train(fv)
+    fv(["train.py", "--demo", "--epochs=2", f"--data_dir={tmp_path}"])
+    cfg = config.train_config(fv, list(fv))
+    assert cfg.heads.epochs == 2                       # passed: the user's value wins
+    assert cfg.model.weights == "none" and cfg.model.image_size == 64   # not passed: demo's
+    assert fv.weights == "imagenet" and fv.image_size == 224  # the flags are untouched
+    assert cfg.runtime.workdir == os.path.join("runs", "demo")
+    with pytest.raises(dc.FrozenInstanceError):
+        cfg.heads.epochs = 3
+    fv.unparse_flags()
+    fv(["train.py", "--data_dir=x", "--scenarios=A,Z"])
+    with pytest.raises(ConfigError, match="Unknown scenario 'Z'"):
+        config.train_config(fv, list(fv))
+    fv.unparse_flags()
+    fv(["train.py", "--data_dir=x", "--tta=99"])
+    with pytest.raises(ConfigError, match="--tta must be between 1 and 8"):
+        config.train_config(fv, list(fv))

@@ -11,6 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.conftest import checkpoint_epoch
+
 from pipeline import diskspace
 from tests.test_finetune_predict import ROOT
 from tests.test_reliability import _kill_when, _popen
@@ -59,7 +61,8 @@ def test_disk_full_is_recognised_from_oserror_and_from_hdf5_text():
 
 _EXTRACT_ON_SMALL_DISK = r"""
 import errno, json, os, sys
-from pipeline import cli, diskspace
+from pipeline import diskspace
+from workflow import console as cli
 from features import backbone, cache
 from pipeline import discovery
 cache_dir, real, guard = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
@@ -142,25 +145,34 @@ if real:  # fill the file system to the last byte
                 f.flush()
         except OSError:
             pass
-else:  # simulated: every write into `folder` fails as a full disk does
-    import builtins
-    real_open = builtins.open
-    def full_open(file, mode="r", *a, **k):
-        if str(file).startswith(folder) and any(c in mode for c in "wax+"):
-            raise OSError(errno.ENOSPC, "No space left on device", str(file))
-        return real_open(file, mode, *a, **k)
-    builtins.open = full_open
-from features import backbone, finetune, heads, inference, interpret
+else:  # no size-limited file system here: a file-size limit makes the first big write of
+    # every writer fail (EFBIG, reported like a full disk), also writes made from C++
+    # (HDF5, TensorFlow checkpoints) that no Python-level patch could reach.
+    import resource, signal
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (its font cache is written before the limit)
+    matplotlib.font_manager.findfont("DejaVu Sans")
+from features import backbone, finetune, inference
+from workflow import outputs, plots
 clf = backbone.build_classifier("none", False, 32, 0)
 clf.model.compile(optimizer="adam", loss="binary_crossentropy")
+clf.model.optimizer.build(clf.model.trainable_variables)
+if not real:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE,
+                       (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 writers = {
-    "csv": lambda p: heads.write_csv(pd.DataFrame({"a": range(100000)}), p + ".csv"),
-    "json": lambda p: heads.write_json(p + ".json", {"x": "y" * 10_000_000}),
-    "predictions": lambda p: inference.write_predictions(
-        [str(i) for i in range(100000)], np.zeros(100000), p + ".csv"),
-    "plot": lambda p: interpret.roc_png(np.arange(10) % 2, np.linspace(0, 1, 10), p + ".png"),
+    "csv": lambda p: outputs.write_csv(pd.DataFrame({"a": range(100000)}), p + ".csv"),
+    "json": lambda p: outputs.write_json(p + ".json", {"x": "y" * 10_000_000}),
+    "predictions": lambda p: outputs.write_predictions(
+        [str(i) for i in range(100000)], np.zeros(100000), p + ".csv", ("0", "1")),
+    "plot": lambda p: plots.roc(np.arange(10) % 2, np.linspace(0, 1, 10), ("0", "1"),
+                                p + ".png", "ROC"),
     "model": lambda p: inference.export_model(clf.model, p, {"image_size": 32}),
-    "checkpoint": lambda p: finetune.Checkpointer(p, clf.model, clf.model.optimizer)._save(1),
+    "best_weights": lambda p: finetune.Checkpointer(
+        p, clf.model, clf.model.optimizer).set_baseline({"val_auc": 0.5}),
+    "checkpoint": lambda p: finetune.Checkpointer(p, clf.model, clf.model.optimizer)._commit(1),
 }
 results = {}
 for name, write in writers.items():
@@ -186,20 +198,23 @@ def test_every_writer_fails_cleanly_on_a_full_disk(small_fs, tmp_path):
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    for name in ("csv", "json", "predictions", "plot", "model", "checkpoint"):
+    for name in ("csv", "json", "predictions", "plot", "model", "best_weights", "checkpoint"):
         assert out[name] is not None and out[name] != "written", (name, out[name])
-        # Nothing is left under a final name, nor as a temporary file.
+        # Nothing is left under a final name, nor as a temporary file: the checkpoint
+        # folder may hold TensorFlow's partial data files, but never the "checkpoint"
+        # state file that would make a resume read them.
         leftovers = [p for p in out[name + "_left"]
-                     if not (name == "model" or name == "checkpoint") or
-                     not os.path.isdir(os.path.join(folder, p))]
+                     if not os.path.isdir(os.path.join(folder, p))]
+        assert not [p for p in out[name + "_left"] if p.endswith("_temp") or "tempstate" in p
+                    ], (name, out[name + "_left"])  # TensorFlow's temporary files
         assert not [p for p in leftovers if p.startswith(name) or p.startswith(".tmp-")
-                    or p.endswith(".tmp")], (name, out[name + "_left"])
+                    or p.endswith(".tmp") or p.startswith("best-")], (name, out[name + "_left"])
 
 
 # --- feature sets larger than memory ------------------------------------------------
 
 def test_streamed_heads_equal_in_memory_heads(tmp_path):
-    from features import backbone, cache, heads, probe
+    from features import backbone, cache, cv, heads, probe, rows, task
     from pipeline import discovery
     from tests.conftest import colour_image, write_image
     for i in range(16):
@@ -216,35 +231,34 @@ def test_streamed_heads_equal_in_memory_heads(tmp_path):
     aug_path = cache.ensure_features(clf, aug, train, str(tmp_path / "c"), 4, views=2,
                                      progress=False).path
     y_tr, y_va = train.label.to_numpy(), val.label.to_numpy()
-    folds = heads.make_folds(y_tr, 2, 0)
+    folds = cv.make_folds(y_tr, 2, 0)
     runs = {}
     for stream in (False, True):
         tr = cache.load_features(path, spec, train, spec.layers, stream=stream)
         va = cache.load_features(path, spec, val, spec.layers, stream=stream)
         views = cache.load_features(aug_path, aug, train, spec.layers, views=2, stream=stream)
-        assert isinstance(tr["block4_pool"], cache.H5Rows) == stream
-        results = heads.train_scenarios(clf, ["A", "B"], tr, y_tr, va, y_va, epochs=2,
-                                        batch_size=4, seed=0, folds=folds, views_feats=views,
-                                        progress=False, verbose=0)
+        assert isinstance(tr["block4_pool"], rows.H5Rows) == stream
+        results = heads.train_scenarios(clf, ["A", "B"], task.binary(), tr, y_tr, va, y_va,
+                                        epochs=2, batch_size=4, seed=0, folds=folds,
+                                        views_feats=views, progress=False)
         runs[stream] = (results, probe.pooled(tr["block5_pool"]))
     (mem, pooled_mem), (streamed, pooled_streamed) = runs[False], runs[True]
     np.testing.assert_allclose(pooled_streamed, pooled_mem, rtol=1e-6)
     for s in ("A", "B"):  # same batches in the same order: equal up to float rounding
         assert streamed[s].best_epoch == mem[s].best_epoch
-        np.testing.assert_allclose(streamed[s].cv["fold_aucs"], mem[s].cv["fold_aucs"],
-                                   atol=1e-6)
+        np.testing.assert_allclose(streamed[s].cv.curves, mem[s].cv.curves, atol=1e-6)
         np.testing.assert_allclose(streamed[s].val_probs, mem[s].val_probs, atol=1e-5)
 
 
 def test_h5rows_reads_rows_in_the_order_asked(tmp_path):
-    from features import cache
+    from features.rows import H5Rows
     path = str(tmp_path / "f.h5")
     with h5py.File(path, "w") as f:
         f["a"] = np.arange(20, dtype=np.float32).reshape(10, 2)
         f["b"] = 100 + np.arange(20, dtype=np.float32).reshape(10, 2)
-    a = cache.H5Rows([(path, "a")], np.zeros(10), np.arange(10))
-    b = cache.H5Rows([(path, "b")], np.zeros(10), np.arange(10))
-    both = cache.H5Rows.concat([a.take([7, 1, 1]), b.take([0])])
+    a = H5Rows([(path, "a")], np.zeros(10), np.arange(10))
+    b = H5Rows([(path, "b")], np.zeros(10), np.arange(10))
+    both = H5Rows.concat([a.take([7, 1, 1]), b.take([0])])
     assert len(both) == 4 and both.shape == (4, 2)
     np.testing.assert_array_equal(both[[3, 0, 2]], [[100, 101], [14, 15], [2, 3]])
     np.testing.assert_array_equal(both[1:3], [[2, 3], [2, 3]])
@@ -290,11 +304,12 @@ def test_sigint_and_sigterm_say_interrupted_and_what_a_rerun_does(kill_data, tmp
     assert "interrupted (SIGTERM)" in text(1) and "repeat the heads stage" in text(1)
     # 3. SIGTERM during fine-tuning, after a checkpoint: the hint names the epoch.
     proc = _popen(logs[2], *args)
-    state = workdir / "finetune" / "state.json"
-    assert _kill_when(proc, state.exists, delay=0.0, sig=signal.SIGTERM)
+    folder = workdir / "finetune"
+    assert _kill_when(proc, lambda: checkpoint_epoch(folder) >= 1, delay=0.0,
+                      sig=signal.SIGTERM)
     assert proc.returncode == 143, text(2)[-3000:]
     assert "continue the fine-tuning from epoch" in text(2) and "--resume" in text(2)
-    epoch = json.loads(state.read_text())["epoch"]
+    epoch = checkpoint_epoch(folder)
     assert f"from epoch {epoch} " in text(2)
     assert not (workdir / "model.keras").exists()
     assert not list(workdir.rglob(".tmp-*"))

@@ -13,7 +13,8 @@ import pytest
 from features import backbone, cache, distribute, inference, ray_engine
 from pipeline import discovery
 from pipeline.errors import ConfigError
-from tests.conftest import colour_image, write_image
+from tests.conftest import checkpoint_epoch, colour_image, write_image
+from tests.test_reliability import _kill_when, _popen
 from tests.test_finetune_predict import ROOT, _run
 
 SIZE = 32
@@ -86,8 +87,8 @@ def test_ray_predictions_equal_a_plain_run_in_order(images, ray_cluster, tmp_pat
     workdir = tmp_path / "run"
     inference.export_model(clf.model, str(workdir), {"image_size": SIZE})
     local = inference.predict_frame(clf.model, ds.frame, SIZE, 4, progress=False)
-    remote = inference.predict_frame(None, ds.frame, SIZE, 4, engine=ray_cluster,
-                                     workdir=str(workdir))
+    remote = inference.predict_frame(clf.model, ds.frame, SIZE, 4, engine=ray_cluster,
+                                      workdir=str(workdir))
     np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-6)  # same order too
 
 
@@ -113,16 +114,22 @@ def test_mirrored_two_cpu_replicas_match_one_device_and_resume(kaggle_dir, tmp_p
     s1, s2 = (pd.read_csv(w / "submission.csv") for w in (one, two))
     assert list(s1.name) == list(s2.name)
     np.testing.assert_allclose(s2.invasive, s1.invasive, atol=1e-4)
-    # Resume under the mirrored strategy continues from the checkpointed epoch.
-    result = _run("train.py", f"--data_dir={kaggle_dir}", f"--workdir={two}",
-                  "--weights=none", "--noinclude_top", f"--image_size={SIZE}", "--val_size=4",
-                  "--batch_size=4", f"--cache_dir={tmp_path / 'two'}c", "--stage=finetune",
-                  "--scenario=A", "--dropout=0", "--finetune_epochs=2", "--finetune_views=2",
-                  "--augment=keras_blog", "--notensorboard", "--resume",
-                  "--strategy=mirrored", "--cpu_replicas=2")
+    # Resume under the mirrored strategy continues from the checkpointed epoch: a
+    # fine-tuning killed after a checkpoint, then rerun with --resume.
+    args = [os.path.join(ROOT, "train.py"), f"--data_dir={kaggle_dir}", f"--workdir={two}",
+            "--weights=none", "--noinclude_top", f"--image_size={SIZE}", "--val_size=4",
+            "--batch_size=4", f"--cache_dir={tmp_path / 'two'}c", "--stage=finetune",
+            "--scenario=A", "--dropout=0", "--finetune_epochs=3", "--finetune_views=2",
+            "--augment=keras_blog", "--notensorboard", "--patience=10",
+            "--strategy=mirrored", "--cpu_replicas=2"]
+    log = open(tmp_path / "killed.txt", "w+")
+    assert _kill_when(_popen(log, *args), lambda: checkpoint_epoch(two / "finetune") >= 1,
+                      delay=0.0)
+    killed_at = checkpoint_epoch(two / "finetune")
+    result = _run(*args, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     finetune = json.loads((two / "metrics.json").read_text())["finetune"]
-    assert finetune["resumed_from_epoch"] == 1 and finetune["epochs_run"] == 2
+    assert finetune["resumed_from_epoch"] == killed_at and finetune["epochs_run"] == 3
     model, _ = inference.load_exported(str(two))  # exported under mirrored: safe mode loads
     assert model.output.shape[-1] == 1
 

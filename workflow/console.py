@@ -15,12 +15,27 @@ def quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+# Detail for the log file only (e.g. the model summary): never on the terminal.
+DETAIL = logging.getLogger("detail")
+DETAIL.propagate = False
+
+
+def setup_logging() -> None:
+    """INFO and above reach the terminal (absl's handler) and the run's log file."""
+    logging.getLogger().setLevel(logging.INFO)
+    # TensorFlow's own INFO lines (e.g. each checkpoint's "Sharding callback duration")
+    # say nothing a user can act on.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    DETAIL.setLevel(logging.INFO)
+
+
 def log_to_file(path: str) -> None:
-    """Also writes everything logged to ``path`` (appending)."""
+    """Also writes everything logged, and the detail, to ``path`` (appending)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
+    DETAIL.addHandler(handler)
 
 
 class Terminated(BaseException):

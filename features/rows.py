@@ -1,0 +1,189 @@
+"""Rows of cached features, and the batches training and validation read from them.
+
+Cached features are either NumPy arrays or `H5Rows`, an array-like that reads
+rows from the HDF5 cache on demand (for feature sets larger than memory). Every
+consumer (heads, cross-validation, the probe, fine-tuning from cached views)
+reads them through the helpers here, so both kinds behave the same.
+"""
+
+from typing import Optional
+
+import h5py
+import numpy as np
+import tensorflow as tf
+
+
+class H5Rows:
+    """Rows of cached features read from HDF5 on demand: an array-like for data larger
+    than memory.
+
+    ``x[rows]`` (an index array or a slice) reads just those rows and returns a
+    float32 NumPy array, in the order asked; `take` and `concat` build new views
+    without reading. Each source is a (file, dataset) pair, so plain rows and
+    cached augmented views of another file combine into one training set.
+    """
+
+    def __init__(self, sources, source, row):
+        self.sources = list(sources)
+        self.source = np.asarray(source, np.int64)
+        self.row = np.asarray(row, np.int64)
+        self._files = {}
+        path, name = self.sources[0]
+        self.shape = (len(self.row), *self._dataset(path, name).shape[1:])
+        self.ndim, self.dtype = len(self.shape), np.dtype(np.float32)
+
+    def _dataset(self, path, name):
+        if path not in self._files:
+            self._files[path] = h5py.File(path, "r")
+        return self._files[path][name]
+
+    def __len__(self):
+        return len(self.row)
+
+    def __getitem__(self, key) -> np.ndarray:
+        source, row = self.source[key], self.row[key]
+        out = np.empty((len(row), *self.shape[1:]), np.float32)
+        for s in np.unique(source):
+            pick = np.flatnonzero(source == s)
+            wanted = row[pick]
+            unique = np.unique(wanted)  # h5py reads increasing indices only
+            block = self._dataset(*self.sources[s])[unique]
+            out[pick] = block[np.searchsorted(unique, wanted)]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        values = self[:]
+        return values if dtype is None else values.astype(dtype)
+
+    def take(self, rows) -> "H5Rows":
+        """A view of the given rows (nothing is read)."""
+        return H5Rows(self.sources, self.source[rows], self.row[rows])
+
+    @staticmethod
+    def concat(parts) -> "H5Rows":
+        """The rows of ``parts`` one after the other (nothing is read)."""
+        sources, source, row = [], [], []
+        for part in parts:
+            remap = []
+            for src in part.sources:
+                if src not in sources:
+                    sources.append(src)
+                remap.append(sources.index(src))
+            source.append(np.asarray(remap, np.int64)[part.source])
+            row.append(part.row)
+        return H5Rows(sources, np.concatenate(source), np.concatenate(row))
+
+    def __getstate__(self):  # picklable (Ray, multiprocessing): files reopen lazily
+        return {**self.__dict__, "_files": {}}
+
+
+def take(x, rows):
+    """Rows of ``x``: an array's copy, or (for `H5Rows`) a view that reads nothing."""
+    return x[rows] if isinstance(x, np.ndarray) else x.take(rows)
+
+
+def concat(parts):
+    """Rows of ``parts`` one after the other, streamed if any part is streamed."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    if all(isinstance(p, H5Rows) for p in parts):
+        return H5Rows.concat(parts)
+    raise TypeError("Cannot mix in-memory and streamed features in one training set; load "
+                    "both the same way.")
+
+
+def with_views(x, y, views_x=None, rows=None):
+    """Training rows ``rows`` of the plain features plus the same images' cached views.
+
+    ``views_x`` holds V views per image, view-major (row ``v * N + i`` is view v of
+    image i of the N plain rows), as the cache returns them. Streamed features stay
+    streamed. Labels ``y`` may be [N] or [N, K].
+    """
+    y = np.asarray(y)
+    n = len(y)
+    rows = np.arange(n) if rows is None else np.asarray(rows)
+    if views_x is None or len(views_x) == 0:
+        return take(x, rows), y[rows]
+    v = len(views_x) // n
+    view_rows = np.concatenate([rows + k * n for k in range(v)])
+    return concat([take(x, rows), take(views_x, view_rows)]), np.concatenate([y[rows]] * (v + 1))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of ``epoch`` (0-based): ``default_rng([seed, epoch]).permutation(n)``."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_bounds(n: int, batch_size: int, min_rows: int = 1) -> np.ndarray:
+    """Start offsets of the batches of ``n`` rows, plus ``n`` at the end.
+
+    A last batch with fewer than ``min_rows`` rows joins the one before: under a
+    strategy of R replicas (``min_rows=R``) no replica may get an empty batch.
+    """
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] < min_rows:
+        starts.pop()
+    return np.asarray(starts + [n], np.int64)
+
+
+def _loader(x, y, rows_of, weights=None):
+    """A tf.data map from a batch index to (features, targets[, weights]), gathered on
+    the host."""
+    y = np.asarray(y, np.float32)
+    weights = None if weights is None else np.asarray(weights, np.float32)
+    shape, target_shape = tuple(np.shape(x)[1:]), tuple(y.shape[1:])
+
+    def gather(i):
+        rows = rows_of(int(i))
+        out = (np.asarray(x[rows], np.float32), y[rows])
+        return out if weights is None else (*out, weights[rows])
+
+    def load(i):
+        types = [tf.float32] * (2 if weights is None else 3)
+        out = tf.numpy_function(gather, [i], types, stateful=False)
+        out[0].set_shape([None, *shape])
+        out[1].set_shape([None, *target_shape])
+        if weights is not None:
+            out[2].set_shape([None])
+        return tuple(out)
+    return load
+
+
+def shuffled_batches(x, y, batch_size: int, seed: int, epochs: int,
+                     per_epoch: Optional[int] = None, min_rows: int = 1, weights=None):
+    """``epochs`` epochs of feature batches, each epoch in its `epoch_order`; returns
+    (dataset, steps per epoch). Fit it with ``steps_per_epoch=steps``.
+
+    ``per_epoch`` rows (default: all) are taken from the front of each epoch's order,
+    e.g. one image's worth of a pool of K augmented views per image. ``y`` holds the
+    training targets ([N] or [N, K]); ``min_rows`` see `batch_bounds`; ``weights``
+    (one per row) makes the batches (features, targets, sample weights).
+
+    The order is a table fixed before training, so two identical runs in one process
+    train identically (Keras' ``shuffle=True`` draws from TensorFlow's global op-seed
+    counter) and so does a MirroredStrategy run: under it, a seeded tf.data shuffle
+    and a PyDataset both came out in another order from the second epoch on, because
+    the strategy resets and prefetches input differently. Rows are gathered from
+    ``x`` (anything NumPy-indexable) on the host, a batch at a time.
+    """
+    n = len(y)
+    per_epoch = n if per_epoch is None else min(per_epoch, n)
+    bounds = batch_bounds(per_epoch, batch_size, min_rows)
+    steps = len(bounds) - 1
+    orders = np.stack([epoch_order(n, seed, e)[:per_epoch] for e in range(epochs)])
+
+    def rows_of(i):
+        epoch, step = divmod(i, steps)
+        return orders[epoch, bounds[step]:bounds[step + 1]]
+
+    dataset = (tf.data.Dataset.range(epochs * steps).map(_loader(x, y, rows_of, weights))
+               .prefetch(2))
+    return dataset, steps
+
+
+def sequential_batches(x, y, batch_size: int) -> tf.data.Dataset:
+    """Batches of ``x`` (array or `H5Rows`) and ``y`` in order, read a batch at a time:
+    evaluation and prediction without holding ``x`` in memory."""
+    bounds = batch_bounds(len(y), batch_size)
+    load = _loader(x, y, lambda i: slice(bounds[i], bounds[i + 1]))
+    return tf.data.Dataset.range(len(bounds) - 1).map(load).prefetch(2)

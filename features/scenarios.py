@@ -1,0 +1,116 @@
+"""The scenario table, the trainable blocks and the layer names: pure Python.
+
+Every module reads layer names and scenarios from here, and the scripts can
+check ``--scenarios``/``--trainable_blocks`` before TensorFlow is imported.
+"""
+
+import dataclasses
+from typing import List, Optional, Sequence
+
+from pipeline.errors import ConfigError
+
+# Layer and sub-model names: the one table every module reads them from.
+INPUT = "input"
+BLOCK4_POOL = "block4_pool"
+BLOCK5_POOL = "block5_pool"
+FLATTEN = "flatten"
+FC1 = "fc1"
+FC2 = "fc2"
+DROPOUT = "dropout"
+PREDICTIONS = "predictions"
+STEM, BLOCK5, HEAD = "vgg16_stem", "vgg16_block5", "head"
+# Layers whose outputs the feature cache can hold, in network order.
+CACHEABLE = (BLOCK4_POOL, BLOCK5_POOL, FC2)
+BLOCKS = ("block1", "block2", "block3", "block4", "block5", "fc", PREDICTIONS)
+# Without the ImageNet top, the head gets one new hidden layer of this width.
+NO_TOP_HIDDEN_UNITS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """One row of the scenario table: what trains, where it starts, how fast it learns.
+
+    Attributes:
+      name: "A", "B" or "C".
+      blocks: the blocks that train (names from `BLOCKS`).
+      learning_rate: default heads-stage learning rate. Measured on real photos with
+        ImageNet-derived weights (docs/benchmarks.md): the output layer alone (A)
+        wants 1e-3, as in the reference write-up; training the dense layers (B) or
+        block5 (C) from the cache at 1e-3 overfits within an epoch or two (C
+        collapsed to AUC 0.65), so they get the reference's 1e-4.
+      description: one line for --help and logs.
+    """
+    name: str
+    blocks: tuple
+    learning_rate: float
+    description: str
+
+    def start_layer(self, include_top: bool) -> str:
+        """The cached layer this scenario trains from (see `start_layer`)."""
+        return start_layer(self.blocks, include_top)
+
+    def part(self, classifier):
+        """The sub-model of a `features.backbone.Classifier` this scenario trains:
+        everything above its cached start layer."""
+        return classifier.model_from(self.start_layer(classifier.include_top))
+
+
+SCENARIOS = {
+    "A": Scenario("A", (PREDICTIONS,), 1e-3, "only the new output layer"),
+    "B": Scenario("B", ("fc", PREDICTIONS), 1e-4, "all dense layers"),
+    "C": Scenario("C", ("block5", "fc", PREDICTIONS), 1e-4,
+                  "dense layers plus the last conv block (block5)"),
+}
+SCENARIO_HELP = "; ".join(f"{s.name} = {s.description}" for s in SCENARIOS.values())
+
+
+def get_scenario(scenario: str) -> Scenario:
+    """The scenario table's row for a name such as "b" or " C "."""
+    try:
+        return SCENARIOS[scenario.strip().upper()]
+    except KeyError:
+        raise ConfigError(f"Unknown scenario {scenario!r}; choose from "
+                          f"{', '.join(SCENARIOS)} ({SCENARIO_HELP}).") from None
+
+
+def block_of(layer_name: str) -> Optional[str]:
+    """The trainable block a layer belongs to (``block1``..``block5``, ``fc``, ``predictions``)."""
+    prefix = layer_name.split("_")[0]
+    if prefix in BLOCKS[:5]:
+        return prefix
+    if layer_name in (FC1, FC2):
+        return "fc"
+    if layer_name == PREDICTIONS:
+        return PREDICTIONS
+    return None
+
+
+def parse_blocks(spec: str) -> List[str]:
+    """Parses ``--trainable_blocks`` such as "block4,block5,fc" (``predictions`` is implied)."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in BLOCKS]
+    if not names or unknown:
+        raise ConfigError(
+            f"--trainable_blocks={spec!r}: {', '.join(map(repr, unknown)) or 'nothing given'} "
+            f"matches no block; choose from {', '.join(BLOCKS)}.")
+    return sorted(set(names) | {PREDICTIONS}, key=BLOCKS.index)
+
+
+def start_layer(blocks: Sequence[str], include_top: bool) -> str:
+    """The highest cacheable layer below every trainable block (`INPUT` if none is).
+
+    Scenario A (output layer only) starts from ``fc2`` when the ImageNet top is
+    kept, else from ``block5_pool``; B from ``block5_pool``; C from ``block4_pool``.
+    """
+    blocks = set(blocks)
+    if blocks & {"block1", "block2", "block3", "block4"}:
+        return INPUT
+    if "block5" in blocks:
+        return BLOCK4_POOL
+    if "fc" in blocks or not include_top:
+        return BLOCK5_POOL
+    return FC2
+
+
+# The optimizers a head or fine-tuning can use (`features.backbone.make_optimizer`).
+OPTIMIZERS = ("adam", "sgd", "rmsprop")

@@ -1,0 +1,186 @@
+"""Every command-line flag of train.py and predict.py, declared once, grouped by stage.
+
+absl groups ``--help`` by the module a flag is declared for; here that "module"
+is a stage name, so ``python train.py --help`` reads as a list of sections.
+Flags both scripts take (precision, devices, Ray, batch size, bad images, TTA)
+are declared by one function. Nothing here imports TensorFlow: the scripts parse
+and check flags before the first slow import.
+"""
+
+from absl import flags
+
+from features.scenarios import SCENARIO_HELP
+
+PRECISIONS = ["auto", "float32", "mixed_bfloat16", "mixed_float16"]
+STRATEGIES = ["auto", "one", "mirrored"]
+DATA, OUTPUTS, MODEL, HEADS, SWEEP, FINETUNE, PREDICT, DEVICES, TESTING = (
+    "data", "outputs", "model", "heads stage (cached features)", "sweep stage",
+    "fine-tuning stage", "prediction", "precision, devices and scale-out",
+    "testing (not for everyday use)")
+
+
+def _shared(fv, tta_help: str) -> None:
+    """The flags train.py and predict.py both take, with the same meaning."""
+    flags.DEFINE_integer("batch_size", 32, "Images per batch for extraction, training, "
+                         "validation and prediction.", flag_values=fv, module_name=DEVICES)
+    flags.DEFINE_enum("on_bad_image", "fail", ["fail", "skip"], "An image that cannot be "
+                      "decoded: stop with a list of them (fail), or leave it out with a report "
+                      "(skip; a prediction CSV still lists it, with an uninformative "
+                      "probability).", flag_values=fv, module_name=DATA)
+    flags.DEFINE_integer("tta", 1, tta_help, flag_values=fv, module_name=PREDICT)
+    flags.DEFINE_enum("precision", "auto", PRECISIONS, "Compute precision of the conv base. "
+                      "auto: mixed_bfloat16 on CPUs with AVX512-BF16/AMX and GPUs of compute "
+                      "capability >= 8.0, mixed_float16 on older GPUs, float32 otherwise "
+                      "(logged). The dense head always computes in float32.",
+                      flag_values=fv, module_name=DEVICES)
+    flags.DEFINE_enum("strategy", "auto", STRATEGIES, "Devices of this host: mirrored = one "
+                      "model replica per device, each batch split between them "
+                      "(tf.distribute.MirroredStrategy); auto = mirrored over 2+ GPUs, else "
+                      "one device. The global batch stays --batch_size.",
+                      flag_values=fv, module_name=DEVICES)
+    flags.DEFINE_string("ray_address", None, "Run extraction/prediction on a Ray cluster (Ray "
+                        "Data, pip install -e \".[ray]\"): 'local' starts one on this machine "
+                        "with --ray_workers CPUs, 'auto' joins the cluster of `ray start`, or "
+                        "HOST:PORT. Unset: no Ray.", flag_values=fv, module_name=DEVICES)
+    flags.DEFINE_integer("ray_workers", 2, "Ray actor workers, each holding one model copy.",
+                         flag_values=fv, module_name=DEVICES)
+    flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into N logical devices (N >= 2) so "
+                         "that mirrored runs work without GPUs: for tests, not for speed.",
+                         flag_values=fv, module_name=TESTING)
+
+
+def define_train(fv=flags.FLAGS) -> None:
+    """The flags of train.py."""
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "Kaggle root (train/ + train_labels.csv) or a folder "
+                        "of class folders.", module_name=DATA, **d)
+    flags.DEFINE_boolean("demo", False, "Generate the built-in SYNTHETIC demo dataset under "
+                         "<cache_dir>/demo_data and run the whole pipeline on it offline "
+                         "(random weights, 64 px, few epochs). Flags you pass still win.",
+                         module_name=DATA, **d)
+    flags.DEFINE_string("positive_class", None, "Two class folders: which one is positive "
+                        "(label 1). Default: the second in sorted order.", module_name=DATA, **d)
+    flags.DEFINE_string("val_size", "auto", "Validation set: a count (balanced between classes "
+                        "when they allow), a fraction such as 0.2, or 'auto': 200 (100/100, as "
+                        "in the reference) when there are at least 1,000 images, else 20%.",
+                        module_name=DATA, **d)
+    flags.DEFINE_integer("seed", 0, "Seed for the split, initialisation, shuffling, "
+                         "augmentation.", module_name=DATA, **d)
+    flags.DEFINE_string("workdir", None, "Run folder for histories, plots, metrics, weights "
+                        "and the model. Default: runs/<data folder name> (runs/demo for "
+                        "--demo).", module_name=OUTPUTS, **d)
+    flags.DEFINE_string("cache_dir", "cache", "Folder of HDF5 feature caches (shareable).",
+                        module_name=OUTPUTS, **d)
+    flags.DEFINE_boolean("tensorboard", True, "Write TensorBoard logs of every heads scenario "
+                         "and of the fine-tuning under <workdir>/tensorboard/.",
+                         module_name=OUTPUTS, **d)
+    flags.DEFINE_string("weights", "imagenet", "'imagenet' (Keras download, cached in "
+                        "~/.keras/models), 'none' (random init), or a VGG16 .h5/.weights.h5 "
+                        "path.", module_name=MODEL, **d)
+    flags.DEFINE_boolean("include_top", True, "Keep VGG16's ImageNet dense layers fc1/fc2 and "
+                         "replace only the 1000-way layer (needs --image_size=224). With "
+                         "--noinclude_top the head is a new 256-unit fc1 + dropout.",
+                         module_name=MODEL, **d)
+    flags.DEFINE_integer("image_size", 224, "Square input size in pixels.", module_name=MODEL,
+                         **d)
+    flags.DEFINE_float("dropout", 0.5, "Dropout rate after the new fc1 (--noinclude_top "
+                       "only).", module_name=MODEL, **d)
+    flags.DEFINE_enum("stage", "all", ["heads", "sweep", "finetune", "all"], "What to run: "
+                      "heads (cache features, train the scenarios), sweep (grid by CV), "
+                      "finetune (the chosen scenario end to end, then export), all.",
+                      module_name=OUTPUTS, **d)
+    flags.DEFINE_list("scenarios", ["A", "B", "C"], "Scenarios for the heads stage: "
+                      + SCENARIO_HELP + ".", module_name=HEADS, **d)
+    flags.DEFINE_integer("epochs", 5, "Epochs per scenario on cached features.",
+                         module_name=HEADS, **d)
+    flags.DEFINE_float("learning_rate", None, "Heads-stage learning rate for every scenario. "
+                       "Default: each scenario's own (A 1e-3; B, C 1e-4; measured on real "
+                       "photos).", module_name=HEADS, **d)
+    flags.DEFINE_string("optimizer", "adam", "Heads-stage optimizer: adam, sgd (momentum 0.9, "
+                        "Nesterov) or rmsprop.", module_name=HEADS, **d)
+    flags.DEFINE_enum("cache_dtype", "float32", ["float16", "float32"], "Storage type of "
+                      "cached features. float16 halves the cache; it left scenarios A/B "
+                      "unchanged but cost scenario C ~0.03 AUC in docs/benchmarks.md.",
+                      module_name=HEADS, **d)
+    flags.DEFINE_float("heads_memory_gb", None, "Memory budget for cached features in the "
+                       "heads, sweep and cached fine-tuning stages. Above it they stream "
+                       "batches from the HDF5 cache instead of loading it (same results, "
+                       "slower). Default: half of the memory available when the run starts.",
+                       module_name=HEADS, **d)
+    flags.DEFINE_integer("cache_augmented_views", 0, "K > 0: also cache K augmented views of "
+                         "each training image (--augment preset, keras_blog if none) and "
+                         "train heads on them.", module_name=HEADS, **d)
+    flags.DEFINE_string("cv_folds", "auto", "Stratified K-fold cross-validation of every "
+                        "scenario on the training split: K >= 2, 0 for none, or 'auto' (5 when "
+                        "the validation set has fewer than 100 images). With CV, the epoch and "
+                        "the scenario are chosen by the mean CV score.", module_name=HEADS, **d)
+    flags.DEFINE_boolean("bag", True, "With CV: also export bag.keras, the average of the K "
+                         "fold heads of the chosen scenario and the final model.",
+                         module_name=HEADS, **d)
+    flags.DEFINE_list("sweep_scenarios", ["A", "B"], "Sweep: scenarios (C is affordable at "
+                      "small image sizes only: it trains block5).", module_name=SWEEP, **d)
+    flags.DEFINE_list("sweep_learning_rates", ["1e-3", "1e-4"], "Sweep: learning rates.",
+                      module_name=SWEEP, **d)
+    flags.DEFINE_list("sweep_optimizers", ["adam", "sgd", "rmsprop"], "Sweep: optimizers.",
+                      module_name=SWEEP, **d)
+    flags.DEFINE_list("sweep_dropouts", ["0.5"], "Sweep: dropout rates (--noinclude_top "
+                      "only).", module_name=SWEEP, **d)
+    flags.DEFINE_list("sweep_views", ["0", "2"], "Sweep: cached augmented views per training "
+                      "image (--augment preset).", module_name=SWEEP, **d)
+    flags.DEFINE_integer("sweep_folds", 5, "Sweep: stratified CV folds on the training split.",
+                         module_name=SWEEP, **d)
+    flags.DEFINE_boolean("use_sweep", False, "Heads and fine-tuning use the best row of "
+                         "<workdir>/sweep.csv (scenario, learning rate, optimizer, dropout, "
+                         "views); --stage=all runs the sweep first when there is none.",
+                         module_name=SWEEP, **d)
+    flags.DEFINE_string("scenario", None, "Scenario to fine-tune (default: the heads stage's "
+                        "best, by CV score when cross-validated, else validation).",
+                        module_name=FINETUNE, **d)
+    flags.DEFINE_string("trainable_blocks", None, "Blocks to fine-tune instead of the "
+                        "scenario's, e.g. block4,block5,fc (names: block1..block5, fc, "
+                        "predictions).", module_name=FINETUNE, **d)
+    flags.DEFINE_string("augment", "aggressive", "Augmentation preset for fine-tuning: none, "
+                        "keras_blog, aggressive.", module_name=FINETUNE, **d)
+    flags.DEFINE_enum("augment_on", "auto", ["auto", "pipeline", "model"], "Where "
+                      "augmentation runs: tf.data pipeline, or a layer in the model (the GPU "
+                      "when present).", module_name=FINETUNE, **d)
+    flags.DEFINE_float("finetune_learning_rate", 1e-4, "Learning rate for fine-tuning.",
+                       module_name=FINETUNE, **d)
+    flags.DEFINE_integer("finetune_epochs", 50, "Maximum fine-tuning epochs (0: export the "
+                         "cache-trained model without fine-tuning).", module_name=FINETUNE, **d)
+    flags.DEFINE_integer("finetune_views", 5, "K > 0: when the fine-tuned blocks start above a "
+                         "cached layer (A, B above block5_pool; C above block4_pool), cache K "
+                         "augmented views (--augment preset) of each training image once and "
+                         "run the fine-tuning epochs from the cache. 0: every epoch runs the "
+                         "whole network on freshly augmented images.", module_name=FINETUNE,
+                         **d)
+    flags.DEFINE_integer("patience", 5, "Early-stopping patience in epochs.",
+                         module_name=FINETUNE, **d)
+    flags.DEFINE_enum("monitor", "auto", ["auto", "auc", "accuracy", "loss", "map"],
+                      "Validation metric for early stopping and the kept fine-tuning epoch. "
+                      "auto: the task's headline metric (auc for two classes, accuracy for "
+                      "several, mean average precision (map) for several labels per image).",
+                      module_name=FINETUNE, **d)
+    flags.DEFINE_boolean("resume", False, "Resume an interrupted fine-tuning from its last "
+                         "checkpoint in --workdir.", module_name=FINETUNE, **d)
+    _shared(fv, "Test-time augmentation views when predicting the test set (1 = plain; 2 adds "
+                "the mirror; up to 8 adds crops).")
+
+
+def define_predict(fv=flags.FLAGS) -> None:
+    """The flags of predict.py."""
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("workdir", None, "Run folder of train.py holding model.keras and "
+                        "model_info.json.", required=True, module_name=OUTPUTS, **d)
+    flags.DEFINE_string("data_dir", None, "Kaggle root (predicts test/) or a folder of images.",
+                        required=True, module_name=DATA, **d)
+    flags.DEFINE_string("output", "submission.csv", "CSV to write.", module_name=OUTPUTS, **d)
+    flags.DEFINE_string("labels", None, "Optional labels of the images (a name,label CSV): "
+                        "print the scores and draw <output>_roc.png, "
+                        "<output>_confusion_matrix.png and <output>_top_losses.png.",
+                        module_name=PREDICT, **d)
+    flags.DEFINE_boolean("bag", True, "Use the run's bag (bag.keras: the averaged fold heads "
+                         "and final model) when it has one; --nobag uses model.keras alone.",
+                         module_name=PREDICT, **d)
+    _shared(fv, "Test-time augmentation: average over N deterministic views (1 = plain; 2 adds "
+                "the mirror; up to 8 adds crops).")

@@ -1,0 +1,233 @@
+"""What every stage of a training run shares, and how it is prepared.
+
+`prepare` finds and checks the data, splits it, chooses the precision, builds
+the classifier and the cross-validation folds, and opens the run folder; `Job`
+carries the result. `Features` loads the cached features a stage needs
+(extracting what is missing), in memory or streamed from HDF5.
+"""
+
+import dataclasses
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from features import backbone, cache as cache_lib, cv as cv_lib, distribute, precision
+from features.task import Task
+from features.weights import weights_identity
+from pipeline import diskspace, discovery, scan
+from workflow import config as config_lib, console
+from workflow.config import CacheConfig, DataConfig, HeadsConfig, ModelConfig, RuntimeConfig
+from workflow.outputs import RunFolder
+
+# Below this many validation images, --cv_folds=auto cross-validates.
+SMALL_VAL = 100
+AUTO_FOLDS = 5
+
+
+@dataclasses.dataclass
+class Job:
+    """What the stages share: data, split, task, model, where outputs go."""
+    precision: precision.Precision
+    dataset: discovery.Dataset
+    task: Task
+    frame: pd.DataFrame
+    train: pd.DataFrame
+    val: pd.DataFrame
+    classifier: backbone.Classifier
+    run: RunFolder
+    folds: Optional[list]
+    model: ModelConfig
+    seed: int
+    engine: object = None  # a features.ray_engine.RayEngine with --ray_address
+
+    @property
+    def y_train(self) -> np.ndarray:
+        return labels_of(self.task, self.train)
+
+    @property
+    def y_val(self) -> np.ndarray:
+        return labels_of(self.task, self.val)
+
+
+def labels_of(task: Task, frame: pd.DataFrame) -> np.ndarray:
+    """The labels of a frame in the task's encoding (see `features.task`)."""
+    return np.asarray(frame.label.tolist()) if len(frame) else np.zeros(0, int)
+
+
+def resolve_val_size(text: str, n: int):
+    """``--val_size`` for ``n`` images ('auto': 200 from 1,000 images, else 20%)."""
+    value = config_lib.parse_val_size(text)
+    if value != "auto":
+        return value
+    value = 200 if n >= 1000 else 0.2
+    logging.info("--val_size=auto: %s of %d images (200 needs at least 1,000; pass "
+                 "--val_size to choose).", "200" if value == 200 else "20%", n)
+    return value
+
+
+def resolve_folds(heads: HeadsConfig, task: Task, y_train, n_val: int, seed: int):
+    """``--cv_folds`` as index pairs into the training split, or None."""
+    k = config_lib.parse_folds(heads.cv_folds)
+    if k == "auto":
+        if n_val >= SMALL_VAL:
+            return None
+        counts = cv_lib.stratify_key(task, y_train) if task.kind == "multilabel" else y_train
+        smallest = (int(np.asarray(y_train).sum(axis=0).min()) if task.kind == "multilabel"
+                    else int(np.bincount(np.asarray(counts).astype(int)).min()))
+        if smallest < AUTO_FOLDS:
+            logging.warning("Validation set is small (%d images) but a class has only %d "
+                            "training images, too few for %d-fold CV: choosing by validation "
+                            "scores.", n_val, smallest, AUTO_FOLDS)
+            return None
+        logging.info("Validation set is small (%d < %d images): scenarios and epochs are "
+                     "chosen by %d-fold CV on the training split (mean +- std), not by the "
+                     "validation set alone. --cv_folds=0 turns this off.", n_val, SMALL_VAL,
+                     AUTO_FOLDS)
+        k = AUTO_FOLDS
+    if k == 0:
+        return None
+    return cv_lib.make_folds(y_train, k, seed, task)
+
+
+def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: CacheConfig,
+            runtime: RuntimeConfig, flag_values: dict) -> Job:
+    """Discovers and checks the data, splits it, builds the classifier."""
+    data_dir = data.data_dir
+    if data.demo and not data_dir:
+        from pipeline import demo
+        data_dir = demo.make_demo_dataset(os.path.join(cache.cache_dir, "demo_data"))
+        logging.info("SYNTHETIC demo data (not real photos) in %s", data_dir)
+    dataset = discovery.discover(data_dir, data.positive_class)
+    task = Task("binary", dataset.class_names)
+    workdir = runtime.workdir or os.path.join(
+        "runs", os.path.basename(os.path.abspath(dataset.data_dir).rstrip(os.sep)))
+    run = RunFolder(workdir)
+    console.log_to_file(run.file("train.log"))
+    # Pre-flight: every image checked once, problems reported together.
+    frame = scan.filter_bad_images(dataset.frame, model.image_size, data.on_bad_image,
+                                   run.file("bad_images.csv"),
+                                   memo_path=os.path.join(cache.cache_dir, "preflight.json"))
+    train, val = discovery.split_train_val(frame, resolve_val_size(data.val_size, len(frame)),
+                                           data.seed)
+    split = frame.assign(subset=np.where(frame.name.isin(set(val.name)), "val", "train"))
+    run.write_csv(split[["name", "label", "subset", "path"]], "split.csv")
+    logging.info("Split: %d train, %d validation (seed %d) -> %s", len(train), len(val),
+                 data.seed, run.file("split.csv"))
+    # Before the model is built: layers take the global policy when they are created.
+    chosen = precision.resolve_and_apply(runtime.precision)
+    run.write_json({**flag_values, "data_dir": dataset.data_dir, "workdir": workdir,
+                    "precision_resolved": dataclasses.asdict(chosen),
+                    "precision_parts": precision.parts(chosen.policy),
+                    "replicas": distribute.replicas(), "task": task.kind},
+                   "run_config.json")
+    classifier = backbone.build_classifier(model.weights, model.include_top, model.image_size,
+                                           data.seed, dropout=model.dropout, units=task.units,
+                                           activation=task.activation)
+    classifier.model.summary(print_fn=lambda line, *a, **k: console.DETAIL.info(line),
+                             expand_nested=True)
+    y_train = labels_of(task, train)
+    folds = resolve_folds(heads, task, y_train, len(val), data.seed)
+    return Job(chosen, dataset, task, frame, train, val, classifier, run, folds, model,
+               data.seed)
+
+
+def cache_spec(job: Job, cache: CacheConfig, augment: str = "none") -> cache_lib.CacheSpec:
+    """The cache of this run's plain features, or of views drawn with ``augment``."""
+    return cache_lib.CacheSpec(
+        weights_id=weights_identity(job.model.weights, job.seed),
+        include_top=job.model.include_top, image_size=job.model.image_size,
+        layers=cache_lib.cached_layers(job.model.include_top), dtype=cache.dtype,
+        data_dir=job.dataset.data_dir, precision=job.precision.policy, augment=augment)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; else 4 GB)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def memory_budget(cache: CacheConfig) -> float:
+    """Bytes the cached features of a stage may take in memory (``--heads_memory_gb``)."""
+    return (cache.memory_gb * (1 << 30) if cache.memory_gb is not None
+            else available_memory() // 2)
+
+
+class Features:
+    """The cached features of one run: the split's plain features and, on demand, K
+    augmented views of the training images (extracting whatever is missing)."""
+
+    def __init__(self, job: Job, cache: CacheConfig, batch_size: int):
+        self.job, self.cache, self.batch_size = job, cache, batch_size
+
+    def _stream(self, views: int) -> bool:
+        """Whether the features exceed the memory budget (logged either way)."""
+        spec = cache_spec(self.job, self.cache)
+        shapes = cache_lib.layer_shapes(self.job.classifier, spec.layers)
+        rows = len(self.job.train) * (1 + max(views, 0)) + len(self.job.val)
+        need, budget = cache_lib.feature_bytes(shapes, rows), memory_budget(self.cache)
+        stream = need > budget
+        logging.info("Cached features for this stage: %.2f GB for %d rows; memory budget "
+                     "%.2f GB (%s): %s.", need / (1 << 30), rows, budget / (1 << 30),
+                     "--heads_memory_gb" if self.cache.memory_gb is not None
+                     else "half the available memory",
+                     "streaming batches from the HDF5 cache" if stream else "loading into memory")
+        return stream
+
+    def _load(self, spec, frame, views: int, stream: bool):
+        feats, result = cache_lib.load(self.job.classifier, spec, frame, self.cache.cache_dir,
+                                       self.batch_size, views=views, stream=stream,
+                                       engine=self.job.engine)
+        if result.computed:
+            logging.info("Feature cache %s: %d reused, %d computed in %.1f s.", result.path,
+                         result.reused, result.computed, result.seconds)
+        return feats
+
+    def split(self, views: int = 0, preset: str = "keras_blog"):
+        """(train, val, views or None): features by layer; the views are K augmented
+        views of the training images drawn with ``preset`` (view-major)."""
+        stream = self._stream(views)
+        spec = cache_spec(self.job, self.cache)
+        everything = self._load(spec, pd.concat([self.job.train, self.job.val]), 0, stream)
+        n = len(self.job.train)
+        from features.rows import take
+        train = {k: take(v, np.arange(n)) for k, v in everything.items()}
+        val = {k: take(v, np.arange(n, n + len(self.job.val))) for k, v in everything.items()}
+        if views <= 0:
+            return train, val, None
+        aug = self._load(cache_spec(self.job, self.cache, preset), self.job.train, views, stream)
+        logging.info("Cached %d augmented view(s) (%s) of each training image.", views, preset)
+        return train, val, aug
+
+
+def check_disk(job: Job, cache: CacheConfig, runtime: RuntimeConfig, views: int,
+               view_preset: str, exports: int) -> None:
+    """Stops before any long work when what the run will write cannot fit (one paragraph:
+    what needs how much, where, how much is free, what to do).
+
+    ``views``: the most augmented views per training image any stage will cache;
+    ``exports``: how many copies of the model the run exports (0 without fine-tuning).
+    """
+    spec = cache_spec(job, cache)
+    needs = [("feature cache", cache_lib.planned_bytes(job.classifier, spec, job.frame,
+                                                       cache.cache_dir), cache.cache_dir)]
+    if views > 0:
+        needs.append((f"{views} augmented view(s) per training image", cache_lib.planned_bytes(
+            job.classifier, cache_spec(job, cache, view_preset), job.train, cache.cache_dir,
+            views), cache.cache_dir))
+    if exports:
+        weights = job.classifier.model.count_params() * 4
+        # best + last checkpoint + the next one being written + Adam's two slots
+        needs.append(("fine-tuning checkpoints", 5 * weights, job.run.path))
+        needs.append(("exported model(s)", weights * exports, job.run.path))
+    diskspace.check(needs, advice="Use --cache_dir (or --workdir) on a bigger disk, "
+                    "--cache_dtype=float16 (halves the cache), fewer cached views "
+                    "(--finetune_views, --cache_augmented_views) or a smaller --image_size.")

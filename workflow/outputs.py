@@ -1,0 +1,106 @@
+"""The run folder: where every output of a run goes, written atomically.
+
+`RunFolder` owns the folder's files (CSV tables, JSON, ``metrics.json`` sections)
+and the list of outputs printed at the end of a run. `write_predictions` writes
+the prediction CSV in the layout the task calls for.
+"""
+
+import csv
+import json
+import logging
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.atomic import atomic_path, atomic_write_text
+
+METRICS = "metrics.json"
+
+
+def write_csv(frame: pd.DataFrame, path: str) -> str:
+    """Writes a CSV atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return path
+
+
+def write_json(path: str, data) -> str:
+    """Writes ``data`` as indented JSON atomically (NumPy numbers become floats)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    return path
+
+
+def read_json(path: str) -> dict:
+    """A JSON file as a dict ({} when absent or unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+class RunFolder:
+    """One run's folder (``--workdir``) and the outputs worth listing at the end."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.outputs = {}  # what -> path, in the order they were made
+        os.makedirs(path, exist_ok=True)
+
+    def file(self, *parts) -> str:
+        return os.path.join(self.path, *parts)
+
+    @property
+    def metrics_path(self) -> str:
+        return self.file(METRICS)
+
+    def note(self, what: str, path: str) -> str:
+        """Lists ``path`` among the run's outputs."""
+        self.outputs[what] = path
+        return path
+
+    def write_csv(self, frame: pd.DataFrame, *parts) -> str:
+        return write_csv(frame, self.file(*parts))
+
+    def write_json(self, data, *parts) -> str:
+        return write_json(self.file(*parts), data)
+
+    def metrics(self) -> dict:
+        """``metrics.json`` as a dict ({} when absent)."""
+        return read_json(self.metrics_path)
+
+    def update_metrics(self, section: str, values) -> dict:
+        """Merges ``{section: values}`` into ``metrics.json`` (atomically)."""
+        data = self.metrics()
+        if not data and os.path.isfile(self.metrics_path):
+            logging.warning("Replacing unreadable %s.", self.metrics_path)
+        data[section] = values
+        write_json(self.metrics_path, data)
+        return data
+
+
+def write_predictions(names: Sequence[str], probs, path: str, class_names: Sequence[str],
+                      binary_column: Optional[str] = "invasive", tags=None) -> str:
+    """Writes the prediction CSV atomically (never a half-written file).
+
+    Binary: ``name,<binary_column>`` with P(positive). Several classes or labels:
+    ``name,<class_1>,...,<class_K>`` in the stored class order; with ``tags`` (a list
+    of strings, one per row) ``name,tags`` instead.
+    """
+    probs = np.asarray(probs, np.float64)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            if tags is not None:
+                writer.writerow(["name", "tags"])
+                writer.writerows([name, t] for name, t in zip(names, tags))
+            elif probs.ndim == 1:
+                writer.writerow(["name", binary_column])
+                writer.writerows([name, f"{float(p):.6f}"] for name, p in zip(names, probs))
+            else:
+                writer.writerow(["name", *class_names])
+                writer.writerows([name, *(f"{float(p):.6f}" for p in row)]
+                                 for name, row in zip(names, probs))
+    return path

@@ -1,0 +1,38 @@
+"""The plain-text summaries a run prints: scenarios vs the probe, the final model."""
+
+from typing import Dict
+
+from features.heads import HeadResult
+from features.task import Task
+
+LABELS = {"auc": "AUC", "accuracy": "accuracy", "map": "mAP", "loss": "loss"}
+
+
+def label(metric: str) -> str:
+    """``auc`` -> ``AUC`` for people."""
+    return LABELS.get(metric, metric)
+
+
+def heads(results: Dict[str, HeadResult], probe: dict, best: HeadResult, task: Task) -> str:
+    """The heads stage's summary: each scenario, the probe, and who wins."""
+    name = task.headline
+    lines = []
+    for s, r in results.items():
+        cv = (f", {r.cv.curves.shape[0]}-fold CV {label(name)} {r.cv.mean:.4f} +- "
+              f"{r.cv.std:.4f}" if r.cv else "")
+        other = "auc" if name == "accuracy" else "accuracy"
+        scores = f"{label(name)} {r.val_score:.4f}" + (
+            f", {label(other)} {r.val_scores[other]:.3f}" if other in r.val_scores else "")
+        lines.append(f"scenario {s}: val {scores} (epoch {r.best_epoch} by {r.selected_by}{cv}; "
+                     f"{r.seconds:.1f} s, from {r.start_layer})")
+    cv = (f", CV {label(name)} {probe[f'cv_{name}_mean']:.4f} +- {probe[f'cv_{name}_std']:.4f}"
+          if f"cv_{name}_mean" in probe else "")
+    lines.append(f"linear probe (baseline): val {label(name)} {probe[f'val_{name}']:.4f}, "
+                 f"accuracy {probe['val_accuracy']:.3f}{cv}")
+    probe_score = (probe.get(f"cv_{name}_mean", probe[f"val_{name}"]) if best.cv
+                   else probe[f"val_{name}"])
+    what = f"CV {label(name)}" if best.cv else f"val {label(name)}"
+    verdict = "beats" if best.score > probe_score else "does NOT beat"
+    lines.append(f"best scenario {best.scenario} {verdict} the probe: {what} {best.score:.4f} "
+                 f"vs {probe_score:.4f}")
+    return "\n".join(lines)
