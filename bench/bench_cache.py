@@ -78,7 +78,7 @@ def main():
         return extract_only(args)
 
     import tensorflow as tf
-    from features import backbone, cache, heads
+    from features import backbone, cache, heads, scenarios, task
     from pipeline import discovery, input as input_lib, scan
 
     if args.data_dir:
@@ -132,12 +132,14 @@ def main():
     ref_train = train.iloc[:ref_n]
     scale = len(train) / len(ref_train)
     for scenario in ref_scenarios:
-        t_cached = heads.train_scenarios(clf, [scenario], feats_tr, ytr, feats_va, yva,
-                                         epochs=epochs, batch_size=bs, learning_rate=1e-4,
-                                         seed=0, verbose=0)[scenario].seconds
+        t_cached = heads.train_scenarios(clf, [scenario], task.binary(), feats_tr, ytr,
+                                         feats_va, yva, epochs=epochs, batch_size=bs,
+                                         learning_rate=1e-4, seed=0,
+                                         progress=False)[scenario].seconds
         initial = clf.model.get_weights()
-        backbone.set_trainable(clf, backbone.scenario_blocks(scenario))
-        backbone.compile_model(clf.model, 1e-4)
+        clf.set_trainable(scenarios.get_scenario(scenario).blocks)
+        clf.model.compile(optimizer=backbone.make_optimizer("adam", 1e-4),
+                          loss=task.binary().loss(), metrics=task.binary().keras_metrics())
         tr = input_lib.train_dataset(ref_train.path.tolist(), ref_train.label.tolist(),
                                      ref_train.name.tolist(), size, bs, "none", seed=0)
         va = input_lib.eval_dataset(val.path.tolist(), val.label.tolist(), val.name.tolist(),

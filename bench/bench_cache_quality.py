@@ -35,7 +35,9 @@ def main():
     args = p.parse_args()
 
     import numpy as np
-    from features import backbone, cache, heads
+    from features import backbone, cache, heads, task
+    from features.training import restore, snapshot
+    from features.weights import weights_identity
     from pipeline import discovery, scan
     from workflow import config
 
@@ -44,7 +46,7 @@ def main():
     frame = scan.filter_bad_images(ds.frame, args.image_size, "skip", os.path.join(work, "b.csv"))
     train, val = discovery.split_train_val(frame, config.parse_val_size(args.val_size), 0)
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
-    wid = backbone.weights_identity(args.weights, 0)
+    wid = weights_identity(args.weights, 0)
     specs = {dt: cache.CacheSpec(wid, False, args.image_size, cache.cached_layers(False), dt,
                                  ds.data_dir) for dt in ("float32", "float16")}
     feats = {}
@@ -61,20 +63,20 @@ def main():
     with_views = {k: np.concatenate([plain16[k], views[k]]) for k in plain16}
     y_views = np.concatenate([ytr] * (args.views + 1))
 
-    initial = heads.snapshot(clf.model)
+    initial = snapshot(clf.model)
 
     def run(train_feats, y, val_feats, seed):
         out = {}
         for s in ("A", "B", "C"):
-            r = heads.train_scenarios(clf, [s], train_feats, y, val_feats, yva,
+            r = heads.train_scenarios(clf, [s], task.binary(), train_feats, y, val_feats, yva,
                                       epochs=args.epochs, batch_size=args.batch_size,
                                       learning_rate=args.learning_rate, seed=seed,
-                                      out_dir=work, verbose=0)[s]
+                                      out_dir=work, progress=False)[s]
             heads.load_scenario_weights(clf, s, r.weights_path)
             start = r.start_layer
             probs = clf.model_from(start).predict(val_feats[start], verbose=0)[:, 0]
-            heads.restore(clf.model, initial)  # every run starts from the same weights
-            out[s] = (r.val_auc, probs)
+            restore(clf.model, initial)  # every run starts from the same weights
+            out[s] = (r.val_scores["auc"], probs)
         return out
 
     rows = {name: {s: [] for s in "ABC"} for name in ("float32", "float16", "views")}

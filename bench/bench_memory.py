@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, pandas as pd
-from features import backbone, cache, heads
+from features import backbone, cache, heads, task
 folder, size, stream, epochs = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 spec = cache.CacheSpec("none(seed=0)", False, size, cache.cached_layers(False), data_dir=folder)
 frame = pd.read_csv(folder + "/frame.csv", dtype={"name": str})
@@ -33,12 +33,12 @@ path = folder + "/" + spec.file_name()
 started = time.perf_counter()
 tr = cache.load_features(path, spec, train, spec.layers, stream=stream)
 va = cache.load_features(path, spec, val, spec.layers, stream=stream)
-results = heads.train_scenarios(clf, ["A", "B"], tr, train.label.to_numpy(), va,
-                                val.label.to_numpy(), epochs=epochs, batch_size=32, seed=0,
-                                progress=False, verbose=0)
+results = heads.train_scenarios(clf, ["A", "B"], task.binary(), tr, train.label.to_numpy(),
+                                va, val.label.to_numpy(), epochs=epochs, batch_size=32,
+                                seed=0, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - started,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "auc": {s: r.val_auc for s, r in results.items()}}))
+                  "auc": {s: r.val_scores["auc"] for s, r in results.items()}}))
 """
 
 
@@ -61,20 +61,13 @@ def make_cache(folder: str, rows: int, size: int) -> None:
     clf = backbone.build_classifier("none", False, size, 0)
     shapes = cache.layer_shapes(clf, spec.layers)
     items = cache._items(frame, 0)
-    partial = os.path.join(folder, spec.file_name())
-    f = cache._create(partial, spec, shapes, chunk=32)
     rng = np.random.default_rng(0)
-    for start in range(0, rows, 256):
-        chunk = items.iloc[start:start + 256]
-        feats = {n: rng.random((len(chunk), *s), np.float32) for n, s in shapes.items()}
-        cache._append(f, {
-            "names": chunk.name.to_numpy(object), "paths": chunk.path.to_numpy(object),
-            "identity": chunk.identity.to_numpy(object), "labels": chunk.label.to_numpy(np.int8),
-            "view": chunk.view.to_numpy(np.int16),
-            "row_crc": np.array([cache._row_crc([feats[n][i] for n in spec.layers])
-                                 for i in range(len(chunk))], np.uint32), **feats},
-            spec.layers)
-    f.close()
+    with cache.FeatureCache.create(os.path.join(folder, spec.file_name()), spec, shapes,
+                                   chunk=32) as store:
+        for start in range(0, rows, 256):
+            chunk = items.iloc[start:start + 256]
+            store.append(chunk, {n: rng.random((len(chunk), *s), np.float32)
+                                 for n, s in shapes.items()})
 
 
 def main():

@@ -109,6 +109,7 @@ def _bare_rate(policy, size, batch, seconds):
 def section_extract(args, results):
     import pandas as pd
     from features import backbone, cache, precision
+    from features.weights import weights_identity
     from pipeline import discovery, scan
     frame = discovery.discover(args.data_dir).frame
     frame = scan.filter_bad_images(frame, args.image_size, "skip",
@@ -125,7 +126,7 @@ def section_extract(args, results):
         bare = _bare_rate(policy, args.image_size, args.batch_size, args.seconds)
         precision.apply(precision.Precision(policy, "bench"))
         clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
-        spec = cache.CacheSpec(backbone.weights_identity(args.weights, 0), False,
+        spec = cache.CacheSpec(weights_identity(args.weights, 0), False,
                                args.image_size, cache.cached_layers(False), "float32",
                                args.data_dir, precision=policy)
         folder = tempfile.mkdtemp(prefix="bench-extract-")
@@ -274,13 +275,14 @@ def section_finetune(args, results):
 def section_ray(args, results):
     """Extraction of the same photos on this process vs a local Ray cluster (1, 2 workers)."""
     from features import backbone, cache, ray_engine
+    from features.weights import weights_identity
     from pipeline import discovery, scan
     frame = discovery.discover(args.data_dir).frame
     frame = scan.filter_bad_images(frame, args.image_size, "skip",
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))
     frame = frame.iloc[:args.extract_images].reset_index(drop=True)
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
-    spec = cache.CacheSpec(backbone.weights_identity(args.weights, 0), False, args.image_size,
+    spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
                            cache.cached_layers(False), "float32", args.data_dir)
     build = {"weights": args.weights, "include_top": False, "image_size": args.image_size,
              "seed": 0}
@@ -339,7 +341,7 @@ def section_mirrored(args, results):
 def section_ftprofile(args, results):
     """One whole-network fine-tuning epoch of scenario B split into input, model and the
     rest: the tf.data input alone, the training step alone on a fixed batch, and fit."""
-    from features import backbone
+    from features import backbone, task
     from pipeline import discovery, scan
     from pipeline import input as input_lib
     frame = discovery.discover(args.data_dir).frame
@@ -348,8 +350,9 @@ def section_ftprofile(args, results):
     train = frame.iloc[:args.extract_images]
     steps = -(-len(train) // args.batch_size)
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
-    backbone.set_trainable(clf, ["fc", "predictions"], log=False)
-    backbone.compile_model(clf.model, 1e-4)
+    clf.set_trainable(["fc", "predictions"], log=False)
+    clf.model.compile(optimizer=backbone.make_optimizer("adam", 1e-4),
+                      loss=task.binary().loss(), metrics=task.binary().keras_metrics())
     data = input_lib.train_dataset(train.path.tolist(), train.label.tolist(),
                                    train.name.tolist(), args.image_size, args.batch_size,
                                    augment="aggressive").map(input_lib.to_inputs_targets)

@@ -43,33 +43,37 @@ def _train(args, workdir, *extra):
 def scenario_cv(args):
     """Section 1: CV of A, B, C at the table's rates and at 1e-3, on the training split."""
     import numpy as np
-    from features import backbone, cache, heads, probe
+    from features import backbone, cache, cv as cv_lib, heads, probe, scenarios, task
+    from features.weights import weights_identity
     from pipeline import discovery, scan
     ds = discovery.discover(args.data_dir)
     frame = scan.filter_bad_images(ds.frame, args.image_size, "skip",
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))
     train, _ = discovery.split_train_val(frame, 0.2, 0)
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
-    spec = cache.CacheSpec(backbone.weights_identity(args.weights, 0), False, args.image_size,
+    spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
                            cache.cached_layers(False), "float32", ds.data_dir)
     path = cache.ensure_features(clf, spec, frame, args.cache_dir, args.batch_size).path
     feats = cache.load_features(path, spec, train, spec.layers)
     y = train.label.to_numpy()
-    folds = heads.make_folds(y, 5, 0)
-    p = probe.cross_validate(probe.pooled(feats["block5_pool"]), y, folds)
+    folds = cv_lib.make_folds(y, 5, 0)
+    binary = task.binary()
+    p = probe.cross_validate(probe.pooled(feats["block5_pool"]), y, folds, binary)
     print(f"\n## 1. 5-fold CV on the training split ({len(y)} images, {args.image_size} px, "
           f"{args.epochs} epochs)\n")
     print("| head | learning rate | CV AUC at chosen epoch | epoch | AUC per epoch (mean) | s |")
     print("|---|---|---|---|---|---|")
     print(f"| linear probe | C by inner CV | {p['auc_mean']:.4f} ± {p['auc_std']:.4f} | | | |")
     for s in args.scenarios.split(","):
-        for lr in sorted({backbone.get_scenario(s).learning_rate, 1e-3}, reverse=True):
+        row = scenarios.get_scenario(s)
+        for lr in sorted({row.learning_rate, 1e-3}, reverse=True):
             started = time.perf_counter()
-            curves = heads.cv_curves(clf, heads.HeadConfig(s, lr), feats[
-                backbone.get_scenario(s).start_layer(False)], y, folds, epochs=args.epochs,
-                batch_size=args.batch_size, seed=0)
-            cv = heads.summarise_curves(curves)
-            tag = " (table default)" if lr == backbone.get_scenario(s).learning_rate else ""
+            with heads.HeadConfig(s, lr).trainer(clf, binary) as trainer:
+                result = cv_lib.cross_validate(trainer, feats[row.start_layer(False)], y, folds,
+                                               epochs=args.epochs, batch_size=args.batch_size,
+                                               seed=0, keep_members=False)
+            cv = result.summary()
+            tag = " (table default)" if lr == row.learning_rate else ""
             print(f"| {s} | {lr:g}{tag} | {cv['auc_mean']:.4f} ± {cv['auc_std']:.4f} | "
                   f"{cv['epoch']} | {' '.join(f'{m:.3f}' for m in cv['mean_auc_per_epoch'])} | "
                   f"{time.perf_counter() - started:.0f} |", flush=True)
@@ -80,7 +84,7 @@ def end_to_end(args):
     """Sections 2 and 3: train.py with defaults, then model vs bag, TTA, on held-out images."""
     import numpy as np
     import pandas as pd
-    from features import heads, inference
+    from features import inference, task
     workdir = os.path.join(args.work, "e2e")
     stdout, seconds = _train(args, workdir, f"--finetune_epochs={args.finetune_epochs}")
     metrics = json.load(open(os.path.join(workdir, "metrics.json")))
@@ -101,8 +105,8 @@ def end_to_end(args):
         for tta in (1, 2, 4):
             probs = inference.predict_paths(model, val.path.tolist(), val.name.tolist(),
                                             args.image_size, args.batch_size, tta,
-                                            progress=False)
-            row.append(heads.binary_scores(val.label.to_numpy(), probs)[0])
+                                            progress=False)[:, 0]
+            row.append(task.binary().scores(val.label.to_numpy(), probs)["auc"])
         name = (f"bag.keras ({metrics['bag']['members']} members)" if bag
                 else f"model.keras (scenario {metrics['finetune']['scenario']})")
         print(f"| {name} | " + " | ".join(f"{a:.4f}" for a in row) + " |", flush=True)
