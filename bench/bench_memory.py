@@ -46,7 +46,7 @@ def make_cache(folder: str, rows: int, size: int) -> None:
     """A finished cache of ``rows`` random rows (and empty stand-in image files)."""
     import numpy as np
     import pandas as pd
-    from features import backbone, cache
+    from features import backbone, cache, store
     images = os.path.join(folder, "images")
     os.makedirs(images, exist_ok=True)
     paths = []
@@ -62,7 +62,7 @@ def make_cache(folder: str, rows: int, size: int) -> None:
     shapes = cache.layer_shapes(clf, spec.layers)
     items = cache._items(frame, 0)
     rng = np.random.default_rng(0)
-    with cache.FeatureCache.create(os.path.join(folder, spec.file_name()), spec, shapes,
+    with store.FeatureCache.create(os.path.join(folder, spec.file_name()), spec, shapes,
                                    chunk=32) as store:
         for start in range(0, rows, 256):
             chunk = items.iloc[start:start + 256]

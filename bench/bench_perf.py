@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from anywhere without installing
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -47,21 +49,10 @@ def gflop_per_image(size: int) -> float:
 
 
 def _train(args, workdir, *extra, cache_dir=None):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={args.data_dir}",
-           f"--weights={args.weights}", "--noinclude_top", f"--image_size={args.image_size}",
-           f"--workdir={workdir}", f"--cache_dir={cache_dir or args.cache_dir}",
-           "--on_bad_image=skip", f"--batch_size={args.batch_size}", "--notensorboard",
-           *extra]
-    started = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return out.stdout, time.perf_counter() - started
+    return common.run_train(args, workdir, "--notensorboard", *extra, cache_dir=cache_dir)
 
 
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
-        return json.load(f)
+_metrics = common.metrics
 
 
 def matmul_rates(seconds: float = 4.0, n: int = 2048) -> dict:

@@ -18,10 +18,11 @@ say nothing about transfer. Prints, in one run:
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+
+import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from anywhere without installing
@@ -29,15 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _train(args, workdir, *extra):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={args.data_dir}",
-           f"--weights={args.weights}", "--noinclude_top", f"--image_size={args.image_size}",
-           f"--workdir={workdir}", f"--cache_dir={args.cache_dir}", "--on_bad_image=skip",
-           f"--batch_size={args.batch_size}", *extra]
-    started = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return out.stdout, time.perf_counter() - started
+    return common.run_train(args, workdir, *extra)
 
 
 def scenario_cv(args):

@@ -58,6 +58,8 @@ class Checkpointer(keras.callbacks.Callback):
                  patience=5):
         super().__init__()
         self.directory, self.target, self.optimizer = directory, target, optimizer
+        if monitor not in ("val_auc", "val_accuracy", "val_loss", "val_map"):
+            raise ConfigError(f"--monitor={monitor[4:]!r}: choose auc, accuracy, loss or map.")
         self.monitor, self.patience = monitor, patience
         self.mode = "min" if monitor.endswith("loss") else "max"
         os.makedirs(directory, exist_ok=True)
@@ -152,6 +154,22 @@ class Checkpointer(keras.callbacks.Callback):
         history = self.history + [row]
         self.state["history"].assign(json.dumps(history))
 
+    def resume_or_start(self, resume: bool, start_logs) -> int:
+        """Restores the last checkpoint with ``resume`` (when there is one), else makes the
+        starting weights epoch 0 with the validation logs ``start_logs()``; returns the
+        epochs already done."""
+        if resume and self.manager.latest_checkpoint is not None:
+            return self.restore()
+        if resume:
+            logging.warning("--resume: no fine-tuning checkpoint in %s (removed after the last "
+                            "successful export, or never written); starting afresh.",
+                            self.directory)
+        logs = start_logs()
+        self.set_baseline(logs)
+        logging.info("Before fine-tuning: %s %.4f (epoch 0; an epoch must beat it).",
+                     self.monitor, logs[self.monitor])
+        return 0
+
     # -- callback -------------------------------------------------------------
     def set_baseline(self, logs: dict) -> None:
         """The starting weights are epoch 0 with these validation logs: an epoch must
@@ -191,6 +209,16 @@ class Checkpointer(keras.callbacks.Callback):
     def restore_best(self) -> None:
         """Loads the best epoch's weights into the target model."""
         self._weights().read(self._best_path(self.best_epoch)).assert_consumed()
+
+    def summary(self) -> dict:
+        """The run so far: history table, best and starting values, epochs."""
+        history = history_frame(self.history)
+        start = history[history.epoch == 0]
+        return {"history": history, "best_epoch": self.best_epoch,
+                f"best_{self.monitor}": self.best, "epochs_run": self.epoch,
+                "monitor": self.monitor, f"start_{self.monitor}":
+                float(start[self.monitor].iloc[0]) if len(start) else None,
+                "checkpoints": self}
 
     def remove(self) -> None:
         """Deletes the checkpoints (after a successful export: nothing left to resume)."""
@@ -252,93 +280,47 @@ def finetune(classifier: backbone.Classifier, blocks, task: Task, train_frame: p
              class_weight=None, label_smoothing: float = 0.0) -> dict:
     """Fine-tunes ``blocks`` of ``classifier``; leaves the best weights in it.
 
-    Writes checkpoints into ``workdir/finetune/``.
+    Writes checkpoints into ``workdir/finetune/``. Returns a summary for
+    ``metrics.json`` (with the history as a table and the `Checkpointer`).
 
     Args:
       monitor: validation metric for early stopping and the kept epoch ("auc",
         "accuracy", "loss", "map"; default the task's headline).
-      cached: train from cached features instead of images (see `CachedViews`):
-        only the part above ``cached.start_layer`` runs, which is the whole
-        trainable part when ``blocks`` start above that layer. Early stopping,
-        best-model choice, resume and the result are the same as from images.
-      tensorboard_dir: when given, TensorBoard logs go to ``<tensorboard_dir>/finetune``
-        (kept across a resume, so the curves continue).
-      augment_on: "pipeline" (tf.data, on the CPU), "model" (an `Augment` layer
-        in the training model, so on the accelerator), or "auto" (model when a
-        GPU is visible).
-
-    Returns a summary dict for ``metrics.json`` (with the history as a table).
+      cached: train from cached features instead of images (see `CachedViews`): only
+        the part above ``cached.start_layer`` runs. Early stopping, the kept epoch,
+        resume and the result are the same as from images.
+      tensorboard_dir: TensorBoard logs go to ``<tensorboard_dir>/finetune``.
+      augment_on: "pipeline" (tf.data, on the CPU), "model" (an `Augment` layer in
+        the training model, so on the accelerator), or "auto" (model with a GPU).
     """
     monitor = monitor or task.headline
-    if monitor not in ("auc", "accuracy", "loss", "map"):
-        raise ConfigError(f"--monitor={monitor!r}: choose auc, accuracy, loss or map.")
-    preset = augment_lib.get_preset(augment)
     ckpt_dir = os.path.join(workdir, "finetune")
     if not resume and os.path.isdir(ckpt_dir):
         shutil.rmtree(ckpt_dir)  # a fresh run never mixes with an old one
     trainable = classifier.set_trainable(blocks)
     on_model = augment_on == "model" or (augment_on == "auto" and gpu_available())
-    y_train = np.asarray(train_frame.label.tolist())
-    y_val = np.asarray(val_frame.label.tolist())
-    if cached is not None:
-        start = scenarios.start_layer(blocks, classifier.include_top)
-        if start != cached.start_layer:
-            raise ConfigError(f"Blocks {','.join(blocks)} train from {start}, but the cached "
-                              f"views are of {cached.start_layer}.")
-        fit_model = classifier.model_from(start)
-        validate = _feature_validation(fit_model, task, cached.val_x, batch_size)
-        y_val = cached.val_y
-    elif on_model and not preset.is_identity:
-        image = keras.Input(classifier.model.input.shape[1:], name="image")
-        fit_model = keras.Model(image, classifier.model(
-            augment_lib.Augment(augment, seed=seed, name="augment")(image)), name="train_model")
-        validate = _image_validation(classifier.model, task, val_frame, image_size, batch_size)
-    else:
-        fit_model = classifier.model
-        validate = _image_validation(classifier.model, task, val_frame, image_size, batch_size)
+    fit_model, validate, y_val, where = _fit_model(
+        classifier, blocks, task, val_frame, cached, on_model, augment, seed, image_size,
+        batch_size)
     # Recompile after changing what trains (Keras snapshots trainability at compile).
     fit_model.compile(optimizer=backbone.make_optimizer(optimizer, learning_rate),
                       loss=task.loss(label_smoothing), metrics=task.keras_metrics())
     checkpointer = Checkpointer(ckpt_dir, classifier.model, fit_model.optimizer,
                                 "val_" + monitor, patience)
-    resumed = resume and checkpointer.manager.latest_checkpoint is not None
-    if resume and not resumed:
-        logging.warning("--resume: no fine-tuning checkpoint in %s (removed after the last "
-                        "successful export, or never written); starting afresh.", ckpt_dir)
-    initial_epoch = checkpointer.restore() if resumed else 0
-    remaining = max(1, epochs - initial_epoch)
-    replicas = distribute.replicas()
-    if cached is not None:
-        weights = _class_weights(task, cached.train_y, class_weight)
-        train, steps = rows_lib.shuffled_batches(
-            cached.train_x, task.targets(cached.train_y), batch_size, seed + initial_epoch,
-            remaining, per_epoch=len(cached.train_y) // cached.views, min_rows=replicas,
-            weights=weights)
-    else:
-        steps = max(1, math.ceil(len(train_frame) / batch_size))
-        train = input_lib.train_dataset(
-            train_frame.path.tolist(), task.targets(y_train), train_frame.name.tolist(),
-            image_size, batch_size, augment=augment, seed=seed + initial_epoch,
-            augment_in_pipeline=not on_model,
-            weights=_class_weights(task, y_train, class_weight)).map(input_lib.to_inputs_targets)
-    validation = ExactValidation(validate, y_val, task)
-    start_value = None
-    if not resumed:
-        start_logs = {f"val_{k}": v for k, v in task.scores(y_val, validate()).items()}
-        checkpointer.set_baseline(start_logs)
-        start_value = float(start_logs["val_" + monitor])
-        logging.info("Before fine-tuning: val_%s %.4f (epoch 0; an epoch must beat it).",
-                     monitor, start_value)
-    where = (f"{cached.views} cached view(s) of {cached.start_layer}" if cached is not None
-             else "the model" if on_model else "the input pipeline")
+    initial_epoch = checkpointer.resume_or_start(
+        resume, lambda: {f"val_{k}": v for k, v in task.scores(y_val, validate()).items()})
+    train, steps = _training_data(task, train_frame, cached, image_size, batch_size, augment,
+                                  seed + initial_epoch, max(1, epochs - initial_epoch),
+                                  on_model, class_weight)
     logging.info("Fine-tuning %s (%d layers) for up to %d epochs, %d steps each, lr %g, "
                  "augment=%s from %s.", "+".join(blocks), len(trainable), epochs, steps,
                  learning_rate, augment, where)
-    callbacks = [validation, EpochLog("Fine-tuning", epochs), checkpointer]
+    callbacks = [ExactValidation(validate, y_val, task), EpochLog("Fine-tuning", epochs),
+                 checkpointer]
     if tensorboard_dir:
         log_dir = os.path.join(tensorboard_dir, "finetune")
-        if not resumed:
-            shutil.rmtree(log_dir, ignore_errors=True)
+        if not initial_epoch:
+            shutil.rmtree(log_dir, ignore_errors=True)  # continued across a resume only
         callbacks.insert(2, keras.callbacks.TensorBoard(log_dir))
     started = time.perf_counter()
     if initial_epoch < epochs and checkpointer.wait < patience:
@@ -347,21 +329,50 @@ def finetune(classifier: backbone.Classifier, blocks, task: Task, train_frame: p
     seconds = time.perf_counter() - started
     progress.clear("finetune")
     checkpointer.restore_best()
-    history = history_frame(checkpointer.history)
-    return {"history": history, "best_epoch": checkpointer.best_epoch,
-            "best_" + checkpointer.monitor: checkpointer.best, "epochs_run": checkpointer.epoch,
-            "seconds": round(seconds, 2), "trainable_layers": trainable,
-            "resumed_from_epoch": initial_epoch, "monitor": checkpointer.monitor,
-            "start_" + checkpointer.monitor: start_value if start_value is not None else
-            _start_value(history, checkpointer.monitor),
-            "checkpoints": checkpointer}
+    return {**checkpointer.summary(), "seconds": round(seconds, 2),
+            "trainable_layers": trainable, "resumed_from_epoch": initial_epoch}
+
+
+def _fit_model(classifier, blocks, task, val_frame, cached, on_model, augment, seed,
+               image_size, batch_size):
+    """(the model ``fit`` trains, its validation predictor, validation labels, where the
+    training data comes from): the part above the cached layer, the whole model with an
+    augmentation layer in front, or the whole model."""
+    if cached is not None:
+        start = scenarios.start_layer(blocks, classifier.include_top)
+        if start != cached.start_layer:
+            raise ConfigError(f"Blocks {','.join(blocks)} train from {start}, but the cached "
+                              f"views are of {cached.start_layer}.")
+        fit_model = classifier.model_from(start)
+        return (fit_model, _feature_validation(fit_model, task, cached.val_x, batch_size),
+                cached.val_y, f"{cached.views} cached view(s) of {cached.start_layer}")
+    validate = _image_validation(classifier.model, task, val_frame, image_size, batch_size)
+    y_val = np.asarray(val_frame.label.tolist())
+    if on_model and not augment_lib.get_preset(augment).is_identity:
+        image = keras.Input(classifier.model.input.shape[1:], name="image")
+        fit_model = keras.Model(image, classifier.model(
+            augment_lib.Augment(augment, seed=seed, name="augment")(image)), name="train_model")
+        return fit_model, validate, y_val, "the model"
+    return classifier.model, validate, y_val, "the input pipeline"
+
+
+def _training_data(task, train_frame, cached, image_size, batch_size, augment, seed, epochs,
+                   on_model, class_weight):
+    """(training batches for ``epochs`` epochs, steps per epoch): from the cached views,
+    or from the images through the augmented input pipeline."""
+    if cached is not None:
+        return rows_lib.shuffled_batches(
+            cached.train_x, task.targets(cached.train_y), batch_size, seed, epochs,
+            per_epoch=len(cached.train_y) // cached.views, min_rows=distribute.replicas(),
+            weights=_class_weights(task, cached.train_y, class_weight))
+    y_train = np.asarray(train_frame.label.tolist())
+    steps = max(1, math.ceil(len(train_frame) / batch_size))
+    dataset = input_lib.train_dataset(
+        train_frame.path.tolist(), task.targets(y_train), train_frame.name.tolist(),
+        image_size, batch_size, augment=augment, seed=seed, augment_in_pipeline=not on_model,
+        weights=_class_weights(task, y_train, class_weight))
+    return dataset.map(input_lib.to_inputs_targets), steps
 
 
 def _class_weights(task: Task, y, class_weight):
     return sample_weights(task, y, class_weight) if class_weight else None
-
-
-def _start_value(history: pd.DataFrame, monitor: str):
-    """The epoch-0 value from the history (a resumed run did not measure it again)."""
-    row = history[history.epoch == 0]
-    return float(row[monitor].iloc[0]) if len(row) and monitor in row else None

@@ -138,51 +138,64 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence, task: Ta
     """
     initial = snapshot(classifier.model)
     results = {}
-    y_train = np.asarray(y_train)
     for config in configs:
         if isinstance(config, str):
             config = HeadConfig.for_scenario(config, learning_rate)
-        scenario = config.scenario
         restore(classifier.model, initial)
-        start = config.row.start_layer(classifier.include_top)
-        views_x = views_feats[start] if views_feats else None
-        started = time.perf_counter()
-        cv, keep = None, "best"
-        with config.trainer(classifier, task) as trainer:
-            if folds:
-                bar = keras.utils.Progbar(len(folds), unit_name="fold") if progress else None
-                if progress:
-                    print(f"Scenario {scenario}: {len(folds)}-fold cross-validation")
-                cv = cv_lib.cross_validate(trainer, train_feats[start], y_train, folds,
-                                           epochs=epochs, batch_size=batch_size, seed=seed,
-                                           views_x=views_x, memory_budget=memory_budget,
-                                           class_weight=class_weight, progress=bar)
-                keep = cv.epoch
-                logging.info("Scenario %s: %s at epoch %d (chosen by CV).", scenario,
-                             cv_lib.format_cv(cv), keep)
-            logging.info("Scenario %s: training %s from cached %s for %d epochs (%s).",
-                         scenario, "+".join(config.row.blocks), start, epochs, config.describe())
-            x_tr, y_tr = rows_lib.with_views(train_feats[start], y_train, views_x)
-            board = []
-            if tensorboard_dir:
-                log_dir = os.path.join(tensorboard_dir, f"heads_{scenario}")
-                shutil.rmtree(log_dir, ignore_errors=True)  # one run's curves per folder
-                board.append(keras.callbacks.TensorBoard(log_dir))
-            fit = trainer.fit(x_tr, y_tr, epochs=epochs, batch_size=batch_size, seed=seed,
-                              x_val=val_feats[start], y_val=y_val, keep=keep, callbacks=board,
-                              class_weight=class_weight, what=f"Scenario {scenario}")
-            probs = trainer.predict(val_feats[start])
-        result = HeadResult(scenario, start, fit.history, fit.kept_epoch,
-                            task.scores(y_val, probs), time.perf_counter() - started, task,
-                            config=config, cv=cv, val_probs=probs)
+        result = _train_one(classifier, config, task, train_feats, np.asarray(y_train),
+                            val_feats, y_val, epochs=epochs, batch_size=batch_size, seed=seed,
+                            folds=folds, views_feats=views_feats, tensorboard_dir=tensorboard_dir,
+                            memory_budget=memory_budget, class_weight=class_weight,
+                            progress=progress)
         if out_dir:
-            result.weights_path = save_head_weights(classifier, scenario, out_dir)
-        logging.info("Scenario %s: validation %s at epoch %d, %.1f s.", scenario,
-                     ", ".join(f"{k} {v:.4f}" for k, v in result.val_scores.items()),
-                     result.best_epoch, result.seconds)
-        results[scenario] = result
+            result.weights_path = save_head_weights(classifier, config.scenario, out_dir)
+        results[config.scenario] = result
     restore(classifier.model, initial)
     return results
+
+
+def _train_one(classifier, config: HeadConfig, task: Task, train_feats, y_train, val_feats,
+               y_val, *, epochs, batch_size, seed, folds, views_feats, tensorboard_dir,
+               memory_budget, class_weight, progress) -> HeadResult:
+    """One scenario: cross-validated (with ``folds``), then fitted on the whole training
+    split to the chosen epoch, through one compiled trainer. Leaves the kept weights in
+    the classifier."""
+    scenario = config.scenario
+    start = config.row.start_layer(classifier.include_top)
+    views_x = views_feats[start] if views_feats else None
+    started = time.perf_counter()
+    cv, keep = None, "best"
+    with config.trainer(classifier, task) as trainer:
+        if folds:
+            bar = keras.utils.Progbar(len(folds), unit_name="fold") if progress else None
+            if progress:
+                print(f"Scenario {scenario}: {len(folds)}-fold cross-validation")
+            cv = cv_lib.cross_validate(trainer, train_feats[start], y_train, folds,
+                                       epochs=epochs, batch_size=batch_size, seed=seed,
+                                       views_x=views_x, memory_budget=memory_budget,
+                                       class_weight=class_weight, progress=bar)
+            keep = cv.epoch
+            logging.info("Scenario %s: %s at epoch %d (chosen by CV).", scenario,
+                         cv_lib.format_cv(cv), keep)
+        logging.info("Scenario %s: training %s from cached %s for %d epochs (%s).",
+                     scenario, "+".join(config.row.blocks), start, epochs, config.describe())
+        x_tr, y_tr = rows_lib.with_views(train_feats[start], y_train, views_x)
+        board = []
+        if tensorboard_dir:
+            log_dir = os.path.join(tensorboard_dir, f"heads_{scenario}")
+            shutil.rmtree(log_dir, ignore_errors=True)  # one run's curves per folder
+            board.append(keras.callbacks.TensorBoard(log_dir))
+        fit = trainer.fit(x_tr, y_tr, epochs=epochs, batch_size=batch_size, seed=seed,
+                          x_val=val_feats[start], y_val=y_val, keep=keep, callbacks=board,
+                          class_weight=class_weight, what=f"Scenario {scenario}")
+        probs = trainer.predict(val_feats[start])
+    result = HeadResult(scenario, start, fit.history, fit.kept_epoch, task.scores(y_val, probs),
+                        time.perf_counter() - started, task, config=config, cv=cv,
+                        val_probs=probs)
+    logging.info("Scenario %s: validation %s at epoch %d, %.1f s.", scenario,
+                 ", ".join(f"{k} {v:.4f}" for k, v in result.val_scores.items()),
+                 result.best_epoch, result.seconds)
+    return result
 
 
 def best_result(results: Dict[str, HeadResult]) -> HeadResult:

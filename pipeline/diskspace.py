@@ -33,19 +33,17 @@ class DiskSpaceError(UserError):
 
 def existing_parent(path: str) -> str:
     """``path`` or its nearest existing ancestor (what will be written is not there yet)."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return path
+    return _up_to(os.path.abspath(path), os.path.exists)
 
 
 def mount_point(path: str) -> str:
     """The mount point of the file system holding ``path``."""
-    path = existing_parent(path)
-    while not os.path.ismount(path):
+    return _up_to(existing_parent(path), os.path.ismount)
+
+
+def _up_to(path: str, found) -> str:
+    """``path`` or its nearest ancestor for which ``found`` is true (the root at worst)."""
+    while not found(path):
         parent = os.path.dirname(path)
         if parent == path:
             break

@@ -33,6 +33,16 @@ def colour_image(positive, size=40, seed=0):
     return image
 
 
+def class_folders(root, n: int, size: int = 36, classes=("neg", "pos")) -> str:
+    """``n`` tiny images dealt in turn to the class folders ``root/<class>/``; the i-th
+    class gets colour_image's positive look only for the last class. Returns the root."""
+    for i in range(n):
+        k = i % len(classes)
+        write_image(os.path.join(str(root), classes[k], f"img{i}.jpg"),
+                    colour_image(k == len(classes) - 1, size=size, seed=i))
+    return str(root)
+
+
 @pytest.fixture
 def kaggle_dir(tmp_path):
     """A Kaggle-layout folder: 12 labelled train images, 5 test images, sample submission."""

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from features import backbone, cache, cv, heads, task as task_lib
+from features import backbone, cache, cv, heads, store, task as task_lib
 from features.training import restore, snapshot
 from pipeline import discovery, input as input_lib
 from pipeline.errors import DataError
@@ -143,7 +143,7 @@ class _Interrupt(Exception):
 def test_interrupted_extraction_resumes_where_it_stopped(classifier, data, tmp_path,
                                                           monkeypatch):
     spec, cdir = _spec(data), str(tmp_path)
-    real_append, calls = cache._append, []
+    real_append, calls = store._append, []
 
     def dying_append(f, rows):
         calls.append(len(rows["names"]))
@@ -151,7 +151,7 @@ def test_interrupted_extraction_resumes_where_it_stopped(classifier, data, tmp_p
             raise _Interrupt()  # dies after one flushed batch of 4
         real_append(f, rows)
 
-    monkeypatch.setattr(cache, "_append", dying_append)
+    monkeypatch.setattr(store, "_append", dying_append)
     with pytest.raises(_Interrupt):
         cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
     final = os.path.join(cdir, spec.file_name())
@@ -159,7 +159,7 @@ def test_interrupted_extraction_resumes_where_it_stopped(classifier, data, tmp_p
     assert os.path.exists(final[:-3] + ".partial.h5")
     with pytest.raises(DataError, match="cannot be opened"):
         cache.load_features(final, spec, data.frame, spec.layers)
-    monkeypatch.setattr(cache, "_append", real_append)
+    monkeypatch.setattr(store, "_append", real_append)
     resumed = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
     assert resumed.computed == 6  # 10 minus the 4 already flushed
     got = cache.load_features(resumed.path, spec, data.frame, spec.layers)
@@ -197,6 +197,7 @@ def test_corrupted_cache_is_detected_and_repaired(classifier, data, tmp_path, ca
     cache.load_features(path, spec, data.frame, spec.layers)  # intact again
 
 
+@pytest.mark.slow
 def test_head_trained_on_cache_drops_onto_conv_base(data, tmp_path):
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1)
     spec = _spec(data)
@@ -224,6 +225,7 @@ def test_head_trained_on_cache_drops_onto_conv_base(data, tmp_path):
 FLOAT16_TOLERANCE = 2e-3  # max |P16 - P32| documented in the README
 
 
+@pytest.mark.slow
 def test_float16_cache_changes_predictions_within_tolerance(classifier, data, tmp_path):
     f32, f16 = _spec(data, "float32"), _spec(data, "float16")
     p32 = cache.ensure_features(classifier, f32, data.frame, str(tmp_path), 4, progress=False)
@@ -264,6 +266,7 @@ def test_augmented_views_are_cached_per_image_and_differ_from_the_plain_view(cla
     np.testing.assert_allclose(again["block4_pool"], views["block4_pool"], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cross_validation_scores_each_fold_exactly_and_keeps_what_folds_made(
         classifier, data, tmp_path):
     spec = _spec(data)

@@ -23,8 +23,8 @@ SIZE = 32
 BINARY = task_lib.binary()
 
 
-def _run(script, *args, cwd=None):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+def _run(script, *args, cwd=None, env=None):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
@@ -35,6 +35,7 @@ def split(kaggle_dir):
     return discovery.split_train_val(ds.frame, 4, seed=0)
 
 
+@pytest.mark.slow
 def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
     train, val = split
     workdir = str(tmp_path / "run")
@@ -86,6 +87,7 @@ def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
     assert third["resumed_from_epoch"] == 0 and third["epochs_run"] == 1
 
 
+@pytest.mark.slow
 def test_augmentation_inside_the_model_reaches_training_and_is_not_exported(split, tmp_path):
     train, val = split
     images = np.random.default_rng(0).normal(0, 50, (2, SIZE, SIZE, 3)).astype("float32")
@@ -188,6 +190,7 @@ def test_labels_scoring_matches_sklearn(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     workdir = tmp_path / "run"
     common = [f"--data_dir={kaggle_dir}", f"--workdir={workdir}", "--weights=none",
@@ -238,6 +241,17 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 
+@pytest.fixture(scope="module")
+def no_tensorflow(tmp_path_factory):
+    """PYTHONPATH under which importing TensorFlow fails loudly: a run that stops on a
+    wrong flag must not pay TensorFlow's start-up first."""
+    root = tmp_path_factory.mktemp("no_tf")
+    (root / "tensorflow").mkdir()
+    (root / "tensorflow" / "__init__.py").write_text(
+        "raise ImportError('tensorflow was imported before the flags were checked')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(root), ROOT])}
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "--data_dir"),
     (["--data_dir=/nonexistent/folder"], "does not exist"),
@@ -245,15 +259,29 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     (["--data_dir={tmp}", "--scenarios=A,Z"], "Unknown scenario 'Z'"),
     (["--data_dir={tmp}", "--trainable_blocks=block5,head"], "'head' matches no block"),
     (["--data_dir={tmp}", "--image_size=64"], "--noinclude_top"),
+    (["--data_dir={tmp}", "--tta=99"], "--tta must be between 1 and 8"),
+    (["--data_dir={tmp}", "--cv_folds=many"], "--cv_folds must be an integer"),
+    (["--data_dir={tmp}", "--val_size=half"], "--val_size must be a count"),
+    (["--data_dir={tmp}", "--optimizer=adagrad"], "Unknown optimizer 'adagrad'"),
+    (["--data_dir={tmp}", "--augment=wild"], "--augment='wild' is not a preset"),
 ])
-def test_train_bad_input_is_one_clear_paragraph(kaggle_dir, args, message):
+def test_train_bad_flags_are_one_clear_paragraph_before_tensorflow(kaggle_dir, no_tensorflow,
+                                                                    args, message):
     args = [a.replace("{tmp}", str(kaggle_dir)) for a in args]
-    result = _run("train.py", "--val_size=4", "--weights=none", *args)
-    assert result.returncode == 2
+    result = _run("train.py", "--val_size=4", "--weights=none", *args, env=no_tensorflow)
+    assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
 
+def test_predict_bad_flags_stop_before_tensorflow(kaggle_dir, no_tensorflow, tmp_path):
+    result = _run("predict.py", f"--workdir={tmp_path}", f"--data_dir={kaggle_dir}",
+                  "--tta=0", env=no_tensorflow)
+    assert result.returncode == 2 and "--tta must be between 1 and 8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
 def test_train_names_an_undecodable_image(kaggle_dir, tmp_path):
     (kaggle_dir / "train" / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     result = _run("train.py", f"--data_dir={kaggle_dir}", "--weights=none", "--noinclude_top",

@@ -11,7 +11,7 @@ from features import backbone, cache, finetune, heads, inference, precision
 from features import task as task_lib
 from pipeline import discovery
 from pipeline.errors import ConfigError
-from tests.conftest import colour_image, write_image
+from tests.conftest import class_folders
 
 SIZE = 32
 BINARY = task_lib.binary()
@@ -28,11 +28,8 @@ def policy():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("precision")
-    for i in range(12):
-        write_image(str(root / "data" / ("pos" if i % 2 else "neg") / f"img{i}.jpg"),
-                    colour_image(i % 2, size=36, seed=i))
-    return discovery.discover(str(root / "data"), positive_class="pos")
+    root = class_folders(tmp_path_factory.mktemp("precision") / "data", 12)
+    return discovery.discover(root, positive_class="pos")
 
 
 @pytest.mark.parametrize("flags, gpus, expected", [
@@ -128,6 +125,7 @@ def test_float32_cache_from_before_precision_was_recorded_is_reused(data, tmp_pa
     assert again.path == first.path and again.computed == 0 and again.reused == len(data.frame)
 
 
+@pytest.mark.slow
 def test_mixed_float16_training_scales_the_loss_and_learns(policy):
     """Under mixed_float16 the trained conv block computes in float16, so Keras' compile
     adds dynamic loss scaling, and the scenario still learns."""

@@ -14,7 +14,7 @@ from features.training import restore, snapshot
 from pipeline import discovery
 from pipeline import input as input_lib
 from pipeline.errors import ConfigError
-from tests.conftest import colour_image, write_image
+from tests.conftest import class_folders
 from tests.test_finetune_predict import _run
 
 BINARY = task_lib.binary()
@@ -26,10 +26,7 @@ SIZE = 32
 def cached(tmp_path_factory):
     """16 tiny labelled images, a classifier, and their cached features."""
     root = tmp_path_factory.mktemp("quality")
-    for i in range(16):
-        write_image(str(root / "data" / ("pos" if i % 2 else "neg") / f"img{i}.jpg"),
-                    colour_image(i % 2, size=36, seed=i))
-    ds = discovery.discover(str(root / "data"), positive_class="pos")
+    ds = discovery.discover(class_folders(root / "data", 16), positive_class="pos")
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     spec = cache.CacheSpec("none(seed=0)", False, SIZE, cache.cached_layers(False),
                            data_dir=ds.data_dir)
@@ -104,6 +101,7 @@ def test_probe_separates_separable_features_and_not_random_labels():
     assert bad["auc_mean"] < 0.75
 
 
+@pytest.mark.slow
 def test_heads_stage_keeps_the_weights_of_the_epoch_cv_chose(cached, tmp_path):
     clf, _, feats, y, root = cached
     folds = cv.make_folds(y, 2, seed=0)
@@ -152,6 +150,7 @@ def test_sweep_grid_validates_and_collapses_dropout_without_a_dropout_layer():
         sweep.build_grid(["A"], [1e-3], ["adagrad"], [0.5], [0])
 
 
+@pytest.mark.slow
 def test_sweep_scores_every_configuration_by_its_folds_and_ranks_them(cached, tmp_path):
     clf, _, feats, y, _ = cached
     grid = sweep.build_grid(["A", "B"], [1e-3], ["adam", "rmsprop"], [0.5], [0, 1])
@@ -177,6 +176,7 @@ def test_sweep_scores_every_configuration_by_its_folds_and_ranks_them(cached, tm
                   y, folds, epochs=1, batch_size=4, seed=0, progress=False)
 
 
+@pytest.mark.slow
 def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_path):
     clf, ds, feats, y, _ = cached
     images = np.concatenate([b["image"].numpy() for b in input_lib.eval_dataset(
@@ -228,6 +228,7 @@ def test_finetuning_never_exports_worse_than_its_starting_head(cached, tmp_path)
     clf.model.set_weights(initial)
 
 
+@pytest.mark.slow
 def test_sweep_then_use_sweep_through_the_scripts(kaggle_dir, tmp_path):
     workdir = tmp_path / "run"
     common = [f"--data_dir={kaggle_dir}", f"--workdir={workdir}", "--weights=none",
@@ -278,6 +279,7 @@ def test_top_losses_are_the_errors_with_the_largest_loss_first():
     assert interpret.top_losses(BINARY, [1, 0], [0.9, 0.1]).tolist() == []
 
 
+@pytest.mark.slow
 def test_with_tensorboard_off_no_logs_are_written(kaggle_dir, tmp_path):
     workdir = tmp_path / "run"
     result = _run("train.py", f"--data_dir={kaggle_dir}", f"--workdir={workdir}",
@@ -307,10 +309,10 @@ def test_config_is_typed_frozen_and_demo_defaults_never_touch_the_flags(tmp_path
     with pytest.raises(dc.FrozenInstanceError):
         cfg.heads.epochs = 3
     fv.unparse_flags()
-    fv(["train.py", "--data_dir=x", "--scenarios=A,Z"])
+    fv(["train.py", f"--data_dir={tmp_path}", "--scenarios=A,Z"])
     with pytest.raises(ConfigError, match="Unknown scenario 'Z'"):
         config.train_config(fv, list(fv))
     fv.unparse_flags()
-    fv(["train.py", "--data_dir=x", "--tta=99"])
+    fv(["train.py", f"--data_dir={tmp_path}", "--tta=99"])
     with pytest.raises(ConfigError, match="--tta must be between 1 and 8"):
         config.train_config(fv, list(fv))

@@ -213,6 +213,7 @@ def _read(path) -> str:
         return ""
 
 
+@pytest.mark.slow
 def test_sigkill_at_every_stage_then_rerun_resumes_or_restarts_cleanly(kill_data, tmp_path):
     workdir, cache_dir = tmp_path / "run", tmp_path / "cache"
     args = [os.path.join(ROOT, "train.py"), f"--data_dir={kill_data}", f"--workdir={workdir}",
@@ -286,6 +287,7 @@ print(json.dumps({{"computed": r.computed, "reused": r.reused, "path": r.path}})
 """
 
 
+@pytest.mark.slow
 def test_two_runs_sharing_a_cache_dir_do_not_corrupt_it(kill_data, tmp_path):
     code = _EXTRACT.format(root=ROOT, data=str(kill_data), cache_dir=str(tmp_path / "c"))
     logs = [open(tmp_path / f"c{i}.txt", "w+") for i in range(2)]

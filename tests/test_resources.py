@@ -93,6 +93,7 @@ with cli.user_errors():
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guard", [True, False], ids=["stopped-before-full", "write-failed"])
 def test_cache_on_a_full_disk_ends_cleanly_and_resumes(small_fs, kill_data, tmp_path, guard):
     folder, real = small_fs
@@ -191,6 +192,7 @@ os._exit(0)  # HDF5 that failed to write must not flush at exit
 """
 
 
+@pytest.mark.slow
 def test_every_writer_fails_cleanly_on_a_full_disk(small_fs, tmp_path):
     folder, real = small_fs
     result = subprocess.run([sys.executable, "-c", _WRITERS, str(folder), "1" if real else "0"],
@@ -213,6 +215,7 @@ def test_every_writer_fails_cleanly_on_a_full_disk(small_fs, tmp_path):
 
 # --- feature sets larger than memory ------------------------------------------------
 
+@pytest.mark.slow
 def test_streamed_heads_equal_in_memory_heads(tmp_path):
     from features import backbone, cache, cv, heads, probe, rows, task
     from pipeline import discovery
@@ -266,6 +269,7 @@ def test_h5rows_reads_rows_in_the_order_asked(tmp_path):
 
 # --- interrupts ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigint_and_sigterm_say_interrupted_and_what_a_rerun_does(kill_data, tmp_path):
     workdir, cache_dir = tmp_path / "run", tmp_path / "cache"
     args = [os.path.join(ROOT, "train.py"), f"--data_dir={kill_data}", f"--workdir={workdir}",

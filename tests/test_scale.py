@@ -13,7 +13,7 @@ import pytest
 from features import backbone, cache, distribute, inference, ray_engine
 from pipeline import discovery
 from pipeline.errors import ConfigError
-from tests.conftest import checkpoint_epoch, colour_image, write_image
+from tests.conftest import class_folders, checkpoint_epoch
 from tests.test_reliability import _kill_when, _popen
 from tests.test_finetune_predict import ROOT, _run
 
@@ -31,6 +31,7 @@ def test_strategy_names_and_late_cpu_split_are_clear_errors():
     assert distribute.make_strategy("one").num_replicas_in_sync == 1
 
 
+@pytest.mark.slow
 def test_without_ray_address_ray_is_never_imported():
     code = ("import sys; import features.cache, features.inference, features.ray_engine; "
             "import train; assert 'ray' not in sys.modules, 'ray imported'")
@@ -42,10 +43,7 @@ def test_without_ray_address_ray_is_never_imported():
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
-    for i in range(20):
-        write_image(str(root / "data" / ("pos" if i % 2 else "neg") / f"img{i}.jpg"),
-                    colour_image(i % 2, size=36, seed=i))
-    return discovery.discover(str(root / "data"), positive_class="pos"), root
+    return discovery.discover(class_folders(root / "data", 20), positive_class="pos"), root
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +55,7 @@ def ray_cluster():
     engine.stop()
 
 
+@pytest.mark.slow
 def test_ray_rows_equal_a_plain_run_and_only_missing_rows_are_computed(images, ray_cluster,
                                                                         tmp_path):
     ds, _ = images
@@ -81,6 +80,7 @@ def test_ray_rows_equal_a_plain_run_and_only_missing_rows_are_computed(images, r
                                    atol=1e-5 * np.abs(a[layer]).max())
 
 
+@pytest.mark.slow
 def test_ray_predictions_equal_a_plain_run_in_order(images, ray_cluster, tmp_path):
     ds, _ = images
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
@@ -92,6 +92,7 @@ def test_ray_predictions_equal_a_plain_run_in_order(images, ray_cluster, tmp_pat
     np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-6)  # same order too
 
 
+@pytest.mark.slow
 def test_mirrored_two_cpu_replicas_match_one_device_and_resume(kaggle_dir, tmp_path):
     def train(name, *extra):
         workdir = tmp_path / name
@@ -166,6 +167,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_extraction_and_prediction_with_fewer_images_than_replicas(images, tmp_path):
     ds, root = images
     code = _UNEVEN.format(root=ROOT, data=ds.data_dir, size=SIZE,

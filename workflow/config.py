@@ -96,16 +96,26 @@ class PredictConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RuntimeConfig:
-    workdir: Optional[str]
-    stage: str
+class Devices:
+    """Where and how the work runs: what train.py and predict.py both take."""
     batch_size: int
     precision: str
     strategy: str
     cpu_replicas: int
     ray_address: Optional[str]
     ray_workers: int
-    tensorboard: bool
+
+    @classmethod
+    def from_values(cls, values: dict):
+        """The dataclass from a mapping of flag names to values (extra names ignored)."""
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig(Devices):
+    workdir: Optional[str] = None
+    stage: str = "all"
+    tensorboard: bool = True
 
     @property
     def heads(self) -> bool:
@@ -185,6 +195,19 @@ def _check(values: dict) -> None:
     if values["augment"] not in AUGMENT_PRESETS:
         raise ConfigError(f"--augment={values['augment']!r} is not a preset; choose one of "
                           f"{', '.join(AUGMENT_PRESETS)}.")
+    if not values["demo"] and not os.path.isdir(values["data_dir"]):
+        raise ConfigError(f"Data folder {values['data_dir']!r} does not exist or is not a "
+                          "folder.")
+    if values["weights"] not in ("imagenet", "none") and not os.path.isfile(values["weights"]):
+        raise ConfigError(f"--weights={values['weights']!r}: no such file. Expected "
+                          "'imagenet', 'none', or the path of a VGG16 .h5 / .weights.h5 file.")
+    if values["include_top"] and values["image_size"] != 224:
+        raise ConfigError(f"--include_top keeps VGG16's fc1/fc2, which need 224x224 input; got "
+                          f"--image_size={values['image_size']}. Use --image_size=224 or "
+                          "--noinclude_top.")
+    if values["image_size"] < 32:
+        raise ConfigError(f"--image_size must be at least 32 (VGG16 halves it five times); "
+                          f"got {values['image_size']}.")
     check_tta(values["tta"])
     parse_val_size(values["val_size"])
     parse_folds(values["cv_folds"])
@@ -230,7 +253,5 @@ def train_config(flag_values, names) -> TrainConfig:
                                 v["finetune_views"], v["patience"],
                                 None if v["monitor"] == "auto" else v["monitor"], v["resume"]),
         predict=PredictConfig(v["tta"], v["bag"]),
-        runtime=RuntimeConfig(v["workdir"], v["stage"], v["batch_size"], v["precision"],
-                              v["strategy"], v["cpu_replicas"], v["ray_address"],
-                              v["ray_workers"], v["tensorboard"]),
+        runtime=RuntimeConfig.from_values(v),
         flag_values=dict(values))

@@ -50,8 +50,15 @@ def _shared(fv, tta_help: str) -> None:
 
 
 def define_train(fv=flags.FLAGS) -> None:
-    """The flags of train.py."""
-    d = dict(flag_values=fv)
+    """The flags of train.py, section by section."""
+    for define in (_train_data, _train_model, _train_heads, _train_sweep, _train_finetune):
+        define(dict(flag_values=fv))
+    _shared(fv, "Test-time augmentation views when predicting the test set (1 = plain; 2 adds "
+                "the mirror; up to 8 adds crops).")
+
+
+def _train_data(d: dict) -> None:
+    """Where the data and the outputs are."""
     flags.DEFINE_string("data_dir", None, "Kaggle root (train/ + train_labels.csv) or a folder "
                         "of class folders.", module_name=DATA, **d)
     flags.DEFINE_boolean("demo", False, "Generate the built-in SYNTHETIC demo dataset under "
@@ -74,6 +81,14 @@ def define_train(fv=flags.FLAGS) -> None:
     flags.DEFINE_boolean("tensorboard", True, "Write TensorBoard logs of every heads scenario "
                          "and of the fine-tuning under <workdir>/tensorboard/.",
                          module_name=OUTPUTS, **d)
+    flags.DEFINE_enum("stage", "all", ["heads", "sweep", "finetune", "all"], "What to run: "
+                      "heads (cache features, train the scenarios), sweep (grid by CV), "
+                      "finetune (the chosen scenario end to end, then export), all.",
+                      module_name=OUTPUTS, **d)
+
+
+def _train_model(d: dict) -> None:
+    """The network."""
     flags.DEFINE_string("weights", "imagenet", "'imagenet' (Keras download, cached in "
                         "~/.keras/models), 'none' (random init), or a VGG16 .h5/.weights.h5 "
                         "path.", module_name=MODEL, **d)
@@ -85,10 +100,10 @@ def define_train(fv=flags.FLAGS) -> None:
                          **d)
     flags.DEFINE_float("dropout", 0.5, "Dropout rate after the new fc1 (--noinclude_top "
                        "only).", module_name=MODEL, **d)
-    flags.DEFINE_enum("stage", "all", ["heads", "sweep", "finetune", "all"], "What to run: "
-                      "heads (cache features, train the scenarios), sweep (grid by CV), "
-                      "finetune (the chosen scenario end to end, then export), all.",
-                      module_name=OUTPUTS, **d)
+
+
+def _train_heads(d: dict) -> None:
+    """The heads stage on cached features."""
     flags.DEFINE_list("scenarios", ["A", "B", "C"], "Scenarios for the heads stage: "
                       + SCENARIO_HELP + ".", module_name=HEADS, **d)
     flags.DEFINE_integer("epochs", 5, "Epochs per scenario on cached features.",
@@ -117,6 +132,10 @@ def define_train(fv=flags.FLAGS) -> None:
     flags.DEFINE_boolean("bag", True, "With CV: also export bag.keras, the average of the K "
                          "fold heads of the chosen scenario and the final model.",
                          module_name=HEADS, **d)
+
+
+def _train_sweep(d: dict) -> None:
+    """The sweep stage."""
     flags.DEFINE_list("sweep_scenarios", ["A", "B"], "Sweep: scenarios (C is affordable at "
                       "small image sizes only: it trains block5).", module_name=SWEEP, **d)
     flags.DEFINE_list("sweep_learning_rates", ["1e-3", "1e-4"], "Sweep: learning rates.",
@@ -133,6 +152,10 @@ def define_train(fv=flags.FLAGS) -> None:
                          "<workdir>/sweep.csv (scenario, learning rate, optimizer, dropout, "
                          "views); --stage=all runs the sweep first when there is none.",
                          module_name=SWEEP, **d)
+
+
+def _train_finetune(d: dict) -> None:
+    """The fine-tuning stage."""
     flags.DEFINE_string("scenario", None, "Scenario to fine-tune (default: the heads stage's "
                         "best, by CV score when cross-validated, else validation).",
                         module_name=FINETUNE, **d)
@@ -163,8 +186,6 @@ def define_train(fv=flags.FLAGS) -> None:
                       module_name=FINETUNE, **d)
     flags.DEFINE_boolean("resume", False, "Resume an interrupted fine-tuning from its last "
                          "checkpoint in --workdir.", module_name=FINETUNE, **d)
-    _shared(fv, "Test-time augmentation views when predicting the test set (1 = plain; 2 adds "
-                "the mirror; up to 8 adds crops).")
 
 
 def define_predict(fv=flags.FLAGS) -> None:

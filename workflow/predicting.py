@@ -14,28 +14,21 @@ from workflow import config as config_lib
 
 
 @dataclasses.dataclass(frozen=True)
-class PredictRun:
+class PredictRun(config_lib.Devices):
     """Every setting of one predict.py run."""
-    workdir: str
-    data_dir: str
-    output: str
-    labels: Optional[str]
-    bag: bool
-    tta: int
-    batch_size: int
-    precision: str
-    strategy: str
-    cpu_replicas: int
-    ray_address: Optional[str]
-    ray_workers: int
-    on_bad_image: str
+    workdir: str = ""
+    data_dir: str = ""
+    output: str = "submission.csv"
+    labels: Optional[str] = None
+    bag: bool = True
+    tta: int = 1
+    on_bad_image: str = "fail"
 
     @classmethod
     def from_flags(cls, flag_values) -> "PredictRun":
         """Reads and checks predict.py's flags (no TensorFlow needed)."""
-        values = {f.name: flag_values[f.name].value for f in dataclasses.fields(cls)}
-        config_lib.check_tta(values["tta"])
-        return cls(**values)
+        config_lib.check_tta(flag_values.tta)
+        return cls.from_values({name: flag_values[name].value for name in flag_values})
 
 
 def labels_for(names: Sequence[str], labels_csv: str, task: Task) -> np.ndarray:

@@ -197,16 +197,7 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     _interpret(job, job.run.path, probs, "final model")
     result.update({f"val_{k}": v for k, v in scores.items()})
     job.run.update_metrics("finetune", result)
-    info = {"image_size": job.model.image_size, "task": task.kind,
-            "class_names": list(task.class_names), "positive_class": task.positive_class,
-            "scenario": scenario, "trainable_blocks": blocks,
-            "include_top": job.model.include_top,
-            "weights": weights_identity(job.model.weights, job.seed),
-            "preprocessing": cache_lib.PREPROCESSING,
-            "output": "P(positive class)" if task.kind == "binary" else
-            "P(class) per class, in class_names order",
-            "val_auc": scores.get("auc"), "val_accuracy": scores.get("accuracy"),
-            "layout": job.dataset.layout, "trained_precision": job.precision.policy}
+    info = _model_info(job, scenario, blocks, scores)
     bag = _export_bag(job, heads, runtime, scenario, blocks, scores) if heads.bag else None
     if not heads.bag:
         _remove_stale_bag(job)
@@ -221,6 +212,22 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
           f"{scores[task.headline]:.4f}, accuracy {scores['accuracy']:.4f}"
           + (f"; linear probe {probe_score:.4f}" if probe_score is not None else "")
           + (f"; bag of {bag['members']} {bag[f'val_{task.headline}']:.4f}" if bag else ""))
+
+
+def _model_info(job: Job, scenario: str, blocks, scores: dict) -> dict:
+    """``model_info.json``: what predict.py needs to preprocess as in training, and the
+    order and meaning of the model's outputs."""
+    task = job.task
+    return {"image_size": job.model.image_size, "task": task.kind,
+            "class_names": list(task.class_names), "positive_class": task.positive_class,
+            "scenario": scenario, "trainable_blocks": blocks,
+            "include_top": job.model.include_top,
+            "weights": weights_identity(job.model.weights, job.seed),
+            "preprocessing": cache_lib.PREPROCESSING,
+            "output": "P(positive class)" if task.kind == "binary" else
+            "P(class) per class, in class_names order",
+            "val_auc": scores.get("auc"), "val_accuracy": scores.get("accuracy"),
+            "layout": job.dataset.layout, "trained_precision": job.precision.policy}
 
 
 def _remove_stale_bag(job: Job) -> None:

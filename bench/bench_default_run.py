@@ -1,0 +1,88 @@
+"""The default training job, timed whole, on this checkout and on an earlier revision.
+
+    W=$(python ../shared/tools/vgg16_pretrained.py)
+    python bench/bench_default_run.py --data_dir=../shared/data/hymenoptera/train \
+        --weights="$W" --before=f0ccee3 [--extra=--finetune_epochs=5]
+
+Each version runs ``train.py --data_dir=... --weights=W --noinclude_top`` (plus
+``--extra``) as a user would, in a fresh process with its own empty cache folder,
+one after the other on the same machine, each from a temporary ``git worktree``
+of its revision (``--after`` defaults to HEAD). Printed per version: wall seconds, each scenario's CV
+score and chosen epoch, the scenario chosen, the final model's validation score,
+and the time ratio.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import common
+
+
+def run(root: str, args, label: str) -> dict:
+    work = tempfile.mkdtemp(prefix=f"bench-default-{label}-")
+    cmd = [sys.executable, os.path.join(root, "train.py"), f"--data_dir={args.data_dir}",
+           f"--weights={args.weights}", "--noinclude_top", f"--workdir={work}/run",
+           f"--cache_dir={work}/cache", "--on_bad_image=skip", *args.extra]
+    started = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    seconds = time.perf_counter() - started
+    if out.returncode:
+        sys.exit(f"{label}: {' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    metrics = common.metrics(os.path.join(work, "run"))
+    cv = metrics.get("cross_validation", {})
+    row = {"seconds": round(seconds, 1),
+           "cv": {s: (round(c.get("auc_mean", float("nan")), 4), c.get("epoch"))
+                  for s, c in cv.items()},
+           "chosen": metrics.get("heads_choice", {}).get("scenario"),
+           "final_val_auc": metrics.get("finetune", {}).get("val_auc"),
+           "finetune_epochs_run": metrics.get("finetune", {}).get("epochs_run"),
+           "bag_val_auc": metrics.get("bag", {}).get("val_auc")}
+    shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--before", default="f0ccee3",
+                        help="git revision to compare with (default: main before issue 17)")
+    parser.add_argument("--after", default="HEAD", help="git revision to measure (committed "
+                        "code only, so that edits made while it runs cannot reach it)")
+    parser.add_argument("--extra", action="append", default=[],
+                        help="a further train.py flag for both runs (repeatable)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    args.data_dir, args.weights = os.path.abspath(args.data_dir), os.path.abspath(args.weights)
+    trees = {}
+    try:
+        for label, rev in (("before", args.before), ("after", args.after)):
+            trees[label] = tempfile.mkdtemp(prefix=f"bench-{label}-")
+            subprocess.run(["git", "-C", common.ROOT, "worktree", "add", "--detach",
+                            trees[label], rev], check=True, capture_output=True)
+        results = {f"before ({args.before})": run(trees["before"], args, "before"),
+                   f"after ({args.after})": run(trees["after"], args, "after")}
+    finally:
+        for tree in trees.values():
+            subprocess.run(["git", "-C", common.ROOT, "worktree", "remove", "--force", tree],
+                           capture_output=True)
+    print(f"\n## default run: train.py --weights=W --noinclude_top {' '.join(args.extra)}")
+    for label, row in results.items():
+        print(f"  {label:20s} {row['seconds']:7.1f} s  CV {row['cv']}  chosen "
+              f"{row['chosen']}  final val AUC {row['final_val_auc']}  bag "
+              f"{row['bag_val_auc']}  fine-tuning epochs {row['finetune_epochs_run']}")
+    before, after = results.values()
+    print(f"  after / before time: {after['seconds'] / before['seconds']:.2f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
