@@ -1,11 +1,15 @@
 """The one training loop for heads on cached features: Keras ``fit``, compiled once.
 
-Cross-validation folds, bag members, the final heads, the sweep and fine-tuning
-from cached views all train through `HeadTrainer`. It compiles its sub-model
-once per configuration (Keras then reuses the traced, and on one device
-XLA-compiled, training step for every later ``fit``) and resets the weights,
-the dropout seed state and the optimizer's variables by assignment between
-folds, so K folds cost one trace instead of K.
+Cross-validation folds, bag members, the final heads and the sweep all train
+through `HeadTrainer`. It compiles its sub-model once per configuration (Keras
+then reuses the traced training step for every later ``fit``) and resets the
+weights, the dropout seed state and the optimizer's variables by assignment
+between folds, so K folds cost one trace instead of K.
+
+The step is not XLA-compiled by default: on CPU, XLA's convolutions do not use
+oneDNN's bfloat16 kernels, and scenario C's step (block5 trains) ran 3.2x slower
+under XLA in mixed bfloat16 (64 vs 20 ms per image on an AVX512-BF16 CPU); the
+dense-only steps of A and B were no faster with it either (docs/benchmarks.md).
 
 Validation is exact: `ExactValidation` predicts the validation rows after every
 epoch and puts the task's exact metrics (scikit-learn ROC AUC, accuracy, log
@@ -128,8 +132,7 @@ class HeadTrainer:
       task: output, loss and scores.
       learning_rate, optimizer: see `features.backbone.make_optimizer`.
       dropout: the head's dropout rate while this trainer is open (None: keep).
-      jit_compile: XLA for the training step; default on with one replica (it is
-        several times faster per epoch on CPU), off under a multi-replica strategy.
+      jit_compile: XLA for the training step (off by default; see the module docstring).
       label_smoothing: for the loss.
 
     Use it as a context manager: the dropout rate is put back on exit.
@@ -137,7 +140,7 @@ class HeadTrainer:
 
     def __init__(self, classifier: backbone.Classifier, blocks, task: Task, *,
                  learning_rate: float, optimizer: str = "adam", dropout: Optional[float] = None,
-                 jit_compile: Optional[bool] = None, label_smoothing: float = 0.0,
+                 jit_compile: bool = False, label_smoothing: float = 0.0,
                  start: Optional[str] = None):
         self.classifier, self.task = classifier, task
         self.blocks = list(blocks)
@@ -146,10 +149,7 @@ class HeadTrainer:
         self.model = classifier.model_from(self.start)
         self._old_dropout = classifier.dropout.rate if classifier.dropout is not None else None
         classifier.set_dropout(dropout)  # read when the step is traced: before compile
-        replicas = distribute.replicas()
-        if jit_compile is None:
-            jit_compile = replicas == 1
-        self.replicas = replicas
+        self.replicas = distribute.replicas()
         self.model.compile(optimizer=backbone.make_optimizer(optimizer, learning_rate),
                            loss=task.loss(label_smoothing), metrics=task.keras_metrics(),
                            jit_compile=jit_compile)
