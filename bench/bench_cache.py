@@ -79,7 +79,7 @@ def main():
 
     import tensorflow as tf
     from features import backbone, cache, heads, scenarios, task
-    from pipeline import discovery, input as input_lib, scan
+    from pipeline import discovery, input as input_lib, scan, split
 
     if args.data_dir:
         ds = discovery.discover(args.data_dir)
@@ -89,7 +89,7 @@ def main():
         label = f"synthetic ({len(ds.frame)} images)"
     frame = scan.filter_bad_images(ds.frame, args.image_size, "skip",
                                    os.path.join(args.work, "bad.csv"))
-    train, val = discovery.split_train_val(frame, 0.1, seed=0)
+    train, val = split.split_train_val(frame, 0.1, seed=0)
     size, bs, epochs = args.image_size, args.batch_size, args.epochs
     print(f"data: {label}; usable {len(frame)}; image {size}px; batch {bs}; epochs {epochs}; "
           f"tf {tf.__version__}; {os.cpu_count()} CPUs; GPU: "

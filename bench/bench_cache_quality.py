@@ -38,13 +38,13 @@ def main():
     from features import backbone, cache, heads, task
     from features.training import restore, snapshot
     from features.weights import weights_identity
-    from pipeline import discovery, scan
+    from pipeline import discovery, scan, split
     from workflow import config
 
     ds = discovery.discover(args.data_dir)
     work = args.cache_dir or tempfile.mkdtemp(prefix="bench_quality_")
     frame = scan.filter_bad_images(ds.frame, args.image_size, "skip", os.path.join(work, "b.csv"))
-    train, val = discovery.split_train_val(frame, config.parse_val_size(args.val_size), 0)
+    train, val = split.split_train_val(frame, config.parse_val_size(args.val_size), 0)
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
     wid = weights_identity(args.weights, 0)
     specs = {dt: cache.CacheSpec(wid, False, args.image_size, cache.cached_layers(False), dt,

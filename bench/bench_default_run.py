@@ -13,8 +13,10 @@ and the time ratio.
 """
 
 import argparse
+import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,29 @@ import tempfile
 import time
 
 import common
+
+
+# Log lines both versions write, in the order they come: where the time goes.
+MILESTONES = (("extraction", "Extracting "), ("probe", "Linear probe"),
+              ("heads A", "Scenario A: val"), ("heads B", "Scenario B: val"),
+              ("heads C", "Scenario C: val"), ("bag members", "Bag: "),
+              ("views extracted", "augmented view"), ("fine-tuning start", "Before fine-tuning"),
+              ("bag exported", "Bag of "))
+
+
+def milestones(log: str) -> dict:
+    """Seconds from the first line of train.log to the first line of each milestone."""
+    stamps = [(datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f"), m.group(2))
+              for m in re.finditer(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) \w+ (.*)$",
+                                   log, re.M)]
+    start = stamps[0][0]
+    out = {}
+    for name, text in MILESTONES:
+        hit = next((t for t, line in stamps if text in line), None)
+        if hit is not None:
+            out[name] = round((hit - start).total_seconds(), 1)
+    out["last line"] = round((stamps[-1][0] - start).total_seconds(), 1)
+    return out
 
 
 def run(root: str, args, label: str) -> dict:
@@ -42,7 +67,9 @@ def run(root: str, args, label: str) -> dict:
            "chosen": metrics.get("heads_choice", {}).get("scenario"),
            "final_val_auc": metrics.get("finetune", {}).get("val_auc"),
            "finetune_epochs_run": metrics.get("finetune", {}).get("epochs_run"),
-           "bag_val_auc": metrics.get("bag", {}).get("val_auc")}
+           "bag_val_auc": metrics.get("bag", {}).get("val_auc"),
+           "milestones_s": milestones(open(os.path.join(work, "run", "train.log"),
+                                           encoding="utf-8").read())}
     shutil.rmtree(work, ignore_errors=True)
     return row
 
@@ -77,6 +104,7 @@ def main():
         print(f"  {label:20s} {row['seconds']:7.1f} s  CV {row['cv']}  chosen "
               f"{row['chosen']}  final val AUC {row['final_val_auc']}  bag "
               f"{row['bag_val_auc']}  fine-tuning epochs {row['finetune_epochs_run']}")
+        print(f"  {'':20s} seconds from the first log line: {row['milestones_s']}")
     before, after = results.values()
     print(f"  after / before time: {after['seconds'] / before['seconds']:.2f}")
     if args.json:

@@ -38,11 +38,11 @@ def scenario_cv(args):
     import numpy as np
     from features import backbone, cache, cv as cv_lib, heads, probe, scenarios, task
     from features.weights import weights_identity
-    from pipeline import discovery, scan
+    from pipeline import discovery, scan, split
     ds = discovery.discover(args.data_dir)
     frame = scan.filter_bad_images(ds.frame, args.image_size, "skip",
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))
-    train, _ = discovery.split_train_val(frame, 0.2, 0)
+    train, _ = split.split_train_val(frame, 0.2, 0)
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
     spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
                            cache.cached_layers(False), "float32", ds.data_dir)

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
@@ -27,6 +27,7 @@ from sklearn.model_selection import StratifiedKFold
 from features import rows as rows_lib
 from features.task import Task
 from features.training import HeadTrainer, restore, snapshot
+from pipeline import split
 from pipeline.errors import ConfigError
 
 Folds = List[Tuple[np.ndarray, np.ndarray]]
@@ -51,47 +52,25 @@ def make_folds(y, folds: int, seed: int, task: Optional[Task] = None) -> Folds:
         return iterative_folds(y, folds, seed)
     labels = y.astype(int)
     counts = np.bincount(labels)
-    smallest = int(counts[counts > 0].min()) if len(labels) else 0
-    if folds < 2 or smallest < folds:
+    smallest = int(np.argmin(np.where(counts > 0, counts, np.iinfo(int).max)))
+    if folds < 2 or counts[smallest] < folds:
+        name = (f"class {task.class_names[smallest]!r}" if task is not None
+                else "the smallest class")
         raise ConfigError(f"--cv_folds={folds} needs at least 2 folds and at least {folds} "
-                          f"training images in each class (the smallest class has "
-                          f"{smallest}).")
+                          f"training images in each class ({name} has {counts[smallest]}); "
+                          "pass a smaller --cv_folds, or 0 to choose by the validation set.")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels))
 
 
 def iterative_folds(y, folds: int, seed: int) -> Folds:
-    """Iterative stratification for multi-label data (Sechidis, Tsoumakas and Vlahavas,
-    2011): repeatedly take the label with the fewest unassigned rows and deal its rows
-    to the folds that most need that label; rows without labels are dealt last."""
+    """K folds of multi-label rows by iterative stratification (`pipeline.split`)."""
     y = np.asarray(y).astype(int)
-    n, k = y.shape
-    if folds < 2 or n < folds:
+    if folds < 2 or len(y) < folds:
         raise ConfigError(f"--cv_folds={folds} needs at least 2 folds and {folds} images.")
-    rng = np.random.default_rng(seed)
-    desired = np.full(folds, n / folds)
-    desired_label = np.outer(np.full(folds, 1 / folds), y.sum(axis=0))
-    fold_of = np.full(n, -1)
-    left = np.ones(n, bool)
-    while left.any():
-        counts = y[left].sum(axis=0)
-        if counts.sum() == 0:
-            rows = np.flatnonzero(left)
-            label = None
-        else:
-            label = int(np.argmin(np.where(counts > 0, counts, np.inf)))
-            rows = np.flatnonzero(left & (y[:, label] == 1))
-        for row in rng.permutation(rows):
-            need = desired_label[:, label] if label is not None else desired
-            best = np.flatnonzero(need == need.max())
-            if len(best) > 1:
-                best = best[desired[best] == desired[best].max()]
-            fold = int(rng.choice(best))
-            fold_of[row] = fold
-            left[row] = False
-            desired[fold] -= 1
-            desired_label[fold] -= y[row]
-    return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(folds)]
+    sizes = [len(y) // folds + (1 if k < len(y) % folds else 0) for k in range(folds)]
+    part = split.iterative_assign(y, sizes, seed)
+    return [(np.flatnonzero(part != f), np.flatnonzero(part == f)) for f in range(folds)]
 
 
 class WeightStore:
@@ -147,11 +126,16 @@ class CVResult:
         """What metrics.json stores under ``cross_validation`` (binary keys unchanged)."""
         name = self.metric
         at = self.curves[:, self.epoch - 1]
+        others = {k: [s[k] for s in self.fold_scores] for k in
+                  (self.fold_scores[0] if self.fold_scores else {}) if k != name}
         return {"epoch": self.epoch, f"{name}_mean": self.mean, f"{name}_std": self.std,
                 f"fold_{name}s": [round(float(a), 6) for a in at],
                 "folds": int(self.curves.shape[0]),
                 f"mean_{name}_per_epoch": [round(float(m), 6)
-                                          for m in np.nanmean(self.curves, axis=0)]}
+                                          for m in np.nanmean(self.curves, axis=0)],
+                "other_metrics_at_epoch": {k: {"mean": round(float(np.nanmean(v)), 6),
+                                               "std": round(float(np.nanstd(v)), 6)}
+                                           for k, v in others.items()}}
 
 
 def best_epoch(curves: np.ndarray) -> int:
@@ -201,23 +185,9 @@ def cross_validate(trainer: HeadTrainer, x, y, folds: Folds, *, epochs: int, bat
                     [s[chosen - 1] for s in scores])
 
 
-def out_of_fold_scores(task: Task, y, oof_probs) -> dict:
-    """The task's metrics of the out-of-fold predictions of every training row at once."""
-    return task.scores(np.asarray(y), np.asarray(oof_probs))
-
-
 def format_cv(result: CVResult, metric_label: Optional[str] = None) -> str:
     """``5-fold CV AUC 0.9758 +- 0.0102`` for logs and summaries."""
     label = metric_label or {"auc": "AUC", "accuracy": "accuracy", "map": "mAP"}.get(
         result.metric, result.metric)
     return (f"{result.curves.shape[0]}-fold CV {label} {result.mean:.4f} +- "
             f"{result.std:.4f}")
-
-
-def fold_indices(folds: Sequence) -> np.ndarray:
-    """Which fold validates each row."""
-    n = sum(len(va) for _, va in folds)
-    out = np.empty(n, np.int64)
-    for k, (_, va) in enumerate(folds):
-        out[va] = k
-    return out

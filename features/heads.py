@@ -123,6 +123,7 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence, task: Ta
                     views_feats: Optional[Dict[str, object]] = None,
                     out_dir: Optional[str] = None, tensorboard_dir: Optional[str] = None,
                     memory_budget: float = 2e9, class_weight=None,
+                    label_smoothing: float = 0.0,
                     progress: bool = True) -> Dict[str, HeadResult]:
     """Trains each config's scenario from the same initial weights; saves the weights.
 
@@ -146,7 +147,7 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence, task: Ta
                             val_feats, y_val, epochs=epochs, batch_size=batch_size, seed=seed,
                             folds=folds, views_feats=views_feats, tensorboard_dir=tensorboard_dir,
                             memory_budget=memory_budget, class_weight=class_weight,
-                            progress=progress)
+                            label_smoothing=label_smoothing, progress=progress)
         if out_dir:
             result.weights_path = save_head_weights(classifier, config.scenario, out_dir)
         results[config.scenario] = result
@@ -156,7 +157,7 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence, task: Ta
 
 def _train_one(classifier, config: HeadConfig, task: Task, train_feats, y_train, val_feats,
                y_val, *, epochs, batch_size, seed, folds, views_feats, tensorboard_dir,
-               memory_budget, class_weight, progress) -> HeadResult:
+               memory_budget, class_weight, label_smoothing, progress) -> HeadResult:
     """One scenario: cross-validated (with ``folds``), then fitted on the whole training
     split to the chosen epoch, through one compiled trainer. Leaves the kept weights in
     the classifier."""
@@ -165,7 +166,7 @@ def _train_one(classifier, config: HeadConfig, task: Task, train_feats, y_train,
     views_x = views_feats[start] if views_feats else None
     started = time.perf_counter()
     cv, keep = None, "best"
-    with config.trainer(classifier, task) as trainer:
+    with config.trainer(classifier, task, label_smoothing=label_smoothing) as trainer:
         if folds:
             bar = keras.utils.Progbar(len(folds), unit_name="fold") if progress else None
             if progress:

@@ -167,3 +167,38 @@ def _multilabel_scores(y, p, thresholds=None) -> Dict[str, float]:
 def binary(class_names: Sequence[str] = ("0", "1")) -> Task:
     """The binary task with (negative, positive) class names."""
     return Task("binary", tuple(class_names))
+
+
+def choose_thresholds(y, probs) -> np.ndarray:
+    """Per-label decision thresholds (multi-label) that maximise each label's F1 on the
+    given images; 0.5 for a label without positives there."""
+    y, probs = np.asarray(y).astype(int), np.asarray(probs, np.float64)
+    out = np.full(y.shape[1], 0.5)
+    for j in range(y.shape[1]):
+        if not y[:, j].any():
+            continue
+        precision, recall, cuts = sk_metrics.precision_recall_curve(y[:, j], probs[:, j])
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+        out[j] = float(cuts[int(np.argmax(f1[:-1]))]) if len(cuts) else 0.5
+    return out
+
+
+def per_class_report(task: Task, y, probs, thresholds=None):
+    """scikit-learn's classification report (precision, recall, F1, support per class, and
+    per label for multi-label at ``thresholds``) as a table."""
+    import pandas as pd
+    y = np.asarray(y).astype(int)
+    report = sk_metrics.classification_report(
+        y, task.predicted(probs, thresholds), labels=None if task.kind == "multilabel"
+        else list(range(len(task.class_names))), target_names=list(task.class_names),
+        output_dict=True, zero_division=0)
+    rows = [{"class": name, **values} for name, values in report.items()
+            if isinstance(values, dict)]
+    table = pd.DataFrame(rows)
+    if task.kind == "multilabel":
+        aucs = {n: _auc(y[:, j], np.asarray(probs)[:, j]) for j, n in enumerate(task.class_names)}
+        table["auc"] = [aucs.get(c, np.nan) for c in table["class"]]
+        if thresholds is not None:
+            cuts = dict(zip(task.class_names, thresholds))
+            table["threshold"] = [cuts.get(c, np.nan) for c in table["class"]]
+    return table

@@ -95,3 +95,16 @@ def checkpoint_epoch(folder) -> int:
         return -1
     match = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', text, re.M)
     return int(match.group(1)) if match else -1
+
+
+# Square colours of the multi-class test images: class k gets colour k (class 0: none).
+CLASS_COLOURS = ((0, 0, 0), (60, 60, 230), (230, 60, 60), (230, 230, 40))
+
+
+def class_image(k: int, size: int = 36, seed: int = 0, colours=CLASS_COLOURS):
+    """Green noise with a centred square of class ``k``'s colour (none for class 0)."""
+    image = colour_image(False, size=size, seed=seed)
+    if k:
+        q = size // 4
+        image[q:3 * q, q:3 * q] = colours[k]
+    return image

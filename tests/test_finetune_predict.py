@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from features import backbone, finetune, inference
 from features import task as task_lib
 from pipeline import augment, discovery
+from pipeline import split as split_lib
 from pipeline import input as input_lib
 from tests.conftest import write_image
 
@@ -32,7 +33,7 @@ def _run(script, *args, cwd=None, env=None):
 @pytest.fixture
 def split(kaggle_dir):
     ds = discovery.discover(str(kaggle_dir))
-    return discovery.split_train_val(ds.frame, 4, seed=0)
+    return split_lib.split_train_val(ds.frame, 4, seed=0)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 
 from features import backbone, cache, finetune, heads, inference, precision
 from features import task as task_lib
-from pipeline import discovery
+from pipeline import discovery, split
 from pipeline.errors import ConfigError
 from tests.conftest import class_folders
 
@@ -142,7 +142,7 @@ def test_mixed_float16_training_scales_the_loss_and_learns(policy):
 
 
 def _views(clf, data, k):
-    train, val = discovery.split_train_val(data.frame, 4, seed=0)
+    train, val = split.split_train_val(data.frame, 4, seed=0)
     rng = np.random.default_rng(1)
     shape = clf.head.input.shape[1:]
     y = train.label.to_numpy()

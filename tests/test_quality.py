@@ -11,7 +11,7 @@ import pytest
 from features import backbone, bag, cache, cv, finetune, heads, probe, rows, scenarios, sweep
 from features import task as task_lib
 from features.training import restore, snapshot
-from pipeline import discovery
+from pipeline import discovery, split
 from pipeline import input as input_lib
 from pipeline.errors import ConfigError
 from tests.conftest import class_folders
@@ -185,7 +185,7 @@ def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_pa
         row = scenarios.get_scenario(scenario)
         start = row.start_layer(False)
         folds = cv.make_folds(y, 2, seed=0)
-        with heads.HeadConfig.for_scenario(scenario, 1e-3).trainer(clf, BINARY) as trainer:
+        with heads.HeadConfig.for_scenario(scenario).trainer(clf, BINARY) as trainer:
             result = cv.cross_validate(trainer, feats[start], y, folds, epochs=2, batch_size=4,
                                        seed=0)
         members = [bag.as_member(clf, row.blocks, m) for m in result.members]
@@ -212,7 +212,7 @@ def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_pa
 
 def test_finetuning_never_exports_worse_than_its_starting_head(cached, tmp_path):
     clf, ds, _, _, _ = cached
-    train, val = discovery.split_train_val(ds.frame, 6, seed=0)
+    train, val = split.split_train_val(ds.frame, 6, seed=0)
     before = clf.model.predict(np.zeros((2, SIZE, SIZE, 3)), verbose=0)
     initial = clf.model.get_weights()
     # A learning rate this large wrecks every epoch: epoch 0 (the start) must win.

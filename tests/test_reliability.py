@@ -125,10 +125,11 @@ def test_bad_images_skip_policy_writes_report_and_keeps_the_rest(hazard_dir, tmp
 def test_gif_files_are_ignored_and_counted_in_class_folders(tmp_path):
     for cls in ("a", "b"):
         write_image(str(tmp_path / cls / "x.jpg"), size=8)
+        write_image(str(tmp_path / cls / f"{cls}.jpg"), size=8)
     (tmp_path / "a" / "imageNotFound.gif").write_bytes(_gif())
     ds = discovery.discover(str(tmp_path))
-    assert ds.ignored == 1 and len(ds.frame) == 2
-    assert sorted(ds.frame.name) == ["a/x", "b/x"]  # same file name in both classes
+    assert ds.ignored == 1 and len(ds.frame) == 4
+    assert sorted(ds.frame.name) == ["a", "a/x", "b", "b/x"]  # x.jpg is in both classes
 
 
 # ---------------------------------------------------------------- hostile inputs (fuzz)
@@ -150,6 +151,34 @@ def test_fuzz_labels_csv_either_parses_cleanly_or_raises_data_error(tmp_path_fac
     assert not frame.name.duplicated().any()
     for name in frame.name:
         assert name and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.sampled_from(["name", "tags", "a", "b", "invasive", "species"]), min_size=1,
+                max_size=3, unique=True),
+       st.lists(st.lists(st.sampled_from(["0", "1", "x", "y z", "", "2", "oak", "a b c",
+                                          "1.0", "-1"]), min_size=3, max_size=3),
+                max_size=8))
+def test_fuzz_any_labels_csv_parses_consistently_or_is_a_clear_error(tmp_path_factory, header,
+                                                                      rows):
+    from pipeline import labels
+    from pipeline.errors import ConfigError
+    path = tmp_path_factory.mktemp("fuzzany") / "labels.csv"
+    path.write_text(",".join(header) + "\n" + "".join(
+        f"n{i}," + ",".join(r[:len(header) - 1]) + "\n" for i, r in enumerate(rows)))
+    try:
+        read = labels.read_labels(str(path))
+    except (DataError, ConfigError):
+        return
+    k = len(read.class_names)
+    assert read.kind in labels.KINDS and len(read.frame) == len(rows)
+    for label in read.frame.label:
+        if read.kind == "multilabel":
+            assert len(label) == k and set(label) <= {0, 1} and any(label)
+        else:
+            assert 0 <= label < k
+    if read.kind == "binary":
+        assert k == 2
 
 
 _SEEDS = [_jpeg(), _pil_bytes(Image.fromarray(ARRAY), "PNG")]

@@ -218,13 +218,13 @@ def test_every_writer_fails_cleanly_on_a_full_disk(small_fs, tmp_path):
 @pytest.mark.slow
 def test_streamed_heads_equal_in_memory_heads(tmp_path):
     from features import backbone, cache, cv, heads, probe, rows, task
-    from pipeline import discovery
+    from pipeline import discovery, split
     from tests.conftest import colour_image, write_image
     for i in range(16):
         write_image(str(tmp_path / "data" / ("pos" if i % 2 else "neg") / f"img{i}.jpg"),
                     colour_image(i % 2, size=36, seed=i))
     ds = discovery.discover(str(tmp_path / "data"), positive_class="pos")
-    train, val = discovery.split_train_val(ds.frame, 4, seed=0)
+    train, val = split.split_train_val(ds.frame, 4, seed=0)
     clf = backbone.build_classifier("none", include_top=False, image_size=32, seed=0)
     spec = cache.CacheSpec("none(seed=0)", False, 32, cache.cached_layers(False),
                            data_dir=ds.data_dir)

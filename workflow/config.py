@@ -29,7 +29,9 @@ class DataConfig:
     val_size: str
     seed: int
     on_bad_image: str
-    demo: bool = False
+    demo: Optional[str] = None      # None, "binary" or "multiclass"
+    label_column: Optional[str] = None
+    task: Optional[str] = None      # None: detected from the data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,7 @@ class HeadsConfig:
     optimizer: str
     cv_folds: str
     bag: bool
+    label_smoothing: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +214,8 @@ def _check(values: dict) -> None:
     check_tta(values["tta"])
     parse_val_size(values["val_size"])
     parse_folds(values["cv_folds"])
+    if not 0 <= values["label_smoothing"] < 1:
+        raise ConfigError(f"--label_smoothing must be in [0, 1); got {values['label_smoothing']}.")
     if values["batch_size"] < 1:
         raise ConfigError(f"--batch_size must be at least 1; got {values['batch_size']}.")
 
@@ -226,7 +231,8 @@ def train_config(flag_values, names) -> TrainConfig:
     values = {name: flag_values[name].value for name in names}
     if values["demo"]:
         values.update({k: v for k, v in DEMO_SETTINGS.items() if not flag_values[k].present})
-        values["workdir"] = values["workdir"] or os.path.join("runs", "demo")
+        values["workdir"] = values["workdir"] or os.path.join(
+            "runs", "demo" if values["demo"] == "binary" else f"demo_{values['demo']}")
     elif not values["data_dir"]:
         raise ConfigError("Pass --data_dir=PATH (a Kaggle root or a folder of class folders), "
                           "or --demo to run on built-in synthetic data.")
@@ -235,12 +241,13 @@ def train_config(flag_values, names) -> TrainConfig:
     v = values
     return TrainConfig(
         data=DataConfig(v["data_dir"], v["positive_class"], v["val_size"], v["seed"],
-                        v["on_bad_image"], v["demo"]),
+                        v["on_bad_image"], v["demo"], v["label_column"],
+                        None if v["task"] == "auto" else v["task"]),
         model=ModelConfig(v["weights"], v["include_top"], v["image_size"], v["dropout"]),
         cache=CacheConfig(v["cache_dir"], v["cache_dtype"], v["cache_augmented_views"],
                           v["heads_memory_gb"]),
         heads=HeadsConfig(tuple(v["scenarios"]), v["epochs"], v["learning_rate"],
-                          v["optimizer"], str(v["cv_folds"]), v["bag"]),
+                          v["optimizer"], str(v["cv_folds"]), v["bag"], v["label_smoothing"]),
         sweep=SweepConfig(tuple(v["sweep_scenarios"]),
                           _floats(v["sweep_learning_rates"], "--sweep_learning_rates"),
                           tuple(o.strip().lower() for o in v["sweep_optimizers"]),

@@ -19,6 +19,23 @@ DATA, OUTPUTS, MODEL, HEADS, SWEEP, FINETUNE, PREDICT, DEVICES, TESTING = (
     "testing (not for everyday use)")
 
 
+class _DemoParser(flags.ArgumentParser):
+    """``--demo`` alone means the binary demo; ``--demo=multiclass`` the multi-class one."""
+
+    def parse(self, argument):
+        text = str(argument).strip().lower()
+        if text in ("true", "1", "binary"):
+            return "binary"
+        if text in ("false", "0", "none", ""):
+            return None
+        if text == "multiclass":
+            return "multiclass"
+        raise ValueError(f"--demo takes binary or multiclass; got {argument!r}")
+
+    def flag_type(self):
+        return "demo"
+
+
 def _shared(fv, tta_help: str) -> None:
     """The flags train.py and predict.py both take, with the same meaning."""
     flags.DEFINE_integer("batch_size", 32, "Images per batch for extraction, training, "
@@ -61,10 +78,20 @@ def _train_data(d: dict) -> None:
     """Where the data and the outputs are."""
     flags.DEFINE_string("data_dir", None, "Kaggle root (train/ + train_labels.csv) or a folder "
                         "of class folders.", module_name=DATA, **d)
-    flags.DEFINE_boolean("demo", False, "Generate the built-in SYNTHETIC demo dataset under "
-                         "<cache_dir>/demo_data and run the whole pipeline on it offline "
-                         "(random weights, 64 px, few epochs). Flags you pass still win.",
-                         module_name=DATA, **d)
+    flags.DEFINE_flag(flags.Flag(
+        _DemoParser(), flags.ArgumentSerializer(), "demo", None,
+        "--demo (or --demo=binary): generate the built-in SYNTHETIC two-class demo dataset "
+        "under <cache_dir>/demo_data and run the whole pipeline on it offline (random "
+        "weights, 64 px, few epochs); --demo=multiclass: four classes. Flags you pass "
+        "still win.", boolean=True), flag_values=d["flag_values"], module_name=DATA)
+    flags.DEFINE_enum("task", "auto", ["auto", "binary", "multiclass", "multilabel"],
+                      "What is predicted: auto detects it from the data (two class folders or "
+                      "a 0/1 column: binary; more classes: multiclass; space-separated tags "
+                      "or several 0/1 columns: multilabel).", module_name=DATA, **d)
+    flags.DEFINE_string("label_column", None, "Kaggle layout: the column of train_labels.csv "
+                        "that holds the labels (default: invasive, else the only column "
+                        "besides name, else every column when they are all 0/1).",
+                        module_name=DATA, **d)
     flags.DEFINE_string("positive_class", None, "Two class folders: which one is positive "
                         "(label 1). Default: the second in sorted order.", module_name=DATA, **d)
     flags.DEFINE_string("val_size", "auto", "Validation set: a count (balanced between classes "
@@ -186,6 +213,8 @@ def _train_finetune(d: dict) -> None:
                       module_name=FINETUNE, **d)
     flags.DEFINE_boolean("resume", False, "Resume an interrupted fine-tuning from its last "
                          "checkpoint in --workdir.", module_name=FINETUNE, **d)
+    flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the loss (heads and "
+                       "fine-tuning), e.g. 0.1; 0 for none.", module_name=FINETUNE, **d)
 
 
 def define_predict(fv=flags.FLAGS) -> None:
@@ -203,5 +232,10 @@ def define_predict(fv=flags.FLAGS) -> None:
     flags.DEFINE_boolean("bag", True, "Use the run's bag (bag.keras: the averaged fold heads "
                          "and final model) when it has one; --nobag uses model.keras alone.",
                          module_name=PREDICT, **d)
+    flags.DEFINE_enum("output_format", "probabilities", ["probabilities", "label", "tags"],
+                      "probabilities: name,<positive class column> (binary) or "
+                      "name,<class_1>,...,<class_K>; label: name,label with the most probable "
+                      "class; tags: name,tags with the labels above their thresholds "
+                      "(multi-label).", module_name=OUTPUTS, **d)
     _shared(fv, "Test-time augmentation: average over N deterministic views (1 = plain; 2 adds "
                 "the mirror; up to 8 adds crops).")

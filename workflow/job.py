@@ -17,7 +17,7 @@ import pandas as pd
 from features import backbone, cache as cache_lib, cv as cv_lib, distribute, precision
 from features.task import Task
 from features.weights import weights_identity
-from pipeline import diskspace, discovery, scan
+from pipeline import diskspace, discovery, labels, scan, split
 from workflow import config as config_lib, console
 from workflow.config import CacheConfig, DataConfig, HeadsConfig, ModelConfig, RuntimeConfig
 from workflow.outputs import RunFolder
@@ -98,10 +98,13 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
     data_dir = data.data_dir
     if data.demo and not data_dir:
         from pipeline import demo
-        data_dir = demo.make_demo_dataset(os.path.join(cache.cache_dir, "demo_data"))
+        folder = "demo_data" if data.demo == "binary" else f"demo_{data.demo}"
+        data_dir = demo.make_demo_dataset(os.path.join(cache.cache_dir, folder), kind=data.demo)
         logging.info("SYNTHETIC demo data (not real photos) in %s", data_dir)
-    dataset = discovery.discover(data_dir, data.positive_class)
-    task = Task("binary", dataset.class_names)
+    dataset = discovery.discover(data_dir, data.positive_class, data.label_column, data.task)
+    task = Task(dataset.kind, dataset.class_names)
+    logging.info("Task: %s (%s; --task to override).", task.describe(),
+                 "as asked" if data.task else "detected from the data")
     workdir = runtime.workdir or os.path.join(
         "runs", os.path.basename(os.path.abspath(dataset.data_dir).rstrip(os.sep)))
     run = RunFolder(workdir)
@@ -110,10 +113,12 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
     frame = scan.filter_bad_images(dataset.frame, model.image_size, data.on_bad_image,
                                    run.file("bad_images.csv"),
                                    memo_path=os.path.join(cache.cache_dir, "preflight.json"))
-    train, val = discovery.split_train_val(frame, resolve_val_size(data.val_size, len(frame)),
-                                           data.seed)
-    split = frame.assign(subset=np.where(frame.name.isin(set(val.name)), "val", "train"))
-    run.write_csv(split[["name", "label", "subset", "path"]], "split.csv")
+    train, val = split.split_train_val(frame, resolve_val_size(data.val_size, len(frame)),
+                                       data.seed)
+    table = frame.assign(subset=np.where(frame.name.isin(set(val.name)), "val", "train"),
+                         label=[labels.label_text(task.kind, task.class_names, v)
+                                for v in frame.label])
+    run.write_csv(table[["name", "label", "subset", "path"]], "split.csv")
     logging.info("Split: %d train, %d validation (seed %d) -> %s", len(train), len(val),
                  data.seed, run.file("split.csv"))
     # Before the model is built: layers take the global policy when they are created.

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline import labels as labels_lib
 from pipeline.atomic import atomic_path, atomic_write_text
 
 METRICS = "metrics.json"
@@ -82,20 +83,23 @@ class RunFolder:
 
 
 def write_predictions(names: Sequence[str], probs, path: str, class_names: Sequence[str],
-                      binary_column: Optional[str] = "invasive", tags=None) -> str:
+                      binary_column: Optional[str] = "invasive", tags=None,
+                      labels=None) -> str:
     """Writes the prediction CSV atomically (never a half-written file).
 
     Binary: ``name,<binary_column>`` with P(positive). Several classes or labels:
-    ``name,<class_1>,...,<class_K>`` in the stored class order; with ``tags`` (a list
-    of strings, one per row) ``name,tags`` instead.
+    ``name,<class_1>,...,<class_K>`` in the stored class order. With ``tags`` (one
+    string per row) ``name,tags``; with ``labels`` (one class name per row)
+    ``name,label`` instead.
     """
     probs = np.asarray(probs, np.float64)
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            if tags is not None:
-                writer.writerow(["name", "tags"])
-                writer.writerows([name, t] for name, t in zip(names, tags))
+            if tags is not None or labels is not None:
+                writer.writerow(["name", "tags" if tags is not None else "label"])
+                writer.writerows([name, t] for name, t in zip(
+                    names, tags if tags is not None else labels))
             elif probs.ndim == 1:
                 writer.writerow(["name", binary_column])
                 writer.writerows([name, f"{float(p):.6f}"] for name, p in zip(names, probs))
@@ -104,3 +108,13 @@ def write_predictions(names: Sequence[str], probs, path: str, class_names: Seque
                 writer.writerows([name, *(f"{float(p):.6f}" for p in row)]
                                  for name, row in zip(names, probs))
     return path
+
+
+def submission_column(sample_csv: Optional[str]) -> str:
+    """The probability column of a binary submission: sample_submission.csv's, else
+    ``invasive`` (the reference competition's)."""
+    if sample_csv:
+        columns = labels_lib.sample_columns(sample_csv)
+        if len(columns) == 1:
+            return columns[0]
+    return labels_lib.LABEL_COLUMN

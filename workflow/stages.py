@@ -15,14 +15,15 @@ import numpy as np
 
 from features import bag as bag_lib, heads as heads_lib, inference, probe, scenarios, sweep
 from features import finetune as finetune_lib
+from features import task as task_lib
 from features.weights import weights_identity
 from features import cache as cache_lib
-from pipeline import discovery, progress, scan
+from pipeline import discovery, labels, progress, scan
 from workflow import interpret, plots, summary
 from workflow.config import (CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig,
                              RuntimeConfig, SweepConfig, TrainConfig)
 from workflow.job import Features, Job, check_disk, memory_budget, prepare
-from workflow.outputs import write_predictions
+from workflow.outputs import submission_column, write_predictions
 
 
 def _board(job: Job, runtime: RuntimeConfig) -> Optional[str]:
@@ -57,7 +58,7 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
         job.classifier, configs, job.task, train, job.y_train, val, job.y_val,
         epochs=heads.epochs, batch_size=runtime.batch_size, seed=job.seed, folds=job.folds,
         views_feats=view_feats, out_dir=job.run.path, tensorboard_dir=_board(job, runtime),
-        memory_budget=memory_budget(cache) / 4)
+        memory_budget=memory_budget(cache) / 4, label_smoothing=heads.label_smoothing)
     for s, r in results.items():
         # From the fit's own history, written once and atomically: a CSVLogger writes
         # while training (a kill leaves a torn file) and numbers epochs from 0.
@@ -72,7 +73,7 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     metric = f"val_{job.task.headline}"
     job.run.note("heads plot", plots.curves(
         {s: r.history for s, r in results.items()}, job.run.file("heads_comparison.png"),
-        metrics_to_plot=tuple(dict.fromkeys(("val_accuracy", metric))),
+        metrics_to_plot=tuple(dict.fromkeys(("val_accuracy", metric, "val_auc"))),
         title="Scenarios on cached features (validation)",
         reference={metric: (baseline[metric], "linear probe")},
         marks={s: r.best_epoch for s, r in results.items()}))
@@ -161,43 +162,27 @@ def _cached_views(job: Job, config: FinetuneConfig, cache: CacheConfig, batch_si
 def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
                    runtime: RuntimeConfig, scenario: str, optimizer: str = "adam") -> None:
     """Fine-tunes ``scenario`` from its cache-trained head and exports the model (and bag)."""
-    task = job.task
     head_weights = heads_lib.weights_file(job.run.path, scenario)
     heads_lib.load_scenario_weights(job.classifier, scenario, head_weights)
     blocks = (scenarios.parse_blocks(config.trainable_blocks) if config.trainable_blocks
               else list(scenarios.get_scenario(scenario).blocks))
     logging.info("Fine-tuning scenario %s (blocks %s) from %s.", scenario, ",".join(blocks),
                  head_weights)
-    result = {"scenario": scenario, "blocks": blocks}
-    started = time.perf_counter()
+    result = {"scenario": scenario, "blocks": blocks, "optimizer": optimizer}
     checkpoints = None
     if config.epochs > 0:
-        cached = _cached_views(job, config, cache, runtime.batch_size, blocks)
-        ft = finetune_lib.finetune(
-            job.classifier, blocks, task, job.train, job.val, workdir=job.run.path,
-            image_size=job.model.image_size, batch_size=runtime.batch_size,
-            augment=config.augment, learning_rate=config.learning_rate, epochs=config.epochs,
-            patience=config.patience, monitor=config.monitor, seed=job.seed,
-            resume=config.resume, augment_on=config.augment_on, optimizer=optimizer,
-            tensorboard_dir=_board(job, runtime), cached=cached)
+        ft = _finetune(job, config, heads, cache, runtime, scenario, blocks, optimizer)
         checkpoints = ft.pop("checkpoints")
-        # The whole stage, view extraction included, so both ways compare honestly.
-        ft["fit_seconds"] = ft.pop("seconds")
-        ft["seconds"] = round(time.perf_counter() - started, 2)
-        ft["views"] = cached.views if cached else 0
-        history = ft.pop("history")
-        job.run.write_csv(history, "history_finetune.csv")
-        job.run.note("fine-tuning plot", plots.history(
-            history, job.run.file("finetune_history.png"),
-            title=f"Fine-tuning scenario {scenario} (epoch 0 = the starting head)",
-            kept_epoch=ft["best_epoch"], metrics=tuple(dict.fromkeys(
-                ("accuracy", "loss", task.headline)))))
         result.update(ft)
     scores, probs = _validate(job, job.classifier.model, runtime.batch_size)
-    _interpret(job, job.run.path, probs, "final model")
+    thresholds = _final_report(job, probs)
+    if thresholds is not None:
+        scores = job.task.scores(job.y_val, probs, thresholds)
+        result["thresholds"] = {"values": [round(float(t), 6) for t in thresholds],
+                                "chosen_on": "validation (best F1 per label)"}
     result.update({f"val_{k}": v for k, v in scores.items()})
     job.run.update_metrics("finetune", result)
-    info = _model_info(job, scenario, blocks, scores)
+    info = _model_info(job, scenario, blocks, scores, thresholds)
     bag = _export_bag(job, heads, runtime, scenario, blocks, scores) if heads.bag else None
     if not heads.bag:
         _remove_stale_bag(job)
@@ -206,15 +191,56 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     job.run.note("model", inference.export_model(job.classifier.model, job.run.path, info))
     if checkpoints is not None:
         checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)
-    probe_score = job.run.metrics().get("probe", {}).get(f"val_{task.headline}")
-    name = summary.label(task.headline)
-    print(f"final model (scenario {scenario}): validation {name} "
-          f"{scores[task.headline]:.4f}, accuracy {scores['accuracy']:.4f}"
-          + (f"; linear probe {probe_score:.4f}" if probe_score is not None else "")
-          + (f"; bag of {bag['members']} {bag[f'val_{task.headline}']:.4f}" if bag else ""))
+    probe_score = job.run.metrics().get("probe", {}).get(f"val_{job.task.headline}")
+    print(summary.final(job.task, scenario, scores, probe_score, bag))
 
 
-def _model_info(job: Job, scenario: str, blocks, scores: dict) -> dict:
+def _finetune(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
+              runtime: RuntimeConfig, scenario: str, blocks, optimizer: str) -> dict:
+    """Runs the fine-tuning; writes its history CSV and plot; returns its summary."""
+    started = time.perf_counter()
+    cached = _cached_views(job, config, cache, runtime.batch_size, blocks)
+    ft = finetune_lib.finetune(
+        job.classifier, blocks, job.task, job.train, job.val, workdir=job.run.path,
+        image_size=job.model.image_size, batch_size=runtime.batch_size,
+        augment=config.augment, learning_rate=config.learning_rate, epochs=config.epochs,
+        patience=config.patience, monitor=config.monitor, seed=job.seed,
+        resume=config.resume, augment_on=config.augment_on, optimizer=optimizer,
+        tensorboard_dir=_board(job, runtime), cached=cached,
+        label_smoothing=heads.label_smoothing)
+    # The whole stage, view extraction included, so both ways compare honestly.
+    ft["fit_seconds"] = ft.pop("seconds")
+    ft["seconds"] = round(time.perf_counter() - started, 2)
+    ft["views"] = cached.views if cached else 0
+    history = ft.pop("history")
+    job.run.write_csv(history, "history_finetune.csv")
+    job.run.note("fine-tuning plot", plots.history(
+        history, job.run.file("finetune_history.png"),
+        title=f"Fine-tuning scenario {scenario} (epoch 0 = the starting head)",
+        kept_epoch=ft["best_epoch"],
+        metrics=tuple(dict.fromkeys(("accuracy", "loss", job.task.headline)))))
+    return ft
+
+
+def _final_report(job: Job, probs):
+    """The final model on the validation images: interpretation plots and, for several
+    classes or labels, the per-class report (``classification_report.csv``). Returns the
+    per-label thresholds of a multi-label task (chosen here), else None."""
+    task = job.task
+    thresholds = (task_lib.choose_thresholds(job.y_val, probs) if task.kind == "multilabel"
+                  else None)
+    _interpret(job, job.run.path, probs, "final model")
+    if task.kind != "binary":
+        report = task_lib.per_class_report(task, job.y_val, probs, thresholds)
+        job.run.note("per-class report", job.run.write_csv(report, "classification_report.csv"))
+        confused = interpret.most_confused(task, job.y_val, probs)
+        if confused:
+            print("most confused (true -> predicted, validation images): " + "; ".join(
+                f"{t} -> {p} ({n})" for t, p, n in confused))
+    return thresholds
+
+
+def _model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) -> dict:
     """``model_info.json``: what predict.py needs to preprocess as in training, and the
     order and meaning of the model's outputs."""
     task = job.task
@@ -227,7 +253,8 @@ def _model_info(job: Job, scenario: str, blocks, scores: dict) -> dict:
             "output": "P(positive class)" if task.kind == "binary" else
             "P(class) per class, in class_names order",
             "val_auc": scores.get("auc"), "val_accuracy": scores.get("accuracy"),
-            "layout": job.dataset.layout, "trained_precision": job.precision.policy}
+            "layout": job.dataset.layout, "trained_precision": job.precision.policy,
+            **({"thresholds": [float(t) for t in thresholds]} if thresholds is not None else {})}
 
 
 def _remove_stale_bag(job: Job) -> None:
@@ -260,7 +287,8 @@ def _export_bag(job: Job, heads: HeadsConfig, runtime: RuntimeConfig, scenario: 
 
 def predict_test(job: Job, config: PredictConfig, runtime: RuntimeConfig,
                  demo: bool = False) -> None:
-    """Predicts the Kaggle test/ folder into submission.csv (with the bag when there is one)."""
+    """Predicts the Kaggle test/ folder into submission.csv (with the bag when there is one):
+    exactly the rows and columns of sample_submission.csv when it exists."""
     test = discovery.discover_unlabelled(job.dataset.data_dir)
     test = scan.filter_bad_images(test, job.model.image_size, "skip",
                                   job.run.file("bad_test_images.csv"), keep_rows=True)
@@ -270,15 +298,16 @@ def predict_test(job: Job, config: PredictConfig, runtime: RuntimeConfig,
     outputs = inference.predict_frame(model, test, job.model.image_size, runtime.batch_size,
                                       config.tta)
     probs = job.task.probabilities(outputs)
-    job.run.note("submission", write_predictions(test.name, probs, job.run.file("submission.csv"),
-                                                 job.task.class_names))
+    job.run.note("submission", write_predictions(
+        test.name, probs, job.run.file("submission.csv"), job.task.class_names,
+        binary_column=submission_column(job.dataset.sample_submission)))
     hidden = os.path.join(job.dataset.data_dir, "test_labels.csv")
     if demo and os.path.isfile(hidden):
-        truth = discovery.read_labels_csv(hidden)
-        y = truth.set_index("name").label.reindex(test.name).to_numpy()
-        scores = job.task.scores(y, probs)
-        print(f"demo test set (synthetic): AUC {scores['auc']:.4f}, accuracy "
-              f"{scores['accuracy']:.4f}")
+        truth = labels.read_labels(hidden, class_order=job.task.class_names,
+                                   task=job.task.kind).frame
+        y = np.asarray(truth.set_index("name").label.reindex(test.name).tolist())
+        print(f"demo test set (synthetic): "
+              f"{summary.scores_line(job.task, job.task.scores(y, probs))}")
 
 
 def _run_stages(cfg: TrainConfig, engine=None):

@@ -27,8 +27,10 @@ def heads(results: Dict[str, HeadResult], probe: dict, best: HeadResult, task: T
                      f"{r.seconds:.1f} s, from {r.start_layer})")
     cv = (f", CV {label(name)} {probe[f'cv_{name}_mean']:.4f} +- {probe[f'cv_{name}_std']:.4f}"
           if f"cv_{name}_mean" in probe else "")
-    lines.append(f"linear probe (baseline): val {label(name)} {probe[f'val_{name}']:.4f}, "
-                 f"accuracy {probe['val_accuracy']:.3f}{cv}")
+    other = "auc" if name == "accuracy" else "accuracy"
+    lines.append(f"linear probe (baseline): val {label(name)} {probe[f'val_{name}']:.4f}"
+                 + (f", {label(other)} {probe[f'val_{other}']:.3f}"
+                    if f"val_{other}" in probe else "") + cv)
     probe_score = (probe.get(f"cv_{name}_mean", probe[f"val_{name}"]) if best.cv
                    else probe[f"val_{name}"])
     what = f"CV {label(name)}" if best.cv else f"val {label(name)}"
@@ -36,3 +38,21 @@ def heads(results: Dict[str, HeadResult], probe: dict, best: HeadResult, task: T
     lines.append(f"best scenario {best.scenario} {verdict} the probe: {what} {best.score:.4f} "
                  f"vs {probe_score:.4f}")
     return "\n".join(lines)
+
+
+def final(task: Task, scenario: str, scores: dict, probe_score, bag) -> str:
+    """The final model's line: its validation scores beside the probe's and the bag's."""
+    name = task.headline
+    other = "auc" if name == "accuracy" else "accuracy"
+    return (f"final model (scenario {scenario}): validation {label(name)} {scores[name]:.4f}, "
+            f"{label(other)} {scores[other]:.4f}"
+            + (f"; linear probe {probe_score:.4f}" if probe_score is not None else "")
+            + (f"; bag of {bag['members']} {bag[f'val_{name}']:.4f}" if bag else ""))
+
+
+def scores_line(task: Task, scores: dict) -> str:
+    """``AUC 0.9875, accuracy 0.9000`` (the headline first, then accuracy or AUC)."""
+    name = task.headline
+    other = "auc" if name == "accuracy" else "accuracy"
+    return f"{label(name)} {scores[name]:.4f}" + (
+        f", {label(other)} {scores[other]:.4f}" if other in scores else "")
