@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import common
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from anywhere without installing
@@ -33,62 +34,86 @@ def _train(args, workdir, *extra):
     return common.run_train(args, workdir, *extra)
 
 
-def scenario_cv(args):
-    """Section 1: CV of A, B, C at the table's rates and at 1e-3, on the training split."""
-    import numpy as np
-    from features import backbone, cache, cv as cv_lib, heads, probe, scenarios, task
+def _data(args):
+    """(task, classifier, train split's features and labels) with the plain cache filled."""
+    from features import backbone, cache, precision, task as task_lib
     from features.weights import weights_identity
     from pipeline import discovery, scan, split
+    chosen = precision.resolve_and_apply("auto")  # what train.py would compute in here
     ds = discovery.discover(args.data_dir)
+    task = task_lib.Task(ds.kind, ds.class_names)
     frame = scan.filter_bad_images(ds.frame, args.image_size, "skip",
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))
     train, _ = split.split_train_val(frame, 0.2, 0)
-    clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
+    clf = backbone.build_classifier(args.weights, False, args.image_size, 0, units=task.units,
+                                    activation=task.activation)
     spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
-                           cache.cached_layers(False), "float32", ds.data_dir)
+                           cache.cached_layers(False), "float32", ds.data_dir,
+                           precision=chosen.policy)
     path = cache.ensure_features(clf, spec, frame, args.cache_dir, args.batch_size).path
-    feats = cache.load_features(path, spec, train, spec.layers)
-    y = train.label.to_numpy()
-    folds = cv_lib.make_folds(y, 5, 0)
-    binary = task.binary()
-    p = probe.cross_validate(probe.pooled(feats["block5_pool"]), y, folds, binary)
-    print(f"\n## 1. 5-fold CV on the training split ({len(y)} images, {args.image_size} px, "
-          f"{args.epochs} epochs)\n")
-    print("| head | learning rate | CV AUC at chosen epoch | epoch | AUC per epoch (mean) | s |")
-    print("|---|---|---|---|---|---|")
-    print(f"| linear probe | C by inner CV | {p['auc_mean']:.4f} ± {p['auc_std']:.4f} | | | |")
+    y = np.asarray(train.label.tolist())
+    return task, clf, cache.load_features(path, spec, train, spec.layers), y
+
+
+def _pm(mean, std) -> str:
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def scenario_cv(args):
+    """Section 1: CV of A, B, C at the table's rates and at 1e-3, on the training split;
+    the task's headline metric and, beside it, macro ROC AUC (accuracy for binary)."""
+    from features import cv as cv_lib, heads, probe, scenarios
+    task, clf, feats, y = _data(args)
+    name = task.headline
+    other = "auc" if name != "auc" else "accuracy"
+    folds = cv_lib.make_folds(y, 5, 0, task)
+    p = probe.choose(feats["block5_pool"], y, task, folds)
+    print(f"\n## 1. 5-fold CV on the training split ({len(y)} images, {task.describe()}, "
+          f"{args.image_size} px, {args.epochs} epochs)\n")
+    print(f"| head | learning rate | CV {name} at chosen epoch | CV {other} | epoch | "
+          f"{name} per epoch (mean) | s |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| linear probe | {p.config.describe()} (best of {p.tried} by CV) | "
+          f"{_pm(p.mean, p.std)} | | | | |")
     for s in args.scenarios.split(","):
         row = scenarios.get_scenario(s)
         for lr in sorted({row.learning_rate, 1e-3}, reverse=True):
             started = time.perf_counter()
-            with heads.HeadConfig(s, lr).trainer(clf, binary) as trainer:
+            with heads.HeadConfig(s, lr).trainer(clf, task) as trainer:
                 result = cv_lib.cross_validate(trainer, feats[row.start_layer(False)], y, folds,
                                                epochs=args.epochs, batch_size=args.batch_size,
                                                seed=0, keep_members=False)
             cv = result.summary()
+            at = cv["other_metrics_at_epoch"].get(other, {"mean": np.nan, "std": np.nan})
             tag = " (table default)" if lr == row.learning_rate else ""
-            print(f"| {s} | {lr:g}{tag} | {cv['auc_mean']:.4f} ± {cv['auc_std']:.4f} | "
-                  f"{cv['epoch']} | {' '.join(f'{m:.3f}' for m in cv['mean_auc_per_epoch'])} | "
+            print(f"| {s} | {lr:g}{tag} | {_pm(cv[f'{name}_mean'], cv[f'{name}_std'])} | "
+                  f"{_pm(at['mean'], at['std'])} | {cv['epoch']} | "
+                  f"{' '.join(f'{m:.3f}' for m in cv[f'mean_{name}_per_epoch'])} | "
                   f"{time.perf_counter() - started:.0f} |", flush=True)
-    return np
 
 
 def end_to_end(args):
     """Sections 2 and 3: train.py with defaults, then model vs bag, TTA, on held-out images."""
-    import numpy as np
     import pandas as pd
-    from features import inference, task
+    from features import inference
     workdir = os.path.join(args.work, "e2e")
     stdout, seconds = _train(args, workdir, f"--finetune_epochs={args.finetune_epochs}")
     metrics = json.load(open(os.path.join(workdir, "metrics.json")))
     print(f"\n## 2. train.py, default flags + --finetune_epochs={args.finetune_epochs} "
           f"({seconds:.0f} s)\n")
     print("```\n" + "\n".join(line for line in stdout.splitlines() if line.startswith(
-        ("scenario", "linear probe", "best scenario", "final model"))) + "\n```")
-    split = pd.read_csv(os.path.join(workdir, "split.csv"))
-    val = split[split.subset == "val"]
-    print(f"\n## 3. Held-out split ({len(val)} images): single model vs bag, TTA\n")
-    print("| model | tta=1 AUC | tta=2 AUC | tta=4 AUC |")
+        ("scenario", "linear probe", "best scenario", "final model", "most confused")))
+        + "\n```")
+    model, info = inference.load_exported(workdir)
+    task = inference.task_of(info)
+    split_csv = pd.read_csv(os.path.join(workdir, "split.csv"), dtype={"name": str})
+    val = split_csv[split_csv.subset == "val"]
+    index = {n: i for i, n in enumerate(task.class_names)}
+    y = (val.label.to_numpy() if task.kind == "binary" else
+         np.array([index[v] for v in val.label]))
+    name = task.headline
+    print(f"\n## 3. Held-out split ({len(val)} images): single model vs bag, TTA ({name})\n")
+    print(f"| model | tta=1 {name} | tta=2 {name} | tta=4 {name} |")
     print("|---|---|---|---|")
     for bag in (False, True):
         if bag and not os.path.isfile(os.path.join(workdir, inference.BAG_FILE)):
@@ -96,15 +121,14 @@ def end_to_end(args):
         model, _ = inference.load_exported(workdir, bag=bag)
         row = []
         for tta in (1, 2, 4):
-            probs = inference.predict_paths(model, val.path.tolist(), val.name.tolist(),
-                                            args.image_size, args.batch_size, tta,
-                                            progress=False)[:, 0]
-            row.append(task.binary().scores(val.label.to_numpy(), probs)["auc"])
-        name = (f"bag.keras ({metrics['bag']['members']} members)" if bag
-                else f"model.keras (scenario {metrics['finetune']['scenario']})")
-        print(f"| {name} | " + " | ".join(f"{a:.4f}" for a in row) + " |", flush=True)
-    print(f"| linear probe (same split) | {metrics['probe']['val_auc']:.4f} | | |")
-    return np
+            probs = task.probabilities(inference.predict_paths(
+                model, val.path.tolist(), val.name.tolist(), args.image_size,
+                args.batch_size, tta, progress=False))
+            row.append(task.scores(y, probs)[name])
+        label = (f"bag.keras ({metrics['bag']['members']} members)" if bag
+                 else f"model.keras (scenario {metrics['finetune']['scenario']})")
+        print(f"| {label} | " + " | ".join(f"{a:.4f}" for a in row) + " |", flush=True)
+    print(f"| linear probe (same split) | {metrics['probe'][f'val_{name}']:.4f} | | |")
 
 
 def sweep(args):

@@ -191,3 +191,11 @@ def format_cv(result: CVResult, metric_label: Optional[str] = None) -> str:
         result.metric, result.metric)
     return (f"{result.curves.shape[0]}-fold CV {label} {result.mean:.4f} +- "
             f"{result.std:.4f}")
+
+
+def fold_of(folds: Folds, n: int) -> np.ndarray:
+    """Which fold validates each of the ``n`` rows."""
+    out = np.full(n, -1)
+    for k, (_, va) in enumerate(folds):
+        out[va] = k
+    return out

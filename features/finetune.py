@@ -346,8 +346,9 @@ def _fit_model(classifier, blocks, task, val_frame, cached, on_model, augment, s
         fit_model = classifier.model_from(start)
         return (fit_model, _feature_validation(fit_model, task, cached.val_x, batch_size),
                 cached.val_y, f"{cached.views} cached view(s) of {cached.start_layer}")
-    validate = _image_validation(classifier.model, task, val_frame, image_size, batch_size)
-    y_val = np.asarray(val_frame.label.tolist())
+    validate = (_image_validation(classifier.model, task, val_frame, image_size, batch_size)
+                if val_frame is not None else None)
+    y_val = np.asarray(val_frame.label.tolist()) if val_frame is not None else None
     if on_model and not augment_lib.get_preset(augment).is_identity:
         image = keras.Input(classifier.model.input.shape[1:], name="image")
         fit_model = keras.Model(image, classifier.model(
@@ -376,3 +377,23 @@ def _training_data(task, train_frame, cached, image_size, batch_size, augment, s
 
 def _class_weights(task: Task, y, class_weight):
     return sample_weights(task, y, class_weight) if class_weight else None
+
+
+def fit_fixed(classifier: backbone.Classifier, blocks, task: Task, frame: pd.DataFrame,
+              cached: Optional[CachedViews], *, epochs: int, image_size: int, batch_size: int,
+              augment: str, learning_rate: float, optimizer: str = "adam", seed: int = 0,
+              augment_on: str = "auto", label_smoothing: float = 0.0,
+              class_weight=None) -> None:
+    """Fine-tunes ``blocks`` for exactly ``epochs`` epochs on ``frame`` (or its cached
+    views), with no validation, early stopping or checkpoints: the refit on every label,
+    for an epoch count a validated run already chose."""
+    classifier.set_trainable(blocks, log=False)
+    on_model = augment_on == "model" or (augment_on == "auto" and gpu_available())
+    fit_model, _, _, _ = _fit_model(classifier, blocks, task, None, cached, on_model, augment,
+                                    seed, image_size, batch_size)
+    fit_model.compile(optimizer=backbone.make_optimizer(optimizer, learning_rate),
+                      loss=task.loss(label_smoothing), metrics=task.keras_metrics())
+    train, steps = _training_data(task, frame, cached, image_size, batch_size, augment, seed,
+                                  epochs, on_model, class_weight)
+    fit_model.fit(train, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
+                  callbacks=[EpochLog("Refit fine-tuning", epochs)])

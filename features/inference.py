@@ -56,6 +56,19 @@ def task_of(info: dict) -> Task:
     return Task(info.get("task", "binary"), tuple(names))
 
 
+def read_info(workdir: str) -> dict:
+    """``model_info.json`` of an exported model."""
+    path = os.path.join(workdir, INFO_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"No exported model in {workdir}: expected {MODEL_FILE} and "
+                          f"{INFO_FILE} (written by train.py at the end of fine-tuning).") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"Cannot read {path}: {err}") from err
+
+
 def load_exported(workdir: str, bag: bool = False, policy: Optional[str] = None):
     """Loads ``model.keras`` (or, with ``bag``, ``bag.keras``) in safe mode (no
     deserialised code), and its info dict.

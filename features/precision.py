@@ -10,7 +10,7 @@ both ways and a bf16 matmul was 0.77x float32 (docs/benchmarks.md), so `auto`
 picks float32 there.
 
 Only the conv base (blocks 1-5) computes in the chosen policy. The dense head
-computes in float32 under every policy (`FLOAT32_LAYERS`): measured on an
+computes in float32 under every policy (its layers are built so): measured on an
 AVX512-BF16 CPU, the heads cost the same either way, and a bfloat16 head made
 scenario A's final fit another random draw (other dropout masks) rather than a
 worse model; with a float32 head, heads trained on bfloat16-extracted features
@@ -28,10 +28,6 @@ from pipeline.errors import ConfigError
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 CHOICES = ("auto",) + POLICIES
-# Layers that compute in float32 whatever the policy: the dense head (see
-# `features.backbone.build_classifier`: it costs nothing measurable and keeps the
-# heads' results independent of the conv base's precision) and the bag's average.
-FLOAT32_LAYERS = ("flatten", "fc1", "fc2", "dropout", "predictions", "average")
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -124,15 +120,16 @@ def current_policy() -> str:
 
 
 def _retyped(config, policy: str, inside: Optional[str] = None):
-    """A copy of a Keras config in which every layer computes in ``policy``, except
-    `FLOAT32_LAYERS`, which stay float32."""
+    """A copy of a Keras config in which the conv base's layers (``block*``) compute in
+    ``policy``; every other layer (the head, a probe, the bag's average) keeps its dtype."""
     if isinstance(config, list):
         return [_retyped(c, policy, inside) for c in config]
     if not isinstance(config, dict):
         return config
     if config.get("class_name") == "DTypePolicy" and isinstance(config.get("config"), dict):
-        name = "float32" if inside in FLOAT32_LAYERS else policy
-        return {**config, "config": {**config["config"], "name": name}}
+        if not (inside or "").startswith("block"):
+            return config
+        return {**config, "config": {**config["config"], "name": policy}}
     layer = config.get("name") if isinstance(config.get("name"), str) else inside
     return {k: _retyped(v, policy, layer if k == "config" else inside)
             for k, v in config.items()}

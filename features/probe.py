@@ -1,21 +1,29 @@
-"""The linear probe: the baseline every heads stage is compared with.
+"""The linear probe: the baseline every heads stage is compared with, and a candidate.
 
-A scikit-learn logistic regression on globally average-pooled ``block5_pool``
-features (512 numbers per image, standardised), its inverse regularisation
-strength C chosen by an inner stratified cross-validation. It is the simplest
-sound use of frozen features; a deep head that cannot beat it adds nothing, so
-every run reports both side by side. Multi-class tasks get the multinomial
-model, multi-label ones one model per label.
+A scikit-learn logistic regression on frozen ``block5_pool`` features. How the
+features are pooled (global average, global max, or flattened), whether they are
+standardised, and the inverse regularisation strength C are chosen by
+cross-validation on the training photos alone: on the cross-validation folds of
+the heads when the run has them (so the probe and the heads are scored on the
+same folds), else on an inner stratified 5-fold split. Measured on held-out
+photos, unscaled features beat standardised ones on every set tried
+(docs/benchmarks.md), which is why scaling is a choice and not a given.
+
+Multi-class tasks get the multinomial model, multi-label ones one model per
+label. `keras_head` turns a fitted probe into a small Keras head (pooling,
+optional standardisation, one Dense layer) over the frozen conv base, so a probe
+that wins can be exported and used by predict.py like any other model.
 """
 
+import dataclasses
+import itertools
 import logging
 import warnings
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -23,61 +31,60 @@ from sklearn.preprocessing import StandardScaler
 from features import cv as cv_lib, scenarios
 from features.task import Task
 
-# Inverse regularisation strengths searched by the inner CV (1e-4 .. 1e2).
-C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))
 PROBE_LAYER = scenarios.BLOCK5_POOL
-_SCORING = {"binary": "roc_auc", "multiclass": "neg_log_loss", "multilabel": "average_precision"}
+POOLINGS = ("average", "max", "flatten")
+# Inverse regularisation strengths searched (1e-4 .. 1e2).
+C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
+INNER_FOLDS = 5
 
 
-def pooled(features, chunk: int = 256) -> np.ndarray:
-    """Global average pooling of [N, H, W, C] feature maps to [N, C] (2-D input passes).
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """One probe variant: pooling, standardisation, C."""
+    pooling: str = "average"
+    scaled: bool = False
+    c: float = 1.0
 
-    Streamed features (`rows.H5Rows`) are pooled ``chunk`` rows at a time, so only
-    the [N, C] result is ever in memory.
-    """
-    if not isinstance(features, np.ndarray) and len(features.shape) == 4:
-        return np.concatenate([np.asarray(features[i:i + chunk], np.float32).mean(axis=(1, 2))
-                               for i in range(0, len(features), chunk)]) if len(features) \
-            else np.zeros([0, features.shape[-1]], np.float32)
-    features = np.asarray(features, np.float32)
-    return features.mean(axis=(1, 2)) if features.ndim == 4 else features
+    def describe(self) -> str:
+        return f"{self.pooling} pooling, {'standardised' if self.scaled else 'raw'}, C={self.c:g}"
 
 
-def fit(x: np.ndarray, y, task: Task, seed: int = 0, inner_folds: int = 5):
-    """Fits the probe on pooled features ``x``; returns the fitted scikit-learn estimator.
+def pooled(features, how: str = "average", chunk: int = 256) -> np.ndarray:
+    """[N, H, W, C] feature maps to [N, D]: global average, global max, or flattened.
+    2-D input passes. Streamed features (`rows.H5Rows`) are pooled ``chunk`` rows at a
+    time, so only the [N, D] result is ever in memory."""
+    def one(block):
+        block = np.asarray(block, np.float32)
+        if block.ndim != 4:
+            return block
+        if how == "average":
+            return block.mean(axis=(1, 2))
+        if how == "max":
+            return block.max(axis=(1, 2))
+        return block.reshape(len(block), -1)
+    if isinstance(features, np.ndarray):
+        return one(features)
+    parts = [one(features[i:i + chunk]) for i in range(0, len(features), chunk)]
+    return np.concatenate(parts) if parts else np.zeros([0, features.shape[-1]], np.float32)
 
-    The inner CV uses at most as many folds as the smallest class has images.
-    """
-    y = np.asarray(y).astype(int)
-    model = LogisticRegression(max_iter=5000)
+
+def _estimator(task: Task, config: ProbeConfig, class_weight: Optional[dict]):
+    weights = None
+    if class_weight and task.kind != "multilabel":
+        weights = {c: w for c, w in class_weight.items()}
+    model = LogisticRegression(C=config.c, max_iter=2000, class_weight=weights)
     if task.kind == "multilabel":
         model = OneVsRestClassifier(model)
-        param = "onevsrestclassifier__estimator__C"
-        smallest = int(min(y.sum(axis=0).min(), (1 - y).sum(axis=0).min()))
-        splitter_y = cv_lib.stratify_key(task, y)
-    else:
-        param = "logisticregression__C"
-        counts = np.bincount(y)
-        smallest = int(counts[counts > 0].min())
-        splitter_y = y
-    pipe = make_pipeline(StandardScaler(), model)
-    folds = int(min(inner_folds, smallest))
-    if folds < 2:  # too few images to choose C: keep scikit-learn's default C=1
-        return pipe.fit(x, y)
-    inner = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(
-        x, splitter_y if task.kind != "multilabel" else np.zeros(len(y))))
-    search = GridSearchCV(pipe, {param: list(C_GRID)}, scoring=_SCORING[task.kind], cv=inner)
+    return make_pipeline(StandardScaler(), model) if config.scaled else make_pipeline(model)
+
+
+def fit(x: np.ndarray, y, task: Task, config: ProbeConfig, class_weight=None):
+    """Fits one probe variant on pooled features ``x``; returns the scikit-learn pipeline."""
     with warnings.catch_warnings():
         # Weakly regularised fits on separable features may stop at max_iter; the
-        # inner CV judges them on held-out data like any other candidate.
+        # cross-validation judges them on held-out data like any other candidate.
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return search.fit(x, y)
-
-
-def chosen_c(estimator) -> float:
-    """The C the inner CV picked (1.0 when there was no search)."""
-    params = getattr(estimator, "best_params_", None)
-    return float(next(iter(params.values()))) if params else 1.0
+        return _estimator(task, config, class_weight).fit(x, np.asarray(y).astype(int))
 
 
 def probabilities(estimator, x, task: Task) -> np.ndarray:
@@ -86,43 +93,114 @@ def probabilities(estimator, x, task: Task) -> np.ndarray:
     return probs[:, 1] if task.kind == "binary" else probs
 
 
-def evaluate(x_train, y_train, x_val, y_val, task: Task, seed: int = 0) -> dict:
-    """Fits on the training images and scores the validation ones (plus ``C``)."""
-    estimator = fit(x_train, y_train, task, seed)
-    return {**task.scores(y_val, probabilities(estimator, x_val, task)),
-            "C": chosen_c(estimator)}
+@dataclasses.dataclass
+class Choice:
+    """The probe variant chosen by cross-validation, with its fold scores."""
+    config: ProbeConfig
+    fold_scores: List[float]
+    oof_probs: np.ndarray
+    tried: int
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.fold_scores))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.fold_scores))
 
 
-def cross_validate(x, y, folds: Sequence, task: Task, seed: int = 0) -> Dict[str, object]:
-    """The probe's headline score on each (train, validation) index pair: mean, std, list."""
+def choose(features, y, task: Task, folds: Optional[Sequence] = None, seed: int = 0,
+           class_weight=None, poolings: Sequence[str] = POOLINGS) -> Choice:
+    """Scores every pooling x standardisation x C on ``folds`` (default: an inner
+    stratified 5-fold split of these rows) and returns the best by mean score."""
+    y = np.asarray(y)
+    if folds is None:
+        smallest = (int(y.sum(axis=0).min()) if task.kind == "multilabel"
+                    else int(np.bincount(y.astype(int)).min()))
+        folds = cv_lib.make_folds(y, max(2, min(INNER_FOLDS, smallest)), seed, task)
+    best = None
+    tried = 0
+    for how in poolings:
+        x = pooled(features, how)
+        for scaled, c in itertools.product((False, True), C_GRID):
+            config = ProbeConfig(how, scaled, c)
+            scores, oof = [], np.zeros((len(y), *((task.units,) if task.units > 1 else ())))
+            for tr, va in folds:
+                probs = probabilities(fit(x[tr], y[tr], task, config, class_weight), x[va], task)
+                oof[va] = probs
+                scores.append(task.scores(y[va], probs)[task.headline])
+            tried += 1
+            if best is None or np.mean(scores) > np.mean(best.fold_scores) + 1e-12:
+                best = Choice(config, scores, oof, 0)
+    best.tried = tried
+    return best
+
+
+def run(train_feats: Dict[str, object], y_train, val_feats: Dict[str, object], y_val,
+        task: Task, folds: Optional[Sequence] = None, seed: int = 0, class_weight=None):
+    """The probe of one heads stage: the variant chosen by CV on the training split
+    (on ``folds``, the heads' folds, when given), fitted on the whole split, scored on
+    the validation set. Returns (the dict stored under ``metrics.json``'s ``probe`` key,
+    the chosen `Choice`, the fitted estimator)."""
+    choice = choose(train_feats[PROBE_LAYER], y_train, task, folds, seed, class_weight)
+    x_train = pooled(train_feats[PROBE_LAYER], choice.config.pooling)
+    estimator = fit(x_train, y_train, task, choice.config, class_weight)
+    val = task.scores(y_val, probabilities(
+        estimator, pooled(val_feats[PROBE_LAYER], choice.config.pooling), task))
+    name = task.headline
+    out = {**{f"val_{k}": round(v, 6) for k, v in val.items()}, "C": choice.config.c,
+           "pooling": choice.config.pooling, "standardised": choice.config.scaled,
+           "features": f"{choice.config.pooling} of {PROBE_LAYER}",
+           "model": f"LogisticRegression ({choice.config.describe()}; chosen among "
+                    f"{choice.tried} variants by CV on the training split)"}
+    if folds:
+        out.update({f"cv_{name}_mean": round(choice.mean, 6),
+                    f"cv_{name}_std": round(choice.std, 6),
+                    f"cv_fold_{name}s": [round(float(s), 6) for s in choice.fold_scores]})
+    logging.info("Linear probe (%s): val %s %.4f%s", choice.config.describe(), name, val[name],
+                 f", {len(folds)}-fold CV {name} {choice.mean:.4f} +- {choice.std:.4f}"
+                 if folds else "")
+    return out, choice, estimator
+
+
+def cross_validate(x, y, folds: Sequence, task: Task, seed: int = 0,
+                   config: ProbeConfig = ProbeConfig()) -> Dict[str, object]:
+    """One probe variant's headline score on each (train, validation) index pair."""
     y = np.asarray(y)
     name = task.headline
-    scores = [evaluate(x[tr], y[tr], x[va], y[va], task, seed)[name] for tr, va in folds]
+    scores = [task.scores(y[va], probabilities(fit(x[tr], y[tr], task, config), x[va],
+                                               task))[name] for tr, va in folds]
     return {f"{name}_mean": float(np.mean(scores)), f"{name}_std": float(np.std(scores)),
             f"fold_{name}s": [round(a, 6) for a in scores], "folds": len(folds)}
 
 
-def run(train_feats: Dict[str, object], y_train, val_feats: Dict[str, object], y_val,
-        task: Task, folds: Optional[Sequence] = None, seed: int = 0) -> dict:
-    """The probe of one heads stage: scored on the validation set and, given ``folds``
-    (index pairs into the training set), cross-validated on the same folds as the heads.
-
-    Returns the dict stored under ``metrics.json``'s ``probe`` key.
-    """
-    x_train = pooled(train_feats[PROBE_LAYER])
-    x_val = pooled(val_feats[PROBE_LAYER])
-    result = evaluate(x_train, y_train, x_val, y_val, task, seed)
-    name = task.headline
-    out = {**{f"val_{k}": round(v, 6) for k, v in result.items() if k != "C"},
-           "C": result["C"], "features": f"global average of {PROBE_LAYER}",
-           "model": "StandardScaler + LogisticRegression (C by inner stratified CV)"}
-    if folds:
-        cv = cross_validate(x_train, y_train, folds, task, seed)
-        out.update({f"cv_{name}_mean": round(cv[f"{name}_mean"], 6),
-                    f"cv_{name}_std": round(cv[f"{name}_std"], 6),
-                    f"cv_fold_{name}s": cv[f"fold_{name}s"]})
-    logging.info("Linear probe (logistic regression on pooled %s, C=%g): val %s %.4f%s",
-                 PROBE_LAYER, result["C"], name, result[name],
-                 f", {len(folds)}-fold CV {name} {out[f'cv_{name}_mean']:.4f} +- "
-                 f"{out[f'cv_{name}_std']:.4f}" if folds else "")
-    return out
+def keras_head(estimator, config: ProbeConfig, task: Task, input_shape, name: str = "probe"):
+    """The fitted probe as a Keras model from ``block5_pool`` features: pooling (or
+    flatten), the standardisation when it has one (a Normalization layer), and one
+    Dense layer with the regression's weights and the task's activation. Plain layers
+    only, so a model built on it loads with ``safe_mode=True``."""
+    import keras
+    steps = dict(estimator.named_steps)
+    model = steps.get("logisticregression") or steps.get("onevsrestclassifier")
+    if isinstance(model, OneVsRestClassifier):
+        coef = np.concatenate([m.coef_ for m in model.estimators_])
+        intercept = np.concatenate([m.intercept_ for m in model.estimators_])
+    else:
+        coef, intercept = model.coef_, model.intercept_
+    if coef.shape[0] != task.units:  # two classes as --task=multiclass: softmax([0, z])
+        coef = np.concatenate([np.zeros_like(coef), coef])
+        intercept = np.concatenate([np.zeros_like(intercept), intercept])
+    inputs = keras.Input(input_shape, name=f"{name}_features")
+    pool = {"average": keras.layers.GlobalAveragePooling2D, "max":
+            keras.layers.GlobalMaxPooling2D, "flatten": keras.layers.Flatten}[config.pooling]
+    x = pool(name=f"{name}_pool", dtype="float32")(inputs)
+    if config.scaled:
+        scaler = steps["standardscaler"]
+        x = keras.layers.Normalization(mean=scaler.mean_, variance=scaler.var_,
+                                       name=f"{name}_standardise", dtype="float32")(x)
+    dense = keras.layers.Dense(coef.shape[0], activation=task.activation, dtype="float32",
+                               name=f"{name}_predictions")
+    outputs = dense(x)
+    dense.set_weights([coef.T.astype(np.float32), intercept.astype(np.float32)])
+    return keras.Model(inputs, outputs, name=name)

@@ -69,7 +69,7 @@ def build_grid(names: Sequence[str], learning_rates: Sequence[float],
 def run(classifier: backbone.Classifier, grid: Sequence[heads.HeadConfig], task: Task,
         feats: Dict[str, np.ndarray], labels, folds, *, epochs: int, batch_size: int,
         seed: int, views_feats: Optional[Dict[str, np.ndarray]] = None,
-        memory_budget: float = 2e9, progress: bool = True) -> pd.DataFrame:
+        memory_budget: float = 2e9, class_weight=None, progress: bool = True) -> pd.DataFrame:
     """Cross-validates every grid point on ``folds``; returns the ranked table.
 
     Args:
@@ -95,7 +95,7 @@ def run(classifier: backbone.Classifier, grid: Sequence[heads.HeadConfig], task:
             cv = cv_lib.cross_validate(trainer, feats[start], labels, folds, epochs=epochs,
                                        batch_size=batch_size, seed=seed, views_x=views_x,
                                        memory_budget=memory_budget, keep_members=False,
-                                       progress=bar)
+                                       class_weight=class_weight, progress=bar)
         at = cv.curves[:, cv.epoch - 1]
         rows.append({"scenario": config.scenario, "optimizer": config.optimizer,
                      "learning_rate": config.learning_rate, "dropout": config.dropout,

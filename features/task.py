@@ -110,6 +110,17 @@ class Task:
             return _multiclass_scores(y.astype(int), probs)
         return _multilabel_scores(y.astype(int), probs, thresholds)
 
+    def headline_score(self, y, probs) -> float:
+        """Only the headline metric (fast: bootstraps compute it thousands of times)."""
+        y, probs = np.asarray(y), np.asarray(probs, np.float64)
+        if self.kind == "binary":
+            return _auc(y.astype(int), probs)
+        if self.kind == "multiclass":
+            return float(np.mean(probs.argmax(axis=1) == y))
+        ap = [sk_metrics.average_precision_score(y[:, j], probs[:, j])
+              for j in range(y.shape[1]) if y[:, j].any()]
+        return float(np.mean(ap)) if ap else float("nan")
+
     def describe(self) -> str:
         """One line for logs, e.g. ``multiclass, 12 classes``."""
         if self.kind == "binary":
@@ -202,3 +213,24 @@ def per_class_report(task: Task, y, probs, thresholds=None):
             cuts = dict(zip(task.class_names, thresholds))
             table["threshold"] = [cuts.get(c, np.nan) for c in table["class"]]
     return table
+
+
+# --class_weight=auto weights the classes when the smallest has under this share.
+IMBALANCED = 0.30
+
+
+def class_weights(task: Task, y, mode: str = "auto"):
+    """{class index: weight} for ``--class_weight``, or None for no weighting.
+
+    ``balanced`` (and ``auto`` when the smallest class has under `IMBALANCED` of the
+    images) weighs each class by N / (K * its count), scikit-learn's "balanced" rule,
+    so every class carries the same total weight in the loss. Multi-label tasks are
+    not weighted (a label's absence is not a class).
+    """
+    if mode == "none" or task.kind == "multilabel":
+        return None
+    y = np.asarray(y).astype(int)
+    counts = np.bincount(y, minlength=len(task.class_names)).astype(float)
+    if mode == "auto" and counts.min() / counts.sum() >= IMBALANCED:
+        return None
+    return {c: float(len(y) / (len(counts) * n)) for c, n in enumerate(counts) if n > 0}

@@ -89,16 +89,44 @@ def test_probe_separates_separable_features_and_not_random_labels():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 40)
     x = rng.normal(size=(80, 2, 2, 8)) + y[:, None, None, None] * 1.5
-    assert probe.pooled(x).shape == (80, 8)
+    assert probe.pooled(x).shape == (80, 8) and probe.pooled(x, "flatten").shape == (80, 32)
     np.testing.assert_allclose(probe.pooled(x)[0], x[0].mean(axis=(0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(probe.pooled(x, "max")[0], x[0].max(axis=(0, 1)), rtol=1e-6)
     order = rng.permutation(80)
     tr, va = order[:60], order[60:]
-    good = probe.evaluate(probe.pooled(x[tr]), y[tr], probe.pooled(x[va]), y[va], BINARY)
-    assert good["auc"] > 0.9 and good["C"] in probe.C_GRID
+    choice = probe.choose(x[tr], y[tr], BINARY)
+    assert choice.tried == len(probe.POOLINGS) * 2 * len(probe.C_GRID)
+    assert choice.mean > 0.9 and choice.config.c in probe.C_GRID
+    fitted = probe.fit(probe.pooled(x[tr], choice.config.pooling), y[tr], BINARY, choice.config)
+    auc = BINARY.scores(y[va], probe.probabilities(
+        fitted, probe.pooled(x[va], choice.config.pooling), BINARY))["auc"]
+    assert auc > 0.9
     noise = rng.normal(size=(80, 8))
     shuffled = rng.permutation(y)
     bad = probe.cross_validate(noise, shuffled, cv.make_folds(shuffled, 4, 0), BINARY)
     assert bad["auc_mean"] < 0.75
+
+
+@pytest.mark.parametrize("kind, units", [("binary", 1), ("multiclass", 3), ("multilabel", 3)])
+@pytest.mark.parametrize("pooling", probe.POOLINGS)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_probe_as_a_keras_head_predicts_what_scikit_learn_predicts(kind, units, pooling,
+                                                                    scaled):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 2, 2, 5)).astype(np.float32) * 10
+    if kind == "multilabel":
+        y = (rng.random((30, 3)) < 0.5).astype(int)
+        y[:, 0] = np.arange(30) % 2
+    else:
+        y = np.arange(30) % (2 if kind == "binary" else 3)
+    task = task_lib.Task(kind, ("a", "b") if kind == "binary" else ("a", "b", "c"))
+    config = probe.ProbeConfig(pooling, scaled, 0.1)
+    fitted = probe.fit(probe.pooled(x, pooling), y, task, config)
+    head = probe.keras_head(fitted, config, task, x.shape[1:])
+    expected = probe.probabilities(fitted, probe.pooled(x, pooling), task)
+    got = task.probabilities(head.predict(x, verbose=0))
+    assert head.output.shape[-1] == units
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -259,8 +287,13 @@ def test_sweep_then_use_sweep_through_the_scripts(kaggle_dir, tmp_path):
     assert metrics["bag"]["members"] == 3 and (workdir / "bag.keras").is_file()
 
     out = tmp_path / "pred.csv"
+    default = _run("predict.py", f"--workdir={workdir}", f"--data_dir={kaggle_dir}",
+                   f"--output={out}")
+    chosen = json.loads((workdir / "model_info.json").read_text())["default_model"]
+    assert default.returncode == 0
+    assert ("bag of 3 models" if chosen == "bag" else "one model") in default.stdout
     with_bag = _run("predict.py", f"--workdir={workdir}", f"--data_dir={kaggle_dir}",
-                    f"--output={out}")
+                    f"--output={out}", "--bag")
     assert with_bag.returncode == 0 and "bag of 3 models" in with_bag.stdout
     bag_probs = pd.read_csv(out).invasive.to_numpy()
     single = _run("predict.py", f"--workdir={workdir}", f"--data_dir={kaggle_dir}",
@@ -316,3 +349,83 @@ def test_config_is_typed_frozen_and_demo_defaults_never_touch_the_flags(tmp_path
     fv(["train.py", f"--data_dir={tmp_path}", "--tta=99"])
     with pytest.raises(ConfigError, match="--tta must be between 1 and 8"):
         config.train_config(fv, list(fv))
+
+
+def test_evidence_needs_a_margin_beyond_noise():
+    from features import evidence
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 2
+    good = np.clip(y * 0.6 + rng.random(60) * 0.4, 0, 1)        # separates the classes
+    noisy = rng.random(60)                                      # does not
+    assert evidence.compare(BINARY, y, good, noisy).better       # the bag must win here
+    assert not evidence.compare(BINARY, y, noisy, good).better   # and must lose here
+    close = np.clip(good + rng.normal(0, 0.02, 60), 0, 1)       # the same model, jittered
+    tie = evidence.compare(BINARY, y, close, good)
+    assert not tie.better and tie.low <= 0 <= tie.high          # a tie keeps the baseline
+
+
+def test_class_weights_reach_the_loss(cached):
+    """1 positive in 10 with a weak signal: unweighted, the head predicts only the majority;
+    balanced weights make it predict the minority too."""
+    clf = cached[0]
+    rng = np.random.default_rng(0)
+    y = np.array([1] * 10 + [0] * 90)
+    x = (rng.normal(size=(100, 1, 1, 512)) + y[:, None, None, None] * 0.35).astype(np.float32)
+    assert task_lib.class_weights(BINARY, y, "auto") == pytest.approx({0: 100 / 180,
+                                                                       1: 100 / 20})
+    assert task_lib.class_weights(BINARY, np.arange(100) % 2, "auto") is None  # balanced data
+    predicted = {}
+    for mode in ("none", "balanced"):
+        with heads.HeadConfig.for_scenario("B", 1e-3).trainer(clf, BINARY) as trainer:
+            state = snapshot(clf.model)
+            trainer.fit(x, y, epochs=5, batch_size=20, seed=0, keep=None,
+                        class_weight=task_lib.class_weights(BINARY, y, mode))
+            predicted[mode] = (trainer.predict(x) >= 0.5).sum()
+            restore(clf.model, state)
+    assert predicted["none"] == 0 and predicted["balanced"] > 0
+
+
+@pytest.mark.slow
+def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch):
+    """With CV making the choices, the exported model is trained again on training +
+    validation images: every labelled row reaches the head and the fine-tuning."""
+    from absl import flags as absl_flags
+    from features import training
+    from workflow import config, flags, stages
+    seen = []
+    real_fit, real_fixed = training.HeadTrainer.fit, finetune.fit_fixed
+
+    def spy_fit(self, x, y, **kw):
+        if kw.get("x_val") is None:  # the refit: no validation rows
+            seen.append(("head", len(y)))
+        return real_fit(self, x, y, **kw)
+
+    def spy_fixed(classifier, blocks, task, frame, cached, **kw):
+        seen.append(("finetune", len(cached.train_y) // cached.views if cached else len(frame)))
+        return real_fixed(classifier, blocks, task, frame, cached, **kw)
+
+    monkeypatch.setattr(training.HeadTrainer, "fit", spy_fit)
+    monkeypatch.setattr(finetune, "fit_fixed", spy_fixed)
+    fv = absl_flags.FlagValues()
+    flags.define_train(fv)
+    fv(["train.py", f"--data_dir={kaggle_dir}", f"--workdir={tmp_path / 'run'}",
+        f"--cache_dir={tmp_path / 'cache'}", "--weights=none", "--noinclude_top",
+        f"--image_size={SIZE}", "--val_size=4", "--batch_size=4", "--epochs=2",
+        "--scenarios=B", "--cv_folds=2", "--finetune_epochs=2", "--patience=5",
+        "--monitor=loss", "--augment=keras_blog", "--notensorboard", "--precision=float32",
+        "--tta=1"])
+    try:
+        stages.run(config.train_config(fv, list(fv)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    refit = metrics["finetune"]["refit"]
+    assert seen[0] == ("head", 12) and refit["rows"] == 12  # 8 training + 4 validation
+    if refit["finetune_epochs"]:
+        assert seen[1] == ("finetune", 12)
+    export = metrics["export"]
+    assert export["refit"] and "cross-validation" in export["estimate"]["how"]
+    assert export["estimate"]["value"] == pytest.approx(metrics["cross_validation"]["B"]
+                                                        ["auc_mean"])
+    info = json.loads((tmp_path / "run" / "model_info.json").read_text())
+    assert info["refit"] and info["default_model"] in ("model", "bag")

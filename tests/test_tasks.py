@@ -256,7 +256,7 @@ def test_multilabel_end_to_end_writes_thresholds_per_label_metrics_and_tags(tmp_
     assert info["task"] == "multilabel" and info["class_names"] == ["blue", "plain", "red"]
     assert len(info["thresholds"]) == 3
     metrics = json.loads((workdir / "metrics.json").read_text())
-    assert {"val_map", "val_f1_micro", "val_f1_macro"} <= set(metrics["finetune"])
+    assert {"val_map", "val_f1_micro", "val_f1_macro", "thresholds"} <= set(metrics["final"])
     report = pd.read_csv(workdir / "classification_report.csv")
     assert {"auc", "threshold"} <= set(report.columns)  # per-label AUC and threshold
     out = tmp_path / "tags.csv"

@@ -59,6 +59,8 @@ class HeadsConfig:
     cv_folds: str
     bag: bool
     label_smoothing: float = 0.0
+    class_weight: str = "auto"      # auto, balanced or none
+    refit: Optional[bool] = None    # None: on when cross-validation made the choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +96,7 @@ class FinetuneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
-    tta: int
+    tta: Union[int, str]  # a number of views, or "auto" (chosen by evidence)
     bag: bool
 
 
@@ -211,7 +213,7 @@ def _check(values: dict) -> None:
     if values["image_size"] < 32:
         raise ConfigError(f"--image_size must be at least 32 (VGG16 halves it five times); "
                           f"got {values['image_size']}.")
-    check_tta(values["tta"])
+    parse_tta(values["tta"])
     parse_val_size(values["val_size"])
     parse_folds(values["cv_folds"])
     if not 0 <= values["label_smoothing"] < 1:
@@ -223,6 +225,19 @@ def _check(values: dict) -> None:
 def check_tta(n: int) -> None:
     if not 1 <= n <= MAX_TTA:
         raise ConfigError(f"--tta must be between 1 and {MAX_TTA}; got {n}.")
+
+
+def parse_tta(text) -> Union[int, str]:
+    """``--tta``: "auto" or a number of views from 1 to 8."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"--tta must be 'auto' or a number of views between 1 and {MAX_TTA}; "
+                          f"got {text!r}.") from None
+    check_tta(n)
+    return n
 
 
 def train_config(flag_values, names) -> TrainConfig:
@@ -247,7 +262,8 @@ def train_config(flag_values, names) -> TrainConfig:
         cache=CacheConfig(v["cache_dir"], v["cache_dtype"], v["cache_augmented_views"],
                           v["heads_memory_gb"]),
         heads=HeadsConfig(tuple(v["scenarios"]), v["epochs"], v["learning_rate"],
-                          v["optimizer"], str(v["cv_folds"]), v["bag"], v["label_smoothing"]),
+                          v["optimizer"], str(v["cv_folds"]), v["bag"], v["label_smoothing"],
+                          v["class_weight"], v["refit"]),
         sweep=SweepConfig(tuple(v["sweep_scenarios"]),
                           _floats(v["sweep_learning_rates"], "--sweep_learning_rates"),
                           tuple(o.strip().lower() for o in v["sweep_optimizers"]),
@@ -259,6 +275,6 @@ def train_config(flag_values, names) -> TrainConfig:
                                 v["finetune_learning_rate"], v["finetune_epochs"],
                                 v["finetune_views"], v["patience"],
                                 None if v["monitor"] == "auto" else v["monitor"], v["resume"]),
-        predict=PredictConfig(v["tta"], v["bag"]),
+        predict=PredictConfig(parse_tta(v["tta"]), v["bag"]),
         runtime=RuntimeConfig.from_values(v),
         flag_values=dict(values))

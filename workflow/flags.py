@@ -44,7 +44,7 @@ def _shared(fv, tta_help: str) -> None:
                       "decoded: stop with a list of them (fail), or leave it out with a report "
                       "(skip; a prediction CSV still lists it, with an uninformative "
                       "probability).", flag_values=fv, module_name=DATA)
-    flags.DEFINE_integer("tta", 1, tta_help, flag_values=fv, module_name=PREDICT)
+    flags.DEFINE_string("tta", "auto", tta_help, flag_values=fv, module_name=PREDICT)
     flags.DEFINE_enum("precision", "auto", PRECISIONS, "Compute precision of the conv base. "
                       "auto: mixed_bfloat16 on CPUs with AVX512-BF16/AMX and GPUs of compute "
                       "capability >= 8.0, mixed_float16 on older GPUs, float32 otherwise "
@@ -70,8 +70,9 @@ def define_train(fv=flags.FLAGS) -> None:
     """The flags of train.py, section by section."""
     for define in (_train_data, _train_model, _train_heads, _train_sweep, _train_finetune):
         define(dict(flag_values=fv))
-    _shared(fv, "Test-time augmentation views when predicting the test set (1 = plain; 2 adds "
-                "the mirror; up to 8 adds crops).")
+    _shared(fv, "Test-time augmentation views of the exported model: auto = 2 (image and "
+                "mirror) when they beat 1 on the validation images beyond noise, else 1; or a "
+                "number (1 = plain; 2 adds the mirror; up to 8 adds crops).")
 
 
 def _train_data(d: dict) -> None:
@@ -157,8 +158,17 @@ def _train_heads(d: dict) -> None:
                         "the validation set has fewer than 100 images). With CV, the epoch and "
                         "the scenario are chosen by the mean CV score.", module_name=HEADS, **d)
     flags.DEFINE_boolean("bag", True, "With CV: also export bag.keras, the average of the K "
-                         "fold heads of the chosen scenario and the final model.",
-                         module_name=HEADS, **d)
+                         "fold heads of the chosen scenario and the final model; it is the "
+                         "default output only when it beats the single model on the validation "
+                         "images beyond noise.", module_name=HEADS, **d)
+    flags.DEFINE_enum("class_weight", "auto", ["auto", "balanced", "none"], "Weigh classes in "
+                      "the loss of the heads, CV, sweep, probe and fine-tuning: balanced = each "
+                      "class the same total weight; auto = balanced when the smallest class has "
+                      "under 30% of the images.", module_name=HEADS, **d)
+    flags.DEFINE_boolean("refit", None, "Train the exported model again on training + "
+                         "validation images with the settings chosen on them (default: on when "
+                         "cross-validation made the choices; its expected score is then the CV "
+                         "estimate).", module_name=HEADS, **d)
 
 
 def _train_sweep(d: dict) -> None:
@@ -229,13 +239,14 @@ def define_predict(fv=flags.FLAGS) -> None:
                         "print the scores and draw <output>_roc.png, "
                         "<output>_confusion_matrix.png and <output>_top_losses.png.",
                         module_name=PREDICT, **d)
-    flags.DEFINE_boolean("bag", True, "Use the run's bag (bag.keras: the averaged fold heads "
-                         "and final model) when it has one; --nobag uses model.keras alone.",
-                         module_name=PREDICT, **d)
+    flags.DEFINE_boolean("bag", None, "--bag: use the run's bag (bag.keras: the averaged "
+                         "fold heads and final model); --nobag: model.keras alone. Default: what "
+                         "train.py chose by evidence (model_info.json).", module_name=PREDICT, **d)
     flags.DEFINE_enum("output_format", "probabilities", ["probabilities", "label", "tags"],
                       "probabilities: name,<positive class column> (binary) or "
                       "name,<class_1>,...,<class_K>; label: name,label with the most probable "
                       "class; tags: name,tags with the labels above their thresholds "
                       "(multi-label).", module_name=OUTPUTS, **d)
-    _shared(fv, "Test-time augmentation: average over N deterministic views (1 = plain; 2 adds "
+    _shared(fv, "Test-time augmentation: auto = what train.py chose for the model (recorded "
+                "in model_info.json), or average over N deterministic views (1 = plain; 2 adds "
                 "the mirror; up to 8 adds crops).")

@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 from features import backbone, cache as cache_lib, cv as cv_lib, distribute, precision
+from features import task as task_lib
 from features.task import Task
+from features.training import snapshot
 from features.weights import weights_identity
 from pipeline import diskspace, discovery, labels, scan, split
 from workflow import config as config_lib, console
@@ -41,6 +43,9 @@ class Job:
     folds: Optional[list]
     model: ModelConfig
     seed: int
+    initial: object = None       # the classifier's starting state (training.snapshot)
+    class_weight: Optional[dict] = None  # --class_weight, resolved for this data
+    board: Optional[str] = None  # TensorBoard folder, None with --notensorboard
     engine: object = None  # a features.ray_engine.RayEngine with --ray_address
 
     @property
@@ -135,8 +140,14 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
                              expand_nested=True)
     y_train = labels_of(task, train)
     folds = resolve_folds(heads, task, y_train, len(val), data.seed)
+    weights = task_lib.class_weights(task, y_train, heads.class_weight)
+    if weights:
+        logging.info("Class weights (--class_weight=%s): %s.", heads.class_weight, ", ".join(
+            f"{task.class_names[c]} {w:.2f}" for c, w in weights.items()))
     return Job(chosen, dataset, task, frame, train, val, classifier, run, folds, model,
-               data.seed)
+               data.seed, initial=snapshot(classifier.model), class_weight=weights,
+               board=run.note("tensorboard", run.file("tensorboard"))
+               if runtime.tensorboard else None)
 
 
 def cache_spec(job: Job, cache: CacheConfig, augment: str = "none") -> cache_lib.CacheSpec:
@@ -195,6 +206,11 @@ class Features:
             logging.info("Feature cache %s: %d reused, %d computed in %.1f s.", result.path,
                          result.reused, result.computed, result.seconds)
         return feats
+
+    def of(self, frame: pd.DataFrame, views: int = 0, preset: str = "none"):
+        """Features of any images of this run (K augmented views each with ``views``)."""
+        spec = cache_spec(self.job, self.cache, preset if views else "none")
+        return self._load(spec, frame, views, self._stream(views))
 
     def split(self, views: int = 0, preset: str = "keras_blog"):
         """(train, val, views or None): features by layer; the views are K augmented

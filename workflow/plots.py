@@ -121,7 +121,7 @@ def confusion_matrix(y, predicted, class_names: Sequence[str], path: str,
         ax.tick_params(axis="x", labelrotation=90 if k > 4 else 0, labelsize=max(6, 11 - k // 4))
         ax.tick_params(axis="y", labelsize=max(6, 11 - k // 4))
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.02, 1, 0.96))  # room for the title and rotated labels
     return save(fig, path)
 
 

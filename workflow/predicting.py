@@ -21,14 +21,14 @@ class PredictRun(config_lib.Devices):
     output: str = "submission.csv"
     output_format: str = "probabilities"
     labels: Optional[str] = None
-    bag: bool = True
-    tta: int = 1
+    bag: Optional[bool] = None   # None: what train.py chose (model_info.json)
+    tta: str = "auto"
     on_bad_image: str = "fail"
 
     @classmethod
     def from_flags(cls, flag_values) -> "PredictRun":
         """Reads and checks predict.py's flags (no TensorFlow needed)."""
-        config_lib.check_tta(flag_values.tta)
+        config_lib.parse_tta(flag_values.tta)
         if flag_values.labels and not os.path.exists(flag_values.labels):
             raise DataError(f"--labels={flag_values.labels!r}: no such file or folder.")
         return cls.from_values({name: flag_values[name].value for name in flag_values})
@@ -129,8 +129,13 @@ def run(cfg: PredictRun) -> Optional[dict]:
     from pipeline import discovery, progress, scan
     from workflow import interpret
 
-    use_bag = cfg.bag and os.path.isfile(os.path.join(cfg.workdir, inference.BAG_FILE))
     chosen = precision.resolve_and_apply(cfg.precision)
+    info = inference.read_info(cfg.workdir)
+    has_bag = os.path.isfile(os.path.join(cfg.workdir, inference.BAG_FILE))
+    wanted = cfg.bag if cfg.bag is not None else info.get("default_model", "bag") == "bag"
+    use_bag = wanted and has_bag
+    tta = config_lib.parse_tta(cfg.tta)
+    tta = int(info.get("tta", 1)) if tta == "auto" else tta
     model, info = inference.load_exported(cfg.workdir, bag=use_bag, policy=chosen.policy)
     task = inference.task_of(info)
     image_size = int(info["image_size"])
@@ -139,7 +144,7 @@ def run(cfg: PredictRun) -> Optional[dict]:
     frame = scan.filter_bad_images(frame, image_size, cfg.on_bad_image, report, keep_rows=True)
     logging.info("Predicting %d images with %s (%s, %d px, tta=%d, %s).", len(frame),
                  inference.BAG_FILE if use_bag else inference.MODEL_FILE, task.describe(),
-                 image_size, cfg.tta, chosen.policy)
+                 image_size, tta, chosen.policy)
     progress.report("predict", f"predict again ({cfg.output} is only written once every "
                                "row is done)")
     engine = None
@@ -148,7 +153,7 @@ def run(cfg: PredictRun) -> Optional[dict]:
         engine = ray_engine.RayEngine(cfg.ray_address, cfg.ray_workers,
                                       precision=chosen.policy).start()
     try:
-        outputs = inference.predict_frame(model, frame, image_size, cfg.batch_size, cfg.tta,
+        outputs = inference.predict_frame(model, frame, image_size, cfg.batch_size, tta,
                                           engine=engine, workdir=cfg.workdir, bag=use_bag)
     finally:
         if engine is not None:
@@ -157,7 +162,7 @@ def run(cfg: PredictRun) -> Optional[dict]:
     thresholds = info.get("thresholds")
     write_output(frame.name, probs, cfg, task, thresholds)
     used = (f"bag of {info.get('bag', {}).get('members', '?')} models" if use_bag
-            else "one model")
+            else "one model") + f", tta={tta}"
     what = (f"P({task.positive_class})" if task.kind == "binary"
             else f"probabilities of {len(task.class_names)} classes")
     print(f"Wrote {len(frame)} predictions of {what} to {cfg.output} ({used})")

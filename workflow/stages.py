@@ -13,24 +13,14 @@ from typing import Optional
 
 import numpy as np
 
-from features import bag as bag_lib, heads as heads_lib, inference, probe, scenarios, sweep
-from features import finetune as finetune_lib
-from features import task as task_lib
-from features.weights import weights_identity
-from features import cache as cache_lib
+from features import bag as bag_lib, heads as heads_lib, inference, probe, sweep
+from features import cv as cv_lib, evidence
 from pipeline import discovery, labels, progress, scan
-from workflow import interpret, plots, summary
-from workflow.config import (CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig,
-                             RuntimeConfig, SweepConfig, TrainConfig)
+from workflow import export, interpret, plots, summary
+from workflow.export import PROBE
+from workflow.config import (CacheConfig, HeadsConfig, RuntimeConfig, SweepConfig, TrainConfig)
 from workflow.job import Features, Job, check_disk, memory_budget, prepare
 from workflow.outputs import submission_column, write_predictions
-
-
-def _board(job: Job, runtime: RuntimeConfig) -> Optional[str]:
-    """Where TensorBoard logs go (None with --notensorboard)."""
-    if not runtime.tensorboard:
-        return None
-    return job.run.note("tensorboard", job.run.file("tensorboard"))
 
 
 def _interpret(job: Job, folder: str, probs, what: str) -> None:
@@ -48,7 +38,8 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     progress.report("heads", "repeat the heads stage (it trains from the feature cache)")
     views = chosen.views if chosen else cache.augmented_views
     train, val, view_feats = Features(job, cache, runtime.batch_size).split(views, view_preset)
-    baseline = probe.run(train, job.y_train, val, job.y_val, job.task, job.folds, job.seed)
+    baseline, probe_choice, _ = probe.run(train, job.y_train, val, job.y_val, job.task,
+                                          job.folds, job.seed, job.class_weight)
     job.run.update_metrics("probe", baseline)
     configs = ([chosen] if chosen else
                [heads_lib.HeadConfig.for_scenario(s, heads.learning_rate,
@@ -57,8 +48,9 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     results = heads_lib.train_scenarios(
         job.classifier, configs, job.task, train, job.y_train, val, job.y_val,
         epochs=heads.epochs, batch_size=runtime.batch_size, seed=job.seed, folds=job.folds,
-        views_feats=view_feats, out_dir=job.run.path, tensorboard_dir=_board(job, runtime),
-        memory_budget=memory_budget(cache) / 4, label_smoothing=heads.label_smoothing)
+        views_feats=view_feats, out_dir=job.run.path, tensorboard_dir=job.board,
+        memory_budget=memory_budget(cache) / 4, label_smoothing=heads.label_smoothing,
+        class_weight=job.class_weight)
     for s, r in results.items():
         # From the fit's own history, written once and atomically: a CSVLogger writes
         # while training (a kill leaves a torn file) and numbers epochs from 0.
@@ -68,8 +60,10 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     job.run.update_metrics("heads", {s: r.summary() for s, r in results.items()})
     if job.folds:
         job.run.update_metrics("cross_validation", {s: r.cv.summary() for s, r in results.items()})
-    job.run.update_metrics("heads_choice", {"scenario": best.scenario, "by": best.selected_by,
-                                            "score": best.score, "metric": job.task.headline})
+    choice = (_probe_or_head(job, best, probe_choice, baseline) if chosen is None else
+              {"scenario": best.scenario, "by": "--use_sweep", "score": best.score,
+               "metric": job.task.headline})
+    job.run.update_metrics("heads_choice", choice)
     metric = f"val_{job.task.headline}"
     job.run.note("heads plot", plots.curves(
         {s: r.history for s, r in results.items()}, job.run.file("heads_comparison.png"),
@@ -84,8 +78,34 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
         logging.info("Bag: the %d fold heads of scenario %s (kept from its cross-validation) "
                      "saved in %s.", len(members), best.scenario, bag_folder)
     print(summary.heads(results, baseline, best, job.task))
+    if choice["scenario"] == PROBE:
+        print(f"the linear probe is better than scenario {best.scenario} beyond noise: "
+              "it will be the exported model")
     progress.clear("heads")
-    return best.scenario
+    return choice["scenario"]
+
+
+def _probe_or_head(job: Job, best, probe_choice, baseline: dict) -> dict:
+    """The heads stage's choice: the best scenario, or the probe when it is better beyond
+    noise (out-of-fold predictions with CV, else the validation images)."""
+    choice = {"scenario": best.scenario, "by": best.selected_by, "score": best.score,
+              "metric": job.task.headline}
+    if best.cv is not None:
+        y, head, lin = job.y_train, best.cv.oof_probs, probe_choice.oof_probs
+        where = "out-of-fold predictions of the training split, fold by fold"
+    else:
+        y, head, lin = job.y_val, best.val_probs, None
+        where = "validation images"
+    if lin is None:
+        return choice  # without CV the probe's validation probabilities are not kept
+    groups = cv_lib.fold_of(job.folds, len(y)) if best.cv is not None else None
+    comparison = evidence.compare(job.task, y, lin, head, job.seed, groups=groups)
+    logging.info("Probe vs scenario %s (%s): %s", best.scenario, where,
+                 comparison.describe("probe", f"scenario {best.scenario}"))
+    choice["probe_vs_head"] = {**comparison.summary(), "on": where}
+    if comparison.better:
+        choice.update({"scenario": PROBE, "score": baseline.get(f"cv_{job.task.headline}_mean")})
+    return choice
 
 
 def sweep_stage(job: Job, config: SweepConfig, heads: HeadsConfig, cache: CacheConfig,
@@ -95,14 +115,14 @@ def sweep_stage(job: Job, config: SweepConfig, heads: HeadsConfig, cache: CacheC
                             config.dropouts, config.views, job.classifier.dropout is not None)
     train, _, view_feats = Features(job, cache, runtime.batch_size).split(
         max(c.views for c in grid), view_preset)
-    from features import cv as cv_lib
     folds = cv_lib.make_folds(job.y_train, config.folds, job.seed, job.task)
     logging.info("Sweep: %d configurations x %d folds, %d epochs each.", len(grid), len(folds),
                  heads.epochs)
     started = time.perf_counter()
     table = sweep.run(job.classifier, grid, job.task, train, job.y_train, folds,
                       epochs=heads.epochs, batch_size=runtime.batch_size, seed=job.seed,
-                      views_feats=view_feats, memory_budget=memory_budget(cache) / 4)
+                      views_feats=view_feats, memory_budget=memory_budget(cache) / 4,
+                      class_weight=job.class_weight)
     metric = job.task.headline
     baseline = probe.cross_validate(probe.pooled(train[probe.PROBE_LAYER]), job.y_train, folds,
                                     job.task, job.seed)
@@ -128,175 +148,19 @@ def sweep_stage(job: Job, config: SweepConfig, heads: HeadsConfig, cache: CacheC
     return sweep.best_config(table)
 
 
-def _validate(job: Job, model, batch_size: int):
-    """(scores, probabilities) of ``model`` on the validation images."""
-    outputs = inference.predict_paths(model, job.val.path.tolist(), job.val.name.tolist(),
-                                      job.model.image_size, batch_size, progress=False)
-    probs = job.task.probabilities(outputs)
-    return job.task.scores(job.y_val, probs), probs
-
-
-def _cached_views(job: Job, config: FinetuneConfig, cache: CacheConfig, batch_size: int,
-                  blocks) -> Optional[finetune_lib.CachedViews]:
-    """`finetune.CachedViews` for --finetune_views=K when the blocks start above a cached
-    layer (extracting the views once), else None: the whole network trains from images."""
-    start = scenarios.start_layer(blocks, job.classifier.include_top)
-    if config.views <= 0:
-        return None
-    if start not in cache_lib.cached_layers(job.model.include_top):
-        logging.info("Fine-tuning blocks %s reach below every cached layer: training the whole "
-                     "network from images (--finetune_views applies above a cached layer).",
-                     ",".join(blocks))
-        return None
-    features = Features(job, cache, batch_size)
-    if config.augment == "none":  # K identical views would be the plain features K times
-        train, val, _ = features.split()
-        views, train_x = 1, train[start]
-    else:
-        train, val, aug = features.split(config.views, config.view_preset)
-        views, train_x = config.views, aug[start]
-    return finetune_lib.CachedViews(start, train_x, np.concatenate([job.y_train] * views),
-                                    val[start], job.y_val, views)
-
-
-def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
-                   runtime: RuntimeConfig, scenario: str, optimizer: str = "adam") -> None:
-    """Fine-tunes ``scenario`` from its cache-trained head and exports the model (and bag)."""
-    head_weights = heads_lib.weights_file(job.run.path, scenario)
-    heads_lib.load_scenario_weights(job.classifier, scenario, head_weights)
-    blocks = (scenarios.parse_blocks(config.trainable_blocks) if config.trainable_blocks
-              else list(scenarios.get_scenario(scenario).blocks))
-    logging.info("Fine-tuning scenario %s (blocks %s) from %s.", scenario, ",".join(blocks),
-                 head_weights)
-    result = {"scenario": scenario, "blocks": blocks, "optimizer": optimizer}
-    checkpoints = None
-    if config.epochs > 0:
-        ft = _finetune(job, config, heads, cache, runtime, scenario, blocks, optimizer)
-        checkpoints = ft.pop("checkpoints")
-        result.update(ft)
-    scores, probs = _validate(job, job.classifier.model, runtime.batch_size)
-    thresholds = _final_report(job, probs)
-    if thresholds is not None:
-        scores = job.task.scores(job.y_val, probs, thresholds)
-        result["thresholds"] = {"values": [round(float(t), 6) for t in thresholds],
-                                "chosen_on": "validation (best F1 per label)"}
-    result.update({f"val_{k}": v for k, v in scores.items()})
-    job.run.update_metrics("finetune", result)
-    info = _model_info(job, scenario, blocks, scores, thresholds)
-    bag = _export_bag(job, heads, runtime, scenario, blocks, scores) if heads.bag else None
-    if not heads.bag:
-        _remove_stale_bag(job)
-    if bag:
-        info["bag"] = bag
-    job.run.note("model", inference.export_model(job.classifier.model, job.run.path, info))
-    if checkpoints is not None:
-        checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)
-    probe_score = job.run.metrics().get("probe", {}).get(f"val_{job.task.headline}")
-    print(summary.final(job.task, scenario, scores, probe_score, bag))
-
-
-def _finetune(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
-              runtime: RuntimeConfig, scenario: str, blocks, optimizer: str) -> dict:
-    """Runs the fine-tuning; writes its history CSV and plot; returns its summary."""
-    started = time.perf_counter()
-    cached = _cached_views(job, config, cache, runtime.batch_size, blocks)
-    ft = finetune_lib.finetune(
-        job.classifier, blocks, job.task, job.train, job.val, workdir=job.run.path,
-        image_size=job.model.image_size, batch_size=runtime.batch_size,
-        augment=config.augment, learning_rate=config.learning_rate, epochs=config.epochs,
-        patience=config.patience, monitor=config.monitor, seed=job.seed,
-        resume=config.resume, augment_on=config.augment_on, optimizer=optimizer,
-        tensorboard_dir=_board(job, runtime), cached=cached,
-        label_smoothing=heads.label_smoothing)
-    # The whole stage, view extraction included, so both ways compare honestly.
-    ft["fit_seconds"] = ft.pop("seconds")
-    ft["seconds"] = round(time.perf_counter() - started, 2)
-    ft["views"] = cached.views if cached else 0
-    history = ft.pop("history")
-    job.run.write_csv(history, "history_finetune.csv")
-    job.run.note("fine-tuning plot", plots.history(
-        history, job.run.file("finetune_history.png"),
-        title=f"Fine-tuning scenario {scenario} (epoch 0 = the starting head)",
-        kept_epoch=ft["best_epoch"],
-        metrics=tuple(dict.fromkeys(("accuracy", "loss", job.task.headline)))))
-    return ft
-
-
-def _final_report(job: Job, probs):
-    """The final model on the validation images: interpretation plots and, for several
-    classes or labels, the per-class report (``classification_report.csv``). Returns the
-    per-label thresholds of a multi-label task (chosen here), else None."""
-    task = job.task
-    thresholds = (task_lib.choose_thresholds(job.y_val, probs) if task.kind == "multilabel"
-                  else None)
-    _interpret(job, job.run.path, probs, "final model")
-    if task.kind != "binary":
-        report = task_lib.per_class_report(task, job.y_val, probs, thresholds)
-        job.run.note("per-class report", job.run.write_csv(report, "classification_report.csv"))
-        confused = interpret.most_confused(task, job.y_val, probs)
-        if confused:
-            print("most confused (true -> predicted, validation images): " + "; ".join(
-                f"{t} -> {p} ({n})" for t, p, n in confused))
-    return thresholds
-
-
-def _model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) -> dict:
-    """``model_info.json``: what predict.py needs to preprocess as in training, and the
-    order and meaning of the model's outputs."""
-    task = job.task
-    return {"image_size": job.model.image_size, "task": task.kind,
-            "class_names": list(task.class_names), "positive_class": task.positive_class,
-            "scenario": scenario, "trainable_blocks": blocks,
-            "include_top": job.model.include_top,
-            "weights": weights_identity(job.model.weights, job.seed),
-            "preprocessing": cache_lib.PREPROCESSING,
-            "output": "P(positive class)" if task.kind == "binary" else
-            "P(class) per class, in class_names order",
-            "val_auc": scores.get("auc"), "val_accuracy": scores.get("accuracy"),
-            "layout": job.dataset.layout, "trained_precision": job.precision.policy,
-            **({"thresholds": [float(t) for t in thresholds]} if thresholds is not None else {})}
-
-
-def _remove_stale_bag(job: Job) -> None:
-    stale = job.run.file(inference.BAG_FILE)
-    if os.path.exists(stale):
-        os.remove(stale)  # never leave a bag from another run beside this model
-
-
-def _export_bag(job: Job, heads: HeadsConfig, runtime: RuntimeConfig, scenario: str, blocks,
-                single: dict) -> Optional[dict]:
-    """bag.keras = the fold heads kept by the heads stage + the final model, when valid."""
-    members = bag_lib.load_members(job.run.file("heads", "bag"), scenario)
-    start = scenarios.get_scenario(scenario).start_layer(job.classifier.include_top)
-    # Fold heads sit on the frozen layers below `start`; --trainable_blocks reaching
-    # deeper changes those layers under them, so such a run gets no bag.
-    if not members or scenarios.start_layer(blocks, job.classifier.include_top) != start:
-        _remove_stale_bag(job)
-        return None
-    model = bag_lib.build_bag(job.classifier, scenarios.get_scenario(scenario).blocks, members)
-    scores, _ = _validate(job, model, runtime.batch_size)
-    job.run.note("bag", bag_lib.export(model, job.run.file(inference.BAG_FILE)))
-    name = job.task.headline
-    logging.info("Bag of %d fold heads + the final model: val %s %.4f (single model %.4f).",
-                 len(members), name, scores[name], single[name])
-    result = {"members": len(members) + 1, **{f"val_{k}": v for k, v in scores.items()},
-              f"single_model_val_{name}": single[name], "file": inference.BAG_FILE}
-    job.run.update_metrics("bag", result)
-    return result
-
-
-def predict_test(job: Job, config: PredictConfig, runtime: RuntimeConfig,
-                 demo: bool = False) -> None:
-    """Predicts the Kaggle test/ folder into submission.csv (with the bag when there is one):
-    exactly the rows and columns of sample_submission.csv when it exists."""
+def predict_test(job: Job, runtime: RuntimeConfig, demo: bool = False) -> None:
+    """Predicts the Kaggle test/ folder into submission.csv with the exported default (model
+    or bag, and its TTA): exactly the rows and columns of sample_submission.csv when it
+    exists."""
     test = discovery.discover_unlabelled(job.dataset.data_dir)
     test = scan.filter_bad_images(test, job.model.image_size, "skip",
                                   job.run.file("bad_test_images.csv"), keep_rows=True)
-    model = job.classifier.model
-    if "bag" in job.run.outputs:
-        model, _ = inference.load_exported(job.run.path, bag=True, policy=job.precision.policy)
+    export = job.run.metrics().get("export", {})
+    model, _ = inference.load_exported(job.run.path,
+                                       bag=export.get("default") == inference.BAG_FILE,
+                                       policy=job.precision.policy)
     outputs = inference.predict_frame(model, test, job.model.image_size, runtime.batch_size,
-                                      config.tta)
+                                      int(export.get("tta", 1)))
     probs = job.task.probabilities(outputs)
     job.run.note("submission", write_predictions(
         test.name, probs, job.run.file("submission.csv"), job.task.class_names,
@@ -343,10 +207,11 @@ def _run_stages(cfg: TrainConfig, engine=None):
         scenario = (cfg.finetune.scenario or
                     (chosen.scenario if cfg.sweep.use and chosen else None) or
                     scenario or chosen_scenario(job))
-        finetune_stage(job, cfg.finetune, cfg.heads, cfg.cache, runtime, scenario,
-                       optimizer=chosen.optimizer if cfg.sweep.use and chosen else "adam")
+        export.finetune_stage(job, cfg.finetune, cfg.heads, cfg.cache, runtime, cfg.predict,
+                              scenario, optimizer=chosen.optimizer if cfg.sweep.use and chosen
+                              else "adam")
         if runtime.stage == "all" and job.dataset.test_dir:
-            predict_test(job, cfg.predict, runtime, demo=cfg.data.demo)
+            predict_test(job, runtime, demo=cfg.data.demo)
     _print_outputs(job, started)
     return job
 

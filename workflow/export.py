@@ -1,0 +1,376 @@
+"""The final model: fine-tune the chosen scenario, choose the default output by evidence,
+refit on every label, export.
+
+What a run exports, and why, is decided on held-out images, never by principle:
+
+* **probe or deep head** — the heads stage compares them on out-of-fold
+  predictions (validation without CV) and a probe that is better beyond noise
+  is exported itself, as a small Keras head on the frozen base;
+* **bag or single model** — the bag (the K fold heads kept by cross-validation
+  plus the final model) is the default only when it beats the single model on
+  the validation images beyond noise (`features.evidence`); ``bag.keras`` is
+  written either way, for ``predict.py --bag``;
+* **test-time augmentation** — two views (image and mirror) only when they beat
+  one view the same way;
+* **refit** — when cross-validation made the choices (small data), the exported
+  model is trained again on training + validation images with the chosen
+  settings (head epochs from CV, fine-tuning epochs from the validation run). Its
+  expected score is the CV estimate: it has no held-out images of its own.
+"""
+
+import logging
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from features import bag as bag_lib, evidence, heads as heads_lib, inference, probe, scenarios
+from features import cache as cache_lib, finetune as finetune_lib, task as task_lib
+from features.training import restore
+from features.weights import weights_identity
+from workflow import interpret, plots, summary
+from workflow.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
+from workflow.job import Features, Job
+
+PROBE = "probe"
+
+
+def _validate(job: Job, model, batch_size: int, tta: int = 1):
+    """(scores, probabilities) of ``model`` on the validation images."""
+    outputs = inference.predict_paths(model, job.val.path.tolist(), job.val.name.tolist(),
+                                      job.model.image_size, batch_size, tta, progress=False)
+    probs = job.task.probabilities(outputs)
+    return job.task.scores(job.y_val, probs), probs
+
+
+def _cached_views(job: Job, config: FinetuneConfig, cache: CacheConfig, batch_size: int,
+                  blocks, frame: Optional[pd.DataFrame] = None):
+    """`finetune.CachedViews` for --finetune_views=K when the blocks start above a cached
+    layer (extracting the views once), else None: the whole network trains from images.
+    ``frame``: the images to train on (default the training split)."""
+    start = scenarios.start_layer(blocks, job.classifier.include_top)
+    if config.views <= 0:
+        return None
+    if start not in cache_lib.cached_layers(job.model.include_top):
+        logging.info("Fine-tuning blocks %s reach below every cached layer: training the whole "
+                     "network from images (--finetune_views applies above a cached layer).",
+                     ",".join(blocks))
+        return None
+    features = Features(job, cache, batch_size)
+    frame = job.train if frame is None else frame
+    y = np.asarray(frame.label.tolist())
+    views = 1 if config.augment == "none" else config.views  # K identical views are one
+    preset = "none" if config.augment == "none" else config.view_preset
+    train_x = features.of(frame, views if preset != "none" else 0, preset)[start]
+    _, val = features.split()[:2]
+    return finetune_lib.CachedViews(start, train_x, np.concatenate([y] * views), val[start],
+                                    job.y_val, views)
+
+
+def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
+                   runtime: RuntimeConfig, predict: PredictConfig, scenario: str,
+                   optimizer: str = "adam") -> None:
+    """Fine-tunes ``scenario`` (or takes the probe), chooses the default output, refits on
+    every label when CV made the choices, and exports."""
+    refit = _refit_wanted(job, heads)
+    if scenario == PROBE:
+        return export_probe(job, heads, cache, runtime, predict, refit)
+    head_weights = heads_lib.weights_file(job.run.path, scenario)
+    heads_lib.load_scenario_weights(job.classifier, scenario, head_weights)
+    blocks = (scenarios.parse_blocks(config.trainable_blocks) if config.trainable_blocks
+              else list(scenarios.get_scenario(scenario).blocks))
+    logging.info("Fine-tuning scenario %s (blocks %s) from %s.", scenario, ",".join(blocks),
+                 head_weights)
+    result = {"scenario": scenario, "blocks": blocks, "optimizer": optimizer}
+    checkpoints, kept = None, 0
+    if config.epochs > 0:
+        ft = _finetune(job, config, heads, cache, runtime, scenario, blocks, optimizer)
+        checkpoints, kept = ft.pop("checkpoints"), ft["best_epoch"]
+        result.update(ft)
+    scores, probs = _validate(job, job.classifier.model, runtime.batch_size)
+    thresholds = _final_report(job, probs)
+    if thresholds is not None:
+        scores = job.task.scores(job.y_val, probs, thresholds)
+        result["thresholds"] = {"values": [round(float(t), 6) for t in thresholds],
+                                "chosen_on": "validation (best F1 per label)"}
+    result.update({f"val_{k}": v for k, v in scores.items()})
+    if config.epochs > 0 and kept == 0:
+        print("fine-tuning did not improve on the head: exporting the head")
+    members = bag_lib.load_members(job.run.file("heads", "bag"), scenario) if heads.bag else []
+    members = members if _bag_fits(job, scenario, blocks) else []
+    choice = _choose_output(job, scenario, members, probs, predict, runtime)
+    if refit:
+        result["refit"] = _refit(job, config, heads, cache, runtime, scenario, blocks, kept,
+                                 optimizer)
+    job.run.update_metrics("finetune", result)
+    _record_final(job, f"scenario {scenario}, fine-tuned" if config.epochs > 0 else
+                  f"scenario {scenario}", scores, thresholds)
+    _export(job, scenario, blocks, scores, thresholds, members, choice, refit, runtime)
+    if checkpoints is not None:
+        checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)
+    probe_score = job.run.metrics().get("probe", {}).get(f"val_{job.task.headline}")
+    print(summary.final(job.task, scenario, scores, probe_score, choice.get("bag_scores")))
+
+
+def _refit_wanted(job: Job, heads: HeadsConfig) -> bool:
+    """--refit, by default on when cross-validation made the choices."""
+    if heads.refit is not None:
+        return heads.refit
+    return bool(job.folds)
+
+
+def _bag_fits(job: Job, scenario: str, blocks) -> bool:
+    """Fold heads sit on the frozen layers below the scenario's start; --trainable_blocks
+    reaching deeper changes those layers under them, so such a run gets no bag."""
+    start = scenarios.get_scenario(scenario).start_layer(job.classifier.include_top)
+    return scenarios.start_layer(blocks, job.classifier.include_top) == start
+
+
+def _finetune(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
+              runtime: RuntimeConfig, scenario: str, blocks, optimizer: str) -> dict:
+    """Runs the fine-tuning; writes its history CSV and plot; returns its summary."""
+    started = time.perf_counter()
+    cached = _cached_views(job, config, cache, runtime.batch_size, blocks)
+    ft = finetune_lib.finetune(
+        job.classifier, blocks, job.task, job.train, job.val, workdir=job.run.path,
+        image_size=job.model.image_size, batch_size=runtime.batch_size,
+        augment=config.augment, learning_rate=config.learning_rate, epochs=config.epochs,
+        patience=config.patience, monitor=config.monitor, seed=job.seed,
+        resume=config.resume, augment_on=config.augment_on, optimizer=optimizer,
+        tensorboard_dir=job.board, cached=cached, label_smoothing=heads.label_smoothing,
+        class_weight=job.class_weight)
+    # The whole stage, view extraction included, so both ways compare honestly.
+    ft["fit_seconds"] = ft.pop("seconds")
+    ft["seconds"] = round(time.perf_counter() - started, 2)
+    ft["views"] = cached.views if cached else 0
+    history = ft.pop("history")
+    job.run.write_csv(history, "history_finetune.csv")
+    job.run.note("fine-tuning plot", plots.history(
+        history, job.run.file("finetune_history.png"),
+        title=f"Fine-tuning scenario {scenario} (epoch 0 = the starting head)",
+        kept_epoch=ft["best_epoch"],
+        metrics=tuple(dict.fromkeys(("accuracy", "loss", job.task.headline)))))
+    return ft
+
+
+def _final_report(job: Job, probs):
+    """The final model on the validation images: interpretation plots and, for several
+    classes or labels, the per-class report (``classification_report.csv``). Returns the
+    per-label thresholds of a multi-label task (chosen here), else None."""
+    task = job.task
+    thresholds = (task_lib.choose_thresholds(job.y_val, probs) if task.kind == "multilabel"
+                  else None)
+    interpret.write_all(job.run.path, job.val.path.tolist(), job.y_val, probs, task,
+                        "final model, validation")
+    job.run.note("final model plots", job.run.file("{" + ",".join(interpret.FILES) + "}"))
+    if task.kind != "binary":
+        report = task_lib.per_class_report(task, job.y_val, probs, thresholds)
+        job.run.note("per-class report", job.run.write_csv(report, "classification_report.csv"))
+        confused = interpret.most_confused(task, job.y_val, probs)
+        if confused:
+            print("most confused (true -> predicted, validation images): " + "; ".join(
+                f"{t} -> {p} ({n})" for t, p, n in confused))
+    return thresholds
+
+
+def _choose_output(job: Job, scenario: str, members, single_probs, predict: PredictConfig,
+                   runtime: RuntimeConfig) -> dict:
+    """Bag or single model, and how many TTA views, by evidence on the validation images."""
+    task, out = job.task, {"default": "model", "tta": 1, "decisions": {}}
+    base_probs = single_probs
+    if members:
+        model = bag_lib.build_bag(job.classifier, scenarios.get_scenario(scenario).blocks,
+                                  members)
+        bag_scores, bag_probs = _validate(job, model, runtime.batch_size)
+        bag_vs_single = evidence.compare(task, job.y_val, bag_probs, single_probs, job.seed)
+        logging.info("Bag vs single model: %s", bag_vs_single.describe("bag", "single model"))
+        out["decisions"]["bag_vs_single"] = bag_vs_single.summary()
+        out["bag_scores"] = {"members": len(members) + 1,
+                             **{f"val_{k}": v for k, v in bag_scores.items()}}
+        if bag_vs_single.better:
+            out["default"], base_probs = "bag", bag_probs
+    out["tta"] = _choose_tta(job, out, base_probs, scenario, members, predict, runtime)
+    return out
+
+
+def _choose_tta(job: Job, out: dict, base_probs, scenario: str, members, predict: PredictConfig,
+                runtime: RuntimeConfig) -> int:
+    """``--tta`` as given, or (auto) 2 views when they beat 1 beyond noise."""
+    if predict.tta != "auto":
+        return int(predict.tta)
+    model = job.classifier.model if out["default"] == "model" else bag_lib.build_bag(
+        job.classifier, scenarios.get_scenario(scenario).blocks, members)
+    _, mirrored = _validate(job, model, runtime.batch_size, tta=2)
+    tta = evidence.compare(job.task, job.y_val, mirrored, base_probs, job.seed)
+    logging.info("Test-time augmentation: %s", tta.describe("2 views", "1 view"))
+    out["decisions"]["tta2_vs_tta1"] = tta.summary()
+    return 2 if tta.better else 1
+
+
+def _refit(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
+           runtime: RuntimeConfig, scenario: str, blocks, finetune_epochs: int,
+           optimizer: str) -> dict:
+    """Trains the exported model again on training + validation images: the head for the
+    epochs cross-validation chose (from the same initial weights), then the fine-tuning
+    for the epochs the validation run kept. Returns what was done, for metrics.json."""
+    everything = pd.concat([job.train, job.val], ignore_index=True)
+    y = np.asarray(everything.label.tolist())
+    head = job.run.metrics().get("heads", {}).get(scenario, {})
+    epochs = int(head.get("epoch") or heads.epochs)
+    config_head = heads_lib.HeadConfig.for_scenario(
+        scenario, head.get("learning_rate"), optimizer=head.get("optimizer", "adam"),
+        dropout=head.get("dropout"))
+    restore(job.classifier.model, job.initial)
+    features = Features(job, cache, runtime.batch_size)
+    start = config_head.row.start_layer(job.classifier.include_top)
+    x = features.of(everything)[start]
+    started = time.perf_counter()
+    with config_head.trainer(job.classifier, job.task,
+                             label_smoothing=heads.label_smoothing) as trainer:
+        trainer.fit(x, y, epochs=epochs, batch_size=runtime.batch_size, seed=job.seed,
+                    keep=None, class_weight=job.class_weight)
+    done = {"rows": len(y), "head_epochs": epochs, "finetune_epochs": finetune_epochs}
+    if finetune_epochs > 0:
+        cached = _cached_views(job, config, cache, runtime.batch_size, blocks, everything)
+        finetune_lib.fit_fixed(job.classifier, blocks, job.task, everything, cached,
+                               epochs=finetune_epochs, image_size=job.model.image_size,
+                               batch_size=runtime.batch_size, augment=config.augment,
+                               learning_rate=config.learning_rate, optimizer=optimizer,
+                               seed=job.seed, augment_on=config.augment_on,
+                               label_smoothing=heads.label_smoothing,
+                               class_weight=job.class_weight)
+    done["seconds"] = round(time.perf_counter() - started, 2)
+    logging.info("Refit on all %d labelled images (training + validation): %d head epoch(s), "
+                 "%d fine-tuning epoch(s), %.1f s.", len(y), epochs, finetune_epochs,
+                 done["seconds"])
+    return done
+
+
+def _record_final(job: Job, what: str, scores: dict, thresholds) -> None:
+    """metrics.json's ``final``: the final model (before any refit) on the validation
+    images, whichever kind it is."""
+    job.run.update_metrics("final", {
+        "model": what, **{f"val_{k}": v for k, v in scores.items()},
+        **({"thresholds": [round(float(t), 6) for t in thresholds]}
+           if thresholds is not None else {})})
+
+
+def _estimate(job: Job, scenario: str, refit: bool, scores: dict) -> dict:
+    """The score to expect from the exported model, and how it was measured."""
+    name = job.task.headline
+    metrics = job.run.metrics()
+    cv = metrics.get("cross_validation", {}).get(scenario) if scenario != PROBE else \
+        metrics.get("probe")
+    if refit and cv:
+        key = f"{name}_mean" if scenario != PROBE else f"cv_{name}_mean"
+        std = f"{name}_std" if scenario != PROBE else f"cv_{name}_std"
+        return {"metric": name, "value": cv.get(key), "std": cv.get(std),
+                "how": f"{len(job.folds)}-fold cross-validation of {scenario} on the training "
+                       "split (the refit model was trained on every labelled image, so it has "
+                       "no held-out images of its own)"}
+    return {"metric": name, "value": scores.get(name),
+            "how": f"validation set ({len(job.val)} images)"}
+
+
+def _model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) -> dict:
+    """``model_info.json``: what predict.py needs to preprocess as in training, and the
+    order and meaning of the model's outputs."""
+    task = job.task
+    return {"image_size": job.model.image_size, "task": task.kind,
+            "class_names": list(task.class_names), "positive_class": task.positive_class,
+            "scenario": scenario, "trainable_blocks": blocks,
+            "include_top": job.model.include_top,
+            "weights": weights_identity(job.model.weights, job.seed),
+            "preprocessing": cache_lib.PREPROCESSING,
+            "output": "P(positive class)" if task.kind == "binary" else
+            "P(class) per class, in class_names order",
+            "val_auc": scores.get("auc"), "val_accuracy": scores.get("accuracy"),
+            "layout": job.dataset.layout, "trained_precision": job.precision.policy,
+            **({"thresholds": [float(t) for t in thresholds]} if thresholds is not None else {})}
+
+
+def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, choice: dict,
+            refit: bool, runtime: RuntimeConfig) -> None:
+    """model.keras + model_info.json (+ bag.keras), and metrics.json's ``export``."""
+    info = _model_info(job, scenario, blocks, scores, thresholds)
+    stale = job.run.file(inference.BAG_FILE)
+    if members:
+        model = bag_lib.build_bag(job.classifier, scenarios.get_scenario(scenario).blocks,
+                                  members)
+        job.run.note("bag", bag_lib.export(model, stale))
+        info["bag"] = {"members": len(members) + 1, "file": inference.BAG_FILE}
+        job.run.update_metrics("bag", {**choice["bag_scores"], "file": inference.BAG_FILE,
+                                       f"single_model_val_{job.task.headline}":
+                                           scores[job.task.headline],
+                                       "default": choice["default"] == "bag"})
+    elif os.path.exists(stale):
+        os.remove(stale)  # never leave a bag from another run beside this model
+    export = {"default": inference.BAG_FILE if choice["default"] == "bag" else
+              inference.MODEL_FILE, "tta": choice["tta"], "refit": refit,
+              "estimate": _estimate(job, scenario, refit, scores),
+              "decisions": choice["decisions"]}
+    info.update({"default_model": choice["default"], "tta": choice["tta"], "refit": refit,
+                 "estimate": export["estimate"]})
+    job.run.update_metrics("export", export)
+    job.run.note("model", inference.export_model(job.classifier.model, job.run.path, info))
+    logging.info("Exported %s (default: %s, tta %d, %s); expected %s %s (%s).",
+                 inference.MODEL_FILE, export["default"], choice["tta"],
+                 "refit on every label" if refit else "trained on the training split",
+                 export["estimate"]["metric"], export["estimate"]["value"],
+                 export["estimate"]["how"])
+
+
+def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
+                 predict: PredictConfig, refit: bool) -> None:
+    """Exports the probe as the model: the frozen base plus the probe as a Keras head,
+    chosen and scored as fitted on the training split, then (with ``refit``) fitted again
+    on training + validation images."""
+    meta = job.run.metrics()["probe"]
+    config = probe.ProbeConfig(meta["pooling"], meta["standardised"], meta["C"])
+    model = _probe_model(job, cache, runtime, config, job.train)
+    scores, probs = _validate(job, model, runtime.batch_size)
+    thresholds = _final_report(job, probs)
+    choice = {"default": "model", "decisions": {}}
+    if predict.tta == "auto":
+        _, mirrored = _validate(job, model, runtime.batch_size, tta=2)
+        tta = evidence.compare(job.task, job.y_val, mirrored, probs, job.seed)
+        choice["decisions"]["tta2_vs_tta1"] = tta.summary()
+        choice["tta"] = 2 if tta.better else 1
+    else:
+        choice["tta"] = int(predict.tta)
+    if refit:
+        model = _probe_model(job, cache, runtime, config,
+                             pd.concat([job.train, job.val], ignore_index=True))
+    _record_final(job, f"the linear probe ({config.describe()})", scores, thresholds)
+    info = _model_info(job, PROBE, [], scores, thresholds)
+    estimate = _estimate(job, PROBE, refit, scores)
+    info.update({"default_model": "model", "tta": choice["tta"], "refit": refit,
+                 "estimate": estimate, "probe": config.describe()})
+    job.run.update_metrics("export", {"default": inference.MODEL_FILE, "model": "probe",
+                                      "tta": choice["tta"], "refit": refit,
+                                      "estimate": estimate, "decisions": choice["decisions"]})
+    stale = job.run.file(inference.BAG_FILE)
+    if os.path.exists(stale):
+        os.remove(stale)  # never leave a bag from another run beside this model
+    job.run.note("model", inference.export_model(model, job.run.path, info))
+    print(f"final model: the linear probe ({config.describe()})"
+          + (", refit on every label" if refit else "")
+          + f"; expected {summary.label(job.task.headline)} {estimate['value']:.4f} "
+            f"({estimate['how'].split(' (')[0]})")
+
+
+def _probe_model(job: Job, cache: CacheConfig, runtime: RuntimeConfig,
+                 config: probe.ProbeConfig, frame: pd.DataFrame):
+    """The probe fitted on ``frame``'s cached features, as image -> frozen base -> probe."""
+    import keras
+    x = probe.pooled(Features(job, cache, runtime.batch_size).of(frame)[probe.PROBE_LAYER],
+                     config.pooling)
+    estimator = probe.fit(x, np.asarray(frame.label.tolist()), job.task, config,
+                          job.class_weight)
+    head = probe.keras_head(estimator, config, job.task,
+                            job.classifier.block5.output.shape[1:])
+    image = keras.Input(job.classifier.model.input.shape[1:], name="image")
+    return keras.Model(image, head(job.classifier.block5(job.classifier.stem(
+        image, training=False), training=False)), name="vgg16_probe")
