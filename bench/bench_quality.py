@@ -18,12 +18,14 @@ say nothing about transfer. Prints, in one run:
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 
 import common
 import numpy as np
+import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from anywhere without installing
@@ -131,6 +133,75 @@ def end_to_end(args):
     print(f"| linear probe (same split) | {metrics['probe'][f'val_{name}']:.4f} | | |")
 
 
+def _split_folders(args, seed: int, root: str):
+    """Links the photos into ``root/dev/<class>/`` (80%) and ``root/held/<class>/`` (20%),
+    stratified by ``seed``; the same dev path for every seed, so the cache's rows are
+    shared between splits."""
+    from pipeline import discovery, split
+    ds = discovery.discover(args.data_dir)
+    frame = ds.frame[[os.path.splitext(p)[1].lower() != ".gif" for p in ds.frame.path]]
+    dev, held = split.split_train_val(frame, 0.2, seed)
+    for part, rows in (("dev", dev), ("held", held)):
+        shutil.rmtree(os.path.join(root, part), ignore_errors=True)
+        for row in rows.itertuples():
+            folder = os.path.join(root, part, ds.class_names[int(row.label)])
+            os.makedirs(folder, exist_ok=True)
+            os.symlink(row.path, os.path.join(folder, os.path.basename(row.path)))
+    index = {n: i for i, n in enumerate(ds.class_names)}
+    return held.path.tolist(), np.asarray(held.label.tolist()), index
+
+
+def repeated_splits(args):
+    """Section 5: repeated 80/20 splits; the held-out 20% is never seen by training, CV or
+    any choice. Per split, train.py runs twice (--norefit and --refit, default flags
+    otherwise) and every candidate output is scored on the held-out photos."""
+    from features import inference
+    root = os.path.join(args.work, "splits")
+    rows = []
+    for seed in range(args.splits):
+        held_paths, y, _ = _split_folders(args, seed, root)
+        names = [os.path.basename(p) for p in held_paths]
+        row = {"split": seed}
+        for refit in (False, True):
+            workdir = os.path.join(root, f"run{seed}_{'refit' if refit else 'norefit'}")
+            _, seconds = _train(args, workdir, f"--finetune_epochs={args.finetune_epochs}",
+                                "--refit" if refit else "--norefit",
+                                f"--data_dir={os.path.join(root, 'dev')}",
+                                f"--cache_dir={os.path.join(root, 'cache')}")
+            info = inference.read_info(workdir)
+            task = inference.task_of(info)
+            tag = "refit" if refit else "single"
+            row[f"{tag} seconds"] = round(seconds)
+            for bag in (False, True):
+                if bag and not os.path.isfile(os.path.join(workdir, inference.BAG_FILE)):
+                    continue
+                model, _ = inference.load_exported(workdir, bag=bag)
+                for tta in (1, 2):
+                    probs = task.probabilities(inference.predict_paths(
+                        model, held_paths, names, args.image_size, args.batch_size, tta,
+                        progress=False))
+                    row[f"{'bag' if bag else 'model'}{'+refit' if refit else ''} tta{tta}"] = \
+                        task.scores(y, probs)[task.headline]
+            default = ("bag" if info.get("default_model") == "bag" else "model") + \
+                ("+refit" if refit else "") + f" tta{info.get('tta', 1)}"
+            row[f"default ({tag} run)"] = row.get(default, np.nan)
+            row[f"default ({tag} run) is"] = default if info.get("scenario") != "probe" \
+                else "probe" + default[5:]
+        rows.append(row)
+        print(f"split {seed}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else
+                                            f"{k} {v}" for k, v in row.items()), flush=True)
+    table = pd.DataFrame(rows)
+    numeric = [c for c in table.columns if table[c].dtype.kind == "f"]
+    print(f"\n## 5. {args.splits} repeated 80/20 splits, held-out {task.headline} "
+          f"(mean ± std)\n")
+    print("| output | held-out | |\n|---|---|---|")
+    for c in numeric:
+        print(f"| {c} | {table[c].mean():.4f} ± {table[c].std(ddof=0):.4f} | |")
+    for c in [c for c in table.columns if c.endswith(" is")]:
+        print(f"| {c} | {', '.join(table[c])} | |")
+    return table
+
+
 def sweep(args):
     """Section 4: the default sweep grid through train.py."""
     import pandas as pd
@@ -152,7 +223,9 @@ def main():
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--scenarios", default="A,B,C")
     p.add_argument("--finetune_epochs", type=int, default=3)
-    p.add_argument("--sections", default="cv,e2e,sweep")
+    p.add_argument("--sections", default="cv,e2e,sweep",
+                   help="cv, e2e, sweep, splits (repeated held-out splits)")
+    p.add_argument("--splits", type=int, default=5)
     p.add_argument("--cache_dir", default=os.path.join(ROOT, "cache"))
     p.add_argument("--work", default=None)
     args = p.parse_args()
@@ -166,6 +239,8 @@ def main():
         end_to_end(args)
     if "sweep" in sections:
         sweep(args)
+    if "splits" in sections:
+        repeated_splits(args)
 
 
 if __name__ == "__main__":

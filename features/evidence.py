@@ -63,23 +63,63 @@ def compare(task: Task, y, candidate, baseline, seed: int = 0, rounds: int = ROU
     calibration instead of the models.
     """
     y, candidate, baseline = np.asarray(y), np.asarray(candidate), np.asarray(baseline)
-    name = task.headline
-    members = ([np.arange(len(y))] if groups is None else
-               [np.flatnonzero(np.asarray(groups) == g) for g in np.unique(groups)])
-
-    def score(probs, picks):
-        values = [task.headline_score(y[rows], probs[rows]) for rows in picks]
-        return float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
-
-    observed = (score(candidate, members), score(baseline, members))
+    groups = np.zeros(len(y), int) if groups is None else np.asarray(groups)
     rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(rounds):
-        picks = [rows[rng.integers(0, len(rows), len(rows))] for rows in members]
-        a, b = score(candidate, picks), score(baseline, picks)
-        if np.isfinite(a) and np.isfinite(b):
-            diffs.append(a - b)
+    # One row of counts per bootstrap round: how often each image is drawn (within its group).
+    counts = np.zeros((rounds, len(y)))
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        counts[:, rows] = rng.multinomial(len(rows), np.full(len(rows), 1 / len(rows)), rounds)
+    observed = [_score(task, y, p, np.ones((1, len(y))), groups)[0]
+                for p in (candidate, baseline)]
+    diffs = (_score(task, y, candidate, counts, groups)
+             - _score(task, y, baseline, counts, groups))
+    diffs = diffs[np.isfinite(diffs)]
     tail = (1 - CONFIDENCE) / 2
-    low, high = (np.quantile(diffs, [tail, 1 - tail]) if diffs else (np.nan, np.nan))
-    return Comparison(name, float(observed[0]), float(observed[1]), float(low), float(high),
-                      len(y))
+    low, high = (np.quantile(diffs, [tail, 1 - tail]) if len(diffs) else (np.nan, np.nan))
+    return Comparison(task.headline, float(observed[0]), float(observed[1]), float(low),
+                      float(high), len(y))
+
+
+def _score(task: Task, y, probs, counts, groups) -> np.ndarray:
+    """The headline metric per bootstrap round (rows of ``counts``: each image's weight),
+    averaged over groups."""
+    per_group = []
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        per_group.append(_weighted(task, y[rows], probs[rows], counts[:, rows]))
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(np.stack(per_group), axis=0) if len(per_group) > 1 else per_group[0]
+
+
+def _weighted(task: Task, y, probs, counts) -> np.ndarray:
+    """The headline metric of images weighted by ``counts`` [rounds, n], for all rounds."""
+    if task.kind == "binary":
+        return _weighted_auc(y.astype(int), probs, counts)
+    if task.kind == "multiclass":
+        correct = (probs.argmax(axis=1) == y).astype(float)
+        return counts @ correct / counts.sum(axis=1)
+    out = []  # multi-label mean average precision: no closed form, one round at a time
+    for weights in counts:
+        rows = np.repeat(np.arange(len(y)), weights.astype(int))
+        out.append(task.headline_score(y[rows], probs[rows]) if len(rows) else np.nan)
+    return np.asarray(out)
+
+
+def _weighted_auc(y, scores, counts) -> np.ndarray:
+    """ROC AUC with per-image weights, for every row of ``counts`` at once: the weighted
+    share of (positive, negative) pairs ordered correctly, ties counting one half."""
+    order = np.argsort(scores, kind="stable")
+    scores, y, counts = scores[order], y[order], counts[:, order]
+    # Images with equal scores form one block: a tie between a positive and a negative.
+    _, block = np.unique(scores, return_inverse=True)
+    neg = counts * (y == 0)
+    pos = counts * (y == 1)
+    blocks = block.max() + 1
+    neg_per_block = np.zeros((len(counts), blocks))
+    np.add.at(neg_per_block.T, block, neg.T)
+    below = np.cumsum(neg_per_block, axis=1) - neg_per_block  # negatives strictly below
+    correct = pos * (below[:, block] + 0.5 * neg_per_block[:, block])
+    pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, correct.sum(axis=1) / pairs, np.nan)

@@ -16,12 +16,12 @@ that wins can be exported and used by predict.py like any other model.
 """
 
 import dataclasses
-import itertools
 import logging
 import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
@@ -68,6 +68,26 @@ def pooled(features, how: str = "average", chunk: int = 256) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros([0, features.shape[-1]], np.float32)
 
 
+class RowSpace(BaseEstimator, TransformerMixin):
+    """Coordinates in the span of the training rows: X -> X V, with V from the thin SVD
+    of the training features.
+
+    An L2-penalised logistic regression's weights lie in the span of its training rows
+    (the gradient of its loss is a combination of them), so fitting it on X V with the
+    same C gives exactly the weights V z of the fit on X, with z the fit on X V. With a
+    few hundred images and 25,088 flattened features that turns a 30 s fit into a
+    fraction of a second; `keras_head` maps the weights back (V z).
+    """
+
+    def fit(self, x, y=None):
+        _, _, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+        self.basis_ = vt.T
+        return self
+
+    def transform(self, x):
+        return np.asarray(x, np.float64) @ self.basis_
+
+
 def _estimator(task: Task, config: ProbeConfig, class_weight: Optional[dict]):
     weights = None
     if class_weight and task.kind != "multilabel":
@@ -75,7 +95,10 @@ def _estimator(task: Task, config: ProbeConfig, class_weight: Optional[dict]):
     model = LogisticRegression(C=config.c, max_iter=2000, class_weight=weights)
     if task.kind == "multilabel":
         model = OneVsRestClassifier(model)
-    return make_pipeline(StandardScaler(), model) if config.scaled else make_pipeline(model)
+    steps = [StandardScaler()] if config.scaled else []
+    if config.pooling == "flatten":
+        steps.append(RowSpace())
+    return make_pipeline(*steps, model)
 
 
 def fit(x: np.ndarray, y, task: Task, config: ProbeConfig, class_weight=None):
@@ -119,20 +142,35 @@ def choose(features, y, task: Task, folds: Optional[Sequence] = None, seed: int 
         smallest = (int(y.sum(axis=0).min()) if task.kind == "multilabel"
                     else int(np.bincount(y.astype(int)).min()))
         folds = cv_lib.make_folds(y, max(2, min(INNER_FOLDS, smallest)), seed, task)
-    best = None
-    tried = 0
+    best, tried = None, 0
     for how in poolings:
         x = pooled(features, how)
-        for scaled, c in itertools.product((False, True), C_GRID):
-            config = ProbeConfig(how, scaled, c)
-            scores, oof = [], np.zeros((len(y), *((task.units,) if task.units > 1 else ())))
+        for scaled in (False, True):
+            # The transforms (standardisation, row space) depend on the fold, not on C:
+            # fitted once per fold, shared by every C.
+            prepared = []
             for tr, va in folds:
-                probs = probabilities(fit(x[tr], y[tr], task, config, class_weight), x[va], task)
-                oof[va] = probs
-                scores.append(task.scores(y[va], probs)[task.headline])
-            tried += 1
-            if best is None or np.mean(scores) > np.mean(best.fold_scores) + 1e-12:
-                best = Choice(config, scores, oof, 0)
+                steps = _estimator(task, ProbeConfig(how, scaled), class_weight).steps[:-1]
+                x_tr, x_va = x[tr], x[va]
+                for _, step in steps:
+                    x_tr = step.fit_transform(x_tr)
+                    x_va = step.transform(x_va)
+                prepared.append((tr, va, x_tr, x_va))
+            for c in C_GRID:
+                config = ProbeConfig(how, scaled, c)
+                scores = []
+                oof = np.zeros((len(y), *((task.units,) if task.units > 1 else ())))
+                for tr, va, x_tr, x_va in prepared:
+                    model = _estimator(task, config, class_weight).steps[-1][1]
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", ConvergenceWarning)
+                        model.fit(x_tr, y[tr].astype(int))
+                    probs = model.predict_proba(x_va)
+                    oof[va] = probs[:, 1] if task.kind == "binary" else probs
+                    scores.append(task.scores(y[va], oof[va])[task.headline])
+                tried += 1
+                if best is None or np.mean(scores) > np.mean(best.fold_scores) + 1e-12:
+                    best = Choice(config, scores, oof, 0)
     best.tried = tried
     return best
 
@@ -188,6 +226,8 @@ def keras_head(estimator, config: ProbeConfig, task: Task, input_shape, name: st
         intercept = np.concatenate([m.intercept_ for m in model.estimators_])
     else:
         coef, intercept = model.coef_, model.intercept_
+    if "rowspace" in steps:  # weights fitted in the training rows' span: back to features
+        coef = coef @ steps["rowspace"].basis_.T
     if coef.shape[0] != task.units:  # two classes as --task=multiclass: softmax([0, z])
         coef = np.concatenate([np.zeros_like(coef), coef])
         intercept = np.concatenate([np.zeros_like(intercept), intercept])
