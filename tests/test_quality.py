@@ -429,3 +429,15 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch):
                                                         ["auc_mean"])
     info = json.loads((tmp_path / "run" / "model_info.json").read_text())
     assert info["refit"] and info["default_model"] in ("model", "bag")
+
+
+def test_bootstrap_auc_weighs_images_as_drawing_them_would():
+    from features import evidence
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 40)
+    scores = np.round(rng.random(40), 1)  # ties between classes
+    counts = rng.multinomial(40, np.full(40, 1 / 40), 6).astype(float)
+    expected = [roc_auc_score(np.repeat(y, c.astype(int)), np.repeat(scores, c.astype(int)))
+                for c in counts]
+    np.testing.assert_allclose(evidence._weighted_auc(y, scores, counts), expected)
