@@ -101,6 +101,13 @@ class PredictConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LabellingConfig:
+    unlabelled_dir: Optional[str]
+    budget: int
+    strategy: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Devices:
     """Where and how the work runs: what train.py and predict.py both take."""
     batch_size: int
@@ -142,6 +149,7 @@ class TrainConfig:
     finetune: FinetuneConfig
     predict: PredictConfig
     runtime: RuntimeConfig
+    labelling: LabellingConfig
     flag_values: dict  # every flag as given (after --demo's settings), for run_config.json
 
     @property
@@ -218,6 +226,15 @@ def _check(values: dict) -> None:
     parse_folds(values["cv_folds"])
     if not 0 <= values["label_smoothing"] < 1:
         raise ConfigError(f"--label_smoothing must be in [0, 1); got {values['label_smoothing']}.")
+    if values["stage"] == "label_next":
+        if not values["unlabelled_dir"]:
+            raise ConfigError("--stage=label_next needs --unlabelled_dir=FOLDER (photos "
+                              "without labels) and --budget=N.")
+        if not os.path.isdir(values["unlabelled_dir"]):
+            raise ConfigError(f"--unlabelled_dir={values['unlabelled_dir']!r} does not exist "
+                              "or is not a folder.")
+        if values["budget"] < 1:
+            raise ConfigError(f"--budget must be at least 1; got {values['budget']}.")
     if values["batch_size"] < 1:
         raise ConfigError(f"--batch_size must be at least 1; got {values['batch_size']}.")
 
@@ -277,4 +294,5 @@ def train_config(flag_values, names) -> TrainConfig:
                                 None if v["monitor"] == "auto" else v["monitor"], v["resume"]),
         predict=PredictConfig(parse_tta(v["tta"]), v["bag"]),
         runtime=RuntimeConfig.from_values(v),
+        labelling=LabellingConfig(v["unlabelled_dir"], v["budget"], v["label_next_strategy"]),
         flag_values=dict(values))

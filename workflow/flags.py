@@ -13,10 +13,10 @@ from features.scenarios import SCENARIO_HELP
 
 PRECISIONS = ["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 STRATEGIES = ["auto", "one", "mirrored"]
-DATA, OUTPUTS, MODEL, HEADS, SWEEP, FINETUNE, PREDICT, DEVICES, TESTING = (
+DATA, OUTPUTS, MODEL, HEADS, SWEEP, FINETUNE, PREDICT, DEVICES, TESTING, LABELLING = (
     "data", "outputs", "model", "heads stage (cached features)", "sweep stage",
     "fine-tuning stage", "prediction", "precision, devices and scale-out",
-    "testing (not for everyday use)")
+    "testing (not for everyday use)", "labelling: what to label next")
 
 
 class _DemoParser(flags.ArgumentParser):
@@ -109,10 +109,22 @@ def _train_data(d: dict) -> None:
     flags.DEFINE_boolean("tensorboard", True, "Write TensorBoard logs of every heads scenario "
                          "and of the fine-tuning under <workdir>/tensorboard/.",
                          module_name=OUTPUTS, **d)
-    flags.DEFINE_enum("stage", "all", ["heads", "sweep", "finetune", "all"], "What to run: "
-                      "heads (cache features, train the scenarios), sweep (grid by CV), "
-                      "finetune (the chosen scenario end to end, then export), all.",
+    flags.DEFINE_enum("stage", "all", ["heads", "sweep", "finetune", "all", "curve",
+                                       "label_next"],
+                      "What to run: heads (cache features, train the scenarios), sweep (grid "
+                      "by CV), finetune (the chosen scenario end to end, then export), all; "
+                      "curve (how the score grows with the labels: learning_curve.csv/.png), "
+                      "label_next (which photos of --unlabelled_dir to label next).",
                       module_name=OUTPUTS, **d)
+    flags.DEFINE_string("unlabelled_dir", None, "--stage=label_next: a folder of photos "
+                        "without labels to choose from.", module_name=LABELLING, **d)
+    flags.DEFINE_integer("budget", 20, "--stage=label_next: how many photos to choose.",
+                         module_name=LABELLING, **d)
+    flags.DEFINE_enum("label_next_strategy", "combined", ["combined", "uncertainty",
+                                                           "diversity", "random"],
+                      "--stage=label_next: combined = uncertain photos unlike the labelled "
+                      "and already chosen ones (measured in docs/benchmarks.md); uncertainty; "
+                      "diversity (k-center); random.", module_name=LABELLING, **d)
 
 
 def _train_model(d: dict) -> None:

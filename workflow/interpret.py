@@ -79,9 +79,9 @@ def write_all(folder: str, paths: Sequence[str], y, probs, task: Task, what: str
         out["ROC"] = plots.roc(y, probs, task.class_names, os.path.join(folder, prefix + FILES[1]),
                                f"ROC: {title}")
     order = top_losses(task, y, probs)
-    out["top losses"] = plots.top_losses(
+    out["top losses"] = plots.gallery(
         paths, order, [_caption(task, y, probs, i) for i in order],
         os.path.join(folder, prefix + FILES[2]),
         f"Top losses: the {len(order)} wrongly predicted images with the largest loss "
-        f"({title})")
+        f"({title})", empty="no errors")
     return out

@@ -146,15 +146,14 @@ def roc(y, probs, class_names: Sequence[str], path: str, title: str) -> str:
     return save(fig, path)
 
 
-def top_losses(paths: Sequence[str], order, captions: Sequence[str], path: str,
-               title: str) -> str:
-    """A gallery of the images ``order`` (indices into ``paths``) with their captions."""
+def gallery(paths: Sequence[str], order, captions: Sequence[str], path: str, title: str,
+            columns: int = 3, empty: str = "nothing to show") -> str:
+    """A contact sheet of the images ``order`` (indices into ``paths``) with captions."""
     import tensorflow as tf
     from pipeline import ops
     plt = _pyplot()
-    cols = 3
-    rows = max(1, int(np.ceil(len(order) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.7 * rows), squeeze=False)
+    rows = max(1, int(np.ceil(len(order) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i, caption in zip(axes.flat, order, captions):
@@ -162,7 +161,42 @@ def top_losses(paths: Sequence[str], order, captions: Sequence[str], path: str,
         ax.imshow(np.clip(image.numpy(), 0, 255).astype(np.uint8))
         ax.set_title(f"{os.path.basename(paths[i])[:24]}\n{caption}", fontsize=8)
     if not len(order):
-        axes[0, 0].text(0.5, 0.5, "no errors", ha="center")
+        axes[0, 0].text(0.5, 0.5, empty, ha="center")
     fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def learning_curve(table: pd.DataFrame, forecasts: dict, path: str, metric: str) -> str:
+    """Score against labels, per model: the measured points with error bars (std over
+    folds and subsets), the fitted law, and its extension to 2x / 4x with the bootstrap
+    range when the fit supports one."""
+    from features import curve
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model, result in forecasts.items():
+        measured = table[(table.model == model) & (table.kind == "measured")]
+        line = ax.errorbar(measured.labels, measured["mean"], yerr=measured["std"], fmt="o",
+                           capsize=3, label=f"{model}")
+        colour = line[0].get_color()
+        if result.params is not None:
+            top = result.labels * (4 if result.supported else 1)
+            n = np.linspace(measured.labels.min(), top, 100)
+            ax.plot(n, np.minimum(1.0, curve._law(n, *result.params)), "--", color=colour,
+                    alpha=0.7, label="fitted" + (", extended to 4x" if result.supported
+                                                 else " (too noisy to extend)"))
+        extra = table[(table.model == model) & (table.kind == "extrapolated")]
+        if len(extra):
+            ax.errorbar(extra.labels, extra["mean"],
+                        # The point is the fitted law, the bar the bootstrap's 90% range:
+                        # a skewed range can leave the point just outside it.
+                        yerr=[np.maximum(0, extra["mean"] - extra["low"]),
+                              np.maximum(0, extra["high"] - extra["mean"])],
+                        fmt="s", mfc="none", color=colour, capsize=3)
+    ax.set_xlabel("labelled images (per fold model)")
+    ax.set_ylabel(f"CV {metric}")
+    ax.set_title("Learning curve: measured (points), fitted and extended (squares: 2x, 4x)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return save(fig, path)

@@ -16,7 +16,7 @@ import numpy as np
 from features import bag as bag_lib, heads as heads_lib, inference, probe, sweep
 from features import cv as cv_lib, evidence
 from pipeline import discovery, labels, progress, scan
-from workflow import export, interpret, plots, summary
+from workflow import export, interpret, labelling, plots, summary
 from workflow.export import PROBE
 from workflow.config import (CacheConfig, HeadsConfig, RuntimeConfig, SweepConfig, TrainConfig)
 from workflow.job import Features, Job, check_disk, memory_budget, prepare
@@ -71,6 +71,11 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
         title="Scenarios on cached features (validation)",
         reference={metric: (baseline[metric], "linear probe")},
         marks={s: r.best_epoch for s, r in results.items()}))
+    if best.cv is not None:
+        chosen_oof = (probe_choice.oof_probs if choice["scenario"] == PROBE
+                      else best.cv.oof_probs)
+        labelling.audit(job, chosen_oof, cache, runtime, "linear probe"
+                        if choice["scenario"] == PROBE else f"scenario {best.scenario}")
     if heads.bag and best.cv is not None:
         blocks = best.config.row.blocks
         members = [bag_lib.as_member(job.classifier, blocks, m) for m in best.cv.members]
@@ -199,6 +204,12 @@ def _run_stages(cfg: TrainConfig, engine=None):
         logging.info("Using the sweep's best configuration: %s.", chosen.describe())
         job.classifier.set_dropout(chosen.dropout)
         chosen = dataclasses.replace(chosen, dropout=None)
+    if runtime.stage == "curve":
+        labelling.curve_stage(job, cfg.heads, cfg.cache, runtime)
+    if runtime.stage == "label_next":
+        labelling.label_next_stage(job, cfg.cache, runtime, cfg.labelling.unlabelled_dir,
+                                   cfg.labelling.budget, cfg.labelling.strategy,
+                                   cfg.data.on_bad_image)
     scenario = None
     if runtime.heads:
         scenario = heads_stage(job, cfg.heads, cfg.cache, runtime, view_preset,

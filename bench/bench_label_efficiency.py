@@ -1,0 +1,195 @@
+"""Label efficiency, simulated on labelled photos: which photos to label next, suspect
+labels, and the near-duplicate threshold.
+
+    W=$(python ../shared/tools/vgg16_pretrained.py)
+    python bench/bench_label_efficiency.py --data_dir=../shared/data/hymenoptera/train \\
+        --weights="$W"
+
+1. Active learning: per seed, a quarter of the photos is held out; from a stratified
+   seed of 20 labelled photos, batches of 20 are added by each strategy of
+   `features.selection` (and at random), the linear probe retrained from the cache
+   each round and scored on the held-out photos. Printed: the held-out score per
+   number of labels (mean +- std over seeds), and how many labels each strategy
+   needs to reach random sampling's final score. The plot goes to --plot.
+2. Suspect labels: 5% and 10% of the labels are flipped; the probe's 5-fold
+   out-of-fold predictions go through `features.audit.suspects`; printed: the share
+   of the flipped photos among the top 2x (as many suspects as flips, twice).
+3. Near duplicates: cosine similarity of average-pooled block5_pool features between
+   a photo and its mirror, a 90% centre crop and a JPEG re-save, against the
+   highest similarity between two different photos.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+import common
+
+sys.path.insert(0, common.ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _setup(args):
+    from features import backbone, cache, precision, probe, task as task_lib
+    from features.weights import weights_identity
+    from pipeline import discovery, scan
+    chosen = precision.resolve_and_apply("auto")
+    ds = discovery.discover(args.data_dir)
+    frame = scan.filter_bad_images(ds.frame, args.image_size, "skip",
+                                   os.path.join(tempfile.mkdtemp(), "bad.csv"))
+    task = task_lib.Task(ds.kind, ds.class_names)
+    clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
+    spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
+                           cache.cached_layers(False), "float32", ds.data_dir,
+                           precision=chosen.policy)
+    feats, _ = cache.load(clf, spec, frame, args.cache_dir, 32)
+    x = probe.pooled(feats["block5_pool"])
+    return task, clf, frame, x, np.asarray(frame.label.tolist())
+
+
+def simulate(args, task, x, y):
+    from features import curve, probe, selection
+    config = probe.ProbeConfig("average", False, 0.1)
+    strategies = list(selection.STRATEGIES)
+    results = {s: [] for s in strategies}
+    for seed in range(args.seeds):
+        rng = np.random.default_rng(seed)
+        test = curve.subset(y, 0.25, seed, task)
+        pool_all = np.setdiff1d(np.arange(len(y)), test)
+        start = pool_all[curve.subset(y[pool_all], args.seed_size / len(pool_all), seed + 1,
+                                      task)]
+        for strategy in strategies:
+            labelled, scores = list(start), []
+            for _ in range(args.rounds + 1):
+                fitted = probe.fit(x[labelled], y[labelled], task, config)
+                scores.append(task.headline_score(y[test], probe.probabilities(
+                    fitted, x[test], task)))
+                pool = np.setdiff1d(pool_all, labelled)
+                if not len(pool):
+                    break
+                picks = selection.select(strategy, x[pool], probe.probabilities(
+                    fitted, x[pool], task), args.batch, x[labelled],
+                    seed=int(rng.integers(1 << 31)))
+                labelled += [int(pool[r]) for r, _, _ in picks]
+            results[strategy].append(scores)
+    sizes = [len(start) + args.batch * r for r in range(args.rounds + 1)]
+    print(f"\n## 1. Active learning: held-out {task.headline} by labels "
+          f"({args.seeds} seeds, start {len(start)}, batches of {args.batch})\n")
+    print("| labels | " + " | ".join(strategies) + " |\n|---|" + "---|" * len(strategies))
+    means = {s: np.nanmean(np.array(v, float), axis=0) for s, v in results.items()}
+    stds = {s: np.nanstd(np.array(v, float), axis=0) for s, v in results.items()}
+    for i, n in enumerate(sizes):
+        print(f"| {n} | " + " | ".join(f"{means[s][i]:.4f} ± {stds[s][i]:.4f}"
+                                       for s in strategies) + " |")
+    target = means["random"][-1]
+    print(f"\nlabels to reach random sampling's final {task.headline} ({target:.4f} with "
+          f"{sizes[-1]} labels):")
+    for s in strategies:
+        reached = [n for n, m in zip(sizes, means[s]) if m >= target - 1e-9]
+        print(f"  {s}: {reached[0] if reached else 'not reached'}")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for s in strategies:
+            ax.errorbar(sizes, means[s], yerr=stds[s], marker="o", capsize=3, label=s)
+        ax.set_xlabel("labelled photos")
+        ax.set_ylabel(f"held-out {task.headline}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
+        print(f"plot: {args.plot}")
+
+
+def flipped(args, task, x, y):
+    from features import audit, cv, probe
+    config = probe.ProbeConfig("average", False, 0.1)
+    print("\n## 2. Flipped labels found by suspect_labels (top 2x of the flips)\n")
+    print("| flipped | found in the top 2x (mean ± std over seeds) |\n|---|---|")
+    for share in (0.05, 0.10):
+        found = []
+        for seed in range(args.seeds):
+            rng = np.random.default_rng(100 + seed)
+            flips = rng.choice(len(y), int(round(share * len(y))), replace=False)
+            noisy = y.copy()
+            if task.kind == "binary":
+                noisy[flips] = 1 - noisy[flips]
+            else:
+                k = len(task.class_names)
+                noisy[flips] = (noisy[flips] + rng.integers(1, k, len(flips))) % k
+            folds = cv.make_folds(noisy, 5, seed, task)
+            oof = np.zeros((len(y), *((task.units,) if task.units > 1 else ())))
+            for tr, va in folds:
+                oof[va] = probe.probabilities(probe.fit(x[tr], noisy[tr], task, config), x[va],
+                                              task)
+            table = audit.suspects(task, noisy, oof, cv.fold_of(folds, len(y)))
+            top = set(table.row.head(2 * len(flips)))
+            found.append(len(top & set(flips)) / len(flips))
+        print(f"| {share:.0%} ({len(flips)} photos) | {np.mean(found):.2f} ± {np.std(found):.2f} |")
+
+
+def near_duplicates(args, clf, frame, x):
+    import tensorflow as tf
+    from features import selection
+    from pipeline import input as input_lib, ops
+    model = clf.feature_model(["block5_pool"])
+    rows = np.random.default_rng(0).choice(len(frame), min(40, len(frame)), replace=False)
+    base = selection.normalised(x[rows])
+    same = []
+    for variant in ("mirror", "crop90", "jpeg75"):
+        images = []
+        for path in frame.path.to_numpy()[rows]:
+            image = input_lib.decode_and_resize(args.image_size)({"path": path})["image"]
+            if variant == "mirror":
+                image = image[:, ::-1]
+            elif variant == "crop90":
+                image = tf.image.resize(tf.image.central_crop(image, 0.9),
+                                        [args.image_size] * 2)
+            else:
+                image = tf.cast(tf.io.decode_jpeg(tf.io.encode_jpeg(
+                    tf.cast(image, tf.uint8), quality=75)), tf.float32)
+            images.append(ops.vgg_mean_centre_image(image))
+        feats = model(tf.stack(images), training=False)["block5_pool"].numpy()
+        sims = np.sum(base * selection.normalised(feats.mean(axis=(1, 2))), axis=1)
+        same.append(sims)
+        print(f"  {variant}: similarity to the original min {sims.min():.4f}, "
+              f"median {np.median(sims):.4f}")
+    all_x = selection.normalised(x)
+    sims = all_x @ all_x.T
+    np.fill_diagonal(sims, -1)
+    print(f"  different photos: highest similarity {sims.max():.4f} "
+          f"(99.9th percentile {np.quantile(sims[sims > -1], 0.999):.4f})")
+    print(f"  -> same photo >= {np.min(same):.4f}; different photos <= {sims.max():.4f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seed_size", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--sections", default="active,flipped,duplicates")
+    parser.add_argument("--plot", default=None, help="PNG of the active-learning curves")
+    parser.add_argument("--cache_dir", default=os.path.join(common.ROOT, "cache"))
+    args = parser.parse_args()
+    task, clf, frame, x, y = _setup(args)
+    print(f"# label efficiency: {args.data_dir} ({len(y)} photos, {task.describe()})")
+    if "active" in args.sections:
+        simulate(args, task, x, y)
+    if "flipped" in args.sections:
+        flipped(args, task, x, y)
+    if "duplicates" in args.sections:
+        print("\n## 3. Near-duplicate threshold")
+        near_duplicates(args, clf, frame, x)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Which unlabelled photos to label next: uncertain ones, but not N copies of one.
+
+Strategies (chosen by the simulation in ``bench/bench_label_efficiency.py``):
+
+* ``uncertainty`` — the photos the current model is least sure about: for two
+  classes ``1 - |2p - 1|``; for several, one minus the margin between the two most
+  probable classes;
+* ``diversity`` — k-center greedy on pooled features: each pick is the photo
+  farthest (cosine distance) from everything labelled or picked so far;
+* ``combined`` — uncertainty-weighted diversity: each pick maximises
+  ``uncertainty * distance`` to the labelled and picked photos, so a second copy
+  of a confusing photo (distance ~0) waits while distinct uncertain ones remain;
+* ``random`` — the baseline any strategy has to beat.
+"""
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+STRATEGIES = ("combined", "uncertainty", "diversity", "random")
+
+
+def uncertainty(probs) -> np.ndarray:
+    """How unsure the model is about each photo, in [0, 1] (1 = a coin toss)."""
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim == 1:
+        return 1 - np.abs(2 * probs - 1)
+    if probs.shape[1] == 1:
+        return 1 - np.abs(2 * probs[:, 0] - 1)
+    top = np.sort(probs, axis=1)[:, ::-1]
+    return 1 - (top[:, 0] - top[:, 1])
+
+
+def normalised(x) -> np.ndarray:
+    """Rows scaled to unit length (for cosine distances)."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def select(strategy: str, features, probs, budget: int, labelled_features=None,
+           seed: int = 0) -> List[Tuple[int, float, str]]:
+    """``budget`` rows of the pool to label, best first: (row, score, reason).
+
+    ``features``: pooled features of the pool [N, D]; ``probs``: the current model's
+    probabilities on it; ``labelled_features``: pooled features of the labelled photos
+    (diversity keeps away from them too).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    n = len(features)
+    budget = min(budget, n)
+    unsure = uncertainty(probs)
+    if strategy == "random":
+        rows = np.random.default_rng(seed).permutation(n)[:budget]
+        return [(int(r), float(unsure[r]), "random") for r in rows]
+    if strategy == "uncertainty":
+        rows = np.argsort(-unsure, kind="stable")[:budget]
+        return [(int(r), float(unsure[r]), f"uncertain ({unsure[r]:.2f})") for r in rows]
+    pool = normalised(features)
+    # Distance of every pool photo to its nearest labelled (or already picked) photo.
+    nearest = np.full(n, 2.0)
+    if labelled_features is not None and len(labelled_features):
+        known = normalised(labelled_features)
+        for start in range(0, len(known), 1024):
+            nearest = np.minimum(nearest, 1 - (pool @ known[start:start + 1024].T).max(axis=1))
+    picked, out = np.zeros(n, bool), []
+    for _ in range(budget):
+        distance = np.clip(nearest, 0, 2)
+        value = distance if strategy == "diversity" else unsure * distance
+        value = np.where(picked, -np.inf, value)
+        row = int(np.argmax(value))
+        reason = (f"far from the labelled photos (distance {distance[row]:.2f})"
+                  if strategy == "diversity" else
+                  f"uncertain ({unsure[row]:.2f}) and unlike the labelled and chosen photos "
+                  f"(distance {distance[row]:.2f})")
+        out.append((row, float(value[row]), reason))
+        picked[row] = True
+        nearest = np.minimum(nearest, 1 - pool @ pool[row])
+    return out
+
+
+def duplicate_pairs(features, threshold: float,
+                    groups: Sequence[str] = None) -> List[Tuple[int, int, float]]:
+    """Pairs of rows whose pooled features have cosine similarity >= ``threshold``; with
+    ``groups`` (e.g. train / validation / test) only pairs from different groups."""
+    x = normalised(features)
+    groups = None if groups is None else np.asarray(groups)
+    pairs = []
+    for start in range(0, len(x), 512):
+        sims = x[start:start + 512] @ x.T
+        for i, j in zip(*np.nonzero(sims >= threshold)):
+            a, b = start + i, j
+            if a < b and (groups is None or groups[a] != groups[b]):
+                pairs.append((int(a), int(b), float(sims[i, j])))
+    return pairs

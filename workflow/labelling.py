@@ -1,0 +1,246 @@
+"""Label efficiency: how many photos to label, which ones next, which labels look wrong.
+
+* `audit` (whenever cross-validation ran): ``suspect_labels.csv`` and
+  ``suspect_labels.png`` from the out-of-fold predictions of the chosen model, and
+  ``duplicates.csv``: exact duplicates (same bytes) across train / validation /
+  test, and near-duplicates across train / validation (pooled-feature cosine
+  similarity at or above `NEAR_DUPLICATE`);
+* `curve_stage` (``--stage=curve``): ``learning_curve.csv`` and ``learning_curve.png``;
+* `label_next_stage` (``--stage=label_next``): ``to_label.csv``, ``to_label.png`` and
+  ``labels_template.csv``.
+"""
+
+import hashlib
+import logging
+import os
+from typing import Dict
+
+import numpy as np
+import pandas as pd
+
+from features import audit as audit_lib, curve, cv as cv_lib, heads as heads_lib, probe
+from features import selection
+from features.training import restore, snapshot
+from pipeline import discovery, labels as labels_lib, scan
+from pipeline.errors import DataError
+from workflow import plots, summary
+from workflow.config import CacheConfig, HeadsConfig, RuntimeConfig
+from workflow.job import Features, Job
+
+# Cosine similarity of average-pooled block5_pool features at or above which two photos
+# are called near-duplicates. Measured on the shared ants/bees photos with the
+# ImageNet-derived weights (docs/benchmarks.md): a photo and its mirror, a 90% crop or
+# a JPEG re-save scored at least 0.93; two different photos at most 0.87.
+NEAR_DUPLICATE = 0.90
+GALLERY = 9
+
+
+def file_digest(path: str) -> str:
+    """SHA-1 of a file's bytes (exact duplicates whatever their names)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def audit(job: Job, oof_probs, cache: CacheConfig, runtime: RuntimeConfig, what: str) -> None:
+    """Suspect labels from ``oof_probs`` (out-of-fold predictions of the training split by
+    ``what``), and duplicates across the splits."""
+    table = audit_lib.suspects(job.task, job.y_train, oof_probs,
+                               cv_lib.fold_of(job.folds, len(job.train)))
+    table.insert(0, "name", job.train.name.to_numpy()[table.row.to_numpy(int)]
+                 if len(table) else [])
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    paths = job.train.path.to_numpy()[table.row.to_numpy(int)] if len(table) else []
+    job.run.note("suspect labels", job.run.write_csv(table.drop(columns=["row"]),
+                                                     "suspect_labels.csv"))
+    top = list(range(min(GALLERY, len(table))))
+    plots.gallery(list(paths), top, [
+        f"labelled {r.label}\nlooks like {r.predicted} ({r.confidence:.2f})"
+        for r in table.head(GALLERY).itertuples()], job.run.file("suspect_labels.png"),
+        f"Labels that look wrong: the {len(top)} most confident contradictions of "
+        f"{len(table)} flagged ({what}, out-of-fold)")
+    logging.info("Suspect labels: %d of %d training images (%s, out-of-fold); see %s.",
+                 len(table), len(job.train), what, job.run.file("suspect_labels.csv"))
+    pairs = duplicates(job, cache, runtime)
+    job.run.note("duplicates", job.run.write_csv(pairs, "duplicates.csv"))
+    if len(pairs):
+        logging.warning("%d duplicate pair(s) across train/validation/test (see %s): "
+                        "duplicates across splits inflate every score.", len(pairs),
+                        job.run.file("duplicates.csv"))
+
+
+def duplicates(job: Job, cache: CacheConfig, runtime: RuntimeConfig) -> pd.DataFrame:
+    """Exact duplicates across train / validation / test, near-duplicates across train /
+    validation."""
+    frames = [job.train.assign(subset="train"), job.val.assign(subset="val")]
+    if job.dataset.test_dir:
+        test = discovery.discover_unlabelled(job.dataset.data_dir)
+        frames.append(test.assign(subset="test"))
+    everything = pd.concat([f[["name", "path", "subset"]] for f in frames], ignore_index=True)
+    digests = everything.path.map(file_digest)
+    rows = []
+    for _, group in everything.groupby(digests):
+        if group.subset.nunique() > 1:
+            first = group.iloc[0]
+            rows += [{"name_a": first["name"], "subset_a": first.subset, "name_b": r["name"],
+                      "subset_b": r.subset, "similarity": 1.0, "kind": "exact"}
+                     for _, r in group.iloc[1:].iterrows() if r.subset != first.subset]
+    labelled = pd.concat(frames[:2], ignore_index=True)
+    feats = Features(job, cache, runtime.batch_size).of(labelled)[probe.PROBE_LAYER]
+    pooled = probe.pooled(feats, "average")
+    subsets = labelled.assign(subset=["train"] * len(job.train) + ["val"] * len(job.val)).subset
+    for a, b, sim in selection.duplicate_pairs(pooled, NEAR_DUPLICATE, subsets.to_numpy()):
+        rows.append({"name_a": labelled.name[a], "subset_a": subsets[a],
+                     "name_b": labelled.name[b], "subset_b": subsets[b],
+                     "similarity": round(sim, 4), "kind": "exact" if sim > 0.9999 else "near"})
+    table = pd.DataFrame(rows, columns=["name_a", "subset_a", "name_b", "subset_b",
+                                        "similarity", "kind"])
+    return table.drop_duplicates(["name_a", "name_b"]).sort_values(
+        "similarity", ascending=False).reset_index(drop=True)
+
+
+def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
+                repeats: int = 3) -> Dict[str, curve.Forecast]:
+    """The learning curve of the probe and of the best dense head, by CV from the cache."""
+    folds = job.folds or cv_lib.make_folds(job.y_train, _curve_folds(job), job.seed, job.task)
+    train, _, _ = Features(job, cache, runtime.batch_size).split()
+    y = job.y_train
+    meta = job.run.metrics().get("probe", {})
+    config = probe.ProbeConfig(meta.get("pooling", "average"), meta.get("standardised", False),
+                               meta.get("C", 0.1))
+    x_probe = probe.pooled(train[probe.PROBE_LAYER], config.pooling)
+
+    def probe_score(tr, va):
+        fitted = probe.fit(x_probe[tr], y[tr], job.task, config, job.class_weight)
+        return job.task.headline_score(y[va], probe.probabilities(fitted, x_probe[va],
+                                                                  job.task))
+
+    scenario = _dense_scenario(job, heads)
+    head = heads_lib.HeadConfig.for_scenario(scenario)
+    x_head = train[head.row.start_layer(job.classifier.include_top)]
+    start = snapshot(job.classifier.model)
+    epochs = int(job.run.metrics().get("heads", {}).get(scenario, {}).get("epoch")
+                 or heads.epochs)
+
+    def head_score(tr, va):
+        restore(job.classifier.model, start)
+        with head.trainer(job.classifier, job.task) as trainer:
+            trainer.fit(x_head[tr], y[tr], epochs=epochs, batch_size=runtime.batch_size,
+                        seed=job.seed, keep=None, class_weight=job.class_weight)
+            return job.task.headline_score(y[va], trainer.predict(x_head[va]))
+
+    results, tables = {}, []
+    for name, score in ((f"probe ({config.describe()})", probe_score),
+                        (f"scenario {scenario} ({epochs} epochs)", head_score)):
+        measured = curve.measure(score, y, folds, job.task, repeats=repeats, seed=job.seed)
+        results[name] = curve.forecast(measured, seed=job.seed)
+        tables.append(curve.summary_table(measured, name))
+        tables.append(pd.DataFrame(curve.extension_rows(results[name], name)))
+    restore(job.classifier.model, start)
+    table = pd.concat(tables, ignore_index=True)
+    job.run.note("learning curve", job.run.write_csv(table, "learning_curve.csv"))
+    job.run.note("learning curve plot", plots.learning_curve(
+        table, results, job.run.file("learning_curve.png"), summary.label(job.task.headline)))
+    job.run.update_metrics("learning_curve", {n: {
+        "labels": r.labels, "now": r.now, "gain_2x": r.gain_2x, "range_2x": r.range_2x,
+        "score_4x": r.score_4x, "range_4x": r.range_4x, "extrapolated": r.supported}
+        for n, r in results.items()})
+    for name, result in results.items():
+        print(result.sentence(summary.label(job.task.headline), name))
+    return results
+
+
+def _curve_folds(job: Job, most: int = 5) -> int:
+    """Folds for a curve when the run chose none: up to ``most``, as many as the smallest
+    class allows (every fold needs each class in its validation part); an error naming the
+    class when it cannot give two."""
+    if job.task.kind == "multilabel":
+        return min(most, len(job.y_train))
+    counts = np.bincount(np.asarray(job.y_train).astype(int), minlength=len(job.task.class_names))
+    if counts.min() < 2:
+        raise DataError(f"--stage=curve needs at least 2 training images of every class; class "
+                        f"{job.task.class_names[int(counts.argmin())]!r} has {counts.min()}.")
+    return int(min(most, counts.min()))
+
+
+def _dense_scenario(job: Job, heads: HeadsConfig) -> str:
+    """The best scenario that trains from block5_pool or above (the curve refits it
+    dozens of times; block5's convolutions would take minutes per point)."""
+    scores = {s: m.get(f"cv_{job.task.headline}_mean", m.get(f"best_val_{job.task.headline}"))
+              for s, m in job.run.metrics().get("heads", {}).items() if s in ("A", "B")}
+    scores = {s: v for s, v in scores.items() if v is not None}
+    return max(scores, key=scores.get) if scores else "B"
+
+
+def label_next_stage(job: Job, cache: CacheConfig, runtime: RuntimeConfig, folder: str,
+                     budget: int, strategy: str, on_bad_image: str) -> pd.DataFrame:
+    """Chooses ``budget`` photos of ``folder`` to label next; writes to_label.csv,
+    to_label.png and labels_template.csv."""
+    pool = _pool(job, folder, on_bad_image)
+    if budget >= len(pool):
+        print(f"--budget={budget} covers the whole pool of {len(pool)} unlabelled photo(s): "
+              "all of them are listed.")
+    features = Features(job, cache, runtime.batch_size)
+    labelled = pd.concat([job.train, job.val], ignore_index=True)
+    x_labelled = probe.pooled(features.of(labelled)[probe.PROBE_LAYER])
+    x_pool = probe.pooled(features.of(pool)[probe.PROBE_LAYER])
+    fitted = probe.fit(x_labelled, np.asarray(labelled.label.tolist()), job.task,
+                       probe.ProbeConfig("average", False, 0.1), job.class_weight)
+    probs = probe.probabilities(fitted, x_pool, job.task)
+    picks = selection.select(strategy, x_pool, probs, budget, x_labelled, seed=job.seed)
+    table = pd.DataFrame({"name": [pool.name[r] for r, _, _ in picks],
+                          "rank": np.arange(1, len(picks) + 1),
+                          "score": [round(s, 4) for _, s, _ in picks],
+                          "reason": [why for _, _, why in picks]})
+    job.run.note("to label", job.run.write_csv(table, "to_label.csv"))
+    job.run.note("to label sheet", plots.gallery(
+        [pool.path[r] for r, _, _ in picks], list(range(len(picks))),
+        [f"#{i + 1} {why.split(' and ')[0]}" for i, (_, _, why) in enumerate(picks)],
+        job.run.file("to_label.png"), f"Photos to label next ({strategy}): {len(picks)} of "
+        f"{len(pool)}", columns=6))
+    template = pd.DataFrame({"name": table.name, _label_column(job): ""})
+    job.run.note("labels template", job.run.write_csv(template, "labels_template.csv"))
+    print(f"{len(table)} photo(s) to label next ({strategy}): {job.run.file('to_label.csv')}; "
+          f"fill in {job.run.file('labels_template.csv')} and add its rows to your labels.")
+    return table
+
+
+def _label_column(job: Job) -> str:
+    """The label column of the training data's labels CSV (``label`` for class folders)."""
+    csv_path = os.path.join(job.dataset.data_dir, discovery.LABELS_CSV)
+    if job.dataset.layout == "kaggle" and os.path.isfile(csv_path):
+        columns = [c for c in labels_lib.read_table(csv_path).columns
+                   if c not in ("name", "line")]
+        if len(columns) == 1 or discovery.LABEL_COLUMN in columns:
+            return discovery.LABEL_COLUMN if discovery.LABEL_COLUMN in columns else columns[0]
+        return "tags" if job.task.kind == "multilabel" else "label"
+    return "label"
+
+
+def _pool(job: Job, folder: str, on_bad_image: str) -> pd.DataFrame:
+    """The unlabelled photos, without those already labelled (same bytes) or unusable."""
+    if not folder:
+        raise DataError("--stage=label_next needs --unlabelled_dir=FOLDER (photos without "
+                        "labels) and --budget=N.")
+    images, _ = discovery.list_images(folder)
+    if not images and not any(os.path.isdir(os.path.join(folder, e)) for e in os.listdir(folder)):
+        raise DataError(f"--unlabelled_dir={folder} has no photos to choose from (expected "
+                        f"files ending in {', '.join(discovery.IMAGE_EXTENSIONS)}, any case).")
+    pool = discovery.discover_unlabelled(folder)
+    known = pd.concat([job.train, job.val]).path.map(file_digest)
+    digests = pool.path.map(file_digest)
+    already = digests.isin(set(known))
+    if already.any():
+        print(f"{int(already.sum())} photo(s) of {folder} are already labelled (the same "
+              f"bytes as a training photo) and are skipped, e.g. "
+              f"{labels_lib.listing(pool.name[already].tolist(), 3)}.")
+        pool = pool[~already].reset_index(drop=True)
+    if pool.empty:
+        raise DataError(f"{folder}: every photo is already labelled; nothing to choose from.")
+    report = job.run.file("bad_unlabelled_images.csv")
+    pool = scan.filter_bad_images(pool, job.model.image_size, on_bad_image, report)
+    if pool.empty:
+        raise DataError(f"{folder}: no usable photos left (see {report}).")
+    return pool.reset_index(drop=True)
