@@ -29,6 +29,7 @@ def main(argv):
     console.setup_logging()
     with console.user_errors():
         cfg = PredictRun.from_flags(FLAGS)  # checked before TensorFlow starts
+        console.load_tensorflow()
         from features import distribute
         from workflow import predicting
         with distribute.scope(distribute.make_strategy(cfg.strategy, cfg.cpu_replicas)):

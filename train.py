@@ -35,6 +35,7 @@ def main(argv):
     console.setup_logging()
     with console.user_errors():
         cfg = config.train_config(FLAGS, OUR_FLAGS)  # checked before TensorFlow starts
+        console.load_tensorflow()
         if cfg.runtime.cpu_replicas > 1:  # before anything starts TensorFlow's devices
             from features import distribute
             distribute.split_cpu(cfg.runtime.cpu_replicas)

@@ -385,7 +385,7 @@ def _extract_into(cache: FeatureCache, classifier, todo, batch_size, progress, e
     spec = cache.spec
     source = (engine.feature_batches(spec, todo, batch_size) if engine is not None
               else _local_batches(classifier, spec, todo, batch_size))
-    bar = keras.utils.Progbar(len(todo), unit_name="image") if progress else None
+    bar = progress_lib.bar(len(todo), "image", "features extracted") if progress else None
     per_row = row_bytes(layer_shapes(classifier, spec.layers), spec.dtype)
     total = cache.rows_done + len(todo)
     for chunk, outputs in source:

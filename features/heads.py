@@ -27,6 +27,7 @@ from features import backbone, cv as cv_lib, rows as rows_lib, scenarios
 from features.task import Task
 from features.training import HeadTrainer, restore, snapshot
 from pipeline.atomic import atomic_path
+from pipeline import progress as progress_lib
 from pipeline.errors import ConfigError
 
 
@@ -168,7 +169,7 @@ def _train_one(classifier, config: HeadConfig, task: Task, train_feats, y_train,
     cv, keep = None, "best"
     with config.trainer(classifier, task, label_smoothing=label_smoothing) as trainer:
         if folds:
-            bar = keras.utils.Progbar(len(folds), unit_name="fold") if progress else None
+            bar = progress_lib.bar(len(folds), "fold", "cross-validation") if progress else None
             if progress:
                 print(f"Scenario {scenario}: {len(folds)}-fold cross-validation")
             cv = cv_lib.cross_validate(trainer, train_feats[start], y_train, folds,

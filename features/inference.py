@@ -18,6 +18,7 @@ import tensorflow as tf
 from features import distribute, precision
 from features.task import Task
 from pipeline import input as input_lib
+from pipeline import progress as progress_lib
 from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.errors import ConfigError, DataError
 
@@ -140,7 +141,7 @@ def predict_paths(model: keras.Model, paths: Sequence[str], names: Sequence[str]
     check_tta(tta)
     dataset = input_lib.eval_dataset(list(paths), None, list(names), image_size, batch_size)
     run = predictor(model)
-    bar = keras.utils.Progbar(len(paths), unit_name="image") if progress else None
+    bar = progress_lib.bar(len(paths), "image", "predicted") if progress else None
     out = []
     for batch in dataset:
         views = tta_views(batch["image"], tta)

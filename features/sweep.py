@@ -15,13 +15,13 @@ import logging
 import time
 from typing import Dict, List, Optional, Sequence
 
-import keras
 import numpy as np
 import pandas as pd
 
 from features import backbone, cv as cv_lib, heads, scenarios
 from features.task import Task
 from pipeline.errors import ConfigError
+from pipeline import progress as progress_lib
 
 SETTINGS = ("scenario", "optimizer", "learning_rate", "dropout", "views", "epoch")
 
@@ -85,7 +85,7 @@ def run(classifier: backbone.Classifier, grid: Sequence[heads.HeadConfig], task:
     if needed > available:
         raise ConfigError(f"The sweep asks for {needed} augmented views per image but "
                           f"{available} are cached.")
-    bar = keras.utils.Progbar(len(grid) * len(folds), unit_name="fold") if progress else None
+    bar = progress_lib.bar(len(grid) * len(folds), "fold", "sweep") if progress else None
     metric, rows = task.headline, []
     for config in grid:
         start = config.row.start_layer(classifier.include_top)

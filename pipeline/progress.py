@@ -24,3 +24,35 @@ def clear(stage: str) -> None:
 def summary() -> str:
     """One line per stage in progress (empty when none)."""
     return "\n".join(f"  {text() if callable(text) else text}" for text in _STATE.values())
+
+
+class _PlainBar:
+    """Progress as plain lines (at each quarter), for a pipe or a file: no carriage
+    returns or colours, so a tee'd log stays readable."""
+
+    def __init__(self, total: int, unit: str, label: str):
+        import time
+        self.total, self.unit, self.label, self.done = max(1, total), unit, label, 0
+        self._clock, self._start, self._shown = time.perf_counter, time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        quarter = int(4 * self.done / self.total)
+        if quarter > self._shown or self.done >= self.total:
+            self._shown = quarter
+            seconds = self._clock() - self._start
+            print(f"  {self.label + ': ' if self.label else ''}{self.done}/{self.total} "
+                  f"{self.unit}s ({100 * self.done // self.total}%, {seconds:.0f} s)",
+                  flush=True)
+            if self.done >= self.total:
+                self._shown = 5  # never again, even if more is added
+
+
+def bar(total: int, unit: str, label: str = ""):
+    """A progress bar counting ``unit``s: Keras' bar on a terminal, plain lines
+    otherwise. Both take ``.add(n)``."""
+    import sys
+    if sys.stdout.isatty():
+        import keras
+        return keras.utils.Progbar(total, unit_name=unit)
+    return _PlainBar(total, unit, label)

@@ -14,6 +14,7 @@ from typing import List, Sequence, Tuple
 import tensorflow as tf
 
 from pipeline import ops
+from pipeline import progress as progress_lib
 from pipeline.errors import DataError
 
 # Formats the pipeline accepts, by their leading bytes.
@@ -61,9 +62,8 @@ def scan_images(paths: Sequence[str], image_size: int = 224, workers: int = 0,
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     bar = None
     if progress and len(paths) >= 100:
-        import keras
         print(f"Pre-flight check of {len(paths)} images")
-        bar = keras.utils.Progbar(len(paths), unit_name="image")
+        bar = progress_lib.bar(len(paths), "image", "pre-flight check")
     reasons = []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for reason in pool.map(lambda p: check_image(p, image_size), paths):

@@ -5,14 +5,55 @@ import logging
 import os
 import sys
 import textwrap
+import time
 
 from pipeline.errors import UserError
 
 
 def quiet_tensorflow():
-    """Hides TensorFlow C++ logs (e.g. a failed CUDA probe on CPU machines); call before
-    importing tensorflow. Real failures still surface as Python exceptions."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    """Hides TensorFlow C++ logs that respect TF_CPP_MIN_LOG_LEVEL; call before importing
+    tensorflow. `load_tensorflow` hides the start-up lines that do not."""
+    if not verbose():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def verbose() -> bool:
+    """``-v`` / ``--verbosity=N`` (N >= 1) on the command line: show TensorFlow's own
+    logs. Read from sys.argv because it must be known before absl parses the flags."""
+    for i, arg in enumerate(sys.argv[1:], 1):
+        if arg in ("-v", "--verbosity") and i + 1 < len(sys.argv):
+            value = sys.argv[i + 1]
+        elif arg.startswith(("-v=", "--verbosity=")):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        try:
+            return int(value) >= 1
+        except ValueError:
+            return False
+    return False
+
+
+def load_tensorflow() -> None:
+    """Imports TensorFlow and probes its devices with file descriptor 2 pointed at
+    /dev/null. TensorFlow 2.17+ writes its start-up lines ("All log messages before
+    absl::InitializeLog()", "oneDNN custom operations are on", "Could not find cuda
+    drivers", "failed call to cuInit") from C++ before its logging is initialised, so
+    TF_CPP_MIN_LOG_LEVEL cannot hide them. A real failure still raises, and its
+    traceback is printed after the descriptor is restored. ``-v`` shows them."""
+    if verbose() or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+        tf.config.list_physical_devices()  # the CUDA probe logs here
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 # Detail for the log file only (e.g. the model summary): never on the terminal.
@@ -20,22 +61,110 @@ DETAIL = logging.getLogger("detail")
 DETAIL.propagate = False
 
 
+class _Transcript:
+    """The run's log file: every line the terminal showed plus the detail, held in
+    memory until the run folder exists (so the opening lines are in it too)."""
+
+    def __init__(self):
+        self.pending, self.file = [], None
+
+    def write(self, text: str) -> None:
+        if self.file is None:
+            self.pending.append(text)
+            return
+        self.file.write(text)
+        self.file.flush()
+
+    def open(self, path: str) -> None:
+        if self.file is not None:
+            if self.file.name == path:
+                return
+            self.file.close()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")
+        self.write("".join(self.pending))
+        self.pending = []
+
+
+class _Tee:
+    """A text stream that also copies what it shows to the transcript: only whole text,
+    never a terminal progress bar's redraws (carriage returns, ANSI colours)."""
+
+    def __init__(self, stream, transcript: _Transcript):
+        self._stream, self._transcript = stream, transcript
+
+    def write(self, text: str) -> int:
+        n = self._stream.write(text)
+        if "\r" not in text and "\x1b[" not in text:
+            self._transcript.write(text)
+        return n
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+class _TranscriptHandler(logging.Handler):
+    """Log records in absl's full format (level, date, time, thread, file:line)."""
+
+    def __init__(self, transcript: _Transcript):
+        super().__init__(logging.DEBUG)
+        from absl import logging as absl_logging
+        self.setFormatter(absl_logging.PythonFormatter())
+        self.transcript = transcript
+
+    def emit(self, record):
+        try:
+            self.transcript.write(self.format(record) + "\n")
+        except Exception:  # a log line must never stop the run
+            self.handleError(record)
+
+
+class _ShortFormatter(logging.Formatter):
+    """``HH:MM:SS message`` for people; warnings and errors say so."""
+
+    def format(self, record):
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {level}{text}"
+
+
+_STATE = {}
+
+
+def _transcript() -> _Transcript:
+    if "transcript" not in _STATE:
+        _STATE["transcript"] = _Transcript()
+        handler = _TranscriptHandler(_STATE["transcript"])
+        logging.getLogger().addHandler(handler)
+        DETAIL.addHandler(handler)
+    return _STATE["transcript"]
+
+
 def setup_logging() -> None:
-    """INFO and above reach the terminal (absl's handler) and the run's log file."""
-    logging.getLogger().setLevel(logging.INFO)
+    """INFO and above reach the terminal as short lines; the run's log file gets every
+    terminal line (prints too) plus the detail, with absl's full prefixes."""
+    from absl import logging as absl_logging
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
     # TensorFlow's own INFO lines (e.g. each checkpoint's "Sharding callback duration")
     # say nothing a user can act on.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     DETAIL.setLevel(logging.INFO)
+    root.removeHandler(absl_logging.get_absl_handler())
+    transcript = _transcript()
+    terminal = logging.StreamHandler(sys.__stderr__)  # not the tee: the file has the long form
+    terminal.setFormatter(_ShortFormatter())
+    root.addHandler(terminal)
+    if not isinstance(sys.stdout, _Tee):
+        sys.stdout = _Tee(sys.stdout, transcript)
+        sys.stderr = _Tee(sys.stderr, transcript)
 
 
 def log_to_file(path: str) -> None:
-    """Also writes everything logged, and the detail, to ``path`` (appending)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
-    DETAIL.addHandler(handler)
+    """From now on (and for everything shown before) the log goes to ``path``, appended."""
+    _transcript().open(path)
 
 
 class Terminated(BaseException):
