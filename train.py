@@ -35,6 +35,8 @@ def main(argv):
     console.setup_logging()
     with console.user_errors():
         cfg = config.train_config(FLAGS, OUR_FLAGS)  # checked before TensorFlow starts
+        if cfg.data.demo:
+            print(config.describe_demo(FLAGS))
         console.load_tensorflow()
         if cfg.runtime.cpu_replicas > 1:  # before anything starts TensorFlow's devices
             from features import distribute
@@ -44,4 +46,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    import sys
+    if flag_defs.help_requested(sys.argv):
+        print(flag_defs.grouped_help(FLAGS, __doc__))
+        sys.exit(0)
     app.run(main)

@@ -34,11 +34,24 @@ MILESTONES = (("extraction", "Extracting "), ("probe", "Linear probe"),
               ("bag exported", "Bag of "))
 
 
+def _stamps(log: str):
+    """(time, message) of every log line, in either format train.log has had:
+    ``2026-11-29 20:24:27,123 INFO message`` (before issue 21) or absl's
+    ``I1129 20:24:27.123456 140 file.py:12] message``."""
+    out = []
+    for m in re.finditer(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) \w+ (.*)$", log, re.M):
+        out.append((datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f"), m.group(2)))
+    for m in re.finditer(r"^[IWEF](\d{4}) (\d\d:\d\d:\d\d\.\d+) +\d+ \S+\] (.*)$", log, re.M):
+        out.append((datetime.datetime.strptime(f"2000{m.group(1)} {m.group(2)}",
+                                               "%Y%m%d %H:%M:%S.%f"), m.group(3)))
+    return out
+
+
 def milestones(log: str) -> dict:
     """Seconds from the first line of train.log to the first line of each milestone."""
-    stamps = [(datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f"), m.group(2))
-              for m in re.finditer(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) \w+ (.*)$",
-                                   log, re.M)]
+    stamps = _stamps(log)
+    if not stamps:
+        return {}
     start = stamps[0][0]
     out = {}
     for name, text in MILESTONES:
@@ -93,8 +106,10 @@ def main():
             trees[label] = tempfile.mkdtemp(prefix=f"bench-{label}-")
             subprocess.run(["git", "-C", common.ROOT, "worktree", "add", "--detach",
                             trees[label], rev], check=True, capture_output=True)
-        results = {f"before ({args.before})": run(trees["before"], args, "before"),
-                   f"after ({args.after})": run(trees["after"], args, "after")}
+        results = {}
+        for label, rev in (("before", args.before), ("after", args.after)):
+            results[f"{label} ({rev})"] = run(trees[label], args, label)
+            print(f"{label} ({rev}): {results[f'{label} ({rev})']}", flush=True)
     finally:
         for tree in trees.values():
             subprocess.run(["git", "-C", common.ROOT, "worktree", "remove", "--force", tree],

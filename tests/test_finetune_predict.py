@@ -25,7 +25,9 @@ BINARY = task_lib.binary()
 
 
 def _run(script, *args, cwd=None, env=None):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    # No TF_CPP_MIN_LOG_LEVEL: the scripts must keep TensorFlow quiet by themselves.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
@@ -224,6 +226,9 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     assert list(history.columns[:7]) == ["epoch", "loss", "accuracy", "auc", "val_loss",
                                          "val_accuracy", "val_auc"]
     assert "Outputs in" in result.stdout and "submission" in result.stdout
+    check_console(result, (workdir / "train.log").read_text(), summary_in_log=True)
+    # Comparison, fine-tuning history, confusion matrix, ROC, top losses, suspect labels.
+    assert check_report(workdir / "report.html", metrics) >= 6
 
     out = tmp_path / "pred.csv"
     labels = tmp_path / "test_labels.csv"
@@ -240,6 +245,69 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     for plot in ("pred_roc.png", "pred_confusion_matrix.png", "pred_top_losses.png"):
         assert open(tmp_path / plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n", plot
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+    check_console(result, (tmp_path / "pred.log").read_text())
+    scored = json.loads((tmp_path / "pred_metrics.json").read_text())
+    assert scored["scores"]["auc"] == pytest.approx(roc_auc_score(truth, probs), abs=1e-6)
+    assert check_report(tmp_path / "pred_report.html", scored) == 3  # the three plots
+
+
+NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cuda drivers", "cuInit",
+         "retracing", "Total params", "Layer (type)")
+
+
+def check_console(result, log_text: str, summary_in_log: bool = False) -> None:
+    """What a person sees: no TensorFlow C++ start-up lines, no model summary, no
+    retracing warnings, no progress-bar control characters on a pipe; and the log file
+    holds every line the terminal showed (log lines in their long form)."""
+    shown = result.stdout + result.stderr
+    for noise in NOISE:
+        assert noise not in shown, noise
+    assert "\r" not in shown and "\x1b[" not in shown
+    assert ("Total params" in log_text) == summary_in_log  # the summary went to the file
+    import re
+    for line in shown.splitlines():
+        text = re.sub(r"^\d\d:\d\d:\d\d (warning: |error: )?", "", line).strip()
+        if text:
+            assert text in log_text, f"terminal line missing from the log: {line!r}"
+
+
+def check_report(path, metrics: dict) -> int:
+    """Parses a report page: it needs nothing from the network or a script, every image is
+    an embedded PNG, and every number equals the JSON it names. Returns the image count."""
+    import base64
+    from html.parser import HTMLParser
+    from workflow import report
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.numbers, self.key, self.scripts = [], [], None, 0
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img":
+                self.images.append(attrs["src"])
+            if tag == "script" or tag == "link":
+                self.scripts += 1
+            self.key = attrs.get("data-metric", self.key if tag != "span" else None)
+
+        def handle_data(self, data):
+            if self.key is not None:
+                self.numbers.append((self.key, data))
+                self.key = None
+
+    page = Page()
+    page.feed(path.read_text())
+    assert page.scripts == 0 and "http" not in path.read_text().replace("http-equiv", "")
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.numbers, "no number on the page"
+    for key, text in page.numbers:
+        value = report.lookup(metrics, key)
+        digits = len(text.split(".")[1]) if "." in text else 0
+        assert float(text) == pytest.approx(value, abs=0.51 * 10 ** -digits), key
+    return len(page.images)
 
 
 @pytest.fixture(scope="module")

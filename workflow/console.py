@@ -41,15 +41,26 @@ def load_tensorflow() -> None:
     drivers", "failed call to cuInit") from C++ before its logging is initialised, so
     TF_CPP_MIN_LOG_LEVEL cannot hide them. A real failure still raises, and its
     traceback is printed after the descriptor is restored. ``-v`` shows them."""
-    if verbose() or "tensorflow" in sys.modules:
-        import tensorflow  # noqa: F401
+    if "tensorflow" in sys.modules:
+        return
+    with native_stderr_hidden():
+        import tensorflow as tf
+        tf.config.list_physical_devices()  # the CUDA probe logs here
+
+
+@contextlib.contextmanager
+def native_stderr_hidden():
+    """Points file descriptor 2 at /dev/null for the block (unless ``-v``): C++ code that
+    writes there directly (TensorFlow's start-up, the TFLite converter's summary) stays
+    off the terminal. Python's own exceptions still surface after the block."""
+    if verbose():
+        yield
         return
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        import tensorflow as tf
-        tf.config.list_physical_devices()  # the CUDA probe logs here
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -151,6 +162,7 @@ def setup_logging() -> None:
     # TensorFlow's own INFO lines (e.g. each checkpoint's "Sharding callback duration")
     # say nothing a user can act on.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # e.g. SavedModel's fingerprint lines
     DETAIL.setLevel(logging.INFO)
     root.removeHandler(absl_logging.get_absl_handler())
     transcript = _transcript()

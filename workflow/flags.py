@@ -13,10 +13,12 @@ from features.scenarios import SCENARIO_HELP
 
 PRECISIONS = ["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 STRATEGIES = ["auto", "one", "mirrored"]
-DATA, OUTPUTS, MODEL, HEADS, SWEEP, FINETUNE, PREDICT, DEVICES, TESTING, LABELLING = (
+DATA, OUTPUTS, MODEL, HEADS, SWEEP, FINETUNE, PREDICT, DEVICES, TESTING, LABELLING, DEPLOY = (
     "data", "outputs", "model", "heads stage (cached features)", "sweep stage",
     "fine-tuning stage", "prediction", "precision, devices and scale-out",
-    "testing (not for everyday use)", "labelling: what to label next")
+    "testing (not for everyday use)", "labelling: what to label next",
+    "deployment exports")
+ALIASES = "aliases (clearer names of flags above)"
 
 
 class _DemoParser(flags.ArgumentParser):
@@ -66,10 +68,29 @@ def _shared(fv, tta_help: str) -> None:
                          flag_values=fv, module_name=TESTING)
 
 
+def define_export(fv=flags.FLAGS) -> None:
+    """Deployment formats: train.py (at the end of the run) and export.py take these."""
+    flags.DEFINE_string("export", "none", "Also export the final model for deployment, "
+                        "comma-separated: savedmodel (TF Serving), onnx (onnxruntime; needs "
+                        "pip install -e \".[export]\"), tflite (phones, small devices); each "
+                        "checked against model.keras on the validation images. none: only "
+                        "model.keras.", flag_values=fv, module_name=DEPLOY)
+    flags.DEFINE_enum("quantize", "none", ["none", "fp16", "int8"], "With --export=tflite, also "
+                      "a quantized TFLite file: fp16 (float16 weights, ~half the size) or int8 "
+                      "(weights and activations, calibrated on the validation images).",
+                      flag_values=fv, module_name=DEPLOY)
+
+
 def define_train(fv=flags.FLAGS) -> None:
     """The flags of train.py, section by section."""
     for define in (_train_data, _train_model, _train_heads, _train_sweep, _train_finetune):
         define(dict(flag_values=fv))
+    define_export(fv)
+    # Clearer names for flags that are easy to confuse; the old names stay.
+    for alias, original in (("heads_scenarios", "scenarios"), ("heads_epochs", "epochs"),
+                            ("heads_views", "cache_augmented_views"),
+                            ("finetune_scenario", "scenario")):
+        flags.DEFINE_alias(alias, original, flag_values=fv, module_name=ALIASES)
     _shared(fv, "Test-time augmentation views of the exported model: auto = 2 (image and "
                 "mirror) when they beat 1 on the validation images beyond noise, else 1; or a "
                 "number (1 = plain; 2 adds the mirror; up to 8 adds crops).")
@@ -144,9 +165,11 @@ def _train_model(d: dict) -> None:
 
 def _train_heads(d: dict) -> None:
     """The heads stage on cached features."""
-    flags.DEFINE_list("scenarios", ["A", "B", "C"], "Scenarios for the heads stage: "
-                      + SCENARIO_HELP + ".", module_name=HEADS, **d)
-    flags.DEFINE_integer("epochs", 5, "Epochs per scenario on cached features.",
+    flags.DEFINE_list("scenarios", ["A", "B", "C"], "Scenarios the heads stage trains and "
+                      "compares (not --scenario, the one fine-tuned afterwards; alias "
+                      "--heads_scenarios): " + SCENARIO_HELP + ".", module_name=HEADS, **d)
+    flags.DEFINE_integer("epochs", 5, "Epochs per scenario on cached features (the heads "
+                         "stage; fine-tuning has --finetune_epochs; alias --heads_epochs).",
                          module_name=HEADS, **d)
     flags.DEFINE_float("learning_rate", None, "Heads-stage learning rate for every scenario. "
                        "Default: each scenario's own (A 1e-3; B, C 1e-4; measured on real "
@@ -162,9 +185,10 @@ def _train_heads(d: dict) -> None:
                        "batches from the HDF5 cache instead of loading it (same results, "
                        "slower). Default: half of the memory available when the run starts.",
                        module_name=HEADS, **d)
-    flags.DEFINE_integer("cache_augmented_views", 0, "K > 0: also cache K augmented views of "
-                         "each training image (--augment preset, keras_blog if none) and "
-                         "train heads on them.", module_name=HEADS, **d)
+    flags.DEFINE_integer("cache_augmented_views", 0, "Heads stage: K > 0 also caches K augmented "
+                         "views of each training image (--augment preset, keras_blog if none) "
+                         "and trains the heads on them (alias --heads_views; the sweep has "
+                         "--sweep_views, fine-tuning --finetune_views).", module_name=HEADS, **d)
     flags.DEFINE_string("cv_folds", "auto", "Stratified K-fold cross-validation of every "
                         "scenario on the training split: K >= 2, 0 for none, or 'auto' (5 when "
                         "the validation set has fewer than 100 images). With CV, the epoch and "
@@ -205,8 +229,9 @@ def _train_sweep(d: dict) -> None:
 
 def _train_finetune(d: dict) -> None:
     """The fine-tuning stage."""
-    flags.DEFINE_string("scenario", None, "Scenario to fine-tune (default: the heads stage's "
-                        "best, by CV score when cross-validated, else validation).",
+    flags.DEFINE_string("scenario", None, "The one scenario to fine-tune (default: the heads "
+                        "stage's best of --scenarios, by CV score when cross-validated, else "
+                        "validation; alias --finetune_scenario).",
                         module_name=FINETUNE, **d)
     flags.DEFINE_string("trainable_blocks", None, "Blocks to fine-tune instead of the "
                         "scenario's, e.g. block4,block5,fc (names: block1..block5, fc, "
@@ -218,8 +243,9 @@ def _train_finetune(d: dict) -> None:
                       "when present).", module_name=FINETUNE, **d)
     flags.DEFINE_float("finetune_learning_rate", 1e-4, "Learning rate for fine-tuning.",
                        module_name=FINETUNE, **d)
-    flags.DEFINE_integer("finetune_epochs", 50, "Maximum fine-tuning epochs (0: export the "
-                         "cache-trained model without fine-tuning).", module_name=FINETUNE, **d)
+    flags.DEFINE_integer("finetune_epochs", 50, "Maximum fine-tuning epochs (the heads "
+                         "stage has --epochs; 0: export the cache-trained model without "
+                         "fine-tuning).", module_name=FINETUNE, **d)
     flags.DEFINE_integer("finetune_views", 5, "K > 0: when the fine-tuned blocks start above a "
                          "cached layer (A, B above block5_pool; C above block4_pool), cache K "
                          "augmented views (--augment preset) of each training image once and "
@@ -262,3 +288,23 @@ def define_predict(fv=flags.FLAGS) -> None:
     _shared(fv, "Test-time augmentation: auto = what train.py chose for the model (recorded "
                 "in model_info.json), or average over N deterministic views (1 = plain; 2 adds "
                 "the mirror; up to 8 adds crops).")
+
+
+def help_requested(argv) -> bool:
+    """``-h``, ``--help`` or ``--helpshort`` (``--helpfull`` stays absl's: every flag,
+    absl's own and the testing ones too)."""
+    return any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:])
+
+
+def grouped_help(fv, doc: str) -> str:
+    """The script's docstring and its flags, group by group in the order a run uses them;
+    the testing flags are left to --helpfull."""
+    order = (DATA, OUTPUTS, MODEL, HEADS, SWEEP, FINETUNE, PREDICT, LABELLING, DEPLOY, DEVICES)
+    parts = [doc.rstrip(), ""]
+    for group in order:
+        text = fv.module_help(group)
+        if text.strip():
+            parts.append(text.rstrip())
+            parts.append("")
+    parts.append("Aliases, testing flags and absl's own flags: --helpfull.")
+    return "\n".join(parts)

@@ -90,6 +90,12 @@ def duplicates(job: Job, cache: CacheConfig, runtime: RuntimeConfig) -> pd.DataF
                       "subset_b": r.subset, "similarity": 1.0, "kind": "exact"}
                      for _, r in group.iloc[1:].iterrows() if r.subset != first.subset]
     labelled = pd.concat(frames[:2], ignore_index=True)
+    if str(job.model.weights).lower() == "none":
+        # Random weights map every photo to nearly the same direction: the threshold,
+        # measured on pretrained features, would call every pair a near-duplicate.
+        logging.info("Near-duplicates not looked for: they need pretrained features "
+                     "(--weights=none); exact duplicates (same bytes) were.")
+        return _pairs_table(rows)
     feats = Features(job, cache, runtime.batch_size).of(labelled)[probe.PROBE_LAYER]
     pooled = probe.pooled(feats, "average")
     subsets = labelled.assign(subset=["train"] * len(job.train) + ["val"] * len(job.val)).subset
@@ -97,6 +103,10 @@ def duplicates(job: Job, cache: CacheConfig, runtime: RuntimeConfig) -> pd.DataF
         rows.append({"name_a": labelled.name[a], "subset_a": subsets[a],
                      "name_b": labelled.name[b], "subset_b": subsets[b],
                      "similarity": round(sim, 4), "kind": "exact" if sim > 0.9999 else "near"})
+    return _pairs_table(rows)
+
+
+def _pairs_table(rows) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=["name_a", "subset_a", "name_b", "subset_b",
                                         "similarity", "kind"])
     return table.drop_duplicates(["name_a", "name_b"]).sort_values(

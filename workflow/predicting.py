@@ -129,6 +129,9 @@ def run(cfg: PredictRun) -> Optional[dict]:
     from pipeline import discovery, progress, scan
     from workflow import interpret
 
+    from workflow import console
+    stem = os.path.splitext(cfg.output)[0]
+    console.log_to_file(stem + ".log")  # beside the output: what this prediction did
     chosen = precision.resolve_and_apply(cfg.precision)
     info = inference.read_info(cfg.workdir)
     has_bag = os.path.isfile(os.path.join(cfg.workdir, inference.BAG_FILE))
@@ -168,7 +171,6 @@ def run(cfg: PredictRun) -> Optional[dict]:
     print(f"Wrote {len(frame)} predictions of {what} to {cfg.output} ({used})")
     if not cfg.labels:
         return None
-    stem = os.path.splitext(cfg.output)[0]
     scores = score_against_labels(frame.name.tolist(), probs, cfg.labels, task, thresholds)
     print(format_scores(scores, task))
     good = ~frame["bad"].to_numpy(bool) if "bad" in frame else np.ones(len(frame), bool)
@@ -179,4 +181,10 @@ def run(cfg: PredictRun) -> Optional[dict]:
                                 prefix=os.path.basename(stem) + "_")
     for name, path in plots.items():
         print(f"{name}: {path}")
+    from workflow import report
+    page = report.write_scoring_report(
+        stem, scores, plots, f"{'bag.keras' if use_bag else 'model.keras'} of "
+        f"{os.path.abspath(cfg.workdir)} (tta={tta}) on {len(frame)} images of {cfg.data_dir}, "
+        f"scored against {cfg.labels}")
+    print(f"report: {page}")
     return scores

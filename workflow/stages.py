@@ -7,6 +7,7 @@ configuration it needs, and writes its outputs into the run folder.
 import dataclasses
 import logging
 import os
+import shlex
 import shutil
 import time
 from typing import Optional
@@ -211,20 +212,53 @@ def _run_stages(cfg: TrainConfig, engine=None):
                                    cfg.labelling.budget, cfg.labelling.strategy,
                                    cfg.data.on_bad_image)
     scenario = None
+    timings = {"start-up and data check": time.perf_counter() - started}
     if runtime.heads:
+        clock = time.perf_counter()
         scenario = heads_stage(job, cfg.heads, cfg.cache, runtime, view_preset,
                                chosen if cfg.sweep.use else None)
+        timings["heads (cache, probe, scenarios)"] = time.perf_counter() - clock
     if runtime.finetunes:
         scenario = (cfg.finetune.scenario or
                     (chosen.scenario if cfg.sweep.use and chosen else None) or
                     scenario or chosen_scenario(job))
+        clock = time.perf_counter()
         export.finetune_stage(job, cfg.finetune, cfg.heads, cfg.cache, runtime, cfg.predict,
                               scenario, optimizer=chosen.optimizer if cfg.sweep.use and chosen
                               else "adam")
+        timings["fine-tuning, choice of output, export"] = time.perf_counter() - clock
+        if cfg.deploy.formats:
+            from workflow import deploy
+            clock = time.perf_counter()
+            deploy.deploy_run(job.run.path, cfg.deploy.formats, cfg.deploy.quantize,
+                              runtime.batch_size)
+            timings["deployment exports"] = time.perf_counter() - clock
         if runtime.stage == "all" and job.dataset.test_dir:
+            clock = time.perf_counter()
             predict_test(job, runtime, demo=cfg.data.demo)
+            timings["test-set prediction"] = time.perf_counter() - clock
+    timings["total"] = time.perf_counter() - started
+    job.run.update_metrics("timings", {k: round(v, 1) for k, v in timings.items()})
+    _write_report(job, runtime)
     _print_outputs(job, started)
     return job
+
+
+def _write_report(job: Job, runtime: RuntimeConfig) -> None:
+    """report.html: the run on one page, with the commands to go on from it."""
+    from workflow import report
+    commands = {"Run again with the same settings": _command_line()}
+    if "model" in job.run.outputs:
+        commands["Predict"] = next_command(job)
+    if runtime.finetunes:
+        commands["Resume an interrupted fine-tuning"] = (
+            _command_line() + " --stage=finetune --resume")
+    job.run.note("report", report.write_run_report(job.run.path, commands))
+
+
+def _command_line() -> str:
+    import sys
+    return " ".join(["python", "train.py", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def chosen_scenario(job: Job) -> str:
@@ -246,8 +280,24 @@ def _print_outputs(job: Job, started: float) -> None:
     for what, path in job.run.outputs.items():
         print(f"  {what:18s} {path}")
     if "model" in job.run.outputs:
-        print(f"Next: python predict.py --workdir={job.run.path} --data_dir=FOLDER "
-              f"--output=submission.csv")
+        print("Next: " + next_command(job))
+
+
+def next_command(job: Job) -> str:
+    """The predict.py command to run next, as it can be pasted: on the data's own test
+    folder when it has one (scored against its labels when they are known, as the
+    demo's are), else on a folder the user names."""
+    q = shlex.quote
+    root, workdir = job.dataset.data_dir, job.run.path
+    if not job.dataset.test_dir:
+        return (f"python predict.py --workdir={q(workdir)} --data_dir=<folder of new photos> "
+                f"--output=predictions.csv")
+    command = (f"python predict.py --workdir={q(workdir)} --data_dir={q(root)} "
+               f"--output={q(os.path.join(workdir, 'test_predictions.csv'))}")
+    labels_csv = os.path.join(root, "test_labels.csv")
+    if os.path.isfile(labels_csv):
+        command += f" --labels={q(labels_csv)}"
+    return command
 
 
 def run(cfg: TrainConfig):

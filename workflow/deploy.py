@@ -1,0 +1,285 @@
+"""Models for deployment: SavedModel (TF Serving), ONNX (onnxruntime) and TFLite (phones,
+small devices), each checked against ``model.keras`` after it is written.
+
+Every format is made from ``model.keras`` rebuilt in float32 (a model trained
+under a mixed policy would carry bfloat16 kernels that TFLite cannot run):
+
+* ``savedmodel/`` — Keras 3's ``model.export(format="tf_saved_model")``; its
+  ``serve`` signature takes the input below;
+* ``model.onnx`` — Keras 3's ``model.export(format="onnx")`` (tf2onnx underneath);
+* ``model.tflite`` — the TFLite converter on that SavedModel; ``--quantize=fp16``
+  stores float16 weights, ``int8`` quantizes weights and activations with a
+  representative dataset drawn from the validation images (``model_int8.tflite``).
+
+Verification: each file is loaded by its own runtime in a fresh process
+(``python -m workflow.deploy verify``: TensorFlow, onnxruntime, the LiteRT
+interpreter) and predicts the validation images; the largest probability
+difference from ``model.keras``, the change in the task's headline score, the load
+time and the CPU latency per image are recorded (``metrics.json["exports"]``).
+
+Input of every format: float32 ``[N, S, S, 3]``, the photo resized to S px with
+its channels in BGR order minus the ImageNet means (`pipeline.ops.vgg_mean_centre`);
+output: the model's probabilities, in ``model_info.json``'s class order.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from pipeline.errors import ConfigError, DataError
+
+FORMATS = ("savedmodel", "onnx", "tflite")
+QUANTIZE = ("none", "fp16", "int8")
+SAVEDMODEL_DIR = "savedmodel"
+# What each format needs beyond TensorFlow, as (module, pip name).
+_NEEDS = {"onnx": [("tf2onnx", "tf2onnx"), ("onnxruntime", "onnxruntime")]}
+REPRESENTATIVE_IMAGES = 100
+
+
+def parse_formats(text) -> List[str]:
+    """``--export`` as a list of formats (empty for none); clear errors for unknown ones
+    and for missing converters or runtimes, before any work starts."""
+    items = [t.strip().lower() for t in (text if isinstance(text, (list, tuple))
+                                         else str(text or "").split(",")) if t.strip()]
+    if items in ([], ["none"]):
+        return []
+    unknown = [t for t in items if t not in FORMATS]
+    if unknown:
+        raise ConfigError(f"--export: unknown format(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(FORMATS)} (comma-separated), or none.")
+    missing = [pip for f in items for module, pip in _NEEDS.get(f, [])
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ConfigError(f"--export={','.join(items)} needs {', '.join(missing)}, which is not "
+                          "installed: python -m pip install -e \".[export]\"")
+    return list(dict.fromkeys(items))
+
+
+def file_name(fmt: str, quantize: str = "none") -> str:
+    """Where a format goes in the run folder."""
+    if fmt == "savedmodel":
+        return SAVEDMODEL_DIR
+    if fmt == "onnx":
+        return "model.onnx"
+    return "model.tflite" if quantize in ("none", None) else f"model_{quantize}.tflite"
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
+                   for f in files)
+    return os.path.getsize(path)
+
+
+def _replace(tmp: str, path: str) -> None:
+    """Moves a finished file or folder into place (the old one only goes once the new one
+    is whole)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def convert(model, fmt: str, workdir: str, quantize: str = "none", representative=None) -> str:
+    """Writes ``model`` (float32) in ``fmt`` into ``workdir``; returns the path."""
+    import tensorflow as tf
+    path = os.path.join(workdir, file_name(fmt, quantize))
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else None
+    if fmt == "savedmodel":
+        model.export(tmp, format="tf_saved_model", verbose=False)
+    elif fmt == "onnx":
+        model.export(tmp, format="onnx", verbose=False)
+    else:
+        with tempfile.TemporaryDirectory() as saved:
+            model.export(os.path.join(saved, "sm"), format="tf_saved_model", verbose=False)
+            converter = tf.lite.TFLiteConverter.from_saved_model(os.path.join(saved, "sm"))
+            if quantize == "fp16":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.target_spec.supported_types = [tf.float16]
+            elif quantize == "int8":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.representative_dataset = lambda: ([x[None]] for x in representative)
+            from workflow.console import native_stderr_hidden
+            with native_stderr_hidden():  # the converter's C++ summary lines
+                flatbuffer = converter.convert()
+            with open(tmp, "wb") as f:
+                f.write(flatbuffer)
+    _replace(tmp, path)
+    return path
+
+
+def run_format(fmt: str, path: str, x: np.ndarray, batch_size: int = 16):
+    """Loads ``path`` with the format's own runtime and predicts ``x``; returns
+    (outputs, load seconds, seconds per image)."""
+    started = time.perf_counter()
+    if fmt == "savedmodel":
+        import tensorflow as tf
+        loaded_model = tf.saved_model.load(path)  # held: its variables die with it
+        predict = lambda b: loaded_model.serve(tf.constant(b)).numpy()  # noqa: E731
+    elif fmt == "onnx":
+        import onnxruntime
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        predict = lambda b: session.run(None, {name: b})[0]  # noqa: E731
+    else:
+        predict = _tflite_runner(path)
+    loaded = time.perf_counter() - started
+    outputs, started = [], time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        outputs.append(np.asarray(predict(x[i:i + batch_size]), np.float64))
+    per_image = (time.perf_counter() - started) / max(1, len(x))
+    return np.concatenate(outputs), loaded, per_image
+
+
+def _tflite_runner(path: str):
+    try:  # LiteRT, TFLite's successor; tf.lite.Interpreter is deprecated
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+        Interpreter = tf.lite.Interpreter
+    interpreter = Interpreter(model_path=path)
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    shape = {"n": None}
+
+    def predict(batch):
+        if shape["n"] != len(batch):
+            interpreter.resize_tensor_input(inp["index"], batch.shape)
+            interpreter.allocate_tensors()
+            shape["n"] = len(batch)
+        interpreter.set_tensor(inp["index"], batch.astype(np.float32))
+        interpreter.invoke()
+        return interpreter.get_tensor(out["index"])
+    return predict
+
+
+def verify_in_fresh_process(fmt: str, path: str, x: np.ndarray) -> Dict[str, object]:
+    """`run_format` in a new Python process (nothing of this one's TensorFlow state
+    helps it load): outputs, load seconds, seconds per image."""
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(os.path.join(tmp, "x.npy"), x)
+        cmd = [sys.executable, "-m", "workflow.deploy", "verify", fmt, os.path.abspath(path),
+               tmp]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
+        if done.returncode:
+            raise DataError(f"{path} was written but does not load with its runtime "
+                            f"({fmt}):\n{done.stderr.strip()[-1500:]}")
+        with open(os.path.join(tmp, "timing.json"), encoding="utf-8") as f:
+            timing = json.load(f)
+        return {"outputs": np.load(os.path.join(tmp, "y.npy")), **timing}
+
+
+def export_all(model, formats: Sequence[str], quantize: str, workdir: str, x_val: np.ndarray,
+               y_val, task) -> Dict[str, dict]:
+    """Writes every format, verifies each in a fresh process against ``model`` on the
+    validation inputs ``x_val`` (labels ``y_val``); returns what metrics.json records."""
+    reference = np.asarray(model.predict(x_val, verbose=0, batch_size=16), np.float64)
+    ref_score = task.scores(y_val, task.probabilities(reference))[task.headline]
+    jobs = [(f, "none") for f in formats]
+    if "tflite" in formats and quantize not in ("none", None):
+        jobs.append(("tflite", quantize))
+    rng = np.random.default_rng(0)
+    representative = x_val[rng.permutation(len(x_val))[:REPRESENTATIVE_IMAGES]]
+    out = {}
+    for fmt, q in jobs:
+        started = time.perf_counter()
+        path = convert(model, fmt, workdir, q, representative)
+        seconds = time.perf_counter() - started
+        checked = verify_in_fresh_process(fmt, path, x_val)
+        outputs = checked.pop("outputs")
+        score = task.scores(y_val, task.probabilities(outputs))[task.headline]
+        key = fmt if q == "none" else f"{fmt}_{q}"
+        out[key] = {"file": os.path.basename(path), "bytes": _size(path),
+                    "convert_seconds": round(seconds, 2),
+                    "load_seconds": round(checked["load_seconds"], 3),
+                    "ms_per_image": round(1000 * checked["seconds_per_image"], 2),
+                    "max_abs_dp": float(np.max(np.abs(outputs - reference))) if len(x_val)
+                    else 0.0, f"{task.headline}_keras": ref_score,
+                    f"{task.headline}": score, f"{task.headline}_change": score - ref_score,
+                    "images": int(len(x_val)), "quantize": q}
+    return out
+
+
+def validation_set(workdir: str, task, image_size: int, batch_size: int = 32):
+    """The run's validation images (``split.csv``) as model inputs and labels."""
+    import pandas as pd
+    from pipeline import input as input_lib
+    split_csv = os.path.join(workdir, "split.csv")
+    if not os.path.isfile(split_csv):
+        raise ConfigError(f"{workdir} has no split.csv: the exports are checked on the run's "
+                          "validation images, so export from a train.py run folder.")
+    val = pd.read_csv(split_csv, dtype={"name": str, "label": str}, keep_default_na=False)
+    val = val[val.subset == "val"]
+    missing = [p for p in val.path if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} validation image(s) of {split_csv} are gone, e.g. "
+                        f"{missing[0]}: the exports are checked on them.")
+    index = {n: i for i, n in enumerate(task.class_names)}
+    if task.kind == "binary":
+        y = val.label.astype(int).to_numpy()
+    elif task.kind == "multiclass":
+        y = np.array([index[v] for v in val.label])
+    else:
+        y = np.array([[int(n in row.split()) for n in task.class_names] for row in val.label])
+    batches = input_lib.eval_dataset(val.path.tolist(), None, val.name.tolist(), image_size,
+                                     batch_size)
+    x = np.concatenate([b["image"].numpy() for b in batches]) if len(val) else \
+        np.zeros((0, image_size, image_size, 3), np.float32)
+    return x.astype(np.float32), y
+
+
+def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
+               batch_size: int = 32) -> Dict[str, dict]:
+    """Exports ``workdir``'s model.keras in ``formats``, checks each, records the checks in
+    metrics.json (``exports``) and model_info.json; returns them."""
+    from features import inference
+    from workflow.outputs import RunFolder
+    model, info = inference.load_exported(workdir, policy="float32")
+    task = inference.task_of(info)
+    x_val, y_val = validation_set(workdir, task, int(info["image_size"]), batch_size)
+    results = export_all(model, formats, quantize, workdir, x_val, y_val, task)
+    run = RunFolder(workdir)
+    run.update_metrics("exports", {**results, "input": INPUT, "checked_on": (
+        f"the run's {len(y_val)} validation images (split.csv)")})
+    for key, r in results.items():
+        print(f"export {key}: {os.path.join(workdir, r['file'])} ({r['bytes'] / 1e6:.1f} MB), "
+              f"max |dP| vs model.keras {r['max_abs_dp']:.2g}, {task.headline} "
+              f"{r[task.headline]:.4f} ({r[task.headline + '_change']:+.4f}), "
+              f"{r['ms_per_image']:.1f} ms/image on CPU")
+        run.note(f"export {key}", os.path.join(workdir, r["file"]))
+    return results
+
+
+INPUT = ("float32 [N, S, S, 3]: the photo resized to S px, channels BGR minus the ImageNet "
+         "means (103.939, 116.779, 123.68); output: probabilities in model_info.json's "
+         "class order")
+
+
+def _verify_main(argv) -> None:
+    fmt, path, folder = argv
+    x = np.load(os.path.join(folder, "x.npy"))
+    outputs, loaded, per_image = run_format(fmt, path, x)
+    np.save(os.path.join(folder, "y.npy"), outputs)
+    with open(os.path.join(folder, "timing.json"), "w", encoding="utf-8") as f:
+        json.dump({"load_seconds": loaded, "seconds_per_image": per_image}, f)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "verify":
+        _verify_main(sys.argv[2:])
+    else:
+        sys.exit("usage: python -m workflow.deploy verify FORMAT PATH FOLDER")

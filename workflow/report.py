@@ -1,0 +1,306 @@
+"""The run report: one self-contained HTML page a person can open, print or mail.
+
+``report.html`` in the run folder (train.py) and ``<output>_report.html`` beside a
+scored prediction (predict.py --labels). Plots are embedded as base64 PNG, there is
+no script and nothing is fetched, so the page opens anywhere. Every number on it is
+read from the run's JSON (``metrics.json``, or the scoring's ``<output>_metrics.json``)
+and carries its place there, ``data-metric="heads/A/cv_auc_mean"``, so a test can
+check the page against the file it came from.
+"""
+
+import base64
+import html
+import json
+import os
+import time
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import pandas as pd
+
+from workflow.outputs import read_json
+
+REPORT = "report.html"
+# Flags whose value is a place on this machine, not a setting worth reporting, and the
+# task, which run_config.json records as detected (the header shows it).
+_PLACES = {"data_dir", "workdir", "cache_dir", "task"}
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
+max-width:70em;color:#222;line-height:1.4}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ccc;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
+text-align:left}th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.9em;color:#555}
+code,pre{background:#f6f6f6;padding:.1em .3em}pre{padding:.6em;overflow-x:auto}
+.note{color:#555}
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def lookup(data: dict, key: str):
+    """``data`` at a ``/``-separated key (None when any part is missing)."""
+    for part in key.split("/"):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def number(data: dict, key: str, digits: int = 4) -> str:
+    """The value at ``key`` formatted, marked with its key; a dash when absent."""
+    value = lookup(data, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "–"
+    text = f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return f'<span data-metric="{esc(key)}">{text}</span>'
+
+
+def image(path: str, caption: str) -> str:
+    """A PNG embedded in the page (nothing when the file does not exist)."""
+    if not path or not os.path.isfile(path):
+        return ""
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode("ascii")
+    return (f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """An HTML table; cells are HTML already (use `esc` for text)."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def page(title: str, sections: List[str]) -> str:
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>"
+            f"<h1>{esc(title)}</h1>" + "".join(s for s in sections if s) + "</body></html>\n")
+
+
+def write(path: str, text: str) -> str:
+    from pipeline.atomic import atomic_write_text
+    atomic_write_text(path, text)
+    return path
+
+
+def _data_section(folder: str) -> str:
+    split_csv = os.path.join(folder, "split.csv")
+    if not os.path.isfile(split_csv):
+        return ""
+    split = pd.read_csv(split_csv, dtype={"name": str, "label": str})
+    counts = split.groupby(["label", "subset"]).size().unstack(fill_value=0)
+    rows = [[esc(label), *[f'<span class="n">{int(counts.loc[label].get(s, 0))}</span>'
+                           for s in ("train", "val")], str(int(counts.loc[label].sum()))]
+            for label in counts.index]
+    out = "<h2>Data</h2>" + table(["class", "training", "validation", "all"], rows)
+    bad_csv = os.path.join(folder, "bad_images.csv")
+    if os.path.isfile(bad_csv):
+        bad = pd.read_csv(bad_csv)
+        names = ", ".join(esc(os.path.basename(str(p))) for p in bad.iloc[:20, 0])
+        out += (f"<p>{len(bad)} image(s) skipped as undecodable (bad_images.csv)"
+                f"{': ' + names if len(bad) else ''}{' …' if len(bad) > 20 else ''}.</p>")
+    return out
+
+
+def changed_settings(run_config: dict) -> List[tuple]:
+    """(flag, value, default) for every train.py flag whose value differs from its
+    default (the defaults are read from the flag definitions themselves)."""
+    from absl import flags
+    from workflow import flags as flag_defs
+    values = flags.FlagValues()
+    flag_defs.define_train(values)
+    out = []
+    aliases = {f.name for f in values.get_flags_for_module(flag_defs.ALIASES)}
+    for name in sorted(values):
+        if name in _PLACES or name in aliases or name not in run_config:
+            continue
+        default, value = values[name].default, run_config[name]
+        if isinstance(default, list) and isinstance(value, list):
+            same = [str(v) for v in default] == [str(v) for v in value]
+        else:
+            same = default == value or str(default) == str(value)
+        if not same:
+            out.append((name, value, default))
+    return out
+
+
+def _settings_section(folder: str) -> str:
+    run_config = read_json(os.path.join(folder, "run_config.json"))
+    if not run_config:
+        return ""
+    rows = [[f"<code>--{esc(n)}</code>", esc(v), esc(d)] for n, v, d in
+            changed_settings(run_config)]
+    precision = run_config.get("precision_resolved", {}).get("policy")
+    text = ("<h2>Settings that differ from the defaults</h2>" +
+            (table(["flag", "this run", "default"], rows) if rows else
+             "<p>None: every flag at its default.</p>"))
+    if precision:
+        text += f"<p class=\"note\">Computed in {esc(precision)}.</p>"
+    return text
+
+
+def _models_section(folder: str, metrics: dict, metric: str) -> str:
+    heads = metrics.get("heads", {})
+    probe = metrics.get("probe", {})
+    if not heads and not probe:
+        return ""
+    rows = []
+    if probe:
+        rows.append(["linear probe", number(metrics, f"probe/cv_{metric}_mean"),
+                     number(metrics, f"probe/cv_{metric}_std"),
+                     number(metrics, f"probe/val_{metric}"), "–", "–"])
+    for s in sorted(heads):
+        rows.append([f"scenario {esc(s)}", number(metrics, f"heads/{s}/cv_{metric}_mean"),
+                     number(metrics, f"heads/{s}/cv_{metric}_std"),
+                     number(metrics, f"heads/{s}/best_val_{metric}"),
+                     number(metrics, f"heads/{s}/epoch"),
+                     number(metrics, f"heads/{s}/seconds", 1)])
+    choice = metrics.get("heads_choice", {})
+    why = ""
+    if choice:
+        why = (f"<p>Chosen: <b>{esc(choice.get('scenario'))}</b> (by "
+               f"{esc(choice.get('by', '?'))}).</p>")
+        versus = choice.get("probe_vs_head")
+        if versus:
+            why += _decision("probe vs best head", "probe_vs_head", versus,
+                             "heads_choice/probe_vs_head", metrics)
+    return (f"<h2>Probe and heads on cached features ({esc(metric)})</h2>" +
+            table(["model", f"CV {metric} mean", "± std", f"validation {metric}", "epoch",
+                   "seconds"], rows) + why +
+            image(os.path.join(folder, "heads_comparison.png"),
+                  "Scenarios per epoch (validation) and the probe"))
+
+
+def _decision(title: str, name: str, data: dict, key: str, metrics: dict) -> str:
+    verdict = data.get("candidate_better_beyond_noise")
+    return table(["decision", "baseline", "candidate", "difference", "90% interval",
+                  "images", "verdict"], [[
+                      esc(title), number(metrics, f"{key}/baseline"),
+                      number(metrics, f"{key}/candidate"),
+                      number(metrics, f"{key}/difference"),
+                      esc(" .. ".join(f"{v:+.4f}" for v in data.get("ci90", []))),
+                      number(metrics, f"{key}/images", 0),
+                      "candidate better beyond noise" if verdict else
+                      "not better beyond noise: the simpler one is kept"]])
+
+
+def _export_section(metrics: dict) -> str:
+    export = metrics.get("export", {})
+    if not export:
+        return ""
+    out = ["<h2>The exported model and why</h2>",
+           f"<p>Exported: <b>{esc(metrics.get('final', {}).get('model', export.get('model')))}"
+           f"</b>; default file {esc(export.get('default'))}, test-time views "
+           f"{number(metrics, 'export/tta', 0)}, refit on every label: "
+           f"{esc('yes' if export.get('refit') else 'no')}.</p>"]
+    estimate = export.get("estimate", {})
+    if estimate:
+        out.append(f"<p>Expected {esc(estimate.get('metric'))}: "
+                   f"{number(metrics, 'export/estimate/value')} ± "
+                   f"{number(metrics, 'export/estimate/std')} ({esc(estimate.get('how'))}).</p>")
+    for name, data in export.get("decisions", {}).items():
+        title = {"bag_vs_single": "bag vs single model",
+                 "tta2_vs_tta1": "2 test-time views vs 1"}.get(name, name)
+        out.append(_decision(title, name, data, f"export/decisions/{name}", metrics))
+    return "".join(out)
+
+
+def _finetune_section(folder: str, metrics: dict) -> str:
+    ft = metrics.get("finetune", {})
+    if not ft or "best_epoch" not in ft:
+        return ""
+    kept, monitor = ft.get("best_epoch"), str(ft.get("monitor", ""))
+    words = ("Fine-tuning did not improve on the head: the starting head (epoch 0) was "
+             "exported." if kept == 0 else f"Kept epoch {kept} of {ft.get('epochs_run')}.")
+    return ("<h2>Fine-tuning</h2>"
+            f"<p>Scenario {esc(ft.get('scenario'))}, blocks {esc(','.join(ft.get('blocks', [])))}"
+            f". {esc(words)} {esc(monitor)}: starting head "
+            f"{number(metrics, 'finetune/start_' + monitor)}, best "
+            f"{number(metrics, 'finetune/best_' + monitor)}; "
+            f"{number(metrics, 'finetune/seconds', 1)} s.</p>" +
+            image(os.path.join(folder, "finetune_history.png"),
+                  "Fine-tuning history (epoch 0 = the starting head; the kept epoch circled)"))
+
+
+def _final_section(folder: str, metrics: dict) -> str:
+    final = metrics.get("final", {})
+    if not final:
+        return ""
+    rows = [[esc(k[4:]), number(metrics, f"final/{k}")] for k in sorted(final)
+            if k.startswith("val_") and isinstance(final[k], (int, float))]
+    return ("<h2>Final model on the validation images</h2>" + table(["metric", "value"], rows)
+            + "".join(image(os.path.join(folder, f), c) for f, c in (
+                ("confusion_matrix.png", "Confusion matrix"), ("roc.png", "ROC"),
+                ("top_losses.png", "Top losses"))))
+
+
+def _labels_section(folder: str) -> str:
+    parts = []
+    suspects = os.path.join(folder, "suspect_labels.csv")
+    if os.path.isfile(suspects):
+        n = len(pd.read_csv(suspects))
+        parts.append(f"<p>{n} training label(s) look wrong (suspect_labels.csv, out-of-fold "
+                     "predictions).</p>" + image(os.path.join(folder, "suspect_labels.png"),
+                                                 "Labels that look wrong"))
+    dups = os.path.join(folder, "duplicates.csv")
+    if os.path.isfile(dups):
+        parts.append(f"<p>{len(pd.read_csv(dups))} duplicate pair(s) across the splits "
+                     "(duplicates.csv).</p>")
+    curve = os.path.join(folder, "learning_curve.png")
+    if os.path.isfile(curve):
+        parts.append(image(curve, "Learning curve"))
+    return "<h2>Labels</h2>" + "".join(parts) if parts else ""
+
+
+def _timings_section(metrics: dict) -> str:
+    timings = metrics.get("timings", {})
+    if not timings:
+        return ""
+    return "<h2>Time per stage</h2>" + table(["stage", "seconds"], [
+        [esc(k), number(metrics, f"timings/{k}", 1)] for k in timings])
+
+
+def _commands_section(commands: Dict[str, str]) -> str:
+    if not commands:
+        return ""
+    return "<h2>Commands</h2>" + "".join(f"<p>{esc(what)}:</p><pre>{esc(c)}</pre>"
+                                         for what, c in commands.items())
+
+
+def write_run_report(folder: str, commands: Optional[Dict[str, str]] = None) -> str:
+    """Writes ``<folder>/report.html`` from the run folder's files; returns its path."""
+    metrics = read_json(os.path.join(folder, "metrics.json"))
+    info = read_json(os.path.join(folder, "model_info.json"))
+    metric = (metrics.get("export", {}).get("estimate", {}).get("metric")
+              or {"binary": "auc", "multiclass": "accuracy", "multilabel": "map"}.get(
+                  info.get("task", {}).get("kind") if isinstance(info.get("task"), dict)
+                  else info.get("task"), "auc"))
+    run_config = read_json(os.path.join(folder, "run_config.json"))
+    header = (f"<p>Data {esc(run_config.get('data_dir', '?'))}: a {esc(run_config.get('task', '?'))}"
+              f" task.</p><p class=\"note\">Run folder {esc(os.path.abspath(folder))}, written "
+              f"{esc(time.strftime('%Y-%m-%d %H:%M'))}. Every number comes from metrics.json."
+              "</p>")
+    return write(os.path.join(folder, REPORT), page("Training report", [
+        header, _data_section(folder), _settings_section(folder),
+        _models_section(folder, metrics, metric), _finetune_section(folder, metrics),
+        _export_section(metrics), _final_section(folder, metrics), _labels_section(folder),
+        _timings_section(metrics), _commands_section(commands or {})]))
+
+
+def write_scoring_report(stem: str, scores: dict, plots: Dict[str, str], what: str) -> str:
+    """predict.py --labels: ``<stem>_metrics.json`` (the scores) and ``<stem>_report.html``
+    (the scores and the plots); returns the page's path."""
+    from workflow.outputs import write_json
+    metrics_path = write_json(stem + "_metrics.json", {"scores": scores, "model": what})
+    metrics = json.loads(open(metrics_path, encoding="utf-8").read())
+    rows = [[esc(k), number(metrics, f"scores/{k}")] for k in sorted(scores)
+            if isinstance(scores[k], (int, float))]
+    return write(stem + "_report.html", page("Scoring report", [
+        f"<p class=\"note\">{esc(what)}. Every number comes from "
+        f"{esc(os.path.basename(metrics_path))}.</p>",
+        "<h2>Scores</h2>" + table(["metric", "value"], rows),
+        "<h2>Plots</h2>" + "".join(image(p, n) for n, p in plots.items())]))
