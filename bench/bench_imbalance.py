@@ -13,7 +13,6 @@ the minority class's recall at the 0.5 threshold. Printed as mean +- std over se
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -32,20 +31,11 @@ def main():
     parser.add_argument("--ratios", default="5,10")
     parser.add_argument("--cache_dir", default=os.path.join(common.ROOT, "cache"))
     args = parser.parse_args()
-    from features import backbone, cache, heads, precision, probe, task as task_lib
+    from features import heads, probe, task as task_lib
     from features.training import restore, snapshot
-    from features.weights import weights_identity
-    from pipeline import discovery, scan, split
-    chosen = precision.resolve_and_apply("auto")
-    ds = discovery.discover(args.data_dir)
-    frame = scan.filter_bad_images(ds.frame, args.image_size, "skip",
-                                   os.path.join(tempfile.mkdtemp(), "bad.csv"))
-    task = task_lib.Task(ds.kind, ds.class_names)
-    clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
-    spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
-                           cache.cached_layers(False), "float32", ds.data_dir,
-                           precision=chosen.policy)
-    feats, _ = cache.load(clf, spec, frame, args.cache_dir, 32)
+    from pipeline import split
+    ds, frame, task, clf, feats = common.cached_photos(args.data_dir, args.weights,
+                                                       args.image_size, args.cache_dir)
     start = snapshot(clf.model)
     print(f"# class imbalance: {args.data_dir}, positive class {ds.class_names[1]!r} made rare")
     print("\n| positives : negatives | model | weights | held-out AUC | balanced accuracy | "

@@ -22,7 +22,6 @@ labels, and the near-duplicate threshold.
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -33,19 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _setup(args):
-    from features import backbone, cache, precision, probe, task as task_lib
-    from features.weights import weights_identity
-    from pipeline import discovery, scan
-    chosen = precision.resolve_and_apply("auto")
-    ds = discovery.discover(args.data_dir)
-    frame = scan.filter_bad_images(ds.frame, args.image_size, "skip",
-                                   os.path.join(tempfile.mkdtemp(), "bad.csv"))
-    task = task_lib.Task(ds.kind, ds.class_names)
-    clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
-    spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
-                           cache.cached_layers(False), "float32", ds.data_dir,
-                           precision=chosen.policy)
-    feats, _ = cache.load(clf, spec, frame, args.cache_dir, 32)
+    from features import probe
+    _, frame, task, clf, feats = common.cached_photos(args.data_dir, args.weights,
+                                                      args.image_size, args.cache_dir)
     x = probe.pooled(feats["block5_pool"])
     return task, clf, frame, x, np.asarray(frame.label.tolist())
 

@@ -79,7 +79,8 @@ def scenario_cv(args):
           f"{_pm(p.mean, p.std)} | | | | |")
     for s in args.scenarios.split(","):
         row = scenarios.get_scenario(s)
-        for lr in sorted({row.learning_rate, 1e-3}, reverse=True):
+        rates = {row.learning_rate} if args.table_rates_only else {row.learning_rate, 1e-3}
+        for lr in sorted(rates, reverse=True):
             started = time.perf_counter()
             with heads.HeadConfig(s, lr).trainer(clf, task) as trainer:
                 result = cv_lib.cross_validate(trainer, feats[row.start_layer(False)], y, folds,
@@ -99,7 +100,13 @@ def end_to_end(args):
     import pandas as pd
     from features import inference
     workdir = os.path.join(args.work, "e2e")
-    stdout, seconds = _train(args, workdir, f"--finetune_epochs={args.finetune_epochs}")
+    if args.reuse and os.path.isfile(os.path.join(workdir, "model.keras")):
+        # An earlier run's folder: its train.log holds every line the run printed.
+        stdout = open(os.path.join(workdir, "train.log"), encoding="utf-8").read()
+        seconds = json.load(open(os.path.join(workdir, "metrics.json"))).get(
+            "timings", {}).get("total", float("nan"))
+    else:
+        stdout, seconds = _train(args, workdir, f"--finetune_epochs={args.finetune_epochs}")
     metrics = json.load(open(os.path.join(workdir, "metrics.json")))
     print(f"\n## 2. train.py, default flags + --finetune_epochs={args.finetune_epochs} "
           f"({seconds:.0f} s)\n")
@@ -228,6 +235,10 @@ def main():
     p.add_argument("--splits", type=int, default=5)
     p.add_argument("--cache_dir", default=os.path.join(ROOT, "cache"))
     p.add_argument("--work", default=None)
+    p.add_argument("--table_rates_only", action="store_true",
+                   help="cv: each scenario at its table rate only (not also at 1e-3)")
+    p.add_argument("--reuse", action="store_true", help="e2e: score the run already in "
+                   "--work/e2e instead of training again")
     args = p.parse_args()
     args.work = args.work or tempfile.mkdtemp(prefix="bench_quality_")
     sections = args.sections.split(",")

@@ -27,3 +27,25 @@ def metrics(workdir) -> dict:
     """The run's metrics.json."""
     with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
         return json.load(f)
+
+
+def cached_photos(data_dir: str, weights: str, image_size: int, cache_dir: str):
+    """(dataset, usable frame, task, classifier, cached features of the frame) for the
+    photos in ``data_dir``, from the same cache train.py fills (computed on a miss)."""
+    sys.path.insert(0, ROOT)
+    import tempfile
+    from features import backbone, cache, precision, task as task_lib
+    from features.weights import weights_identity
+    from pipeline import discovery, scan
+    chosen = precision.resolve_and_apply("auto")
+    ds = discovery.discover(data_dir)
+    frame = scan.filter_bad_images(ds.frame, image_size, "skip",
+                                   os.path.join(tempfile.mkdtemp(), "bad.csv"))
+    task = task_lib.Task(ds.kind, ds.class_names)
+    clf = backbone.build_classifier(weights, False, image_size, 0, units=task.units,
+                                    activation=task.activation)
+    spec = cache.CacheSpec(weights_identity(weights, 0), False, image_size,
+                           cache.cached_layers(False), "float32", ds.data_dir,
+                           precision=chosen.policy)
+    feats, _ = cache.load(clf, spec, frame, cache_dir, 32)
+    return ds, frame, task, clf, feats

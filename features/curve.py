@@ -26,6 +26,9 @@ MAX_RANGE = 0.1
 # ... and the law must explain at least this share of the points' variance (R^2):
 # below it the points are noise around a flat line, whatever the fit's parameters.
 MIN_R2 = 0.5
+# ... and the scores must rise with the labels: Spearman's rank correlation of every
+# measured run's score with its label count, one-sided at this level.
+MAX_TREND_P = 0.05
 
 
 def subset(y, fraction: float, seed: int, task: Optional[Task] = None) -> np.ndarray:
@@ -63,12 +66,14 @@ def _law(n, top, scale, rate):
     return top - scale * np.power(n, -rate)
 
 
-def _fit(labels: np.ndarray, scores: np.ndarray):
+def _fit(labels: np.ndarray, scores: np.ndarray, ceiling: float = 1.0):
+    """(top, scale, rate) of the law; ``top`` never above ``ceiling`` (a score of 1 is
+    perfect: a law heading past it would promise gains no model can make)."""
     from scipy.optimize import curve_fit
-    guess = (min(1.0, scores.max() + 0.02), (scores.max() - scores.min() + 1e-3) *
+    guess = (min(ceiling, scores.max() + 0.01), (scores.max() - scores.min() + 1e-3) *
              labels.min() ** 0.5, 0.5)
     params, _ = curve_fit(_law, labels, scores, p0=guess, maxfev=20000,
-                          bounds=([0, 0, 0.05], [1.5, np.inf, 3.0]))
+                          bounds=([0, 0, 0.05], [ceiling + 1e-9, np.inf, 3.0]))
     return params
 
 
@@ -95,23 +100,27 @@ class Forecast:
 
 def forecast(table: pd.DataFrame, boots: int = 200, seed: int = 0,
              ceiling: float = 1.0) -> Forecast:
-    """Fits the law to the per-(fraction, repeat) mean scores, and bootstraps the repeats
-    to put a range on the score at 2x and 4x the labels (never above ``ceiling``)."""
-    points = table.groupby(["fraction", "repeat"]).agg(labels=("labels", "mean"),
-                                                      score=("score", "mean")).reset_index()
+    """Fits the law to the mean score per fraction, and bootstraps the measured runs
+    (every fold of every subset, resampled within each fraction) to put a range on the
+    score at 2x and 4x the labels (never above ``ceiling``)."""
+    points = table.groupby("fraction").agg(labels=("labels", "mean"),
+                                           score=("score", "mean")).reset_index()
     full = points[points.fraction == points.fraction.max()]
     n, now = int(round(full.labels.mean())), float(full.score.mean())
     try:
-        params = _fit(points.labels.to_numpy(float), points.score.to_numpy(float))
+        params = _fit(points.labels.to_numpy(float), points.score.to_numpy(float), ceiling)
     except (RuntimeError, ValueError):
         return Forecast(n, now, None, None, None, None, None, False)
     rng = np.random.default_rng(seed)
+    groups = [(g.labels.to_numpy(float), g.score.to_numpy(float))
+              for _, g in table.groupby("fraction")]
     at2, at4 = [], []
     for _ in range(boots):
-        picks = points.groupby("fraction", group_keys=False).apply(
-            lambda g: g.sample(len(g), replace=True, random_state=int(rng.integers(1 << 31))))
+        drawn = [rng.integers(0, len(s), len(s)) for _, s in groups]
+        labels = np.array([l[d].mean() for (l, _), d in zip(groups, drawn)])
+        scores = np.array([s[d].mean() for (_, s), d in zip(groups, drawn)])
         try:
-            p = _fit(picks.labels.to_numpy(float), picks.score.to_numpy(float))
+            p = _fit(labels, scores, ceiling)
         except (RuntimeError, ValueError):
             continue
         base = _law(n, *p)
@@ -125,7 +134,12 @@ def forecast(table: pd.DataFrame, boots: int = 200, seed: int = 0,
     gain2 = min(ceiling, _law(2 * n, *params)) - _law(n, *params)
     r2 = tuple(float(v) for v in np.quantile(at2, [0.05, 0.95]))
     r4 = tuple(float(v) for v in np.quantile(at4, [0.05, 0.95]))
-    supported = (r2[1] - r2[0]) <= MAX_RANGE and r2_fit >= MIN_R2
+    # The runs' scores must rise with the labels beyond chance (rank correlation over
+    # every fold of every subset), or the law is a curve drawn through noise.
+    from scipy.stats import spearmanr
+    rising = spearmanr(table.labels, table.score)
+    trend = bool(rising.statistic > 0 and rising.pvalue < MAX_TREND_P)
+    supported = (r2[1] - r2[0]) <= MAX_RANGE and r2_fit >= MIN_R2 and trend
     return Forecast(n, now, tuple(float(v) for v in params), float(gain2), r2,
                     float(min(ceiling, _law(4 * n, *params))), r4, supported)
 

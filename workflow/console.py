@@ -67,6 +67,23 @@ def native_stderr_hidden():
         os.close(devnull)
 
 
+class _NotRetracing(logging.Filter):
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def expected_retracing():
+    """Hides TensorFlow's retracing warning inside a block whose retracing is by design
+    (say why where it is used); everywhere else the warning still shows a real leak."""
+    tf_logger, rule = logging.getLogger("tensorflow"), _NotRetracing()
+    tf_logger.addFilter(rule)
+    try:
+        yield
+    finally:
+        tf_logger.removeFilter(rule)
+
+
 # Detail for the log file only (e.g. the model summary): never on the terminal.
 DETAIL = logging.getLogger("detail")
 DETAIL.propagate = False

@@ -105,8 +105,12 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
         result["refit"] = _refit(job, config, heads, cache, runtime, scenario, blocks, kept,
                                  optimizer)
     job.run.update_metrics("finetune", result)
-    _record_final(job, f"scenario {scenario}, fine-tuned" if config.epochs > 0 else
-                  f"scenario {scenario}", scores, thresholds)
+    if config.epochs > 0 and kept == 0:
+        described = f"scenario {scenario} (fine-tuning did not improve on its head: the head)"
+    else:
+        described = f"scenario {scenario}, fine-tuned" if config.epochs > 0 else \
+            f"scenario {scenario}"
+    _record_final(job, described, scores, thresholds)
     _export(job, scenario, blocks, scores, thresholds, members, choice, refit, runtime)
     if checkpoints is not None:
         checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)

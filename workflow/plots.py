@@ -183,8 +183,8 @@ def learning_curve(table: pd.DataFrame, forecasts: dict, path: str, metric: str)
             top = result.labels * (4 if result.supported else 1)
             n = np.linspace(measured.labels.min(), top, 100)
             ax.plot(n, np.minimum(1.0, curve._law(n, *result.params)), "--", color=colour,
-                    alpha=0.7, label="fitted" + (", extended to 4x" if result.supported
-                                                 else " (too noisy to extend)"))
+                    alpha=0.7, label=f"{model}: fitted" + (
+                        ", extended to 4x" if result.supported else " (too noisy to extend)"))
         extra = table[(table.model == model) & (table.kind == "extrapolated")]
         if len(extra):
             ax.errorbar(extra.labels, extra["mean"],

@@ -132,7 +132,8 @@ def _settings_section(folder: str) -> str:
     run_config = read_json(os.path.join(folder, "run_config.json"))
     if not run_config:
         return ""
-    rows = [[f"<code>--{esc(n)}</code>", esc(v), esc(d)] for n, v, d in
+    shown = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+    rows = [[f"<code>--{esc(n)}</code>", esc(shown(v)), esc(shown(d))] for n, v, d in
             changed_settings(run_config)]
     precision = run_config.get("precision_resolved", {}).get("policy")
     text = ("<h2>Settings that differ from the defaults</h2>" +
@@ -244,8 +245,8 @@ def _labels_section(folder: str) -> str:
     if os.path.isfile(suspects):
         n = len(pd.read_csv(suspects))
         parts.append(f"<p>{n} training label(s) look wrong (suspect_labels.csv, out-of-fold "
-                     "predictions).</p>" + image(os.path.join(folder, "suspect_labels.png"),
-                                                 "Labels that look wrong"))
+                     "predictions).</p>" + (image(os.path.join(folder, "suspect_labels.png"),
+                                                  "Labels that look wrong") if n else ""))
     dups = os.path.join(folder, "duplicates.csv")
     if os.path.isfile(dups):
         parts.append(f"<p>{len(pd.read_csv(dups))} duplicate pair(s) across the splits "
