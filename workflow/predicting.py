@@ -127,7 +127,6 @@ def run(cfg: PredictRun) -> Optional[dict]:
     """Loads the model, predicts every image in order, writes the CSV (and scores)."""
     from features import inference, precision
     from pipeline import discovery, progress, scan
-    from workflow import interpret
 
     from workflow import console
     stem = os.path.splitext(cfg.output)[0]
@@ -171,6 +170,13 @@ def run(cfg: PredictRun) -> Optional[dict]:
     print(f"Wrote {len(frame)} predictions of {what} to {cfg.output} ({used})")
     if not cfg.labels:
         return None
+    return _score(cfg, frame, probs, task, thresholds, stem, use_bag, tta)
+
+
+def _score(cfg: PredictRun, frame, probs, task: Task, thresholds, stem: str, use_bag: bool,
+           tta: int) -> dict:
+    """--labels: the scores, the interpretation plots and the scoring page."""
+    from workflow import interpret
     scores = score_against_labels(frame.name.tolist(), probs, cfg.labels, task, thresholds)
     print(format_scores(scores, task))
     good = ~frame["bad"].to_numpy(bool) if "bad" in frame else np.ones(len(frame), bool)

@@ -211,8 +211,21 @@ def _run_stages(cfg: TrainConfig, engine=None):
         labelling.label_next_stage(job, cfg.cache, runtime, cfg.labelling.unlabelled_dir,
                                    cfg.labelling.budget, cfg.labelling.strategy,
                                    cfg.data.on_bad_image)
-    scenario = None
     timings = {"start-up and data check": time.perf_counter() - started}
+    _train_and_export(job, cfg, chosen, view_preset, timings)
+    timings["total"] = time.perf_counter() - started
+    job.run.update_metrics("timings", {k: round(v, 1) for k, v in timings.items()})
+    _write_report(job, runtime)
+    _print_outputs(job, started)
+    return job
+
+
+def _train_and_export(job: Job, cfg: TrainConfig, chosen, view_preset: str,
+                      timings: dict) -> None:
+    """The heads stage, the final model and its exports, the test set; ``timings`` gets
+    each one's seconds."""
+    runtime = cfg.runtime
+    scenario = None
     if runtime.heads:
         clock = time.perf_counter()
         scenario = heads_stage(job, cfg.heads, cfg.cache, runtime, view_preset,
@@ -237,11 +250,6 @@ def _run_stages(cfg: TrainConfig, engine=None):
             clock = time.perf_counter()
             predict_test(job, runtime, demo=cfg.data.demo)
             timings["test-set prediction"] = time.perf_counter() - clock
-    timings["total"] = time.perf_counter() - started
-    job.run.update_metrics("timings", {k: round(v, 1) for k, v in timings.items()})
-    _write_report(job, runtime)
-    _print_outputs(job, started)
-    return job
 
 
 def _write_report(job: Job, runtime: RuntimeConfig) -> None:
