@@ -147,6 +147,16 @@ class _TranscriptHandler(logging.Handler):
             self.handleError(record)
 
 
+class _OurInfo(logging.Filter):
+    """Libraries' INFO lines (absl's, TensorFlow's and tf2onnx's: checkpoint sharding,
+    SavedModel fingerprints, graph optimisation passes) say nothing a user can act on;
+    their warnings still pass. A filter on the handlers, because TensorFlow sets its
+    loggers' levels again when it loads. Ours log through the root logger (and DETAIL)."""
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING or record.name in ("root", DETAIL.name)
+
+
 class _ShortFormatter(logging.Formatter):
     """``HH:MM:SS message`` for people; warnings and errors say so."""
 
@@ -165,6 +175,7 @@ def _transcript() -> _Transcript:
     if "transcript" not in _STATE:
         _STATE["transcript"] = _Transcript()
         handler = _TranscriptHandler(_STATE["transcript"])
+        handler.addFilter(_OurInfo())
         logging.getLogger().addHandler(handler)
         DETAIL.addHandler(handler)
     return _STATE["transcript"]
@@ -185,6 +196,7 @@ def setup_logging() -> None:
     transcript = _transcript()
     terminal = logging.StreamHandler(sys.__stderr__)  # not the tee: the file has the long form
     terminal.setFormatter(_ShortFormatter())
+    terminal.addFilter(_OurInfo())
     root.addHandler(terminal)
     if not isinstance(sys.stdout, _Tee):
         sys.stdout = _Tee(sys.stdout, transcript)

@@ -163,7 +163,7 @@ def gallery(paths: Sequence[str], order, captions: Sequence[str], path: str, tit
     if not len(order):
         axes[0, 0].text(0.5, 0.5, empty, ha="center")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     return save(fig, path)
 
 
