@@ -19,8 +19,9 @@ from workflow import flags as flag_defs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder of train.py holding model.keras.",
-                    required=True)
-flags.DEFINE_integer("batch_size", 32, "Images per batch when reading the validation images.")
+                    required=True, module_name=flag_defs.OUTPUTS)
+flags.DEFINE_integer("batch_size", 32, "Images per batch when reading the validation images.",
+                     module_name=flag_defs.DEVICES)
 flag_defs.define_export(FLAGS)
 
 
