@@ -10,7 +10,6 @@ balanced class weights and scored on the held-out 20%: ROC AUC, balanced accurac
 the minority class's recall at the 0.5 threshold. Printed as mean +- std over seeds.
 """
 
-import argparse
 import os
 import sys
 
@@ -23,13 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--seeds", type=int, default=5)
+    parser = common.photo_parser(__doc__)
     parser.add_argument("--ratios", default="5,10")
-    parser.add_argument("--cache_dir", default=os.path.join(common.ROOT, "cache"))
     args = parser.parse_args()
     from features import heads, probe, task as task_lib
     from features.training import restore, snapshot

@@ -19,7 +19,6 @@ labels, and the near-duplicate threshold.
    highest similarity between two different photos.
 """
 
-import argparse
 import os
 import sys
 
@@ -178,17 +177,12 @@ def near_duplicates(args, clf, frame, x):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--seeds", type=int, default=5)
+    parser = common.photo_parser(__doc__)
     parser.add_argument("--seed_size", type=int, default=20)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--sections", default="active,flipped,duplicates")
     parser.add_argument("--plot", default=None, help="PNG of the active-learning curves")
-    parser.add_argument("--cache_dir", default=os.path.join(common.ROOT, "cache"))
     args = parser.parse_args()
     task, clf, frame, x, y = _setup(args)
     print(f"# label efficiency: {args.data_dir} ({len(y)} photos, {task.describe()})")

@@ -29,6 +29,18 @@ def metrics(workdir) -> dict:
         return json.load(f)
 
 
+def photo_parser(doc: str):
+    """The arguments of the benchmarks that work on cached features of a photo folder."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--cache_dir", default=os.path.join(ROOT, "cache"))
+    return parser
+
+
 def cached_photos(data_dir: str, weights: str, image_size: int, cache_dir: str):
     """(dataset, usable frame, task, classifier, cached features of the frame) for the
     photos in ``data_dir``, from the same cache train.py fills (computed on a miss)."""
