@@ -46,8 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    import sys
-    if flag_defs.help_requested(sys.argv):
-        print(flag_defs.grouped_help(FLAGS, __doc__))
-        sys.exit(0)
-    app.run(main)
+    flag_defs.run_script(main, FLAGS, __doc__)

@@ -97,7 +97,8 @@ def convert(model, fmt: str, workdir: str, quantize: str = "none", representativ
     import tensorflow as tf
     path = os.path.join(workdir, file_name(fmt, quantize))
     tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else None
+    if os.path.isdir(tmp):  # a torn SavedModel folder from an interrupted export
+        shutil.rmtree(tmp, ignore_errors=True)
     if fmt == "savedmodel":
         model.export(tmp, format="tf_saved_model", verbose=False)
     elif fmt == "onnx":

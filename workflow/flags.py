@@ -290,6 +290,17 @@ def define_predict(fv=flags.FLAGS) -> None:
                 "the mirror; up to 8 adds crops).")
 
 
+def run_script(main, fv, doc: str) -> None:
+    """An entry point's ``__main__``: ``-h``/``--help`` print the grouped help (before absl,
+    whose own --help would list none of our grouped flags), else ``app.run(main)``."""
+    import sys
+    from absl import app
+    if help_requested(sys.argv):
+        print(grouped_help(fv, doc))
+        sys.exit(0)
+    app.run(main)
+
+
 def help_requested(argv) -> bool:
     """``-h``, ``--help`` or ``--helpshort`` (``--helpfull`` stays absl's: every flag,
     absl's own and the testing ones too)."""
