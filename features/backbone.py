@@ -223,6 +223,47 @@ def build_classifier(weights: str = "imagenet", include_top: bool = True, image_
     return Classifier(stem=stem, block5=block5, head=head, model=model, include_top=include_top)
 
 
+@contextlib.contextmanager
+def without_training_state(model: keras.Model):
+    """Within the block, saving ``model`` writes weights and architecture only.
+
+    Training compiles the classifier's own sub-models (the head when it trains on
+    cached ``block5_pool`` features, the whole model when fine-tuning from images),
+    and Keras saves a compiled model's optimizer with it: Adam's two moments are
+    twice the trained weights (51 MB for the 224 px head), useless to prediction,
+    and its compile config makes a plain ``load_model`` warn about them.
+    """
+    held = []
+    for sub in [model] + _nested_models(model):
+        if getattr(sub, "compiled", False) or getattr(sub, "optimizer", None) is not None:
+            held.append((sub, sub.optimizer, sub.compiled))
+            sub.optimizer, sub.compiled = None, False
+    try:
+        yield model
+    finally:
+        for sub, optimizer, compiled in held:
+            sub.optimizer, sub.compiled = optimizer, compiled
+
+
+def _nested_models(model: keras.Model) -> List[keras.Model]:
+    out = []
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer, keras.Model):
+            out += [layer] + _nested_models(layer)
+    return out
+
+
+def from_model(model: keras.Model) -> Classifier:
+    """The `Classifier` view of a loaded ``model.keras`` (its sub-models by name)."""
+    try:
+        stem, block5, head = (model.get_layer(n) for n in (STEM, BLOCK5, HEAD))
+    except ValueError as err:
+        raise ConfigError(f"{model.name} is not a VGG16 classifier of this tool "
+                          f"(expected sub-models {STEM}, {BLOCK5}, {HEAD}).") from err
+    include_top = any(l.name == FC2 for l in head.layers)
+    return Classifier(stem=stem, block5=block5, head=head, model=model, include_top=include_top)
+
+
 def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
     """Adam, SGD with Nesterov momentum 0.9 (the reference's fine-tuning choice), or RMSprop."""
     name = name.strip().lower()

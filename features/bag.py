@@ -1,15 +1,21 @@
 """The bag: the chosen scenario's K cross-validation fold heads plus the final model.
 
 A member is the trainable layers of one fold's head at the chosen epoch, as
-cross-validation left them (`features.cv`): nothing is trained twice. In the
-exported Keras model (``bag.keras``) the frozen layers below the first trainable
-one run once and are shared; each member is a copy of the part from there up,
-and an ``Average`` layer (float32) combines them. Only plain layers: the bag
-loads with ``safe_mode=True``.
+cross-validation left them (`features.cv`): nothing is trained twice. In the bag
+the frozen layers below the first trainable one (the *start*) run once and are
+shared; each member is a copy of the part from there up, and an ``Average`` layer
+(float32) combines them with the final model.
+
+A `members_model` holds only the K fold members (start features -> K outputs);
+the heads stage saves it (``heads/bag/<S>.keras``) and the export gives that file
+a second name, ``bag.keras`` (a hard link, `pipeline.atomic.atomic_link`). The
+frozen trunk and the final model are ``model.keras``'s, so `load` joins the two
+files instead of the bag repeating the base network's weights (the VGG16 conv
+base alone is 59 MB). Only plain layers: both load with ``safe_mode=True``.
 """
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import keras
 import numpy as np
@@ -52,49 +58,37 @@ def member_start(classifier: backbone.Classifier, blocks) -> str:
     return names[names.index(first) - 1] if names.index(first) > 1 else scenarios.BLOCK5_POOL
 
 
-def _file(folder: str, scenario: str) -> str:
-    return os.path.join(folder, f"{scenario}.npz")
+def members_file(folder: str, scenario: str) -> str:
+    """Where the heads stage keeps scenario ``scenario``'s fold members."""
+    return os.path.join(folder, f"{scenario}.keras")
 
 
-def save_members(folder: str, scenario: str, members: List[Member]) -> str:
-    """Saves the fold members (``<folder>/<S>.npz``) atomically; returns the path."""
-    arrays = {f"m{k}/{name}/{i}": w for k, member in enumerate(members)
-              for name, weights in member.items() for i, w in enumerate(weights)}
-    os.makedirs(folder, exist_ok=True)
-    path = _file(folder, scenario)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, members=len(members), **arrays)
-    return path
-
-
-def load_members(folder: str, scenario: str) -> List[Member]:
-    """The members saved by `save_members` ([] when there are none)."""
-    path = _file(folder, scenario)
+def load_members(path: str) -> Optional[keras.Model]:
+    """The `members_model` saved at ``path`` (None when there is none)."""
     if not os.path.isfile(path):
-        return []
+        return None
     try:
-        with np.load(path) as data:
-            members = [{} for _ in range(int(data["members"]))]
-            for key in sorted(k for k in data.files if k != "members"):
-                k, name, i = key[1:].split("/")
-                members[int(k)].setdefault(name, []).append((int(i), data[key]))
-    except (OSError, KeyError, ValueError) as err:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except (OSError, ValueError) as err:
         raise ConfigError(f"Cannot read the bag's fold heads {path} ({err}); rerun "
                           "--stage=heads.") from err
-    return [{name: [w for _, w in sorted(ws, key=lambda t: t[0])] for name, ws in m.items()}
-            for m in members]
 
 
-def build_bag(classifier: backbone.Classifier, blocks, members: List[Member],
-              final_model: bool = True, name: str = "bag") -> keras.Model:
-    """One Keras model averaging the members (and, with ``final_model``, the
-    classifier's own weights) on the shared frozen layers below ``blocks``."""
+def size(members: keras.Model) -> int:
+    """How many fold members a `members_model` holds."""
+    return len(members.outputs)
+
+
+def members_model(classifier: backbone.Classifier, blocks,
+                  members: List[Member]) -> keras.Model:
+    """The fold members alone, what ``bag.keras`` stores: the features at the start
+    layer (`member_start`) -> one output per member."""
+    if not members:
+        raise ConfigError("A bag needs at least one fold member.")
     start = member_start(classifier, blocks)
     part = classifier.model_from(start)
-    image = keras.Input(classifier.model.input.shape[1:], name="image")
-    features = classifier.trunk(start)(image)
-    outputs = [part(features)] if final_model else []
+    features = keras.Input(part.input.shape[1:], name=f"{start}_features")
+    outputs = []
     for k, member in enumerate(members):
         clone = keras.models.clone_model(part)
         clone.set_weights(part.get_weights())
@@ -102,11 +96,27 @@ def build_bag(classifier: backbone.Classifier, blocks, members: List[Member],
             _layer(clone, layer_name).set_weights(weights)
         inputs = keras.Input(part.input.shape[1:], name=f"member_{k}_features")
         outputs.append(keras.Model(inputs, clone(inputs), name=f"member_{k}")(features))
-    if not outputs:
-        raise ConfigError("A bag needs at least one member.")
+    return keras.Model(features, outputs, name="bag_members")
+
+
+def assemble(classifier: backbone.Classifier, start: str, members: keras.Model,
+             name: str = "bag") -> keras.Model:
+    """The bag as one image -> probabilities model: the classifier's frozen trunk up to
+    ``start``, then the average of the classifier's own part from there and every
+    output of ``members`` (a `members_model`)."""
+    trunk = classifier.trunk(start)
+    if tuple(members.input.shape[1:]) != tuple(trunk.output.shape[1:]):
+        raise ConfigError(f"The bag's fold heads take features of shape "
+                          f"{tuple(members.input.shape[1:])}, but the model's {start} gives "
+                          f"{tuple(trunk.output.shape[1:])}: they are from another run; "
+                          "rerun --stage=heads.")
+    image = keras.Input(classifier.model.input.shape[1:], name="image")
+    features = trunk(image)
+    outputs = members(features)
+    outputs = [classifier.model_from(start)(features)] + (
+        list(outputs) if isinstance(outputs, (list, tuple)) else [outputs])
     # float32 like the members' outputs, whatever the precision policy.
-    average = (outputs[0] if len(outputs) == 1 else
-               keras.layers.Average(name="average", dtype="float32")(outputs))
+    average = keras.layers.Average(name="average", dtype="float32")(outputs)
     return keras.Model(image, average, name=name)
 
 
@@ -123,8 +133,23 @@ def _layer(model: keras.Model, name: str) -> keras.layers.Layer:
     raise KeyError(name)
 
 
-def export(bag: keras.Model, path: str) -> str:
-    """Saves the bag atomically."""
+def save(members: keras.Model, path: str) -> str:
+    """Saves a `members_model` atomically."""
     with atomic_path(path) as tmp:
-        bag.save(tmp)
+        members.save(tmp)
     return path
+
+
+def load(model: keras.Model, path: str, start: str) -> keras.Model:
+    """The bag of an exported run: ``model`` (its ``model.keras``) joined with the fold
+    members saved at ``path`` (its ``bag.keras``), which begin at the layer ``start``.
+
+    A ``bag.keras`` written before the members were stored alone is a whole network
+    (its input is an image): it is returned as it is.
+    """
+    members = load_members(path)
+    if members is None:
+        raise ConfigError(f"No bag at {path}.")
+    if tuple(members.input.shape[1:]) == tuple(model.input.shape[1:]):
+        return members
+    return assemble(backbone.from_model(model), start, members)

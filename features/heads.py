@@ -212,8 +212,9 @@ def weights_file(out_dir: str, scenario: str) -> str:
 def save_head_weights(classifier: backbone.Classifier, scenario: str, out_dir: str) -> str:
     """Saves the scenario's part (``heads/<S>.weights.h5``) atomically; returns the path."""
     path = weights_file(out_dir, scenario)
-    with atomic_path(path) as tmp:
-        scenarios.get_scenario(scenario).part(classifier).save_weights(tmp)
+    part = scenarios.get_scenario(scenario).part(classifier)
+    with atomic_path(path) as tmp, backbone.without_training_state(part):
+        part.save_weights(tmp)
     return path
 
 
@@ -223,7 +224,8 @@ def load_scenario_weights(classifier: backbone.Classifier, scenario: str, weight
         raise ConfigError(f"No trained head for scenario {scenario} at {weights_path}; run "
                           "--stage=heads first (with the same --workdir).")
     with warnings.catch_warnings():
-        # The file may also hold the heads stage's optimizer state, which fine-tuning
-        # does not want (it starts a fresh optimizer); Keras warns when it skips it.
+        # Keras warns when the file's optimizer state and a compiled part's differ: files
+        # from older versions hold the heads stage's optimizer, new ones none. Fine-tuning
+        # starts a fresh optimizer either way.
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         scenarios.get_scenario(scenario).part(classifier).load_weights(weights_path)

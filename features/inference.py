@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from features import distribute, precision
+from features import backbone, bag as bag_lib, distribute, precision
 from features.task import Task
 from pipeline import input as input_lib
 from pipeline import progress as progress_lib
@@ -45,7 +45,7 @@ FALLBACK_PROBABILITY = 0.5
 def export_model(model: keras.Model, workdir: str, info: dict) -> str:
     """Saves ``model`` as ``workdir/model.keras`` plus ``model_info.json`` (both atomically)."""
     path = os.path.join(workdir, MODEL_FILE)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, backbone.without_training_state(model):
         model.save(tmp)
     atomic_write_text(os.path.join(workdir, INFO_FILE), json.dumps(info, indent=2) + "\n")
     return path
@@ -71,22 +71,29 @@ def read_info(workdir: str) -> dict:
 
 
 def load_exported(workdir: str, bag: bool = False, policy: Optional[str] = None):
-    """Loads ``model.keras`` (or, with ``bag``, ``bag.keras``) in safe mode (no
-    deserialised code), and its info dict.
+    """Loads ``model.keras`` (or, with ``bag``, the bag: ``model.keras`` joined with the
+    fold members in ``bag.keras``, see `features.bag`) in safe mode (no deserialised
+    code), and its info dict.
 
     ``policy`` (a `features.precision` policy name) makes the model compute in it
     instead of the precision it was trained in (e.g. a model trained in bfloat16
     on a GPU predicts in float32 on a CPU without bfloat16).
     """
-    path = os.path.join(workdir, BAG_FILE if bag else MODEL_FILE)
     info_path = os.path.join(workdir, INFO_FILE)
-    if not os.path.isfile(path) or not os.path.isfile(info_path):
-        raise ConfigError(f"No exported model in {workdir}: expected {MODEL_FILE} and "
-                          f"{INFO_FILE} (written by train.py at the end of fine-tuning).")
+    needed = [MODEL_FILE, INFO_FILE] + ([BAG_FILE] if bag else [])
+    missing = [n for n in needed if not os.path.isfile(os.path.join(workdir, n))]
+    if missing:
+        raise ConfigError(f"No exported model in {workdir}: expected {' and '.join(needed)} "
+                          f"(written by train.py at the end of fine-tuning); missing "
+                          f"{', '.join(missing)}.")
     try:
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
-        model = keras.models.load_model(path, safe_mode=True, compile=False)
+        model = keras.models.load_model(os.path.join(workdir, MODEL_FILE), safe_mode=True,
+                                        compile=False)
+        if bag:
+            model = bag_lib.load(model, os.path.join(workdir, BAG_FILE),
+                                 info.get("bag", {}).get("start", ""))
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise ConfigError(f"Cannot load the model in {workdir}: {err}") from err
     if policy is not None:

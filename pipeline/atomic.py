@@ -6,6 +6,7 @@ renamed into place (``os.replace`` is atomic on POSIX within one file system).
 
 import contextlib
 import os
+import shutil
 import tempfile
 
 
@@ -44,3 +45,15 @@ def atomic_write_text(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+def atomic_link(src: str, dst: str) -> None:
+    """Makes ``dst`` another name of ``src``'s file, atomically: a hard link, so the bytes
+    are on disk once (every writer here renames a new file into place, so neither name
+    ever changes under the other); a copy where the file system has no hard links."""
+    with atomic_path(dst) as tmp:
+        os.remove(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)

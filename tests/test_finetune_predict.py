@@ -209,6 +209,9 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
                  "top_losses.png", "heads/confusion_matrix.png", "heads/roc.png",
                  "heads/top_losses.png", "bag.keras"):
         assert (workdir / name).is_file(), name
+    # Kept files hold weights only: no optimizer moments from training (2x the head).
+    for name in ("model.keras", "bag.keras", "heads/A.weights.h5", "heads/C.weights.h5"):
+        assert not _optimizer_state(workdir / name), name
     for board in ("heads_A", "heads_C", "finetune"):
         events = list((workdir / "tensorboard" / board).rglob("events.out.tfevents.*"))
         assert events and all(e.stat().st_size > 0 for e in events), board
@@ -251,6 +254,24 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     scored = json.loads((tmp_path / "pred_metrics.json").read_text())
     assert scored["scores"]["auc"] == pytest.approx(roc_auc_score(truth, probs), abs=1e-6)
     assert check_report(tmp_path / "pred_report.html", scored) == 3  # the three plots
+
+
+def _optimizer_state(path) -> list:
+    """The optimizer variables saved in a .keras or .weights.h5 file."""
+    import zipfile
+    import h5py
+    if str(path).endswith(".keras"):
+        with zipfile.ZipFile(path) as z, z.open("model.weights.h5") as f, \
+                h5py.File(f, "r") as h5:
+            return _optimizer_paths(h5)
+    with h5py.File(path, "r") as h5:
+        return _optimizer_paths(h5)
+
+
+def _optimizer_paths(h5) -> list:
+    found = []
+    h5.visit(lambda name: found.append(name) if "optimizer" in name.split("/") else None)
+    return found
 
 
 NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cuda drivers", "cuInit",

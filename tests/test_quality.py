@@ -217,10 +217,17 @@ def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_pa
             result = cv.cross_validate(trainer, feats[start], y, folds, epochs=2, batch_size=4,
                                        seed=0)
         members = [bag.as_member(clf, row.blocks, m) for m in result.members]
-        bag.save_members(str(tmp_path / "bag"), scenario, members)
-        loaded = bag.load_members(str(tmp_path / "bag"), scenario)
-        assert list(loaded[0]) == list(members[0])  # the trainable layers, by name
-        model = bag.build_bag(clf, row.blocks, loaded)
+        assert list(members[0]) == [l.name for l in bag.trainable_layers(clf)]
+        # Stored as the heads stage stores it: the members alone, no copy of the conv base.
+        path = bag.save(bag.members_model(clf, row.blocks, members),
+                        bag.members_file(str(tmp_path / "bag"), scenario))
+        loaded = bag.load_members(path)
+        assert bag.size(loaded) == len(members)
+        stored = {w.path.split("/")[0] for w in loaded.weights}
+        assert not stored & {l.name for l in clf.stem.layers}
+        start_layer = bag.member_start(clf, row.blocks)
+        assert len(loaded.weights) == len(members) * len(clf.model_from(start_layer).weights)
+        model = bag.assemble(clf, start_layer, loaded)
         part = row.part(clf)
         initial = part.get_weights()
         expected = [part.predict(feats[start], verbose=0)[:, 0]]
@@ -233,10 +240,15 @@ def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_pa
         got = model.predict(images, verbose=0)[:, 0]
         np.testing.assert_allclose(got, np.mean(expected, axis=0), atol=1e-5)
         assert not np.allclose(expected[1], expected[2])  # really different members
-        bag.export(model, str(tmp_path / "bag.keras"))
-        again = keras.models.load_model(str(tmp_path / "bag.keras"), safe_mode=True)
+        # predict.py's way: model.keras joined with the stored members, in safe mode.
+        clf.model.save(str(tmp_path / "model.keras"))
+        single = keras.models.load_model(str(tmp_path / "model.keras"), safe_mode=True)
+        again = bag.load(single, path, start_layer)
         np.testing.assert_allclose(again.predict(images, verbose=0)[:, 0], got, atol=1e-6)
-
+        if scenario == "C":  # members on block4_pool: another image size cannot feed them
+            other = backbone.build_classifier("none", include_top=False, image_size=2 * SIZE)
+            with pytest.raises(ConfigError, match="another run"):
+                bag.load(other.model, path, start_layer)
 
 def test_finetuning_never_exports_worse_than_its_starting_head(cached, tmp_path):
     clf, ds, _, _, _ = cached
@@ -285,6 +297,14 @@ def test_sweep_then_use_sweep_through_the_scripts(kaggle_dir, tmp_path):
     assert {"val_auc", "cv_auc_mean", "cv_auc_std", "C"} <= set(metrics["probe"])
     assert "linear probe (baseline)" in result.stdout
     assert metrics["bag"]["members"] == 3 and (workdir / "bag.keras").is_file()
+    # bag.keras is the 2 fold members alone: the conv base and the final model are
+    # model.keras's, joined at load time.
+    stored = keras.models.load_model(str(workdir / "bag.keras"), safe_mode=True)
+    assert len(stored.outputs) == 2
+    assert not [w for w in stored.weights if w.path.startswith("block1_")]
+    # ... and it is the heads stage's file under a second name, not a second copy.
+    assert os.path.samefile(workdir / "bag.keras",
+                            workdir / "heads" / "bag" / f"{metrics['finetune']['scenario']}.keras")
 
     out = tmp_path / "pred.csv"
     default = _run("predict.py", f"--workdir={workdir}", f"--data_dir={kaggle_dir}",

@@ -30,6 +30,7 @@ from features import bag as bag_lib, evidence, heads as heads_lib, inference, pr
 from features import cache as cache_lib, finetune as finetune_lib, task as task_lib
 from features.training import restore
 from features.weights import weights_identity
+from pipeline.atomic import atomic_link
 from workflow import interpret, plots, summary
 from workflow.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
 from workflow.job import Features, Job
@@ -98,8 +99,8 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     result.update({f"val_{k}": v for k, v in scores.items()})
     if config.epochs > 0 and kept == 0:
         print("fine-tuning did not improve on the head: exporting the head")
-    members = bag_lib.load_members(job.run.file("heads", "bag"), scenario) if heads.bag else []
-    members = members if _bag_fits(job, scenario, blocks) else []
+    members = (bag_lib.load_members(_members_file(job, scenario))
+               if heads.bag and _bag_fits(job, scenario, blocks) else None)
     choice = _choose_output(job, scenario, members, probs, predict, runtime)
     if refit:
         result["refit"] = _refit(job, config, heads, cache, runtime, scenario, blocks, kept,
@@ -123,6 +124,17 @@ def _refit_wanted(job: Job, heads: HeadsConfig) -> bool:
     if heads.refit is not None:
         return heads.refit
     return bool(job.folds)
+
+
+def _members_file(job: Job, scenario: str) -> str:
+    return bag_lib.members_file(job.run.file("heads", "bag"), scenario)
+
+
+def _bag(job: Job, scenario: str, members):
+    """The bag: ``members`` (a `features.bag.members_model`) on the classifier."""
+    blocks = scenarios.get_scenario(scenario).blocks
+    return bag_lib.assemble(job.classifier, bag_lib.member_start(job.classifier, blocks),
+                            members)
 
 
 def _bag_fits(job: Job, scenario: str, blocks) -> bool:
@@ -184,14 +196,12 @@ def _choose_output(job: Job, scenario: str, members, single_probs, predict: Pred
     """Bag or single model, and how many TTA views, by evidence on the validation images."""
     task, out = job.task, {"default": "model", "tta": 1, "decisions": {}}
     base_probs = single_probs
-    if members:
-        model = bag_lib.build_bag(job.classifier, scenarios.get_scenario(scenario).blocks,
-                                  members)
-        bag_scores, bag_probs = _validate(job, model, runtime.batch_size)
+    if members is not None:
+        bag_scores, bag_probs = _validate(job, _bag(job, scenario, members), runtime.batch_size)
         bag_vs_single = evidence.compare(task, job.y_val, bag_probs, single_probs, job.seed)
         logging.info("Bag vs single model: %s", bag_vs_single.describe("bag", "single model"))
         out["decisions"]["bag_vs_single"] = bag_vs_single.summary()
-        out["bag_scores"] = {"members": len(members) + 1,
+        out["bag_scores"] = {"members": bag_lib.size(members) + 1,
                              **{f"val_{k}": v for k, v in bag_scores.items()}}
         if bag_vs_single.better:
             out["default"], base_probs = "bag", bag_probs
@@ -204,8 +214,8 @@ def _choose_tta(job: Job, out: dict, base_probs, scenario: str, members, predict
     """``--tta`` as given, or (auto) 2 views when they beat 1 beyond noise."""
     if predict.tta != "auto":
         return int(predict.tta)
-    model = job.classifier.model if out["default"] == "model" else bag_lib.build_bag(
-        job.classifier, scenarios.get_scenario(scenario).blocks, members)
+    model = (job.classifier.model if out["default"] == "model" else
+             _bag(job, scenario, members))
     _, mirrored = _validate(job, model, runtime.batch_size, tta=2)
     tta = evidence.compare(job.task, job.y_val, mirrored, base_probs, job.seed)
     logging.info("Test-time augmentation: %s", tta.describe("2 views", "1 view"))
@@ -300,11 +310,14 @@ def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, 
     """model.keras + model_info.json (+ bag.keras), and metrics.json's ``export``."""
     info = _model_info(job, scenario, blocks, scores, thresholds)
     stale = job.run.file(inference.BAG_FILE)
-    if members:
-        model = bag_lib.build_bag(job.classifier, scenarios.get_scenario(scenario).blocks,
-                                  members)
-        job.run.note("bag", bag_lib.export(model, stale))
-        info["bag"] = {"members": len(members) + 1, "file": inference.BAG_FILE}
+    if members is not None:
+        # The heads stage's file under a second name (no second copy); the bag is
+        # model.keras (trunk and final model) plus these members from `start`.
+        atomic_link(_members_file(job, scenario), stale)
+        job.run.note("bag", stale)
+        info["bag"] = {"members": bag_lib.size(members) + 1, "file": inference.BAG_FILE,
+                       "start": bag_lib.member_start(
+                           job.classifier, scenarios.get_scenario(scenario).blocks)}
         job.run.update_metrics("bag", {**choice["bag_scores"], "file": inference.BAG_FILE,
                                        f"single_model_val_{job.task.headline}":
                                            scores[job.task.headline],

@@ -80,9 +80,10 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     if heads.bag and best.cv is not None:
         blocks = best.config.row.blocks
         members = [bag_lib.as_member(job.classifier, blocks, m) for m in best.cv.members]
-        bag_lib.save_members(bag_folder, best.scenario, members)
+        path = bag_lib.save(bag_lib.members_model(job.classifier, blocks, members),
+                            bag_lib.members_file(bag_folder, best.scenario))
         logging.info("Bag: the %d fold heads of scenario %s (kept from its cross-validation) "
-                     "saved in %s.", len(members), best.scenario, bag_folder)
+                     "saved in %s.", len(members), best.scenario, path)
     print(summary.heads(results, baseline, best, job.task))
     if choice["scenario"] == PROBE:
         print(f"the linear probe is better than scenario {best.scenario} beyond noise: "
