@@ -62,9 +62,23 @@ def test_every_format_predicts_like_model_keras_in_a_fresh_process(run_folder):
         assert results[key]["max_abs_dp"] < 1e-4, key
         assert abs(results[key]["auc_change"]) <= 0.002, key
         assert results[key]["images"] == 8 and results[key]["ms_per_image"] > 0
+    # Every weight stored once in the SavedModel, as in the flat float32 TFLite file
+    # (Keras' own model.export writes each twice).
+    assert results["savedmodel"]["bytes"] < 1.1 * results["tflite"]["bytes"]
     int8 = results["tflite_int8"]  # reported honestly, whatever it is
     assert np.isfinite(int8["max_abs_dp"]) and int8["bytes"] < results["tflite"]["bytes"] / 2
     recorded = json.loads((run_folder / "metrics.json").read_text())["exports"]
     assert recorded["onnx"]["max_abs_dp"] == results["onnx"]["max_abs_dp"]
     assert "BGR" in recorded["input"]
     assert not [p for p in os.listdir(run_folder) if p.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_export_script_writes_and_checks_a_format_quietly(run_folder):
+    from tests.test_finetune_predict import _run, check_console
+    result = _run("export.py", f"--workdir={run_folder}", "--export=onnx")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "export onnx:" in result.stdout and (run_folder / "model.onnx").is_file()
+    check_console(result, (run_folder / "export.log").read_text())
+    recorded = json.loads((run_folder / "metrics.json").read_text())["exports"]
+    assert recorded["onnx"]["max_abs_dp"] < 1e-4

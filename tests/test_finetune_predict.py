@@ -275,7 +275,8 @@ def _optimizer_paths(h5) -> list:
 
 
 NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cuda drivers", "cuInit",
-         "retracing", "Total params", "Layer (type)")
+         "retracing", "Total params", "Layer (type)", "FutureWarning", "DeprecationWarning",
+         "UserWarning")
 
 
 def check_console(result, log_text: str, summary_in_log: bool = False) -> None:

@@ -4,8 +4,12 @@ small devices), each checked against ``model.keras`` after it is written.
 Every format is made from ``model.keras`` rebuilt in float32 (a model trained
 under a mixed policy would carry bfloat16 kernels that TFLite cannot run):
 
-* ``savedmodel/`` — Keras 3's ``model.export(format="tf_saved_model")``; its
-  ``serve`` signature takes the input below;
+* ``savedmodel/`` — Keras 3's ``keras.export.ExportArchive`` with one ``serve``
+  endpoint (also the ``serving_default`` signature) taking the input below. The
+  archive is not asked to ``track`` the model: its variables are collected from
+  the endpoint alone, so each is written once (``model.export`` tracks the Keras
+  variables *and* the endpoint's TensorFlow ones and writes every weight twice,
+  keras-team/keras#23553);
 * ``model.onnx`` — Keras 3's ``model.export(format="onnx")`` (tf2onnx underneath);
 * ``model.tflite`` — the TFLite converter on that SavedModel; ``--quantize=fp16``
   stores float16 weights, ``int8`` quantizes weights and activations with a
@@ -30,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -100,12 +105,17 @@ def convert(model, fmt: str, workdir: str, quantize: str = "none", representativ
     if os.path.isdir(tmp):  # a torn SavedModel folder from an interrupted export
         shutil.rmtree(tmp, ignore_errors=True)
     if fmt == "savedmodel":
-        model.export(tmp, format="tf_saved_model", verbose=False)
+        _saved_model(model, tmp)
     elif fmt == "onnx":
-        model.export(tmp, format="onnx", verbose=False)
+        with warnings.catch_warnings():
+            # Keras' tf2onnx shim probes np.object on import; NumPy 2 answers with a
+            # FutureWarning that says nothing to our users.
+            warnings.filterwarnings("ignore", message="In the future `np.object`",
+                                    category=FutureWarning)
+            model.export(tmp, format="onnx", verbose=False)
     else:
         with tempfile.TemporaryDirectory() as saved:
-            model.export(os.path.join(saved, "sm"), format="tf_saved_model", verbose=False)
+            _saved_model(model, os.path.join(saved, "sm"))
             converter = tf.lite.TFLiteConverter.from_saved_model(os.path.join(saved, "sm"))
             if quantize == "fp16":
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -120,6 +130,19 @@ def convert(model, fmt: str, workdir: str, quantize: str = "none", representativ
                 f.write(flatbuffer)
     _replace(tmp, path)
     return path
+
+
+def _saved_model(model, path: str) -> None:
+    """The model as a SavedModel with a ``serve`` endpoint, every variable stored once."""
+    import keras
+    import tensorflow as tf
+    archive = keras.export.ExportArchive()
+    archive.add_endpoint(
+        "serve", tf.autograph.experimental.do_not_convert(
+            lambda image: model(image, training=False)),
+        input_signature=[tf.TensorSpec([None, *model.input.shape[1:]], tf.float32,
+                                       name="image")])
+    archive.write_out(path, verbose=False)
 
 
 def run_format(fmt: str, path: str, x: np.ndarray, batch_size: int = 16):
