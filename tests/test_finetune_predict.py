@@ -191,6 +191,12 @@ def test_labels_scoring_matches_sklearn(tmp_path):
     assert scores["confusion_matrix"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
     plots.roc(labels, probs, ("0", "1"), png, "ROC")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # The legend's AUC is the reported one, to the same 4 decimals.
+    figure = plots.roc_figure(labels, probs, ("0", "1"), "ROC")
+    legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    import matplotlib.pyplot as plt
+    plt.close(figure)
+    assert legend == [f"P(1) (AUC {scores['auc']:.4f})"]
 
 
 @pytest.mark.slow

@@ -126,24 +126,39 @@ def confusion_matrix(y, predicted, class_names: Sequence[str], path: str,
 
 
 def roc(y, probs, class_names: Sequence[str], path: str, title: str) -> str:
-    """The ROC curve (binary), or one-vs-rest curves of every class (several classes)."""
-    from sklearn.metrics import RocCurveDisplay
+    """Saves `roc_figure` at ``path``; returns the path."""
+    return save(roc_figure(y, probs, class_names, title), path)
+
+
+def roc_figure(y, probs, class_names: Sequence[str], title: str):
+    """The ROC curve (binary), or one-vs-rest curves of every class (several classes).
+
+    The legend gives each AUC to 4 decimals, as the logs, metrics.json and the report
+    do (scikit-learn's display rounds to 2: 0.995 would read 1.00).
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     probs = np.asarray(probs)
+
+    def curve(truth, scores, name):
+        fpr, tpr, _ = roc_curve(truth, scores)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(truth, scores):.4f})")
+
     if probs.ndim == 1:
-        RocCurveDisplay.from_predictions(y, probs, ax=ax, name=f"P({class_names[1]})")
+        curve(y, probs, f"P({class_names[1]})")
     else:
         y = np.asarray(y)
         onehot = y if y.ndim == 2 else np.eye(probs.shape[1], dtype=int)[y]
         for c, name in enumerate(class_names):
             if 0 < onehot[:, c].sum() < len(onehot):
-                RocCurveDisplay.from_predictions(onehot[:, c], probs[:, c], ax=ax, name=name)
-        ax.legend(fontsize=7 if len(class_names) > 8 else 9)
+                curve(onehot[:, c], probs[:, c], name)
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1)
-    ax.set_title(title)
+    ax.set(xlabel="False positive rate", ylabel="True positive rate", xlim=(-0.01, 1.01),
+           ylim=(-0.01, 1.01), title=title)
+    ax.legend(loc="lower right", fontsize=7 if len(class_names) > 8 else 9)
     fig.tight_layout()
-    return save(fig, path)
+    return fig
 
 
 def gallery(paths: Sequence[str], order, captions: Sequence[str], path: str, title: str,
