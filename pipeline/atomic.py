@@ -51,6 +51,10 @@ def atomic_link(src: str, dst: str) -> None:
     """Makes ``dst`` another name of ``src``'s file, atomically: a hard link, so the bytes
     are on disk once (every writer here renames a new file into place, so neither name
     ever changes under the other); a copy where the file system has no hard links."""
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        # Already so; and renaming one link onto another of the same file is a no-op
+        # that would leave the temporary name behind (POSIX rename).
+        return
     with atomic_path(dst) as tmp:
         os.remove(tmp)
         try:

@@ -329,3 +329,24 @@ def test_sigint_and_sigterm_say_interrupted_and_what_a_rerun_does(kill_data, tmp
     assert proc.returncode == 143, text(4)[-3000:]
     assert "interrupted (SIGTERM)" in text(4) and "predict again" in text(4)
     assert not out.exists() and not list(tmp_path.glob(".tmp-pred*"))
+
+
+def test_atomic_link_names_one_file_twice_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    from pipeline.atomic import atomic_link
+    src, dst = tmp_path / "heads" / "B.keras", tmp_path / "bag.keras"
+    src.parent.mkdir()
+    src.write_bytes(b"members")
+    dst.write_bytes(b"a bag from another run")
+    atomic_link(str(src), str(dst))
+    assert os.path.samefile(src, dst) and dst.read_bytes() == b"members"
+    atomic_link(str(src), str(dst))  # again, as a rerun of the export does
+    src.with_name("new").write_bytes(b"new members")
+    os.replace(src.with_name("new"), src)  # the heads stage renames a new file into place
+    assert dst.read_bytes() == b"members"  # the exported name is not changed under it
+    atomic_link(str(src), str(dst))
+    assert dst.read_bytes() == b"new members"
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no links")))
+    atomic_link(str(dst), str(tmp_path / "copy.keras"))  # a copy where links fail
+    assert (tmp_path / "copy.keras").read_bytes() == b"new members"
+    left = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
+    assert not left, left
