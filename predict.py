@@ -29,11 +29,12 @@ def main(argv):
     console.setup_logging()
     with console.user_errors():
         cfg = PredictRun.from_flags(FLAGS)  # checked before TensorFlow starts
+        from workflow import predicting
+        prepared = predicting.prepare(cfg)  # run folder, images, labels: no TensorFlow yet
         console.load_tensorflow()
         from features import distribute
-        from workflow import predicting
         with distribute.scope(distribute.make_strategy(cfg.strategy, cfg.cpu_replicas)):
-            predicting.run(cfg)
+            predicting.run(cfg, prepared)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ import tensorflow as tf
 from features import backbone, bag as bag_lib, distribute, precision
 from features.task import Task
 from pipeline import input as input_lib
+from pipeline import run_info
 from pipeline import progress as progress_lib
 from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.errors import ConfigError, DataError
 
-MODEL_FILE = "model.keras"
-BAG_FILE = "bag.keras"
-INFO_FILE = "model_info.json"
+MODEL_FILE, BAG_FILE, INFO_FILE = run_info.MODEL_FILE, run_info.BAG_FILE, run_info.INFO_FILE
 MAX_TTA = 8
 # (y0, x0, y1, x1) crop boxes in relative coordinates, and whether to mirror.
 _TTA_VIEWS = (
@@ -37,9 +36,6 @@ _TTA_VIEWS = (
     ((0.125, 0.0, 1.0, 0.875), False),
     ((0.125, 0.125, 1.0, 1.0), False),
 )
-# Probability written for a test image that cannot be decoded (with --on_bad_image=skip):
-# uninformative, so it neither helps nor hurts ranking metrics much.
-FALLBACK_PROBABILITY = 0.5
 
 
 def export_model(model: keras.Model, workdir: str, info: dict) -> str:
@@ -47,6 +43,7 @@ def export_model(model: keras.Model, workdir: str, info: dict) -> str:
     path = os.path.join(workdir, MODEL_FILE)
     with atomic_path(path) as tmp, backbone.without_training_state(model):
         model.save(tmp)
+        precision.store_float32(tmp)  # whatever policy it was trained under
     atomic_write_text(os.path.join(workdir, INFO_FILE), json.dumps(info, indent=2) + "\n")
     return path
 
@@ -58,16 +55,8 @@ def task_of(info: dict) -> Task:
 
 
 def read_info(workdir: str) -> dict:
-    """``model_info.json`` of an exported model."""
-    path = os.path.join(workdir, INFO_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"No exported model in {workdir}: expected {MODEL_FILE} and "
-                          f"{INFO_FILE} (written by train.py at the end of fine-tuning).") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"Cannot read {path}: {err}") from err
+    """``model_info.json`` of an exported model (see `pipeline.run_info.read_info`)."""
+    return run_info.read_info(workdir, need_model=False)
 
 
 def load_exported(workdir: str, bag: bool = False, policy: Optional[str] = None):
@@ -167,14 +156,13 @@ def predict_frame(model: keras.Model, frame, image_size: int, batch_size: int = 
                   tta: int = 1, progress: bool = True, engine=None, workdir: str = None,
                   bag: bool = False) -> np.ndarray:
     """Like `predict_paths` for a frame with ``path, name`` and optionally a boolean ``bad``
-    column; bad rows get `FALLBACK_PROBABILITY` (binary) or a uniform distribution.
+    column; bad rows get NaN: an image that could not be read has no prediction.
 
     With ``engine`` (a `features.ray_engine.RayEngine`), Ray workers load the model
     exported in ``workdir`` (``bag.keras`` with ``bag``) and predict instead.
     """
     units = model.output.shape[-1] if model is not None else 1
-    fallback = FALLBACK_PROBABILITY if units == 1 else 1.0 / units
-    outputs = np.full((len(frame), units), fallback, np.float64)
+    outputs = np.full((len(frame), units), np.nan, np.float64)
     good = ~frame["bad"].to_numpy(bool) if "bad" in frame else np.ones(len(frame), bool)
     if good.any() and engine is not None:
         outputs[good] = engine.predict(workdir, bag, frame[good], image_size, batch_size, tta)

@@ -47,6 +47,9 @@ class Dataset:
       test_dir: the Kaggle ``test/`` folder if present.
       sample_submission: path of ``sample_submission.csv`` if present.
       ignored: number of files skipped because their extension is not an image's.
+      ignored_files: their paths (a message names them).
+      label_column: Kaggle layout, binary: the labels CSV's column (e.g. ``invasive``),
+        which names the probability column of the predictions.
     """
 
     frame: pd.DataFrame
@@ -57,6 +60,8 @@ class Dataset:
     sample_submission: Optional[str] = None
     ignored: int = 0
     kind: str = "binary"
+    ignored_files: tuple = ()
+    label_column: Optional[str] = None
 
 
 def list_images(folder: str):
@@ -64,9 +69,9 @@ def list_images(folder: str):
 
     Returns:
       (paths, ignored): sorted absolute paths of files with an image extension,
-      and the number of other files (hidden files excluded from both).
+      and the paths of the other files (hidden files excluded from both).
     """
-    paths, ignored = [], 0
+    paths, ignored = [], []
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.name.startswith(".") or not entry.is_file():
@@ -74,8 +79,8 @@ def list_images(folder: str):
             if is_image_file(entry.name):
                 paths.append(os.path.abspath(entry.path))
             else:
-                ignored += 1
-    return sorted(paths), ignored
+                ignored.append(os.path.abspath(entry.path))
+    return sorted(paths), sorted(ignored)
 
 
 def _names_to_paths(paths: Sequence[str], folder: str) -> dict:
@@ -129,7 +134,9 @@ def discover(data_dir: str, positive_class: Optional[str] = None,
                  ", ".join(f"{c} {n}" for n, c in per_class.items())
                  + (f" (positive class {dataset.class_names[1]!r})"
                     if dataset.kind == "binary" else ""),
-                 f"; ignored {dataset.ignored} non-image files" if dataset.ignored else "")
+                 f"; ignored {dataset.ignored} non-image file(s): " + labels_lib.listing(
+                     [os.path.relpath(p, data_dir) for p in dataset.ignored_files], 5)
+                 if dataset.ignored else "")
     return dataset
 
 
@@ -183,12 +190,12 @@ def _discover_folders(data_dir, entries, positive_class, task) -> Dataset:
     index = {c: i for i, c in enumerate(class_names)}
     frame["label"] = [index[c] for c in frame.pop("class")]
     return Dataset(frame=frame, layout="folders", class_names=class_names, data_dir=data_dir,
-                   ignored=ignored, kind=kind)
+                   ignored=len(ignored), kind=kind, ignored_files=tuple(ignored))
 
 
 def _folder_frame(data_dir: str, classes: Sequence[str]):
     """(frame of path, name, class for every image in the class folders, ignored files)."""
-    frames, ignored = [], 0
+    frames, ignored = [], []
     for cls in classes:
         folder = os.path.join(data_dir, cls)
         paths, skipped = list_images(folder)
@@ -264,7 +271,8 @@ def _discover_kaggle(data_dir, label_column, task, positive_class) -> Dataset:
     return Dataset(frame=frame, layout="kaggle", class_names=labels.class_names,
                    data_dir=data_dir, test_dir=test_dir if os.path.isdir(test_dir) else None,
                    sample_submission=sample if os.path.isfile(sample) else None,
-                   ignored=ignored, kind=labels.kind)
+                   ignored=len(ignored), ignored_files=tuple(ignored), kind=labels.kind,
+                   label_column=labels.columns[0] if labels.kind == "binary" else None)
 
 
 def read_labels_csv(csv_path: str) -> pd.DataFrame:
@@ -292,12 +300,19 @@ def discover_unlabelled(data_dir: str) -> pd.DataFrame:
 
     ``data_dir`` is a Kaggle root (then ``test/`` is predicted and, if
     ``sample_submission.csv`` exists, exactly its names in exactly its row
-    order), a plain folder of images (natural order: 2 before 10), or a tree of
+    order), a plain folder of images (natural order: 2 before 10), a tree of
     class folders (every image in them, by name; a name in several folders is
-    written ``<class>/<name>``).
+    written ``<class>/<name>``), or one image file.
     """
+    if data_dir and os.path.isfile(data_dir):
+        if not is_image_file(data_dir):
+            raise DataError(f"--data_dir={data_dir!r} is a file but not an image (expected a "
+                            f"folder, or one file ending in {', '.join(IMAGE_EXTENSIONS)}).")
+        path = os.path.abspath(data_dir)
+        return pd.DataFrame({"path": [path], "name": [image_name(path)]})
     if not data_dir or not os.path.isdir(data_dir):
-        raise DataError(f"Folder to predict {data_dir!r} does not exist or is not a folder.")
+        raise DataError(f"Folder to predict {data_dir!r} does not exist (expected a folder of "
+                        "images, a Kaggle root with test/, or one image file).")
     data_dir = os.path.abspath(data_dir)
     test_dir = os.path.join(data_dir, "test")
     is_kaggle = os.path.isdir(test_dir) and (
@@ -314,7 +329,8 @@ def discover_unlabelled(data_dir: str) -> pd.DataFrame:
     folder = test_dir if is_kaggle else data_dir
     paths, ignored = list_images(folder)
     if ignored:
-        logging.info("Ignored %d non-image file(s) in %s.", ignored, folder)
+        logging.info("Ignored %d non-image file(s) in %s: %s.", len(ignored), folder,
+                     labels_lib.listing([os.path.basename(p) for p in ignored], 5))
     if not paths:
         raise DataError(f"No images to predict in {folder} (expected files ending in "
                         f"{', '.join(IMAGE_EXTENSIONS)}, any case).")

@@ -131,7 +131,7 @@ def filter_bad_images(frame, image_size: int, policy: str, report_path: str,
       policy: "fail" raises DataError listing every bad image; "skip" writes
         ``report_path`` (CSV: path, reason) and leaves them out.
       keep_rows: for prediction: keep every row and mark the bad ones in a
-        boolean column ``bad`` instead of dropping them.
+        boolean column ``bad`` (and their reason in ``reason``) instead of dropping them.
       memo_path: remember the images that passed (see `scan_with_memo`).
     """
     import pandas as pd
@@ -139,7 +139,9 @@ def filter_bad_images(frame, image_size: int, policy: str, report_path: str,
 
     bad = scan_with_memo(frame.path.tolist(), image_size, memo_path)
     if keep_rows:
-        frame = frame.assign(bad=frame.path.isin({p for p, _ in bad}))
+        why = dict(bad)
+        frame = frame.assign(bad=frame.path.isin(why),
+                             reason=[why.get(p, "") for p in frame.path])
     if not bad:
         return frame
     if policy == "fail":

@@ -44,8 +44,8 @@ def _shared(fv, tta_help: str) -> None:
                          "validation and prediction.", flag_values=fv, module_name=DEVICES)
     flags.DEFINE_enum("on_bad_image", "fail", ["fail", "skip"], "An image that cannot be "
                       "decoded: stop with a list of them (fail), or leave it out with a report "
-                      "(skip; a prediction CSV still lists it, with an uninformative "
-                      "probability).", flag_values=fv, module_name=DATA)
+                      "(skip: never given a probability or a class; a prediction CSV leaves its "
+                      "row out and <output>_bad_images.csv lists it with the reason).", flag_values=fv, module_name=DATA)
     flags.DEFINE_string("tta", "auto", tta_help, flag_values=fv, module_name=PREDICT)
     flags.DEFINE_enum("precision", "auto", PRECISIONS, "Compute precision of the conv base. "
                       "auto: mixed_bfloat16 on CPUs with AVX512-BF16/AMX and GPUs of compute "
@@ -193,6 +193,12 @@ def _train_heads(d: dict) -> None:
                         "scenario on the training split: K >= 2, 0 for none, or 'auto' (5 when "
                         "the validation set has fewer than 100 images). With CV, the epoch and "
                         "the scenario are chosen by the mean CV score.", module_name=HEADS, **d)
+    flags.DEFINE_boolean("probe_baseline", True, "With CV: the linear probe (the simpler model) "
+                         "is the baseline: the best scenario is fine-tuned and exported only "
+                         "when its out-of-fold predictions beat the probe's beyond a paired "
+                         "bootstrap's noise, else the probe is exported. --noprobe_baseline: "
+                         "the best scenario is kept unless the probe beats it beyond noise.",
+                         module_name=HEADS, **d)
     flags.DEFINE_boolean("bag", True, "With CV: also export bag.keras, the average of the K "
                          "fold heads of the chosen scenario and the final model; it is the "
                          "default output only when it beats the single model on the validation "
@@ -285,6 +291,10 @@ def define_predict(fv=flags.FLAGS) -> None:
                       "name,<class_1>,...,<class_K>; label: name,label with the most probable "
                       "class; tags: name,tags with the labels above their thresholds "
                       "(multi-label).", module_name=OUTPUTS, **d)
+    flags.DEFINE_boolean("keep_bad_rows", False, "With --on_bad_image=skip: keep a row for "
+                         "each unreadable image, with empty values and a last column status "
+                         "('ok' or 'unreadable: <reason>'), instead of leaving it out.",
+                         module_name=OUTPUTS, **d)
     _shared(fv, "Test-time augmentation: auto = what train.py chose for the model (recorded "
                 "in model_info.json), or average over N deterministic views (1 = plain; 2 adds "
                 "the mirror; up to 8 adds crops).")

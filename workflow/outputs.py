@@ -84,37 +84,57 @@ class RunFolder:
 
 def write_predictions(names: Sequence[str], probs, path: str, class_names: Sequence[str],
                       binary_column: Optional[str] = "invasive", tags=None,
-                      labels=None) -> str:
+                      labels=None, status=None) -> str:
     """Writes the prediction CSV atomically (never a half-written file).
 
     Binary: ``name,<binary_column>`` with P(positive). Several classes or labels:
     ``name,<class_1>,...,<class_K>`` in the stored class order. With ``tags`` (one
     string per row) ``name,tags``; with ``labels`` (one class name per row)
     ``name,label`` instead.
+
+    ``status`` (one string per row, "ok" for a predicted image) adds a last column
+    ``status``; a row whose status is not "ok" gets empty values, never a number or a
+    class: an image that could not be read has no prediction.
     """
     probs = np.asarray(probs, np.float64)
+    ok = [s == "ok" for s in status] if status is not None else [True] * len(names)
+    extra = ["status"] if status is not None else []
+    tail = (lambda i: [status[i]]) if status is not None else (lambda i: [])
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             if tags is not None or labels is not None:
-                writer.writerow(["name", "tags" if tags is not None else "label"])
-                writer.writerows([name, t] for name, t in zip(
-                    names, tags if tags is not None else labels))
+                values = tags if tags is not None else labels
+                writer.writerow(["name", "tags" if tags is not None else "label", *extra])
+                writer.writerows([name, values[i] if ok[i] else "", *tail(i)]
+                                 for i, name in enumerate(names))
             elif probs.ndim == 1:
-                writer.writerow(["name", binary_column])
-                writer.writerows([name, f"{float(p):.6f}"] for name, p in zip(names, probs))
+                writer.writerow(["name", binary_column, *extra])
+                writer.writerows([name, f"{float(probs[i]):.6f}" if ok[i] else "", *tail(i)]
+                                 for i, name in enumerate(names))
             else:
-                writer.writerow(["name", *class_names])
-                writer.writerows([name, *(f"{float(p):.6f}" for p in row)]
-                                 for name, row in zip(names, probs))
+                writer.writerow(["name", *class_names, *extra])
+                writer.writerows(
+                    [name, *((f"{float(p):.6f}" for p in probs[i]) if ok[i]
+                             else [""] * probs.shape[1]), *tail(i)]
+                    for i, name in enumerate(names))
     return path
 
 
-def submission_column(sample_csv: Optional[str]) -> str:
-    """The probability column of a binary submission: sample_submission.csv's, else
-    ``invasive`` (the reference competition's)."""
+def binary_column(class_names: Sequence[str], sample_csv: Optional[str] = None,
+                  label_column: Optional[str] = None) -> str:
+    """The probability column of a binary prediction CSV: ``sample_submission.csv``'s
+    column when there is one, else the training labels CSV's column (Kaggle layout,
+    e.g. ``invasive``), else the positive class's name (class folders: ``bees``).
+
+    A model from before the labels column was recorded, trained on 0/1 labels, keeps
+    ``invasive`` (the only 0/1 column the Kaggle layout read without --label_column)."""
     if sample_csv:
         columns = labels_lib.sample_columns(sample_csv)
         if len(columns) == 1:
             return columns[0]
-    return labels_lib.LABEL_COLUMN
+    if label_column:
+        return label_column
+    if tuple(class_names) == ("0", "1"):
+        return labels_lib.LABEL_COLUMN
+    return str(class_names[-1])

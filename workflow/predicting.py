@@ -24,6 +24,7 @@ class PredictRun(config_lib.Devices):
     bag: Optional[bool] = None   # None: what train.py chose (model_info.json)
     tta: str = "auto"
     on_bad_image: str = "fail"
+    keep_bad_rows: bool = False
 
     @classmethod
     def from_flags(cls, flag_values) -> "PredictRun":
@@ -95,58 +96,106 @@ def format_scores(scores: dict, task: Task = Task("binary", ("0", "1"))) -> str:
             "images")
     cm = scores.get("confusion_matrix")
     if cm:
-        text += (f"\nconfusion matrix (rows: true 0/1, columns: predicted 0/1):\n"
-                 f"  {cm['tn']:6d} {cm['fp']:6d}\n  {cm['fn']:6d} {cm['tp']:6d}")
+        neg, pos = task.class_names
+        width = max(8, len(neg), len(pos)) + 2
+        text += (f"\nconfusion matrix (rows: true class, columns: predicted class at 0.5):\n"
+                 f"  {'':{width}s}{neg:>{width}s}{pos:>{width}s}\n"
+                 f"  {neg:{width}s}{cm['tn']:{width}d}{cm['fp']:{width}d}\n"
+                 f"  {pos:{width}s}{cm['fn']:{width}d}{cm['tp']:{width}d}")
     return text
 
 
-def write_output(names, probs, cfg: PredictRun, task: Task, thresholds=None) -> str:
-    """The prediction CSV in ``--output_format``: probabilities, the top class, or tags."""
+def write_output(frame, probs, cfg: "PredictRun", task: Task, info: dict) -> int:
+    """The prediction CSV in ``--output_format``: probabilities, the top class, or tags.
+
+    Rows of images that could not be read (``frame.bad``) are left out, or with
+    ``--keep_bad_rows`` kept with empty values and a ``status`` column: such an image
+    never gets a number or a class. Returns the number of predicted rows written."""
     from pipeline import discovery
-    from workflow.outputs import submission_column, write_predictions
+    from workflow.outputs import binary_column, write_predictions
+    good = ~frame["bad"].to_numpy(bool) if "bad" in frame else np.ones(len(frame), bool)
+    status = None
+    if cfg.keep_bad_rows:
+        names, reasons = frame.name.tolist(), frame.get("reason", [""] * len(frame))
+        status = ["ok" if g else f"unreadable: {r}".strip().rstrip(":")
+                  for g, r in zip(good, reasons)]
+    else:
+        frame, probs = frame[good], np.asarray(probs)[good]
+        names = frame.name.tolist()
+    thresholds = info.get("thresholds")
     sample = os.path.join(cfg.data_dir, discovery.SAMPLE_SUBMISSION_CSV)
-    column = submission_column(sample if os.path.isfile(sample) else None)
+    column = binary_column(task.class_names, sample if os.path.isfile(sample) else None,
+                           info.get("binary_column"))
     if cfg.output_format == "probabilities":
-        return write_predictions(names, probs, cfg.output, task.class_names, column)
-    if cfg.output_format == "tags":
-        if task.kind != "multilabel":
-            raise ConfigError("--output_format=tags is for multi-label models; this one is "
-                              f"{task.kind} (use label or probabilities).")
-        hits = task.predicted(probs, thresholds)
-        return write_predictions(names, probs, cfg.output, task.class_names, tags=[
+        write_predictions(names, probs, cfg.output, task.class_names, column, status=status)
+    elif cfg.output_format == "tags":
+        hits = task.predicted(np.nan_to_num(probs), thresholds)
+        write_predictions(names, probs, cfg.output, task.class_names, status=status, tags=[
             " ".join(n for n, h in zip(task.class_names, row) if h) for row in hits])
-    if task.kind == "multilabel":
+    else:
+        best = task.predicted(np.nan_to_num(probs))
+        write_predictions(names, probs, cfg.output, task.class_names, status=status,
+                          labels=[task.class_names[int(b)] for b in best])
+    return int(good.sum())
+
+
+def check_output_format(output_format: str, kind: str) -> None:
+    """--output_format against the model's task, before any image is read."""
+    if output_format == "tags" and kind != "multilabel":
+        raise ConfigError("--output_format=tags is for multi-label models; this one is "
+                          f"{kind} (use label or probabilities).")
+    if output_format == "label" and kind == "multilabel":
         raise ConfigError("--output_format=label gives one class per image; a multi-label "
                           "model's is --output_format=tags.")
-    best = task.predicted(probs)
-    return write_predictions(names, probs, cfg.output, task.class_names,
-                             labels=[task.class_names[int(b)] for b in best])
 
 
-def run(cfg: PredictRun) -> Optional[dict]:
-    """Loads the model, predicts every image in order, writes the CSV (and scores)."""
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What predict.py checks before TensorFlow starts: the run folder's description, the
+    task, the images in output order and (with --labels) their labels."""
+    info: dict
+    task: Task
+    frame: object           # pandas DataFrame: path, name
+    truth: Optional[np.ndarray]
+
+
+def prepare(cfg: PredictRun) -> Prepared:
+    """Every check that needs no TensorFlow, in the order a user fixes them: the run
+    folder, the output format, the images, the labels (classes the model does not know
+    are an error before anything is predicted or written)."""
+    from pipeline import discovery, run_info
+    info = run_info.read_info(cfg.workdir)
+    task = Task(info.get("task", "binary"), tuple(info.get("class_names") or ("0", "1")))
+    check_output_format(cfg.output_format, task.kind)
+    frame = discovery.discover_unlabelled(cfg.data_dir)
+    truth = labels_for(frame.name.tolist(), cfg.labels, task) if cfg.labels else None
+    return Prepared(info, task, frame, truth)
+
+
+def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
+    """Loads the model, predicts every readable image in order, writes the CSV (and
+    scores)."""
     from features import inference, precision
-    from pipeline import discovery, progress, scan
+    from pipeline import progress, scan
 
     from workflow import console
+    prepared = prepared or prepare(cfg)
     stem = os.path.splitext(cfg.output)[0]
     console.log_to_file(stem + ".log")  # beside the output: what this prediction did
     chosen = precision.resolve_and_apply(cfg.precision)
-    info = inference.read_info(cfg.workdir)
+    info, task, truth = prepared.info, prepared.task, prepared.truth
+    frame = scan.filter_bad_images(prepared.frame, int(info["image_size"]), cfg.on_bad_image,
+                                   stem + "_bad_images.csv", keep_rows=True)
     has_bag = os.path.isfile(os.path.join(cfg.workdir, inference.BAG_FILE))
     wanted = cfg.bag if cfg.bag is not None else info.get("default_model", "bag") == "bag"
     use_bag = wanted and has_bag
     tta = config_lib.parse_tta(cfg.tta)
     tta = int(info.get("tta", 1)) if tta == "auto" else tta
     model, info = inference.load_exported(cfg.workdir, bag=use_bag, policy=chosen.policy)
-    task = inference.task_of(info)
     image_size = int(info["image_size"])
-    frame = discovery.discover_unlabelled(cfg.data_dir)
-    report = os.path.splitext(cfg.output)[0] + "_bad_images.csv"
-    frame = scan.filter_bad_images(frame, image_size, cfg.on_bad_image, report, keep_rows=True)
-    logging.info("Predicting %d images with %s (%s, %d px, tta=%d, %s).", len(frame),
-                 inference.BAG_FILE if use_bag else inference.MODEL_FILE, task.describe(),
-                 image_size, tta, chosen.policy)
+    logging.info("Predicting %d images with %s (%s, %d px, tta=%d, %s).",
+                 int((~frame.bad).sum()), inference.BAG_FILE if use_bag else inference.MODEL_FILE,
+                 task.describe(), image_size, tta, chosen.policy)
     progress.report("predict", f"predict again ({cfg.output} is only written once every "
                                "row is done)")
     engine = None
@@ -161,35 +210,51 @@ def run(cfg: PredictRun) -> Optional[dict]:
         if engine is not None:
             engine.stop()
     probs = task.probabilities(outputs)
-    thresholds = info.get("thresholds")
-    write_output(frame.name, probs, cfg, task, thresholds)
+    written = write_output(frame, probs, cfg, task, info)
     used = (f"bag of {info.get('bag', {}).get('members', '?')} models" if use_bag
             else "one model") + f", tta={tta}"
-    what = (f"P({task.positive_class})" if task.kind == "binary"
-            else f"probabilities of {len(task.class_names)} classes")
-    print(f"Wrote {len(frame)} predictions of {what} to {cfg.output} ({used})")
-    if not cfg.labels:
+    print(f"Wrote {written} predictions of {_what(cfg.output_format, task)} to {cfg.output} "
+          f"({used})")
+    unreadable = int(frame.bad.sum())
+    if unreadable:
+        print(f"{unreadable} unreadable image(s) got no prediction "
+              + ("(rows with empty values and a status) " if cfg.keep_bad_rows else
+                 "(left out) ") + f"- listed with the reason in {stem}_bad_images.csv")
+    if truth is None:
         return None
-    return _score(cfg, frame, probs, task, thresholds, stem, use_bag, tta)
+    good = ~frame.bad.to_numpy(bool)
+    return _score(cfg, frame[good].reset_index(drop=True), probs[good], truth[good], task,
+                  info.get("thresholds"), stem, use_bag, tta)
 
 
-def _score(cfg: PredictRun, frame, probs, task: Task, thresholds, stem: str, use_bag: bool,
-           tta: int) -> dict:
-    """--labels: the scores, the interpretation plots and the scoring page."""
+def _what(output_format: str, task: Task) -> str:
+    """What each written row holds, for the closing line."""
+    if output_format == "label":
+        return "the most probable class"
+    if output_format == "tags":
+        return "tags (labels above their thresholds)"
+    return (f"P({task.positive_class})" if task.kind == "binary"
+            else f"probabilities of {len(task.class_names)} classes")
+
+
+def _score(cfg: PredictRun, frame, probs, y, task: Task, thresholds, stem: str,
+           use_bag: bool, tta: int) -> dict:
+    """--labels: the scores of the readable images, the interpretation plots and the
+    scoring page."""
     from workflow import interpret
     scores = score_against_labels(frame.name.tolist(), probs, cfg.labels, task, thresholds)
-    print(format_scores(scores, task))
-    good = ~frame["bad"].to_numpy(bool) if "bad" in frame else np.ones(len(frame), bool)
-    y = labels_for(frame.name.tolist(), cfg.labels, task)
-    plots = interpret.write_all(os.path.dirname(stem), frame.path[good].tolist(), y[good],
-                                probs[good], task, f"{'bag' if use_bag else 'model'}, "
+    model = "bag.keras" if use_bag else "model.keras"
+    print(f"{model} on {scores['n']} labelled images of {cfg.data_dir}: "
+          f"{format_scores(scores, task)}")
+    plots = interpret.write_all(os.path.dirname(stem), frame.path.tolist(), y,
+                                probs, task, f"{'bag' if use_bag else 'model'}, "
                                 f"{os.path.basename(cfg.labels)}",
                                 prefix=os.path.basename(stem) + "_")
     for name, path in plots.items():
         print(f"{name}: {path}")
     from workflow import report
     page = report.write_scoring_report(
-        stem, scores, plots, f"{'bag.keras' if use_bag else 'model.keras'} of "
+        stem, scores, plots, f"{model} of "
         f"{os.path.abspath(cfg.workdir)} (tta={tta}) on {len(frame)} images of {cfg.data_dir}, "
         f"scored against {cfg.labels}")
     print(f"report: {page}")

@@ -1,0 +1,119 @@
+"""Honest outputs (issue 27): nothing is given a number it was not computed for, and every
+column and line says what it is."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import discovery
+from tests.conftest import colour_image, write_image
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory):
+    """An exported ants/bees model (random weights; in-process, no training needed)."""
+    from features import backbone, inference
+    root = tmp_path_factory.mktemp("honest_run")
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    inference.export_model(clf.model, str(root), {
+        "image_size": SIZE, "task": "binary", "class_names": ["ants", "bees"],
+        "positive_class": "bees", "binary_column": "bees"})
+    return root
+
+
+@pytest.fixture
+def photos_with_a_broken_one(tmp_path):
+    """Six readable photos and one truncated JPEG."""
+    folder = tmp_path / "photos"
+    for i in range(6):
+        write_image(str(folder / f"p{i}.jpg"), colour_image(i % 2, size=SIZE, seed=i))
+    whole = open(folder / "p0.jpg", "rb").read()
+    (folder / "broken.jpg").write_bytes(whole[: len(whole) // 3])
+    return folder
+
+
+def _predict(run, data, out, **flags):
+    from workflow import predicting
+    cfg = predicting.PredictRun(
+        workdir=str(run), data_dir=str(data), output=str(out), on_bad_image="skip",
+        precision="float32", batch_size=4, strategy="none", cpu_replicas=1, ray_address=None,
+        ray_workers=1, **flags)
+    return predicting.run(cfg)
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+@pytest.mark.parametrize("output_format", ["probabilities", "label"])
+def test_an_unreadable_photo_gets_no_row_and_is_listed_with_its_reason(
+        binary_run, photos_with_a_broken_one, tmp_path, output_format, capsys):
+    out = tmp_path / "pred.csv"
+    _predict(binary_run, photos_with_a_broken_one, out, output_format=output_format)
+    rows = _rows(out)
+    assert len(rows) == 1 + 6
+    assert "broken" not in [r[0] for r in rows[1:]]
+    assert all(r[1] for r in rows[1:])  # every written row has a value
+    bad = _rows(tmp_path / "pred_bad_images.csv")
+    assert bad[0] == ["path", "reason"] and len(bad) == 2
+    assert bad[1][0].endswith("broken.jpg") and "truncated" in bad[1][1]
+    printed = capsys.readouterr().out
+    assert "Wrote 6 predictions" in printed and "1 unreadable image(s) got no prediction" in printed
+    if output_format == "label":
+        assert "P(bees)" not in printed and "the most probable class" in printed
+
+
+def test_kept_bad_rows_are_empty_with_a_status(binary_run, photos_with_a_broken_one,
+                                                tmp_path):
+    for output_format in ("probabilities", "label"):
+        out = tmp_path / f"{output_format}.csv"
+        _predict(binary_run, photos_with_a_broken_one, out, output_format=output_format,
+                 keep_bad_rows=True)
+        rows = _rows(out)
+        assert rows[0][-1] == "status" and len(rows) == 1 + 7
+        by_name = {r[0]: r for r in rows[1:]}
+        assert by_name["broken"][1] == "" and by_name["broken"][2].startswith("unreadable:")
+        assert all(r[1] != "" and r[2] == "ok" for n, r in by_name.items() if n != "broken")
+
+
+def test_binary_column_names_the_positive_class_unless_a_csv_names_it(binary_run, tmp_path):
+    from workflow import outputs
+    folder = tmp_path / "two"
+    for i in range(2):
+        write_image(str(folder / f"q{i}.jpg"), colour_image(i, size=SIZE, seed=i))
+    _predict(binary_run, folder, tmp_path / "a.csv")
+    assert _rows(tmp_path / "a.csv")[0] == ["name", "bees"]
+    # The rule itself: sample_submission's column, then the labels CSV's, then the class.
+    sample = tmp_path / "sample_submission.csv"
+    sample.write_text("name,invasive\n1,0.5\n")
+    assert outputs.binary_column(("ants", "bees"), str(sample), "x") == "invasive"
+    assert outputs.binary_column(("0", "1"), None, "invasive") == "invasive"
+    assert outputs.binary_column(("0", "1"), None, "alien") == "alien"
+    assert outputs.binary_column(("ants", "bees")) == "bees"
+    assert outputs.binary_column(("0", "1")) == "invasive"  # a model from before the column
+
+
+def test_kaggle_layout_records_its_labels_column(kaggle_dir, tmp_path):
+    from tests.conftest import class_folders
+    assert discovery.discover(str(kaggle_dir)).label_column == "invasive"
+    assert discovery.discover(class_folders(tmp_path / "cf", 8)).label_column is None
+
+
+def test_predict_frame_gives_unreadable_rows_no_number(binary_run, photos_with_a_broken_one,
+                                                       tmp_path):
+    from features import inference
+    from pipeline import scan
+    frame = discovery.discover_unlabelled(str(photos_with_a_broken_one))
+    frame = scan.filter_bad_images(frame, SIZE, "skip", str(tmp_path / "bad.csv"),
+                                   keep_rows=True)
+    model, _ = inference.load_exported(str(binary_run))
+    outputs = inference.predict_frame(model, frame, SIZE, 4, progress=False)
+    broken = frame.name.tolist().index("broken")
+    assert np.isnan(outputs[broken]).all()
+    assert np.isfinite(np.delete(outputs, broken, axis=0)).all()
+    assert "truncated" in frame.reason[broken]
