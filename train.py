@@ -37,12 +37,15 @@ def main(argv):
         cfg = config.train_config(FLAGS, OUR_FLAGS)  # checked before TensorFlow starts
         if cfg.data.demo:
             print(config.describe_demo(FLAGS))
+        dataset = None
+        if not cfg.data.demo:  # the folder, the labels CSV, the classes: no TensorFlow yet
+            dataset = config.discover(cfg.data, cfg.cache)
         console.load_tensorflow()
         if cfg.runtime.cpu_replicas > 1:  # before anything starts TensorFlow's devices
             from features import distribute
             distribute.split_cpu(cfg.runtime.cpu_replicas)
         from workflow import stages
-        stages.run(cfg)
+        stages.run(cfg, dataset)
 
 
 if __name__ == "__main__":

@@ -83,13 +83,25 @@ def select(strategy: str, features, probs, budget: int, labelled_features=None,
         value = np.where(picked, -np.inf, value)
         row = int(np.argmax(value))
         reason = (f"far from the labelled photos (distance {distance[row]:.2f})"
-                  if strategy == "diversity" else
-                  f"uncertain ({unsure[row]:.2f}) and unlike the labelled and chosen photos "
-                  f"(distance {distance[row]:.2f})")
+                  if strategy == "diversity" else combined_reason(unsure[row], distance[row]))
         out.append((row, float(value[row]), reason))
         picked[row] = True
         nearest = np.minimum(nearest, 1 - pool @ pool[row])
     return out
+
+
+def combined_reason(unsure: float, distance: float) -> str:
+    """Why ``combined`` picked a photo, in words that match its numbers: a photo the model
+    is sure of, or one nearly the same as a labelled or chosen photo, is said to be so
+    (it is picked only because the pool has nothing better left)."""
+    doubt = (f"uncertain ({unsure:.2f}, 1 = a coin toss)" if unsure >= 0.5 else
+             f"the model is fairly sure of it (uncertainty {unsure:.2f})")
+    place = (f"unlike the labelled and chosen photos (cosine distance {distance:.2f})"
+             if distance >= NEAR else
+             f"nearly the same as a labelled or chosen photo (cosine distance "
+             f"{distance:.2f} < {NEAR:.2f})")
+    both_good = unsure >= 0.5 and distance >= NEAR
+    return f"{doubt} and {place}" if both_good else f"{doubt}; {place}; nothing better left"
 
 
 def duplicate_pairs(features, threshold: float,

@@ -222,7 +222,7 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
         events = list((workdir / "tensorboard" / board).rglob("events.out.tfevents.*"))
         assert events and all(e.stat().st_size > 0 for e in events), board
     metrics = json.loads((workdir / "metrics.json").read_text())
-    assert set(metrics["heads"]) == {"A", "C"} and metrics["finetune"]["scenario"] in "AC"
+    assert set(metrics["heads"]) == {"A", "C"} and metrics["finetune"]["scenario"] in ("A", "C")
     assert set(metrics["cross_validation"]) == {"A", "C"}
     assert len(metrics["cross_validation"]["C"]["fold_aucs"]) == 2
     # A and C start above a cached layer: fine-tuned from 5 cached views (the default),
@@ -363,6 +363,10 @@ def no_tensorflow(tmp_path_factory):
     (["--data_dir={tmp}", "--val_size=half"], "--val_size must be a count"),
     (["--data_dir={tmp}", "--optimizer=adagrad"], "Unknown optimizer 'adagrad'"),
     (["--data_dir={tmp}", "--augment=wild"], "--augment='wild' is not a preset"),
+    # Data, labels CSV and run folder: checked before TensorFlow too.
+    (["--data_dir={tmp}/train"], "class folder"),
+    (["--data_dir={tmp}", "--workdir={tmp}/train_labels.csv"], "is a file"),
+    (["--data_dir={tmp}", "--label_column=colour"], "--label_column='colour'"),
 ])
 def test_train_bad_flags_are_one_clear_paragraph_before_tensorflow(kaggle_dir, no_tensorflow,
                                                                     args, message):
@@ -380,6 +384,51 @@ def test_predict_bad_flags_stop_before_tensorflow(kaggle_dir, no_tensorflow, tmp
     assert "Traceback" not in result.stderr
 
 
+@pytest.fixture
+def fake_run(tmp_path):
+    """A run folder as predict.py's checks see it (no real model: they never load one)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(b"not read before TensorFlow")
+    (run / "model_info.json").write_text(json.dumps(
+        {"image_size": 32, "task": "binary", "class_names": ["ants", "bees"]}))
+    return run
+
+
+def test_predict_run_folder_data_and_label_errors_come_before_tensorflow(
+        kaggle_dir, no_tensorflow, tmp_path, fake_run):
+    other = tmp_path / "other_classes"
+    for name in ("wasps", "ants"):
+        write_image(str(other / name / f"{name}1.jpg"), size=8)
+    out = tmp_path / "pred.csv"
+    cases = [
+        ([f"--workdir={kaggle_dir / 'train_labels.csv'}"], "is a file, not a run folder"),
+        ([f"--workdir={tmp_path / 'missing'}"], "does not exist"),
+        ([f"--workdir={kaggle_dir}"], "No exported model"),
+        ([f"--workdir={fake_run}", f"--data_dir={tmp_path / 'nowhere'}"], "does not exist"),
+        ([f"--workdir={fake_run}", f"--data_dir={other}", f"--labels={other}"],
+         "'wasps' that the model was not trained on"),
+        ([f"--workdir={fake_run}", "--output_format=tags"], "--output_format=tags is for"),
+    ]
+    for args, message in cases:
+        if not any(a.startswith("--data_dir") for a in args):
+            args = args + [f"--data_dir={kaggle_dir}"]
+        result = _run("predict.py", *args, f"--output={out}", env=no_tensorflow)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in " ".join(result.stderr.split()), (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        assert not out.exists()  # nothing predicted or written before the error
+
+
+def test_one_image_file_is_a_folder_of_one(tmp_path):
+    photo = write_image(str(tmp_path / "photo.jpg"), size=8)
+    frame = discovery.discover_unlabelled(photo)
+    assert frame.name.tolist() == ["photo"] and frame.path.tolist() == [photo]
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(Exception, match="is a file but not an image"):
+        discovery.discover_unlabelled(str(tmp_path / "notes.txt"))
+
+
 @pytest.mark.slow
 def test_train_names_an_undecodable_image(kaggle_dir, tmp_path):
     (kaggle_dir / "train" / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
@@ -387,3 +436,6 @@ def test_train_names_an_undecodable_image(kaggle_dir, tmp_path):
                   "--image_size=32", "--val_size=4", f"--workdir={tmp_path / 'w'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(kaggle_dir / "train" / "3.jpg") in result.stderr
+    # Stopped before training: the new run folder holds only its log, and says so.
+    assert os.listdir(tmp_path / "w") == ["train.log"]
+    assert "holds only this log" in (tmp_path / "w" / "train.log").read_text()

@@ -2,6 +2,7 @@
 duplicates across splits."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -109,12 +110,31 @@ def test_label_next_and_curve_through_the_script(kaggle_dir, tmp_path):
     common = [f"--data_dir={kaggle_dir}", f"--workdir={tmp_path / 'run'}", "--weights=none",
               "--noinclude_top", "--image_size=32", "--val_size=4", "--batch_size=4",
               f"--cache_dir={tmp_path / 'cache'}"]
+    # A trained run first (heads only: seconds), then the later stages in its folder.
+    result = _run("train.py", *common, "--stage=heads", "--scenarios=A", "--epochs=1",
+                  "--cv_folds=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    timings = json.loads((tmp_path / "run" / "metrics.json").read_text())["timings"]
     result = _run("train.py", *common, "--stage=label_next", f"--unlabelled_dir={pool}",
                   "--budget=5", "--on_bad_image=skip")
     assert result.returncode == 0, result.stderr[-3000:]
+    # The training's record is kept; the later stage has its own beside it.
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text()) == trained
+    assert trained["stage"] == "heads"
+    later = json.loads((tmp_path / "run" / "run_config_label_next.json").read_text())
+    assert later["stage"] == "label_next" and later["budget"] == 5
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["timings"] == timings and metrics["heads"]["A"]
+    assert metrics["stages"]["label_next"]["picked"] == 5
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Probe and heads on cached features" in page  # the training's results
+    assert "Photos to label next (--stage=label_next)" in page
+    assert "--stage=heads" in page and "Run --stage=label_next again" in page
     assert "already labelled" in result.stdout and "copy_of_1" in result.stdout
     table = pd.read_csv(tmp_path / "run" / "to_label.csv")
-    assert list(table.columns) == ["name", "rank", "score", "reason"]
+    assert list(table.columns) == ["name", "rank", "score", "reason", "path"]
+    assert all(os.path.isfile(p) and os.path.dirname(p) == str(pool) for p in table.path)
     assert len(table) == 5 and table.name.is_unique and list(table["rank"]) == [1, 2, 3, 4, 5]
     assert set(table.name) <= {f"u{i}" for i in range(8)}  # never labelled or broken ones
     template = pd.read_csv(tmp_path / "run" / "labels_template.csv")
@@ -139,3 +159,59 @@ def test_label_next_and_curve_through_the_script(kaggle_dir, tmp_path):
     assert "labels" in result.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics["learning_curve"]) == 2
+
+
+def test_label_next_reasons_say_what_the_numbers_say():
+    x, probs = _pool()
+    picks = selection.select("combined", x, probs, len(x))
+    first_row, _, first = picks[0]
+    assert first.startswith("uncertain (") and "unlike the labelled" in first
+    # A copy of a photo already picked (distance ~0) the model is sure of is never called
+    # "uncertain" or "unlike" anything.
+    x2 = np.concatenate([x, x[first_row:first_row + 1]])
+    probs2 = np.concatenate([probs, [0.995]])
+    by_row = {r: why for r, _, why in selection.select("combined", x2, probs2, len(x2))}
+    copy = by_row[len(x)]
+    assert "fairly sure" in copy and "nearly the same as a labelled or chosen photo" in copy
+    assert "uncertain (" not in copy and "unlike" not in copy
+
+
+def test_suspects_follow_confident_learning_not_any_class_over_its_threshold():
+    # The issue's case: labels [1,1,1,0,0,0], P(class 1) [.38,.36,.40,.40,.42,.45]. The
+    # thresholds are t1 = mean(.38,.36,.40) = .38 and t0 = mean(.60,.58,.55) = .577.
+    # Images 3 and 4 (label 0) reach t1, but class 0 is confident too and more probable:
+    # their label is the likely class, so they are not suspect (the old rule flagged all 6).
+    y = np.array([1, 1, 1, 0, 0, 0])
+    p1 = np.array([.38, .36, .40, .40, .42, .45])
+    p = np.stack([1 - p1, p1], axis=1)
+    assert audit.likely_classes(p, y).tolist() == [0, 0, 0, 0, 0, 1]
+    table = audit.suspects(BINARY, y, p1)
+    assert sorted(table.row) == [0, 1, 2, 5]
+    assert list(table.row) == [1, 0, 2, 5]  # by margin: .28, .24, .20, -.10
+    for r in table.itertuples():
+        assert r.predicted != r.label and r.margin == pytest.approx(r.confidence - r.given)
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_suspects_equal_cleanlabs_confident_joint_on_random_cases(classes):
+    from cleanlab import count  # the test extra's independent implementation
+    rng = np.random.default_rng(classes)
+    for case in range(40):
+        n = int(rng.integers(12, 80))
+        y = np.concatenate([np.arange(classes), rng.integers(0, classes, n - classes)])
+        p = rng.dirichlet(np.full(classes, 0.7), n)
+        p[np.arange(n), y] += rng.uniform(0, 0.6, n)  # labels mostly right, some not
+        p /= p.sum(axis=1, keepdims=True)
+        task = task_lib.Task("binary", ("a", "b")) if classes == 2 else task_lib.Task(
+            "multiclass", tuple("abcd"))
+        ours = set(audit.suspects(task, y, p[:, 1] if classes == 2 else p).row)
+        _, theirs = count.compute_confident_joint(y, p, return_indices_of_off_diagonals=True)
+        theirs = set(int(i) for i in theirs)
+        if classes > 2:
+            # cleanlab takes the overall argmax when 2+ classes are confident; the rule
+            # (and the issue) takes the most probable confident class. Compare where the
+            # two coincide: the overall argmax is itself confident.
+            guess = audit.likely_classes(p, y)
+            same = {i for i in range(n) if guess[i] < 0 or guess[i] == p[i].argmax()}
+            ours, theirs = ours & same, theirs & same
+        assert ours == theirs, case

@@ -72,6 +72,7 @@ class HeadsConfig:
     label_smoothing: float = 0.0
     class_weight: str = "auto"      # auto, balanced or none
     refit: Optional[bool] = None    # None: on when cross-validation made the choices
+    probe_baseline: bool = True     # the probe is kept unless a scenario beats it beyond noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +141,10 @@ class Devices:
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
 
+# Stages that study a trained run folder instead of training one.
+LATER_STAGES = ("curve", "label_next")
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig(Devices):
     workdir: Optional[str] = None
@@ -153,6 +158,18 @@ class RuntimeConfig(Devices):
     @property
     def finetunes(self) -> bool:
         return self.stage in ("finetune", "all")
+
+    @property
+    def studies(self) -> bool:
+        """A stage that studies a trained run (curve, label_next): it adds its own record
+        and never rewrites what the training stages recorded."""
+        return self.stage in LATER_STAGES
+
+    @property
+    def config_file(self) -> str:
+        """The stage's settings file: run_config.json for the training stages,
+        run_config_<stage>.json for a later one."""
+        return f"run_config_{self.stage}.json" if self.studies else "run_config.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +230,27 @@ def parse_folds(text: str) -> Union[int, str]:
     return k
 
 
+def discover(data: DataConfig, cache: CacheConfig):
+    """The labelled data as `pipeline.discovery.discover` finds it (no TensorFlow needed,
+    so train.py runs it before TensorFlow starts), or with --demo the synthetic set, made
+    on first use."""
+    import logging
+    from pipeline import discovery
+    data_dir = data.data_dir
+    if data.demo and not data_dir:
+        from pipeline import demo
+        folder = "demo_data" if data.demo == "binary" else f"demo_{data.demo}"
+        data_dir = demo.make_demo_dataset(os.path.join(cache.cache_dir, folder), kind=data.demo)
+        logging.info("SYNTHETIC demo data (not real photos) in %s", data_dir)
+    return discovery.discover(data_dir, data.positive_class, data.label_column, data.task)
+
+
 def _check(values: dict) -> None:
     """Checks that need no TensorFlow (everything else fails early in `prepare`)."""
+    workdir = values.get("workdir")
+    if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir!r} is a file; expected a folder for the run's "
+                          "outputs (a new one, or the folder of an earlier run).")
     for s in list(values["scenarios"]) + ([values["scenario"]] if values["scenario"] else []):
         scenarios.get_scenario(s)
     for name in [values["optimizer"], *values["sweep_optimizers"]]:
@@ -319,7 +355,7 @@ def train_config(flag_values, names) -> TrainConfig:
                           v["heads_memory_gb"]),
         heads=HeadsConfig(tuple(v["scenarios"]), v["epochs"], v["learning_rate"],
                           v["optimizer"], str(v["cv_folds"]), v["bag"], v["label_smoothing"],
-                          v["class_weight"], v["refit"]),
+                          v["class_weight"], v["refit"], v["probe_baseline"]),
         sweep=SweepConfig(tuple(v["sweep_scenarios"]),
                           _floats(v["sweep_learning_rates"], "--sweep_learning_rates"),
                           tuple(o.strip().lower() for o in v["sweep_optimizers"]),

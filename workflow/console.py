@@ -203,6 +203,14 @@ def setup_logging() -> None:
         sys.stderr = _Tee(sys.stderr, transcript)
 
 
+def command_line() -> str:
+    """This process's command as it can be pasted into a shell."""
+    import shlex
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train.py"
+    return " ".join(["python", script if script.endswith(".py") else "train.py",
+                     *(shlex.quote(a) for a in sys.argv[1:])])
+
+
 def log_to_file(path: str) -> None:
     """From now on (and for everything shown before) the log goes to ``path``, appended."""
     _transcript().open(path)

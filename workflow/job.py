@@ -20,6 +20,7 @@ from features.task import Task
 from features.training import snapshot
 from features.weights import weights_identity
 from pipeline import diskspace, discovery, labels, scan, split
+from pipeline.errors import UserError
 from workflow import config as config_lib, console
 from workflow.config import CacheConfig, DataConfig, HeadsConfig, ModelConfig, RuntimeConfig
 from workflow.outputs import RunFolder
@@ -98,28 +99,34 @@ def resolve_folds(heads: HeadsConfig, task: Task, y_train, n_val: int, seed: int
 
 
 def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: CacheConfig,
-            runtime: RuntimeConfig, flag_values: dict) -> Job:
-    """Discovers and checks the data, splits it, builds the classifier."""
-    data_dir = data.data_dir
-    if data.demo and not data_dir:
-        from pipeline import demo
-        folder = "demo_data" if data.demo == "binary" else f"demo_{data.demo}"
-        data_dir = demo.make_demo_dataset(os.path.join(cache.cache_dir, folder), kind=data.demo)
-        logging.info("SYNTHETIC demo data (not real photos) in %s", data_dir)
-    dataset = discovery.discover(data_dir, data.positive_class, data.label_column, data.task)
+            runtime: RuntimeConfig, flag_values: dict, dataset=None) -> Job:
+    """Discovers and checks the data (unless ``dataset`` is given: `discover` ran before
+    TensorFlow started), splits it, builds the classifier."""
+    dataset = dataset or config_lib.discover(data, cache)
     task = Task(dataset.kind, dataset.class_names)
     logging.info("Task: %s (%s; --task to override).", task.describe(),
                  "as asked" if data.task else "detected from the data")
     workdir = runtime.workdir or os.path.join(
         "runs", os.path.basename(os.path.abspath(dataset.data_dir).rstrip(os.sep)))
+    fresh = not os.path.isdir(workdir)
     run = RunFolder(workdir)
     console.log_to_file(run.file("train.log"))
-    # Pre-flight: every image checked once, problems reported together.
-    frame = scan.filter_bad_images(dataset.frame, model.image_size, data.on_bad_image,
-                                   run.file("bad_images.csv"),
-                                   memo_path=os.path.join(cache.cache_dir, "preflight.json"))
-    train, val = split.split_train_val(frame, resolve_val_size(data.val_size, len(frame)),
-                                       data.seed)
+    try:
+        # Every check before anything but the log is written: a run that stops here
+        # leaves no half-made run folder behind.
+        frame = scan.filter_bad_images(dataset.frame, model.image_size, data.on_bad_image,
+                                       run.file("bad_images.csv"),
+                                       memo_path=os.path.join(cache.cache_dir,
+                                                              "preflight.json"))
+        train, val = split.split_train_val(frame, resolve_val_size(data.val_size, len(frame)),
+                                           data.seed)
+        y_train = labels_of(task, train)
+        folds = resolve_folds(heads, task, y_train, len(val), data.seed)
+    except UserError:
+        if fresh:
+            logging.info("Nothing was trained or written: %s holds only this log (train.log).",
+                         workdir)
+        raise
     table = frame.assign(subset=np.where(frame.name.isin(set(val.name)), "val", "train"),
                          label=[labels.label_text(task.kind, task.class_names, v)
                                 for v in frame.label])
@@ -128,18 +135,18 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
                  data.seed, run.file("split.csv"))
     # Before the model is built: layers take the global policy when they are created.
     chosen = precision.resolve_and_apply(runtime.precision)
+    # A later stage (curve, label_next) writes its own settings file: run_config.json
+    # keeps the settings the model was trained with.
     run.write_json({**flag_values, "data_dir": dataset.data_dir, "workdir": workdir,
                     "precision_resolved": dataclasses.asdict(chosen),
                     "precision_parts": precision.parts(chosen.policy),
-                    "replicas": distribute.replicas(), "task": task.kind},
-                   "run_config.json")
+                    "replicas": distribute.replicas(), "task": task.kind,
+                    "command": console.command_line()}, runtime.config_file)
     classifier = backbone.build_classifier(model.weights, model.include_top, model.image_size,
                                            data.seed, dropout=model.dropout, units=task.units,
                                            activation=task.activation)
     classifier.model.summary(print_fn=lambda line, *a, **k: console.DETAIL.info(line),
                              expand_nested=True)
-    y_train = labels_of(task, train)
-    folds = resolve_folds(heads, task, y_train, len(val), data.seed)
     weights = task_lib.class_weights(task, y_train, heads.class_weight)
     if weights:
         logging.info("Class weights (--class_weight=%s): %s.", heads.class_weight, ", ".join(

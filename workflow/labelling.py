@@ -56,6 +56,7 @@ def audit(job: Job, oof_probs, cache: CacheConfig, runtime: RuntimeConfig, what:
                  if len(table) else [])
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     paths = job.train.path.to_numpy()[table.row.to_numpy(int)] if len(table) else []
+    table["path"] = list(paths)
     job.run.note("suspect labels", job.run.write_csv(table.drop(columns=["row"]),
                                                      "suspect_labels.csv"))
     top = list(range(min(GALLERY, len(table))))
@@ -215,7 +216,8 @@ def label_next_stage(job: Job, cache: CacheConfig, runtime: RuntimeConfig, folde
     table = pd.DataFrame({"name": [pool.name[r] for r, _, _ in picks],
                           "rank": np.arange(1, len(picks) + 1),
                           "score": [round(s, 4) for _, s, _ in picks],
-                          "reason": [why for _, _, why in picks]})
+                          "reason": [why for _, _, why in picks],
+                          "path": [pool.path[r] for r, _, _ in picks]})
     job.run.note("to label", job.run.write_csv(table, "to_label.csv"))
     job.run.note("to label sheet", plots.gallery(
         [pool.path[r] for r, _, _ in picks], list(range(len(picks))),
@@ -223,9 +225,20 @@ def label_next_stage(job: Job, cache: CacheConfig, runtime: RuntimeConfig, folde
         job.run.file("to_label.png"), f"Photos to label next ({strategy}): {len(picks)} of "
         f"{len(pool)}", columns=6))
     template = pd.DataFrame({"name": table.name, _label_column(job): ""})
+    if job.dataset.layout == "folders":
+        # Class folders have no labels CSV to append to: the label is where the photo
+        # lies, so the template says where each photo is now.
+        template["path"] = table.path
     job.run.note("labels template", job.run.write_csv(template, "labels_template.csv"))
-    print(f"{len(table)} photo(s) to label next ({strategy}): {job.run.file('to_label.csv')}; "
-          f"fill in {job.run.file('labels_template.csv')} and add its rows to your labels.")
+    print(f"{len(table)} photo(s) to label next ({strategy}): {job.run.file('to_label.csv')}.")
+    if job.dataset.layout == "folders":
+        print(f"Label them by moving each photo into its class folder under "
+              f"{job.dataset.data_dir} (e.g. mv PHOTO {os.path.join(job.dataset.data_dir, '<class>')}"
+              f"/); labels_template.csv lists their paths.")
+    else:
+        print(f"Fill in the {_label_column(job)} column of "
+              f"{job.run.file('labels_template.csv')} and append its rows to "
+              f"{os.path.join(job.dataset.data_dir, discovery.LABELS_CSV)}.")
     return table
 
 

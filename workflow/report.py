@@ -128,16 +128,28 @@ def changed_settings(run_config: dict) -> List[tuple]:
     return out
 
 
-def _settings_section(folder: str) -> str:
-    run_config = read_json(os.path.join(folder, "run_config.json"))
+def as_flag(name: str, value) -> str:
+    """A setting as it is typed on the command line: ``--noinclude_top``, ``--scenarios=A,B``;
+    an unset flag is ``(unset)``."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    if value is None:
+        return "(unset)"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return f"--{name}={value}"
+
+
+def _settings_section(folder: str, name: str = "run_config.json",
+                      title: str = "Settings that differ from the defaults") -> str:
+    run_config = read_json(os.path.join(folder, name))
     if not run_config:
         return ""
-    shown = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
-    rows = [[f"<code>--{esc(n)}</code>", esc(shown(v)), esc(shown(d))] for n, v, d in
-            changed_settings(run_config)]
+    rows = [[f"<code>{esc(as_flag(n, v))}</code>", f"<code>{esc(as_flag(n, d))}</code>"]
+            for n, v, d in changed_settings(run_config)]
     precision = run_config.get("precision_resolved", {}).get("policy")
-    text = ("<h2>Settings that differ from the defaults</h2>" +
-            (table(["flag", "this run", "default"], rows) if rows else
+    text = (f"<h2>{esc(title)}</h2>" +
+            (table(["this run", "default"], rows) if rows else
              "<p>None: every flag at its default.</p>"))
     if precision:
         text += f"<p class=\"note\">Computed in {esc(precision)}.</p>"
@@ -167,7 +179,8 @@ def _models_section(folder: str, metrics: dict, metric: str) -> str:
                f"{esc(choice.get('by', '?'))}).</p>")
         versus = choice.get("probe_vs_head")
         if versus:
-            why += _decision("probe vs best head", "probe_vs_head", versus,
+            why += _decision("best scenario vs the linear probe (out-of-fold)", "probe_vs_head",
+                             versus,
                              "heads_choice/probe_vs_head", metrics)
     return (f"<h2>Probe and heads on cached features ({esc(metric)})</h2>" +
             table(["model", f"CV {metric} mean", "± std", f"validation {metric}", "epoch",
@@ -176,17 +189,26 @@ def _models_section(folder: str, metrics: dict, metric: str) -> str:
                   "Scenarios per epoch (validation) and the probe"))
 
 
+# (baseline, candidate) of each decision metrics.json records.
+_SIDES = {"bag_vs_single": ("single model", "bag"), "tta2_vs_tta1": ("1 view", "2 views")}
+
+
 def _decision(title: str, name: str, data: dict, key: str, metrics: dict) -> str:
+    """One evidence decision: both scores, the paired bootstrap's interval, and what was
+    kept, named (the baseline unless the candidate won beyond noise)."""
     verdict = data.get("candidate_better_beyond_noise")
-    return table(["decision", "baseline", "candidate", "difference", "90% interval",
-                  "images", "verdict"], [[
+    baseline, candidate = _SIDES.get(name, (data.get("baseline_is", "baseline"),
+                                            data.get("candidate_is", "candidate")))
+    kept = data.get("kept") or (candidate if verdict else baseline)
+    words = (f"{candidate} better beyond noise: {kept} kept" if verdict else
+             f"{candidate} not better beyond noise: {kept} kept")
+    return table(["decision", f"baseline ({esc(baseline)})", f"candidate ({esc(candidate)})",
+                  "difference", "90% interval", "images", "verdict"], [[
                       esc(title), number(metrics, f"{key}/baseline"),
                       number(metrics, f"{key}/candidate"),
                       number(metrics, f"{key}/difference"),
                       esc(" .. ".join(f"{v:+.4f}" for v in data.get("ci90", []))),
-                      number(metrics, f"{key}/images", 0),
-                      "candidate better beyond noise" if verdict else
-                      "not better beyond noise: the simpler one is kept"]])
+                      number(metrics, f"{key}/images", 0), esc(words)]])
 
 
 def _export_section(metrics: dict) -> str:
@@ -251,18 +273,55 @@ def _labels_section(folder: str) -> str:
     if os.path.isfile(dups):
         parts.append(f"<p>{len(pd.read_csv(dups))} duplicate pair(s) across the splits "
                      "(duplicates.csv).</p>")
-    curve = os.path.join(folder, "learning_curve.png")
-    if os.path.isfile(curve):
-        parts.append(image(curve, "Learning curve"))
     return "<h2>Labels</h2>" + "".join(parts) if parts else ""
+
+
+# The training stages in the order they run (metrics.json sorts its keys).
+_RUN_ORDER = ("start-up and data check", "heads (cache, probe, scenarios)",
+              "fine-tuning, choice of output, export", "deployment exports",
+              "test-set prediction", "total")
 
 
 def _timings_section(metrics: dict) -> str:
     timings = metrics.get("timings", {})
     if not timings:
         return ""
-    return "<h2>Time per stage</h2>" + table(["stage", "seconds"], [
-        [esc(k), number(metrics, f"timings/{k}", 1)] for k in timings])
+    order = sorted(timings, key=lambda k: (_RUN_ORDER.index(k) if k in _RUN_ORDER
+                                           else len(_RUN_ORDER) - 1, k))
+    return "<h2>Time per stage (training)</h2>" + table(["stage", "seconds"], [
+        [esc(k), number(metrics, f"timings/{k}", 1)] for k in order])
+
+
+def _later_sections(folder: str, metrics: dict) -> List[str]:
+    """One section per later stage run on this folder (label next, learning curve): what
+    it found, its settings and its time, beside (never instead of) the training's."""
+    out = []
+    stages = metrics.get("stages", {})
+    if "label_next" in stages:
+        picks = os.path.join(folder, "to_label.csv")
+        rows = []
+        if os.path.isfile(picks):
+            shown = pd.read_csv(picks, dtype={"name": str}).head(12)
+            rows = [[str(r["rank"]), esc(r["name"]), esc(r["reason"])]
+                    for _, r in shown.iterrows()]
+        out.append(
+            "<h2>Photos to label next (--stage=label_next)</h2>"
+            f"<p>{number(metrics, 'stages/label_next/picked', 0)} photo(s) of "
+            f"{esc(stages['label_next'].get('unlabelled_dir', '?'))} picked by "
+            f"{esc(stages['label_next'].get('strategy', '?'))} (to_label.csv, "
+            "labels_template.csv); the first 12:</p>"
+            + table(["rank", "name", "why"], rows)
+            + image(os.path.join(folder, "to_label.png"), "Photos to label next")
+            + _settings_section(folder, "run_config_label_next.json",
+                                "Settings of --stage=label_next that differ from the defaults")
+            + f"<p class=\"note\">{number(metrics, 'stages/label_next/seconds', 1)} s.</p>")
+    curve = os.path.join(folder, "learning_curve.png")
+    if os.path.isfile(curve):
+        out.append("<h2>Learning curve (--stage=curve)</h2>"
+                   + image(curve, "Learning curve (cross-validated on the training split)")
+                   + (f"<p class=\"note\">{number(metrics, 'stages/curve/seconds', 1)} s.</p>"
+                      if "curve" in stages else ""))
+    return out
 
 
 def _commands_section(commands: Dict[str, str]) -> str:
@@ -289,7 +348,8 @@ def write_run_report(folder: str, commands: Optional[Dict[str, str]] = None) -> 
         header, _data_section(folder), _settings_section(folder),
         _models_section(folder, metrics, metric), _finetune_section(folder, metrics),
         _export_section(metrics), _final_section(folder, metrics), _labels_section(folder),
-        _timings_section(metrics), _commands_section(commands or {})]))
+        _timings_section(metrics), *_later_sections(folder, metrics),
+        _commands_section(commands or {})]))
 
 
 def write_scoring_report(stem: str, scores: dict, plots: Dict[str, str], what: str) -> str:

@@ -17,11 +17,11 @@ import numpy as np
 from features import bag as bag_lib, heads as heads_lib, inference, probe, sweep
 from features import cv as cv_lib, evidence
 from pipeline import discovery, labels, progress, scan
-from workflow import export, interpret, labelling, plots, summary
+from workflow import console, export, interpret, labelling, plots, summary
 from workflow.export import PROBE
 from workflow.config import (CacheConfig, HeadsConfig, RuntimeConfig, SweepConfig, TrainConfig)
 from workflow.job import Features, Job, check_disk, memory_budget, prepare
-from workflow.outputs import submission_column, write_predictions
+from workflow.outputs import binary_column, write_predictions
 
 
 def _interpret(job: Job, folder: str, probs, what: str) -> None:
@@ -61,7 +61,8 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     job.run.update_metrics("heads", {s: r.summary() for s, r in results.items()})
     if job.folds:
         job.run.update_metrics("cross_validation", {s: r.cv.summary() for s, r in results.items()})
-    choice = (_probe_or_head(job, best, probe_choice, baseline) if chosen is None else
+    choice = (_probe_or_head(job, best, probe_choice, baseline, heads.probe_baseline)
+              if chosen is None else
               {"scenario": best.scenario, "by": "--use_sweep", "score": best.score,
                "metric": job.task.headline})
     job.run.update_metrics("heads_choice", choice)
@@ -85,33 +86,67 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
         logging.info("Bag: the %d fold heads of scenario %s (kept from its cross-validation) "
                      "saved in %s.", len(members), best.scenario, path)
     print(summary.heads(results, baseline, best, job.task))
-    if choice["scenario"] == PROBE:
-        print(f"the linear probe is better than scenario {best.scenario} beyond noise: "
-              "it will be the exported model")
+    print(_choice_sentence(choice, best.scenario))
     progress.clear("heads")
     return choice["scenario"]
 
 
-def _probe_or_head(job: Job, best, probe_choice, baseline: dict) -> dict:
-    """The heads stage's choice: the best scenario, or the probe when it is better beyond
-    noise (out-of-fold predictions with CV, else the validation images)."""
+def _choice_sentence(choice: dict, best: str) -> str:
+    """What the heads stage decided, in words that match the comparison it made."""
+    versus = choice.get("probe_vs_head")
+    if choice.get("by") == "--use_sweep":
+        return f"scenario {best} (the sweep's best configuration) will be fine-tuned and exported"
+    if not versus:
+        return (f"scenario {best} will be fine-tuned and exported (without cross-validation "
+                "it was not compared with the probe)")
+    interval = " .. ".join(f"{v:+.4f}" for v in versus["ci90"])
+    diff = f"difference {versus['difference']:+.4f}, 90% interval {interval}"
+    if versus["candidate_is"] == f"scenario {best}":
+        if choice["scenario"] == PROBE:
+            return (f"scenario {best} is not better than the linear probe beyond noise ({diff}): "
+                    "the probe, the simpler model, will be exported")
+        return (f"scenario {best} beats the linear probe beyond noise ({diff}): it will be "
+                "fine-tuned and exported")
+    if choice["scenario"] == PROBE:
+        return (f"the linear probe beats scenario {best} beyond noise ({diff}): the probe "
+                "will be exported")
+    return (f"the linear probe is not better than scenario {best} beyond noise ({diff}): "
+            f"scenario {best} will be fine-tuned and exported (--noprobe_baseline)")
+
+
+def _probe_or_head(job: Job, best, probe_choice, baseline: dict,
+                   probe_baseline: bool = True) -> dict:
+    """The heads stage's choice between the best scenario and the linear probe, on
+    out-of-fold predictions (with CV). The simpler model is the baseline: the probe stays
+    unless the scenario beats it beyond noise (``probe_baseline``; False: the scenario is
+    the baseline and the probe must beat it)."""
     choice = {"scenario": best.scenario, "by": best.selected_by, "score": best.score,
               "metric": job.task.headline}
-    if best.cv is not None:
-        y, head, lin = job.y_train, best.cv.oof_probs, probe_choice.oof_probs
-        where = "out-of-fold predictions of the training split, fold by fold"
+    if best.cv is None or probe_choice.oof_probs is None:
+        choice["probe_vs_head"] = None  # without CV the probe's predictions are not kept
+        return choice
+    y, head, lin = job.y_train, best.cv.oof_probs, probe_choice.oof_probs
+    where = "out-of-fold predictions of the training split, fold by fold"
+    groups = cv_lib.fold_of(job.folds, len(y))
+    name = f"scenario {best.scenario}"
+    if probe_baseline:
+        comparison = evidence.compare(job.task, y, head, lin, job.seed, groups=groups)
+        logging.info("Scenario %s vs the probe (%s): %s", best.scenario, where,
+                     comparison.describe(name, "the linear probe"))
+        use_probe = not comparison.better
+        candidate, kept = (name, "the linear probe") if use_probe else (name, name)
     else:
-        y, head, lin = job.y_val, best.val_probs, None
-        where = "validation images"
-    if lin is None:
-        return choice  # without CV the probe's validation probabilities are not kept
-    groups = cv_lib.fold_of(job.folds, len(y)) if best.cv is not None else None
-    comparison = evidence.compare(job.task, y, lin, head, job.seed, groups=groups)
-    logging.info("Probe vs scenario %s (%s): %s", best.scenario, where,
-                 comparison.describe("probe", f"scenario {best.scenario}"))
-    choice["probe_vs_head"] = {**comparison.summary(), "on": where}
-    if comparison.better:
-        choice.update({"scenario": PROBE, "score": baseline.get(f"cv_{job.task.headline}_mean")})
+        comparison = evidence.compare(job.task, y, lin, head, job.seed, groups=groups)
+        logging.info("Probe vs scenario %s (%s): %s", best.scenario, where,
+                     comparison.describe("the linear probe", name))
+        use_probe = comparison.better
+        candidate, kept = "the linear probe", ("the linear probe" if use_probe else name)
+    choice["probe_vs_head"] = {**comparison.summary(), "on": where, "candidate_is": candidate,
+                               "baseline_is": "the linear probe" if probe_baseline else name,
+                               "kept": kept}
+    if use_probe:
+        choice.update({"scenario": PROBE, "score": baseline.get(f"cv_{job.task.headline}_mean"),
+                       "by": "out-of-fold comparison with the best scenario"})
     return choice
 
 
@@ -157,8 +192,9 @@ def sweep_stage(job: Job, config: SweepConfig, heads: HeadsConfig, cache: CacheC
 
 def predict_test(job: Job, runtime: RuntimeConfig, demo: bool = False) -> None:
     """Predicts the Kaggle test/ folder into submission.csv with the exported default (model
-    or bag, and its TTA): exactly the rows and columns of sample_submission.csv when it
-    exists."""
+    or bag, and its TTA), in the row order of sample_submission.csv when it exists. A test
+    image that cannot be read gets no row (a number for it would be invented); it is
+    listed with the reason in bad_test_images.csv."""
     test = discovery.discover_unlabelled(job.dataset.data_dir)
     test = scan.filter_bad_images(test, job.model.image_size, "skip",
                                   job.run.file("bad_test_images.csv"), keep_rows=True)
@@ -168,24 +204,30 @@ def predict_test(job: Job, runtime: RuntimeConfig, demo: bool = False) -> None:
                                        policy=job.precision.policy)
     outputs = inference.predict_frame(model, test, job.model.image_size, runtime.batch_size,
                                       int(export.get("tta", 1)))
-    probs = job.task.probabilities(outputs)
+    good = ~test.bad.to_numpy(bool)
+    test, probs = test[good].reset_index(drop=True), job.task.probabilities(outputs)[good]
     job.run.note("submission", write_predictions(
         test.name, probs, job.run.file("submission.csv"), job.task.class_names,
-        binary_column=submission_column(job.dataset.sample_submission)))
+        binary_column=binary_column(job.task.class_names, job.dataset.sample_submission,
+                                    job.dataset.label_column)))
+    if not good.all():
+        print(f"submission.csv: {int((~good).sum())} unreadable test image(s) got no row; "
+              f"see {job.run.file('bad_test_images.csv')}")
     hidden = os.path.join(job.dataset.data_dir, "test_labels.csv")
     if demo and os.path.isfile(hidden):
         truth = labels.read_labels(hidden, class_order=job.task.class_names,
                                    task=job.task.kind).frame
         y = np.asarray(truth.set_index("name").label.reindex(test.name).tolist())
-        print(f"demo test set (synthetic): "
+        print(f"{export.get('default', inference.MODEL_FILE)} on the demo's {len(test)} "
+              "synthetic test images (never trained on): "
               f"{summary.scores_line(job.task, job.task.scores(y, probs))}")
 
 
-def _run_stages(cfg: TrainConfig, engine=None):
+def _run_stages(cfg: TrainConfig, engine=None, dataset=None):
     """The stages, in the order they run."""
     started = time.perf_counter()
     runtime = cfg.runtime
-    job = prepare(cfg.data, cfg.model, cfg.heads, cfg.cache, runtime, cfg.flag_values)
+    job = prepare(cfg.data, cfg.model, cfg.heads, cfg.cache, runtime, cfg.flag_values, dataset)
     view_preset = cfg.finetune.view_preset
     views = max(cfg.cache.augmented_views,
                 max(cfg.sweep.views) if cfg.runtime.stage == "sweep" or cfg.sweep.use else 0,
@@ -206,19 +248,39 @@ def _run_stages(cfg: TrainConfig, engine=None):
         logging.info("Using the sweep's best configuration: %s.", chosen.describe())
         job.classifier.set_dropout(chosen.dropout)
         chosen = dataclasses.replace(chosen, dropout=None)
-    if runtime.stage == "curve":
-        labelling.curve_stage(job, cfg.heads, cfg.cache, runtime)
-    if runtime.stage == "label_next":
-        labelling.label_next_stage(job, cfg.cache, runtime, cfg.labelling.unlabelled_dir,
-                                   cfg.labelling.budget, cfg.labelling.strategy,
-                                   cfg.data.on_bad_image)
-    timings = {"start-up and data check": time.perf_counter() - started}
-    _train_and_export(job, cfg, chosen, view_preset, timings)
-    timings["total"] = time.perf_counter() - started
-    job.run.update_metrics("timings", {k: round(v, 1) for k, v in timings.items()})
+    if runtime.studies:
+        _later_stage(job, cfg, started)
+    else:
+        timings = {"start-up and data check": time.perf_counter() - started}
+        _train_and_export(job, cfg, chosen, view_preset, timings)
+        timings["total"] = time.perf_counter() - started
+        job.run.update_metrics("timings", {k: round(v, 1) for k, v in timings.items()})
     _write_report(job, runtime)
     _print_outputs(job, started)
     return job
+
+
+def _later_stage(job: Job, cfg: TrainConfig, started: float) -> None:
+    """--stage=curve or label_next: its results and time under its own key of
+    metrics.json (``stages/<stage>``), beside what training recorded."""
+    runtime = cfg.runtime
+    clock = time.perf_counter()
+    if runtime.stage == "curve":
+        labelling.curve_stage(job, cfg.heads, cfg.cache, runtime)
+        record = {}
+    else:
+        table = labelling.label_next_stage(
+            job, cfg.cache, runtime, cfg.labelling.unlabelled_dir, cfg.labelling.budget,
+            cfg.labelling.strategy, cfg.data.on_bad_image)
+        record = {"strategy": cfg.labelling.strategy, "budget": cfg.labelling.budget,
+                  "picked": int(len(table)), "unlabelled_dir": cfg.labelling.unlabelled_dir,
+                  "files": ["to_label.csv", "to_label.png", "labels_template.csv"]}
+    stages = job.run.metrics().get("stages", {})
+    stages[runtime.stage] = {**record, "seconds": round(time.perf_counter() - clock, 1),
+                             "total_seconds": round(time.perf_counter() - started, 1),
+                             "settings": runtime.config_file,
+                             "command": console.command_line()}
+    job.run.update_metrics("stages", stages)
 
 
 def _train_and_export(job: Job, cfg: TrainConfig, chosen, view_preset: str,
@@ -254,20 +316,20 @@ def _train_and_export(job: Job, cfg: TrainConfig, chosen, view_preset: str,
 
 
 def _write_report(job: Job, runtime: RuntimeConfig) -> None:
-    """report.html: the run on one page, with the commands to go on from it."""
+    """report.html: the trained run on one page (a later stage adds its section, never
+    replaces the training's), with the commands to go on from it."""
     from workflow import report
-    commands = {"Run again with the same settings": _command_line()}
-    if "model" in job.run.outputs:
+    from workflow.outputs import read_json
+    trained = read_json(job.run.file("run_config.json")).get("command")
+    commands = {"Train again with the same settings": trained or console.command_line()}
+    if os.path.isfile(job.run.file(inference.MODEL_FILE)):
         commands["Predict"] = next_command(job)
     if runtime.finetunes:
         commands["Resume an interrupted fine-tuning"] = (
-            _command_line() + " --stage=finetune --resume")
+            (trained or console.command_line()) + " --stage=finetune --resume")
+    for stage, record in job.run.metrics().get("stages", {}).items():
+        commands[f"Run --stage={stage} again"] = record.get("command", "")
     job.run.note("report", report.write_run_report(job.run.path, commands))
-
-
-def _command_line() -> str:
-    import sys
-    return " ".join(["python", "train.py", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def chosen_scenario(job: Job) -> str:
@@ -309,8 +371,9 @@ def next_command(job: Job) -> str:
     return command
 
 
-def run(cfg: TrainConfig):
-    """The whole training job, under the chosen tf.distribute strategy."""
+def run(cfg: TrainConfig, dataset=None):
+    """The whole training job, under the chosen tf.distribute strategy. ``dataset``: the
+    data already discovered (train.py does so before TensorFlow starts)."""
     from features import distribute
     engine = None
     if cfg.runtime.ray_address:
@@ -321,7 +384,7 @@ def run(cfg: TrainConfig):
     try:
         with distribute.scope(distribute.make_strategy(cfg.runtime.strategy,
                                                        cfg.runtime.cpu_replicas)):
-            return _run_stages(cfg, engine)
+            return _run_stages(cfg, engine, dataset)
     finally:
         if engine is not None:
             engine.stop()
