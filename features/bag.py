@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import keras
 import numpy as np
 
-from features import backbone, scenarios
+from features import backbone, precision, scenarios
 from pipeline.atomic import atomic_path
 from pipeline.errors import ConfigError
 
@@ -137,6 +137,7 @@ def save(members: keras.Model, path: str) -> str:
     """Saves a `members_model` atomically."""
     with atomic_path(path) as tmp:
         members.save(tmp)
+        precision.store_float32(tmp)
     return path
 
 

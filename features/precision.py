@@ -159,3 +159,44 @@ def policies_of(model: keras.Model) -> dict:
         elif not isinstance(layer, keras.layers.InputLayer):
             out[layer.name] = layer.compute_dtype
     return out
+
+
+_LOW = ("bfloat16", "float16")
+
+
+def _float32_config(node):
+    """``node`` (a saved model's config) with every dtype policy and tensor dtype float32."""
+    if isinstance(node, dict):
+        if node.get("class_name") == "DTypePolicy" and isinstance(node.get("config"), dict):
+            return {**node, "config": {**node["config"], "name": "float32"}}
+        out = {}
+        for key, value in node.items():
+            if key == "dtype" and isinstance(value, str) and (
+                    value in _LOW or value.startswith("mixed_")):
+                out[key] = "float32"
+            else:
+                out[key] = _float32_config(value)
+        return out
+    if isinstance(node, list):
+        return [_float32_config(v) for v in node]
+    return node
+
+
+def store_float32(path: str) -> None:
+    """Rewrites the ``.keras`` file at ``path`` so that it tells Keras to compute in
+    float32 everywhere.
+
+    A model built under ``mixed_bfloat16`` saves that policy with each layer, and
+    ``keras.saving.load_model`` would then compute in bfloat16 on any machine (emulated
+    and slow without AVX512-BF16, and up to 0.005 away from the float32 exports made
+    from it). Its weights are float32 already; only the architecture's dtypes change.
+    The compute precision is the loading machine's choice (`predict.py --precision`)."""
+    import json
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        entries = [(info, z.read(info.filename)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in entries:
+            if info.filename == "config.json":
+                data = json.dumps(_float32_config(json.loads(data))).encode("utf-8")
+            z.writestr(info, data)

@@ -200,7 +200,55 @@ def test_heads_train_identically_whatever_the_conv_base_computes_in(policy):
     np.testing.assert_allclose(probs["mixed_bfloat16"], probs["float32"], rtol=1e-5, atol=1e-6)
 
 
-def test_run_config_records_the_precision_of_each_part():
-    assert precision.parts("mixed_bfloat16") == {
-        "conv_base": "mixed_bfloat16", "fine_tuned_conv_blocks": "mixed_bfloat16",
-        "head": "float32", "variables": "float32"}
+def test_run_config_records_the_precision_each_part_really_computes_in(policy):
+    # What run_config.json says (precision.parts) against the classifier itself, built
+    # under mixed_bfloat16 as a run on an AVX512-BF16 machine builds it.
+    policy("mixed_bfloat16")
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    recorded = precision.parts("mixed_bfloat16")
+    compute = {"mixed_bfloat16": "bfloat16", "float32": "float32"}
+    conv = {l.compute_dtype for part in (clf.stem, clf.block5) for l in part.layers
+            if l.name.startswith("block") and "conv" in l.name}
+    assert conv == {compute[recorded["conv_base"]]}
+    head = {l.compute_dtype for l in clf.head.layers if l.weights}
+    assert head == {compute[recorded["head"]]}
+    assert {v.dtype for v in clf.model.weights} == {recorded["variables"]}
+
+
+
+
+@pytest.mark.slow
+def test_a_model_trained_in_bfloat16_is_saved_to_compute_in_float32(policy, tmp_path):
+    """keras.saving.load_model in a fresh process (a user's script, a server) finds only
+    float32 layers, and computes what the same weights compute in float32."""
+    import json
+    import subprocess
+    import sys
+    policy("mixed_bfloat16")
+    trained = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    assert trained.stem.get_layer("block1_conv1").compute_dtype == "bfloat16"
+    inference.export_model(trained.model, str(tmp_path), {"image_size": SIZE})
+    keras.mixed_precision.set_global_policy("float32")
+    reference = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1)
+    reference.model.set_weights(trained.model.get_weights())
+    x = np.random.default_rng(0).normal(0, 60, (4, SIZE, SIZE, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import json, sys, numpy as np, keras\n"
+        "m = keras.saving.load_model(sys.argv[1])\n"
+        "def walk(model):\n"
+        "    for l in model.layers:\n"
+        "        yield l\n"
+        "        if isinstance(l, keras.Model):\n"
+        "            yield from walk(l)\n"
+        "names = sorted({l.dtype_policy.name for l in walk(m)})\n"
+        "p = m.predict(np.load(sys.argv[2]), verbose=0)\n"
+        "print(json.dumps({'policies': names, 'p': p.ravel().tolist()}))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.keras"),
+                          str(tmp_path / "x.npy")], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded["policies"] == ["float32"]
+    np.testing.assert_allclose(loaded["p"], reference.model.predict(x, verbose=0).ravel(),
+                               atol=1e-5)
