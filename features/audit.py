@@ -4,9 +4,13 @@ Every training image has an out-of-fold prediction from cross-validation: a mode
 that never saw it. Following confident learning (Northcutt, Jiang and Chuang,
 2021), each class gets a threshold, the mean predicted probability of that class
 among the images labelled with it (per fold, since fold models differ in scale).
-An image is suspect when another class's probability reaches that class's
-threshold; the suspects are ranked by how far the other class's probability
-exceeds the probability of the given label.
+Confident learning's rule (cleanlab's ``compute_confident_joint``): the classes whose
+probability reaches their threshold are the image's confident classes; its likely
+true class is the most probable of them; the image is suspect when that class is not
+its label. (An image whose label is still the most probable confident class is not
+suspect, however close another class comes.) Images with no confident class are not
+counted. The suspects are ranked by how far the likely class's probability exceeds
+the label's.
 """
 
 from typing import Optional, Sequence
@@ -20,6 +24,19 @@ from features.task import Task
 def _matrix(task: Task, probs) -> np.ndarray:
     probs = np.asarray(probs, np.float64)
     return np.stack([1 - probs, probs], axis=1) if probs.ndim == 1 else probs
+
+
+def likely_classes(p, y) -> np.ndarray:
+    """Confident learning's likely true class of each image: the most probable of the
+    classes whose probability reaches their threshold (the mean probability of that
+    class among the images labelled with it; 1e-6 of slack as cleanlab allows), or -1
+    when no class reaches its threshold."""
+    p, y = np.asarray(p, np.float64), np.asarray(y, int)
+    thresholds = np.array([p[y == j, j].mean() if (y == j).any() else np.inf
+                           for j in range(p.shape[1])])
+    confident = p >= thresholds - 1e-6
+    guess = np.where(confident, p, -np.inf).argmax(axis=1)
+    return np.where(confident.any(axis=1), guess, -1)
 
 
 def suspects(task: Task, y, oof_probs, fold_of: Optional[Sequence[int]] = None) -> pd.DataFrame:
@@ -36,14 +53,10 @@ def suspects(task: Task, y, oof_probs, fold_of: Optional[Sequence[int]] = None) 
     rows = []
     for fold in np.unique(folds):
         members = np.flatnonzero(folds == fold)
-        thresholds = np.array([p[members][y[members] == j, j].mean()
-                               if (y[members] == j).any() else np.inf
-                               for j in range(p.shape[1])])
-        for i in members:
-            others = [j for j in range(p.shape[1]) if j != y[i] and p[i, j] >= thresholds[j]]
-            if not others:
+        guess = likely_classes(p[members], y[members])
+        for i, j in zip(members, guess):
+            if j < 0 or j == y[i]:
                 continue
-            j = max(others, key=lambda c: p[i, c])
             rows.append({"row": int(i), "label": task.class_names[y[i]],
                          "predicted": task.class_names[j], "confidence": float(p[i, j]),
                          "given": float(p[i, y[i]]), "margin": float(p[i, j] - p[i, y[i]])})

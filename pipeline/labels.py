@@ -321,11 +321,9 @@ def warn_rare(kind: str, class_names: Sequence[str], encoded, where: str) -> Non
 
 
 def label_text(kind: str, class_names: Sequence[str], label) -> str:
-    """A label as people read it: 0/1 for binary (as in the labels CSV), the class name
-    for multi-class, space-separated tags for multi-label."""
-    if kind == "binary":
-        return str(int(label))
-    if kind == "multiclass":
+    """A label as people read it: the class name (binary and multi-class; ``0``/``1`` for
+    a 0/1 labels CSV, whose classes are named so), space-separated tags for multi-label."""
+    if kind in ("binary", "multiclass"):
         return class_names[int(label)]
     return " ".join(n for n, v in zip(class_names, label) if v)
 
