@@ -15,7 +15,7 @@ What runs where:
     themselves once the model and optimizer are created under `scope`;
   * extraction and prediction run `sharded` steps: each batch split over the
     replicas and gathered back in order;
-  * cross-validation folds (`heads.FoldTrainer`) train on one device: they take
+  * cross-validation folds (`training.HeadTrainer`) train on one device: they take
     seconds, and a per-replica split of a 32-image batch would be all overhead.
 
 Multi-host training is not offered: ``Model.fit`` under

@@ -46,7 +46,8 @@ class Checkpointer(keras.callbacks.Callback):
     """Best-model weights, early stopping and resumable state in one checkpoint.
 
     Args:
-      directory: where the checkpoint and ``best-<epoch>.weights.h5`` live.
+      directory: where the checkpoint and the best weights ``best-<epoch>`` (a TensorFlow
+        checkpoint: ``.index`` and ``.data-*`` files) live.
       target: the model whose weights are saved (the classifier, even when the
         fitted model is a part of it or wraps it with an augmentation layer).
       optimizer: the fitted model's optimizer, whose state is checkpointed too.

@@ -406,7 +406,8 @@ def test_class_weights_reach_the_loss(cached):
 
 
 @pytest.mark.slow
-def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("heads_views", [0, 2])
+def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, heads_views):
     """With CV making the choices, the exported model is trained again on training +
     validation images: every labelled row reaches the head and the fine-tuning."""
     from absl import flags as absl_flags
@@ -433,16 +434,20 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch):
         f"--image_size={SIZE}", "--val_size=4", "--batch_size=4", "--epochs=2",
         "--scenarios=B", "--cv_folds=2", "--finetune_epochs=2", "--patience=5",
         "--monitor=loss", "--augment=keras_blog", "--notensorboard", "--precision=float32",
-        "--tta=1"])
+        "--tta=1", f"--heads_views={heads_views}"])
     try:
         stages.run(config.train_config(fv, list(fv)))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     refit = metrics["finetune"]["refit"]
-    assert seen[0] == ("head", 12) and refit["rows"] == 12  # 8 training + 4 validation
-    if refit["finetune_epochs"]:
-        assert seen[1] == ("finetune", 12)
+    # 8 training + 4 validation images; with K cached views the head's epochs chosen on
+    # (1+K) rows per image are run on (1+K) rows per image again.
+    assert seen[0] == ("head", 12 * (1 + heads_views)) and refit["rows"] == 12
+    assert refit["head_rows"] == 12 * (1 + heads_views)
+    # The fine-tuning refit runs the epochs the validation run kept, on every image.
+    assert refit["finetune_epochs"] == metrics["finetune"]["best_epoch"]
+    assert seen[1:] == ([("finetune", 12)] if refit["finetune_epochs"] else [])
     export = metrics["export"]
     assert export["refit"] and "cross-validation" in export["estimate"]["how"]
     assert export["estimate"]["value"] == pytest.approx(metrics["cross_validation"]["B"]

@@ -121,7 +121,9 @@ def test_cache_on_a_full_disk_ends_cleanly_and_resumes(small_fs, kill_data, tmp_
             dst.write(src.read())
     with h5py.File(bigger / partial[0], "r") as f:
         committed = int(f.attrs["rows_done"])
-    assert committed > 0 or guard
+    # On a 1 MB disk the guard stops before the first batch (nothing to resume from); a
+    # write that failed keeps every batch flushed before it, and the rerun reuses them.
+    assert committed == 0 if guard else committed > 0
     from features import backbone, cache
     from pipeline import discovery
     ds = discovery.discover(str(kill_data))

@@ -28,10 +28,12 @@ import pandas as pd
 
 from features import bag as bag_lib, evidence, heads as heads_lib, inference, probe, scenarios
 from features import cache as cache_lib, finetune as finetune_lib, task as task_lib
+from features import rows as rows_lib
 from features.training import restore
 from features.weights import weights_identity
 from pipeline.atomic import atomic_link
 from workflow import interpret, plots, summary
+from workflow.outputs import binary_column
 from workflow.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
 from workflow.job import Features, Job
 
@@ -239,13 +241,20 @@ def _refit(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheCon
     restore(job.classifier.model, job.initial)
     features = Features(job, cache, runtime.batch_size)
     start = config_head.row.start_layer(job.classifier.include_top)
-    x = features.of(everything)[start]
+    x, y_rows = features.of(everything)[start], y
+    views = int(head.get("views") or 0)
+    if views:
+        # The chosen epoch count is of epochs over plain rows plus K cached views of each
+        # image: the refit's epochs are of the same rows, or it would train (1+K)x less.
+        x, y_rows = rows_lib.with_views(
+            x, y, features.of(everything, views, config.view_preset)[start])
     started = time.perf_counter()
     with config_head.trainer(job.classifier, job.task,
                              label_smoothing=heads.label_smoothing) as trainer:
-        trainer.fit(x, y, epochs=epochs, batch_size=runtime.batch_size, seed=job.seed,
+        trainer.fit(x, y_rows, epochs=epochs, batch_size=runtime.batch_size, seed=job.seed,
                     keep=None, class_weight=job.class_weight)
-    done = {"rows": len(y), "head_epochs": epochs, "finetune_epochs": finetune_epochs}
+    done = {"rows": len(y), "head_rows": len(y_rows), "head_views": views,
+            "head_epochs": epochs, "finetune_epochs": finetune_epochs}
     if finetune_epochs > 0:
         cached = _cached_views(job, config, cache, runtime.batch_size, blocks, everything)
         finetune_lib.fit_fixed(job.classifier, blocks, job.task, everything, cached,
@@ -302,6 +311,9 @@ def _model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) 
             "P(class) per class, in class_names order",
             "val_auc": scores.get("auc"), "val_accuracy": scores.get("accuracy"),
             "layout": job.dataset.layout, "trained_precision": job.precision.policy,
+            **({"binary_column": binary_column(task.class_names, job.dataset.sample_submission,
+                                               job.dataset.label_column)}
+               if task.kind == "binary" else {}),
             **({"thresholds": [float(t) for t in thresholds]} if thresholds is not None else {})}
 
 
