@@ -209,6 +209,52 @@ def repeated_splits(args):
     return table
 
 
+def baseline_rule(args):
+    """Section 6: which model the heads stage should keep as the baseline. Per repeated
+    80/20 split, train.py runs with default flags (the probe is the baseline: a scenario
+    is fine-tuned and exported only when it beats the probe beyond noise on out-of-fold
+    predictions) and with --noprobe_baseline (the best scenario is kept unless the probe
+    beats it beyond noise); each run's exported default is scored on the held-out photos
+    that no training or choice saw."""
+    from features import inference
+    root = os.path.join(args.work, "rule")
+    rows = []
+    for seed in range(args.splits):
+        held_paths, y, _ = _split_folders(args, seed, root)
+        names = [os.path.basename(p) for p in held_paths]
+        row = {"split": seed}
+        for tag, extra in (("probe baseline", "--probe_baseline"),
+                           ("scenario baseline", "--noprobe_baseline")):
+            workdir = os.path.join(root, f"run{seed}_{tag.split()[0]}")
+            _, seconds = _train(args, workdir, f"--finetune_epochs={args.finetune_epochs}",
+                                extra, f"--data_dir={os.path.join(root, 'dev')}",
+                                f"--cache_dir={os.path.join(root, 'cache')}")
+            info = inference.read_info(workdir)
+            task = inference.task_of(info)
+            model, _ = inference.load_exported(workdir, bag=info.get("default_model") == "bag")
+            probs = task.probabilities(inference.predict_paths(
+                model, held_paths, names, args.image_size, args.batch_size,
+                int(info.get("tta", 1)), progress=False))
+            row[f"{tag}"] = task.scores(y, probs)[task.headline]
+            row[f"{tag} seconds"] = float(round(seconds))
+            row[f"{tag} exports"] = info.get("scenario")
+        rows.append(row)
+        print(f"split {seed}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else
+                                            f"{k} {v}" for k, v in row.items()), flush=True)
+    table = pd.DataFrame(rows)
+    diff = table["probe baseline"] - table["scenario baseline"]
+    print(f"\n## 6. The heads stage's baseline, {args.splits} repeated 80/20 splits, held-out "
+          f"{task.headline} of the exported default\n")
+    print("| rule | held-out (mean ± std) | seconds per run | exported |\n|---|---|---|---|")
+    for tag in ("probe baseline", "scenario baseline"):
+        print(f"| {tag} | {table[tag].mean():.4f} ± {table[tag].std(ddof=0):.4f} | "
+              f"{table[tag + ' seconds'].mean():.0f} | {', '.join(table[tag + ' exports'])} |")
+    print(f"\npaired difference (probe baseline - scenario baseline): {diff.mean():+.4f} ± "
+          f"{diff.std(ddof=0):.4f}, better on {int((diff > 0).sum())}/{len(diff)}, "
+          f"worse on {int((diff < 0).sum())}/{len(diff)}")
+    return table
+
+
 def sweep(args):
     """Section 4: the default sweep grid through train.py."""
     import pandas as pd
@@ -231,7 +277,8 @@ def main():
     p.add_argument("--scenarios", default="A,B,C")
     p.add_argument("--finetune_epochs", type=int, default=3)
     p.add_argument("--sections", default="cv,e2e,sweep",
-                   help="cv, e2e, sweep, splits (repeated held-out splits)")
+                   help="cv, e2e, sweep, splits (repeated held-out splits), rule (the heads "
+                   "stage's baseline: probe or scenario, on repeated held-out splits)")
     p.add_argument("--splits", type=int, default=5)
     p.add_argument("--cache_dir", default=os.path.join(ROOT, "cache"))
     p.add_argument("--work", default=None)
@@ -252,6 +299,8 @@ def main():
         sweep(args)
     if "splits" in sections:
         repeated_splits(args)
+    if "rule" in sections:
+        baseline_rule(args)
 
 
 if __name__ == "__main__":
