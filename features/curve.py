@@ -32,11 +32,18 @@ MAX_TREND_P = 0.05
 
 
 def subset(y, fraction: float, seed: int, task: Optional[Task] = None) -> np.ndarray:
-    """Indices of a stratified random ``fraction`` of rows (at least one per class)."""
+    """Indices of a stratified random ``fraction`` of rows (at least one per class; for
+    multi-label rows, iterative stratification, as the splits use, so that every label
+    keeps its share and the subset keeps its size however many distinct label sets)."""
     y = np.asarray(y)
     rng = np.random.default_rng(seed)
     if fraction >= 1:
         return np.arange(len(y))
+    if task is not None and task.kind == "multilabel":
+        from pipeline import split
+        take = max(1, int(round(fraction * len(y))))
+        part = split.iterative_assign(y.astype(int), [len(y) - take, take], seed)
+        return np.sort(np.flatnonzero(part == 1))
     key = cv_lib.stratify_key(task, y) if task is not None else y.astype(int)
     picked = []
     for value in np.unique(key):
@@ -46,12 +53,18 @@ def subset(y, fraction: float, seed: int, task: Optional[Task] = None) -> np.nda
     return np.sort(np.concatenate(picked))
 
 
+def fits(folds: Sequence, fractions: Sequence[float] = FRACTIONS, repeats: int = 3) -> int:
+    """How many models `measure` trains (for a progress bar)."""
+    return len(folds) * sum(repeats if f < 1 else 1 for f in fractions)
+
+
 def measure(score: Callable[[np.ndarray, np.ndarray], float], y, folds: Sequence, task: Task,
             fractions: Sequence[float] = FRACTIONS, repeats: int = 3,
-            seed: int = 0) -> pd.DataFrame:
+            seed: int = 0, progress=None) -> pd.DataFrame:
     """One row per (fraction, repeat, fold): ``score(train_rows, val_rows)`` of a model
     trained on a stratified ``fraction`` of the fold's training rows, scored on all of its
-    validation rows. ``labels`` is how many labelled images that model saw."""
+    validation rows. ``labels`` is how many labelled images that model saw. ``progress``
+    (a `pipeline.progress.bar`) counts the models."""
     rows = []
     for fraction in fractions:
         for r in range(repeats if fraction < 1 else 1):
@@ -59,6 +72,8 @@ def measure(score: Callable[[np.ndarray, np.ndarray], float], y, folds: Sequence
                 part = tr[subset(np.asarray(y)[tr], fraction, seed + 1000 * r + k, task)]
                 rows.append({"fraction": fraction, "repeat": r, "fold": k,
                              "labels": len(part), "score": float(score(part, va))})
+                if progress is not None:
+                    progress.add(1)
     return pd.DataFrame(rows)
 
 
@@ -89,13 +104,18 @@ class Forecast:
     range_4x: Optional[tuple]
     supported: bool             # whether the data support extrapolating at all
 
-    def sentence(self, metric: str, who: str) -> str:
+    def sentence(self, metric: str, who: str, total: Optional[int] = None) -> str:
+        """``total``: the training images the folds are cut from (said beside the fold
+        size, which is what every point of the curve counts)."""
+        of = (f"{self.labels} labels, a cross-validation fold's training part of the "
+              f"{total} training images" if total else f"{self.labels} labels")
         if not self.supported or self.gain_2x is None:
             return (f"{who}: the learning curve is too noisy to say what more labels would "
-                    f"add (no extrapolation; {metric} {self.now:.4f} with {self.labels} labels).")
-        return (f"{who}: doubling the labels ({self.labels} -> {2 * self.labels}) is expected "
-                f"to add about {self.gain_2x:+.3f} {metric} (range {self.range_2x[0]:+.3f} .. "
-                f"{self.range_2x[1]:+.3f}); from {self.now:.4f} now.")
+                    f"add (no extrapolation; {metric} {self.now:.4f} with {of}).")
+        return (f"{who}: doubling the labels ({of}; {self.labels} -> {2 * self.labels}) is "
+                f"expected to add about {self.gain_2x:+.3f} {metric} (range "
+                f"{self.range_2x[0]:+.3f} .. {self.range_2x[1]:+.3f}); from {self.now:.4f} "
+                "now.")
 
 
 def forecast(table: pd.DataFrame, boots: int = 200, seed: int = 0,
@@ -145,10 +165,13 @@ def forecast(table: pd.DataFrame, boots: int = 200, seed: int = 0,
 
 
 def summary_table(table: pd.DataFrame, model: str) -> pd.DataFrame:
-    """Mean and standard deviation of the score per fraction (over folds and repeats)."""
-    return (table.groupby("fraction").agg(labels=("labels", "mean"), mean=("score", "mean"),
-                                          std=("score", "std"), runs=("score", "size"))
-            .reset_index().assign(model=model, kind="measured"))
+    """Mean and standard deviation of the score per fraction (over folds and repeats);
+    ``labels`` is the typical (median, whole) number of labels a model of that fraction
+    saw: folds differ by an image or so."""
+    out = (table.groupby("fraction").agg(labels=("labels", "median"), mean=("score", "mean"),
+                                         std=("score", "std"), runs=("score", "size"))
+           .reset_index().assign(model=model, kind="measured"))
+    return out.assign(labels=out["labels"].round().astype(int))
 
 
 def extension_rows(result: Forecast, model: str) -> List[dict]:

@@ -37,7 +37,7 @@ def test_forecast_recovers_a_clean_law_and_refuses_noise():
     truth = (0.95 - 0.8 * 400 ** -0.5) - (0.95 - 0.8 * 200 ** -0.5)
     assert result.supported and result.gain_2x == pytest.approx(truth, abs=0.005)
     assert result.range_2x[0] <= result.gain_2x <= result.range_2x[1]
-    assert "doubling the labels (200 -> 400)" in result.sentence("AUC", "probe")
+    assert "doubling the labels (200 labels; 200 -> 400)" in result.sentence("AUC", "probe")
     rng = np.random.default_rng(0)
     noisy = pd.DataFrame(rows).assign(score=rng.uniform(0.5, 1.0, len(rows)))
     assert not curve.forecast(noisy, boots=60).supported
@@ -215,3 +215,30 @@ def test_suspects_equal_cleanlabs_confident_joint_on_random_cases(classes):
             same = {i for i in range(n) if guess[i] < 0 or guess[i] == p[i].argmax()}
             ours, theirs = ours & same, theirs & same
         assert ours == theirs, case
+
+
+def test_multilabel_curve_subsets_keep_their_size_and_every_labels_share():
+    # 60 images over 6 labels, nearly every label set distinct: stratifying by whole sets
+    # (one image per set at least) made a "10 %" subset hold most of the images.
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 6)) < 0.4).astype(int)
+    y[y.sum(axis=1) == 0, 0] = 1
+    multi = task_lib.Task("multilabel", tuple("abcdef"))
+    assert len({tuple(r) for r in y}) > 30
+    for fraction in (0.1, 0.4):
+        part = curve.subset(y, fraction, 0, multi)
+        assert len(part) == round(fraction * 60)
+    part = curve.subset(y, 0.4, 0, multi)
+    share, whole = y[part].mean(axis=0), y.mean(axis=0)
+    assert np.abs(share - whole).max() < 0.15
+
+
+def test_curve_table_counts_whole_labels_and_the_sentence_names_the_fold():
+    y = np.array([0] * 21 + [1] * 10)
+    folds = cv.make_folds(y, 5, 0)
+    table = curve.measure(lambda tr, va: len(tr) / 40, y, folds, BINARY, repeats=2)
+    summary = curve.summary_table(table, "m")
+    assert summary["labels"].dtype.kind == "i"
+    result = curve.forecast(table)
+    text = result.sentence("AUC", "probe", total=31)
+    assert f"{result.labels} labels, a cross-validation fold's training part of the 31" in text

@@ -21,7 +21,7 @@ import pandas as pd
 from features import audit as audit_lib, curve, cv as cv_lib, heads as heads_lib, probe
 from features import selection
 from features.training import restore, snapshot
-from pipeline import discovery, labels as labels_lib, scan
+from pipeline import discovery, labels as labels_lib, progress, scan
 from pipeline.errors import DataError
 from workflow import console, plots, summary
 from workflow.config import CacheConfig, HeadsConfig, RuntimeConfig
@@ -152,10 +152,13 @@ def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
         # Each subset size gives Keras' step another last-batch shape to trace; that is
         # the curve's nature (dozens of sizes), not a leak, so its warning is not shown.
         with console.expected_retracing():
-            for name, score in ((f"probe ({config.describe()})", probe_score),
-                                (f"scenario {scenario} ({epochs} epochs)", head_score)):
+            models = ((f"probe ({config.describe()})", probe_score),
+                      (f"scenario {scenario} ({epochs} epochs)", head_score))
+            bar = progress.bar(len(models) * curve.fits(folds, repeats=repeats), "fit",
+                               "learning curve")
+            for name, score in models:
                 measured = curve.measure(score, y, folds, job.task, repeats=repeats,
-                                         seed=job.seed)
+                                         seed=job.seed, progress=bar)
                 results[name] = curve.forecast(measured, seed=job.seed)
                 tables.append(curve.summary_table(measured, name))
                 tables.append(pd.DataFrame(curve.extension_rows(results[name], name)))
@@ -171,7 +174,7 @@ def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
         "score_4x": r.score_4x, "range_4x": r.range_4x, "extrapolated": r.supported}
         for n, r in results.items()})
     for name, result in results.items():
-        print(result.sentence(summary.label(job.task.headline), name))
+        print(result.sentence(summary.label(job.task.headline), name, len(job.train)))
     return results
 
 
@@ -221,7 +224,7 @@ def label_next_stage(job: Job, cache: CacheConfig, runtime: RuntimeConfig, folde
     job.run.note("to label", job.run.write_csv(table, "to_label.csv"))
     job.run.note("to label sheet", plots.gallery(
         [pool.path[r] for r, _, _ in picks], list(range(len(picks))),
-        [f"#{i + 1} {why.split(' and ')[0]}" for i, (_, _, why) in enumerate(picks)],
+        [f"#{i + 1} {why}" for i, (_, _, why) in enumerate(picks)],
         job.run.file("to_label.png"), f"Photos to label next ({strategy}): {len(picks)} of "
         f"{len(pool)}", columns=6))
     template = pd.DataFrame({"name": table.name, _label_column(job): ""})

@@ -164,21 +164,28 @@ def roc_figure(y, probs, class_names: Sequence[str], title: str):
 def gallery(paths: Sequence[str], order, captions: Sequence[str], path: str, title: str,
             columns: int = 3, empty: str = "nothing to show") -> str:
     """A contact sheet of the images ``order`` (indices into ``paths``) with captions."""
+    import textwrap
     import tensorflow as tf
     from pipeline import ops
     plt = _pyplot()
     rows = max(1, int(np.ceil(len(order) / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.7 * rows), squeeze=False)
+    # Captions wrapped to the cell's width; each row is as tall as its longest caption
+    # needs, so no caption runs into the photo above it.
+    titles = [os.path.basename(paths[i])[:32] + "\n" + "\n".join(
+        textwrap.wrap(c, 36) or [""]) for i, c in zip(order, captions)]
+    lines = max([t.count("\n") + 1 for t in titles] or [1])
+    # Constrained layout keeps every title clear of the row above (tight_layout did not).
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, (3.2 + 0.16 * lines) * rows),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i, caption in zip(axes.flat, order, captions):
+    for ax, i, title_text in zip(axes.flat, order, titles):
         image = ops.resize_image(ops.decode_image_bytes(tf.io.read_file(paths[i]), 160), 160)
         ax.imshow(np.clip(image.numpy(), 0, 255).astype(np.uint8))
-        ax.set_title(f"{os.path.basename(paths[i])[:24]}\n{caption}", fontsize=8)
+        ax.set_title(title_text, fontsize=8)
     if not len(order):
         axes[0, 0].text(0.5, 0.5, empty, ha="center")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     return save(fig, path)
 
 
