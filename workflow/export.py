@@ -118,7 +118,9 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     if checkpoints is not None:
         checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)
     probe_score = job.run.metrics().get("probe", {}).get(f"val_{job.task.headline}")
-    print(summary.final(job.task, scenario, scores, probe_score, choice.get("bag_scores")))
+    estimate = job.run.metrics().get("export", {}).get("estimate") if refit else None
+    print(summary.final(job.task, described, scores, probe_score, choice.get("bag_scores"),
+                        len(job.val), estimate))
 
 
 def _refit_wanted(job: Job, heads: HeadsConfig) -> bool:
@@ -330,10 +332,19 @@ def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, 
         info["bag"] = {"members": bag_lib.size(members) + 1, "file": inference.BAG_FILE,
                        "start": bag_lib.member_start(
                            job.classifier, scenarios.get_scenario(scenario).blocks)}
+        # The choice was measured with the model before the refit in both arms (the refit
+        # model has no held-out images); the shipped bag holds the refit model.keras.
+        measured = ("the K fold heads and the final model before the refit, on the validation "
+                    "images; the shipped bag holds the refit model.keras in its place (a "
+                    "refit model has no held-out images to measure the bag with)" if refit else
+                    "the K fold heads and the final model, on the validation images")
         job.run.update_metrics("bag", {**choice["bag_scores"], "file": inference.BAG_FILE,
                                        f"single_model_val_{job.task.headline}":
                                            scores[job.task.headline],
-                                       "default": choice["default"] == "bag"})
+                                       "default": choice["default"] == "bag",
+                                       "measured_with": measured})
+        if refit:
+            logging.info("Bag: chosen with %s.", measured)
     elif os.path.exists(stale):
         os.remove(stale)  # never leave a bag from another run beside this model
     export = {"default": inference.BAG_FILE if choice["default"] == "bag" else
@@ -344,10 +355,12 @@ def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, 
                  "estimate": export["estimate"]})
     job.run.update_metrics("export", export)
     job.run.note("model", inference.export_model(job.classifier.model, job.run.path, info))
+    value, std = export["estimate"]["value"], export["estimate"].get("std")
     logging.info("Exported %s (default: %s, tta %d, %s); expected %s %s (%s).",
                  inference.MODEL_FILE, export["default"], choice["tta"],
                  "refit on every label" if refit else "trained on the training split",
-                 export["estimate"]["metric"], export["estimate"]["value"],
+                 export["estimate"]["metric"], "?" if value is None else
+                 f"{value:.4f}" + (f" +- {std:.4f}" if std is not None else ""),
                  export["estimate"]["how"])
 
 
@@ -384,10 +397,8 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
     if os.path.exists(stale):
         os.remove(stale)  # never leave a bag from another run beside this model
     job.run.note("model", inference.export_model(model, job.run.path, info))
-    print(f"final model: the linear probe ({config.describe()})"
-          + (", refit on every label" if refit else "")
-          + f"; expected {summary.label(job.task.headline)} {estimate['value']:.4f} "
-            f"({estimate['how'].split(' (')[0]})")
+    print(summary.final(job.task, f"the linear probe, {config.describe()}", scores, None, None,
+                        len(job.val), estimate if refit else None))
 
 
 def _probe_model(job: Job, cache: CacheConfig, runtime: RuntimeConfig,

@@ -48,6 +48,7 @@ class Job:
     class_weight: Optional[dict] = None  # --class_weight, resolved for this data
     board: Optional[str] = None  # TensorBoard folder, None with --notensorboard
     engine: object = None  # a features.ray_engine.RayEngine with --ray_address
+    said: set = dataclasses.field(default_factory=set)  # lines shown once on the terminal
 
     @property
     def y_train(self) -> np.ndarray:
@@ -198,11 +199,15 @@ class Features:
         rows = len(self.job.train) * (1 + max(views, 0)) + len(self.job.val)
         need, budget = cache_lib.feature_bytes(shapes, rows), memory_budget(self.cache)
         stream = need > budget
-        logging.info("Cached features for this stage: %.2f GB for %d rows; memory budget "
-                     "%.2f GB (%s): %s.", need / (1 << 30), rows, budget / (1 << 30),
-                     "--heads_memory_gb" if self.cache.memory_gb is not None
-                     else "half the available memory",
-                     "streaming batches from the HDF5 cache" if stream else "loading into memory")
+        # Said once per decision on the terminal; every later load only in train.log.
+        key = (rows, stream)
+        say = console.DETAIL.info if key in self.job.said else logging.info
+        self.job.said.add(key)
+        say("Cached features: %.2f GB for %d rows; memory budget %.2f GB (%s): %s.",
+            need / (1 << 30), rows, budget / (1 << 30),
+            "--heads_memory_gb" if self.cache.memory_gb is not None
+            else "half the available memory",
+            "streaming batches from the HDF5 cache" if stream else "loading into memory")
         return stream
 
     def _load(self, spec, frame, views: int, stream: bool):

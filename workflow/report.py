@@ -229,6 +229,9 @@ def _export_section(metrics: dict) -> str:
         title = {"bag_vs_single": "bag vs single model",
                  "tta2_vs_tta1": "2 test-time views vs 1"}.get(name, name)
         out.append(_decision(title, name, data, f"export/decisions/{name}", metrics))
+    measured = metrics.get("bag", {}).get("measured_with")
+    if measured and export.get("refit"):
+        out.append(f"<p class=\"note\">The bag was measured with {esc(measured)}.</p>")
     return "".join(out)
 
 
@@ -255,7 +258,13 @@ def _final_section(folder: str, metrics: dict) -> str:
         return ""
     rows = [[esc(k[4:]), number(metrics, f"final/{k}")] for k in sorted(final)
             if k.startswith("val_") and isinstance(final[k], (int, float))]
-    return ("<h2>Final model on the validation images</h2>" + table(["metric", "value"], rows)
+    refit = metrics.get("export", {}).get("refit")
+    title = ("The final model before the refit, on the validation images it was not trained "
+             "on" if refit else "The final model on the validation images")
+    note = ("<p class=\"note\">The exported model was then refit on every labelled image, "
+            "these too: it has no held-out score of its own; its expected score is in "
+            "<i>The exported model and why</i>.</p>" if refit else "")
+    return (f"<h2>{esc(title)}</h2>" + note + table(["metric", "value"], rows)
             + "".join(image(os.path.join(folder, f), c) for f, c in (
                 ("confusion_matrix.png", "Confusion matrix"), ("roc.png", "ROC"),
                 ("top_losses.png", "Top losses"))))
