@@ -117,3 +117,39 @@ def test_predict_frame_gives_unreadable_rows_no_number(binary_run, photos_with_a
     assert np.isnan(outputs[broken]).all()
     assert np.isfinite(np.delete(outputs, broken, axis=0)).all()
     assert "truncated" in frame.reason[broken]
+
+
+def _choice(head_oof, probe_oof, probe_baseline):
+    """The heads stage's choice on out-of-fold predictions of 40 images in 2 folds."""
+    from types import SimpleNamespace
+    from features import task as task_lib
+    from workflow import stages
+    y = np.tile([0, 1], 20)
+    folds = [(np.arange(20, 40), np.arange(20)), (np.arange(20), np.arange(20, 40))]
+    job = SimpleNamespace(task=task_lib.binary(), y_train=y, folds=folds, seed=0)
+    best = SimpleNamespace(scenario="B", selected_by="cross-validation", score=0.9,
+                           cv=SimpleNamespace(oof_probs=head_oof(y)))
+    probe_choice = SimpleNamespace(oof_probs=probe_oof(y))
+    choice = stages._probe_or_head(job, best, probe_choice, {"cv_auc_mean": 0.8},
+                                   probe_baseline)
+    return choice, stages._choice_sentence(choice, "B")
+
+
+def test_the_probe_is_kept_unless_a_scenario_beats_it_beyond_noise():
+    rng = np.random.default_rng(0)
+    perfect = lambda y: np.where(y == 1, 0.8, 0.2) + rng.normal(0, 0.01, len(y))  # noqa: E731
+    noisy = lambda y: np.clip(y * 0.2 + rng.random(len(y)) * 0.8, 0, 1)  # noqa: E731
+    # About as good as each other: the simpler probe stays, and the words say so.
+    choice, words = _choice(perfect, perfect, probe_baseline=True)
+    assert choice["scenario"] == "probe"
+    assert choice["probe_vs_head"]["kept"] == "the linear probe"
+    assert "not better than the linear probe beyond noise" in words and "probe" in words
+    # A scenario that clearly wins is kept.
+    choice, words = _choice(perfect, noisy, probe_baseline=True)
+    assert choice["scenario"] == "B" and "beats the linear probe beyond noise" in words
+    # --noprobe_baseline: the scenario stays unless the probe clearly wins.
+    choice, words = _choice(perfect, perfect, probe_baseline=False)
+    assert choice["scenario"] == "B" and choice["probe_vs_head"]["kept"] == "scenario B"
+    assert "--noprobe_baseline" in words
+    choice, _ = _choice(noisy, perfect, probe_baseline=False)
+    assert choice["scenario"] == "probe"

@@ -434,7 +434,7 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, h
         f"--image_size={SIZE}", "--val_size=4", "--batch_size=4", "--epochs=2",
         "--scenarios=B", "--cv_folds=2", "--finetune_epochs=2", "--patience=5",
         "--monitor=loss", "--augment=keras_blog", "--notensorboard", "--precision=float32",
-        "--tta=1", f"--heads_views={heads_views}"])
+        "--tta=1", f"--heads_views={heads_views}", "--noprobe_baseline"])
     try:
         stages.run(config.train_config(fv, list(fv)))
     finally:

@@ -193,7 +193,8 @@ def test_multiclass_end_to_end_through_the_scripts(tmp_path):
     common = [f"--data_dir={data}", f"--workdir={workdir}", "--weights=none", "--noinclude_top",
               f"--image_size={SIZE}", "--val_size=6", "--batch_size=4", "--epochs=2",
               f"--cache_dir={tmp_path / 'cache'}", "--scenarios=A,B", "--finetune_epochs=1",
-              "--cv_folds=2", "--augment=keras_blog", "--notensorboard", "--label_smoothing=0.1"]
+              "--cv_folds=2", "--augment=keras_blog", "--notensorboard", "--label_smoothing=0.1",
+              "--noprobe_baseline"]
     result = _run("train.py", *common)
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((workdir / "model_info.json").read_text())
@@ -250,7 +251,7 @@ def test_multilabel_end_to_end_writes_thresholds_per_label_metrics_and_tags(tmp_
     result = _run("train.py", f"--data_dir={root}", f"--workdir={workdir}", "--weights=none",
                   "--noinclude_top", f"--image_size={SIZE}", "--val_size=8", "--batch_size=4",
                   "--epochs=2", f"--cache_dir={tmp_path / 'cache'}", "--scenarios=B",
-                  "--finetune_epochs=1", "--cv_folds=2", "--notensorboard")
+                  "--finetune_epochs=1", "--cv_folds=2", "--notensorboard", "--noprobe_baseline")
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((workdir / "model_info.json").read_text())
     assert info["task"] == "multilabel" and info["class_names"] == ["blue", "plain", "red"]

@@ -275,9 +275,11 @@ def _refit(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheCon
 
 def _record_final(job: Job, what: str, scores: dict, thresholds) -> None:
     """metrics.json's ``final``: the final model (before any refit) on the validation
-    images, whichever kind it is."""
+    images, whichever kind it is; it says so itself."""
     job.run.update_metrics("final", {
-        "model": what, **{f"val_{k}": v for k, v in scores.items()},
+        "model": what, "images": f"the {len(job.val)} validation images, held out from "
+                                 "this model (before any refit)",
+        **{f"val_{k}": v for k, v in scores.items()},
         **({"thresholds": [round(float(t), 6) for t in thresholds]}
            if thresholds is not None else {})})
 
