@@ -92,16 +92,15 @@ def select(strategy: str, features, probs, budget: int, labelled_features=None,
 
 def combined_reason(unsure: float, distance: float) -> str:
     """Why ``combined`` picked a photo, in words that match its numbers: a photo the model
-    is sure of, or one nearly the same as a labelled or chosen photo, is said to be so
-    (it is picked only because the pool has nothing better left)."""
+    is sure of, or one nearly the same as a labelled or chosen photo (its score
+    discounted), is said to be so."""
     doubt = (f"uncertain ({unsure:.2f}, 1 = a coin toss)" if unsure >= 0.5 else
              f"the model is fairly sure of it (uncertainty {unsure:.2f})")
-    place = (f"unlike the labelled and chosen photos (cosine distance {distance:.2f})"
+    place = (f"unlike the labelled and chosen photos (cosine distance {distance:.3f})"
              if distance >= NEAR else
              f"nearly the same as a labelled or chosen photo (cosine distance "
-             f"{distance:.2f} < {NEAR:.2f})")
-    both_good = unsure >= 0.5 and distance >= NEAR
-    return f"{doubt} and {place}" if both_good else f"{doubt}; {place}; nothing better left"
+             f"{distance:.3f} < {NEAR:.2f}: score discounted)")
+    return f"{doubt} and {place}" if unsure >= 0.5 and distance >= NEAR else f"{doubt}; {place}"
 
 
 def duplicate_pairs(features, threshold: float,

@@ -65,11 +65,12 @@ def test_every_format_predicts_like_model_keras_in_a_fresh_process(run_folder):
     # Every weight stored once in the SavedModel, as in the flat float32 TFLite file
     # (Keras' own model.export writes each twice).
     assert results["savedmodel"]["bytes"] < 1.1 * results["tflite"]["bytes"]
-    # int8 really is quantized (its outputs differ from the float model's, and the file is
-    # about a quarter of the float one), yet still the same model (max |dP| 0.006 here and
-    # on the real ants/bees run, docs/benchmarks.md).
+    # int8 really is quantized (its outputs differ from the float model's by far more than
+    # float rounding, ~1e-7 for the float formats, and the file is about a quarter of the
+    # float one), yet still the same model (max |dP| 0.006 here and on the real ants/bees
+    # run, docs/benchmarks.md).
     int8 = results["tflite_int8"]
-    assert int8["quantize"] == "int8" and 0 < int8["max_abs_dp"] < 0.05
+    assert int8["quantize"] == "int8" and 1e-4 < int8["max_abs_dp"] < 0.05
     assert int8["bytes"] < results["tflite"]["bytes"] / 2
     recorded = json.loads((run_folder / "metrics.json").read_text())["exports"]
     assert recorded["onnx"]["max_abs_dp"] == results["onnx"]["max_abs_dp"]

@@ -155,7 +155,7 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
     return Job(chosen, dataset, task, frame, train, val, classifier, run, folds, model,
                data.seed, initial=snapshot(classifier.model), class_weight=weights,
                board=run.note("tensorboard", run.file("tensorboard"))
-               if runtime.tensorboard else None)
+               if runtime.tensorboard and not runtime.studies else None)
 
 
 def cache_spec(job: Job, cache: CacheConfig, augment: str = "none") -> cache_lib.CacheSpec:

@@ -78,7 +78,8 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
                       else best.cv.oof_probs)
         labelling.audit(job, chosen_oof, cache, runtime, "linear probe"
                         if choice["scenario"] == PROBE else f"scenario {best.scenario}")
-    if heads.bag and best.cv is not None:
+    if heads.bag and best.cv is not None and choice["scenario"] != PROBE:
+        # (An exported probe has no bag: the scenario's fold heads would go unused.)
         blocks = best.config.row.blocks
         members = [bag_lib.as_member(job.classifier, blocks, m) for m in best.cv.members]
         path = bag_lib.save(bag_lib.members_model(job.classifier, blocks, members),
