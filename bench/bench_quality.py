@@ -158,6 +158,25 @@ def _split_folders(args, seed: int, root: str):
     return held.path.tolist(), np.asarray(held.label.tolist()), index
 
 
+def _splits(args, root):
+    """Per repeated split: (seed, held-out paths, their labels, their names)."""
+    for seed in range(args.splits):
+        held_paths, y, _ = _split_folders(args, seed, root)
+        yield seed, held_paths, y, [os.path.basename(p) for p in held_paths]
+
+
+def _train_on_split(args, root, name, *extra):
+    """train.py on the split's dev folder (default flags plus ``extra``); returns
+    (workdir, seconds, model_info, task)."""
+    from features import inference
+    workdir = os.path.join(root, name)
+    _, seconds = _train(args, workdir, f"--finetune_epochs={args.finetune_epochs}", *extra,
+                        f"--data_dir={os.path.join(root, 'dev')}",
+                        f"--cache_dir={os.path.join(root, 'cache')}")
+    info = inference.read_info(workdir)
+    return workdir, seconds, info, inference.task_of(info)
+
+
 def repeated_splits(args):
     """Section 5: repeated 80/20 splits; the held-out 20% is never seen by training, CV or
     any choice. Per split, train.py runs twice (--norefit and --refit, default flags
@@ -165,18 +184,12 @@ def repeated_splits(args):
     from features import inference
     root = os.path.join(args.work, "splits")
     rows = []
-    for seed in range(args.splits):
-        held_paths, y, _ = _split_folders(args, seed, root)
-        names = [os.path.basename(p) for p in held_paths]
+    for seed, held_paths, y, names in _splits(args, root):
         row = {"split": seed}
         for refit in (False, True):
-            workdir = os.path.join(root, f"run{seed}_{'refit' if refit else 'norefit'}")
-            _, seconds = _train(args, workdir, f"--finetune_epochs={args.finetune_epochs}",
-                                "--refit" if refit else "--norefit",
-                                f"--data_dir={os.path.join(root, 'dev')}",
-                                f"--cache_dir={os.path.join(root, 'cache')}")
-            info = inference.read_info(workdir)
-            task = inference.task_of(info)
+            workdir, seconds, info, task = _train_on_split(
+                args, root, f"run{seed}_{'refit' if refit else 'norefit'}",
+                "--refit" if refit else "--norefit")
             tag = "refit" if refit else "single"
             row[f"{tag} seconds"] = round(seconds)
             for bag in (False, True):
@@ -219,18 +232,12 @@ def baseline_rule(args):
     from features import inference
     root = os.path.join(args.work, "rule")
     rows = []
-    for seed in range(args.splits):
-        held_paths, y, _ = _split_folders(args, seed, root)
-        names = [os.path.basename(p) for p in held_paths]
+    for seed, held_paths, y, names in _splits(args, root):
         row = {"split": seed}
         for tag, extra in (("probe baseline", "--probe_baseline"),
                            ("scenario baseline", "--noprobe_baseline")):
-            workdir = os.path.join(root, f"run{seed}_{tag.split()[0]}")
-            _, seconds = _train(args, workdir, f"--finetune_epochs={args.finetune_epochs}",
-                                extra, f"--data_dir={os.path.join(root, 'dev')}",
-                                f"--cache_dir={os.path.join(root, 'cache')}")
-            info = inference.read_info(workdir)
-            task = inference.task_of(info)
+            workdir, seconds, info, task = _train_on_split(
+                args, root, f"run{seed}_{tag.split()[0]}", extra)
             model, _ = inference.load_exported(workdir, bag=info.get("default_model") == "bag")
             probs = task.probabilities(inference.predict_paths(
                 model, held_paths, names, args.image_size, args.batch_size,

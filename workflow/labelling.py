@@ -169,13 +169,18 @@ def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     job.run.note("learning curve", job.run.write_csv(table, "learning_curve.csv"))
     job.run.note("learning curve plot", plots.learning_curve(
         table, results, job.run.file("learning_curve.png"), summary.label(job.task.headline)))
+    _record_curve(job, results)
+    return results
+
+
+def _record_curve(job: Job, results: Dict[str, curve.Forecast]) -> None:
+    """metrics.json's ``learning_curve`` and the sentence per model."""
     job.run.update_metrics("learning_curve", {n: {
         "labels": r.labels, "now": r.now, "gain_2x": r.gain_2x, "range_2x": r.range_2x,
         "score_4x": r.score_4x, "range_4x": r.range_4x, "extrapolated": r.supported}
         for n, r in results.items()})
     for name, result in results.items():
         print(result.sentence(summary.label(job.task.headline), name, len(job.train)))
-    return results
 
 
 def _curve_folds(job: Job, most: int = 5) -> int:
