@@ -153,3 +153,28 @@ def test_the_probe_is_kept_unless_a_scenario_beats_it_beyond_noise():
     assert "--noprobe_baseline" in words
     choice, _ = _choice(noisy, perfect, probe_baseline=False)
     assert choice["scenario"] == "probe"
+
+
+def test_scoring_says_when_the_model_was_trained_on_the_scored_images(
+        binary_run, photos_with_a_broken_one, tmp_path, capsys):
+    import pandas as pd
+    from workflow import predicting
+    photos = sorted(str(p) for p in photos_with_a_broken_one.glob("p*.jpg"))
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.keras", "model_info.json"):
+        (run / name).write_bytes((binary_run / name).read_bytes())
+    pd.DataFrame({"name": [os.path.basename(p)[:-4] for p in photos],
+                  "label": ["ants", "bees"] * 3,
+                  "subset": ["train", "train", "val", "val", "train", "val"],
+                  "path": photos}).to_csv(run / "split.csv", index=False)
+    assert predicting.trained_on(str(run), photos, {}) == 3
+    assert predicting.trained_on(str(run), photos, {"refit": True}) == 6
+    assert predicting.trained_on(str(tmp_path), photos, {}) == 0  # no split.csv
+    labels = tmp_path / "labels.csv"
+    labels.write_text("name,label\n" + "".join(
+        f"p{i},{'bees' if i % 2 else 'ants'}\n" for i in range(6)) + "broken,ants\n")
+    scores = _predict(run, photos_with_a_broken_one, tmp_path / "s.csv", labels=str(labels))
+    assert scores["trained_on_images"] == 3 and scores["n"] == 6
+    assert "was trained on 3 of these 6 images" in capsys.readouterr().out
+    assert "not a held-out score" in (tmp_path / "s_report.html").read_text()

@@ -224,7 +224,8 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
         return None
     good = ~frame.bad.to_numpy(bool)
     return _score(cfg, frame[good].reset_index(drop=True), probs[good], truth[good], task,
-                  info.get("thresholds"), stem, use_bag, tta)
+                  info, stem, f"{inference.BAG_FILE if use_bag else inference.MODEL_FILE} "
+                              f"(tta={tta})")
 
 
 def _what(output_format: str, task: Task) -> str:
@@ -237,25 +238,43 @@ def _what(output_format: str, task: Task) -> str:
             else f"probabilities of {len(task.class_names)} classes")
 
 
-def _score(cfg: PredictRun, frame, probs, y, task: Task, thresholds, stem: str,
-           use_bag: bool, tta: int) -> dict:
+def trained_on(workdir: str, paths, info: dict) -> int:
+    """How many of ``paths`` the run's exported model was trained on, by the run's
+    ``split.csv``: its training images, and its validation images too when the model was
+    refit on every label (0 when the run folder has no split.csv)."""
+    import pandas as pd
+    split_csv = os.path.join(workdir, "split.csv")
+    if not os.path.isfile(split_csv):
+        return 0
+    split = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
+    used = split[split.subset.isin(("train", "val") if info.get("refit") else ("train",))]
+    seen = {os.path.realpath(p) for p in used.path}
+    return sum(os.path.realpath(p) in seen for p in paths)
+
+
+def _score(cfg: PredictRun, frame, probs, y, task: Task, info: dict, stem: str,
+           model: str) -> dict:
     """--labels: the scores of the readable images, the interpretation plots and the
-    scoring page."""
+    scoring page. ``model``: what predicted (file and TTA), for every line that scores."""
     from workflow import interpret
-    scores = score_against_labels(frame.name.tolist(), probs, cfg.labels, task, thresholds)
-    model = "bag.keras" if use_bag else "model.keras"
-    print(f"{model} on {scores['n']} labelled images of {cfg.data_dir}: "
-          f"{format_scores(scores, task)}")
-    plots = interpret.write_all(os.path.dirname(stem), frame.path.tolist(), y,
-                                probs, task, f"{'bag' if use_bag else 'model'}, "
-                                f"{os.path.basename(cfg.labels)}",
+    scores = score_against_labels(frame.name.tolist(), probs, cfg.labels, task,
+                                  info.get("thresholds"))
+    seen = trained_on(cfg.workdir, frame.path.tolist(), info)
+    scores["trained_on_images"] = seen
+    images = f"{scores['n']} labelled images of {cfg.data_dir}"
+    print(f"{model} on {images}: {format_scores(scores, task)}")
+    if seen:
+        print(f"warning: {model} was trained on {seen} of these {scores['n']} images (the "
+              "run's split.csv): this is not a held-out score.")
+    plots = interpret.write_all(os.path.dirname(stem), frame.path.tolist(), y, probs, task,
+                                f"{model}, {os.path.basename(cfg.labels)}",
                                 prefix=os.path.basename(stem) + "_")
     for name, path in plots.items():
         print(f"{name}: {path}")
     from workflow import report
     page = report.write_scoring_report(
-        stem, scores, plots, f"{model} of "
-        f"{os.path.abspath(cfg.workdir)} (tta={tta}) on {len(frame)} images of {cfg.data_dir}, "
-        f"scored against {cfg.labels}")
+        stem, scores, plots, f"{model} of {os.path.abspath(cfg.workdir)} on {images}, "
+        f"scored against {cfg.labels}" + (f"; the model was trained on {seen} of them: not "
+                                          "a held-out score" if seen else ""))
     print(f"report: {page}")
     return scores
