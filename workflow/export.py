@@ -32,7 +32,7 @@ from features import rows as rows_lib
 from features.training import restore
 from features.weights import weights_identity
 from pipeline.atomic import atomic_link
-from workflow import interpret, plots, summary
+from workflow import interpret, plots, state as state_lib, summary
 from workflow.outputs import binary_column
 from workflow.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
 from workflow.job import Features, Job
@@ -117,8 +117,9 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     _export(job, scenario, blocks, scores, thresholds, members, choice, refit, runtime)
     if checkpoints is not None:
         checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)
-    probe_score = job.run.metrics().get("probe", {}).get(f"val_{job.task.headline}")
-    estimate = job.run.metrics().get("export", {}).get("estimate") if refit else None
+    state = state_lib.load(job.run.path)
+    probe_score = state.probe.val_score if state.probe else None
+    estimate = state.export.estimate if refit and state.export else None
     print(summary.final(job.task, described, scores, probe_score, choice.get("bag_scores"),
                         len(job.val), estimate))
 
@@ -235,16 +236,16 @@ def _refit(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheCon
     for the epochs the validation run kept. Returns what was done, for metrics.json."""
     everything = pd.concat([job.train, job.val], ignore_index=True)
     y = np.asarray(everything.label.tolist())
-    head = job.run.metrics().get("heads", {}).get(scenario, {})
-    epochs = int(head.get("epoch") or heads.epochs)
+    head = state_lib.load(job.run.path).heads.get(scenario) or state_lib.HeadState(
+        heads.epochs)
+    epochs = int(head.epoch or heads.epochs)
     config_head = heads_lib.HeadConfig.for_scenario(
-        scenario, head.get("learning_rate"), optimizer=head.get("optimizer", "adam"),
-        dropout=head.get("dropout"))
+        scenario, head.learning_rate, optimizer=head.optimizer, dropout=head.dropout)
     restore(job.classifier.model, job.initial)
     features = Features(job, cache, runtime.batch_size)
     start = config_head.row.start_layer(job.classifier.include_top)
     x, y_rows = features.of(everything)[start], y
-    views = int(head.get("views") or 0)
+    views = head.views
     if views:
         # The chosen epoch count is of epochs over plain rows plus K cached views of each
         # image: the refit's epochs are of the same rows, or it would train (1+K)x less.
@@ -287,13 +288,10 @@ def _record_final(job: Job, what: str, scores: dict, thresholds) -> None:
 def _estimate(job: Job, scenario: str, refit: bool, scores: dict) -> dict:
     """The score to expect from the exported model, and how it was measured."""
     name = job.task.headline
-    metrics = job.run.metrics()
-    cv = metrics.get("cross_validation", {}).get(scenario) if scenario != PROBE else \
-        metrics.get("probe")
-    if refit and cv:
-        key = f"{name}_mean" if scenario != PROBE else f"cv_{name}_mean"
-        std = f"{name}_std" if scenario != PROBE else f"cv_{name}_std"
-        return {"metric": name, "value": cv.get(key), "std": cv.get(std),
+    state = state_lib.load(job.run.path)
+    cv = state.probe if scenario == PROBE else state.heads.get(scenario)
+    if refit and cv is not None and cv.cv_mean is not None:
+        return {"metric": name, "value": cv.cv_mean, "std": cv.cv_std,
                 "how": f"{len(job.folds)}-fold cross-validation of {scenario} on the training "
                        "split (the refit model was trained on every labelled image, so it has "
                        "no held-out images of its own)"}
@@ -356,6 +354,8 @@ def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, 
     info.update({"default_model": choice["default"], "tta": choice["tta"], "refit": refit,
                  "estimate": export["estimate"]})
     job.run.update_metrics("export", export)
+    state_lib.update(job.run.path, export=state_lib.ExportState(
+        export["default"], int(choice["tta"]), bool(refit), export["estimate"]))
     job.run.note("model", inference.export_model(job.classifier.model, job.run.path, info))
     value, std = export["estimate"]["value"], export["estimate"].get("std")
     logging.info("Exported %s (default: %s, tta %d, %s); expected %s %s (%s).",
@@ -371,8 +371,8 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
     """Exports the probe as the model: the frozen base plus the probe as a Keras head,
     chosen and scored as fitted on the training split, then (with ``refit``) fitted again
     on training + validation images."""
-    meta = job.run.metrics()["probe"]
-    config = probe.ProbeConfig(meta["pooling"], meta["standardised"], meta["C"])
+    meta = state_lib.load(job.run.path).probe
+    config = probe.ProbeConfig(meta.pooling, meta.standardised, meta.c)
     model = _probe_model(job, cache, runtime, config, job.train)
     scores, probs = _validate(job, model, runtime.batch_size)
     thresholds = _final_report(job, probs)
@@ -395,6 +395,8 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
     job.run.update_metrics("export", {"default": inference.MODEL_FILE, "model": "probe",
                                       "tta": choice["tta"], "refit": refit,
                                       "estimate": estimate, "decisions": choice["decisions"]})
+    state_lib.update(job.run.path, export=state_lib.ExportState(
+        inference.MODEL_FILE, int(choice["tta"]), bool(refit), estimate))
     stale = job.run.file(inference.BAG_FILE)
     if os.path.exists(stale):
         os.remove(stale)  # never leave a bag from another run beside this model

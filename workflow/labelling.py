@@ -23,7 +23,7 @@ from features import selection
 from features.training import restore, snapshot
 from pipeline import discovery, labels as labels_lib, progress, scan
 from pipeline.errors import DataError
-from workflow import console, plots, summary
+from workflow import console, plots, state as state_lib, summary
 from workflow.config import CacheConfig, HeadsConfig, RuntimeConfig
 from workflow.job import Features, Job
 
@@ -121,9 +121,9 @@ def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     folds = job.folds or cv_lib.make_folds(job.y_train, _curve_folds(job), job.seed, job.task)
     train, _, _ = Features(job, cache, runtime.batch_size).split()
     y = job.y_train
-    meta = job.run.metrics().get("probe", {})
-    config = probe.ProbeConfig(meta.get("pooling", "average"), meta.get("standardised", False),
-                               meta.get("C", 0.1))
+    state = state_lib.load(job.run.path)
+    config = (probe.ProbeConfig(state.probe.pooling, state.probe.standardised, state.probe.c)
+              if state.probe else probe.ProbeConfig("average", False, 0.1))
     x_probe = probe.pooled(train[probe.PROBE_LAYER], config.pooling)
 
     def probe_score(tr, va):
@@ -131,12 +131,11 @@ def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
         return job.task.headline_score(y[va], probe.probabilities(fitted, x_probe[va],
                                                                   job.task))
 
-    scenario = _dense_scenario(job, heads)
+    scenario = _dense_scenario(state)
     head = heads_lib.HeadConfig.for_scenario(scenario)
     x_head = train[head.row.start_layer(job.classifier.include_top)]
     start = snapshot(job.classifier.model)
-    epochs = int(job.run.metrics().get("heads", {}).get(scenario, {}).get("epoch")
-                 or heads.epochs)
+    epochs = int(state.heads[scenario].epoch if scenario in state.heads else heads.epochs)
 
     # One trainer (compiled once) for every subset, as cross-validation does.
     trainer = head.trainer(job.classifier, job.task)
@@ -196,12 +195,11 @@ def _curve_folds(job: Job, most: int = 5) -> int:
     return int(min(most, counts.min()))
 
 
-def _dense_scenario(job: Job, heads: HeadsConfig) -> str:
+def _dense_scenario(state: "state_lib.RunState") -> str:
     """The best scenario that trains from block5_pool or above (the curve refits it
     dozens of times; block5's convolutions would take minutes per point)."""
-    scores = {s: m.get(f"cv_{job.task.headline}_mean", m.get(f"best_val_{job.task.headline}"))
-              for s, m in job.run.metrics().get("heads", {}).items() if s in ("A", "B")}
-    scores = {s: v for s, v in scores.items() if v is not None}
+    scores = {s: h.score for s, h in state.heads.items()
+              if s in ("A", "B") and h.score is not None}
     return max(scores, key=scores.get) if scores else "B"
 
 

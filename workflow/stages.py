@@ -17,7 +17,7 @@ import numpy as np
 from features import bag as bag_lib, heads as heads_lib, inference, probe, sweep
 from features import cv as cv_lib, evidence
 from pipeline import discovery, labels, progress, scan
-from workflow import console, export, interpret, labelling, plots, summary
+from workflow import console, export, interpret, labelling, plots, state as state_lib, summary
 from workflow.export import PROBE
 from workflow.config import (CacheConfig, HeadsConfig, RuntimeConfig, SweepConfig, TrainConfig)
 from workflow.job import Features, Job, check_disk, memory_budget, prepare
@@ -66,6 +66,7 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
               {"scenario": best.scenario, "by": "--use_sweep", "score": best.score,
                "metric": job.task.headline})
     job.run.update_metrics("heads_choice", choice)
+    _record_state(job, baseline, results, choice)
     metric = f"val_{job.task.headline}"
     job.run.note("heads plot", plots.curves(
         {s: r.history for s, r in results.items()}, job.run.file("heads_comparison.png"),
@@ -90,6 +91,23 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     print(_choice_sentence(choice, best.scenario))
     progress.clear("heads")
     return choice["scenario"]
+
+
+def _record_state(job: Job, baseline: dict, results, choice: dict) -> None:
+    """The heads stage's part of the run state: the probe, each scenario, the choice."""
+    name = job.task.headline
+    probe_state = state_lib.ProbeState(
+        baseline["pooling"], bool(baseline["standardised"]), baseline["C"],
+        baseline.get(f"val_{name}"), baseline.get(f"cv_{name}_mean"),
+        baseline.get(f"cv_{name}_std"))
+    heads = {s: state_lib.HeadState(
+        int(r.best_epoch), r.config.learning_rate if r.config else None,
+        r.config.optimizer if r.config else "adam", r.config.dropout if r.config else None,
+        int(r.config.views) if r.config else 0, float(r.val_score),
+        float(r.cv.mean) if r.cv else None, float(r.cv.std) if r.cv else None)
+        for s, r in results.items()}
+    state_lib.update(job.run.path, probe=probe_state, heads=heads, choice=choice["scenario"],
+                     choice_by=choice["by"])
 
 
 def _choice_sentence(choice: dict, best: str) -> str:
@@ -199,12 +217,11 @@ def predict_test(job: Job, runtime: RuntimeConfig, demo: bool = False) -> None:
     test = discovery.discover_unlabelled(job.dataset.data_dir)
     test = scan.filter_bad_images(test, job.model.image_size, "skip",
                                   job.run.file("bad_test_images.csv"), keep_rows=True)
-    export = job.run.metrics().get("export", {})
-    model, _ = inference.load_exported(job.run.path,
-                                       bag=export.get("default") == inference.BAG_FILE,
+    export = state_lib.load(job.run.path).export or state_lib.ExportState(inference.MODEL_FILE)
+    model, _ = inference.load_exported(job.run.path, bag=export.default == inference.BAG_FILE,
                                        policy=job.precision.policy)
     outputs = inference.predict_frame(model, test, job.model.image_size, runtime.batch_size,
-                                      int(export.get("tta", 1)))
+                                      export.tta)
     good = ~test.bad.to_numpy(bool)
     test, probs = test[good].reset_index(drop=True), job.task.probabilities(outputs)[good]
     job.run.note("submission", write_predictions(
@@ -219,7 +236,7 @@ def predict_test(job: Job, runtime: RuntimeConfig, demo: bool = False) -> None:
         truth = labels.read_labels(hidden, class_order=job.task.class_names,
                                    task=job.task.kind).frame
         y = np.asarray(truth.set_index("name").label.reindex(test.name).tolist())
-        print(f"{export.get('default', inference.MODEL_FILE)} on the demo's {len(test)} "
+        print(f"{export.default} on the demo's {len(test)} "
               "synthetic test images (never trained on): "
               f"{summary.scores_line(job.task, job.task.scores(y, probs))}")
 
@@ -276,11 +293,12 @@ def _later_stage(job: Job, cfg: TrainConfig, started: float) -> None:
         record = {"strategy": cfg.labelling.strategy, "budget": cfg.labelling.budget,
                   "picked": int(len(table)), "unlabelled_dir": cfg.labelling.unlabelled_dir,
                   "files": ["to_label.csv", "to_label.png", "labels_template.csv"]}
-    stages = job.run.metrics().get("stages", {})
+    stages = dict(state_lib.load(job.run.path).stages)
     stages[runtime.stage] = {**record, "seconds": round(time.perf_counter() - clock, 1),
                              "total_seconds": round(time.perf_counter() - started, 1),
                              "settings": runtime.config_file,
                              "command": console.command_line()}
+    state_lib.update(job.run.path, stages=stages)
     job.run.update_metrics("stages", stages)
 
 
@@ -328,21 +346,21 @@ def _write_report(job: Job, runtime: RuntimeConfig) -> None:
     if runtime.finetunes:
         commands["Resume an interrupted fine-tuning"] = (
             (trained or console.command_line()) + " --stage=finetune --resume")
-    for stage, record in job.run.metrics().get("stages", {}).items():
+    for stage, record in state_lib.load(job.run.path).stages.items():
         commands[f"Run --stage={stage} again"] = record.get("command", "")
     job.run.note("report", report.write_run_report(job.run.path, commands))
 
 
 def chosen_scenario(job: Job) -> str:
-    """The scenario the heads stage chose (recorded in ``metrics.json``)."""
+    """The scenario the heads stage chose (recorded in the run state)."""
     from pipeline.errors import ConfigError
-    data = job.run.metrics()
-    if "heads_choice" in data:
-        logging.info("Scenario chosen by the heads stage (by %s): %s.",
-                     data["heads_choice"]["by"], data["heads_choice"]["scenario"])
-        return data["heads_choice"]["scenario"]
-    raise ConfigError(f"No heads-stage results in {job.run.metrics_path}: run --stage=heads "
-                      "first or pass --scenario.")
+    state = state_lib.load(job.run.path)
+    if state.choice:
+        logging.info("Scenario chosen by the heads stage (by %s): %s.", state.choice_by,
+                     state.choice)
+        return state.choice
+    raise ConfigError(f"No heads-stage results in {job.run.path} (run_state.json): run "
+                      "--stage=heads first or pass --scenario.")
 
 
 def _print_outputs(job: Job, started: float) -> None:
