@@ -114,11 +114,6 @@ def resolve_and_apply(requested: str) -> Precision:
     return precision
 
 
-def current_policy() -> str:
-    """The name of the global Keras policy."""
-    return keras.mixed_precision.global_policy().name
-
-
 def _retyped(config, policy: str, inside: Optional[str] = None):
     """A copy of a Keras config in which the conv base's layers (``block*``) compute in
     ``policy``; every other layer (the head, a probe, the bag's average) keeps its dtype."""

@@ -179,11 +179,3 @@ def shuffled_batches(x, y, batch_size: int, seed: int, epochs: int,
     dataset = (tf.data.Dataset.range(epochs * steps).map(_loader(x, y, rows_of, weights))
                .prefetch(2))
     return dataset, steps
-
-
-def sequential_batches(x, y, batch_size: int) -> tf.data.Dataset:
-    """Batches of ``x`` (array or `H5Rows`) and ``y`` in order, read a batch at a time:
-    evaluation and prediction without holding ``x`` in memory."""
-    bounds = batch_bounds(len(y), batch_size)
-    load = _loader(x, y, lambda i: slice(bounds[i], bounds[i + 1]))
-    return tf.data.Dataset.range(len(bounds) - 1).map(load).prefetch(2)

@@ -32,15 +32,6 @@ def columns(metric: str = "auc") -> tuple:
             "seconds")
 
 
-def parse_floats(text: Sequence[str], flag: str) -> List[float]:
-    """Parses a list flag of numbers such as ``1e-3,1e-4``."""
-    try:
-        return [float(v) for v in text]
-    except ValueError:
-        raise ConfigError(f"{flag} must be a comma-separated list of numbers; got "
-                          f"{','.join(text)!r}.") from None
-
-
 def build_grid(names: Sequence[str], learning_rates: Sequence[float],
                optimizers: Sequence[str], dropouts: Sequence[float], views: Sequence[int],
                head_has_dropout: bool = True) -> List[heads.HeadConfig]:

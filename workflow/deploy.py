@@ -42,7 +42,6 @@ import numpy as np
 from pipeline.errors import ConfigError, DataError
 
 FORMATS = ("savedmodel", "onnx", "tflite")
-QUANTIZE = ("none", "fp16", "int8")
 SAVEDMODEL_DIR = "savedmodel"
 # What each format needs beyond TensorFlow, as (module, pip name).
 _NEEDS = {"onnx": [("tf2onnx", "tf2onnx"), ("onnxruntime", "onnxruntime")]}
