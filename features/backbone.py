@@ -24,8 +24,8 @@ import keras
 
 from features import weights as weights_lib
 from features.scenarios import (BLOCK4_POOL, BLOCK5, BLOCK5_POOL, BLOCKS, DROPOUT, FC1, FC2,
-                                FLATTEN, HEAD, INPUT, NO_TOP_HIDDEN_UNITS, OPTIMIZERS, PREDICTIONS,
-                                STEM, block_of)
+                                FLATTEN, HEAD, INPUT, NO_TOP_HIDDEN_UNITS, PREDICTIONS,
+                                STEM, block_of, check_optimizer)
 from pipeline.errors import ConfigError
 
 @dataclasses.dataclass
@@ -266,11 +266,9 @@ def from_model(model: keras.Model) -> Classifier:
 
 def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
     """Adam, SGD with Nesterov momentum 0.9 (the reference's fine-tuning choice), or RMSprop."""
-    name = name.strip().lower()
+    name = check_optimizer(name)
     if name == "adam":
         return keras.optimizers.Adam(learning_rate)
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate)
-    raise ConfigError(f"Unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}.")
+    return keras.optimizers.RMSprop(learning_rate)

@@ -114,3 +114,12 @@ def start_layer(blocks: Sequence[str], include_top: bool) -> str:
 
 # The optimizers a head or fine-tuning can use (`features.backbone.make_optimizer`).
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+
+
+def check_optimizer(name: str) -> str:
+    """``name`` normalised (``" Adam"`` -> ``"adam"``), or a ConfigError listing the
+    optimizers: the one check every flag and builder goes through."""
+    normal = str(name).strip().lower()
+    if normal not in OPTIMIZERS:
+        raise ConfigError(f"Unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}.")
+    return normal

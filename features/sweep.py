@@ -36,10 +36,8 @@ def build_grid(names: Sequence[str], learning_rates: Sequence[float],
                optimizers: Sequence[str], dropouts: Sequence[float], views: Sequence[int],
                head_has_dropout: bool = True) -> List[heads.HeadConfig]:
     """Every combination, validated; dropout collapses to ``None`` for a head without one."""
-    unknown = [o for o in optimizers if o.strip().lower() not in scenarios.OPTIMIZERS]
-    if unknown:
-        raise ConfigError(f"Unknown optimizer {unknown[0]!r}; choose from "
-                          f"{', '.join(scenarios.OPTIMIZERS)}.")
+    for name in optimizers:
+        scenarios.check_optimizer(name)
     names = [scenarios.get_scenario(s).name for s in names]
     if any(v < 0 for v in views):
         raise ConfigError(f"Sweep views must be >= 0; got {list(views)}.")

@@ -254,9 +254,7 @@ def _check(values: dict) -> None:
     for s in list(values["scenarios"]) + ([values["scenario"]] if values["scenario"] else []):
         scenarios.get_scenario(s)
     for name in [values["optimizer"], *values["sweep_optimizers"]]:
-        if name.strip().lower() not in scenarios.OPTIMIZERS:
-            raise ConfigError(f"Unknown optimizer {name!r}; choose from "
-                              f"{', '.join(scenarios.OPTIMIZERS)}.")
+        scenarios.check_optimizer(name)
     if values["trainable_blocks"]:
         scenarios.parse_blocks(values["trainable_blocks"])
     if values["augment"] not in AUGMENT_PRESETS:
