@@ -48,8 +48,9 @@ class Dataset:
       sample_submission: path of ``sample_submission.csv`` if present.
       ignored: number of files skipped because their extension is not an image's.
       ignored_files: their paths (a message names them).
-      label_column: Kaggle layout, binary: the labels CSV's column (e.g. ``invasive``),
-        which names the probability column of the predictions.
+      label_column: Kaggle layout: the labels CSV's one label column (e.g. ``invasive``;
+        None for one 0/1 column per label), which names a binary model's probability
+        column and the column of ``labels_template.csv``.
     """
 
     frame: pd.DataFrame
@@ -272,7 +273,7 @@ def _discover_kaggle(data_dir, label_column, task, positive_class) -> Dataset:
                    data_dir=data_dir, test_dir=test_dir if os.path.isdir(test_dir) else None,
                    sample_submission=sample if os.path.isfile(sample) else None,
                    ignored=len(ignored), ignored_files=tuple(ignored), kind=labels.kind,
-                   label_column=labels.columns[0] if labels.kind == "binary" else None)
+                   label_column=labels.columns[0] if len(labels.columns) == 1 else None)
 
 
 def read_labels_csv(csv_path: str) -> pd.DataFrame:

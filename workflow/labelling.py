@@ -249,15 +249,12 @@ def label_next_stage(job: Job, cache: CacheConfig, runtime: RuntimeConfig, folde
 
 
 def _label_column(job: Job) -> str:
-    """The label column of the training data's labels CSV (``label`` for class folders)."""
-    csv_path = os.path.join(job.dataset.data_dir, discovery.LABELS_CSV)
-    if job.dataset.layout == "kaggle" and os.path.isfile(csv_path):
-        columns = [c for c in labels_lib.read_table(csv_path).columns
-                   if c not in ("name", "line")]
-        if len(columns) == 1 or discovery.LABEL_COLUMN in columns:
-            return discovery.LABEL_COLUMN if discovery.LABEL_COLUMN in columns else columns[0]
-        return "tags" if job.task.kind == "multilabel" else "label"
-    return "label"
+    """The label column of the training data's labels CSV, as discovery read it (``tags``
+    for one 0/1 column per label, ``label`` for class folders)."""
+    if job.dataset.label_column:
+        return job.dataset.label_column
+    return "tags" if job.task.kind == "multilabel" and job.dataset.layout == "kaggle" \
+        else "label"
 
 
 def _pool(job: Job, folder: str, on_bad_image: str) -> pd.DataFrame:
