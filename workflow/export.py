@@ -292,7 +292,9 @@ def _estimate(job: Job, scenario: str, refit: bool, scores: dict) -> dict:
     cv = state.probe if scenario == PROBE else state.heads.get(scenario)
     if refit and cv is not None and cv.cv_mean is not None:
         return {"metric": name, "value": cv.cv_mean, "std": cv.cv_std,
-                "how": f"{len(job.folds)}-fold cross-validation of {scenario} on the training "
+                "how": f"{len(job.folds)}-fold cross-validation of "
+                       f"{'the linear probe' if scenario == PROBE else 'scenario ' + scenario}"
+                       " on the training "
                        "split (the refit model was trained on every labelled image, so it has "
                        "no held-out images of its own)"}
     return {"metric": name, "value": scores.get(name),
