@@ -271,6 +271,30 @@ def test_h5rows_reads_rows_in_the_order_asked(tmp_path):
 
 # --- interrupts ------------------------------------------------------------------------
 
+@pytest.mark.parametrize("kind,status,words", [
+    ("Terminated", 143, "interrupted (SIGTERM)"),
+    ("KeyboardInterrupt", 130, "interrupted (Ctrl-C / SIGINT)")])
+def test_an_interrupt_wrapped_by_c_code_is_still_an_interrupt(capsys, kind, status, words):
+    # A signal handler that raises while numpy's C code runs comes out as SystemError
+    # ("returned a result with an exception set") caused by the interrupt (seen in CI).
+    from workflow import console
+    interrupt = console.Terminated if kind == "Terminated" else KeyboardInterrupt
+
+    class Raises:
+        def __array__(self, dtype=None, copy=None):
+            raise interrupt()
+
+    with pytest.raises(SystemExit) as stop:
+        with console.user_errors():
+            try:
+                np.asarray(Raises())
+            except interrupt as err:  # numpy passes it through: wrap it as CPython does
+                raise SystemError("<built-in method __array__> returned a result with an "
+                                  "exception set") from err
+    assert stop.value.code == status
+    assert words in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sigint_and_sigterm_say_interrupted_and_what_a_rerun_does(kill_data, tmp_path):
     workdir, cache_dir = tmp_path / "run", tmp_path / "cache"

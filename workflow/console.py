@@ -224,6 +224,23 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _wrapped_interrupt(err: BaseException):
+    """(words, exit status) when ``err`` is an interrupt that C code wrapped, else None.
+
+    A signal handler that raises while C code runs (numpy's ``__array__`` inside a
+    TensorFlow conversion, say) surfaces as ``SystemError: ... returned a result with an
+    exception set`` whose cause is the real interrupt; it is still an interrupt."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, Terminated):
+            return "SIGTERM", 143
+        if isinstance(err, KeyboardInterrupt):
+            return "Ctrl-C / SIGINT", 130
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _paragraphs(text: str) -> str:
     return "\n".join(textwrap.fill(line, 100) if len(line) > 100 and not line.startswith("  ")
                      else line for line in text.splitlines())
@@ -263,7 +280,10 @@ def user_errors():
         _interrupted("Ctrl-C / SIGINT", 130)
     except Terminated:
         _interrupted("SIGTERM", 143)
-    except Exception as err:  # only a full disk is turned into a message here
+    except Exception as err:  # only a full disk (or a wrapped interrupt) is turned into a message here
+        signal_error = _wrapped_interrupt(err)
+        if signal_error is not None:
+            _interrupted(*signal_error)
         filename = diskspace.disk_full_error(err)
         if filename is None:
             raise
