@@ -66,15 +66,22 @@ class RayEngine:
             raise ConfigError(f"--ray_workers must be at least 1; got {self.workers}.")
         if ray.is_initialized():
             return self
-        env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES":
-                            os.environ.get("CUDA_VISIBLE_DEVICES", "")}} \
-            if self.address == "local" else None
+        # The tool runs from its checkout and installs none of its own modules, so the
+        # workers are told where they are: on this machine, the checkout on PYTHONPATH;
+        # on a cluster, Ray ships the three packages to every node (py_modules).
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         try:
             if self.address == "local":
+                env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": root,
+                                    "CUDA_VISIBLE_DEVICES":
+                                        os.environ.get("CUDA_VISIBLE_DEVICES", "")}}
                 ray.init(num_cpus=self.workers, include_dashboard=False,
                          runtime_env=env, log_to_driver=False, configure_logging=False)
             else:
-                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+                env = {"py_modules": [os.path.join(root, name)
+                                      for name in ("pipeline", "features", "workflow")]}
+                ray.init(address=self.address, runtime_env=env, log_to_driver=False,
+                         configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ConfigError(f"Cannot reach the Ray cluster at --ray_address={self.address} "
                               f"({err}). Start one with `ray start --head`, pass its "

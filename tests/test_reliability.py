@@ -208,8 +208,10 @@ def _mutate(which, position, value, cut):
 # ---------------------------------------------------------------- interruptions
 
 def _popen(log, *args):
+    # PYTHONPATH: a helper script written to tmp_path imports the checkout's modules,
+    # which are not installed (setup.cfg installs only the dependencies).
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT}
     # A background process inherits SIGINT ignored; a user's Ctrl-C is not.
     return subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
                             env=env, cwd=ROOT,
