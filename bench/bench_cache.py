@@ -61,7 +61,7 @@ def extract_only(args):
     spec = cache.CacheSpec("none(seed=0)", False, args.image_size, cache.cached_layers(False),
                            "float16", ds.data_dir)
     cache.ensure_features(clf, spec, ds.frame, os.path.join(args.work, "memcache"),
-                          args.batch_size, progress=False)
+                          cache.Extraction(args.batch_size, progress=False))
     print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -79,6 +79,7 @@ def main():
 
     import tensorflow as tf
     from features import backbone, cache, heads, scenarios, task
+    from features.settings import FitSettings
     from pipeline import discovery, input as input_lib, scan, split
 
     if args.data_dir:
@@ -109,8 +110,8 @@ def main():
     run(batch)  # trace + warm up
     n_batches = math.ceil(len(frame) / bs)
     t_bare, _ = timed(lambda: [run(batch)["block5_pool"].numpy() for _ in range(n_batches)])
-    t_extract, result = timed(lambda: cache.ensure_features(clf, spec, frame, cache_dir, bs,
-                                                            progress=False))
+    t_extract, result = timed(lambda: cache.ensure_features(clf, spec, frame, cache_dir,
+                                                            cache.Extraction(bs, progress=False)))
     bare_ips, ext_ips = n_batches * bs / t_bare, len(frame) / t_extract
     sections = set(args.sections.split(","))
     rows.append(("extraction throughput (img/s): bare model on in-memory batch",
@@ -132,10 +133,11 @@ def main():
     ref_train = train.iloc[:ref_n]
     scale = len(train) / len(ref_train)
     for scenario in ref_scenarios:
-        t_cached = heads.train_scenarios(clf, [scenario], task.binary(), feats_tr, ytr,
-                                         feats_va, yva, epochs=epochs, batch_size=bs,
-                                         learning_rate=1e-4, seed=0,
-                                         progress=False)[scenario].seconds
+        t_cached = heads.train_scenarios(clf, [heads.HeadConfig.for_scenario(scenario, 1e-4)],
+                                         task.binary(), heads.FeatureSplit(feats_tr, ytr),
+                                         heads.FeatureSplit(feats_va, yva),
+                                         FitSettings(epochs, bs, progress=False)
+                                         )[scenario].seconds
         initial = clf.model.get_weights()
         clf.set_trainable(scenarios.get_scenario(scenario).blocks)
         clf.model.compile(optimizer=backbone.make_optimizer("adam", 1e-4),

@@ -36,6 +36,7 @@ def main():
 
     import numpy as np
     from features import backbone, cache, heads, task
+    from features.settings import FitSettings
     from features.training import restore, snapshot
     from features.weights import weights_identity
     from pipeline import discovery, scan, split
@@ -51,11 +52,12 @@ def main():
                                  ds.data_dir) for dt in ("float32", "float16")}
     feats = {}
     for dt, spec in specs.items():
-        path = cache.ensure_features(clf, spec, frame, work, args.batch_size).path
+        path = cache.ensure_features(clf, spec, frame, work,
+                                     cache.Extraction(args.batch_size)).path
         feats[dt] = (cache.load_features(path, spec, train, spec.layers),
                      cache.load_features(path, spec, val, spec.layers))
     aug_spec = cache.CacheSpec(**{**specs["float16"].__dict__, "augment": args.augment})
-    aug_path = cache.ensure_features(clf, aug_spec, train, work, args.batch_size,
+    aug_path = cache.ensure_features(clf, aug_spec, train, work, cache.Extraction(args.batch_size),
                                      views=args.views).path
     views = cache.load_features(aug_path, aug_spec, train, aug_spec.layers, views=args.views)
     ytr, yva = train.label.to_numpy(), val.label.to_numpy()
@@ -68,10 +70,11 @@ def main():
     def run(train_feats, y, val_feats, seed):
         out = {}
         for s in ("A", "B", "C"):
-            r = heads.train_scenarios(clf, [s], task.binary(), train_feats, y, val_feats, yva,
-                                      epochs=args.epochs, batch_size=args.batch_size,
-                                      learning_rate=args.learning_rate, seed=seed,
-                                      out_dir=work, progress=False)[s]
+            r = heads.train_scenarios(clf, [heads.HeadConfig.for_scenario(s, args.learning_rate)],
+                                      task.binary(), heads.FeatureSplit(train_feats, y),
+                                      heads.FeatureSplit(val_feats, yva),
+                                      FitSettings(args.epochs, args.batch_size, seed,
+                                                  progress=False), out_dir=work)[s]
             heads.load_scenario_weights(clf, s, r.weights_path)
             start = r.start_layer
             probs = clf.model_from(start).predict(val_feats[start], verbose=0)[:, 0]

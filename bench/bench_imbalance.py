@@ -26,6 +26,7 @@ def main():
     parser.add_argument("--ratios", default="5,10")
     args = parser.parse_args()
     from features import heads, probe, task as task_lib
+    from features.settings import FitSettings
     from features.training import restore, snapshot
     from pipeline import split
     ds, frame, task, clf, feats = common.cached_photos(args.data_dir, args.weights,
@@ -50,8 +51,8 @@ def main():
                 weights = task_lib.class_weights(task, ytr, mode)
                 restore(clf.model, start)
                 with heads.HeadConfig.for_scenario("B").trainer(clf, task) as trainer:
-                    trainer.fit(feats["block5_pool"][itr], ytr, epochs=5, batch_size=32,
-                                seed=seed, keep=None, class_weight=weights)
+                    trainer.fit(feats["block5_pool"][itr], ytr,
+                                FitSettings(5, 32, seed, class_weight=weights), keep=None)
                     head = trainer.predict(feats["block5_pool"][iva])
                 x = probe.pooled(feats["block5_pool"])
                 fitted = probe.fit(x[itr], ytr, task, probe.ProbeConfig("average", False, 0.1),

@@ -24,6 +24,7 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np, pandas as pd
 from features import backbone, cache, heads, task
+from features.settings import FitSettings
 folder, size, stream, epochs = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 spec = cache.CacheSpec("none(seed=0)", False, size, cache.cached_layers(False), data_dir=folder)
 frame = pd.read_csv(folder + "/frame.csv", dtype={"name": str})
@@ -33,9 +34,10 @@ path = folder + "/" + spec.file_name()
 started = time.perf_counter()
 tr = cache.load_features(path, spec, train, spec.layers, stream=stream)
 va = cache.load_features(path, spec, val, spec.layers, stream=stream)
-results = heads.train_scenarios(clf, ["A", "B"], task.binary(), tr, train.label.to_numpy(),
-                                va, val.label.to_numpy(), epochs=epochs, batch_size=32,
-                                seed=0, progress=False)
+results = heads.train_scenarios(clf, ["A", "B"], task.binary(),
+                                heads.FeatureSplit(tr, train.label.to_numpy()),
+                                heads.FeatureSplit(va, val.label.to_numpy()),
+                                FitSettings(epochs, 32, progress=False))
 print(json.dumps({"seconds": time.perf_counter() - started,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "auc": {s: r.val_scores["auc"] for s, r in results.items()}}))

@@ -121,8 +121,8 @@ def section_extract(args, results):
                                args.image_size, cache.cached_layers(False), "float32",
                                args.data_dir, precision=policy)
         folder = tempfile.mkdtemp(prefix="bench-extract-")
-        result = cache.ensure_features(clf, spec, frame, folder, args.batch_size,
-                                       progress=False)
+        result = cache.ensure_features(clf, spec, frame, folder, cache.Extraction(args.batch_size,
+                                                                                  progress=False))
         shutil.rmtree(folder)
         ours = len(frame) / result.seconds
         limit = rates["bfloat16" if "bfloat16" in policy else "float32"]
@@ -279,7 +279,8 @@ def section_ray(args, results):
              "seed": 0}
     rows = []
     folder = tempfile.mkdtemp(prefix="bench-ray-")
-    plain = cache.ensure_features(clf, spec, frame, folder, args.batch_size, progress=False)
+    plain = cache.ensure_features(clf, spec, frame, folder, cache.Extraction(args.batch_size,
+                                                                             progress=False))
     shutil.rmtree(folder)
     rows.append({"engine": "this process", "start_s": 0.0, "extract_s": round(plain.seconds, 1),
                  "img_s": round(len(frame) / plain.seconds, 2)})
@@ -289,8 +290,9 @@ def section_ray(args, results):
         start_s = time.perf_counter() - started
         folder = tempfile.mkdtemp(prefix="bench-ray-")
         try:
-            result = cache.ensure_features(clf, spec, frame, folder, args.batch_size,
-                                           progress=False, engine=engine)
+            result = cache.ensure_features(clf, spec, frame, folder,
+                                           cache.Extraction(args.batch_size, engine=engine,
+                                                            progress=False))
         finally:
             engine.stop()
             shutil.rmtree(folder)

@@ -52,7 +52,8 @@ def _data(args):
     spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
                            cache.cached_layers(False), "float32", ds.data_dir,
                            precision=chosen.policy)
-    path = cache.ensure_features(clf, spec, frame, args.cache_dir, args.batch_size).path
+    path = cache.ensure_features(clf, spec, frame, args.cache_dir,
+                                 cache.Extraction(args.batch_size)).path
     y = np.asarray(train.label.tolist())
     return task, clf, cache.load_features(path, spec, train, spec.layers), y
 
@@ -65,6 +66,7 @@ def scenario_cv(args):
     """Section 1: CV of A, B, C at the table's rates and at 1e-3, on the training split;
     the task's headline metric and, beside it, macro ROC AUC (accuracy for binary)."""
     from features import cv as cv_lib, heads, probe, scenarios
+    from features.settings import FitSettings
     task, clf, feats, y = _data(args)
     name = task.headline
     other = "auc" if name != "auc" else "accuracy"
@@ -84,8 +86,8 @@ def scenario_cv(args):
             started = time.perf_counter()
             with heads.HeadConfig(s, lr).trainer(clf, task) as trainer:
                 result = cv_lib.cross_validate(trainer, feats[row.start_layer(False)], y, folds,
-                                               epochs=args.epochs, batch_size=args.batch_size,
-                                               seed=0, keep_members=False)
+                                               FitSettings(args.epochs, args.batch_size),
+                                               keep_members=False)
             cv = result.summary()
             at = cv["other_metrics_at_epoch"].get(other, {"mean": np.nan, "std": np.nan})
             tag = " (table default)" if lr == row.learning_rate else ""

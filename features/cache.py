@@ -51,11 +51,9 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from features import backbone, distribute, scenarios
+from features import backbone, distribute, extract, scenarios
 from features.store import CacheMismatch, CorruptRows, FeatureCache, keep_open_on_full_disk
-from pipeline import augment as augment_lib
-from pipeline import diskspace, ops
-from pipeline import input as input_lib
+from pipeline import diskspace
 from pipeline import progress as progress_lib
 from pipeline.errors import ConfigError, DataError
 
@@ -229,9 +227,19 @@ class CacheResult:
     seconds: float
 
 
+@dataclasses.dataclass(frozen=True)
+class Extraction:
+    """How missing rows are computed: in batches of ``batch_size``, by ``engine`` (None:
+    this process; a `features.ray_engine.RayEngine`: Ray workers, whose rows stream back
+    here and are written exactly as local ones, with the same resume and checksums),
+    with a progress bar unless ``progress`` is False."""
+    batch_size: int = 32
+    engine: object = None
+    progress: bool = True
+
+
 def ensure_features(classifier: backbone.Classifier, spec: CacheSpec, frame: pd.DataFrame,
-                    cache_dir: str, batch_size: int = 32, views: int = 0,
-                    progress: bool = True, engine=None,
+                    cache_dir: str, how: Extraction = Extraction(), views: int = 0,
                     recompute: Iterable[str] = ()) -> CacheResult:
     """Makes sure the cache holds features of every image in ``frame``.
 
@@ -240,11 +248,9 @@ def ensure_features(classifier: backbone.Classifier, spec: CacheSpec, frame: pd.
       spec: what the cache is built from.
       frame: columns ``path, name`` and optionally ``label``.
       cache_dir: folder of cache files (created if needed).
+      how: batch size, engine and progress of the extraction.
       views: 0 caches the plain eval-path image; K >= 1 caches K augmented
         views of each image (``spec.augment`` preset) instead.
-      engine: where the rows are computed: None for this process, or a
-        `features.ray_engine.RayEngine` (the rows stream back here and are
-        written exactly as local ones, with the same resume and checksums).
       recompute: row keys to compute again although present (rows that failed
         their checksum; see `load`).
 
@@ -264,12 +270,12 @@ def ensure_features(classifier: backbone.Classifier, spec: CacheSpec, frame: pd.
             logging.info("Feature cache hit: %s (%d images).", path, len(items))
             return CacheResult(path, len(items), 0, time.perf_counter() - started)
         shapes = layer_shapes(classifier, spec.layers)
-        with _writable(path, partial, spec, have, shapes, batch_size) as cache:
+        with _writable(path, partial, spec, have, shapes, how.batch_size) as cache:
             todo = todo[~_keys(todo).isin(set(cache.index()) - recompute)]
             logging.info("Extracting %s for %d image(s)%s into %s.", ", ".join(spec.layers),
                          len(todo), f" ({len(items) - len(todo)} already cached)"
                          if len(todo) < len(items) else "", path)
-            _extract_into(cache, classifier, todo, batch_size, progress, engine)
+            _extract_into(cache, classifier, todo, how)
         os.replace(partial, path)
         progress_lib.clear("extraction")
     return CacheResult(path, len(items) - len(todo), len(todo), time.perf_counter() - started)
@@ -302,14 +308,13 @@ def load_features(cache_path: str, spec: CacheSpec, frame: pd.DataFrame,
 
 
 def load(classifier: backbone.Classifier, spec: CacheSpec, frame: pd.DataFrame,
-         cache_dir: str, batch_size: int = 32, views: int = 0, stream: bool = False,
-         engine=None, progress: bool = True):
+         cache_dir: str, how: Extraction = Extraction(), views: int = 0,
+         stream: bool = False):
     """`ensure_features` then read them: (features by layer, `CacheResult`).
 
     Rows that fail their checksum are recomputed once (just those rows) and read again.
     """
-    result = ensure_features(classifier, spec, frame, cache_dir, batch_size, views,
-                             progress=progress, engine=engine)
+    result = ensure_features(classifier, spec, frame, cache_dir, how, views)
     keys = _keys(_items(frame, views)).tolist()
     for attempt in range(2):
         with FeatureCache.open(result.path, spec) as cache:
@@ -321,50 +326,8 @@ def load(classifier: backbone.Classifier, spec: CacheSpec, frame: pd.DataFrame,
                 bad = err.keys
         logging.warning("Cache %s: %d row(s) fail their checksum; recomputing just those rows.",
                         result.path, len(bad))
-        result = ensure_features(classifier, spec, frame, cache_dir, batch_size, views,
-                                 progress=progress, engine=engine, recompute=bad)
+        result = ensure_features(classifier, spec, frame, cache_dir, how, views, recompute=bad)
     raise AssertionError("unreachable")
-
-
-def _extraction_dataset(items: pd.DataFrame, image_size: int, batch_size: int,
-                        preset_name: str):
-    """The eval path, plus (for views > 0) a per-image seeded augmentation."""
-    if preset_name == "none" or (items.view == 0).all():
-        return input_lib.eval_dataset(items.path.tolist(), None, items.name.tolist(),
-                                      image_size, batch_size)
-    preset = augment_lib.get_preset(preset_name)
-    front = input_lib.decode_and_resize(image_size)
-
-    def augment_one(element):
-        # Seed from (name, view): the same view of the same image is identical
-        # whenever it is (re)computed, e.g. after a resume.
-        seed = tf.stack([tf.strings.to_hash_bucket_fast(element["name"], 2**31 - 1),
-                         tf.cast(element["view"], tf.int64)])
-        image = augment_lib.augment_batch(element["image"][None], preset, seed)[0]
-        image = tf.where(element["view"] > 0, image, element["image"])
-        return {**element, "image": ops.vgg_mean_centre_image(image)}
-
-    source = tf.data.Dataset.from_tensor_slices({
-        "path": items.path.tolist(), "name": items.name.tolist(),
-        "view": items.view.astype(np.int64).tolist()})
-    return (source.map(ops.chain(front, augment_one), num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=True)
-            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
-
-
-def compute_features(predict, items: pd.DataFrame, spec: CacheSpec, batch_size: int):
-    """Yields ``(rows of items, {layer: features})`` batch by batch, in order.
-
-    ``predict`` maps a batch of mean-centred images to the dict of ``spec.layers``
-    outputs. Used on this machine and, unchanged, inside Ray workers, so both
-    compute the same rows.
-    """
-    offset = 0
-    for batch in _extraction_dataset(items, spec.image_size, batch_size, spec.augment):
-        n = int(batch["image"].shape[0])
-        outputs = predict(batch["image"])
-        yield items.iloc[offset:offset + n], {l: np.asarray(outputs[l]) for l in spec.layers}
-        offset += n
 
 
 def _local_batches(classifier, spec, todo, batch_size):
@@ -376,23 +339,24 @@ def _local_batches(classifier, spec, todo, batch_size):
     model = classifier.feature_model(spec.layers)
     # Split over the replicas of a mirrored strategy (one device otherwise).
     predict = distribute.sharded(lambda x: model(x, training=False), model.input.shape[1:])
-    return compute_features(predict, todo, spec, batch_size)
+    return extract.compute_features(predict, todo, spec, batch_size)
 
 
-def _extract_into(cache: FeatureCache, classifier, todo, batch_size, progress, engine=None):
+def _extract_into(cache: FeatureCache, classifier, todo, how: Extraction):
     if todo.empty:
         return
     spec = cache.spec
-    source = (engine.feature_batches(spec, todo, batch_size) if engine is not None
-              else _local_batches(classifier, spec, todo, batch_size))
-    bar = progress_lib.bar(len(todo), "image", "features extracted") if progress else None
+    source = (how.engine.feature_batches(spec, todo, how.batch_size) if how.engine is not None
+              else _local_batches(classifier, spec, todo, how.batch_size))
+    bar = (progress_lib.bar(len(todo), "image", "features extracted") if how.progress
+           else None)
     per_row = row_bytes(layer_shapes(classifier, spec.layers), spec.dtype)
     total = cache.rows_done + len(todo)
     for chunk, outputs in source:
         done = cache.rows_done
         # Stop while HDF5 can still close the file (see pipeline.diskspace); a chunk
         # of `batch_size` rows per dataset may be allocated at once.
-        diskspace.ensure_room(cache.path, 2 * max(len(chunk), batch_size) * per_row + (1 << 20),
+        diskspace.ensure_room(cache.path, 2 * max(len(chunk), how.batch_size) * per_row + (1 << 20),
                               "batch of cached features",
                               f"{done} of {total} rows are committed in {cache.path}")
         feats = {}

@@ -25,6 +25,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from features import rows as rows_lib
+from features.settings import FitSettings
 from features.task import Task
 from features.training import HeadTrainer, restore, snapshot
 from pipeline import split
@@ -144,27 +145,27 @@ def best_epoch(curves: np.ndarray) -> int:
     return int(np.nanargmax(mean)) + 1 if mean is not None else curves.shape[1]
 
 
-def cross_validate(trainer: HeadTrainer, x, y, folds: Folds, *, epochs: int, batch_size: int,
-                   seed: int, views_x=None, memory_budget: float = 2e9,
-                   keep_members: bool = True, class_weight=None,
-                   progress=None) -> CVResult:
+def cross_validate(trainer: HeadTrainer, x, y, folds: Folds, settings: FitSettings, *,
+                   views_x=None, keep_members: bool = True, progress=None) -> CVResult:
     """Trains ``trainer`` on every fold from the classifier's current weights.
 
-    Fold k shuffles with seed ``seed + k`` and adds the cached views of its own
-    training images (``views_x``); the classifier is left as it was found.
+    Fold k shuffles with seed ``settings.seed + k`` and adds the cached views of its own
+    training images (``views_x``); the members' weights are held within
+    ``settings.memory_budget`` (spilled to disk above it); ``progress`` (a
+    `pipeline.progress` bar) advances once per fold. The classifier is left as it was
+    found.
     """
     y = np.asarray(y)
     start = snapshot(trainer.classifier.model)
-    store = WeightStore(memory_budget)
+    store = WeightStore(settings.memory_budget)
     curves, probs, scores = [], [], []
     try:
         for k, (tr, va) in enumerate(folds):
             restore(trainer.classifier.model, start)
             x_tr, y_tr = rows_lib.with_views(x, y, views_x, tr)
-            fit = trainer.fit(x_tr, y_tr, epochs=epochs, batch_size=batch_size, seed=seed + k,
-                              x_val=rows_lib.take(x, va), y_val=y[va], keep=None,
-                              keep_probs=True, keep_weights=keep_members,
-                              class_weight=class_weight)
+            fit = trainer.fit(x_tr, y_tr, settings.replace(seed=settings.seed + k),
+                              val=(rows_lib.take(x, va), y[va]), keep=None,
+                              record=("probs", "weights") if keep_members else ("probs",))
             curves.append([s[trainer.task.headline] for s in fit.val_scores])
             probs.append(fit.val_probs)
             scores.append(fit.val_scores)

@@ -31,6 +31,7 @@ import pandas as pd
 import tensorflow as tf
 
 from features import backbone, distribute, rows as rows_lib, scenarios
+from features.settings import FinetuneSettings
 from features.task import Task
 from features.training import EpochLog, ExactValidation, history_frame, sample_weights
 from pipeline import augment as augment_lib
@@ -273,60 +274,53 @@ def _feature_validation(model: keras.Model, task: Task, x, batch_size: int):
 
 
 def finetune(classifier: backbone.Classifier, blocks, task: Task, train_frame: pd.DataFrame,
-             val_frame: pd.DataFrame, *, workdir: str, image_size: int, batch_size: int,
-             augment: str, learning_rate: float, epochs: int, patience: int,
-             monitor: Optional[str] = None, seed: int = 0, resume: bool = False,
-             augment_on: str = "auto", optimizer: str = "adam",
-             tensorboard_dir: Optional[str] = None, cached: Optional[CachedViews] = None,
-             class_weight=None, label_smoothing: float = 0.0) -> dict:
+             val_frame: pd.DataFrame, settings: FinetuneSettings, *, workdir: str,
+             cached: Optional[CachedViews] = None) -> dict:
     """Fine-tunes ``blocks`` of ``classifier``; leaves the best weights in it.
 
     Writes checkpoints into ``workdir/finetune/``. Returns a summary for
     ``metrics.json`` (with the history as a table and the `Checkpointer`).
 
     Args:
-      monitor: validation metric for early stopping and the kept epoch ("auc",
-        "accuracy", "loss", "map"; default the task's headline).
+      settings: epochs, patience, monitor ("auc", "accuracy", "loss", "map"; default
+        the task's headline), augmentation and where it runs ("pipeline": tf.data on
+        the CPU; "model": an `Augment` layer in the training model, so on the
+        accelerator; "auto": model with a GPU), resume, TensorBoard folder, ...
       cached: train from cached features instead of images (see `CachedViews`): only
         the part above ``cached.start_layer`` runs. Early stopping, the kept epoch,
         resume and the result are the same as from images.
-      tensorboard_dir: TensorBoard logs go to ``<tensorboard_dir>/finetune``.
-      augment_on: "pipeline" (tf.data, on the CPU), "model" (an `Augment` layer in
-        the training model, so on the accelerator), or "auto" (model with a GPU).
     """
-    monitor = monitor or task.headline
+    s = settings
+    monitor = s.monitor or task.headline
     ckpt_dir = os.path.join(workdir, "finetune")
-    if not resume and os.path.isdir(ckpt_dir):
+    if not s.resume and os.path.isdir(ckpt_dir):
         shutil.rmtree(ckpt_dir)  # a fresh run never mixes with an old one
     trainable = classifier.set_trainable(blocks)
-    on_model = augment_on == "model" or (augment_on == "auto" and gpu_available())
-    fit_model, validate, y_val, where = _fit_model(
-        classifier, blocks, task, val_frame, cached, on_model, augment, seed, image_size,
-        batch_size)
+    fit_model, validate, y_val, where = _fit_model(classifier, blocks, task, val_frame,
+                                                   cached, s)
     # Recompile after changing what trains (Keras snapshots trainability at compile).
-    fit_model.compile(optimizer=backbone.make_optimizer(optimizer, learning_rate),
-                      loss=task.loss(label_smoothing), metrics=task.keras_metrics())
+    fit_model.compile(optimizer=backbone.make_optimizer(s.optimizer, s.learning_rate),
+                      loss=task.loss(s.label_smoothing), metrics=task.keras_metrics())
     checkpointer = Checkpointer(ckpt_dir, classifier.model, fit_model.optimizer,
-                                "val_" + monitor, patience)
+                                "val_" + monitor, s.patience)
     initial_epoch = checkpointer.resume_or_start(
-        resume, lambda: {f"val_{k}": v for k, v in task.scores(y_val, validate()).items()})
-    train, steps = _training_data(task, train_frame, cached, image_size, batch_size, augment,
-                                  seed + initial_epoch, max(1, epochs - initial_epoch),
-                                  on_model, class_weight)
+        s.resume, lambda: {f"val_{k}": v for k, v in task.scores(y_val, validate()).items()})
+    train, steps = _training_data(task, train_frame, cached, s.replace(
+        seed=s.seed + initial_epoch, epochs=max(1, s.epochs - initial_epoch)))
     logging.info("Fine-tuning %s (%d layers) for up to %d epochs, %d steps each, lr %g, "
-                 "augment=%s from %s.", "+".join(blocks), len(trainable), epochs, steps,
-                 learning_rate, augment, where)
-    callbacks = [ExactValidation(validate, y_val, task), EpochLog("Fine-tuning", epochs),
+                 "augment=%s from %s.", "+".join(blocks), len(trainable), s.epochs, steps,
+                 s.learning_rate, s.augment, where)
+    callbacks = [ExactValidation(validate, y_val, task), EpochLog("Fine-tuning", s.epochs),
                  checkpointer]
-    if tensorboard_dir:
-        log_dir = os.path.join(tensorboard_dir, "finetune")
+    if s.tensorboard_dir:
+        log_dir = os.path.join(s.tensorboard_dir, "finetune")
         if not initial_epoch:
             shutil.rmtree(log_dir, ignore_errors=True)  # continued across a resume only
         callbacks.insert(2, keras.callbacks.TensorBoard(log_dir))
     started = time.perf_counter()
-    if initial_epoch < epochs and checkpointer.wait < patience:
-        fit_model.fit(train, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
-                      callbacks=callbacks, shuffle=False, verbose=0)
+    if initial_epoch < s.epochs and checkpointer.wait < s.patience:
+        fit_model.fit(train, epochs=s.epochs, initial_epoch=initial_epoch,
+                      steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=0)
     seconds = time.perf_counter() - started
     progress.clear("finetune")
     checkpointer.restore_best()
@@ -334,45 +328,52 @@ def finetune(classifier: backbone.Classifier, blocks, task: Task, train_frame: p
             "trainable_layers": trainable, "resumed_from_epoch": initial_epoch}
 
 
-def _fit_model(classifier, blocks, task, val_frame, cached, on_model, augment, seed,
-               image_size, batch_size):
+def _augments_in_model(settings: FinetuneSettings) -> bool:
+    """Whether an `Augment` layer in the model augments (else the input pipeline)."""
+    return settings.augment_on == "model" or (settings.augment_on == "auto"
+                                              and gpu_available())
+
+
+def _fit_model(classifier, blocks, task, val_frame, cached, settings: FinetuneSettings):
     """(the model ``fit`` trains, its validation predictor, validation labels, where the
     training data comes from): the part above the cached layer, the whole model with an
     augmentation layer in front, or the whole model."""
+    s = settings
     if cached is not None:
         start = scenarios.start_layer(blocks, classifier.include_top)
         if start != cached.start_layer:
             raise ConfigError(f"Blocks {','.join(blocks)} train from {start}, but the cached "
                               f"views are of {cached.start_layer}.")
         fit_model = classifier.model_from(start)
-        return (fit_model, _feature_validation(fit_model, task, cached.val_x, batch_size),
+        return (fit_model, _feature_validation(fit_model, task, cached.val_x, s.batch_size),
                 cached.val_y, f"{cached.views} cached view(s) of {cached.start_layer}")
-    validate = (_image_validation(classifier.model, task, val_frame, image_size, batch_size)
-                if val_frame is not None else None)
+    validate = (_image_validation(classifier.model, task, val_frame, s.image_size,
+                                  s.batch_size) if val_frame is not None else None)
     y_val = np.asarray(val_frame.label.tolist()) if val_frame is not None else None
-    if on_model and not augment_lib.get_preset(augment).is_identity:
+    if _augments_in_model(s) and not augment_lib.get_preset(s.augment).is_identity:
         image = keras.Input(classifier.model.input.shape[1:], name="image")
         fit_model = keras.Model(image, classifier.model(
-            augment_lib.Augment(augment, seed=seed, name="augment")(image)), name="train_model")
+            augment_lib.Augment(s.augment, seed=s.seed, name="augment")(image)),
+            name="train_model")
         return fit_model, validate, y_val, "the model"
     return classifier.model, validate, y_val, "the input pipeline"
 
 
-def _training_data(task, train_frame, cached, image_size, batch_size, augment, seed, epochs,
-                   on_model, class_weight):
-    """(training batches for ``epochs`` epochs, steps per epoch): from the cached views,
-    or from the images through the augmented input pipeline."""
+def _training_data(task, train_frame, cached, settings: FinetuneSettings):
+    """(training batches for ``settings.epochs`` epochs, steps per epoch): from the cached
+    views, or from the images through the augmented input pipeline."""
+    s = settings
     if cached is not None:
         return rows_lib.shuffled_batches(
-            cached.train_x, task.targets(cached.train_y), batch_size, seed, epochs,
+            cached.train_x, task.targets(cached.train_y), s.batch_size, s.seed, s.epochs,
             per_epoch=len(cached.train_y) // cached.views, min_rows=distribute.replicas(),
-            weights=_class_weights(task, cached.train_y, class_weight))
+            weights=_class_weights(task, cached.train_y, s.class_weight))
     y_train = np.asarray(train_frame.label.tolist())
-    steps = max(1, math.ceil(len(train_frame) / batch_size))
+    steps = max(1, math.ceil(len(train_frame) / s.batch_size))
     dataset = input_lib.train_dataset(
         train_frame.path.tolist(), task.targets(y_train), train_frame.name.tolist(),
-        image_size, batch_size, augment=augment, seed=seed, augment_in_pipeline=not on_model,
-        weights=_class_weights(task, y_train, class_weight))
+        s.image_size, s.batch_size, augment="none" if _augments_in_model(s) else s.augment,
+        seed=s.seed, weights=_class_weights(task, y_train, s.class_weight))
     return dataset.map(input_lib.to_inputs_targets), steps
 
 
@@ -381,20 +382,15 @@ def _class_weights(task: Task, y, class_weight):
 
 
 def fit_fixed(classifier: backbone.Classifier, blocks, task: Task, frame: pd.DataFrame,
-              cached: Optional[CachedViews], *, epochs: int, image_size: int, batch_size: int,
-              augment: str, learning_rate: float, optimizer: str = "adam", seed: int = 0,
-              augment_on: str = "auto", label_smoothing: float = 0.0,
-              class_weight=None) -> None:
-    """Fine-tunes ``blocks`` for exactly ``epochs`` epochs on ``frame`` (or its cached
-    views), with no validation, early stopping or checkpoints: the refit on every label,
-    for an epoch count a validated run already chose."""
+              cached: Optional[CachedViews], settings: FinetuneSettings) -> None:
+    """Fine-tunes ``blocks`` for exactly ``settings.epochs`` epochs on ``frame`` (or its
+    cached views), with no validation, early stopping or checkpoints: the refit on every
+    label, for an epoch count a validated run already chose."""
+    s = settings
     classifier.set_trainable(blocks, log=False)
-    on_model = augment_on == "model" or (augment_on == "auto" and gpu_available())
-    fit_model, _, _, _ = _fit_model(classifier, blocks, task, None, cached, on_model, augment,
-                                    seed, image_size, batch_size)
-    fit_model.compile(optimizer=backbone.make_optimizer(optimizer, learning_rate),
-                      loss=task.loss(label_smoothing), metrics=task.keras_metrics())
-    train, steps = _training_data(task, frame, cached, image_size, batch_size, augment, seed,
-                                  epochs, on_model, class_weight)
-    fit_model.fit(train, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
-                  callbacks=[EpochLog("Refit fine-tuning", epochs)])
+    fit_model, _, _, _ = _fit_model(classifier, blocks, task, None, cached, s)
+    fit_model.compile(optimizer=backbone.make_optimizer(s.optimizer, s.learning_rate),
+                      loss=task.loss(s.label_smoothing), metrics=task.keras_metrics())
+    train, steps = _training_data(task, frame, cached, s)
+    fit_model.fit(train, epochs=s.epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
+                  callbacks=[EpochLog("Refit fine-tuning", s.epochs)])

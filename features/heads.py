@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 
 from features import backbone, cv as cv_lib, rows as rows_lib, scenarios
+from features.settings import FitSettings
 from features.task import Task
-from features.training import HeadTrainer, restore, snapshot
+from features.training import EpochLog, HeadTrainer, restore, snapshot
 from pipeline.atomic import atomic_path
 from pipeline import progress as progress_lib
 from pipeline.errors import ConfigError
@@ -117,38 +118,41 @@ class HeadResult:
         return out
 
 
+@dataclasses.dataclass
+class FeatureSplit:
+    """One split's cached features by layer (arrays or `rows.H5Rows`) and labels; for the
+    training split also its cached augmented views by layer (K per image, view-major:
+    the first N rows are every image's first view)
+    and its cross-validation folds (index pairs into its rows)."""
+    feats: Dict[str, object]
+    y: np.ndarray
+    views: Optional[Dict[str, object]] = None
+    folds: Optional[Sequence] = None
+
+
 def train_scenarios(classifier: backbone.Classifier, configs: Sequence, task: Task,
-                    train_feats: Dict[str, object], y_train, val_feats: Dict[str, object],
-                    y_val, *, epochs: int, batch_size: int, seed: int,
-                    learning_rate: Optional[float] = None, folds: Optional[Sequence] = None,
-                    views_feats: Optional[Dict[str, object]] = None,
-                    out_dir: Optional[str] = None, tensorboard_dir: Optional[str] = None,
-                    memory_budget: float = 2e9, class_weight=None,
-                    label_smoothing: float = 0.0,
-                    progress: bool = True) -> Dict[str, HeadResult]:
+                    train: FeatureSplit, val: FeatureSplit, fit: FitSettings, *,
+                    out_dir: Optional[str] = None,
+                    tensorboard_dir: Optional[str] = None) -> Dict[str, HeadResult]:
     """Trains each config's scenario from the same initial weights; saves the weights.
 
-    Without ``folds`` the kept epoch is the one with the best validation score. With
-    ``folds`` (index pairs into the training rows) each scenario is first
-    cross-validated on them; the epoch with the best mean CV score is kept and the
-    scenario is ranked by that mean, which a small validation set cannot sway.
+    Without ``train.folds`` the kept epoch is the one with the best validation score.
+    With folds each scenario is first cross-validated on them; the epoch with the best
+    mean CV score is kept and the scenario is ranked by that mean, which a small
+    validation set cannot sway.
 
-    ``configs`` may also be scenario names: they train with ``learning_rate``, or
-    the scenario table's rate when it is None. Written into ``out_dir`` (when
-    given): ``heads/<S>.weights.h5``; with ``tensorboard_dir``, TensorBoard logs of
-    each scenario's final fit in ``<tensorboard_dir>/heads_<S>``.
+    ``configs`` may also be scenario names: they train with the scenario table's
+    learning rate. Written into ``out_dir`` (when given): ``heads/<S>.weights.h5``;
+    with ``tensorboard_dir``, TensorBoard logs of each scenario's final fit in
+    ``<tensorboard_dir>/heads_<S>``.
     """
     initial = snapshot(classifier.model)
     results = {}
     for config in configs:
         if isinstance(config, str):
-            config = HeadConfig.for_scenario(config, learning_rate)
+            config = HeadConfig.for_scenario(config)
         restore(classifier.model, initial)
-        result = _train_one(classifier, config, task, train_feats, np.asarray(y_train),
-                            val_feats, y_val, epochs=epochs, batch_size=batch_size, seed=seed,
-                            folds=folds, views_feats=views_feats, tensorboard_dir=tensorboard_dir,
-                            memory_budget=memory_budget, class_weight=class_weight,
-                            label_smoothing=label_smoothing, progress=progress)
+        result = _train_one(classifier, config, task, train, val, fit, tensorboard_dir)
         if out_dir:
             result.weights_path = save_head_weights(classifier, config.scenario, out_dir)
         results[config.scenario] = result
@@ -156,44 +160,44 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence, task: Ta
     return results
 
 
-def _train_one(classifier, config: HeadConfig, task: Task, train_feats, y_train, val_feats,
-               y_val, *, epochs, batch_size, seed, folds, views_feats, tensorboard_dir,
-               memory_budget, class_weight, label_smoothing, progress) -> HeadResult:
-    """One scenario: cross-validated (with ``folds``), then fitted on the whole training
-    split to the chosen epoch, through one compiled trainer. Leaves the kept weights in
-    the classifier."""
+def _train_one(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
+               val: FeatureSplit, fit: FitSettings, tensorboard_dir) -> HeadResult:
+    """One scenario: cross-validated (with ``train.folds``), then fitted on the whole
+    training split to the chosen epoch, through one compiled trainer. Leaves the kept
+    weights in the classifier."""
     scenario = config.scenario
     start = config.row.start_layer(classifier.include_top)
-    views_x = views_feats[start] if views_feats else None
+    views_x = train.views[start] if train.views else None
+    y_train = np.asarray(train.y)
     started = time.perf_counter()
     cv, keep = None, "best"
-    with config.trainer(classifier, task, label_smoothing=label_smoothing) as trainer:
-        if folds:
-            bar = progress_lib.bar(len(folds), "fold", "cross-validation") if progress else None
-            if progress:
+    with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:
+        if train.folds:
+            folds = train.folds
+            bar = (progress_lib.bar(len(folds), "fold", "cross-validation") if fit.progress
+                   else None)
+            if fit.progress:
                 print(f"Scenario {scenario}: {len(folds)}-fold cross-validation")
-            cv = cv_lib.cross_validate(trainer, train_feats[start], y_train, folds,
-                                       epochs=epochs, batch_size=batch_size, seed=seed,
-                                       views_x=views_x, memory_budget=memory_budget,
-                                       class_weight=class_weight, progress=bar)
+            cv = cv_lib.cross_validate(trainer, train.feats[start], y_train, folds, fit,
+                                       views_x=views_x, progress=bar)
             keep = cv.epoch
             logging.info("Scenario %s: %s at epoch %d (chosen by CV).", scenario,
                          cv_lib.format_cv(cv), keep)
         logging.info("Scenario %s: training %s from cached %s for %d epochs (%s).",
-                     scenario, "+".join(config.row.blocks), start, epochs, config.describe())
-        x_tr, y_tr = rows_lib.with_views(train_feats[start], y_train, views_x)
-        board = []
+                     scenario, "+".join(config.row.blocks), start, fit.epochs,
+                     config.describe())
+        x_tr, y_tr = rows_lib.with_views(train.feats[start], y_train, views_x)
+        callbacks = [EpochLog(f"Scenario {scenario}", fit.epochs)]
         if tensorboard_dir:
             log_dir = os.path.join(tensorboard_dir, f"heads_{scenario}")
             shutil.rmtree(log_dir, ignore_errors=True)  # one run's curves per folder
-            board.append(keras.callbacks.TensorBoard(log_dir))
-        fit = trainer.fit(x_tr, y_tr, epochs=epochs, batch_size=batch_size, seed=seed,
-                          x_val=val_feats[start], y_val=y_val, keep=keep, callbacks=board,
-                          class_weight=class_weight, what=f"Scenario {scenario}")
-        probs = trainer.predict(val_feats[start])
-    result = HeadResult(scenario, start, fit.history, fit.kept_epoch, task.scores(y_val, probs),
-                        time.perf_counter() - started, task, config=config, cv=cv,
-                        val_probs=probs)
+            callbacks.append(keras.callbacks.TensorBoard(log_dir))
+        result = trainer.fit(x_tr, y_tr, fit, val=(val.feats[start], val.y), keep=keep,
+                             callbacks=callbacks)
+        probs = trainer.predict(val.feats[start])
+    result = HeadResult(scenario, start, result.history, result.kept_epoch,
+                        task.scores(val.y, probs), time.perf_counter() - started, task,
+                        config=config, cv=cv, val_probs=probs)
     logging.info("Scenario %s: validation %s at epoch %d, %.1f s.", scenario,
                  ", ".join(f"{k} {v:.4f}" for k, v in result.val_scores.items()),
                  result.best_epoch, result.seconds)

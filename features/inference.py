@@ -153,19 +153,18 @@ def predict_paths(model: keras.Model, paths: Sequence[str], names: Sequence[str]
 
 
 def predict_frame(model: keras.Model, frame, image_size: int, batch_size: int = 32,
-                  tta: int = 1, progress: bool = True, engine=None, workdir: str = None,
-                  bag: bool = False) -> np.ndarray:
+                  tta: int = 1, progress: bool = True, remote=None) -> np.ndarray:
     """Like `predict_paths` for a frame with ``path, name`` and optionally a boolean ``bad``
     column; bad rows get NaN: an image that could not be read has no prediction.
 
-    With ``engine`` (a `features.ray_engine.RayEngine`), Ray workers load the model
-    exported in ``workdir`` (``bag.keras`` with ``bag``) and predict instead.
+    With ``remote`` (a `features.ray_engine.RemoteModel`), Ray workers load the run's
+    exported model and predict instead of ``model`` (which may then be None).
     """
     units = model.output.shape[-1] if model is not None else 1
     outputs = np.full((len(frame), units), np.nan, np.float64)
     good = ~frame["bad"].to_numpy(bool) if "bad" in frame else np.ones(len(frame), bool)
-    if good.any() and engine is not None:
-        outputs[good] = engine.predict(workdir, bag, frame[good], image_size, batch_size, tta)
+    if good.any() and remote is not None:
+        outputs[good] = remote.predict(frame[good], image_size, batch_size, tta)
     elif good.any():
         outputs[good] = predict_paths(model, frame.path[good].tolist(),
                                       frame.name[good].tolist(), image_size, batch_size, tta,

@@ -145,22 +145,37 @@ class RayEngine:
         return outputs
 
 
+@dataclasses.dataclass
+class RemoteModel:
+    """A run's exported model (``bag.keras`` with ``bag``, else ``model.keras``) as Ray
+    workers load and run it: `features.inference.predict_frame` takes it in place of a
+    local model."""
+    engine: RayEngine
+    workdir: str
+    bag: bool = False
+
+    def predict(self, frame: pd.DataFrame, image_size: int, batch_size: int,
+                tta: int) -> np.ndarray:
+        """Model outputs [N, units] of every row of ``frame``, in order."""
+        return self.engine.predict(self.workdir, self.bag, frame, image_size, batch_size, tta)
+
+
 class FeatureWorker:
     """A Ray actor: builds the backbone once, then computes feature batches."""
 
     def __init__(self, build: dict, spec, batch_size: int):
-        from features import backbone, cache, precision
+        from features import backbone, extract, precision
         precision.apply(precision.Precision(spec.precision, "Ray worker"))
         classifier = backbone.build_classifier(**build)
         model = classifier.feature_model(spec.layers)
         import tensorflow as tf
         self._predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        self._spec, self._batch_size, self._cache = spec, batch_size, cache
+        self._spec, self._batch_size, self._extract = spec, batch_size, extract
 
     def __call__(self, items: pd.DataFrame) -> dict:
         out = {"row": [], **{l: [] for l in self._spec.layers}}
-        for chunk, feats in self._cache.compute_features(self._predict, items, self._spec,
-                                                         self._batch_size):
+        for chunk, feats in self._extract.compute_features(self._predict, items, self._spec,
+                                                           self._batch_size):
             out["row"].append(chunk.row.to_numpy())
             for layer in self._spec.layers:
                 # float32 on the wire whatever the compute type (NumPy lacks bfloat16).

@@ -13,12 +13,13 @@ compiles one trainer for all its folds (`features.training.HeadTrainer`).
 import itertools
 import logging
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import pandas as pd
 
 from features import backbone, cv as cv_lib, heads, scenarios
+from features.settings import FitSettings
 from features.task import Task
 from pipeline.errors import ConfigError
 from pipeline import progress as progress_lib
@@ -56,35 +57,30 @@ def build_grid(names: Sequence[str], learning_rates: Sequence[float],
 
 
 def run(classifier: backbone.Classifier, grid: Sequence[heads.HeadConfig], task: Task,
-        feats: Dict[str, np.ndarray], labels, folds, *, epochs: int, batch_size: int,
-        seed: int, views_feats: Optional[Dict[str, np.ndarray]] = None,
-        memory_budget: float = 2e9, class_weight=None, progress: bool = True) -> pd.DataFrame:
-    """Cross-validates every grid point on ``folds``; returns the ranked table.
+        train: heads.FeatureSplit, fit: FitSettings) -> pd.DataFrame:
+    """Cross-validates every grid point on ``train.folds``; returns the ranked table.
 
-    Args:
-      feats: plain cached features of the training split, by layer.
-      views_feats: the training split's cached augmented views, view-major with
-        at least ``max(config.views)`` views; a config with ``views=k`` uses the
-        first k.
+    ``train.views`` holds the training split's cached augmented views, view-major with
+    at least ``max(config.views)`` views; a config with ``views=k`` uses the first k.
+    Each grid point trains as the heads stage would (``fit``: epochs, batch size, seed,
+    class weights, label smoothing).
     """
-    labels = np.asarray(labels)
+    labels, folds, views_feats = np.asarray(train.y), train.folds, train.views
     n = len(labels)
     available = 0 if not views_feats else len(next(iter(views_feats.values()))) // n
     needed = max(c.views for c in grid)
     if needed > available:
         raise ConfigError(f"The sweep asks for {needed} augmented views per image but "
                           f"{available} are cached.")
-    bar = progress_lib.bar(len(grid) * len(folds), "fold", "sweep") if progress else None
+    bar = progress_lib.bar(len(grid) * len(folds), "fold", "sweep") if fit.progress else None
     metric, rows = task.headline, []
     for config in grid:
         start = config.row.start_layer(classifier.include_top)
         views_x = views_feats[start][:config.views * n] if config.views else None
         started = time.perf_counter()
-        with config.trainer(classifier, task) as trainer:
-            cv = cv_lib.cross_validate(trainer, feats[start], labels, folds, epochs=epochs,
-                                       batch_size=batch_size, seed=seed, views_x=views_x,
-                                       memory_budget=memory_budget, keep_members=False,
-                                       class_weight=class_weight, progress=bar)
+        with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:
+            cv = cv_lib.cross_validate(trainer, train.feats[start], labels, folds, fit,
+                                       views_x=views_x, keep_members=False, progress=bar)
         at = cv.curves[:, cv.epoch - 1]
         rows.append({"scenario": config.scenario, "optimizer": config.optimizer,
                      "learning_rate": config.learning_rate, "dropout": config.dropout,

@@ -6,7 +6,7 @@ then reuses the traced training step for every later ``fit``) and resets the
 weights, the dropout seed state and the optimizer's variables by assignment
 between folds, so K folds cost one trace instead of K.
 
-The step is not XLA-compiled by default: on CPU, XLA's convolutions do not use
+The step is not XLA-compiled: on CPU, XLA's convolutions do not use
 oneDNN's bfloat16 kernels, and scenario C's step (block5 trains) ran 3.2x slower
 under XLA in mixed bfloat16 (64 vs 20 ms per image on an AVX512-BF16 CPU); the
 dense-only steps of A and B were no faster with it either (docs/benchmarks.md).
@@ -21,13 +21,14 @@ leave a replica empty; this one predicts through `distribute.sharded`, which pad
 
 import dataclasses
 import logging
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import keras
 import numpy as np
 import pandas as pd
 
 from features import backbone, distribute, rows as rows_lib, scenarios
+from features.settings import FitSettings
 from features.task import Task
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc")
@@ -132,7 +133,6 @@ class HeadTrainer:
       task: output, loss and scores.
       learning_rate, optimizer: see `features.backbone.make_optimizer`.
       dropout: the head's dropout rate while this trainer is open (None: keep).
-      jit_compile: XLA for the training step (off by default; see the module docstring).
       label_smoothing: for the loss.
 
     Use it as a context manager: the dropout rate is put back on exit.
@@ -140,8 +140,7 @@ class HeadTrainer:
 
     def __init__(self, classifier: backbone.Classifier, blocks, task: Task, *,
                  learning_rate: float, optimizer: str = "adam", dropout: Optional[float] = None,
-                 jit_compile: bool = False, label_smoothing: float = 0.0,
-                 start: Optional[str] = None):
+                 label_smoothing: float = 0.0, start: Optional[str] = None):
         self.classifier, self.task = classifier, task
         self.blocks = list(blocks)
         classifier.set_trainable(self.blocks, log=False)
@@ -152,7 +151,7 @@ class HeadTrainer:
         self.replicas = distribute.replicas()
         self.model.compile(optimizer=backbone.make_optimizer(optimizer, learning_rate),
                            loss=task.loss(label_smoothing), metrics=task.keras_metrics(),
-                           jit_compile=jit_compile)
+                           jit_compile=False)  # see the module docstring
         self.model.optimizer.build(self.model.trainable_variables)
         self._fresh_optimizer = [v.numpy() for v in self.model.optimizer.variables]
         self._predict = distribute.sharded(lambda x: self.model(x, training=False),
@@ -189,33 +188,32 @@ class HeadTrainer:
                    for i in range(0, len(x), batch_size)]
         return self.task.probabilities(np.concatenate(outputs))
 
-    def fit(self, x, y, *, epochs: int, batch_size: int, seed: int, x_val=None, y_val=None,
-            keep: Optional[object] = "best", keep_probs: bool = False,
-            keep_weights: bool = False, class_weight=None, callbacks=(),
-            what: Optional[str] = None, per_epoch: Optional[int] = None) -> Fit:
+    def fit(self, x, y, settings: FitSettings, *, val=None, keep: Optional[object] = "best",
+            record: Sequence[str] = (), callbacks=(), per_epoch: Optional[int] = None) -> Fit:
         """Trains from the model's current weights with a fresh optimizer.
 
         Args:
           x, y: training features and labels (`rows.with_views` adds cached views).
-          x_val, y_val: validation rows, scored exactly after every epoch.
+          settings: epochs, batch size, seed and class weights of this fit.
+          val: (x_val, y_val), validation rows scored exactly after every epoch.
           keep: whose weights to leave in the model: "best" (the best validation
             epoch by the task's headline metric; the last without validation), an
             epoch number (e.g. chosen by cross-validation), or None (the last).
-          keep_probs, keep_weights: keep every epoch's validation probabilities /
-            trainable weights in the result.
-          class_weight: {class index: weight} (binary and multi-class).
-          what: name for the per-epoch log lines (None: no lines).
+          record: what to keep of every epoch in the result: "probs" (validation
+            probabilities) and/or "weights" (trainable weights).
+          callbacks: more Keras callbacks (e.g. an `EpochLog` for per-epoch lines).
           per_epoch: rows per epoch (default all; see `rows.shuffled_batches`).
         """
+        s = settings
         self.reset_optimizer()
-        keras.utils.set_random_seed(seed)
-        weights = sample_weights(self.task, y, class_weight) if class_weight else None
+        keras.utils.set_random_seed(s.seed)
+        weights = sample_weights(self.task, y, s.class_weight) if s.class_weight else None
         batches, steps = rows_lib.shuffled_batches(
-            x, self.task.targets(y), batch_size, seed, epochs, per_epoch=per_epoch,
+            x, self.task.targets(y), s.batch_size, s.seed, s.epochs, per_epoch=per_epoch,
             min_rows=self.replicas, weights=weights)
-        validation = None if x_val is None else ExactValidation(
-            lambda: self.predict(x_val), y_val, self.task, keep_probs=keep_probs)
-        keeper = _EpochWeights(self.trainable) if keep_weights else None
+        validation = None if val is None else ExactValidation(
+            lambda: self.predict(val[0]), val[1], self.task, keep_probs="probs" in record)
+        keeper = _EpochWeights(self.trainable) if "weights" in record else None
         best = _BestEpoch(self.task.headline, self.trainable) if (
             keep == "best" and validation is not None) else None
         chosen = _AtEpoch(keep, self.trainable) if isinstance(keep, int) else None
@@ -223,11 +221,9 @@ class HeadTrainer:
         # the best-epoch choice) reads its val_* numbers from the same logs.
         every = [c for c in (validation, keeper) if c is not None] + list(callbacks)
         every += [c for c in (best, chosen) if c is not None]
-        if what:
-            every.append(EpochLog(what, epochs))
-        history = self.model.fit(batches, steps_per_epoch=steps, epochs=epochs,
+        history = self.model.fit(batches, steps_per_epoch=steps, epochs=s.epochs,
                                  callbacks=every, shuffle=False, verbose=0)
-        kept = epochs
+        kept = s.epochs
         for callback in (best, chosen):
             if callback is not None and callback.values is not None:
                 self.set_trainable_weights(callback.values)

@@ -55,24 +55,21 @@ def eval_dataset(paths, labels, names, image_size=224, batch_size=32):
 
 
 def train_dataset(paths, labels, names, image_size=224, batch_size=32, augment="none",
-                  seed=0, repeat=True, augment_in_pipeline=True, weights=None):
-    """Shuffled, repeated (by default), augmented batches for training.
+                  seed=0, weights=None):
+    """Shuffled, repeated, augmented batches for training (fit with ``steps_per_epoch``).
 
     Args:
-      augment: preset name (see `pipeline.augment.PRESETS`).
+      augment: preset name (see `pipeline.augment.PRESETS`); "none" when an
+        `augment.Augment` layer in the model augments instead (on the accelerator).
       seed: drives both the shuffle order and the augmentation draws.
-      augment_in_pipeline: False leaves augmentation to an `augment.Augment`
-        layer in the model (so it runs on the accelerator).
       weights: optional per-image sample weights (element key ``weight``).
     """
     preset = augment_lib.get_preset(augment)
     front = decode_and_resize(image_size)
     ds = _source(paths, labels, names, weights).shuffle(len(paths), seed=seed,
-                                               reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+                                               reshuffle_each_iteration=True).repeat()
     ds = ds.map(front, num_parallel_calls=AUTOTUNE).batch(batch_size)
-    if augment_in_pipeline and not preset.is_identity:
+    if not preset.is_identity:
         # One stateless seed per batch, drawn from a seeded stream: reproducible
         # even though the map runs in parallel.
         seeds = tf.data.Dataset.random(seed=seed).batch(2)

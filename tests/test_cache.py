@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 
 from features import backbone, cache, cv, heads, store, task as task_lib
+from features.settings import FitSettings
 from features.training import restore, snapshot
 from pipeline import discovery, input as input_lib
 from pipeline.errors import DataError
 from tests.conftest import colour_image, write_image
+
+# Extraction in batches of 4, no progress bar: the tests' way of filling a cache.
+QUIET = cache.Extraction(4, progress=False)
 
 SIZE = 32
 
@@ -47,8 +51,7 @@ def _direct(classifier, frame):
 
 def test_layout_and_provenance(classifier, data, tmp_path):
     spec = _spec(data)
-    result = cache.ensure_features(classifier, spec, data.frame, str(tmp_path / "c"), 4,
-                                   progress=False)
+    result = cache.ensure_features(classifier, spec, data.frame, str(tmp_path / "c"), QUIET)
     assert result.computed == 10 and result.reused == 0
     assert os.path.basename(result.path) == spec.file_name()
     with h5py.File(result.path) as f:
@@ -65,8 +68,7 @@ def test_layout_and_provenance(classifier, data, tmp_path):
 
 def test_cached_features_equal_direct_model_outputs(classifier, data, tmp_path):
     spec = _spec(data)
-    result = cache.ensure_features(classifier, spec, data.frame, str(tmp_path), 4,
-                                   progress=False)
+    result = cache.ensure_features(classifier, spec, data.frame, str(tmp_path), QUIET)
     shuffled = data.frame.sample(frac=1, random_state=0)
     cached = cache.load_features(result.path, spec, shuffled, spec.layers)
     direct = _direct(classifier, shuffled)
@@ -77,16 +79,16 @@ def test_cached_features_equal_direct_model_outputs(classifier, data, tmp_path):
 def test_hit_then_only_new_and_changed_images_are_computed(classifier, data, tmp_path):
     spec, cdir = _spec(data), str(tmp_path / "c")
     first = data.frame.iloc[:6]
-    assert cache.ensure_features(classifier, spec, first, cdir, 4, progress=False).computed == 6
-    hit = cache.ensure_features(classifier, spec, first, cdir, 4, progress=False)
+    assert cache.ensure_features(classifier, spec, first, cdir, QUIET).computed == 6
+    hit = cache.ensure_features(classifier, spec, first, cdir, QUIET)
     assert (hit.computed, hit.reused) == (0, 6)
-    more = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
+    more = cache.ensure_features(classifier, spec, data.frame, cdir, QUIET)
     assert (more.computed, more.reused) == (4, 6)
     # Changing an image (new content, new mtime) recomputes just that image.
     changed = data.frame.path.iloc[0]
     write_image(changed, colour_image(1, size=36, seed=99))
     os.utime(changed, ns=(1, 10**18))
-    again = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
+    again = cache.ensure_features(classifier, spec, data.frame, cdir, QUIET)
     assert (again.computed, again.reused) == (1, 9)
     loaded = cache.load_features(again.path, spec, data.frame.iloc[:1], spec.layers)
     np.testing.assert_allclose(loaded["block5_pool"], _direct(classifier, data.frame.iloc[:1])
@@ -108,13 +110,10 @@ def test_every_provenance_change_is_a_miss(classifier, data, tmp_path, caplog):
     assert len(names) == len(variants) and base.file_name() not in names
     # A real miss: the cache of `base` exists, the changed spec still computes every image.
     cdir = str(tmp_path)
-    assert cache.ensure_features(classifier, base, data.frame, cdir, 4,
-                                 progress=False).computed == 10
-    assert cache.ensure_features(classifier, base, data.frame, cdir, 4,
-                                 progress=False).computed == 0
+    assert cache.ensure_features(classifier, base, data.frame, cdir, QUIET).computed == 10
+    assert cache.ensure_features(classifier, base, data.frame, cdir, QUIET).computed == 0
     with caplog.at_level(logging.INFO):
-        miss = cache.ensure_features(classifier, variants[0], data.frame, cdir, 4,
-                                     progress=False)
+        miss = cache.ensure_features(classifier, variants[0], data.frame, cdir, QUIET)
     assert miss.computed == 10 and miss.path != os.path.join(cdir, base.file_name())
     assert "Extracting block4_pool, block5_pool for 10 image(s)" in caplog.text
 
@@ -125,11 +124,11 @@ def test_every_provenance_change_is_a_miss(classifier, data, tmp_path, caplog):
 def test_mismatched_attributes_in_same_file_are_rebuilt(classifier, data, tmp_path, caplog,
                                                          attr, value):
     spec, cdir = _spec(data), str(tmp_path)
-    path = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False).path
+    path = cache.ensure_features(classifier, spec, data.frame, cdir, QUIET).path
     with h5py.File(path, "r+") as f:
         f.attrs[attr] = value
     with caplog.at_level(logging.WARNING):
-        result = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
+        result = cache.ensure_features(classifier, spec, data.frame, cdir, QUIET)
     assert result.computed == 10
     assert "rebuilding" in caplog.text and attr in caplog.text
     with h5py.File(path) as f:
@@ -153,14 +152,14 @@ def test_interrupted_extraction_resumes_where_it_stopped(classifier, data, tmp_p
 
     monkeypatch.setattr(store, "_append", dying_append)
     with pytest.raises(_Interrupt):
-        cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
+        cache.ensure_features(classifier, spec, data.frame, cdir, QUIET)
     final = os.path.join(cdir, spec.file_name())
     assert not os.path.exists(final)  # a partial file is never the cache
     assert os.path.exists(final[:-3] + ".partial.h5")
     with pytest.raises(DataError, match="cannot be opened"):
         cache.load_features(final, spec, data.frame, spec.layers)
     monkeypatch.setattr(store, "_append", real_append)
-    resumed = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False)
+    resumed = cache.ensure_features(classifier, spec, data.frame, cdir, QUIET)
     assert resumed.computed == 6  # 10 minus the 4 already flushed
     got = cache.load_features(resumed.path, spec, data.frame, spec.layers)
     np.testing.assert_allclose(got["block5_pool"], _direct(classifier, data.frame)["block5_pool"],
@@ -172,7 +171,7 @@ def test_corrupted_cache_is_detected_and_repaired(classifier, data, tmp_path, ca
     """A flipped byte costs the rows it damaged (recomputed, superseding them); a file that
     cannot be read as a whole is rebuilt."""
     spec, cdir = _spec(data), str(tmp_path)
-    path = cache.ensure_features(classifier, spec, data.frame, cdir, 4, progress=False).path
+    path = cache.ensure_features(classifier, spec, data.frame, cdir, QUIET).path
     if damage == "flip":
         with h5py.File(path) as f:
             offset = f["block4_pool"].id.get_chunk_info(0).byte_offset
@@ -187,7 +186,7 @@ def test_corrupted_cache_is_detected_and_repaired(classifier, data, tmp_path, ca
     with pytest.raises(DataError, match="fail their checksum|cannot be opened|damaged"):
         cache.load_features(path, spec, data.frame, spec.layers)
     with caplog.at_level(logging.WARNING):
-        feats, result = cache.load(classifier, spec, data.frame, cdir, 4, progress=False)
+        feats, result = cache.load(classifier, spec, data.frame, cdir, QUIET)
     if damage == "flip":  # byte 100 of the first chunk: the first row of 4
         assert result.computed == 1 and "recomputing just those rows" in caplog.text
     else:
@@ -201,13 +200,15 @@ def test_corrupted_cache_is_detected_and_repaired(classifier, data, tmp_path, ca
 def test_head_trained_on_cache_drops_onto_conv_base(data, tmp_path):
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1)
     spec = _spec(data)
-    path = cache.ensure_features(clf, spec, data.frame, str(tmp_path), 4, progress=False).path
+    path = cache.ensure_features(clf, spec, data.frame, str(tmp_path), QUIET).path
     feats = cache.load_features(path, spec, data.frame, spec.layers)
     y = data.frame.label.to_numpy()
     for scenario in ("B", "C"):
-        results = heads.train_scenarios(clf, [scenario], task_lib.binary(), feats, y, feats,
-                                        y, epochs=2, batch_size=4, learning_rate=1e-3, seed=0,
-                                        out_dir=str(tmp_path / "run"), progress=False)
+        results = heads.train_scenarios(clf, [heads.HeadConfig.for_scenario(scenario, 1e-3)],
+                                        task_lib.binary(), heads.FeatureSplit(feats, y),
+                                        heads.FeatureSplit(feats, y),
+                                        FitSettings(2, 4, progress=False),
+                                        out_dir=str(tmp_path / "run"))
         fresh = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1)
         heads.load_scenario_weights(fresh, scenario, results[scenario].weights_path)
         start = results[scenario].start_layer
@@ -228,16 +229,17 @@ FLOAT16_TOLERANCE = 2e-3  # max |P16 - P32| documented in the README
 @pytest.mark.slow
 def test_float16_cache_changes_predictions_within_tolerance(classifier, data, tmp_path):
     f32, f16 = _spec(data, "float32"), _spec(data, "float16")
-    p32 = cache.ensure_features(classifier, f32, data.frame, str(tmp_path), 4, progress=False)
-    p16 = cache.ensure_features(classifier, f16, data.frame, str(tmp_path), 4, progress=False)
+    p32 = cache.ensure_features(classifier, f32, data.frame, str(tmp_path), QUIET)
+    p16 = cache.ensure_features(classifier, f16, data.frame, str(tmp_path), QUIET)
     x32 = cache.load_features(p32.path, f32, data.frame, f32.layers)
     x16 = cache.load_features(p16.path, f16, data.frame, f16.layers)
     assert x16["block5_pool"].dtype == np.float16
     y = data.frame.label.to_numpy()
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    results = heads.train_scenarios(clf, ["B"], task_lib.binary(), x32, y, x32, y, epochs=3,
-                                    batch_size=4, learning_rate=1e-3, seed=0,
-                                    out_dir=str(tmp_path / "run"), progress=False)
+    results = heads.train_scenarios(clf, [heads.HeadConfig.for_scenario("B", 1e-3)],
+                                    task_lib.binary(), heads.FeatureSplit(x32, y),
+                                    heads.FeatureSplit(x32, y), FitSettings(3, 4, progress=False),
+                                    out_dir=str(tmp_path / "run"))
     heads.load_scenario_weights(clf, "B", results["B"].weights_path)
     p_32 = clf.head.predict(x32["block5_pool"], verbose=0)[:, 0]
     p_16 = clf.head.predict(x16["block5_pool"].astype(np.float32), verbose=0)[:, 0]
@@ -249,9 +251,8 @@ def test_augmented_views_are_cached_per_image_and_differ_from_the_plain_view(cla
                                                                                tmp_path):
     plain = _spec(data)
     aug = cache.CacheSpec(**{**plain.__dict__, "augment": "keras_blog"})
-    p = cache.ensure_features(classifier, plain, data.frame, str(tmp_path), 4, progress=False)
-    a = cache.ensure_features(classifier, aug, data.frame, str(tmp_path), 4, views=2,
-                              progress=False)
+    p = cache.ensure_features(classifier, plain, data.frame, str(tmp_path), QUIET)
+    a = cache.ensure_features(classifier, aug, data.frame, str(tmp_path), QUIET, views=2)
     assert a.computed == 20 and a.path != p.path
     views = cache.load_features(a.path, aug, data.frame, aug.layers, views=2)
     base = cache.load_features(p.path, plain, data.frame, plain.layers)
@@ -261,7 +262,7 @@ def test_augmented_views_are_cached_per_image_and_differ_from_the_plain_view(cla
     assert not np.allclose(first, second, atol=1e-3)
     # Deterministic per (image, view): a rebuild reproduces the same views.
     os.remove(a.path)
-    cache.ensure_features(classifier, aug, data.frame, str(tmp_path), 4, views=2, progress=False)
+    cache.ensure_features(classifier, aug, data.frame, str(tmp_path), QUIET, views=2)
     again = cache.load_features(a.path, aug, data.frame, aug.layers, views=2)
     np.testing.assert_allclose(again["block4_pool"], views["block4_pool"], rtol=1e-5, atol=1e-4)
 
@@ -270,8 +271,7 @@ def test_augmented_views_are_cached_per_image_and_differ_from_the_plain_view(cla
 def test_cross_validation_scores_each_fold_exactly_and_keeps_what_folds_made(
         classifier, data, tmp_path):
     spec = _spec(data)
-    path = cache.ensure_features(classifier, spec, data.frame, str(tmp_path), 4,
-                                 progress=False).path
+    path = cache.ensure_features(classifier, spec, data.frame, str(tmp_path), QUIET).path
     feats = cache.load_features(path, spec, data.frame, spec.layers)["block5_pool"]
     y = data.frame.label.to_numpy()
     task = task_lib.binary()
@@ -279,7 +279,7 @@ def test_cross_validation_scores_each_fold_exactly_and_keeps_what_folds_made(
     before = classifier.model.get_weights()
     config = heads.HeadConfig.for_scenario("B", 1e-4)
     with config.trainer(classifier, task) as trainer:
-        result = cv.cross_validate(trainer, feats, y, folds, epochs=2, batch_size=4, seed=0)
+        result = cv.cross_validate(trainer, feats, y, folds, FitSettings(2, 4))
     assert result.curves.shape == (2, 2) and 1 <= result.epoch <= 2
     for w0, w1 in zip(before, classifier.model.get_weights()):  # left as it was found
         np.testing.assert_array_equal(w0, w1)
@@ -289,7 +289,7 @@ def test_cross_validation_scores_each_fold_exactly_and_keeps_what_folds_made(
     tr, va = folds[1]
     state = snapshot(classifier.model)
     with config.trainer(classifier, task) as trainer:
-        trainer.fit(feats[tr], y[tr], epochs=result.epoch, batch_size=4, seed=1, keep=None)
+        trainer.fit(feats[tr], y[tr], FitSettings(result.epoch, 4, seed=1), keep=None)
         probs = trainer.predict(feats[va])
         weights = [v.numpy() for v in trainer.trainable]
     restore(classifier.model, state)

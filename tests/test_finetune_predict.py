@@ -13,6 +13,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from features import backbone, finetune, inference
+from features.settings import FinetuneSettings
 from features import task as task_lib
 from pipeline import augment, discovery
 from pipeline import split as split_lib
@@ -43,10 +44,10 @@ def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
     train, val = split
     workdir = str(tmp_path / "run")
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    kwargs = dict(workdir=workdir, image_size=SIZE, batch_size=4, augment="keras_blog",
-                  learning_rate=1e-4, patience=10, monitor="auc", seed=0)
+    settings = FinetuneSettings(epochs=2, image_size=SIZE, batch_size=4, learning_rate=1e-4,
+                                augment="keras_blog", patience=10, monitor="auc")
     blocks = ["block5", "fc", "predictions"]
-    first = finetune.finetune(clf, blocks, BINARY, train, val, epochs=2, **kwargs)
+    first = finetune.finetune(clf, blocks, BINARY, train, val, settings, workdir=workdir)
     assert first["epochs_run"] == 2 and first["resumed_from_epoch"] == 0
     folder = os.path.join(workdir, "finetune")
     assert "ckpt-2" in open(os.path.join(folder, finetune.CHECKPOINT_FILE)).read()
@@ -74,8 +75,8 @@ def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
 
     keras.Model.fit = fit_with_spy
     try:
-        second = finetune.finetune(clf2, blocks, BINARY, train, val, epochs=3, resume=True,
-                                   **kwargs)
+        second = finetune.finetune(clf2, blocks, BINARY, train, val,
+                                   settings.replace(epochs=3, resume=True), workdir=workdir)
     finally:
         keras.Model.fit = real_fit
     np.testing.assert_array_equal(seen["kernel"],
@@ -85,8 +86,8 @@ def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
     assert list(second["history"].epoch) == [0, 1, 2, 3]  # epoch 0 = the starting head
 
     # Without --resume a run starts clean.
-    third = finetune.finetune(clf2, ["fc", "predictions"], BINARY, train, val, epochs=1,
-                              **kwargs)
+    third = finetune.finetune(clf2, ["fc", "predictions"], BINARY, train, val,
+                              settings.replace(epochs=1), workdir=workdir)
     assert third["resumed_from_epoch"] == 0 and third["epochs_run"] == 1
 
 
@@ -101,9 +102,11 @@ def test_augmentation_inside_the_model_reaches_training_and_is_not_exported(spli
     for preset in ("none", "aggressive"):
         clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
         out = finetune.finetune(clf, ["fc", "predictions"], BINARY, train, val,
-                                workdir=str(tmp_path / preset), image_size=SIZE, batch_size=4,
-                                augment=preset, learning_rate=1e-2, epochs=1, patience=2,
-                                augment_on="model", monitor="loss")
+                                FinetuneSettings(epochs=1, image_size=SIZE, batch_size=4,
+                                                 learning_rate=1e-2, augment=preset,
+                                                 augment_on="model", patience=2,
+                                                 monitor="loss"),
+                                workdir=str(tmp_path / preset))
         assert out["epochs_run"] == 1
         # the trained epoch, whether or not it beat epoch 0
         import tensorflow as tf

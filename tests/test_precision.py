@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 
 from features import backbone, cache, finetune, heads, inference, precision
+from features.settings import FinetuneSettings, FitSettings
 from features import task as task_lib
 from pipeline import discovery, split
 from pipeline.errors import ConfigError
 from tests.conftest import class_folders
+
+# Extraction in batches of 4, no progress bar: the tests' way of filling a cache.
+QUIET = cache.Extraction(4, progress=False)
 
 SIZE = 32
 BINARY = task_lib.binary()
@@ -104,7 +108,7 @@ def test_precision_is_part_of_the_cache_provenance(policy, data, tmp_path):
     policy("mixed_bfloat16")
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     spec = _spec(data, precision="mixed_bfloat16")
-    result = cache.ensure_features(clf, spec, data.frame, str(tmp_path), 4, progress=False)
+    result = cache.ensure_features(clf, spec, data.frame, str(tmp_path), QUIET)
     with h5py.File(result.path) as f:
         assert f.attrs["precision"] == "mixed_bfloat16"
         assert f["block5_pool"].dtype == np.float32  # stored as --cache_dtype says
@@ -112,16 +116,16 @@ def test_precision_is_part_of_the_cache_provenance(policy, data, tmp_path):
     assert _spec(data).file_name() != spec.file_name()
     # The provenance must be true: a float32 cache cannot be filled by a bf16 model.
     with pytest.raises(ConfigError, match="computes in mixed_bfloat16"):
-        cache.ensure_features(clf, _spec(data), data.frame, str(tmp_path), 4, progress=False)
+        cache.ensure_features(clf, _spec(data), data.frame, str(tmp_path), QUIET)
 
 
 def test_float32_cache_from_before_precision_was_recorded_is_reused(data, tmp_path):
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     spec = _spec(data)
-    first = cache.ensure_features(clf, spec, data.frame, str(tmp_path), 4, progress=False)
+    first = cache.ensure_features(clf, spec, data.frame, str(tmp_path), QUIET)
     with h5py.File(first.path, "r+") as f:
         del f.attrs["precision"]  # what an older version wrote
-    again = cache.ensure_features(clf, spec, data.frame, str(tmp_path), 4, progress=False)
+    again = cache.ensure_features(clf, spec, data.frame, str(tmp_path), QUIET)
     assert again.path == first.path and again.computed == 0 and again.reused == len(data.frame)
 
 
@@ -136,7 +140,7 @@ def test_mixed_float16_training_scales_the_loss_and_learns(policy):
     x = rng.normal(0, 1, (40, 2, 2, 512)).astype(np.float32) + y[:, None, None, None] * 0.8
     with heads.HeadConfig.for_scenario("C", 1e-3).trainer(clf, BINARY) as trainer:
         assert isinstance(trainer.model.optimizer, keras.optimizers.LossScaleOptimizer)
-        fit = trainer.fit(x, y, epochs=8, batch_size=8, seed=0, x_val=x, y_val=y)
+        fit = trainer.fit(x, y, FitSettings(8, 8), val=(x, y))
     aucs = [s["auc"] for s in fit.val_scores]
     assert np.all(np.isfinite(aucs)) and aucs[-1] > 0.9
 
@@ -159,16 +163,18 @@ def test_finetuning_from_cached_views_trains_only_the_head_and_resumes(data, tmp
     train, val, views = _views(clf, data, 3)
     conv = clf.stem.get_layer("block1_conv1").kernel.numpy().copy()
     fc1 = clf.head.get_layer("fc1").kernel.numpy().copy()
-    kwargs = dict(workdir=str(tmp_path), image_size=SIZE, batch_size=4, augment="keras_blog",
-                  learning_rate=1e-3, patience=10, monitor="loss", seed=0, cached=views)
-    out = finetune.finetune(clf, ["fc", "predictions"], BINARY, train, val, epochs=2, **kwargs)
+    settings = FinetuneSettings(epochs=2, image_size=SIZE, batch_size=4, learning_rate=1e-3,
+                                augment="keras_blog", patience=10, monitor="loss")
+    out = finetune.finetune(clf, ["fc", "predictions"], BINARY, train, val, settings,
+                            workdir=str(tmp_path), cached=views)
     assert out["epochs_run"] == 2 and list(out["history"].epoch) == [0, 1, 2]
     assert not np.allclose(clf.head.get_layer("fc1").kernel.numpy(), fc1)
     np.testing.assert_array_equal(clf.stem.get_layer("block1_conv1").kernel.numpy(), conv)
     assert "ckpt-2" in open(tmp_path / "finetune" / finetune.CHECKPOINT_FILE).read()
     again = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    resumed = finetune.finetune(again, ["fc", "predictions"], BINARY, train, val, epochs=3,
-                                resume=True, **{**kwargs, "cached": _views(again, data, 3)[2]})
+    resumed = finetune.finetune(again, ["fc", "predictions"], BINARY, train, val,
+                                settings.replace(epochs=3, resume=True), workdir=str(tmp_path),
+                                cached=_views(again, data, 3)[2])
     assert resumed["resumed_from_epoch"] == 2 and resumed["epochs_run"] == 3
     # Resumed optimizer state (2 epochs x 2 steps) plus one more epoch of 2 steps.
     assert int(again.head.optimizer.iterations.numpy()) == 3 * 2
@@ -179,9 +185,9 @@ def test_cached_views_must_match_where_the_blocks_start(data, tmp_path):
     train, val, views = _views(clf, data, 2)
     with pytest.raises(ConfigError, match="train from block4_pool"):
         finetune.finetune(clf, ["block5", "fc", "predictions"], BINARY, train, val,
-                          workdir=str(tmp_path), image_size=SIZE, batch_size=4,
-                          augment="none", learning_rate=1e-3, epochs=1, patience=2,
-                          cached=views)
+                          FinetuneSettings(epochs=1, image_size=SIZE, batch_size=4,
+                                           learning_rate=1e-3, patience=2),
+                          workdir=str(tmp_path), cached=views)
 
 
 def test_heads_train_identically_whatever_the_conv_base_computes_in(policy):
@@ -195,7 +201,7 @@ def test_heads_train_identically_whatever_the_conv_base_computes_in(policy):
         policy(name)
         clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
         with heads.HeadConfig.for_scenario("A").trainer(clf, BINARY) as trainer:
-            trainer.fit(x, y, epochs=2, batch_size=8, seed=0)
+            trainer.fit(x, y, FitSettings(2, 8))
             probs[name] = trainer.predict(x)
     np.testing.assert_allclose(probs["mixed_bfloat16"], probs["float32"], rtol=1e-5, atol=1e-6)
 

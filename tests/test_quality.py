@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from features import backbone, bag, cache, cv, finetune, heads, probe, rows, scenarios, sweep
+from features.settings import FinetuneSettings, FitSettings
 from features import task as task_lib
 from features.training import restore, snapshot
 from pipeline import discovery, split
@@ -30,8 +31,8 @@ def cached(tmp_path_factory):
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     spec = cache.CacheSpec("none(seed=0)", False, SIZE, cache.cached_layers(False),
                            data_dir=ds.data_dir)
-    path = cache.ensure_features(clf, spec, ds.frame, str(root / "cache"), 4,
-                                 progress=False).path
+    path = cache.ensure_features(clf, spec, ds.frame, str(root / "cache"),
+                                 cache.Extraction(4, progress=False)).path
     feats = cache.load_features(path, spec, ds.frame, spec.layers)
     return clf, ds, feats, ds.frame.label.to_numpy(), root
 
@@ -134,9 +135,10 @@ def test_heads_stage_keeps_the_weights_of_the_epoch_cv_chose(cached, tmp_path):
     clf, _, feats, y, root = cached
     folds = cv.make_folds(y, 2, seed=0)
     start = snapshot(clf.model)
-    results = heads.train_scenarios(clf, ["A", "B"], BINARY, feats, y, feats, y, epochs=3,
-                                    batch_size=4, seed=0, folds=folds,
-                                    out_dir=str(tmp_path), progress=False)
+    results = heads.train_scenarios(clf, ["A", "B"], BINARY,
+                                    heads.FeatureSplit(feats, y, folds=folds),
+                                    heads.FeatureSplit(feats, y), FitSettings(3, 4, progress=False),
+                                    out_dir=str(tmp_path))
     for r in results.values():
         assert r.selected_by == "cross-validation" and r.best_epoch == r.cv.epoch
         assert r.config.learning_rate == scenarios.get_scenario(r.scenario).learning_rate
@@ -145,8 +147,7 @@ def test_heads_stage_keeps_the_weights_of_the_epoch_cv_chose(cached, tmp_path):
         # the same fit by hand (same seed, same compiled step) gives the same outputs.
         restore(clf.model, start)
         with r.config.trainer(clf, BINARY) as trainer:
-            trainer.fit(feats[r.start_layer], y, epochs=r.cv.epoch, batch_size=4, seed=0,
-                        keep=None)
+            trainer.fit(feats[r.start_layer], y, FitSettings(r.cv.epoch, 4), keep=None)
             by_hand = trainer.predict(feats[r.start_layer])
         restore(clf.model, start)
         heads.load_scenario_weights(clf, r.scenario, r.weights_path)
@@ -184,8 +185,8 @@ def test_sweep_scores_every_configuration_by_its_folds_and_ranks_them(cached, tm
     grid = sweep.build_grid(["A", "B"], [1e-3], ["adam", "rmsprop"], [0.5], [0, 1])
     mirrored = {k: v[:, :, ::-1] for k, v in feats.items()}  # one "view" per image
     folds = cv.make_folds(y, 2, seed=0)
-    table = sweep.run(clf, grid, BINARY, feats, y, folds, epochs=2, batch_size=4, seed=0,
-                      views_feats=mirrored, progress=False)
+    table = sweep.run(clf, grid, BINARY, heads.FeatureSplit(feats, y, mirrored, folds),
+                      FitSettings(2, 4, progress=False))
     assert list(table["rank"]) == list(range(1, len(grid) + 1))
     assert set(zip(table.scenario, table.optimizer, table.views)) == {
         (c.scenario, c.optimizer, c.views) for c in grid}
@@ -200,8 +201,8 @@ def test_sweep_scores_every_configuration_by_its_folds_and_ranks_them(cached, tm
     assert sweep.best_config(again) == sweep.best_config(table)
     assert sweep.best_config(table).scenario == table.scenario[0]
     with pytest.raises(ConfigError, match="2 augmented views"):
-        sweep.run(clf, sweep.build_grid(["A"], [1e-3], ["adam"], [0.5], [2]), BINARY, feats,
-                  y, folds, epochs=1, batch_size=4, seed=0, progress=False)
+        sweep.run(clf, sweep.build_grid(["A"], [1e-3], ["adam"], [0.5], [2]), BINARY,
+                  heads.FeatureSplit(feats, y, folds=folds), FitSettings(1, 4, progress=False))
 
 
 @pytest.mark.slow
@@ -214,8 +215,7 @@ def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_pa
         start = row.start_layer(False)
         folds = cv.make_folds(y, 2, seed=0)
         with heads.HeadConfig.for_scenario(scenario).trainer(clf, BINARY) as trainer:
-            result = cv.cross_validate(trainer, feats[start], y, folds, epochs=2, batch_size=4,
-                                       seed=0)
+            result = cv.cross_validate(trainer, feats[start], y, folds, FitSettings(2, 4))
         members = [bag.as_member(clf, row.blocks, m) for m in result.members]
         assert list(members[0]) == [l.name for l in bag.trainable_layers(clf)]
         # Stored as the heads stage stores it: the members alone, no copy of the conv base.
@@ -257,9 +257,10 @@ def test_finetuning_never_exports_worse_than_its_starting_head(cached, tmp_path)
     initial = clf.model.get_weights()
     # A learning rate this large wrecks every epoch: epoch 0 (the start) must win.
     out = finetune.finetune(clf, ["fc", "predictions"], BINARY, train, val,
-                            workdir=str(tmp_path), image_size=SIZE, batch_size=4,
-                            augment="none", learning_rate=50.0, epochs=2, patience=5,
-                            monitor="loss", optimizer="sgd")
+                            FinetuneSettings(epochs=2, image_size=SIZE, batch_size=4,
+                                             learning_rate=50.0, optimizer="sgd", patience=5,
+                                             monitor="loss"),
+                            workdir=str(tmp_path))
     assert out["best_epoch"] == 0 and out["epochs_run"] == 2
     assert out["best_val_loss"] == pytest.approx(out["start_val_loss"])
     assert list(out["history"].epoch) == [0, 1, 2]  # epoch 0, the start, is a row
@@ -398,8 +399,8 @@ def test_class_weights_reach_the_loss(cached):
     for mode in ("none", "balanced"):
         with heads.HeadConfig.for_scenario("B", 1e-3).trainer(clf, BINARY) as trainer:
             state = snapshot(clf.model)
-            trainer.fit(x, y, epochs=5, batch_size=20, seed=0, keep=None,
-                        class_weight=task_lib.class_weights(BINARY, y, mode))
+            trainer.fit(x, y, FitSettings(5, 20, class_weight=task_lib.class_weights(
+                BINARY, y, mode)), keep=None)
             predicted[mode] = (trainer.predict(x) >= 0.5).sum()
             restore(clf.model, state)
     assert predicted["none"] == 0 and predicted["balanced"] > 0
@@ -416,14 +417,14 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, h
     seen = []
     real_fit, real_fixed = training.HeadTrainer.fit, finetune.fit_fixed
 
-    def spy_fit(self, x, y, **kw):
-        if kw.get("x_val") is None:  # the refit: no validation rows
+    def spy_fit(self, x, y, settings, **kw):
+        if kw.get("val") is None:  # the refit: no validation rows
             seen.append(("head", len(y)))
-        return real_fit(self, x, y, **kw)
+        return real_fit(self, x, y, settings, **kw)
 
-    def spy_fixed(classifier, blocks, task, frame, cached, **kw):
+    def spy_fixed(classifier, blocks, task, frame, cached, settings):
         seen.append(("finetune", len(cached.train_y) // cached.views if cached else len(frame)))
-        return real_fixed(classifier, blocks, task, frame, cached, **kw)
+        return real_fixed(classifier, blocks, task, frame, cached, settings)
 
     monkeypatch.setattr(training.HeadTrainer, "fit", spy_fit)
     monkeypatch.setattr(finetune, "fit_fixed", spy_fixed)

@@ -313,7 +313,7 @@ ds = discovery.discover({data!r})
 clf = backbone.build_classifier("none", False, 64, 0)
 spec = cache.CacheSpec("none(seed=0)", False, 64, cache.cached_layers(False), "float16",
                        ds.data_dir)
-r = cache.ensure_features(clf, spec, ds.frame, {cache_dir!r}, 2, progress=False)
+r = cache.ensure_features(clf, spec, ds.frame, {cache_dir!r}, cache.Extraction(2, progress=False))
 print(json.dumps({{"computed": r.computed, "reused": r.reused, "path": r.path}}))
 """
 

@@ -16,6 +16,10 @@ from tests.conftest import checkpoint_epoch
 from pipeline import diskspace
 from tests.test_finetune_predict import ROOT
 from tests.test_reliability import _kill_when, _popen
+from features import cache
+
+# Extraction in batches of 4, no progress bar: the tests' way of filling a cache.
+QUIET = cache.Extraction(4, progress=False)
 
 
 def _mount_tmpfs(path, size):
@@ -88,7 +92,7 @@ clf = backbone.build_classifier("none", False, 64, 0)
 spec = cache.CacheSpec("none(seed=0)", False, 64, cache.cached_layers(False),
                        data_dir=ds.data_dir)
 with cli.user_errors():
-    r = cache.ensure_features(clf, spec, ds.frame, cache_dir, 4, progress=False)
+    r = cache.ensure_features(clf, spec, ds.frame, cache_dir, cache.Extraction(4, progress=False))
     print(json.dumps({"computed": r.computed, "reused": r.reused}))
 """
 
@@ -129,8 +133,8 @@ def test_cache_on_a_full_disk_ends_cleanly_and_resumes(small_fs, kill_data, tmp_
     ds = discovery.discover(str(kill_data))
     spec = cache.CacheSpec("none(seed=0)", False, 64, cache.cached_layers(False),
                            data_dir=ds.data_dir)
-    result = cache.ensure_features(backbone.build_classifier("none", False, 64, 0), spec,
-                                   ds.frame, str(bigger), 4, progress=False)
+    result = cache.ensure_features(backbone.build_classifier("none", False, 64, 0), spec, ds.frame,
+                                   str(bigger), QUIET)
     assert (result.computed, result.reused) == (48 - committed, committed)
 
 
@@ -158,6 +162,7 @@ else:  # no size-limited file system here: a file-size limit makes the first big
     matplotlib.font_manager.findfont("DejaVu Sans")
 from features import backbone, finetune, inference
 from workflow import outputs, plots
+
 clf = backbone.build_classifier("none", False, 32, 0)
 clf.model.compile(optimizer="adam", loss="binary_crossentropy")
 clf.model.optimizer.build(clf.model.trainable_variables)
@@ -220,6 +225,7 @@ def test_every_writer_fails_cleanly_on_a_full_disk(small_fs, tmp_path):
 @pytest.mark.slow
 def test_streamed_heads_equal_in_memory_heads(tmp_path):
     from features import backbone, cache, cv, heads, probe, rows, task
+    from features.settings import FitSettings
     from pipeline import discovery, split
     from tests.conftest import colour_image, write_image
     for i in range(16):
@@ -230,11 +236,9 @@ def test_streamed_heads_equal_in_memory_heads(tmp_path):
     clf = backbone.build_classifier("none", include_top=False, image_size=32, seed=0)
     spec = cache.CacheSpec("none(seed=0)", False, 32, cache.cached_layers(False),
                            data_dir=ds.data_dir)
-    path = cache.ensure_features(clf, spec, ds.frame, str(tmp_path / "c"), 4,
-                                 progress=False).path
+    path = cache.ensure_features(clf, spec, ds.frame, str(tmp_path / "c"), QUIET).path
     aug = cache.CacheSpec(**{**spec.__dict__, "augment": "keras_blog"})
-    aug_path = cache.ensure_features(clf, aug, train, str(tmp_path / "c"), 4, views=2,
-                                     progress=False).path
+    aug_path = cache.ensure_features(clf, aug, train, str(tmp_path / "c"), QUIET, views=2).path
     y_tr, y_va = train.label.to_numpy(), val.label.to_numpy()
     folds = cv.make_folds(y_tr, 2, 0)
     runs = {}
@@ -243,9 +247,10 @@ def test_streamed_heads_equal_in_memory_heads(tmp_path):
         va = cache.load_features(path, spec, val, spec.layers, stream=stream)
         views = cache.load_features(aug_path, aug, train, spec.layers, views=2, stream=stream)
         assert isinstance(tr["block4_pool"], rows.H5Rows) == stream
-        results = heads.train_scenarios(clf, ["A", "B"], task.binary(), tr, y_tr, va, y_va,
-                                        epochs=2, batch_size=4, seed=0, folds=folds,
-                                        views_feats=views, progress=False)
+        results = heads.train_scenarios(clf, ["A", "B"], task.binary(),
+                                        heads.FeatureSplit(tr, y_tr, views, folds),
+                                        heads.FeatureSplit(va, y_va),
+                                        FitSettings(2, 4, progress=False))
         runs[stream] = (results, probe.pooled(tr["block5_pool"]))
     (mem, pooled_mem), (streamed, pooled_streamed) = runs[False], runs[True]
     np.testing.assert_allclose(pooled_streamed, pooled_mem, rtol=1e-6)

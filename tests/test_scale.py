@@ -17,6 +17,9 @@ from tests.conftest import class_folders, checkpoint_epoch
 from tests.test_reliability import _kill_when, _popen
 from tests.test_finetune_predict import ROOT, _run
 
+# Extraction in batches of 4, no progress bar: the tests' way of filling a cache.
+QUIET = cache.Extraction(4, progress=False)
+
 SIZE = 32
 
 
@@ -62,13 +65,12 @@ def test_ray_rows_equal_a_plain_run_and_only_missing_rows_are_computed(images, r
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     spec = cache.CacheSpec("none(seed=0)", False, SIZE, cache.cached_layers(False),
                            data_dir=ds.data_dir)
-    plain = cache.ensure_features(clf, spec, ds.frame, str(tmp_path / "plain"), 4,
-                                  progress=False)
+    plain = cache.ensure_features(clf, spec, ds.frame, str(tmp_path / "plain"), QUIET)
     # Half the images are already cached: Ray must compute only the other half.
     ray_dir = str(tmp_path / "ray")
-    cache.ensure_features(clf, spec, ds.frame.iloc[:10], ray_dir, 4, progress=False)
-    result = cache.ensure_features(clf, spec, ds.frame, ray_dir, 4, progress=False,
-                                   engine=ray_cluster)
+    cache.ensure_features(clf, spec, ds.frame.iloc[:10], ray_dir, QUIET)
+    result = cache.ensure_features(clf, spec, ds.frame, ray_dir,
+                                   cache.Extraction(4, engine=ray_cluster, progress=False))
     assert (result.reused, result.computed) == (10, 10)
     with h5py.File(result.path) as f:  # streamed in by the driver, checksummed
         assert int(f.attrs["rows_done"]) == 20
@@ -87,8 +89,8 @@ def test_ray_predictions_equal_a_plain_run_in_order(images, ray_cluster, tmp_pat
     workdir = tmp_path / "run"
     inference.export_model(clf.model, str(workdir), {"image_size": SIZE})
     local = inference.predict_frame(clf.model, ds.frame, SIZE, 4, progress=False)
-    remote = inference.predict_frame(clf.model, ds.frame, SIZE, 4, engine=ray_cluster,
-                                      workdir=str(workdir))
+    remote = inference.predict_frame(None, ds.frame, SIZE, 4, remote=ray_engine.RemoteModel(
+        ray_cluster, str(workdir)))
     np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-6)  # same order too
 
 
@@ -144,13 +146,16 @@ distribute.split_cpu(3)
 import tensorflow as tf
 from features import backbone, cache, inference
 from pipeline import discovery
+
+# Extraction in batches of 4, no progress bar: the tests' way of filling a cache.
+QUIET = cache.Extraction(4, progress=False)
 ds = discovery.discover({data!r}, positive_class="pos")
 one = backbone.build_classifier("none", include_top=False, image_size={size}, seed=0)
 frame = ds.frame.iloc[:5]          # 5 images, batch 4: the last batch has 1 row for 3 replicas
 spec = cache.CacheSpec("none(seed=0)", False, {size}, cache.cached_layers(False),
                        data_dir=ds.data_dir)
 ref_probs = inference.predict_frame(one.model, frame, {size}, 4, progress=False)
-ref = cache.ensure_features(one, spec, frame, {cache_one!r}, 4, progress=False)
+ref = cache.ensure_features(one, spec, frame, {cache_one!r}, QUIET)
 ref_feats = cache.load_features(ref.path, spec, frame, spec.layers)
 with distribute.scope(distribute.make_strategy("mirrored", 3)) as strategy:
     assert strategy.num_replicas_in_sync == 3
@@ -159,7 +164,7 @@ with distribute.scope(distribute.make_strategy("mirrored", 3)) as strategy:
     for n in (1, 2, 5):             # fewer images than replicas, and a remainder of 2
         probs = inference.predict_frame(clf.model, frame.iloc[:n], {size}, 4, progress=False)
         out[f"predict_{{n}}"] = float(np.abs(probs - ref_probs[:n]).max())
-    got = cache.ensure_features(clf, spec, frame, {cache_two!r}, 4, progress=False)
+    got = cache.ensure_features(clf, spec, frame, {cache_two!r}, QUIET)
     feats = cache.load_features(got.path, spec, frame, spec.layers)
     out["extract"] = max(float(np.abs(feats[l] - ref_feats[l]).max() /
                                (np.abs(ref_feats[l]).max() + 1e-12)) for l in spec.layers)

@@ -62,3 +62,16 @@ def test_no_function_over_60_lines():
     long = {f"{path}:{node.name}": node.end_lineno - node.lineno + 1
             for path, node in _functions() if node.end_lineno - node.lineno + 1 > 60}
     assert not long
+
+
+def test_no_function_takes_more_than_8_parameters():
+    # Settings objects (features.settings, cache.Extraction, heads.FeatureSplit) carry
+    # what used to be threaded through every level as keyword arguments.
+    def count(node):
+        a = node.args
+        names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+        return len([n for n in names if n not in ("self", "cls")]) + bool(a.vararg) + bool(
+            a.kwarg)
+    many = {f"{path}:{node.name}": count(node) for path, node in _functions()
+            if count(node) > 8}
+    assert not many

@@ -29,13 +29,14 @@ import pandas as pd
 from features import bag as bag_lib, evidence, heads as heads_lib, inference, probe, scenarios
 from features import cache as cache_lib, finetune as finetune_lib, task as task_lib
 from features import rows as rows_lib
+from features.settings import FinetuneSettings, FitSettings
 from features.training import restore
 from features.weights import weights_identity
 from pipeline.atomic import atomic_link
 from workflow import interpret, plots, state as state_lib, summary
 from workflow.outputs import binary_column
 from workflow.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
-from workflow.job import Features, Job
+from workflow.job import Features, Job, finetune_settings, fit_settings
 
 PROBE = "probe"
 
@@ -88,8 +89,9 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
                  head_weights)
     result = {"scenario": scenario, "blocks": blocks, "optimizer": optimizer}
     checkpoints, kept = None, 0
+    fine = finetune_settings(job, config, heads, runtime, optimizer)
     if config.epochs > 0:
-        ft = _finetune(job, config, heads, cache, runtime, scenario, blocks, optimizer)
+        ft = _finetune(job, config, cache, scenario, blocks, fine)
         checkpoints, kept = ft.pop("checkpoints"), ft["best_epoch"]
         result.update(ft)
     scores, probs = _validate(job, job.classifier.model, runtime.batch_size)
@@ -105,8 +107,9 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
                if heads.bag and _bag_fits(job, scenario, blocks) else None)
     choice = _choose_output(job, scenario, members, probs, predict, runtime)
     if refit:
-        result["refit"] = _refit(job, config, heads, cache, runtime, scenario, blocks, kept,
-                                 optimizer)
+        result["refit"] = _refit(job, config, cache, scenario, blocks,
+                                 fit_settings(job, heads, cache, runtime),
+                                 fine.replace(epochs=kept))
     job.run.update_metrics("finetune", result)
     if config.epochs > 0 and kept == 0:
         described = f"scenario {scenario} (fine-tuning did not improve on its head: the head)"
@@ -114,7 +117,7 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
         described = f"scenario {scenario}, fine-tuned" if config.epochs > 0 else \
             f"scenario {scenario}"
     _record_final(job, described, scores, thresholds)
-    _export(job, scenario, blocks, scores, thresholds, members, choice, refit, runtime)
+    _export(job, scenario, blocks, scores, thresholds, members, choice, refit)
     if checkpoints is not None:
         checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)
     state = state_lib.load(job.run.path)
@@ -149,19 +152,13 @@ def _bag_fits(job: Job, scenario: str, blocks) -> bool:
     return scenarios.start_layer(blocks, job.classifier.include_top) == start
 
 
-def _finetune(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
-              runtime: RuntimeConfig, scenario: str, blocks, optimizer: str) -> dict:
+def _finetune(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, blocks,
+              fine: FinetuneSettings) -> dict:
     """Runs the fine-tuning; writes its history CSV and plot; returns its summary."""
     started = time.perf_counter()
-    cached = _cached_views(job, config, cache, runtime.batch_size, blocks)
-    ft = finetune_lib.finetune(
-        job.classifier, blocks, job.task, job.train, job.val, workdir=job.run.path,
-        image_size=job.model.image_size, batch_size=runtime.batch_size,
-        augment=config.augment, learning_rate=config.learning_rate, epochs=config.epochs,
-        patience=config.patience, monitor=config.monitor, seed=job.seed,
-        resume=config.resume, augment_on=config.augment_on, optimizer=optimizer,
-        tensorboard_dir=job.board, cached=cached, label_smoothing=heads.label_smoothing,
-        class_weight=job.class_weight)
+    cached = _cached_views(job, config, cache, fine.batch_size, blocks)
+    ft = finetune_lib.finetune(job.classifier, blocks, job.task, job.train, job.val, fine,
+                               workdir=job.run.path, cached=cached)
     # The whole stage, view extraction included, so both ways compare honestly.
     ft["fit_seconds"] = ft.pop("seconds")
     ft["seconds"] = round(time.perf_counter() - started, 2)
@@ -228,21 +225,20 @@ def _choose_tta(job: Job, out: dict, base_probs, scenario: str, members, predict
     return 2 if tta.better else 1
 
 
-def _refit(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
-           runtime: RuntimeConfig, scenario: str, blocks, finetune_epochs: int,
-           optimizer: str) -> dict:
+def _refit(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, blocks,
+           fit: FitSettings, fine: FinetuneSettings) -> dict:
     """Trains the exported model again on training + validation images: the head for the
     epochs cross-validation chose (from the same initial weights), then the fine-tuning
-    for the epochs the validation run kept. Returns what was done, for metrics.json."""
+    for the epochs the validation run kept (``fine.epochs``). Returns what was done, for
+    metrics.json."""
     everything = pd.concat([job.train, job.val], ignore_index=True)
     y = np.asarray(everything.label.tolist())
-    head = state_lib.load(job.run.path).heads.get(scenario) or state_lib.HeadState(
-        heads.epochs)
-    epochs = int(head.epoch or heads.epochs)
+    head = state_lib.load(job.run.path).heads.get(scenario) or state_lib.HeadState(fit.epochs)
+    epochs = int(head.epoch or fit.epochs)
     config_head = heads_lib.HeadConfig.for_scenario(
         scenario, head.learning_rate, optimizer=head.optimizer, dropout=head.dropout)
     restore(job.classifier.model, job.initial)
-    features = Features(job, cache, runtime.batch_size)
+    features = Features(job, cache, fit.batch_size)
     start = config_head.row.start_layer(job.classifier.include_top)
     x, y_rows = features.of(everything)[start], y
     views = head.views
@@ -253,23 +249,16 @@ def _refit(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheCon
             x, y, features.of(everything, views, config.view_preset)[start])
     started = time.perf_counter()
     with config_head.trainer(job.classifier, job.task,
-                             label_smoothing=heads.label_smoothing) as trainer:
-        trainer.fit(x, y_rows, epochs=epochs, batch_size=runtime.batch_size, seed=job.seed,
-                    keep=None, class_weight=job.class_weight)
+                             label_smoothing=fit.label_smoothing) as trainer:
+        trainer.fit(x, y_rows, fit.replace(epochs=epochs), keep=None)
     done = {"rows": len(y), "head_rows": len(y_rows), "head_views": views,
-            "head_epochs": epochs, "finetune_epochs": finetune_epochs}
-    if finetune_epochs > 0:
-        cached = _cached_views(job, config, cache, runtime.batch_size, blocks, everything)
-        finetune_lib.fit_fixed(job.classifier, blocks, job.task, everything, cached,
-                               epochs=finetune_epochs, image_size=job.model.image_size,
-                               batch_size=runtime.batch_size, augment=config.augment,
-                               learning_rate=config.learning_rate, optimizer=optimizer,
-                               seed=job.seed, augment_on=config.augment_on,
-                               label_smoothing=heads.label_smoothing,
-                               class_weight=job.class_weight)
+            "head_epochs": epochs, "finetune_epochs": fine.epochs}
+    if fine.epochs > 0:
+        cached = _cached_views(job, config, cache, fine.batch_size, blocks, everything)
+        finetune_lib.fit_fixed(job.classifier, blocks, job.task, everything, cached, fine)
     done["seconds"] = round(time.perf_counter() - started, 2)
     logging.info("Refit on all %d labelled images (training + validation): %d head epoch(s), "
-                 "%d fine-tuning epoch(s), %.1f s.", len(y), epochs, finetune_epochs,
+                 "%d fine-tuning epoch(s), %.1f s.", len(y), epochs, fine.epochs,
                  done["seconds"])
     return done
 
@@ -322,7 +311,7 @@ def _model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) 
 
 
 def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, choice: dict,
-            refit: bool, runtime: RuntimeConfig) -> None:
+            refit: bool) -> None:
     """model.keras + model_info.json (+ bag.keras), and metrics.json's ``export``."""
     info = _model_info(job, scenario, blocks, scores, thresholds)
     stale = job.run.file(inference.BAG_FILE)

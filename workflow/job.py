@@ -16,13 +16,15 @@ import pandas as pd
 
 from features import backbone, cache as cache_lib, cv as cv_lib, distribute, precision
 from features import task as task_lib
+from features.settings import FinetuneSettings, FitSettings
 from features.task import Task
 from features.training import snapshot
 from features.weights import weights_identity
 from pipeline import diskspace, discovery, labels, scan, split
 from pipeline.errors import UserError
 from workflow import config as config_lib, console
-from workflow.config import CacheConfig, DataConfig, HeadsConfig, ModelConfig, RuntimeConfig
+from workflow.config import (CacheConfig, DataConfig, FinetuneConfig, HeadsConfig, ModelConfig,
+                             RuntimeConfig)
 from workflow.outputs import RunFolder
 
 # Below this many validation images, --cv_folds=auto cross-validates.
@@ -185,6 +187,27 @@ def memory_budget(cache: CacheConfig) -> float:
             else available_memory() // 2)
 
 
+def fit_settings(job: Job, heads: HeadsConfig, cache: CacheConfig,
+                 runtime: RuntimeConfig) -> FitSettings:
+    """How this run's heads train on cached features (scenarios, CV folds, sweep, refit).
+    A quarter of the memory budget: CV holds a fold's training and held-out rows, and
+    the views, beside the split."""
+    return FitSettings(heads.epochs, runtime.batch_size, job.seed, job.class_weight,
+                       heads.label_smoothing, memory_budget(cache) / 4)
+
+
+def finetune_settings(job: Job, config: FinetuneConfig, heads: HeadsConfig,
+                      runtime: RuntimeConfig, optimizer: str) -> FinetuneSettings:
+    """How this run's fine-tuning (and its refit) trains, from the flags."""
+    return FinetuneSettings(
+        epochs=config.epochs, image_size=job.model.image_size, batch_size=runtime.batch_size,
+        learning_rate=config.learning_rate, augment=config.augment,
+        augment_on=config.augment_on, optimizer=optimizer, patience=config.patience,
+        monitor=config.monitor, seed=job.seed, class_weight=job.class_weight,
+        label_smoothing=heads.label_smoothing, resume=config.resume,
+        tensorboard_dir=job.board)
+
+
 class Features:
     """The cached features of one run: the split's plain features and, on demand, K
     augmented views of the training images (extracting whatever is missing)."""
@@ -211,9 +234,9 @@ class Features:
         return stream
 
     def _load(self, spec, frame, views: int, stream: bool):
+        how = cache_lib.Extraction(self.batch_size, engine=self.job.engine)
         feats, result = cache_lib.load(self.job.classifier, spec, frame, self.cache.cache_dir,
-                                       self.batch_size, views=views, stream=stream,
-                                       engine=self.job.engine)
+                                       how, views=views, stream=stream)
         if result.computed:
             logging.info("Feature cache %s: %d reused, %d computed in %.1f s.", result.path,
                          result.reused, result.computed, result.seconds)

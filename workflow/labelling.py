@@ -25,7 +25,7 @@ from pipeline import discovery, labels as labels_lib, progress, scan
 from pipeline.errors import DataError
 from workflow import console, plots, state as state_lib, summary
 from workflow.config import CacheConfig, HeadsConfig, RuntimeConfig
-from workflow.job import Features, Job
+from workflow.job import Features, Job, fit_settings
 
 # Cosine similarity of average-pooled block5_pool features at or above which two photos
 # are called near-duplicates. Measured with the ImageNet-derived weights at 224 px
@@ -137,13 +137,13 @@ def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     start = snapshot(job.classifier.model)
     epochs = int(state.heads[scenario].epoch if scenario in state.heads else heads.epochs)
 
+    fit = fit_settings(job, heads, cache, runtime).replace(epochs=epochs)
     # One trainer (compiled once) for every subset, as cross-validation does.
     trainer = head.trainer(job.classifier, job.task)
 
     def head_score(tr, va):
         restore(job.classifier.model, start)
-        trainer.fit(x_head[tr], y[tr], epochs=epochs, batch_size=runtime.batch_size,
-                    seed=job.seed, keep=None, class_weight=job.class_weight)
+        trainer.fit(x_head[tr], y[tr], fit, keep=None)
         return job.task.headline_score(y[va], trainer.predict(x_head[va]))
 
     results, tables = {}, []

@@ -200,12 +200,14 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
                                "row is done)")
     engine = None
     if cfg.ray_address:
-        from features import ray_engine
+        from features import ray_engine  # only with --ray_address: Ray is optional
         engine = ray_engine.RayEngine(cfg.ray_address, cfg.ray_workers,
                                       precision=chosen.policy).start()
     try:
+        remote = (ray_engine.RemoteModel(engine, cfg.workdir, use_bag) if engine is not None
+                  else None)
         outputs = inference.predict_frame(model, frame, image_size, cfg.batch_size, tta,
-                                          engine=engine, workdir=cfg.workdir, bag=use_bag)
+                                          remote=remote)
     finally:
         if engine is not None:
             engine.stop()

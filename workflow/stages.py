@@ -20,7 +20,7 @@ from pipeline import discovery, labels, progress, scan
 from workflow import console, export, interpret, labelling, plots, state as state_lib, summary
 from workflow.export import PROBE
 from workflow.config import (CacheConfig, HeadsConfig, RuntimeConfig, SweepConfig, TrainConfig)
-from workflow.job import Features, Job, check_disk, memory_budget, prepare
+from workflow.job import Features, Job, check_disk, fit_settings, prepare
 from workflow.outputs import binary_column, write_predictions
 
 
@@ -47,11 +47,10 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
                                                   optimizer=heads.optimizer, views=views)
                 for s in heads.scenarios])
     results = heads_lib.train_scenarios(
-        job.classifier, configs, job.task, train, job.y_train, val, job.y_val,
-        epochs=heads.epochs, batch_size=runtime.batch_size, seed=job.seed, folds=job.folds,
-        views_feats=view_feats, out_dir=job.run.path, tensorboard_dir=job.board,
-        memory_budget=memory_budget(cache) / 4, label_smoothing=heads.label_smoothing,
-        class_weight=job.class_weight)
+        job.classifier, configs, job.task,
+        heads_lib.FeatureSplit(train, job.y_train, view_feats, job.folds),
+        heads_lib.FeatureSplit(val, job.y_val), fit_settings(job, heads, cache, runtime),
+        out_dir=job.run.path, tensorboard_dir=job.board)
     for s, r in results.items():
         # From the fit's own history, written once and atomically: a CSVLogger writes
         # while training (a kill leaves a torn file) and numbers epochs from 0.
@@ -180,10 +179,9 @@ def sweep_stage(job: Job, config: SweepConfig, heads: HeadsConfig, cache: CacheC
     logging.info("Sweep: %d configurations x %d folds, %d epochs each.", len(grid), len(folds),
                  heads.epochs)
     started = time.perf_counter()
-    table = sweep.run(job.classifier, grid, job.task, train, job.y_train, folds,
-                      epochs=heads.epochs, batch_size=runtime.batch_size, seed=job.seed,
-                      views_feats=view_feats, memory_budget=memory_budget(cache) / 4,
-                      class_weight=job.class_weight)
+    table = sweep.run(job.classifier, grid, job.task,
+                      heads_lib.FeatureSplit(train, job.y_train, view_feats, folds),
+                      fit_settings(job, heads, cache, runtime))
     metric = job.task.headline
     baseline = probe.cross_validate(probe.pooled(train[probe.PROBE_LAYER]), job.y_train, folds,
                                     job.task, job.seed)

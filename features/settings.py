@@ -1,0 +1,61 @@
+"""Settings objects: how heads are fitted and how fine-tuning runs.
+
+Each is built once per run from the flags (`workflow.config`) and passed down whole,
+instead of the same bundle of keyword arguments (epochs, batch size, seed, class
+weights, label smoothing, memory budget, progress) being threaded through every level.
+A step that needs one value changed (a fold's seed, the refit's epochs) uses `replace`.
+"""
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+    """How a head trains on cached features (CV folds, final fits, sweep, refit).
+
+    memory_budget: bytes of training features a step may hold in memory; above it
+      rows stream from the HDF5 cache (`features.rows`).
+    class_weight: {class index: weight} (binary and multi-class), or None.
+    progress: show progress bars and per-scenario lines.
+    """
+    epochs: int
+    batch_size: int
+    seed: int = 0
+    class_weight: Optional[dict] = None
+    label_smoothing: float = 0.0
+    memory_budget: float = 2e9
+    progress: bool = True
+
+    def replace(self, **changes) -> "FitSettings":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """How the chosen blocks train end to end (`features.finetune`).
+
+    augment: augmentation preset (`pipeline.augment.PRESETS`); augment_on: where it runs:
+      "pipeline" (tf.data, on the CPU), "model" (an `Augment` layer in the training
+      model, so on the accelerator) or "auto" (the model when there is a GPU).
+    monitor: early stopping's and the checkpoint's metric (None: the task's headline).
+    resume: continue from the run folder's last checkpoint.
+    tensorboard_dir: TensorBoard logs go to ``<tensorboard_dir>/finetune`` (None: none).
+    """
+    epochs: int
+    image_size: int
+    batch_size: int
+    learning_rate: float
+    augment: str = "none"
+    augment_on: str = "auto"
+    optimizer: str = "adam"
+    patience: int = 5
+    monitor: Optional[str] = None
+    seed: int = 0
+    class_weight: Optional[dict] = None
+    label_smoothing: float = 0.0
+    resume: bool = False
+    tensorboard_dir: Optional[str] = None
+
+    def replace(self, **changes) -> "FinetuneSettings":
+        return dataclasses.replace(self, **changes)
