@@ -26,6 +26,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from features import rows as rows_lib
 from features.settings import FitSettings
+from features import task as task_lib
 from features.task import Task
 from features.training import HeadTrainer, restore, snapshot
 from pipeline import split
@@ -52,13 +53,12 @@ def make_folds(y, folds: int, seed: int, task: Optional[Task] = None) -> Folds:
     if task is not None and task.kind == "multilabel":
         return iterative_folds(y, folds, seed)
     labels = y.astype(int)
-    counts = np.bincount(labels)
-    smallest = int(np.argmin(np.where(counts > 0, counts, np.iinfo(int).max)))
-    if folds < 2 or counts[smallest] < folds:
+    smallest, count = task_lib.smallest_class(task, labels)
+    if folds < 2 or count < folds:
         name = (f"class {task.class_names[smallest]!r}" if task is not None
                 else "the smallest class")
         raise ConfigError(f"--cv_folds={folds} needs at least 2 folds and at least {folds} "
-                          f"training images in each class ({name} has {counts[smallest]}); "
+                          f"training images in each class ({name} has {count}); "
                           "pass a smaller --cv_folds, or 0 to choose by the validation set.")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels))

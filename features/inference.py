@@ -24,7 +24,7 @@ from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.errors import ConfigError, DataError
 
 MODEL_FILE, BAG_FILE, INFO_FILE = run_info.MODEL_FILE, run_info.BAG_FILE, run_info.INFO_FILE
-MAX_TTA = 8
+check_tta = run_info.check_tta  # the one check, TensorFlow-free, in pipeline.run_info
 # (y0, x0, y1, x1) crop boxes in relative coordinates, and whether to mirror.
 _TTA_VIEWS = (
     ((0.0, 0.0, 1.0, 1.0), False),
@@ -103,11 +103,6 @@ def tta_views(images, n_views: int):
             view = view[:, :, ::-1]
         views.append(view)
     return views
-
-
-def check_tta(n_views: int) -> None:
-    if not 1 <= n_views <= MAX_TTA:
-        raise ConfigError(f"--tta must be between 1 and {MAX_TTA}; got {n_views}.")
 
 
 _PREDICTORS = weakref.WeakKeyDictionary()

@@ -29,6 +29,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from features import cv as cv_lib, scenarios
+from features import task as task_lib
 from features.task import Task
 
 PROBE_LAYER = scenarios.BLOCK5_POOL
@@ -139,8 +140,7 @@ def choose(features, y, task: Task, folds: Optional[Sequence] = None, seed: int 
     stratified 5-fold split of these rows) and returns the best by mean score."""
     y = np.asarray(y)
     if folds is None:
-        smallest = (int(y.sum(axis=0).min()) if task.kind == "multilabel"
-                    else int(np.bincount(y.astype(int)).min()))
+        _, smallest = task_lib.smallest_class(task, y)
         folds = cv_lib.make_folds(y, max(2, min(INNER_FOLDS, smallest)), seed, task)
     best, tried = None, 0
     for how in poolings:

@@ -215,6 +215,25 @@ def per_class_report(task: Task, y, probs, thresholds=None):
     return table
 
 
+def class_counts(task: "Task | None", y) -> np.ndarray:
+    """Training images per class, in class order; for a multi-label task, images carrying
+    each label. Without a task, ``y`` holds class indices."""
+    y = np.asarray(y)
+    if task is not None and task.kind == "multilabel":
+        return y.reshape(len(y), -1).sum(axis=0).astype(int)
+    return np.bincount(y.astype(int), minlength=len(task.class_names) if task else 0)
+
+
+def smallest_class(task: "Task | None", y) -> tuple:
+    """(index, count) of the class with the fewest images in ``y``, among the classes
+    that have any (a multi-label task: among all labels, since every fold needs each)."""
+    counts = class_counts(task, y)
+    if task is None or task.kind != "multilabel":
+        counts = np.where(counts > 0, counts, np.iinfo(np.int64).max)
+    index = int(np.argmin(counts))
+    return index, int(counts[index])
+
+
 # --class_weight=auto weights the classes when the smallest has under this share.
 IMBALANCED = 0.30
 
@@ -230,7 +249,7 @@ def class_weights(task: Task, y, mode: str = "auto"):
     if mode == "none" or task.kind == "multilabel":
         return None
     y = np.asarray(y).astype(int)
-    counts = np.bincount(y, minlength=len(task.class_names)).astype(float)
+    counts = class_counts(task, y).astype(float)
     if mode == "auto" and counts.min() / counts.sum() >= IMBALANCED:
         return None
     return {c: float(len(y) / (len(counts) * n)) for c, n in enumerate(counts) if n > 0}

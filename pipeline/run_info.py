@@ -13,6 +13,14 @@ from pipeline.errors import ConfigError
 MODEL_FILE = "model.keras"
 BAG_FILE = "bag.keras"
 INFO_FILE = "model_info.json"
+# Test-time augmentation views: 1 (the image), 2 (and its mirror), up to 8 (crops too).
+MAX_TTA = 8
+
+
+def check_tta(n_views: int) -> None:
+    """A ConfigError unless ``n_views`` is a number of TTA views from 1 to `MAX_TTA`."""
+    if not 1 <= n_views <= MAX_TTA:
+        raise ConfigError(f"--tta must be between 1 and {MAX_TTA}; got {n_views}.")
 
 
 def read_info(workdir: str, need_model: bool = True) -> dict:

@@ -162,7 +162,7 @@ def test_tta_views_are_deterministic_and_first_is_identity():
         inference.check_tta(9)
     from workflow import config
     with pytest.raises(Exception, match="--tta"):
-        config.check_tta(0)
+        config.parse_tta(0)
 
 
 def test_prediction_order_follows_sample_submission_then_natural_order(tmp_path):

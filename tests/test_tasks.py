@@ -145,6 +145,19 @@ def test_multilabel_split_and_folds_share_every_label():
         assert np.all(y[v].sum(axis=0) >= 1)  # every label in every fold
 
 
+def test_the_smallest_class_is_counted_one_way_for_folds_probe_curve_and_weights():
+    three = task_lib.Task("multiclass", ("a", "b", "c"))
+    y = np.array([0, 0, 0, 2, 2, 0])  # "b" has no image here: it is not the smallest
+    assert list(task_lib.class_counts(three, y)) == [4, 0, 2]
+    assert task_lib.smallest_class(three, y) == (2, 2)
+    assert task_lib.smallest_class(None, y) == (2, 2)
+    tags = task_lib.Task("multilabel", ("x", "y", "z"))
+    multi = np.array([[1, 0, 1], [1, 0, 1], [0, 0, 1]])
+    assert task_lib.smallest_class(tags, multi) == (1, 0)  # every fold needs every label
+    with pytest.raises(ConfigError, match="class 'c' has 2"):
+        cv.make_folds(y, 3, 0, three)
+
+
 def test_multiclass_and_multilabel_scores_match_scikit_learn():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 6, 60)

@@ -10,6 +10,7 @@ import os
 from typing import Optional, Tuple, Union
 
 from features import scenarios
+from pipeline import run_info
 from pipeline.errors import ConfigError
 from workflow import deploy
 
@@ -29,7 +30,6 @@ DEMO_REASONS = {
     "monitor": "with 40 synthetic validation images the AUC saturates near 1.0 every epoch; "
                "the loss still tells epochs apart",
 }
-MAX_TTA = 8
 AUGMENT_PRESETS = ("none", "keras_blog", "aggressive")
 
 
@@ -291,11 +291,6 @@ def _check(values: dict) -> None:
         raise ConfigError(f"--batch_size must be at least 1; got {values['batch_size']}.")
 
 
-def check_tta(n: int) -> None:
-    if not 1 <= n <= MAX_TTA:
-        raise ConfigError(f"--tta must be between 1 and {MAX_TTA}; got {n}.")
-
-
 def parse_tta(text) -> Union[int, str]:
     """``--tta``: "auto" or a number of views from 1 to 8."""
     if str(text).strip().lower() == "auto":
@@ -303,9 +298,9 @@ def parse_tta(text) -> Union[int, str]:
     try:
         n = int(text)
     except ValueError:
-        raise ConfigError(f"--tta must be 'auto' or a number of views between 1 and {MAX_TTA}; "
+        raise ConfigError(f"--tta must be 'auto' or a number of views between 1 and {run_info.MAX_TTA}; "
                           f"got {text!r}.") from None
-    check_tta(n)
+    run_info.check_tta(n)
     return n
 
 

@@ -83,9 +83,7 @@ def resolve_folds(heads: HeadsConfig, task: Task, y_train, n_val: int, seed: int
     if k == "auto":
         if n_val >= SMALL_VAL:
             return None
-        counts = cv_lib.stratify_key(task, y_train) if task.kind == "multilabel" else y_train
-        smallest = (int(np.asarray(y_train).sum(axis=0).min()) if task.kind == "multilabel"
-                    else int(np.bincount(np.asarray(counts).astype(int)).min()))
+        _, smallest = task_lib.smallest_class(task, y_train)
         if smallest < AUTO_FOLDS:
             logging.warning("Validation set is small (%d images) but a class has only %d "
                             "training images, too few for %d-fold CV: choosing by validation "

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from features import audit as audit_lib, curve, cv as cv_lib, heads as heads_lib, probe
-from features import selection
+from features import selection, task as task_lib
 from features.training import restore, snapshot
 from pipeline import discovery, labels as labels_lib, progress, scan
 from pipeline.errors import DataError
@@ -188,11 +188,11 @@ def _curve_folds(job: Job, most: int = 5) -> int:
     class when it cannot give two."""
     if job.task.kind == "multilabel":
         return min(most, len(job.y_train))
-    counts = np.bincount(np.asarray(job.y_train).astype(int), minlength=len(job.task.class_names))
-    if counts.min() < 2:
+    smallest, count = task_lib.smallest_class(job.task, job.y_train)
+    if count < 2:
         raise DataError(f"--stage=curve needs at least 2 training images of every class; class "
-                        f"{job.task.class_names[int(counts.argmin())]!r} has {counts.min()}.")
-    return int(min(most, counts.min()))
+                        f"{job.task.class_names[smallest]!r} has {count}.")
+    return int(min(most, count))
 
 
 def _dense_scenario(state: "state_lib.RunState") -> str:
