@@ -102,10 +102,7 @@ class CacheSpec:
 
     def file_name(self) -> str:
         """Readable, unique name: what matters at a glance plus a hash of everything."""
-        # float32 is left out of the hash so caches made before precision was recorded
-        # (all float32) keep their names and stay valid.
-        hashed = {k: v for k, v in self.provenance().items() if not k.endswith("_version")
-                  and not (k == "precision" and v == "float32")}
+        hashed = {k: v for k, v in self.provenance().items() if not k.endswith("_version")}
         digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:12]
         weights = self.weights_id.split(":")[0].split("(")[0]
         data = os.path.basename(os.path.abspath(self.data_dir).rstrip(os.sep)) or "data"

@@ -108,6 +108,25 @@ def test_probe_separates_separable_features_and_not_random_labels():
     assert bad["auc_mean"] < 0.75
 
 
+def test_row_space_is_an_orthonormal_basis_of_the_rows_and_fits_like_the_raw_features():
+    # Wide and rank-deficient, as flattened block5_pool features of a few hundred photos.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(24, 300))
+    x[12:] = x[:12] * 2.0  # half the rows repeat: rank 12
+    y = (x[:, :5].sum(axis=1) > 0).astype(int)
+    space = probe.RowSpace().fit(x)
+    v = space.basis_
+    assert v.shape == (300, 12)
+    np.testing.assert_allclose(v.T @ v, np.eye(12), atol=1e-8)
+    np.testing.assert_allclose(x @ v @ v.T, x, atol=1e-8)  # spans every row
+    from sklearn.linear_model import LogisticRegression
+    raw = LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit(x, y)
+    fitted = probe.fit(x, y, BINARY, probe.ProbeConfig("flatten", False, 1.0))
+    assert "rowspace" in fitted.named_steps
+    np.testing.assert_allclose(probe.probabilities(fitted, x, BINARY),
+                               raw.predict_proba(x)[:, 1], atol=1e-4)
+
+
 @pytest.mark.parametrize("kind, units", [("binary", 1), ("multiclass", 3), ("multilabel", 3)])
 @pytest.mark.parametrize("pooling", probe.POOLINGS)
 @pytest.mark.parametrize("scaled", [False, True])
