@@ -37,10 +37,6 @@ class Precision:
     policy: str
     reason: str
 
-    @property
-    def is_mixed(self) -> bool:
-        return self.policy != "float32"
-
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
     """The CPU's feature flags (Linux); empty where they cannot be read."""

@@ -300,6 +300,26 @@ def test_an_interrupt_wrapped_by_c_code_is_still_an_interrupt(capsys, kind, stat
     assert words in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("signum,status,words", [
+    (signal.SIGTERM, 143, "interrupted (SIGTERM)"),
+    (signal.SIGINT, 130, "interrupted (Ctrl-C / SIGINT)")])
+def test_an_interrupt_re_raised_from_none_is_still_an_interrupt(capsys, monkeypatch, signum,
+                                                                 status, words):
+    # TensorFlow's error handler re-raises the SystemError `from None` (seen in CI): the
+    # interrupt is gone from the chain, but the process did receive the signal.
+    from workflow import console
+    monkeypatch.setattr(console, "_RECEIVED", [])
+    with pytest.raises(SystemExit) as stop:
+        with console.user_errors():
+            try:
+                signal.getsignal(signum)(signum, None)  # what the signal's arrival runs
+            except BaseException:
+                raise SystemError("returned a result with an exception set") from None
+    assert stop.value.code == status
+    assert words in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is not console._on_sigterm  # put back
+
+
 @pytest.mark.slow
 def test_sigint_and_sigterm_say_interrupted_and_what_a_rerun_does(kill_data, tmp_path):
     workdir, cache_dir = tmp_path / "run", tmp_path / "cache"

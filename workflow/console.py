@@ -220,8 +220,19 @@ class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that every ``finally`` runs."""
 
 
+# The signals this process received, in order: what an error that C code made of one
+# (see `_wrapped_interrupt`) is recognised by.
+_RECEIVED: list = []
+
+
 def _on_sigterm(signum, frame):
+    _RECEIVED.append("SIGTERM")
     raise Terminated()
+
+
+def _on_sigint(signum, frame):
+    _RECEIVED.append("SIGINT")
+    raise KeyboardInterrupt()
 
 
 def _wrapped_interrupt(err: BaseException):
@@ -229,7 +240,11 @@ def _wrapped_interrupt(err: BaseException):
 
     A signal handler that raises while C code runs (numpy's ``__array__`` inside a
     TensorFlow conversion, say) surfaces as ``SystemError: ... returned a result with an
-    exception set`` whose cause is the real interrupt; it is still an interrupt."""
+    exception set``; TensorFlow re-raises that ``from None``, which drops the interrupt
+    from the chain. So a signal this process received decides; the chain is the
+    fallback."""
+    if _RECEIVED:
+        return ("SIGTERM", 143) if _RECEIVED[-1] == "SIGTERM" else ("Ctrl-C / SIGINT", 130)
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -262,6 +277,11 @@ def user_errors():
     import signal
     from pipeline import diskspace
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C as Python's own handler would (KeyboardInterrupt), but recorded; a SIGINT
+    # that the parent made this process ignore stays ignored.
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     unraisable = sys.unraisablehook
 
     def quiet_disk_full(info):
@@ -299,4 +319,6 @@ def user_errors():
         os._exit(3)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
         sys.unraisablehook = unraisable

@@ -262,8 +262,8 @@ class Features:
         return train, val, aug
 
 
-def check_disk(job: Job, cache: CacheConfig, runtime: RuntimeConfig, views: int,
-               view_preset: str, exports: int) -> None:
+def check_disk(job: Job, cache: CacheConfig, views: int, view_preset: str,
+               exports: int) -> None:
     """Stops before any long work when what the run will write cannot fit (one paragraph:
     what needs how much, where, how much is free, what to do).
 

@@ -248,7 +248,7 @@ def _run_stages(cfg: TrainConfig, engine=None, dataset=None):
     views = max(cfg.cache.augmented_views,
                 max(cfg.sweep.views) if cfg.runtime.stage == "sweep" or cfg.sweep.use else 0,
                 cfg.finetune.views if runtime.finetunes and cfg.finetune.augment != "none" else 0)
-    check_disk(job, cfg.cache, runtime, views, view_preset,
+    check_disk(job, cfg.cache, views, view_preset,
                exports=(2 if cfg.heads.bag else 1) if runtime.finetunes else 0)
     if engine is not None:
         engine.precision = job.precision.policy
