@@ -58,8 +58,7 @@ def extract_only(args):
     root = synthetic(os.path.join(args.work, f"mem{args._extract_only}"), args._extract_only)
     ds = discovery.discover(root)
     clf = backbone.build_classifier("none", False, args.image_size, 0)
-    spec = cache.CacheSpec("none(seed=0)", False, args.image_size, cache.cached_layers(False),
-                           "float16", ds.data_dir)
+    spec = cache.CacheSpec("none(seed=0)", False, args.image_size, "float16", ds.data_dir)
     cache.ensure_features(clf, spec, ds.frame, os.path.join(args.work, "memcache"),
                           cache.Extraction(args.batch_size, progress=False))
     print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -99,7 +98,7 @@ def main():
     rows = []
 
     # 1. Extraction vs the bare model on in-memory tensors (same images, same batches).
-    spec = cache.CacheSpec("none(seed=0)", False, size, cache.cached_layers(False), "float16",
+    spec = cache.CacheSpec("none(seed=0)", False, size, "float16",
                            ds.data_dir)
     cache_dir = os.path.join(args.work, "cache")
     shutil.rmtree(cache_dir, ignore_errors=True)

@@ -48,7 +48,7 @@ def main():
     train, val = split.split_train_val(frame, config.parse_val_size(args.val_size), 0)
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
     wid = weights_identity(args.weights, 0)
-    specs = {dt: cache.CacheSpec(wid, False, args.image_size, cache.cached_layers(False), dt,
+    specs = {dt: cache.CacheSpec(wid, False, args.image_size, dt,
                                  ds.data_dir) for dt in ("float32", "float16")}
     feats = {}
     for dt, spec in specs.items():

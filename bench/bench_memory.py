@@ -26,7 +26,7 @@ import numpy as np, pandas as pd
 from features import backbone, cache, heads, task
 from features.settings import FitSettings
 folder, size, stream, epochs = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
-spec = cache.CacheSpec("none(seed=0)", False, size, cache.cached_layers(False), data_dir=folder)
+spec = cache.CacheSpec("none(seed=0)", False, size, data_dir=folder)
 frame = pd.read_csv(folder + "/frame.csv", dtype={"name": str})
 train, val = frame.iloc[:-50], frame.iloc[-50:]
 clf = backbone.build_classifier("none", False, size, 0)
@@ -58,8 +58,7 @@ def make_cache(folder: str, rows: int, size: int) -> None:
     frame = pd.DataFrame({"path": paths, "name": [str(i) for i in range(rows)],
                           "label": [i % 2 for i in range(rows)]})
     frame.to_csv(os.path.join(folder, "frame.csv"), index=False)
-    spec = cache.CacheSpec("none(seed=0)", False, size, cache.cached_layers(False),
-                           data_dir=folder)
+    spec = cache.CacheSpec("none(seed=0)", False, size, data_dir=folder)
     clf = backbone.build_classifier("none", False, size, 0)
     shapes = cache.layer_shapes(clf, spec.layers)
     items = cache._items(frame, 0)

@@ -118,7 +118,7 @@ def section_extract(args, results):
         precision.apply(precision.Precision(policy, "bench"))
         clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
         spec = cache.CacheSpec(weights_identity(args.weights, 0), False,
-                               args.image_size, cache.cached_layers(False), "float32",
+                               args.image_size, "float32",
                                args.data_dir, precision=policy)
         folder = tempfile.mkdtemp(prefix="bench-extract-")
         result = cache.ensure_features(clf, spec, frame, folder, cache.Extraction(args.batch_size,
@@ -274,7 +274,7 @@ def section_ray(args, results):
     frame = frame.iloc[:args.extract_images].reset_index(drop=True)
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
     spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
-                           cache.cached_layers(False), "float32", args.data_dir)
+                           "float32", args.data_dir)
     build = {"weights": args.weights, "include_top": False, "image_size": args.image_size,
              "seed": 0}
     rows = []

@@ -50,7 +50,7 @@ def _data(args):
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0, units=task.units,
                                     activation=task.activation)
     spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
-                           cache.cached_layers(False), "float32", ds.data_dir,
+                           "float32", ds.data_dir,
                            precision=chosen.policy)
     path = cache.ensure_features(clf, spec, frame, args.cache_dir,
                                  cache.Extraction(args.batch_size)).path

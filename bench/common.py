@@ -57,7 +57,7 @@ def cached_photos(data_dir: str, weights: str, image_size: int, cache_dir: str):
     clf = backbone.build_classifier(weights, False, image_size, 0, units=task.units,
                                     activation=task.activation)
     spec = cache.CacheSpec(weights_identity(weights, 0), False, image_size,
-                           cache.cached_layers(False), "float32", ds.data_dir,
+                           "float32", ds.data_dir,
                            precision=chosen.policy)
     feats, _ = cache.load(clf, spec, frame, cache_dir, cache.Extraction(32))
     return ds, frame, task, clf, feats

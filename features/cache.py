@@ -70,13 +70,15 @@ class CacheSpec:
     weights_id: str
     include_top: bool
     image_size: int
-    layers: tuple
     dtype: str = "float32"
     data_dir: str = ""
     augment: str = "none"     # preset of the augmented views (views > 0 only)
     precision: str = "float32"  # Keras policy the features were computed in
+    layers: tuple = ()        # () = `cached_layers(include_top)`, what every run caches
 
     def __post_init__(self):
+        if not self.layers:
+            object.__setattr__(self, "layers", cached_layers(self.include_top))
         if self.dtype not in CACHE_DTYPES:
             raise ConfigError(f"--cache_dtype={self.dtype!r}: choose one of "
                               f"{', '.join(CACHE_DTYPES)}.")

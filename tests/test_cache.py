@@ -37,7 +37,7 @@ def data(tmp_path):
 
 def _spec(ds, dtype="float32", **kw):
     return cache.CacheSpec(weights_id="none(seed=0)", include_top=False, image_size=SIZE,
-                           layers=cache.cached_layers(False), dtype=dtype,
+                           dtype=dtype,
                            data_dir=ds.data_dir, **kw)
 
 

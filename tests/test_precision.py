@@ -100,8 +100,7 @@ def test_exported_mixed_model_predicts_in_the_precision_asked_for(policy, tmp_pa
 
 
 def _spec(data, **kw):
-    return cache.CacheSpec("none(seed=0)", False, SIZE, cache.cached_layers(False),
-                           data_dir=data.data_dir, **kw)
+    return cache.CacheSpec("none(seed=0)", False, SIZE, data_dir=data.data_dir, **kw)
 
 
 def test_precision_is_part_of_the_cache_provenance(policy, data, tmp_path):

@@ -29,8 +29,7 @@ def cached(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
     ds = discovery.discover(class_folders(root / "data", 16), positive_class="pos")
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    spec = cache.CacheSpec("none(seed=0)", False, SIZE, cache.cached_layers(False),
-                           data_dir=ds.data_dir)
+    spec = cache.CacheSpec("none(seed=0)", False, SIZE, data_dir=ds.data_dir)
     path = cache.ensure_features(clf, spec, ds.frame, str(root / "cache"),
                                  cache.Extraction(4, progress=False)).path
     feats = cache.load_features(path, spec, ds.frame, spec.layers)

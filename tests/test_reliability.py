@@ -311,7 +311,7 @@ from features import backbone, cache
 from pipeline import discovery
 ds = discovery.discover({data!r})
 clf = backbone.build_classifier("none", False, 64, 0)
-spec = cache.CacheSpec("none(seed=0)", False, 64, cache.cached_layers(False), "float16",
+spec = cache.CacheSpec("none(seed=0)", False, 64, "float16",
                        ds.data_dir)
 r = cache.ensure_features(clf, spec, ds.frame, {cache_dir!r}, cache.Extraction(2, progress=False))
 print(json.dumps({{"computed": r.computed, "reused": r.reused, "path": r.path}}))
@@ -334,7 +334,7 @@ def test_two_runs_sharing_a_cache_dir_do_not_corrupt_it(kill_data, tmp_path):
         assert int(f.attrs["rows_done"]) == 48
     # Everything in it passes its checksum.
     from features import cache
-    spec = cache.CacheSpec("none(seed=0)", False, 64, cache.cached_layers(False), "float16",
+    spec = cache.CacheSpec("none(seed=0)", False, 64, "float16",
                            str(kill_data))
     frame = discovery.discover(str(kill_data)).frame
     feats = cache.load_features(results[0]["path"], spec, frame, spec.layers)

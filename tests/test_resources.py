@@ -89,8 +89,7 @@ if not real:  # no size-limited file system: fail the 5th batch's flush as ENOSP
         diskspace.free_bytes = lambda p: 1 << 20
 ds = discovery.discover(sys.argv[4])
 clf = backbone.build_classifier("none", False, 64, 0)
-spec = cache.CacheSpec("none(seed=0)", False, 64, cache.cached_layers(False),
-                       data_dir=ds.data_dir)
+spec = cache.CacheSpec("none(seed=0)", False, 64, data_dir=ds.data_dir)
 with cli.user_errors():
     r = cache.ensure_features(clf, spec, ds.frame, cache_dir, cache.Extraction(4, progress=False))
     print(json.dumps({"computed": r.computed, "reused": r.reused}))
@@ -131,8 +130,7 @@ def test_cache_on_a_full_disk_ends_cleanly_and_resumes(small_fs, kill_data, tmp_
     from features import backbone, cache
     from pipeline import discovery
     ds = discovery.discover(str(kill_data))
-    spec = cache.CacheSpec("none(seed=0)", False, 64, cache.cached_layers(False),
-                           data_dir=ds.data_dir)
+    spec = cache.CacheSpec("none(seed=0)", False, 64, data_dir=ds.data_dir)
     result = cache.ensure_features(backbone.build_classifier("none", False, 64, 0), spec, ds.frame,
                                    str(bigger), QUIET)
     assert (result.computed, result.reused) == (48 - committed, committed)
@@ -234,8 +232,7 @@ def test_streamed_heads_equal_in_memory_heads(tmp_path):
     ds = discovery.discover(str(tmp_path / "data"), positive_class="pos")
     train, val = split.split_train_val(ds.frame, 4, seed=0)
     clf = backbone.build_classifier("none", include_top=False, image_size=32, seed=0)
-    spec = cache.CacheSpec("none(seed=0)", False, 32, cache.cached_layers(False),
-                           data_dir=ds.data_dir)
+    spec = cache.CacheSpec("none(seed=0)", False, 32, data_dir=ds.data_dir)
     path = cache.ensure_features(clf, spec, ds.frame, str(tmp_path / "c"), QUIET).path
     aug = cache.CacheSpec(**{**spec.__dict__, "augment": "keras_blog"})
     aug_path = cache.ensure_features(clf, aug, train, str(tmp_path / "c"), QUIET, views=2).path

@@ -63,8 +63,7 @@ def test_ray_rows_equal_a_plain_run_and_only_missing_rows_are_computed(images, r
                                                                         tmp_path):
     ds, _ = images
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    spec = cache.CacheSpec("none(seed=0)", False, SIZE, cache.cached_layers(False),
-                           data_dir=ds.data_dir)
+    spec = cache.CacheSpec("none(seed=0)", False, SIZE, data_dir=ds.data_dir)
     plain = cache.ensure_features(clf, spec, ds.frame, str(tmp_path / "plain"), QUIET)
     # Half the images are already cached: Ray must compute only the other half.
     ray_dir = str(tmp_path / "ray")
@@ -152,8 +151,7 @@ QUIET = cache.Extraction(4, progress=False)
 ds = discovery.discover({data!r}, positive_class="pos")
 one = backbone.build_classifier("none", include_top=False, image_size={size}, seed=0)
 frame = ds.frame.iloc[:5]          # 5 images, batch 4: the last batch has 1 row for 3 replicas
-spec = cache.CacheSpec("none(seed=0)", False, {size}, cache.cached_layers(False),
-                       data_dir=ds.data_dir)
+spec = cache.CacheSpec("none(seed=0)", False, {size}, data_dir=ds.data_dir)
 ref_probs = inference.predict_frame(one.model, frame, {size}, 4, progress=False)
 ref = cache.ensure_features(one, spec, frame, {cache_one!r}, QUIET)
 ref_feats = cache.load_features(ref.path, spec, frame, spec.layers)

@@ -163,7 +163,7 @@ def cache_spec(job: Job, cache: CacheConfig, augment: str = "none") -> cache_lib
     return cache_lib.CacheSpec(
         weights_id=weights_identity(job.model.weights, job.seed),
         include_top=job.model.include_top, image_size=job.model.image_size,
-        layers=cache_lib.cached_layers(job.model.include_top), dtype=cache.dtype,
+        dtype=cache.dtype,
         data_dir=job.dataset.data_dir, precision=job.precision.policy, augment=augment)
 
 
