@@ -53,7 +53,8 @@ def synthetic(root, n, size=96):
 
 def extract_only(args):
     """Child process: extract features of n synthetic images and report max RSS."""
-    from features import backbone, cache
+    from features import backbone
+    from features.store import cache
     from pipeline import discovery
     root = synthetic(os.path.join(args.work, f"mem{args._extract_only}"), args._extract_only)
     ds = discovery.discover(root)
@@ -77,8 +78,10 @@ def main():
         return extract_only(args)
 
     import tensorflow as tf
-    from features import backbone, cache, heads, scenarios, task
-    from features.settings import FitSettings
+    from features import backbone, scenarios, task
+    from features.store import cache
+    from features.fit import heads
+    from features.fit.settings import FitSettings
     from pipeline import discovery, input as input_lib, scan, split
 
     if args.data_dir:

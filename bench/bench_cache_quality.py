@@ -35,9 +35,11 @@ def main():
     args = p.parse_args()
 
     import numpy as np
-    from features import backbone, cache, heads, task
-    from features.settings import FitSettings
-    from features.training import restore, snapshot
+    from features import backbone, task
+    from features.store import cache
+    from features.fit import heads
+    from features.fit.settings import FitSettings
+    from features.fit.loop import restore, snapshot
     from features.weights import weights_identity
     from pipeline import discovery, scan, split
     from workflow import config

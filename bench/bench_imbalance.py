@@ -25,9 +25,11 @@ def main():
     parser = common.photo_parser(__doc__)
     parser.add_argument("--ratios", default="5,10")
     args = parser.parse_args()
-    from features import heads, probe, task as task_lib
-    from features.settings import FitSettings
-    from features.training import restore, snapshot
+    from features.fit import heads
+    from features.choose import probe
+    from features import task as task_lib
+    from features.fit.settings import FitSettings
+    from features.fit.loop import restore, snapshot
     from pipeline import split
     ds, frame, task, clf, feats = common.cached_photos(args.data_dir, args.weights,
                                                        args.image_size, args.cache_dir)

@@ -7,12 +7,12 @@ labels, and the near-duplicate threshold.
 
 1. Active learning: per seed, a quarter of the photos is held out; from a stratified
    seed of 20 labelled photos, batches of 20 are added by each strategy of
-   `features.selection` (and at random), the linear probe retrained from the cache
+   `features.data.selection` (and at random), the linear probe retrained from the cache
    each round and scored on the held-out photos. Printed: the held-out score per
    number of labels (mean +- std over seeds), and how many labels each strategy
    needs to reach random sampling's final score. The plot goes to --plot.
 2. Suspect labels: 5% and 10% of the labels are flipped; the probe's 5-fold
-   out-of-fold predictions go through `features.audit.suspects`; printed: the share
+   out-of-fold predictions go through `features.data.audit.suspects`; printed: the share
    of the flipped photos among the top 2x (as many suspects as flips, twice).
 3. Near duplicates: cosine similarity of average-pooled block5_pool features between
    a photo and its mirror, a 90% centre crop and a JPEG re-save, against the
@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _setup(args):
-    from features import probe
+    from features.choose import probe
     _, frame, task, clf, feats = common.cached_photos(args.data_dir, args.weights,
                                                       args.image_size, args.cache_dir)
     x = probe.pooled(feats["block5_pool"])
@@ -39,7 +39,8 @@ def _setup(args):
 
 
 def simulate(args, task, x, y):
-    from features import curve, probe, selection
+    from features.data import curve, selection
+    from features.choose import probe
     config = probe.ProbeConfig("average", False, 0.1)
     strategies = list(selection.STRATEGIES)
     results = {s: [] for s in strategies}
@@ -124,7 +125,8 @@ def _any_over_threshold(p, y, folds) -> set:
 
 
 def flipped(args, task, x, y):
-    from features import audit, cv, probe
+    from features.data import audit
+    from features.choose import cv, probe
     config = probe.ProbeConfig("average", False, 0.1)
     print("\n## 2. Flipped labels found by suspect_labels\n")
     print("| flipped | found in the top 2x | flagged | recall (flips flagged) | precision "
@@ -164,7 +166,7 @@ def flipped(args, task, x, y):
 
 def near_duplicates(args, clf, frame, x):
     import tensorflow as tf
-    from features import selection
+    from features.data import selection
     from pipeline import input as input_lib, ops
     model = clf.feature_model(["block5_pool"])
     rows = np.random.default_rng(0).choice(len(frame), min(40, len(frame)), replace=False)

@@ -99,7 +99,8 @@ def _bare_rate(policy, size, batch, seconds):
 
 def section_extract(args, results):
     import pandas as pd
-    from features import backbone, cache, precision
+    from features import backbone, precision
+    from features.store import cache
     from features.weights import weights_identity
     from pipeline import discovery, scan
     frame = discovery.discover(args.data_dir).frame
@@ -265,7 +266,9 @@ def section_finetune(args, results):
 
 def section_ray(args, results):
     """Extraction of the same photos on this process vs a local Ray cluster (1, 2 workers)."""
-    from features import backbone, cache, ray_engine
+    from features import backbone
+    from features.store import cache
+    from features.serve import ray_engine
     from features.weights import weights_identity
     from pipeline import discovery, scan
     frame = discovery.discover(args.data_dir).frame

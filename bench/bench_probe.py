@@ -38,7 +38,8 @@ def main():
     parser.add_argument("--signal", type=float, default=0.03, help="class signal strength")
     parser.add_argument("--arms", default="gram,svd", help="which arms, in order")
     args = parser.parse_args()
-    from features import cv, probe, task as task_lib
+    from features.choose import cv, probe
+    from features import task as task_lib
     rng = np.random.default_rng(0)
     y = (rng.random(args.rows) < 0.6).astype(int)  # Kaggle's share of positives
     channels = (rng.random(512) < 0.1).astype(np.float32)

@@ -46,7 +46,8 @@ def cached_photos(data_dir: str, weights: str, image_size: int, cache_dir: str):
     photos in ``data_dir``, from the same cache train.py fills (computed on a miss)."""
     sys.path.insert(0, ROOT)
     import tempfile
-    from features import backbone, cache, precision, task as task_lib
+    from features import backbone, precision, task as task_lib
+    from features.store import cache
     from features.weights import weights_identity
     from pipeline import discovery, scan
     chosen = precision.resolve_and_apply("auto")

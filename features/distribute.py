@@ -20,7 +20,7 @@ What runs where:
 
 Multi-host training is not offered: ``Model.fit`` under
 MultiWorkerMirroredStrategy is broken in Keras 3 (keras-team/keras#20585);
-extraction and prediction scale out with Ray instead (`features.ray_engine`).
+extraction and prediction scale out with Ray instead (`features.serve.ray_engine`).
 """
 
 import contextlib

@@ -8,9 +8,12 @@ import h5py
 import numpy as np
 import pytest
 
-from features import backbone, cache, cv, heads, store, task as task_lib
-from features.settings import FitSettings
-from features.training import restore, snapshot
+from features import backbone, task as task_lib
+from features.store import cache, h5file as store
+from features.choose import cv
+from features.fit import heads
+from features.fit.settings import FitSettings
+from features.fit.loop import restore, snapshot
 from pipeline import discovery, input as input_lib
 from pipeline.errors import DataError
 from tests.conftest import colour_image, write_image

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import backbone, inference
+from features import backbone
+from features.serve import inference
 from pipeline.errors import ConfigError, DataError
 from workflow import deploy
 

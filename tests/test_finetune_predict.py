@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from features import backbone, finetune, inference
-from features.settings import FinetuneSettings
+from features import backbone
+from features.fit import finetune
+from features.serve import inference
+from features.fit.settings import FinetuneSettings
 from features import task as task_lib
 from pipeline import augment, discovery
 from pipeline import split as split_lib

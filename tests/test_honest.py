@@ -16,7 +16,8 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def binary_run(tmp_path_factory):
     """An exported ants/bees model (random weights; in-process, no training needed)."""
-    from features import backbone, inference
+    from features import backbone
+    from features.serve import inference
     root = tmp_path_factory.mktemp("honest_run")
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     inference.export_model(clf.model, str(root), {
@@ -106,7 +107,7 @@ def test_kaggle_layout_records_its_labels_column(kaggle_dir, tmp_path):
 
 def test_predict_frame_gives_unreadable_rows_no_number(binary_run, photos_with_a_broken_one,
                                                        tmp_path):
-    from features import inference
+    from features.serve import inference
     from pipeline import scan
     frame = discovery.discover_unlabelled(str(photos_with_a_broken_one))
     frame = scan.filter_bad_images(frame, SIZE, "skip", str(tmp_path / "bad.csv"),

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import audit, curve, cv, selection, task as task_lib
+from features.data import audit, curve, selection
+from features.choose import cv
+from features import task as task_lib
 from tests.conftest import colour_image, write_image
 
 BINARY = task_lib.binary()

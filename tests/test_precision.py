@@ -7,8 +7,11 @@ import keras
 import numpy as np
 import pytest
 
-from features import backbone, cache, finetune, heads, inference, precision
-from features.settings import FinetuneSettings, FitSettings
+from features import backbone, precision
+from features.store import cache
+from features.fit import finetune, heads
+from features.serve import inference
+from features.fit.settings import FinetuneSettings, FitSettings
 from features import task as task_lib
 from pipeline import discovery, split
 from pipeline.errors import ConfigError

@@ -8,10 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import backbone, bag, cache, cv, finetune, heads, probe, rows, scenarios, sweep
-from features.settings import FinetuneSettings, FitSettings
+from features import backbone, scenarios
+from features.choose import bag, cv, probe, sweep
+from features.store import cache, rows
+from features.fit import finetune, heads
+from features.fit.settings import FinetuneSettings, FitSettings
 from features import task as task_lib
-from features.training import restore, snapshot
+from features.fit.loop import restore, snapshot
 from pipeline import discovery, split
 from pipeline import input as input_lib
 from pipeline.errors import ConfigError
@@ -391,7 +394,7 @@ def test_config_is_typed_frozen_and_demo_defaults_never_touch_the_flags(tmp_path
 
 
 def test_evidence_needs_a_margin_beyond_noise():
-    from features import evidence
+    from features.choose import evidence
     rng = np.random.default_rng(0)
     y = np.arange(60) % 2
     good = np.clip(y * 0.6 + rng.random(60) * 0.4, 0, 1)        # separates the classes
@@ -430,7 +433,7 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, h
     """With CV making the choices, the exported model is trained again on training +
     validation images: every labelled row reaches the head and the fine-tuning."""
     from absl import flags as absl_flags
-    from features import training
+    from features.fit import loop as training
     from workflow import config, flags, stages
     seen = []
     real_fit, real_fixed = training.HeadTrainer.fit, finetune.fit_fixed
@@ -476,7 +479,7 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, h
 
 
 def test_bootstrap_auc_weighs_images_as_drawing_them_would():
-    from features import evidence
+    from features.choose import evidence
     from sklearn.metrics import roc_auc_score
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 40)

@@ -307,7 +307,8 @@ def test_sigkill_at_every_stage_then_rerun_resumes_or_restarts_cleanly(kill_data
 _EXTRACT = """
 import sys, json
 sys.path.insert(0, {root!r})
-from features import backbone, cache
+from features import backbone
+from features.store import cache
 from pipeline import discovery
 ds = discovery.discover({data!r})
 clf = backbone.build_classifier("none", False, 64, 0)
@@ -333,7 +334,7 @@ def test_two_runs_sharing_a_cache_dir_do_not_corrupt_it(kill_data, tmp_path):
     with h5py.File(results[0]["path"]) as f:
         assert int(f.attrs["rows_done"]) == 48
     # Everything in it passes its checksum.
-    from features import cache
+    from features.store import cache
     spec = cache.CacheSpec("none(seed=0)", False, 64, "float16",
                            str(kill_data))
     frame = discovery.discover(str(kill_data)).frame
@@ -342,7 +343,8 @@ def test_two_runs_sharing_a_cache_dir_do_not_corrupt_it(kill_data, tmp_path):
 
 
 def test_skipped_test_image_gets_no_number(kaggle_dir, tmp_path):
-    from features import backbone, inference
+    from features import backbone
+    from features.serve import inference
     (kaggle_dir / "test" / "3.jpg").write_bytes(b"")
     frame = discovery.discover_unlabelled(str(kaggle_dir))
     frame = scan.filter_bad_images(frame, 32, "skip", str(tmp_path / "bad.csv"), keep_rows=True)

@@ -16,7 +16,7 @@ from tests.conftest import checkpoint_epoch
 from pipeline import diskspace
 from tests.test_finetune_predict import ROOT
 from tests.test_reliability import _kill_when, _popen
-from features import cache
+from features.store import cache
 
 # Extraction in batches of 4, no progress bar: the tests' way of filling a cache.
 QUIET = cache.Extraction(4, progress=False)
@@ -67,7 +67,8 @@ _EXTRACT_ON_SMALL_DISK = r"""
 import errno, json, os, sys
 from pipeline import diskspace
 from workflow import console as cli
-from features import backbone, cache
+from features import backbone
+from features.store import cache
 from pipeline import discovery
 cache_dir, real, guard = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
 if not guard:
@@ -127,7 +128,8 @@ def test_cache_on_a_full_disk_ends_cleanly_and_resumes(small_fs, kill_data, tmp_
     # On a 1 MB disk the guard stops before the first batch (nothing to resume from); a
     # write that failed keeps every batch flushed before it, and the rerun reuses them.
     assert committed == 0 if guard else committed > 0
-    from features import backbone, cache
+    from features import backbone
+    from features.store import cache
     from pipeline import discovery
     ds = discovery.discover(str(kill_data))
     spec = cache.CacheSpec("none(seed=0)", False, 64, data_dir=ds.data_dir)
@@ -158,7 +160,9 @@ else:  # no size-limited file system here: a file-size limit makes the first big
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (its font cache is written before the limit)
     matplotlib.font_manager.findfont("DejaVu Sans")
-from features import backbone, finetune, inference
+from features import backbone
+from features.fit import finetune
+from features.serve import inference
 from workflow import outputs, plots
 
 clf = backbone.build_classifier("none", False, 32, 0)
@@ -222,8 +226,11 @@ def test_every_writer_fails_cleanly_on_a_full_disk(small_fs, tmp_path):
 
 @pytest.mark.slow
 def test_streamed_heads_equal_in_memory_heads(tmp_path):
-    from features import backbone, cache, cv, heads, probe, rows, task
-    from features.settings import FitSettings
+    from features import backbone, task
+    from features.store import cache, rows
+    from features.choose import cv, probe
+    from features.fit import heads
+    from features.fit.settings import FitSettings
     from pipeline import discovery, split
     from tests.conftest import colour_image, write_image
     for i in range(16):
@@ -258,7 +265,7 @@ def test_streamed_heads_equal_in_memory_heads(tmp_path):
 
 
 def test_h5rows_reads_rows_in_the_order_asked(tmp_path):
-    from features.rows import H5Rows
+    from features.store.rows import H5Rows
     path = str(tmp_path / "f.h5")
     with h5py.File(path, "w") as f:
         f["a"] = np.arange(20, dtype=np.float32).reshape(10, 2)

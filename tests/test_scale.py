@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import backbone, cache, distribute, inference, ray_engine
+from features import backbone, distribute
+from features.store import cache
+from features.serve import inference, ray_engine
 from pipeline import discovery
 from pipeline.errors import ConfigError
 from tests.conftest import class_folders, checkpoint_epoch
@@ -36,7 +38,8 @@ def test_strategy_names_and_late_cpu_split_are_clear_errors():
 
 @pytest.mark.slow
 def test_without_ray_address_ray_is_never_imported():
-    code = ("import sys; import features.cache, features.inference, features.ray_engine; "
+    code = ("import sys; import features.store.cache, features.serve.inference, "
+            "features.serve.ray_engine; "
             "import train; assert 'ray' not in sys.modules, 'ray imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -143,7 +146,9 @@ sys.path.insert(0, {root!r})
 from features import distribute
 distribute.split_cpu(3)
 import tensorflow as tf
-from features import backbone, cache, inference
+from features import backbone
+from features.store import cache
+from features.serve import inference
 from pipeline import discovery
 
 # Extraction in batches of 4, no progress bar: the tests' way of filling a cache.

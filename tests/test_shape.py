@@ -65,7 +65,7 @@ def test_no_function_over_60_lines():
 
 
 def test_no_function_takes_more_than_8_parameters():
-    # Settings objects (features.settings, cache.Extraction, heads.FeatureSplit) carry
+    # Settings objects (features.fit.settings, cache.Extraction, heads.FeatureSplit) carry
     # what used to be threaded through every level as keyword arguments.
     def count(node):
         a = node.args

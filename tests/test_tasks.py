@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from sklearn import metrics as sk_metrics
 
-from features import cv, task as task_lib
+from features.choose import cv
+from features import task as task_lib
 from pipeline import discovery, labels, split
 from pipeline.errors import ConfigError, DataError
 from tests.conftest import class_image, write_image

@@ -273,7 +273,7 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
                batch_size: int = 32) -> Dict[str, dict]:
     """Exports ``workdir``'s model.keras in ``formats``, checks each, records the checks in
     metrics.json (``exports``); returns them."""
-    from features import inference
+    from features.serve import inference
     from workflow.outputs import RunFolder
     model, info = inference.load_exported(workdir, policy="float32")
     task = inference.task_of(info)

@@ -8,7 +8,7 @@ What a run exports, and why, is decided on held-out images, never by principle:
   is exported itself, as a small Keras head on the frozen base;
 * **bag or single model** — the bag (the K fold heads kept by cross-validation
   plus the final model) is the default only when it beats the single model on
-  the validation images beyond noise (`features.evidence`); ``bag.keras`` is
+  the validation images beyond noise (`features.choose.evidence`); ``bag.keras`` is
   written either way, for ``predict.py --bag``;
 * **test-time augmentation** — two views (image and mirror) only when they beat
   one view the same way;
@@ -26,11 +26,16 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from features import bag as bag_lib, evidence, heads as heads_lib, inference, probe, scenarios
-from features import cache as cache_lib, finetune as finetune_lib, task as task_lib
-from features import rows as rows_lib
-from features.settings import FinetuneSettings, FitSettings
-from features.training import restore
+from features.choose import bag as bag_lib, evidence, probe
+from features.fit import heads as heads_lib
+from features.serve import inference
+from features import scenarios
+from features.store import cache as cache_lib
+from features.fit import finetune as finetune_lib
+from features import task as task_lib
+from features.store import rows as rows_lib
+from features.fit.settings import FinetuneSettings, FitSettings
+from features.fit.loop import restore
 from features.weights import weights_identity
 from pipeline.atomic import atomic_link
 from workflow import interpret, plots, state as state_lib, summary
@@ -139,7 +144,7 @@ def _members_file(job: Job, scenario: str) -> str:
 
 
 def _bag(job: Job, scenario: str, members):
-    """The bag: ``members`` (a `features.bag.members_model`) on the classifier."""
+    """The bag: ``members`` (a `features.choose.bag.members_model`) on the classifier."""
     blocks = scenarios.get_scenario(scenario).blocks
     return bag_lib.assemble(job.classifier, bag_lib.member_start(job.classifier, blocks),
                             members)

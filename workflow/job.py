@@ -14,11 +14,13 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from features import backbone, cache as cache_lib, cv as cv_lib, distribute, precision
+from features import backbone, distribute, precision
+from features.store import cache as cache_lib
+from features.choose import cv as cv_lib
 from features import task as task_lib
-from features.settings import FinetuneSettings, FitSettings
+from features.fit.settings import FinetuneSettings, FitSettings
 from features.task import Task
-from features.training import snapshot
+from features.fit.loop import snapshot
 from features.weights import weights_identity
 from pipeline import diskspace, discovery, labels, scan, split
 from pipeline.errors import UserError
@@ -49,7 +51,7 @@ class Job:
     initial: object = None       # the classifier's starting state (training.snapshot)
     class_weight: Optional[dict] = None  # --class_weight, resolved for this data
     board: Optional[str] = None  # TensorBoard folder, None with --notensorboard
-    engine: object = None  # a features.ray_engine.RayEngine with --ray_address
+    engine: object = None  # a features.serve.ray_engine.RayEngine with --ray_address
     said: set = dataclasses.field(default_factory=set)  # lines shown once on the terminal
 
     @property
@@ -252,7 +254,7 @@ class Features:
         spec = cache_spec(self.job, self.cache)
         everything = self._load(spec, pd.concat([self.job.train, self.job.val]), 0, stream)
         n = len(self.job.train)
-        from features.rows import take
+        from features.store.rows import take
         train = {k: take(v, np.arange(n)) for k, v in everything.items()}
         val = {k: take(v, np.arange(n, n + len(self.job.val))) for k, v in everything.items()}
         if views <= 0:

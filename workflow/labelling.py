@@ -18,9 +18,12 @@ from typing import Dict
 import numpy as np
 import pandas as pd
 
-from features import audit as audit_lib, curve, cv as cv_lib, heads as heads_lib, probe
-from features import selection, task as task_lib
-from features.training import restore, snapshot
+from features.data import audit as audit_lib, curve
+from features.choose import cv as cv_lib, probe
+from features.fit import heads as heads_lib
+from features.data import selection
+from features import task as task_lib
+from features.fit.loop import restore, snapshot
 from pipeline import discovery, labels as labels_lib, progress, scan
 from pipeline.errors import DataError
 from workflow import console, plots, state as state_lib, summary

@@ -193,7 +193,7 @@ def learning_curve(table: pd.DataFrame, forecasts: dict, path: str, metric: str)
     """Score against labels, per model: the measured points with error bars (std over
     folds and subsets), the fitted law, and its extension to 2x / 4x with the bootstrap
     range when the fit supports one."""
-    from features import curve
+    from features.data import curve
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model, result in forecasts.items():

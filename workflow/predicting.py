@@ -175,7 +175,8 @@ def prepare(cfg: PredictRun) -> Prepared:
 def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     """Loads the model, predicts every readable image in order, writes the CSV (and
     scores)."""
-    from features import inference, precision
+    from features.serve import inference
+    from features import precision
     from pipeline import progress, scan
 
     from workflow import console
@@ -200,7 +201,7 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
                                "row is done)")
     engine = None
     if cfg.ray_address:
-        from features import ray_engine  # only with --ray_address: Ray is optional
+        from features.serve import ray_engine  # only with --ray_address: Ray is optional
         engine = ray_engine.RayEngine(cfg.ray_address, cfg.ray_workers,
                                       precision=chosen.policy).start()
     try:

@@ -14,8 +14,10 @@ from typing import Optional
 
 import numpy as np
 
-from features import bag as bag_lib, heads as heads_lib, inference, probe, sweep
-from features import cv as cv_lib, evidence
+from features.choose import bag as bag_lib, probe, sweep
+from features.fit import heads as heads_lib
+from features.serve import inference
+from features.choose import cv as cv_lib, evidence
 from pipeline import discovery, labels, progress, scan
 from workflow import console, export, interpret, labelling, plots, state as state_lib, summary
 from workflow.export import PROBE
@@ -394,7 +396,7 @@ def run(cfg: TrainConfig, dataset=None):
     from features import distribute
     engine = None
     if cfg.runtime.ray_address:
-        from features import ray_engine
+        from features.serve import ray_engine
         engine = ray_engine.RayEngine(cfg.runtime.ray_address, cfg.runtime.ray_workers, build={
             "weights": cfg.model.weights, "include_top": cfg.model.include_top,
             "image_size": cfg.model.image_size, "seed": cfg.seed})

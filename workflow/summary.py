@@ -2,7 +2,7 @@
 
 from typing import Dict
 
-from features.heads import HeadResult
+from features.fit.heads import HeadResult
 from features.task import Task
 
 LABELS = {"auc": "AUC", "accuracy": "accuracy", "map": "mAP", "loss": "loss"}

@@ -6,7 +6,7 @@ kept, else from ``block5_pool``; B from ``block5_pool``; C (block5 + dense)
 from ``block4_pool``. Because the trained sub-model shares its layers with the
 full classifier, the result drops onto the conv base unchanged.
 
-With cross-validation folds, each scenario is first cross-validated (`features.cv`)
+With cross-validation folds, each scenario is first cross-validated (`features.choose.cv`)
 and its epoch chosen by the mean fold score; the final head then trains on the
 whole training split for that epoch, through the same compiled trainer.
 """
@@ -23,10 +23,12 @@ import keras
 import numpy as np
 import pandas as pd
 
-from features import backbone, cv as cv_lib, rows as rows_lib, scenarios
-from features.settings import FitSettings
+from features import backbone, scenarios
+from features.choose import cv as cv_lib
+from features.store import rows as rows_lib
+from features.fit.settings import FitSettings
 from features.task import Task
-from features.training import EpochLog, HeadTrainer, restore, snapshot
+from features.fit.loop import EpochLog, HeadTrainer, restore, snapshot
 from pipeline.atomic import atomic_path
 from pipeline import progress as progress_lib
 from pipeline.errors import ConfigError

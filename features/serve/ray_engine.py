@@ -4,7 +4,7 @@ Both are embarrassingly parallel batch inference, which is what Ray Data's
 ``map_batches`` with actor workers is for: each actor builds the backbone (or
 loads the exported model) once, then maps batches of image paths to features
 or probabilities. The driver streams the results back and stays the only
-writer: features go into the HDF5 cache through `features.cache` (same
+writer: features go into the HDF5 cache through `features.store.cache` (same
 provenance, checksums, resume and locking as a local run), probabilities into
 the CSV in input order. A worker that dies loses no committed row, and a
 rerun computes only what is missing.
@@ -148,7 +148,7 @@ class RayEngine:
 @dataclasses.dataclass
 class RemoteModel:
     """A run's exported model (``bag.keras`` with ``bag``, else ``model.keras``) as Ray
-    workers load and run it: `features.inference.predict_frame` takes it in place of a
+    workers load and run it: `features.serve.inference.predict_frame` takes it in place of a
     local model."""
     engine: RayEngine
     workdir: str
@@ -164,7 +164,8 @@ class FeatureWorker:
     """A Ray actor: builds the backbone once, then computes feature batches."""
 
     def __init__(self, build: dict, spec, batch_size: int):
-        from features import backbone, extract, precision
+        from features import backbone, precision
+        from features.store import extract
         precision.apply(precision.Precision(spec.precision, "Ray worker"))
         classifier = backbone.build_classifier(**build)
         model = classifier.feature_model(spec.layers)
@@ -188,7 +189,8 @@ class PredictWorker:
 
     def __init__(self, workdir: str, bag: bool, policy: str, image_size: int,
                  batch_size: int, tta: int):
-        from features import inference, precision
+        from features.serve import inference
+        from features import precision
         precision.apply(precision.Precision(policy, "Ray worker"))
         self._model, _ = inference.load_exported(workdir, bag=bag, policy=policy)
         self._args = (image_size, batch_size, tta)

@@ -24,11 +24,11 @@ from typing import List, Optional, Tuple
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from features import rows as rows_lib
-from features.settings import FitSettings
+from features.store import rows as rows_lib
+from features.fit.settings import FitSettings
 from features import task as task_lib
 from features.task import Task
-from features.training import HeadTrainer, restore, snapshot
+from features.fit.loop import HeadTrainer, restore, snapshot
 from pipeline import split
 from pipeline.errors import ConfigError
 

@@ -1,7 +1,7 @@
 """Images to rows of cached features: the tf.data graph and the loop that runs it.
 
-The same code runs in this process (`features.cache`) and, unchanged, inside Ray
-workers (`features.ray_engine`), so both compute the same rows: the eval path
+The same code runs in this process (`features.store.cache`) and, unchanged, inside Ray
+workers (`features.serve.ray_engine`), so both compute the same rows: the eval path
 (decode, resize, mean-centre) and, for augmented views, a per-image augmentation
 seeded by (name, view).
 """

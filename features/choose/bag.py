@@ -1,7 +1,7 @@
 """The bag: the chosen scenario's K cross-validation fold heads plus the final model.
 
 A member is the trainable layers of one fold's head at the chosen epoch, as
-cross-validation left them (`features.cv`): nothing is trained twice. In the bag
+cross-validation left them (`features.choose.cv`): nothing is trained twice. In the bag
 the frozen layers below the first trainable one (the *start*) run once and are
 shared; each member is a copy of the part from there up, and an ``Average`` layer
 (float32) combines them with the final model.

@@ -29,7 +29,7 @@ images copies the finished file to a partial one, appends, and renames back.
 An exclusive lock file serialises writers sharing one ``--cache_dir``.
 
 This module says what a cache holds and keeps it filled (`ensure_features`,
-`load`); one file's reading and writing is `features.store.FeatureCache`. It is
+`load`); one file's reading and writing is `features.store.h5file.FeatureCache`. It is
 a little over 400 lines because extraction (the images -> rows path, local or on
 Ray) belongs with the orchestration that decides which rows to extract.
 """
@@ -51,8 +51,10 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from features import backbone, distribute, extract, scenarios
-from features.store import CacheMismatch, CorruptRows, FeatureCache, keep_open_on_full_disk
+from features import backbone, distribute, scenarios
+from features.store import extract
+from features.store.h5file import (CacheMismatch, CorruptRows, FeatureCache,
+                                   keep_open_on_full_disk)
 from pipeline import diskspace
 from pipeline import progress as progress_lib
 from pipeline.errors import ConfigError, DataError
@@ -229,7 +231,7 @@ class CacheResult:
 @dataclasses.dataclass(frozen=True)
 class Extraction:
     """How missing rows are computed: in batches of ``batch_size``, by ``engine`` (None:
-    this process; a `features.ray_engine.RayEngine`: Ray workers, whose rows stream back
+    this process; a `features.serve.ray_engine.RayEngine`: Ray workers, whose rows stream back
     here and are written exactly as local ones, with the same resume and checksums),
     with a progress bar unless ``progress`` is False."""
     batch_size: int = 32

@@ -1,7 +1,7 @@
 """One HDF5 feature-cache file: open-and-verify, index, append, read rows.
 
-`features.cache` decides what a cache must hold and fills it; this module is the
-file itself (its layout is in `features.cache`). Rows are only ever appended,
+`features.store.cache` decides what a cache must hold and fills it; this module is the
+file itself (its layout is in `features.store.cache`). Rows are only ever appended,
 and ``rows_done`` is advanced after each batch is flushed, so a crash loses at
 most the batch being written. Every row carries a CRC32 of its features,
 checked whenever rows are read.
@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from features.rows import H5Rows
+from features.store.rows import H5Rows
 from pipeline import diskspace
 from pipeline.errors import DataError
 
@@ -60,7 +60,8 @@ class FeatureCache:
 
     @classmethod
     def open(cls, path: str, spec, mode: str = "r") -> "FeatureCache":
-        """Opens ``path`` and checks it was built from ``spec`` (a `features.cache.CacheSpec`);
+        """Opens ``path`` and checks it was built from ``spec`` (a
+        `features.store.cache.CacheSpec`);
         raises `CacheMismatch`."""
         try:
             f = h5py.File(path, mode)

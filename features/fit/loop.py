@@ -27,8 +27,9 @@ import keras
 import numpy as np
 import pandas as pd
 
-from features import backbone, distribute, rows as rows_lib, scenarios
-from features.settings import FitSettings
+from features import backbone, distribute, scenarios
+from features.store import rows as rows_lib
+from features.fit.settings import FitSettings
 from features.task import Task
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc")

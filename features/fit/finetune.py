@@ -30,10 +30,11 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from features import backbone, distribute, rows as rows_lib, scenarios
-from features.settings import FinetuneSettings
+from features import backbone, distribute, scenarios
+from features.store import rows as rows_lib
+from features.fit.settings import FinetuneSettings
 from features.task import Task
-from features.training import EpochLog, ExactValidation, history_frame, sample_weights
+from features.fit.loop import EpochLog, ExactValidation, history_frame, sample_weights
 from pipeline import augment as augment_lib
 from pipeline import input as input_lib
 from pipeline import progress

@@ -28,7 +28,8 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from features import cv as cv_lib, scenarios
+from features.choose import cv as cv_lib
+from features import scenarios
 from features import task as task_lib
 from features.task import Task
 from pipeline import progress as progress_lib

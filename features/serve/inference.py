@@ -15,7 +15,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from features import backbone, bag as bag_lib, distribute, precision
+from features import backbone, distribute, precision
+from features.choose import bag as bag_lib
 from features.task import Task
 from pipeline import input as input_lib
 from pipeline import run_info
@@ -61,7 +62,7 @@ def read_info(workdir: str) -> dict:
 
 def load_exported(workdir: str, bag: bool = False, policy: Optional[str] = None):
     """Loads ``model.keras`` (or, with ``bag``, the bag: ``model.keras`` joined with the
-    fold members in ``bag.keras``, see `features.bag`) in safe mode (no deserialised
+    fold members in ``bag.keras``, see `features.choose.bag`) in safe mode (no deserialised
     code), and its info dict.
 
     ``policy`` (a `features.precision` policy name) makes the model compute in it
@@ -152,7 +153,7 @@ def predict_frame(model: keras.Model, frame, image_size: int, batch_size: int = 
     """Like `predict_paths` for a frame with ``path, name`` and optionally a boolean ``bad``
     column; bad rows get NaN: an image that could not be read has no prediction.
 
-    With ``remote`` (a `features.ray_engine.RemoteModel`), Ray workers load the run's
+    With ``remote`` (a `features.serve.ray_engine.RemoteModel`), Ray workers load the run's
     exported model and predict instead of ``model`` (which may then be None).
     """
     units = model.output.shape[-1] if model is not None else 1

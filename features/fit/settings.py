@@ -15,7 +15,7 @@ class FitSettings:
     """How a head trains on cached features (CV folds, final fits, sweep, refit).
 
     memory_budget: bytes of training features a step may hold in memory; above it
-      rows stream from the HDF5 cache (`features.rows`).
+      rows stream from the HDF5 cache (`features.store.rows`).
     class_weight: {class index: weight} (binary and multi-class), or None.
     progress: show progress bars and per-scenario lines.
     """
@@ -33,7 +33,7 @@ class FitSettings:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneSettings:
-    """How the chosen blocks train end to end (`features.finetune`).
+    """How the chosen blocks train end to end (`features.fit.finetune`).
 
     augment: augmentation preset (`pipeline.augment.PRESETS`); augment_on: where it runs:
       "pipeline" (tf.data, on the CPU), "model" (an `Augment` layer in the training

@@ -7,7 +7,7 @@ trained on the same K folds of the training split from cached features, and
 ranked by its mean CV score (the task's headline metric: ROC AUC for a binary
 task) at its best epoch, with the standard deviation over folds beside it, so
 that differences smaller than the noise are visible as such. Each configuration
-compiles one trainer for all its folds (`features.training.HeadTrainer`).
+compiles one trainer for all its folds (`features.fit.loop.HeadTrainer`).
 """
 
 import itertools
@@ -18,8 +18,10 @@ from typing import List, Sequence
 import numpy as np
 import pandas as pd
 
-from features import backbone, cv as cv_lib, heads, scenarios
-from features.settings import FitSettings
+from features import backbone, scenarios
+from features.choose import cv as cv_lib
+from features.fit import heads
+from features.fit.settings import FitSettings
 from features.task import Task
 from pipeline.errors import ConfigError
 from pipeline import progress as progress_lib

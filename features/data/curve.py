@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from features import cv as cv_lib
+from features.choose import cv as cv_lib
 from features.task import Task
 
 FRACTIONS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0)

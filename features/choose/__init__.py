@@ -1,0 +1,1 @@
+"""Model selection by evidence: cross-validation, the sweep, the linear probe, paired comparisons, the bag."""
