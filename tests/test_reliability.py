@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline import discovery, input as input_lib, ops, scan
 from pipeline.errors import DataError
-from tests.conftest import write_image
+from tests.conftest import checkpoint_epoch, write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(0)
@@ -245,59 +245,74 @@ def _read(path) -> str:
 
 
 @pytest.mark.slow
-def test_sigkill_at_every_stage_then_rerun_resumes_or_restarts_cleanly(kill_data, tmp_path):
+def test_killed_or_interrupted_at_every_stage_then_the_rerun_resumes(kill_data, tmp_path):
+    """One kill-and-resume story, a different signal at each stage: SIGKILL (a crash: no
+    handler runs), SIGINT (Ctrl-C: 130) and SIGTERM (143, e.g. a scheduler), each
+    followed by the rerun the message promised."""
     workdir, cache_dir = tmp_path / "run", tmp_path / "cache"
     args = [os.path.join(ROOT, "train.py"), f"--data_dir={kill_data}", f"--workdir={workdir}",
-            f"--cache_dir={cache_dir}", "--weights=none", "--noinclude_top", "--image_size=64",
-            "--batch_size=2", "--val_size=8", "--epochs=3", "--finetune_epochs=3",
-            "--patience=10", "--augment=keras_blog", "--cv_folds=0"]
+            f"--cache_dir={cache_dir}", "--weights=none", "--noinclude_top", "--image_size=48",
+            "--batch_size=2", "--val_size=8", "--epochs=2", "--finetune_epochs=6",
+            "--patience=10", "--augment=keras_blog", "--cv_folds=0", "--scenarios=A,B",
+            "--finetune_views=0", "--heads_memory_gb=0.0001", "--notensorboard"]
     logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(6)]
+
+    def text(i):
+        logs[i].seek(0)
+        return logs[i].read()
 
     def partial_cache_with_rows():
         """True once the extraction has flushed a few batches into its partial file."""
-        partials = [p for p in os.listdir(cache_dir) if p.endswith(".partial.h5")] \
-            if cache_dir.exists() else []
+        partials = list(cache_dir.glob("*.partial.h5")) if cache_dir.exists() else []
         try:
-            with h5py.File(cache_dir / partials[0], "r", locking=False) as f:
+            with h5py.File(partials[0], "r", locking=False) as f:
                 return int(f.attrs["rows_done"]) >= 4
         except Exception:  # not there yet, or caught mid-write: poll again
             return False
 
-    # 1. Killed during extraction: no finished cache exists, only the partial one.
+    # 1. SIGKILL during extraction: no finished cache exists, only the partial one.
     assert _kill_when(_popen(logs[0], *args), partial_cache_with_rows, delay=0.0)
     assert not [p for p in os.listdir(cache_dir) if p.endswith(".h5")
                 and not p.endswith(".partial.h5")]
-    # 2. Rerun: resumes extraction; killed during the heads stage.
-    assert _kill_when(_popen(logs[1], *args),
-                      lambda: (workdir / "heads" / "A.weights.h5").exists(), delay=0.2)
-    logs[1].seek(0)
-    assert "Resuming the interrupted extraction" in logs[1].read()
+    # 2. Rerun: resumes the extraction; Ctrl-C during the heads stage (features streamed
+    #    from the cache): 130, one paragraph, what a rerun does.
+    proc = _popen(logs[1], *args)
+    assert _kill_when(proc, lambda: (workdir / "heads" / "A.weights.h5").exists(),
+                      delay=0.0, sig=signal.SIGINT)
+    assert proc.returncode == 130, text(1)[-3000:]
+    assert "Resuming the interrupted extraction" in text(1)
+    assert "streaming batches from the HDF5 cache" in text(1)
+    assert "interrupted (Ctrl-C / SIGINT)" in text(1) and "repeat the heads stage" in text(1)
+    assert "Traceback" not in text(1)
     finished = [p for p in os.listdir(cache_dir) if p.endswith(".h5")]
     assert len(finished) == 1 and not finished[0].endswith(".partial.h5")
-    # 3. Rerun: cache hit, heads from scratch; killed during fine-tuning after a checkpoint.
-    assert _kill_when(_popen(logs[2], *args),
-                      lambda: "ckpt-1" in _read(workdir / "finetune" / "checkpoint"), delay=0.0)
-    logs[2].seek(0)
-    assert "Feature cache hit" in logs[2].read()
+    # 3. Rerun: cache hit, heads from scratch; SIGTERM during fine-tuning after a
+    #    checkpoint: 143, and the hint names the epoch to continue from.
+    proc = _popen(logs[2], *args)
+    folder = workdir / "finetune"
+    assert _kill_when(proc, lambda: checkpoint_epoch(folder) >= 1, delay=0.0,
+                      sig=signal.SIGTERM)
+    assert proc.returncode == 143, text(2)[-3000:]
+    assert "Feature cache hit" in text(2)
+    assert "continue the fine-tuning from epoch" in text(2) and "--resume" in text(2)
+    epoch = checkpoint_epoch(folder)
+    assert f"from epoch {epoch} " in text(2)
     assert not (workdir / "model.keras").exists()
-    # 4. Resume fine-tuning from its checkpoint and finish.
-    proc = _popen(logs[3], *args, "--stage=finetune", "--resume")
-    assert proc.wait() == 0
-    logs[3].seek(0)
-    text = logs[3].read()
-    assert "Resumed fine-tuning after epoch" in text, text[-2000:]
+    assert not list(workdir.rglob(".tmp-*"))
+    # 4. The rerun the message promised: resume fine-tuning from that epoch and finish.
+    proc = _popen(logs[3], *args, "--stage=finetune", "--resume", "--finetune_epochs=2")
+    assert proc.wait(timeout=600) == 0, text(3)[-3000:]
+    assert f"Resumed fine-tuning after epoch {epoch}" in text(3)
     assert (workdir / "model.keras").exists()
-    # 5. Prediction killed mid-way never leaves a CSV; the rerun writes all rows.
+    # 5. SIGTERM during prediction: 143 and no CSV at all; the rerun writes every row.
     out = tmp_path / "pred.csv"
     pred = [os.path.join(ROOT, "predict.py"), f"--workdir={workdir}",
             f"--data_dir={kill_data}", f"--output={out}", "--batch_size=1", "--tta=8"]
-
-    def predicting():
-        logs[4].seek(0)
-        return "Predicting" in logs[4].read()
-
-    killed = _kill_when(_popen(logs[4], *pred), predicting, delay=0.5)
-    assert killed and not out.exists()
+    proc = _popen(logs[4], *pred)
+    assert _kill_when(proc, lambda: "Predicting" in text(4), delay=0.5, sig=signal.SIGTERM)
+    assert proc.returncode == 143, text(4)[-3000:]
+    assert "interrupted (SIGTERM)" in text(4) and "predict again" in text(4)
+    assert not out.exists() and not list(tmp_path.glob(".tmp-pred*"))
     assert _popen(logs[5], *pred).wait() == 0
     rows = pd.read_csv(out, dtype={"name": str})
     assert rows.name.tolist() == [str(i) for i in range(1, 21)]

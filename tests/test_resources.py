@@ -11,11 +11,10 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import checkpoint_epoch
 
 from pipeline import diskspace
 from tests.test_finetune_predict import ROOT
-from tests.test_reliability import _kill_when, _popen
+from tests.test_reliability import _popen
 from features.store import cache
 
 # Extraction in batches of 4, no progress bar: the tests' way of filling a cache.
@@ -322,68 +321,6 @@ def test_an_interrupt_re_raised_from_none_is_still_an_interrupt(capsys, monkeypa
     assert stop.value.code == status
     assert words in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is not console._on_sigterm  # put back
-
-
-@pytest.mark.slow
-def test_sigint_and_sigterm_say_interrupted_and_what_a_rerun_does(kill_data, tmp_path):
-    workdir, cache_dir = tmp_path / "run", tmp_path / "cache"
-    args = [os.path.join(ROOT, "train.py"), f"--data_dir={kill_data}", f"--workdir={workdir}",
-            f"--cache_dir={cache_dir}", "--weights=none", "--noinclude_top", "--image_size=48",
-            "--batch_size=2", "--val_size=8", "--epochs=2", "--finetune_epochs=6",
-            "--patience=10", "--augment=keras_blog", "--cv_folds=0", "--scenarios=A",
-            "--finetune_views=0", "--heads_memory_gb=0.0001", "--notensorboard"]
-    logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(5)]
-
-    def text(i):
-        logs[i].seek(0)
-        return logs[i].read()
-
-    def rows_committed():
-        partials = list(cache_dir.glob("*.partial.h5")) if cache_dir.exists() else []
-        try:
-            with h5py.File(partials[0], "r", locking=False) as f:
-                return int(f.attrs["rows_done"]) >= 4
-        except Exception:  # not there yet, or caught mid-write: poll again
-            return False
-
-    # 1. Ctrl-C during extraction: 130, and the rerun resumes from the committed rows.
-    proc = _popen(logs[0], *args)
-    assert _kill_when(proc, rows_committed, delay=0.0, sig=signal.SIGINT)
-    assert proc.returncode == 130, text(0)[-3000:]
-    assert "interrupted (Ctrl-C / SIGINT)" in text(0) and "Traceback" not in text(0)
-    assert "resume the feature extraction:" in text(0) and "rows are committed" in text(0)
-    assert not [p for p in os.listdir(cache_dir) if p.endswith(".h5") and "partial" not in p]
-    # 2. SIGTERM during the heads stage (features streamed from the cache): 143.
-    proc = _popen(logs[1], *args)
-    assert _kill_when(proc, lambda: (workdir / "heads" / "A.weights.h5").exists(),
-                      delay=0.0, sig=signal.SIGTERM)
-    assert proc.returncode == 143, text(1)[-3000:]
-    assert "Resuming the interrupted extraction" in text(1)
-    assert "streaming batches from the HDF5 cache" in text(1)
-    assert "interrupted (SIGTERM)" in text(1) and "repeat the heads stage" in text(1)
-    # 3. SIGTERM during fine-tuning, after a checkpoint: the hint names the epoch.
-    proc = _popen(logs[2], *args)
-    folder = workdir / "finetune"
-    assert _kill_when(proc, lambda: checkpoint_epoch(folder) >= 1, delay=0.0,
-                      sig=signal.SIGTERM)
-    assert proc.returncode == 143, text(2)[-3000:]
-    assert "continue the fine-tuning from epoch" in text(2) and "--resume" in text(2)
-    epoch = checkpoint_epoch(folder)
-    assert f"from epoch {epoch} " in text(2)
-    assert not (workdir / "model.keras").exists()
-    assert not list(workdir.rglob(".tmp-*"))
-    # 4. The rerun the message promised: resume fine-tuning from that epoch.
-    proc = _popen(logs[3], *args, "--stage=finetune", "--resume", "--finetune_epochs=2")
-    assert proc.wait(timeout=600) == 0, text(3)[-3000:]
-    assert f"Resumed fine-tuning after epoch {epoch}" in text(3)
-    # 5. SIGTERM during prediction: 143, and no CSV at all.
-    out = tmp_path / "pred.csv"
-    proc = _popen(logs[4], os.path.join(ROOT, "predict.py"), f"--workdir={workdir}",
-                  f"--data_dir={kill_data}", f"--output={out}", "--batch_size=1", "--tta=8")
-    assert _kill_when(proc, lambda: "Predicting" in text(4), delay=0.5, sig=signal.SIGTERM)
-    assert proc.returncode == 143, text(4)[-3000:]
-    assert "interrupted (SIGTERM)" in text(4) and "predict again" in text(4)
-    assert not out.exists() and not list(tmp_path.glob(".tmp-pred*"))
 
 
 def test_atomic_link_names_one_file_twice_and_leaves_nothing_behind(tmp_path, monkeypatch):
