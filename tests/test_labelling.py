@@ -102,8 +102,8 @@ def test_duplicates_across_splits_are_flagged():
 
 
 @pytest.mark.slow
-def test_label_next_and_curve_through_the_script(kaggle_dir, tmp_path):
-    from tests.test_finetune_predict import _run
+def test_label_next_and_curve_through_train_py_s_flags(kaggle_dir, tmp_path):
+    from tests.inprocess import run as _run
     pool = tmp_path / "pool"
     for i in range(8):
         write_image(str(pool / f"u{i}.jpg"), colour_image(i % 2, seed=500 + i))

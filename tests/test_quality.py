@@ -19,7 +19,7 @@ from pipeline import discovery, split
 from pipeline import input as input_lib
 from pipeline.errors import ConfigError
 from tests.conftest import class_folders
-from tests.test_finetune_predict import _run
+from tests.inprocess import run as _run
 
 BINARY = task_lib.binary()
 
@@ -291,7 +291,7 @@ def test_finetuning_never_exports_worse_than_its_starting_head(cached, tmp_path)
 
 
 @pytest.mark.slow
-def test_sweep_then_use_sweep_through_the_scripts(kaggle_dir, tmp_path):
+def test_sweep_then_use_sweep_through_the_flags(kaggle_dir, tmp_path):
     workdir = tmp_path / "run"
     common = [f"--data_dir={kaggle_dir}", f"--workdir={workdir}", "--weights=none",
               "--noinclude_top", f"--image_size={SIZE}", "--val_size=4", "--batch_size=4",

@@ -200,8 +200,8 @@ def _multiclass_kaggle(root, n=24, n_test=6):
 
 
 @pytest.mark.slow
-def test_multiclass_end_to_end_through_the_scripts(tmp_path):
-    from tests.test_finetune_predict import _run
+def test_multiclass_end_to_end_through_the_flags(tmp_path):
+    from tests.inprocess import run as _run
     data = _multiclass_kaggle(tmp_path / "k")
     workdir = tmp_path / "run"
     common = [f"--data_dir={data}", f"--workdir={workdir}", "--weights=none", "--noinclude_top",
@@ -249,7 +249,7 @@ def test_multiclass_end_to_end_through_the_scripts(tmp_path):
 
 @pytest.mark.slow
 def test_multilabel_end_to_end_writes_thresholds_per_label_metrics_and_tags(tmp_path):
-    from tests.test_finetune_predict import _run
+    from tests.inprocess import run as _run
     root = tmp_path / "k"
     tags = ("blue", "red", "blue red", "plain")
     colours = {"blue": 1, "red": 2, "blue red": 3, "plain": 0}
