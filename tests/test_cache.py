@@ -302,3 +302,29 @@ def test_cross_validation_scores_each_fold_exactly_and_keeps_what_folds_made(
         np.testing.assert_allclose(kept, by_hand, atol=1e-6)
     assert np.ptp(probs) > 1e-4  # trained into something that is not constant
     assert not np.allclose(result.members[0][-2], result.members[1][-2])  # folds differ
+
+
+@pytest.mark.slow
+def test_a_run_reads_each_cache_file_once(kaggle_dir, tmp_path, monkeypatch):
+    """The heads stage, the probe's export and its refit on every label all use the plain
+    features: the file is opened and its rows CRC-checked once, the rest come from memory
+    (only cached views, of another file, are a second read)."""
+    from tests.inprocess import run
+    reads = []
+    real_load = cache.load
+
+    def counting_load(classifier, spec, frame, cache_dir, how=cache.Extraction(), views=0,
+                      stream=False):
+        reads.append((spec.file_name(), views, len(frame)))
+        return real_load(classifier, spec, frame, cache_dir, how, views, stream)
+
+    monkeypatch.setattr(cache, "load", counting_load)
+    result = run("train.py", f"--data_dir={kaggle_dir}", f"--workdir={tmp_path / 'run'}",
+                 f"--cache_dir={tmp_path / 'cache'}", "--weights=none", "--noinclude_top",
+                 f"--image_size={SIZE}", "--val_size=4", "--batch_size=4", "--epochs=1",
+                 "--scenarios=A", "--cv_folds=2", "--finetune_epochs=0", "--tta=1",
+                 "--notensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = [r for r in reads if r[1] == 0]
+    assert len({name for name, _, _ in plain}) == 1
+    assert len(plain) == 1, reads  # 12 labelled images, read once for every step

@@ -53,6 +53,9 @@ class Job:
     board: Optional[str] = None  # TensorBoard folder, None with --notensorboard
     engine: object = None  # a features.serve.ray_engine.RayEngine with --ray_address
     said: set = dataclasses.field(default_factory=set)  # lines shown once on the terminal
+    # Cached features this run has read (see `Features`): each file is opened and its rows
+    # CRC-checked once, however many steps use them.
+    loaded: dict = dataclasses.field(default_factory=dict)
 
     @property
     def y_train(self) -> np.ndarray:
@@ -234,12 +237,24 @@ class Features:
         return stream
 
     def _load(self, spec, frame, views: int, stream: bool):
+        """Features of ``frame``'s images, read once per run: a frame whose images were
+        all read before (by this spec, as many views, streamed or not) gets those rows."""
+        paths = frame.path.tolist()
+        # In memory only: streamed rows are read from the file, which a later extraction
+        # (new images) may rebuild.
+        memo = self.job.loaded.setdefault(spec.file_name(), []) if not stream else None
+        for index, feats in memo or ():
+            if all(p in index for p in paths):
+                rows = np.array([index[p] for p in paths], np.int64)
+                return {layer: v[rows] for layer, v in feats.items()}
         how = cache_lib.Extraction(self.batch_size, engine=self.job.engine)
         feats, result = cache_lib.load(self.job.classifier, spec, frame, self.cache.cache_dir,
                                        how, views=views, stream=stream)
         if result.computed:
             logging.info("Feature cache %s: %d reused, %d computed in %.1f s.", result.path,
                          result.reused, result.computed, result.seconds)
+        if memo is not None and views == 0:  # views: the training images', once per preset
+            memo.append(({p: i for i, p in enumerate(paths)}, feats))
         return feats
 
     def of(self, frame: pd.DataFrame, views: int = 0, preset: str = "none"):
