@@ -45,6 +45,25 @@ def test_forecast_recovers_a_clean_law_and_refuses_noise():
     assert not curve.forecast(noisy, boots=60).supported
 
 
+def test_degenerate_scores_give_answers_without_warnings():
+    # Tiny data: a fold that cannot score an epoch, a constant learning curve, a bootstrap
+    # group without an AUC. The answers stay defined; nothing is printed about them.
+    from features.choose import cv, evidence
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cv.best_epoch(np.array([[np.nan, 0.6], [np.nan, 0.8]])) == 2
+        rows = [{"fraction": f, "repeat": 0, "fold": 0, "labels": 100 * f, "score": 0.5}
+                for f in curve.FRACTIONS]
+        assert not curve.forecast(pd.DataFrame(rows), boots=20).supported
+        y = np.array([0, 1, 0, 1, 1, 1])
+        groups = np.array([0, 0, 0, 0, 1, 1])  # group 1 has one class: no AUC there
+        probs = np.array([0.2, 0.8, 0.3, 0.7, 0.6, 0.9])
+        result = evidence.compare(task_lib.binary(), y, probs, probs[::-1], groups=groups,
+                                  rounds=50)
+    assert np.isfinite(result.summary()["difference"])
+
+
 def _pool():
     """A pool of 4D features: a tight ambiguous cluster (near-duplicates, p ~ 0.5), other
     ambiguous photos spread out, and easy ones."""

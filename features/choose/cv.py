@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -141,8 +142,12 @@ class CVResult:
 
 def best_epoch(curves: np.ndarray) -> int:
     """The epoch (1-based) with the best mean over folds (the last if all are NaN)."""
-    mean = np.nanmean(curves, axis=0) if np.isfinite(curves).any() else None
-    return int(np.nanargmax(mean)) + 1 if mean is not None else curves.shape[1]
+    if not np.isfinite(curves).any():
+        return curves.shape[1]
+    with warnings.catch_warnings():  # an epoch no fold could score is NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(curves, axis=0)
+    return int(np.nanargmax(mean)) + 1
 
 
 def cross_validate(trainer: HeadTrainer, x, y, folds: Folds, settings: FitSettings, *,

@@ -9,6 +9,7 @@ stays.
 """
 
 import dataclasses
+import warnings
 
 import numpy as np
 
@@ -88,8 +89,11 @@ def _score(task: Task, y, probs, counts, groups) -> np.ndarray:
     for g in np.unique(groups):
         rows = np.flatnonzero(groups == g)
         per_group.append(_weighted(task, y[rows], probs[rows], counts[:, rows]))
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(np.stack(per_group), axis=0) if len(per_group) > 1 else per_group[0]
+    if len(per_group) == 1:
+        return per_group[0]
+    with warnings.catch_warnings():  # a round where no group has a score stays NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(per_group), axis=0)
 
 
 def _weighted(task: Task, y, probs, counts) -> np.ndarray:

@@ -156,9 +156,13 @@ def forecast(table: pd.DataFrame, boots: int = 200, seed: int = 0,
     r4 = tuple(float(v) for v in np.quantile(at4, [0.05, 0.95]))
     # The runs' scores must rise with the labels beyond chance (rank correlation over
     # every fold of every subset), or the law is a curve drawn through noise.
-    from scipy.stats import spearmanr
-    rising = spearmanr(table.labels, table.score)
-    trend = bool(rising.statistic > 0 and rising.pvalue < MAX_TREND_P)
+    # Constant scores (or label counts) have no rank correlation: no trend, and no
+    # warning from scipy about it.
+    trend = False
+    if np.ptp(table.score.to_numpy(float)) > 0 and np.ptp(table.labels.to_numpy(float)) > 0:
+        from scipy.stats import spearmanr
+        rising = spearmanr(table.labels, table.score)
+        trend = bool(rising.statistic > 0 and rising.pvalue < MAX_TREND_P)
     supported = (r2[1] - r2[0]) <= MAX_RANGE and r2_fit >= MIN_R2 and trend
     return Forecast(n, now, tuple(float(v) for v in params), float(gain2), r2,
                     float(min(ceiling, _law(4 * n, *params))), r4, supported)
