@@ -194,10 +194,10 @@ def _train_one(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
             log_dir = os.path.join(tensorboard_dir, f"heads_{scenario}")
             shutil.rmtree(log_dir, ignore_errors=True)  # one run's curves per folder
             callbacks.append(keras.callbacks.TensorBoard(log_dir))
-        result = trainer.fit(x_tr, y_tr, fit, val=(val.feats[start], val.y), keep=keep,
+        fitted = trainer.fit(x_tr, y_tr, fit, val=(val.feats[start], val.y), keep=keep,
                              callbacks=callbacks)
         probs = trainer.predict(val.feats[start])
-    result = HeadResult(scenario, start, result.history, result.kept_epoch,
+    result = HeadResult(scenario, start, fitted.history, fitted.kept_epoch,
                         task.scores(val.y, probs), time.perf_counter() - started, task,
                         config=config, cv=cv, val_probs=probs)
     logging.info("Scenario %s: validation %s at epoch %d, %.1f s.", scenario,

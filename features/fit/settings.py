@@ -14,8 +14,9 @@ from typing import Optional
 class FitSettings:
     """How a head trains on cached features (CV folds, final fits, sweep, refit).
 
-    memory_budget: bytes of training features a step may hold in memory; above it
-      rows stream from the HDF5 cache (`features.store.rows`).
+    memory_budget: bytes of cross-validation fold weights (one set per fold and epoch,
+      kept for the bag and the chosen epoch) held in memory; above it they go to disk
+      (`features.choose.cv.WeightStore`).
     class_weight: {class index: weight} (binary and multi-class), or None.
     progress: show progress bars and per-scenario lines.
     """
