@@ -83,7 +83,10 @@ def run(root: str, args, label: str) -> dict:
            "bag_val_auc": metrics.get("bag", {}).get("val_auc"),
            "milestones_s": milestones(open(os.path.join(work, "run", "train.log"),
                                            encoding="utf-8").read())}
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"{label}: run folder kept in {work}", flush=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return row
 
 
@@ -98,6 +101,8 @@ def main():
     parser.add_argument("--extra", action="append", default=[],
                         help="a further train.py flag for both runs (repeatable)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each version's run and cache folders (printed) to read its train.log")
     args = parser.parse_args()
     args.data_dir, args.weights = os.path.abspath(args.data_dir), os.path.abspath(args.weights)
     trees = {}

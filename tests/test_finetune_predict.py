@@ -217,18 +217,21 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     for name in ("model.keras", "model_info.json", "metrics.json", "split.csv",
                  "history_heads_A.csv", "history_heads_C.csv", "heads_comparison.png",
                  "history_finetune.csv", "finetune_history.png", "submission.csv",
-                 "heads/A.weights.h5", "heads/C.weights.h5", "confusion_matrix.png", "roc.png",
+                 "confusion_matrix.png", "roc.png",
                  "top_losses.png", "heads/confusion_matrix.png", "heads/roc.png",
                  "heads/top_losses.png", "bag.keras"):
         assert (workdir / name).is_file(), name
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    # Only the scenario CV ranks first is fitted on the whole split (and fine-tuned).
+    tuned = metrics["finetune"]["scenario"]
+    assert set(metrics["heads"]) == {"A", "C"} and tuned in ("A", "C")
+    assert [s for s in "AC" if metrics["heads"][s]["fitted"]] == [tuned]
     # Kept files hold weights only: no optimizer moments from training (2x the head).
-    for name in ("model.keras", "bag.keras", "heads/A.weights.h5", "heads/C.weights.h5"):
+    for name in ("model.keras", "bag.keras", f"heads/{tuned}.weights.h5"):
         assert not _optimizer_state(workdir / name), name
-    for board in ("heads_A", "heads_C", "finetune"):
+    for board in (f"heads_{tuned}", "finetune"):
         events = list((workdir / "tensorboard" / board).rglob("events.out.tfevents.*"))
         assert events and all(e.stat().st_size > 0 for e in events), board
-    metrics = json.loads((workdir / "metrics.json").read_text())
-    assert set(metrics["heads"]) == {"A", "C"} and metrics["finetune"]["scenario"] in ("A", "C")
     assert set(metrics["cross_validation"]) == {"A", "C"}
     assert len(metrics["cross_validation"]["C"]["fold_aucs"]) == 2
     # A and C start above a cached layer: fine-tuned from 5 cached views (the default),
@@ -237,9 +240,10 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     assert metrics["finetune"]["seconds"] >= metrics["finetune"]["fit_seconds"]
     resolved = json.loads((workdir / "run_config.json").read_text())["precision_resolved"]
     assert resolved["policy"] in ("float32", "mixed_bfloat16") and resolved["reason"]
-    history = pd.read_csv(workdir / "history_heads_C.csv")
+    history = pd.read_csv(workdir / f"history_heads_{tuned}.csv")
     assert list(history.columns[:7]) == ["epoch", "loss", "accuracy", "auc", "val_loss",
                                          "val_accuracy", "val_auc"]
+    assert {"cv_auc", "cv_auc_std"} <= set(history.columns)  # what ranked the scenarios
     assert "Outputs in" in result.stdout and "submission" in result.stdout
     check_console(result, (workdir / "train.log").read_text(), summary_in_log=True)
     # Comparison, fine-tuning history, confusion matrix, ROC, top losses; suspect labels

@@ -355,6 +355,50 @@ def test_top_losses_are_the_errors_with_the_largest_loss_first():
 
 
 @pytest.mark.slow
+def test_only_the_cv_best_scenario_is_fitted_and_a_later_fit_gives_the_same_head(
+        kaggle_dir, tmp_path):
+    """With CV, a scenario ranked below the best cannot be chosen: the heads stage does not
+    fit it on the whole training split. --stage=finetune --scenario=<it> fits it then, to
+    its CV epoch, and gets exactly the head the heads stage would have fitted."""
+    import h5py
+
+    def train(name, *args):
+        workdir = tmp_path / name
+        result = _run("train.py", f"--data_dir={kaggle_dir}", f"--workdir={workdir}",
+                      "--weights=none", "--noinclude_top", f"--image_size={SIZE}",
+                      "--val_size=4", "--batch_size=4", f"--cache_dir={tmp_path / 'cache'}",
+                      "--epochs=3", "--cv_folds=2", "--notensorboard", *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return workdir, result
+
+    both, result = train("both", "--stage=heads", "--scenarios=A,B")
+    metrics = json.loads((both / "metrics.json").read_text())
+    ranked = sorted("AB", key=lambda s: -metrics["cross_validation"][s]["auc_mean"])
+    best, other = ranked
+    assert metrics["heads"][best]["fitted"] and not metrics["heads"][other]["fitted"]
+    assert (both / "heads" / f"{best}.weights.h5").is_file()
+    assert not (both / "heads" / f"{other}.weights.h5").exists()
+    assert f"val_auc" not in pd.read_csv(both / f"history_heads_{other}.csv")
+    assert {"cv_auc", "val_auc"} <= set(pd.read_csv(both / f"history_heads_{best}.csv"))
+    assert f"scenario {other}: 2-fold CV AUC" in result.stdout and "not fitted" in result.stdout
+
+    train("both", "--stage=finetune", f"--scenario={other}", "--finetune_epochs=0")
+    alone, _ = train("alone", "--stage=heads", f"--scenarios={other}")
+
+    def weights(path):
+        with h5py.File(path, "r") as h5:
+            found = {}
+            h5.visititems(lambda k, v: found.update({k: v[()]})
+                          if isinstance(v, h5py.Dataset) else None)
+        return found
+
+    later, direct = (weights(w / "heads" / f"{other}.weights.h5") for w in (both, alone))
+    assert later.keys() == direct.keys() and later
+    for key in later:
+        np.testing.assert_array_equal(later[key], direct[key], err_msg=key)
+
+
+@pytest.mark.slow
 def test_with_tensorboard_off_no_logs_are_written(kaggle_dir, tmp_path):
     workdir = tmp_path / "run"
     result = _run("train.py", f"--data_dir={kaggle_dir}", f"--workdir={workdir}",

@@ -214,7 +214,9 @@ def test_multiclass_end_to_end_through_the_flags(tmp_path):
     info = json.loads((workdir / "model_info.json").read_text())
     assert info["task"] == "multiclass" and info["class_names"] == ["oak", "elm", "ash"]
     metrics = json.loads((workdir / "metrics.json").read_text())
-    assert {"cv_accuracy_mean", "best_val_accuracy", "val_auc"} <= set(metrics["heads"]["A"])
+    fitted = [s for s, h in metrics["heads"].items() if h["fitted"]]  # the CV-best one
+    assert len(fitted) == 1
+    assert {"cv_accuracy_mean", "best_val_accuracy", "val_auc"} <= set(metrics["heads"][fitted[0]])
     assert "val_accuracy" in metrics["probe"] and "cv_accuracy_mean" in metrics["probe"]
     report = pd.read_csv(workdir / "classification_report.csv")
     assert {"oak", "elm", "ash"} <= set(report["class"]) and "f1-score" in report

@@ -87,7 +87,10 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     if scenario == PROBE:
         return export_probe(job, heads, cache, runtime, predict, refit)
     head_weights = heads_lib.weights_file(job.run.path, scenario)
-    heads_lib.load_scenario_weights(job.classifier, scenario, head_weights)
+    if scenario not in job.heads and not os.path.isfile(head_weights):
+        _fit_unfitted_head(job, heads, cache, runtime, config.view_preset, scenario)
+    heads_lib.load_scenario_weights(job.classifier, scenario, head_weights,
+                                    job.heads.get(scenario))
     blocks = (scenarios.parse_blocks(config.trainable_blocks) if config.trainable_blocks
               else list(scenarios.get_scenario(scenario).blocks))
     logging.info("Fine-tuning scenario %s (blocks %s) from %s.", scenario, ",".join(blocks),
@@ -130,6 +133,30 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     estimate = state.export.estimate if refit and state.export else None
     print(summary.final(job.task, described, scores, probe_score, choice.get("bag_scores"),
                         len(job.val), estimate))
+
+
+def _fit_unfitted_head(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
+                       view_preset: str, scenario: str) -> None:
+    """Fits a scenario the heads stage cross-validated but did not fit (CV ranked another
+    first) on the whole training split, to the epoch its CV chose, and saves its weights
+    as the heads stage would have: e.g. for ``--stage=finetune --scenario=C``."""
+    head = state_lib.load(job.run.path).heads.get(scenario)
+    if head is None:
+        return  # never trained: loading says which stage to run
+    logging.info("Scenario %s was cross-validated but not fitted by the heads stage: fitting "
+                 "it now on the training split's cached features to its CV epoch %d.",
+                 scenario, head.epoch)
+    config = heads_lib.HeadConfig.for_scenario(scenario, head.learning_rate,
+                                               optimizer=head.optimizer, dropout=head.dropout,
+                                               views=head.views)
+    train, val, views = Features(job, cache, runtime.batch_size).split(head.views, view_preset)
+    restore(job.classifier.model, job.initial)
+    result = heads_lib.fit_head(
+        job.classifier, config, job.task,
+        heads_lib.FeatureSplit(train, job.y_train, views), heads_lib.FeatureSplit(val, job.y_val),
+        fit_settings(job, heads, cache, runtime), epoch=head.epoch)
+    heads_lib.save_head_weights(job.classifier, scenario, job.run.path)
+    job.heads[scenario] = result.weights
 
 
 def _refit_wanted(job: Job, heads: HeadsConfig) -> bool:

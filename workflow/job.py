@@ -56,6 +56,9 @@ class Job:
     # Cached features this run has read (see `Features`): each file is opened and its rows
     # CRC-checked once, however many steps use them.
     loaded: dict = dataclasses.field(default_factory=dict)
+    # Trained head weights by scenario (the part above its cached layer), kept in memory
+    # by the heads stage so that fine-tuning in the same run does not read them back.
+    heads: dict = dataclasses.field(default_factory=dict)
 
     @property
     def y_train(self) -> np.ndarray:

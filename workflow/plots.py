@@ -53,7 +53,7 @@ def curves(histories: Dict[str, pd.DataFrame], path: str,
                 if kept is not None and (frame.epoch == kept).any():
                     value = frame.loc[frame.epoch == kept, metric].iloc[0]
                     ax.plot([kept], [value], marker="o", markersize=14, fillstyle="none",
-                            color=line.get_color(), label=f"{label}: kept epoch {kept}")
+                            color=line.get_color(), label=f"{label}: chosen epoch {kept}")
         if reference and metric in reference and np.isfinite(reference[metric][0]):
             value, label = reference[metric]
             ax.axhline(value, color="grey", linestyle="--", label=f"{label} {value:.4f}")

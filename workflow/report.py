@@ -186,7 +186,8 @@ def _models_section(folder: str, metrics: dict, metric: str) -> str:
             table(["model", f"CV {metric} mean", "± std", f"validation {metric}", "epoch",
                    "seconds"], rows) + why +
             image(os.path.join(folder, "heads_comparison.png"),
-                  "Scenarios per epoch (validation) and the probe"))
+                  "Scenarios per epoch (cross-validation mean and, for the scenario fitted, "
+                  "validation) and the probe"))
 
 
 # (baseline, candidate) of each decision metrics.json records.

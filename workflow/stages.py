@@ -53,6 +53,7 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
         heads_lib.FeatureSplit(train, job.y_train, view_feats, job.folds),
         heads_lib.FeatureSplit(val, job.y_val), fit_settings(job, heads, cache, runtime),
         out_dir=job.run.path, tensorboard_dir=job.board)
+    job.heads = {s: r.weights for s, r in results.items() if r.weights is not None}
     for s, r in results.items():
         # From the fit's own history, written once and atomically: a CSVLogger writes
         # while training (a kill leaves a torn file) and numbers epochs from 0.
@@ -68,13 +69,7 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
                "metric": job.task.headline})
     job.run.update_metrics("heads_choice", choice)
     _record_state(job, baseline, results, choice)
-    metric = f"val_{job.task.headline}"
-    job.run.note("heads plot", plots.curves(
-        {s: r.history for s, r in results.items()}, job.run.file("heads_comparison.png"),
-        metrics_to_plot=tuple(dict.fromkeys(("val_accuracy", metric, "val_auc"))),
-        title="Scenarios on cached features (validation)",
-        reference={metric: (baseline[metric], "linear probe")},
-        marks={s: r.best_epoch for s, r in results.items()}))
+    _plot_heads(job, results, baseline)
     if best.cv is not None:
         chosen_oof = (probe_choice.oof_probs if choice["scenario"] == PROBE
                       else best.cv.oof_probs)
@@ -94,6 +89,25 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     return choice["scenario"]
 
 
+def _plot_heads(job: Job, results, baseline: dict) -> None:
+    """heads_comparison.png: each scenario's mean CV score per epoch (what ranked them),
+    and the validation curve of each scenario fitted on the whole training split."""
+    name = job.task.headline
+    if any(r.cv is not None for r in results.values()):
+        shown = (f"cv_{name}", f"val_{name}")
+        title = "Scenarios on cached features (cross-validation mean; validation if fitted)"
+    else:
+        shown = tuple(dict.fromkeys(("val_accuracy", f"val_{name}", "val_auc")))
+        title = "Scenarios on cached features (validation)"
+    reference = {f"val_{name}": (baseline[f"val_{name}"], "linear probe")}
+    if f"cv_{name}_mean" in baseline:
+        reference[f"cv_{name}"] = (baseline[f"cv_{name}_mean"], "linear probe")
+    job.run.note("heads plot", plots.curves(
+        {s: r.history for s, r in results.items()}, job.run.file("heads_comparison.png"),
+        metrics_to_plot=shown, title=title, reference=reference,
+        marks={s: r.best_epoch for s, r in results.items()}))
+
+
 def _record_state(job: Job, baseline: dict, results, choice: dict) -> None:
     """The heads stage's part of the run state: the probe, each scenario, the choice."""
     name = job.task.headline
@@ -104,7 +118,7 @@ def _record_state(job: Job, baseline: dict, results, choice: dict) -> None:
     heads = {s: state_lib.HeadState(
         int(r.best_epoch), r.config.learning_rate if r.config else None,
         r.config.optimizer if r.config else "adam", r.config.dropout if r.config else None,
-        int(r.config.views) if r.config else 0, float(r.val_score),
+        int(r.config.views) if r.config else 0, float(r.val_score) if r.fitted else None,
         float(r.cv.mean) if r.cv else None, float(r.cv.std) if r.cv else None)
         for s, r in results.items()}
     state_lib.update(job.run.path, probe=probe_state, heads=heads, choice=choice["scenario"],

@@ -20,6 +20,11 @@ def heads(results: Dict[str, HeadResult], probe: dict, best: HeadResult, task: T
     for s, r in results.items():
         cv = (f", {r.cv.curves.shape[0]}-fold CV {label(name)} {r.cv.mean:.4f} +- "
               f"{r.cv.std:.4f}" if r.cv else "")
+        if not r.fitted:
+            lines.append(f"scenario {s}: {cv[2:]} at epoch {r.best_epoch} (ranked below "
+                         f"scenario {best.scenario}, so not fitted on the whole training "
+                         f"split; {r.seconds:.1f} s, from {r.start_layer})")
+            continue
         other = "auc" if name == "accuracy" else "accuracy"
         scores = f"{label(name)} {r.val_score:.4f}" + (
             f", {label(other)} {r.val_scores[other]:.3f}" if other in r.val_scores else "")

@@ -77,7 +77,7 @@ class HeadResult:
     """Outcome of training one scenario on cached features."""
     scenario: str
     start_layer: str
-    history: pd.DataFrame
+    history: pd.DataFrame   # per epoch: the final fit's columns, and cv_<metric> with CV
     best_epoch: int
     val_scores: dict        # exact scores of the kept weights on the validation split
     seconds: float
@@ -86,6 +86,13 @@ class HeadResult:
     config: Optional[HeadConfig] = None
     cv: Optional[cv_lib.CVResult] = None  # cross-validation on the training split, when run
     val_probs: Optional[np.ndarray] = None  # probabilities of the kept weights on validation
+    weights: Optional[list] = None  # the kept weights of the scenario's part, when fitted
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the scenario was fitted on the whole training split (with CV, only the
+        scenario CV ranks first is: see `train_scenarios`)."""
+        return self.val_probs is not None
 
     @property
     def selected_by(self) -> str:
@@ -104,10 +111,11 @@ class HeadResult:
     def summary(self) -> dict:
         """The ``metrics.json`` entry of this scenario."""
         headline = self.task.headline
-        out = {f"best_val_{headline}": round(self.val_score, 6),
-               "epoch": self.best_epoch, "seconds": round(self.seconds, 3),
+        out = {"epoch": self.best_epoch, "seconds": round(self.seconds, 3),
                "start_layer": self.start_layer, "weights": self.weights_path,
-               "epoch_selected_by": self.selected_by}
+               "epoch_selected_by": self.selected_by, "fitted": self.fitted}
+        if self.fitted:
+            out[f"best_val_{headline}"] = round(self.val_score, 6)
         out.update({f"val_{k}": round(v, 6) for k, v in self.val_scores.items()
                     if k != headline})
         if self.config is not None:
@@ -138,57 +146,97 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence, task: Ta
                     tensorboard_dir: Optional[str] = None) -> Dict[str, HeadResult]:
     """Trains each config's scenario from the same initial weights; saves the weights.
 
-    Without ``train.folds`` the kept epoch is the one with the best validation score.
-    With folds each scenario is first cross-validated on them; the epoch with the best
-    mean CV score is kept and the scenario is ranked by that mean, which a small
-    validation set cannot sway.
+    Without ``train.folds`` every scenario is fitted on the training split and keeps its
+    epoch with the best validation score: the validation set ranks them. With folds each
+    scenario is first cross-validated; the one with the best mean CV score (at its best
+    epoch), which a small validation set cannot sway, is then fitted on the whole
+    training split to that epoch. The others cannot be chosen any more, so they are not
+    fitted (`fit_head` fits one later from its CV epoch, e.g. to fine-tune it).
 
     ``configs`` may also be scenario names: they train with the scenario table's
-    learning rate. Written into ``out_dir`` (when given): ``heads/<S>.weights.h5``;
-    with ``tensorboard_dir``, TensorBoard logs of each scenario's final fit in
-    ``<tensorboard_dir>/heads_<S>``.
+    learning rate. Written into ``out_dir`` (when given): ``heads/<S>.weights.h5`` of
+    each fitted scenario; with ``tensorboard_dir``, TensorBoard logs of each final fit
+    in ``<tensorboard_dir>/heads_<S>``.
     """
+    configs = [HeadConfig.for_scenario(c) if isinstance(c, str) else c for c in configs]
     initial = snapshot(classifier.model)
+    cvs, seconds = {}, {}
+    for config in configs if train.folds else ():
+        restore(classifier.model, initial)
+        started = time.perf_counter()
+        cvs[config.scenario] = _cross_validate(classifier, config, task, train, fit)
+        seconds[config.scenario] = time.perf_counter() - started
+    best = max(cvs, key=lambda s: cvs[s].mean if np.isfinite(cvs[s].mean) else -np.inf,
+               default=None)
     results = {}
     for config in configs:
-        if isinstance(config, str):
-            config = HeadConfig.for_scenario(config)
+        s, cv = config.scenario, cvs.get(config.scenario)
+        if cv is not None and s != best:
+            logging.info("Scenario %s: not fitted on the whole training split (cross-"
+                         "validation ranks scenario %s first).", s, best)
+            results[s] = HeadResult(s, config.row.start_layer(classifier.include_top),
+                                    cv_frame(cv), cv.epoch, {}, seconds[s], task,
+                                    config=config, cv=cv)
+            continue
         restore(classifier.model, initial)
-        result = _train_one(classifier, config, task, train, val, fit, tensorboard_dir)
+        result = fit_head(classifier, config, task, train, val, fit,
+                          epoch=cv.epoch if cv is not None else None,
+                          tensorboard_dir=tensorboard_dir)
+        if cv is not None:
+            result.cv, result.seconds = cv, result.seconds + seconds[s]
+            result.history = result.history.merge(cv_frame(cv), on="epoch", how="outer")
         if out_dir:
-            result.weights_path = save_head_weights(classifier, config.scenario, out_dir)
-        results[config.scenario] = result
+            result.weights_path = save_head_weights(classifier, s, out_dir)
+        results[s] = result
     restore(classifier.model, initial)
     return results
 
 
-def _train_one(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
-               val: FeatureSplit, fit: FitSettings, tensorboard_dir) -> HeadResult:
-    """One scenario: cross-validated (with ``train.folds``), then fitted on the whole
-    training split to the chosen epoch, through one compiled trainer. Leaves the kept
-    weights in the classifier."""
+def cv_frame(cv: cv_lib.CVResult) -> pd.DataFrame:
+    """A scenario's cross-validation as a history table: ``cv_<metric>`` (the mean over
+    folds) and ``cv_<metric>_std`` per epoch."""
+    with warnings.catch_warnings():  # an epoch no fold could score is NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, std = np.nanmean(cv.curves, axis=0), np.nanstd(cv.curves, axis=0)
+    return pd.DataFrame({"epoch": np.arange(1, cv.curves.shape[1] + 1),
+                         f"cv_{cv.metric}": mean, f"cv_{cv.metric}_std": std})
+
+
+def _cross_validate(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
+                    fit: FitSettings) -> cv_lib.CVResult:
+    """One scenario's cross-validation on ``train.folds`` (the classifier is left as it
+    was found)."""
     scenario = config.scenario
     start = config.row.start_layer(classifier.include_top)
-    views_x = train.views[start] if train.views else None
-    y_train = np.asarray(train.y)
-    started = time.perf_counter()
-    cv, keep = None, "best"
+    folds = train.folds
+    bar = progress_lib.bar(len(folds), "fold", "cross-validation") if fit.progress else None
+    if fit.progress:
+        print(f"Scenario {scenario}: {len(folds)}-fold cross-validation")
     with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:
-        if train.folds:
-            folds = train.folds
-            bar = (progress_lib.bar(len(folds), "fold", "cross-validation") if fit.progress
-                   else None)
-            if fit.progress:
-                print(f"Scenario {scenario}: {len(folds)}-fold cross-validation")
-            cv = cv_lib.cross_validate(trainer, train.feats[start], y_train, folds, fit,
-                                       views_x=views_x, progress=bar)
-            keep = cv.epoch
-            logging.info("Scenario %s: %s at epoch %d (chosen by CV).", scenario,
-                         cv_lib.format_cv(cv), keep)
+        cv = cv_lib.cross_validate(trainer, train.feats[start], np.asarray(train.y), folds, fit,
+                                   views_x=train.views[start] if train.views else None,
+                                   progress=bar)
+    logging.info("Scenario %s: %s at epoch %d (chosen by CV).", scenario,
+                 cv_lib.format_cv(cv), cv.epoch)
+    return cv
+
+
+def fit_head(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
+             val: FeatureSplit, fit: FitSettings, *, epoch: Optional[int] = None,
+             tensorboard_dir=None) -> HeadResult:
+    """Fits one scenario on the whole training split (with its cached views) from the
+    classifier's current weights and leaves the kept weights in it: those of ``epoch``
+    (e.g. chosen by cross-validation), else of the best validation epoch."""
+    scenario = config.scenario
+    start = config.row.start_layer(classifier.include_top)
+    keep = epoch or "best"
+    started = time.perf_counter()
+    with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:
         logging.info("Scenario %s: training %s from cached %s for %d epochs (%s).",
                      scenario, "+".join(config.row.blocks), start, fit.epochs,
                      config.describe())
-        x_tr, y_tr = rows_lib.with_views(train.feats[start], y_train, views_x)
+        x_tr, y_tr = rows_lib.with_views(train.feats[start], np.asarray(train.y),
+                                         train.views[start] if train.views else None)
         callbacks = [EpochLog(f"Scenario {scenario}", fit.epochs)]
         if tensorboard_dir:
             log_dir = os.path.join(tensorboard_dir, f"heads_{scenario}")
@@ -199,7 +247,8 @@ def _train_one(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
         probs = trainer.predict(val.feats[start])
     result = HeadResult(scenario, start, fitted.history, fitted.kept_epoch,
                         task.scores(val.y, probs), time.perf_counter() - started, task,
-                        config=config, cv=cv, val_probs=probs)
+                        config=config, val_probs=probs,
+                        weights=config.row.part(classifier).get_weights())
     logging.info("Scenario %s: validation %s at epoch %d, %.1f s.", scenario,
                  ", ".join(f"{k} {v:.4f}" for k, v in result.val_scores.items()),
                  result.best_epoch, result.seconds)
@@ -224,8 +273,13 @@ def save_head_weights(classifier: backbone.Classifier, scenario: str, out_dir: s
     return path
 
 
-def load_scenario_weights(classifier: backbone.Classifier, scenario: str, weights_path: str):
-    """Puts a scenario's cache-trained weights into ``classifier`` (in place)."""
+def load_scenario_weights(classifier: backbone.Classifier, scenario: str, weights_path: str,
+                          in_memory: Optional[list] = None):
+    """Puts a scenario's cache-trained weights into ``classifier`` (in place): ``in_memory``
+    (its part's weights, as `HeadResult.weights` kept them) when given, else the file."""
+    if in_memory is not None:
+        scenarios.get_scenario(scenario).part(classifier).set_weights(in_memory)
+        return
     if not os.path.isfile(weights_path):
         raise ConfigError(f"No trained head for scenario {scenario} at {weights_path}; run "
                           "--stage=heads first (with the same --workdir).")
