@@ -150,6 +150,42 @@ def test_export_loads_in_safe_mode_and_predicts_identically(split, tmp_path):
     assert not np.allclose(mirror, direct)
 
 
+def test_held_out_outputs_from_cached_features_equal_the_whole_network(split, tmp_path):
+    """The export validates its models (single, bag, probe; 1 or 2 views) from the cached
+    features of the validation images instead of running them through the frozen layers
+    again: the outputs must equal the whole network's, view for view."""
+    from features.choose import bag as bag_lib
+    from features.store import cache as cache_lib
+    train, _ = split
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    spec = cache_lib.CacheSpec("none(seed=0)", False, SIZE)
+    feats, _ = cache_lib.load(clf, spec, train, str(tmp_path / "cache"),
+                              cache_lib.Extraction(4, progress=False))
+    paths, names_ = train.path.tolist(), train.name.tolist()
+    held = inference.HeldOut(clf, paths, SIZE, 4, cached={k: np.asarray(v)
+                                                           for k, v in feats.items()})
+    for layer in ("block4_pool", "block5_pool"):
+        for tta in (1, 2):
+            whole = inference.predict_paths(clf.model, paths, names_, SIZE, 4, tta,
+                                            progress=False)
+            above = held.outputs(clf.model_from(layer), layer, tta)
+            np.testing.assert_allclose(above, whole, atol=1e-5, err_msg=f"{layer} tta={tta}")
+    # The mirrored view went through the frozen layers once per layer, then was reused.
+    assert {k for k in held._features} == {("block4_pool", 0), ("block5_pool", 0),
+                                           ("block4_pool", 1), ("block5_pool", 1)}
+    # A bag (two fold heads that differ from the model) above block5_pool.
+    blocks = ["fc", "predictions"]
+    part = clf.model_from("block5_pool")  # fc1 and predictions: all trainable in B
+    members = bag_lib.members_model(clf, blocks, [
+        bag_lib.as_member(clf, blocks, [w + 0.01 * (k + 1) for w in part.get_weights()])
+        for k in range(2)])
+    start = bag_lib.member_start(clf, blocks)
+    whole = inference.predict_paths(bag_lib.assemble(clf, start, members), paths, names_,
+                                    SIZE, 4, 2, progress=False)
+    above = held.outputs(bag_lib.on_features(clf, start, members), start, 2)
+    np.testing.assert_allclose(above, whole, atol=1e-5)
+
+
 def test_tta_views_are_deterministic_and_first_is_identity():
     x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
     views = inference.tta_views(x, 8)

@@ -38,20 +38,12 @@ from features.fit.settings import FinetuneSettings, FitSettings
 from features.fit.loop import restore
 from features.weights import weights_identity
 from pipeline.atomic import atomic_link
-from workflow import interpret, plots, state as state_lib, summary
+from workflow import interpret, plots, state as state_lib, summary, validation
 from workflow.outputs import binary_column
 from workflow.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
 from workflow.job import Features, Job, finetune_settings, fit_settings
 
 PROBE = "probe"
-
-
-def _validate(job: Job, model, batch_size: int, tta: int = 1):
-    """(scores, probabilities) of ``model`` on the validation images."""
-    outputs = inference.predict_paths(model, job.val.path.tolist(), job.val.name.tolist(),
-                                      job.model.image_size, batch_size, tta, progress=False)
-    probs = job.task.probabilities(outputs)
-    return job.task.scores(job.y_val, probs), probs
 
 
 def _cached_views(job: Job, config: FinetuneConfig, cache: CacheConfig, batch_size: int,
@@ -102,7 +94,9 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
         ft = _finetune(job, config, cache, scenario, blocks, fine)
         checkpoints, kept = ft.pop("checkpoints"), ft["best_epoch"]
         result.update(ft)
-    scores, probs = _validate(job, job.classifier.model, runtime.batch_size)
+    held = validation.held_out(job, cache, runtime.batch_size)
+    single = validation.above_cache(job, job.classifier.model, blocks)
+    scores, probs = validation.validate(job, held, single)
     thresholds = _final_report(job, probs)
     if thresholds is not None:
         scores = job.task.scores(job.y_val, probs, thresholds)
@@ -113,7 +107,8 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
         print("fine-tuning did not improve on the head: exporting the head")
     members = (bag_lib.load_members(_members_file(job, scenario))
                if heads.bag and _bag_fits(job, scenario, blocks) else None)
-    choice = _choose_output(job, scenario, members, probs, predict, runtime)
+    bag = validation.bag(job, scenario, single, members) if members is not None else None
+    choice = validation.choose_output(job, held, (single, bag, members), probs, predict)
     if refit:
         result["refit"] = _refit(job, config, cache, scenario, blocks,
                                  fit_settings(job, heads, cache, runtime),
@@ -170,13 +165,6 @@ def _members_file(job: Job, scenario: str) -> str:
     return bag_lib.members_file(job.run.file("heads", "bag"), scenario)
 
 
-def _bag(job: Job, scenario: str, members):
-    """The bag: ``members`` (a `features.choose.bag.members_model`) on the classifier."""
-    blocks = scenarios.get_scenario(scenario).blocks
-    return bag_lib.assemble(job.classifier, bag_lib.member_start(job.classifier, blocks),
-                            members)
-
-
 def _bag_fits(job: Job, scenario: str, blocks) -> bool:
     """Fold heads sit on the frozen layers below the scenario's start; --trainable_blocks
     reaching deeper changes those layers under them, so such a run gets no bag."""
@@ -223,38 +211,6 @@ def _final_report(job: Job, probs):
             print("most confused (true -> predicted, validation images): " + "; ".join(
                 f"{t} -> {p} ({n})" for t, p, n in confused))
     return thresholds
-
-
-def _choose_output(job: Job, scenario: str, members, single_probs, predict: PredictConfig,
-                   runtime: RuntimeConfig) -> dict:
-    """Bag or single model, and how many TTA views, by evidence on the validation images."""
-    task, out = job.task, {"default": "model", "tta": 1, "decisions": {}}
-    base_probs = single_probs
-    if members is not None:
-        bag_scores, bag_probs = _validate(job, _bag(job, scenario, members), runtime.batch_size)
-        bag_vs_single = evidence.compare(task, job.y_val, bag_probs, single_probs, job.seed)
-        logging.info("Bag vs single model: %s", bag_vs_single.describe("bag", "single model"))
-        out["decisions"]["bag_vs_single"] = bag_vs_single.summary()
-        out["bag_scores"] = {"members": bag_lib.size(members) + 1,
-                             **{f"val_{k}": v for k, v in bag_scores.items()}}
-        if bag_vs_single.better:
-            out["default"], base_probs = "bag", bag_probs
-    out["tta"] = _choose_tta(job, out, base_probs, scenario, members, predict, runtime)
-    return out
-
-
-def _choose_tta(job: Job, out: dict, base_probs, scenario: str, members, predict: PredictConfig,
-                runtime: RuntimeConfig) -> int:
-    """``--tta`` as given, or (auto) 2 views when they beat 1 beyond noise."""
-    if predict.tta != "auto":
-        return int(predict.tta)
-    model = (job.classifier.model if out["default"] == "model" else
-             _bag(job, scenario, members))
-    _, mirrored = _validate(job, model, runtime.batch_size, tta=2)
-    tta = evidence.compare(job.task, job.y_val, mirrored, base_probs, job.seed)
-    logging.info("Test-time augmentation: %s", tta.describe("2 views", "1 view"))
-    out["decisions"]["tta2_vs_tta1"] = tta.summary()
-    return 2 if tta.better else 1
 
 
 def _refit(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, blocks,
@@ -396,20 +352,22 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
     on training + validation images."""
     meta = state_lib.load(job.run.path).probe
     config = probe.ProbeConfig(meta.pooling, meta.standardised, meta.c)
-    model = _probe_model(job, cache, runtime, config, job.train)
-    scores, probs = _validate(job, model, runtime.batch_size)
+    model, head = _probe_model(job, cache, runtime, config, job.train)
+    # The probe sits on the frozen base's cached layer: validated from the cache.
+    held = validation.held_out(job, cache, runtime.batch_size)
+    scores, probs = validation.validate(job, held, (head, probe.PROBE_LAYER))
     thresholds = _final_report(job, probs)
     choice = {"default": "model", "decisions": {}}
     if predict.tta == "auto":
-        _, mirrored = _validate(job, model, runtime.batch_size, tta=2)
+        _, mirrored = validation.validate(job, held, (head, probe.PROBE_LAYER), tta=2)
         tta = evidence.compare(job.task, job.y_val, mirrored, probs, job.seed)
         choice["decisions"]["tta2_vs_tta1"] = tta.summary()
         choice["tta"] = 2 if tta.better else 1
     else:
         choice["tta"] = int(predict.tta)
     if refit:
-        model = _probe_model(job, cache, runtime, config,
-                             pd.concat([job.train, job.val], ignore_index=True))
+        model, _ = _probe_model(job, cache, runtime, config,
+                                pd.concat([job.train, job.val], ignore_index=True))
     _record_final(job, f"the linear probe ({config.describe()})", scores, thresholds)
     info = _model_info(job, PROBE, [], scores, thresholds)
     estimate = _estimate(job, PROBE, refit, scores)
@@ -430,7 +388,8 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
 
 def _probe_model(job: Job, cache: CacheConfig, runtime: RuntimeConfig,
                  config: probe.ProbeConfig, frame: pd.DataFrame):
-    """The probe fitted on ``frame``'s cached features, as image -> frozen base -> probe."""
+    """The probe fitted on ``frame``'s cached features: (image -> frozen base -> probe,
+    the probe alone on the features at `probe.PROBE_LAYER`)."""
     import keras
     x = probe.pooled(Features(job, cache, runtime.batch_size).of(frame)[probe.PROBE_LAYER],
                      config.pooling)
@@ -440,4 +399,4 @@ def _probe_model(job: Job, cache: CacheConfig, runtime: RuntimeConfig,
                             job.classifier.block5.output.shape[1:])
     image = keras.Input(job.classifier.model.input.shape[1:], name="image")
     return keras.Model(image, head(job.classifier.block5(job.classifier.stem(
-        image, training=False), training=False)), name="vgg16_probe")
+        image, training=False), training=False)), name="vgg16_probe"), head

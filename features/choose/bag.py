@@ -111,13 +111,20 @@ def assemble(classifier: backbone.Classifier, start: str, members: keras.Model,
                           f"{tuple(trunk.output.shape[1:])}: they are from another run; "
                           "rerun --stage=heads.")
     image = keras.Input(classifier.model.input.shape[1:], name="image")
-    features = trunk(image)
+    return keras.Model(image, on_features(classifier, start, members)(trunk(image)), name=name)
+
+
+def on_features(classifier: backbone.Classifier, start: str, members: keras.Model) -> keras.Model:
+    """The bag above its frozen trunk: features at ``start`` -> the average of the
+    classifier's own part from there and every output of ``members``."""
+    part = classifier.model_from(start)
+    features = keras.Input(part.input.shape[1:], name=f"{start}_features")
     outputs = members(features)
-    outputs = [classifier.model_from(start)(features)] + (
-        list(outputs) if isinstance(outputs, (list, tuple)) else [outputs])
+    outputs = [part(features)] + (list(outputs) if isinstance(outputs, (list, tuple))
+                                  else [outputs])
     # float32 like the members' outputs, whatever the precision policy.
     average = keras.layers.Average(name="average", dtype="float32")(outputs)
-    return keras.Model(image, average, name=name)
+    return keras.Model(features, average, name="bag_above_trunk")
 
 
 def _layer(model: keras.Model, name: str) -> keras.layers.Layer:

@@ -166,3 +166,54 @@ def predict_frame(model: keras.Model, frame, image_size: int, batch_size: int = 
                                       frame.name[good].tolist(), image_size, batch_size, tta,
                                       progress)
     return outputs
+
+
+class HeldOut:
+    """Outputs, on one fixed set of images, of models that share the classifier's frozen
+    layers below some layer: each image goes through those layers once per view.
+
+    The export compares several such models on the validation images (the final model,
+    the bag, each with and without a mirrored view); they differ only above the cached
+    layer they train from. Their inputs there are the cached features (``cached``: layer
+    -> array, the images' rows in order) for the plain view; any other (layer, view) is
+    computed once, through the classifier's own trunk, when first asked for.
+
+    `outputs` equals `predict_paths` of the whole model (image -> frozen trunk -> part):
+    the same views, averaged the same way.
+    """
+
+    def __init__(self, classifier: backbone.Classifier, paths: Sequence[str], image_size: int,
+                 batch_size: int = 32, cached: Optional[dict] = None):
+        self.classifier, self.paths = classifier, list(paths)
+        self.image_size, self.batch_size = image_size, batch_size
+        self._features = {(layer, 0): np.asarray(v) for layer, v in (cached or {}).items()}
+
+    def features(self, layer: str, view: int = 0) -> np.ndarray:
+        """The images' features at ``layer`` for TTA view ``view`` (0: the image itself)."""
+        key = (layer, view)
+        if key not in self._features:
+            dataset = input_lib.eval_dataset(self.paths, None, self.paths, self.image_size,
+                                             self.batch_size)
+            # Called eagerly, like `outputs`: each model here runs once or twice per
+            # export, and tracing a function for each would cost more than it saves (and
+            # TensorFlow warns about functions traced in a row).
+            trunk = self.classifier.trunk(layer)
+            out = [np.asarray(trunk(tta_views(batch["image"], view + 1)[view], training=False))
+                   for batch in dataset]
+            self._features[key] = (np.concatenate(out) if out else
+                                   np.zeros((0, *self.classifier.trunk(layer).output.shape[1:]),
+                                            np.float32))
+        return self._features[key]
+
+    def outputs(self, part: keras.Model, layer: str, tta: int = 1) -> np.ndarray:
+        """``part``'s outputs [N, units] on the features at ``layer``, averaged over the
+        first ``tta`` views as `predict_paths` averages them."""
+        check_tta(tta)
+        size = self.batch_size
+        views = []
+        for v in range(tta):
+            x = self.features(layer, v)
+            views.append(np.concatenate(
+                [np.asarray(part(tf.constant(x[i:i + size]), training=False), np.float32)
+                 for i in range(0, len(x), size)] or [np.zeros((0, part.output.shape[-1]))]))
+        return (np.add.reduce(views) / len(views)).astype(np.float64)
