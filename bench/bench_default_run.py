@@ -2,7 +2,8 @@
 
     W=$(python ../shared/tools/vgg16_pretrained.py)
     python bench/bench_default_run.py --data_dir=../shared/data/hymenoptera/train \
-        --weights="$W" --before=f0ccee3 [--extra=--finetune_epochs=5]
+        --weights="$W" --before=f0ccee3 [--extra=--finetune_epochs=5] \
+        [--after_variant= --after_variant=--noprobe_baseline]
 
 Each version runs ``train.py --data_dir=... --weights=W --noinclude_top`` (plus
 ``--extra``) as a user would, in a fresh process with its own empty cache folder,
@@ -62,11 +63,24 @@ def milestones(log: str) -> dict:
     return out
 
 
-def run(root: str, args, label: str) -> dict:
+def warm_file_cache(*roots: str) -> None:
+    """Reads every file under ``roots`` once, so that neither version pays for a cold
+    disk (the first run would otherwise read the photos and weights from disk, the
+    second from the page cache)."""
+    for root in roots:
+        paths = [root] if os.path.isfile(root) else [
+            os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+        for path in paths:
+            with open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+
+def run(root: str, args, label: str, variant: str = "") -> dict:
     work = tempfile.mkdtemp(prefix=f"bench-default-{label}-")
     cmd = [sys.executable, os.path.join(root, "train.py"), f"--data_dir={args.data_dir}",
            f"--weights={args.weights}", "--noinclude_top", f"--workdir={work}/run",
-           f"--cache_dir={work}/cache", "--on_bad_image=skip", *args.extra]
+           f"--cache_dir={work}/cache", "--on_bad_image=skip", *args.extra, *variant.split()]
     started = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     seconds = time.perf_counter() - started
@@ -100,6 +114,10 @@ def main():
                         "code only, so that edits made while it runs cannot reach it)")
     parser.add_argument("--extra", action="append", default=[],
                         help="a further train.py flag for both runs (repeatable)")
+    parser.add_argument("--after_variant", action="append", default=None,
+                        help="flags for one run of --after only (repeatable: one run each; "
+                        "'' is the plain run), e.g. --noprobe_baseline to keep the choice "
+                        "rule of a revision older than issue 27")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--keep", action="store_true",
                         help="keep each version's run and cache folders (printed) to read its train.log")
@@ -111,10 +129,14 @@ def main():
             trees[label] = tempfile.mkdtemp(prefix=f"bench-{label}-")
             subprocess.run(["git", "-C", common.ROOT, "worktree", "add", "--detach",
                             trees[label], rev], check=True, capture_output=True)
+        warm_file_cache(args.data_dir, args.weights)
         results = {}
-        for label, rev in (("before", args.before), ("after", args.after)):
-            results[f"{label} ({rev})"] = run(trees[label], args, label)
-            print(f"{label} ({rev}): {results[f'{label} ({rev})']}", flush=True)
+        runs = [("before", args.before, "")] + [("after", args.after, v)
+                                                for v in args.after_variant or [""]]
+        for label, rev, variant in runs:
+            name = f"{label} ({rev}{' ' + variant if variant else ''})"
+            results[name] = run(trees[label], args, label, variant)
+            print(f"{name}: {results[name]}", flush=True)
     finally:
         for tree in trees.values():
             subprocess.run(["git", "-C", common.ROOT, "worktree", "remove", "--force", tree],
@@ -125,8 +147,10 @@ def main():
               f"{row['chosen']}  final val AUC {row['final_val_auc']}  bag "
               f"{row['bag_val_auc']}  fine-tuning epochs {row['finetune_epochs_run']}")
         print(f"  {'':20s} seconds from the first log line: {row['milestones_s']}")
-    before, after = results.values()
-    print(f"  after / before time: {after['seconds'] / before['seconds']:.2f}")
+    before = next(iter(results.values()))
+    for name, after in list(results.items())[1:]:
+        print(f"  {name} / before time: {after['seconds'] / before['seconds']:.2f} "
+              f"({before['seconds'] / after['seconds']:.2f}x faster)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
