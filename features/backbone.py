@@ -78,6 +78,19 @@ class Classifier:
             x = self.head.get_layer(name)(x)
         return keras.Model(inputs, x, name=f"after_{layer_name}")
 
+    def head_span(self, layer_name: str) -> keras.Model:
+        """The frozen head layers from ``block5_pool``'s output to ``layer_name``'s (a head
+        layer such as ``flatten``): ``trunk(layer) == head_span(layer)(trunk(block5_pool))``."""
+        names = [l.name for l in self.head.layers[1:]]
+        if layer_name not in names:
+            raise ConfigError(f"{layer_name!r} is not a layer of the head.")
+        inputs = keras.Input(self.head.input.shape[1:], name="block5_pool_features")
+        x = inputs
+        for name in names[:names.index(layer_name) + 1]:
+            x = self.head.get_layer(name)(x, training=False) if name == DROPOUT \
+                else self.head.get_layer(name)(x)
+        return keras.Model(inputs, x, name=f"block5_pool_to_{layer_name}")
+
     def trunk(self, layer_name: str) -> keras.Model:
         """The frozen part below ``layer_name``: image -> that layer's output.
 

@@ -164,6 +164,12 @@ def test_held_out_outputs_from_cached_features_equal_the_whole_network(split, tm
     paths, names_ = train.path.tolist(), train.name.tolist()
     held = inference.HeldOut(clf, paths, SIZE, 4, cached={k: np.asarray(v)
                                                            for k, v in feats.items()})
+    calls, trunk = [], clf.trunk  # every layer the images go through the frozen trunk to
+
+    def spy(layer):
+        calls.append(layer)
+        return trunk(layer)
+    clf.trunk = spy
     for layer in ("block4_pool", "block5_pool"):
         for tta in (1, 2):
             whole = inference.predict_paths(clf.model, paths, names_, SIZE, 4, tta,
@@ -182,8 +188,14 @@ def test_held_out_outputs_from_cached_features_equal_the_whole_network(split, tm
     start = bag_lib.member_start(clf, blocks)
     whole = inference.predict_paths(bag_lib.assemble(clf, start, members), paths, names_,
                                     SIZE, 4, 2, progress=False)
+    assert start == "flatten"  # not a cached layer: derived from block5_pool's features
+    del calls[2:]  # (assemble's own trunk, the reference)
     above = held.outputs(bag_lib.on_features(clf, start, members), start, 2)
     np.testing.assert_allclose(above, whole, atol=1e-5)
+    # Still no image went through the frozen layers again: both views of flatten came from
+    # block5_pool's (cached, and mirrored once above).
+    assert ("flatten", 1) in held._features
+    assert calls == ["block4_pool", "block5_pool"]  # the mirrored view, once per layer
 
 
 def test_tta_views_are_deterministic_and_first_is_identity():
@@ -477,8 +489,9 @@ def test_one_image_file_is_a_folder_of_one(tmp_path):
 
 @pytest.mark.slow
 def test_train_names_an_undecodable_image(kaggle_dir, tmp_path):
+    from tests.inprocess import run  # train.py's main in this process (no TF import)
     (kaggle_dir / "train" / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
-    result = _run("train.py", f"--data_dir={kaggle_dir}", "--weights=none", "--noinclude_top",
+    result = run("train.py", f"--data_dir={kaggle_dir}", "--weights=none", "--noinclude_top",
                   "--image_size=32", "--val_size=4", f"--workdir={tmp_path / 'w'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(kaggle_dir / "train" / "3.jpg") in result.stderr
