@@ -28,6 +28,30 @@ from features.scenarios import (BLOCK4_POOL, BLOCK5, BLOCK5_POOL, BLOCKS, DROPOU
                                 STEM, block_of, check_optimizer)
 from pipeline.errors import ConfigError
 
+class CompiledConvs(keras.layers.Layer):
+    """Runs a conv sub-model (its forward pass, and so its gradients) as one
+    XLA-compiled function. Its weights are the sub-model's own.
+
+    Why: TensorFlow's stock CPU kernels for convolution gradients are built for a
+    generic x86-64, while XLA compiles for the CPU at hand; in float32 on an AVX2
+    machine, scenario C's training step (block5 + head) ran in 64 instead of 128 ms
+    per image (docs/benchmarks.md). Only the convolutions are compiled: under XLA
+    dropout draws other masks than outside it, and the head's dropout stays outside.
+    """
+
+    def __init__(self, inner: keras.Model, **kwargs):
+        super().__init__(name=f"compiled_{inner.name}", **kwargs)
+        self.inner = inner
+        import tensorflow as tf  # only this layer needs TensorFlow itself
+        self._run = tf.function(lambda x: self.inner(x, training=False), jit_compile=True)
+
+    def call(self, x):
+        return self._run(x)
+
+    def compute_output_spec(self, x):
+        return self.inner.compute_output_spec(x)
+
+
 @dataclasses.dataclass
 class Classifier:
     """VGG16 conv base plus a new head, as shareable sub-models.
@@ -77,6 +101,22 @@ class Classifier:
         for name in names[names.index(layer_name) + 1:]:
             x = self.head.get_layer(name)(x)
         return keras.Model(inputs, x, name=f"after_{layer_name}")
+
+    def training_model(self, layer_name: str, compiled_convs: bool = False) -> keras.Model:
+        """`model_from` for training: the same layers and weights, with each conv
+        sub-model (stem, block5) run as one XLA-compiled function when
+        ``compiled_convs`` (see `precision.compile_convs`). The dense head stays
+        outside XLA, so dropout draws the same masks either way. Never saved: it
+        holds a `CompiledConvs` layer, which is not serialisable on purpose."""
+        if not compiled_convs or layer_name not in (INPUT, BLOCK4_POOL):
+            return self.model_from(layer_name)
+        if layer_name == INPUT:
+            inputs = keras.Input(self.model.input.shape[1:], name="image")
+            x = CompiledConvs(self.block5)(CompiledConvs(self.stem)(inputs))
+        else:
+            inputs = keras.Input(self.block5.input.shape[1:], name="block4_pool_features")
+            x = CompiledConvs(self.block5)(inputs)
+        return keras.Model(inputs, self.head(x), name=f"train_from_{layer_name}")
 
     def head_span(self, layer_name: str) -> keras.Model:
         """The frozen head layers from ``block5_pool``'s output to ``layer_name``'s (a head

@@ -91,6 +91,20 @@ def choose(requested: str = "auto", flags: Optional[Iterable[str]] = None,
                                 "emulated and no faster than float32")
 
 
+def compile_convs(policy: Optional[str] = None, gpus: Optional[bool] = None) -> bool:
+    """Whether conv blocks that train run XLA-compiled (`backbone.CompiledConvs`): on a
+    CPU in float32. Not in mixed bfloat16, where TensorFlow's own convolutions use
+    oneDNN's bfloat16 kernels and XLA's ran 3.2x slower (scenario C's step, 64 vs 20 ms
+    per image on AVX512-BF16); not on GPUs, where it was never measured. ``policy``
+    and ``gpus`` default to the global Keras policy and this machine."""
+    if policy is None:
+        policy = keras.mixed_precision.global_policy().name
+    if gpus is None:
+        import tensorflow as tf
+        gpus = bool(tf.config.list_physical_devices("GPU"))
+    return policy == "float32" and not gpus
+
+
 def apply(precision: Precision) -> None:
     """Sets the global Keras policy: layers built from now on compute in it."""
     keras.mixed_precision.set_global_policy(precision.policy)

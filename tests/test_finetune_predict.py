@@ -68,7 +68,7 @@ def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
     class Spy(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             seen["kernel"] = clf2.head.get_layer("predictions").kernel.numpy().copy()
-            seen["iterations"] = int(clf2.model.optimizer.iterations.numpy())
+            seen["iterations"] = int(self.model.optimizer.iterations.numpy())  # the model fit
 
     real_fit = keras.Model.fit
 

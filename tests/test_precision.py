@@ -260,3 +260,31 @@ def test_a_model_trained_in_bfloat16_is_saved_to_compute_in_float32(policy, tmp_
     assert loaded["policies"] == ["float32"]
     np.testing.assert_allclose(loaded["p"], reference.model.predict(x, verbose=0).ravel(),
                                atol=1e-5)
+
+
+def test_only_float32_conv_blocks_on_a_cpu_are_compiled():
+    assert precision.compile_convs("float32", gpus=False)
+    assert not precision.compile_convs("mixed_bfloat16", gpus=False)  # oneDNN bf16 wins
+    assert not precision.compile_convs("float32", gpus=True)           # never measured
+
+
+def test_compiled_conv_blocks_train_scenario_c_as_the_stock_kernels_do(monkeypatch):
+    """Scenario C (block5 + head, with dropout) with block5 XLA-compiled reaches the same
+    weights as without, up to float rounding: only the convolutions are compiled, so the
+    head's dropout draws the same masks (under a whole-step XLA compile it does not)."""
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.normal(size=(24, 2, 2, 512)), 0).astype(np.float32) * 5
+    y = np.arange(24) % 2
+    probs = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(precision, "compile_convs", lambda: compiled)
+        clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+        with heads.HeadConfig.for_scenario("C").trainer(clf, BINARY) as trainer:
+            wrapped = [l for l in trainer.model.layers if isinstance(l, backbone.CompiledConvs)]
+            assert len(wrapped) == int(compiled)
+            trainer.fit(x, y, FitSettings(3, 8))
+            probs[compiled] = trainer.predict(x)
+        # The classifier itself (what is saved) never holds the XLA wrapper.
+        assert not any(isinstance(l, backbone.CompiledConvs) for l in clf.model.layers)
+    assert np.ptp(probs[False]) > 1e-3  # it learned something the two runs can disagree on
+    np.testing.assert_allclose(probs[True], probs[False], rtol=1e-4, atol=1e-5)

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from features import backbone, distribute, scenarios
+from features import backbone, distribute, precision, scenarios
 from features.store import rows as rows_lib
 from features.fit.settings import FinetuneSettings
 from features.task import Task
@@ -345,19 +345,20 @@ def _fit_model(classifier, blocks, task, val_frame, cached, settings: FinetuneSe
         if start != cached.start_layer:
             raise ConfigError(f"Blocks {','.join(blocks)} train from {start}, but the cached "
                               f"views are of {cached.start_layer}.")
-        fit_model = classifier.model_from(start)
+        fit_model = classifier.training_model(start, precision.compile_convs())
         return (fit_model, _feature_validation(fit_model, task, cached.val_x, s.batch_size),
                 cached.val_y, f"{cached.views} cached view(s) of {cached.start_layer}")
     validate = (_image_validation(classifier.model, task, val_frame, s.image_size,
                                   s.batch_size) if val_frame is not None else None)
     y_val = np.asarray(val_frame.label.tolist()) if val_frame is not None else None
+    whole = classifier.training_model(scenarios.INPUT, precision.compile_convs())
     if _augments_in_model(s) and not augment_lib.get_preset(s.augment).is_identity:
         image = keras.Input(classifier.model.input.shape[1:], name="image")
-        fit_model = keras.Model(image, classifier.model(
+        fit_model = keras.Model(image, whole(
             augment_lib.Augment(s.augment, seed=s.seed, name="augment")(image)),
             name="train_model")
         return fit_model, validate, y_val, "the model"
-    return classifier.model, validate, y_val, "the input pipeline"
+    return whole, validate, y_val, "the input pipeline"
 
 
 def _training_data(task, train_frame, cached, settings: FinetuneSettings):

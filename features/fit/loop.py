@@ -6,10 +6,13 @@ then reuses the traced training step for every later ``fit``) and resets the
 weights, the dropout seed state and the optimizer's variables by assignment
 between folds, so K folds cost one trace instead of K.
 
-The step is not XLA-compiled: on CPU, XLA's convolutions do not use
-oneDNN's bfloat16 kernels, and scenario C's step (block5 trains) ran 3.2x slower
-under XLA in mixed bfloat16 (64 vs 20 ms per image on an AVX512-BF16 CPU); the
+The step is not XLA-compiled as a whole: XLA draws other dropout masks, and in
+mixed bfloat16 on CPU its convolutions skip oneDNN's bfloat16 kernels (scenario
+C's step ran 3.2x slower, 64 vs 20 ms per image on an AVX512-BF16 CPU); the
 dense-only steps of A and B were no faster with it either (docs/benchmarks.md).
+Where `precision.compile_convs` says so (a CPU in float32), the conv blocks that
+train alone run XLA-compiled (`Classifier.training_model`): C's step 2x faster,
+the same dropout masks.
 
 Validation is exact: `ExactValidation` predicts the validation rows after every
 epoch and puts the task's exact metrics (scikit-learn ROC AUC, accuracy, log
@@ -27,7 +30,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from features import backbone, distribute, scenarios
+from features import backbone, distribute, precision, scenarios
 from features.store import rows as rows_lib
 from features.fit.settings import FitSettings
 from features.task import Task
@@ -146,7 +149,7 @@ class HeadTrainer:
         self.blocks = list(blocks)
         classifier.set_trainable(self.blocks, log=False)
         self.start = start or scenarios.start_layer(self.blocks, classifier.include_top)
-        self.model = classifier.model_from(self.start)
+        self.model = classifier.training_model(self.start, precision.compile_convs())
         self._old_dropout = classifier.dropout.rate if classifier.dropout is not None else None
         classifier.set_dropout(dropout)  # read when the step is traced: before compile
         self.replicas = distribute.replicas()
