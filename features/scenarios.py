@@ -1,4 +1,4 @@
-"""The scenario table, the trainable blocks and the layer names: pure Python.
+"""The scenario table, the trainable blocks and the head's layer names: pure Python.
 
 Every module reads layer names and scenarios from here, and the scripts can
 check ``--scenarios``/``--trainable_blocks`` before TensorFlow is imported.
@@ -7,12 +7,15 @@ check ``--scenarios``/``--trainable_blocks`` before TensorFlow is imported.
 import dataclasses
 from typing import List, Optional, Sequence
 
+from features import networks
 from pipeline.errors import ConfigError
 
-# Layer and sub-model names: the one table every module reads them from.
-INPUT = "input"
-BLOCK4_POOL = "block4_pool"
-BLOCK5_POOL = "block5_pool"
+# Layer and sub-model names of VGG16 and of the head. Other backbones' layers come
+# from their description (`features.networks.Backbone`), which every module reads.
+INPUT = networks.INPUT
+BLOCK4_POOL = networks.VGG16.stem_layer
+BLOCK5_POOL = networks.VGG16.feature_layer
+GAP = "avg_pool"
 FLATTEN = "flatten"
 FC1 = "fc1"
 FC2 = "fc2"
@@ -21,7 +24,7 @@ PREDICTIONS = "predictions"
 STEM, BLOCK5, HEAD = "vgg16_stem", "vgg16_block5", "head"
 # Layers whose outputs the feature cache can hold, in network order.
 CACHEABLE = (BLOCK4_POOL, BLOCK5_POOL, FC2)
-BLOCKS = ("block1", "block2", "block3", "block4", "block5", "fc", PREDICTIONS)
+BLOCKS = networks.VGG16.blocks
 # Without the ImageNet top, the head gets one new hidden layer of this width.
 NO_TOP_HIDDEN_UNITS = 256
 
@@ -45,21 +48,25 @@ class Scenario:
     learning_rate: float
     description: str
 
-    def start_layer(self, include_top: bool) -> str:
-        """The cached layer this scenario trains from (see `start_layer`)."""
-        return start_layer(self.blocks, include_top)
+    def start_layer(self, include_top: bool, net: networks.Backbone = networks.VGG16) -> str:
+        """The cached layer this scenario trains from on ``net`` (see `start_layer`)."""
+        return start_layer(self.blocks, include_top, net)
+
+    def blocks_on(self, net: networks.Backbone) -> List[str]:
+        """The blocks that train, in ``net``'s stage names (C: its last stage)."""
+        return net.resolve_blocks(self.blocks)
 
     def part(self, classifier):
         """The sub-model of a `features.backbone.Classifier` this scenario trains:
         everything above its cached start layer."""
-        return classifier.model_from(self.start_layer(classifier.include_top))
+        return classifier.model_from(classifier.start_layer(self.blocks))
 
 
 SCENARIOS = {
     "A": Scenario("A", (PREDICTIONS,), 1e-3, "only the new output layer"),
     "B": Scenario("B", ("fc", PREDICTIONS), 1e-4, "all dense layers"),
-    "C": Scenario("C", ("block5", "fc", PREDICTIONS), 1e-4,
-                  "dense layers plus the last conv block (block5)"),
+    "C": Scenario("C", (networks.LAST_STAGE, "fc", PREDICTIONS), 1e-4,
+                  "dense layers plus the backbone's last stage (VGG16: block5)"),
 }
 SCENARIO_HELP = "; ".join(f"{s.name} = {s.description}" for s in SCENARIOS.values())
 
@@ -74,7 +81,9 @@ def get_scenario(scenario: str) -> Scenario:
 
 
 def block_of(layer_name: str) -> Optional[str]:
-    """The trainable block a layer belongs to (``block1``..``block5``, ``fc``, ``predictions``)."""
+    """The trainable block a VGG16 layer belongs to (``block1``..``block5``, ``fc``,
+    ``predictions``); other backbones map their layers when built
+    (`features.backbone.Classifier.block_of`)."""
     prefix = layer_name.split("_")[0]
     if prefix in BLOCKS[:5]:
         return prefix
@@ -85,31 +94,23 @@ def block_of(layer_name: str) -> Optional[str]:
     return None
 
 
-def parse_blocks(spec: str) -> List[str]:
-    """Parses ``--trainable_blocks`` such as "block4,block5,fc" (``predictions`` is implied)."""
+def parse_blocks(spec: str, net: networks.Backbone = networks.VGG16) -> List[str]:
+    """Parses ``--trainable_blocks`` such as "block4,block5,fc" (``predictions`` is
+    implied) into ``net``'s stage names (``last`` = its last stage)."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in BLOCKS]
-    if not names or unknown:
-        raise ConfigError(
-            f"--trainable_blocks={spec!r}: {', '.join(map(repr, unknown)) or 'nothing given'} "
-            f"matches no block; choose from {', '.join(BLOCKS)}.")
-    return sorted(set(names) | {PREDICTIONS}, key=BLOCKS.index)
+    if not names:
+        raise ConfigError(f"--trainable_blocks={spec!r}: nothing given; choose from "
+                          f"{', '.join(net.blocks)}.")
+    return net.resolve_blocks(names + [PREDICTIONS], f"--trainable_blocks={spec!r}")
 
 
-def start_layer(blocks: Sequence[str], include_top: bool) -> str:
-    """The highest cacheable layer below every trainable block (`INPUT` if none is).
-
-    Scenario A (output layer only) starts from ``fc2`` when the ImageNet top is
-    kept, else from ``block5_pool``; B from ``block5_pool``; C from ``block4_pool``.
-    """
-    blocks = set(blocks)
-    if blocks & {"block1", "block2", "block3", "block4"}:
-        return INPUT
-    if "block5" in blocks:
-        return BLOCK4_POOL
-    if "fc" in blocks or not include_top:
-        return BLOCK5_POOL
-    return FC2
+def start_layer(blocks: Sequence[str], include_top: bool,
+                net: networks.Backbone = networks.VGG16) -> str:
+    """The highest cacheable layer below every trainable block (`INPUT` if none is);
+    see `features.networks.Backbone.start_layer`. For VGG16: scenario A starts from
+    ``fc2`` when the ImageNet top is kept, else from ``block5_pool``; B from
+    ``block5_pool``; C from ``block4_pool``."""
+    return net.start_layer(blocks, include_top)
 
 
 # The optimizers a head or fine-tuning can use (`features.backbone.make_optimizer`).

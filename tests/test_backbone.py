@@ -53,7 +53,7 @@ def test_stable_layer_names_and_submodels(classifier):
     assert classifier.model.output.shape[1:] == (1,)
     x = np.random.default_rng(0).normal(0, 50, (2, SIZE, SIZE, 3)).astype(np.float32)
     full = classifier.model.predict(x, verbose=0)
-    parts = classifier.head.predict(classifier.block5.predict(
+    parts = classifier.head.predict(classifier.last.predict(
         classifier.stem.predict(x, verbose=0), verbose=0), verbose=0)
     np.testing.assert_allclose(full, parts, rtol=1e-5, atol=1e-6)
     assert np.all((full > 0) & (full < 1))

@@ -215,7 +215,7 @@ def test_run_config_records_the_precision_each_part_really_computes_in(policy):
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
     recorded = precision.parts("mixed_bfloat16")
     compute = {"mixed_bfloat16": "bfloat16", "float32": "float32"}
-    conv = {l.compute_dtype for part in (clf.stem, clf.block5) for l in part.layers
+    conv = {l.compute_dtype for part in (clf.stem, clf.last) for l in part.layers
             if l.name.startswith("block") and "conv" in l.name}
     assert conv == {compute[recorded["conv_base"]]}
     head = {l.compute_dtype for l in clf.head.layers if l.weights}

@@ -9,7 +9,7 @@ import dataclasses
 import os
 from typing import Optional, Tuple, Union
 
-from features import scenarios
+from features import networks, scenarios
 from pipeline import run_info
 from pipeline.errors import ConfigError
 from workflow import deploy
@@ -51,6 +51,7 @@ class ModelConfig:
     include_top: bool
     image_size: int
     dropout: float
+    backbone: networks.BackboneChoice = networks.BackboneChoice()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,8 +256,9 @@ def _check(values: dict) -> None:
         scenarios.get_scenario(s)
     for name in [values["optimizer"], *values["sweep_optimizers"]]:
         scenarios.check_optimizer(name)
-    if values["trainable_blocks"]:
-        scenarios.parse_blocks(values["trainable_blocks"])
+    choice = backbone_choice(values)
+    if values["trainable_blocks"] and choice.name == "vgg16":
+        scenarios.parse_blocks(values["trainable_blocks"])  # others: once built
     if values["augment"] not in AUGMENT_PRESETS:
         raise ConfigError(f"--augment={values['augment']!r} is not a preset; choose one of "
                           f"{', '.join(AUGMENT_PRESETS)}.")
@@ -265,8 +267,12 @@ def _check(values: dict) -> None:
                           "folder.")
     if values["weights"] not in ("imagenet", "none") and not os.path.isfile(values["weights"]):
         raise ConfigError(f"--weights={values['weights']!r}: no such file. Expected "
-                          "'imagenet', 'none', or the path of a VGG16 .h5 / .weights.h5 file.")
-    if values["include_top"] and values["image_size"] != 224:
+                          "'imagenet', 'none', or the path of a weights file of the backbone "
+                          "(VGG16: .h5 / .weights.h5).")
+    if choice.is_file and values["weights"] != "imagenet":
+        raise ConfigError(f"--backbone={choice.name} brings its own weights; drop "
+                          f"--weights={values['weights']} (it applies to networks by name).")
+    if values["include_top"] and choice.name == "vgg16" and values["image_size"] != 224:
         raise ConfigError(f"--include_top keeps VGG16's fc1/fc2, which need 224x224 input; got "
                           f"--image_size={values['image_size']}. Use --image_size=224 or "
                           "--noinclude_top.")
@@ -289,6 +295,12 @@ def _check(values: dict) -> None:
             raise ConfigError(f"--budget must be at least 1; got {values['budget']}.")
     if values["batch_size"] < 1:
         raise ConfigError(f"--batch_size must be at least 1; got {values['batch_size']}.")
+
+
+def backbone_choice(values: dict) -> networks.BackboneChoice:
+    """``--backbone`` with ``--feature_layer``/``--stage_ends``, checked (no TensorFlow)."""
+    return networks.check_choice(values.get("backbone") or "vgg16", values.get("feature_layer"),
+                                 [s.strip() for s in values.get("stage_ends") or [] if s.strip()])
 
 
 def parse_tta(text) -> Union[int, str]:
@@ -330,7 +342,8 @@ def train_config(flag_values, names) -> TrainConfig:
     every flag not passed (``names``: the flags of train.py)."""
     values = {name: flag_values[name].value for name in names}
     if values["demo"]:
-        values.update({k: v for k, v in DEMO_SETTINGS.items() if not flag_values[k].present})
+        values.update({k: v for k, v in DEMO_SETTINGS.items() if not flag_values[k].present
+                       and not (k == "weights" and backbone_choice(values).is_file)})
         values["workdir"] = values["workdir"] or os.path.join(
             "runs", "demo" if values["demo"] == "binary" else f"demo_{values['demo']}")
     elif not values["data_dir"]:
@@ -339,11 +352,13 @@ def train_config(flag_values, names) -> TrainConfig:
     values["scenarios"] = [s.strip().upper() for s in values["scenarios"] if s.strip()]
     _check(values)
     v = values
+    choice = backbone_choice(v)
     return TrainConfig(
         data=DataConfig(v["data_dir"], v["positive_class"], v["val_size"], v["seed"],
                         v["on_bad_image"], v["demo"], v["label_column"],
                         None if v["task"] == "auto" else v["task"]),
-        model=ModelConfig(v["weights"], v["include_top"], v["image_size"], v["dropout"]),
+        model=ModelConfig(v["weights"], v["include_top"] and choice.name == "vgg16",
+                          v["image_size"], v["dropout"], choice),
         cache=CacheConfig(v["cache_dir"], v["cache_dtype"], v["cache_augmented_views"],
                           v["heads_memory_gb"]),
         heads=HeadsConfig(tuple(v["scenarios"]), v["epochs"], v["learning_rate"],

@@ -36,12 +36,11 @@ from features import task as task_lib
 from features.store import rows as rows_lib
 from features.fit.settings import FinetuneSettings, FitSettings
 from features.fit.loop import restore
-from features.weights import weights_identity
 from pipeline.atomic import atomic_link
 from workflow import interpret, plots, state as state_lib, summary, validation
 from workflow.outputs import binary_column
 from workflow.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
-from workflow.job import Features, Job, finetune_settings, fit_settings
+from workflow.job import Features, Job, backbone_weights_id, finetune_settings, fit_settings
 
 PROBE = "probe"
 
@@ -51,10 +50,10 @@ def _cached_views(job: Job, config: FinetuneConfig, cache: CacheConfig, batch_si
     """`finetune.CachedViews` for --finetune_views=K when the blocks start above a cached
     layer (extracting the views once), else None: the whole network trains from images.
     ``frame``: the images to train on (default the training split)."""
-    start = scenarios.start_layer(blocks, job.classifier.include_top)
+    start = job.classifier.start_layer(blocks)
     if config.views <= 0:
         return None
-    if start not in cache_lib.cached_layers(job.model.include_top):
+    if start not in cache_lib.cached_layers(job.model.include_top, job.classifier.net):
         logging.info("Fine-tuning blocks %s reach below every cached layer: training the whole "
                      "network from images (--finetune_views applies above a cached layer).",
                      ",".join(blocks))
@@ -84,7 +83,7 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     heads_lib.load_scenario_weights(job.classifier, scenario, head_weights,
                                     job.heads.get(scenario))
     blocks = (scenarios.parse_blocks(config.trainable_blocks) if config.trainable_blocks
-              else list(scenarios.get_scenario(scenario).blocks))
+              else scenarios.get_scenario(scenario).blocks_on(job.classifier.net))
     logging.info("Fine-tuning scenario %s (blocks %s) from %s.", scenario, ",".join(blocks),
                  head_weights)
     result = {"scenario": scenario, "blocks": blocks, "optimizer": optimizer}
@@ -168,8 +167,8 @@ def _members_file(job: Job, scenario: str) -> str:
 def _bag_fits(job: Job, scenario: str, blocks) -> bool:
     """Fold heads sit on the frozen layers below the scenario's start; --trainable_blocks
     reaching deeper changes those layers under them, so such a run gets no bag."""
-    start = scenarios.get_scenario(scenario).start_layer(job.classifier.include_top)
-    return scenarios.start_layer(blocks, job.classifier.include_top) == start
+    start = job.classifier.start_layer(scenarios.get_scenario(scenario).blocks)
+    return job.classifier.start_layer(blocks) == start
 
 
 def _finetune(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, blocks,
@@ -227,7 +226,7 @@ def _refit(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, 
         scenario, head.learning_rate, optimizer=head.optimizer, dropout=head.dropout)
     restore(job.classifier.model, job.initial)
     features = Features(job, cache, fit.batch_size)
-    start = config_head.row.start_layer(job.classifier.include_top)
+    start = job.classifier.start_layer(config_head.row.blocks)
     x, y_rows = features.of(everything)[start], y
     views = head.views
     if views:
@@ -278,6 +277,16 @@ def _estimate(job: Job, scenario: str, refit: bool, scores: dict) -> dict:
             "how": f"validation set ({len(job.val)} images)"}
 
 
+def input_contract(image_size: int) -> dict:
+    """What an exported model takes, for every backbone (the input graph's output;
+    a backbone that wants RGB undoes it inside, `features.zoo.CaffeToRGB`)."""
+    return {"shape": [None, image_size, image_size, 3], "dtype": "float32",
+            "channel_order": "BGR",
+            "value_range": "0..255 minus the ImageNet channel means (B 103.939, G 116.779, "
+                           "R 123.68), no scaling",
+            "resize": "bilinear with antialiasing to a square, aspect ratio not kept"}
+
+
 def _model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) -> dict:
     """``model_info.json``: what predict.py needs to preprocess as in training, and the
     order and meaning of the model's outputs."""
@@ -286,8 +295,10 @@ def _model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) 
             "class_names": list(task.class_names), "positive_class": task.positive_class,
             "scenario": scenario, "trainable_blocks": blocks,
             "include_top": job.model.include_top,
-            "weights": weights_identity(job.model.weights, job.seed),
-            "preprocessing": cache_lib.PREPROCESSING,
+            "backbone": job.classifier.net.name, "backbone_source": job.classifier.net.source,
+            "weights": backbone_weights_id(job.model, job.seed),
+            "preprocessing": cache_lib.preprocessing(job.classifier.net),
+            "input": input_contract(job.model.image_size),
             "output": "P(positive class)" if task.kind == "binary" else
             "P(class) per class, in class_names order",
             "val_auc": scores.get("auc"), "val_accuracy": scores.get("accuracy"),
@@ -355,11 +366,12 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
     model, head = _probe_model(job, cache, runtime, config, job.train)
     # The probe sits on the frozen base's cached layer: validated from the cache.
     held = validation.held_out(job, cache, runtime.batch_size)
-    scores, probs = validation.validate(job, held, (head, probe.PROBE_LAYER))
+    layer = job.classifier.net.feature_layer
+    scores, probs = validation.validate(job, held, (head, layer))
     thresholds = _final_report(job, probs)
     choice = {"default": "model", "decisions": {}}
     if predict.tta == "auto":
-        _, mirrored = validation.validate(job, held, (head, probe.PROBE_LAYER), tta=2)
+        _, mirrored = validation.validate(job, held, (head, layer), tta=2)
         tta = evidence.compare(job.task, job.y_val, mirrored, probs, job.seed)
         choice["decisions"]["tta2_vs_tta1"] = tta.summary()
         choice["tta"] = 2 if tta.better else 1
@@ -389,14 +401,15 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
 def _probe_model(job: Job, cache: CacheConfig, runtime: RuntimeConfig,
                  config: probe.ProbeConfig, frame: pd.DataFrame):
     """The probe fitted on ``frame``'s cached features: (image -> frozen base -> probe,
-    the probe alone on the features at `probe.PROBE_LAYER`)."""
+    the probe alone on the backbone's feature map)."""
     import keras
-    x = probe.pooled(Features(job, cache, runtime.batch_size).of(frame)[probe.PROBE_LAYER],
+    features = Features(job, cache, runtime.batch_size).of(frame)
+    x = probe.pooled(features[job.classifier.net.feature_layer],
                      config.pooling)
     estimator = probe.fit(x, np.asarray(frame.label.tolist()), job.task, config,
                           job.class_weight)
     head = probe.keras_head(estimator, config, job.task,
-                            job.classifier.block5.output.shape[1:])
+                            job.classifier.last.output.shape[1:])
     image = keras.Input(job.classifier.model.input.shape[1:], name="image")
-    return keras.Model(image, head(job.classifier.block5(job.classifier.stem(
-        image, training=False), training=False)), name="vgg16_probe"), head
+    return keras.Model(image, head(job.classifier.last(job.classifier.stem(
+        image, training=False), training=False)), name=f"{job.classifier.net.slug}_probe"), head

@@ -150,12 +150,25 @@ def _train_data(d: dict) -> None:
 
 def _train_model(d: dict) -> None:
     """The network."""
+    flags.DEFINE_string("backbone", "vgg16", "The pretrained network under the new head: "
+                        "vgg16 (the reference), a keras.applications name (resnet50, "
+                        "efficientnetb0, efficientnetv2b0, efficientnetv2s, convnext_tiny, "
+                        "mobilenetv3large, mobilenetv3small; --weights applies), or the path "
+                        "of a Keras model file (.keras) of any image network, weights and "
+                        "preprocessing inside.", module_name=MODEL, **d)
+    flags.DEFINE_string("feature_layer", None, "--backbone=FILE or a named network: the "
+                        "layer whose output is the feature map (default: the last layer with "
+                        "a spatial output).", module_name=MODEL, **d)
+    flags.DEFINE_list("stage_ends", [], "--backbone=FILE or a named network: the last layer "
+                      "of each stage, in order (default: from the layer names, blockN_/convN_/"
+                      "stageN, else where the resolution halves).", module_name=MODEL, **d)
     flags.DEFINE_string("weights", "imagenet", "'imagenet' (Keras download, cached in "
-                        "~/.keras/models), 'none' (random init), or a VGG16 .h5/.weights.h5 "
-                        "path.", module_name=MODEL, **d)
-    flags.DEFINE_boolean("include_top", True, "Keep VGG16's ImageNet dense layers fc1/fc2 and "
-                         "replace only the 1000-way layer (needs --image_size=224). With "
-                         "--noinclude_top the head is a new 256-unit fc1 + dropout.",
+                        "~/.keras/models), 'none' (random init), or a weights file of the "
+                        "backbone (VGG16: .h5/.weights.h5).", module_name=MODEL, **d)
+    flags.DEFINE_boolean("include_top", True, "VGG16 only: keep its ImageNet dense layers "
+                         "fc1/fc2 and replace only the 1000-way layer (needs --image_size=224). "
+                         "With --noinclude_top, and for every other backbone, the head is a "
+                         "new 256-unit fc1 + dropout.",
                          module_name=MODEL, **d)
     flags.DEFINE_integer("image_size", 224, "Square input size in pixels.", module_name=MODEL,
                          **d)

@@ -153,7 +153,8 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
                     "command": console.command_line()}, runtime.config_file)
     classifier = backbone.build_classifier(model.weights, model.include_top, model.image_size,
                                            data.seed, dropout=model.dropout, units=task.units,
-                                           activation=task.activation)
+                                           activation=task.activation,
+                                           backbone=model.backbone)
     classifier.model.summary(print_fn=lambda line, *a, **k: console.DETAIL.info(line),
                              expand_nested=True)
     weights = task_lib.class_weights(task, y_train, heads.class_weight)
@@ -169,10 +170,18 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
 def cache_spec(job: Job, cache: CacheConfig, augment: str = "none") -> cache_lib.CacheSpec:
     """The cache of this run's plain features, or of views drawn with ``augment``."""
     return cache_lib.CacheSpec(
-        weights_id=weights_identity(job.model.weights, job.seed),
+        weights_id=backbone_weights_id(job.model, job.seed),
         include_top=job.model.include_top, image_size=job.model.image_size,
-        dtype=cache.dtype,
-        data_dir=job.dataset.data_dir, precision=job.precision.policy, augment=augment)
+        dtype=cache.dtype, data_dir=job.dataset.data_dir,
+        precision=job.classifier.computes_in, augment=augment, net=job.classifier.net)
+
+
+def backbone_weights_id(model: ModelConfig, seed: int) -> str:
+    """What the backbone's weights are, for provenance: a file backbone's are in the
+    file (its hash is in the backbone's identity)."""
+    if model.backbone.is_file:
+        return "in the backbone file"
+    return weights_identity(model.weights, seed)
 
 
 def available_memory() -> int:

@@ -101,7 +101,8 @@ def duplicates(job: Job, cache: CacheConfig, runtime: RuntimeConfig) -> pd.DataF
         logging.info("Near-duplicates not looked for: they need pretrained features "
                      "(--weights=none); exact duplicates (same bytes) were.")
         return _pairs_table(rows)
-    feats = Features(job, cache, runtime.batch_size).of(labelled)[probe.PROBE_LAYER]
+    feats = Features(job, cache, runtime.batch_size).of(labelled)
+    feats = feats[job.classifier.net.feature_layer]
     pooled = probe.pooled(feats, "average")
     subsets = labelled.assign(subset=["train"] * len(job.train) + ["val"] * len(job.val)).subset
     for a, b, sim in selection.duplicate_pairs(pooled, NEAR_DUPLICATE, subsets.to_numpy()):
@@ -127,7 +128,7 @@ def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     state = state_lib.load(job.run.path)
     config = (probe.ProbeConfig(state.probe.pooling, state.probe.standardised, state.probe.c)
               if state.probe else probe.ProbeConfig("average", False, 0.1))
-    x_probe = probe.pooled(train[probe.PROBE_LAYER], config.pooling)
+    x_probe = probe.pooled(train[job.classifier.net.feature_layer], config.pooling)
 
     def probe_score(tr, va):
         fitted = probe.fit(x_probe[tr], y[tr], job.task, config, job.class_weight)
@@ -136,7 +137,7 @@ def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
 
     scenario = _dense_scenario(state)
     head = heads_lib.HeadConfig.for_scenario(scenario)
-    x_head = train[head.row.start_layer(job.classifier.include_top)]
+    x_head = train[job.classifier.start_layer(head.row.blocks)]
     start = snapshot(job.classifier.model)
     epochs = int(state.heads[scenario].epoch if scenario in state.heads else heads.epochs)
 
@@ -216,8 +217,8 @@ def label_next_stage(job: Job, cache: CacheConfig, runtime: RuntimeConfig, folde
               "all of them are listed.")
     features = Features(job, cache, runtime.batch_size)
     labelled = pd.concat([job.train, job.val], ignore_index=True)
-    x_labelled = probe.pooled(features.of(labelled)[probe.PROBE_LAYER])
-    x_pool = probe.pooled(features.of(pool)[probe.PROBE_LAYER])
+    x_labelled = probe.pooled(features.of(labelled)[job.classifier.net.feature_layer])
+    x_pool = probe.pooled(features.of(pool)[job.classifier.net.feature_layer])
     fitted = probe.fit(x_labelled, np.asarray(labelled.label.tolist()), job.task,
                        probe.ProbeConfig("average", False, 0.1), job.class_weight)
     probs = probe.probabilities(fitted, x_pool, job.task)

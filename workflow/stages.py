@@ -199,7 +199,8 @@ def sweep_stage(job: Job, config: SweepConfig, heads: HeadsConfig, cache: CacheC
                       heads_lib.FeatureSplit(train, job.y_train, view_feats, folds),
                       fit_settings(job, heads, cache, runtime))
     metric = job.task.headline
-    baseline = probe.cross_validate(probe.pooled(train[probe.PROBE_LAYER]), job.y_train, folds,
+    x = probe.pooled(train[job.classifier.net.feature_layer])
+    baseline = probe.cross_validate(x, job.y_train, folds,
                                     job.task, job.seed)
     job.run.write_csv(table, "sweep.csv")
 

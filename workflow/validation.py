@@ -32,8 +32,8 @@ def above_cache(job: Job, model, blocks):
     """``model`` (the classifier's, its ``blocks`` trained) as (the part above the frozen
     layers, the cached layer it starts from); (model, None) when the blocks reach below
     every cached layer, so the whole network changed."""
-    start = scenarios.start_layer(blocks, job.classifier.include_top)
-    if start not in cache_lib.cached_layers(job.model.include_top):
+    start = job.classifier.start_layer(blocks)
+    if start not in cache_lib.cached_layers(job.model.include_top, job.classifier.net):
         return model, None
     return job.classifier.model_from(start), start
 

@@ -50,12 +50,13 @@ def member_start(classifier: backbone.Classifier, blocks) -> str:
     """Where a member begins: the output of the layer just below the first trainable one."""
     classifier.set_trainable(blocks, log=False)
     first = trainable_layers(classifier)[0].name
-    if scenarios.block_of(first) == "block5":
-        return scenarios.BLOCK4_POOL
-    if scenarios.block_of(first) in ("block1", "block2", "block3", "block4"):
+    stage, net = classifier.block_of(first), classifier.net
+    if stage == net.stages[-1]:
+        return net.stem_layer
+    if stage in net.stages:
         raise ConfigError("The whole network trains: no bag of cached-feature heads.")
     names = [l.name for l in classifier.head.layers]
-    return names[names.index(first) - 1] if names.index(first) > 1 else scenarios.BLOCK5_POOL
+    return names[names.index(first) - 1] if names.index(first) > 1 else net.feature_layer
 
 
 def members_file(folder: str, scenario: str) -> str:

@@ -197,18 +197,20 @@ def run(train_feats: Dict[str, object], y_train, val_feats: Dict[str, object], y
         task: Task, folds: Optional[Sequence] = None, seed: int = 0, class_weight=None):
     """The probe of one heads stage: the variant chosen by CV on the training split
     (on ``folds``, the heads' folds, when given), fitted on the whole split, scored on
-    the validation set. Returns (the dict stored under ``metrics.json``'s ``probe`` key,
+    the validation set. The feature dicts are keyed by layer; the probe reads the
+    backbone's feature map (`PROBE_LAYER` for VGG16; the one feature-map key otherwise). Returns (the dict stored under ``metrics.json``'s ``probe`` key,
     the chosen `Choice`, the fitted estimator)."""
-    choice = choose(train_feats[PROBE_LAYER], y_train, task, folds, seed, class_weight,
+    layer = PROBE_LAYER if PROBE_LAYER in train_feats else feature_map_key(train_feats)
+    choice = choose(train_feats[layer], y_train, task, folds, seed, class_weight,
                     progress=True)
-    x_train = pooled(train_feats[PROBE_LAYER], choice.config.pooling)
+    x_train = pooled(train_feats[layer], choice.config.pooling)
     estimator = fit(x_train, y_train, task, choice.config, class_weight)
     val = task.scores(y_val, probabilities(
-        estimator, pooled(val_feats[PROBE_LAYER], choice.config.pooling), task))
+        estimator, pooled(val_feats[layer], choice.config.pooling), task))
     name = task.headline
     out = {**{f"val_{k}": round(v, 6) for k, v in val.items()}, "C": choice.config.c,
            "pooling": choice.config.pooling, "standardised": choice.config.scaled,
-           "features": f"{choice.config.pooling} of {PROBE_LAYER}",
+           "features": f"{choice.config.pooling} of {layer}",
            "model": f"LogisticRegression ({choice.config.describe()}; chosen among "
                     f"{choice.tried} variants by CV on the training split)"}
     if folds:
@@ -219,6 +221,12 @@ def run(train_feats: Dict[str, object], y_train, val_feats: Dict[str, object], y
                  f", {len(folds)}-fold CV {name} {choice.mean:.4f} +- {choice.std:.4f}"
                  if folds else "")
     return out, choice, estimator
+
+
+def feature_map_key(feats: Dict[str, object]) -> str:
+    """The key of the last cached layer (the feature map: caches hold the stem layer
+    first, then the feature map)."""
+    return list(feats)[-1]
 
 
 def cross_validate(x, y, folds: Sequence, task: Task, seed: int = 0,

@@ -77,7 +77,7 @@ def run(classifier: backbone.Classifier, grid: Sequence[heads.HeadConfig], task:
     bar = progress_lib.bar(len(grid) * len(folds), "fold", "sweep") if fit.progress else None
     metric, rows = task.headline, []
     for config in grid:
-        start = config.row.start_layer(classifier.include_top)
+        start = classifier.start_layer(config.row.blocks)
         views_x = views_feats[start][:config.views * n] if config.views else None
         started = time.perf_counter()
         with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:

@@ -341,7 +341,7 @@ def _fit_model(classifier, blocks, task, val_frame, cached, settings: FinetuneSe
     augmentation layer in front, or the whole model."""
     s = settings
     if cached is not None:
-        start = scenarios.start_layer(blocks, classifier.include_top)
+        start = classifier.start_layer(blocks)
         if start != cached.start_layer:
             raise ConfigError(f"Blocks {','.join(blocks)} train from {start}, but the cached "
                               f"views are of {cached.start_layer}.")

@@ -174,7 +174,7 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence, task: Ta
         if cv is not None and s != best:
             logging.info("Scenario %s: not fitted on the whole training split (cross-"
                          "validation ranks scenario %s first).", s, best)
-            results[s] = HeadResult(s, config.row.start_layer(classifier.include_top),
+            results[s] = HeadResult(s, classifier.start_layer(config.row.blocks),
                                     cv_frame(cv), cv.epoch, {}, seconds[s], task,
                                     config=config, cv=cv)
             continue
@@ -207,7 +207,7 @@ def _cross_validate(classifier, config: HeadConfig, task: Task, train: FeatureSp
     """One scenario's cross-validation on ``train.folds`` (the classifier is left as it
     was found)."""
     scenario = config.scenario
-    start = config.row.start_layer(classifier.include_top)
+    start = classifier.start_layer(config.row.blocks)
     folds = train.folds
     bar = progress_lib.bar(len(folds), "fold", "cross-validation") if fit.progress else None
     if fit.progress:
@@ -228,12 +228,12 @@ def fit_head(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
     classifier's current weights and leaves the kept weights in it: those of ``epoch``
     (e.g. chosen by cross-validation), else of the best validation epoch."""
     scenario = config.scenario
-    start = config.row.start_layer(classifier.include_top)
+    start = classifier.start_layer(config.row.blocks)
     keep = epoch or "best"
     started = time.perf_counter()
     with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:
         logging.info("Scenario %s: training %s from cached %s for %d epochs (%s).",
-                     scenario, "+".join(config.row.blocks), start, fit.epochs,
+                     scenario, "+".join(config.row.blocks_on(classifier.net)), start, fit.epochs,
                      config.describe())
         x_tr, y_tr = rows_lib.with_views(train.feats[start], np.asarray(train.y),
                                          train.views[start] if train.views else None)

@@ -148,7 +148,7 @@ class HeadTrainer:
         self.classifier, self.task = classifier, task
         self.blocks = list(blocks)
         classifier.set_trainable(self.blocks, log=False)
-        self.start = start or scenarios.start_layer(self.blocks, classifier.include_top)
+        self.start = start or classifier.start_layer(self.blocks)
         self.model = classifier.training_model(self.start, precision.compile_convs())
         self._old_dropout = classifier.dropout.rate if classifier.dropout is not None else None
         classifier.set_dropout(dropout)  # read when the step is traced: before compile

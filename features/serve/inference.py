@@ -16,7 +16,6 @@ import numpy as np
 import tensorflow as tf
 
 from features import backbone, distribute, precision
-from features.scenarios import BLOCK4_POOL, BLOCK5_POOL
 from features.choose import bag as bag_lib
 from features.task import Task
 from pipeline import input as input_lib
@@ -192,10 +191,11 @@ class HeldOut:
     def features(self, layer: str, view: int = 0) -> np.ndarray:
         """The images' features at ``layer`` for TTA view ``view`` (0: the image itself)."""
         key = (layer, view)
-        if key not in self._features and layer not in (BLOCK4_POOL, BLOCK5_POOL):
+        net = self.classifier.net
+        if key not in self._features and layer not in (net.stem_layer, net.feature_layer):
             # A head layer (e.g. the bag's members start at ``flatten``): from the view's
-            # block5_pool features, cached or computed once, through the head's layers.
-            span, below = self.classifier.head_span(layer), self.features(BLOCK5_POOL, view)
+            # feature-map features, cached or computed once, through the head's layers.
+            span, below = self.classifier.head_span(layer), self.features(net.feature_layer, view)
             size = self.batch_size
             self._features[key] = np.concatenate(
                 [np.asarray(span(tf.constant(below[i:i + size]), training=False))

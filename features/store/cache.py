@@ -1,4 +1,4 @@
-"""Frozen VGG16 features computed once and cached in HDF5.
+"""Frozen backbone features computed once and cached in HDF5.
 
 One file per (data folder, backbone configuration). Layout::
 
@@ -9,7 +9,7 @@ One file per (data folder, backbone configuration). Layout::
     view       [N] int16   0 = the plain eval-path image; k >= 1 = k-th augmented view
     row_crc    [N] uint32  CRC32 of the row's features, to detect corruption
     <layer>    [N, ...]    one dataset per cached layer, named by its Keras layer
-                           name (block4_pool, block5_pool, fc2), chunked by batch
+                           name (VGG16: block4_pool, block5_pool, fc2), chunked by batch
 
 Provenance (backbone, weights identity, image size, preprocessing, layers, storage
 dtype, compute precision, library versions, data folder) lives in the file
@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from features import backbone, distribute, scenarios
+from features import backbone, distribute, networks, scenarios
 from features.store import extract
 from features.store.h5file import (CacheMismatch, CorruptRows, FeatureCache,
                                    keep_open_on_full_disk)
@@ -76,11 +76,12 @@ class CacheSpec:
     data_dir: str = ""
     augment: str = "none"     # preset of the augmented views (views > 0 only)
     precision: str = "float32"  # Keras policy the features were computed in
-    layers: tuple = ()        # () = `cached_layers(include_top)`, what every run caches
+    layers: tuple = ()        # () = `cached_layers(include_top, net)`, what every run caches
+    net: networks.Backbone = networks.VGG16  # the backbone computing the features
 
     def __post_init__(self):
         if not self.layers:
-            object.__setattr__(self, "layers", cached_layers(self.include_top))
+            object.__setattr__(self, "layers", cached_layers(self.include_top, self.net))
         if self.dtype not in CACHE_DTYPES:
             raise ConfigError(f"--cache_dtype={self.dtype!r}: choose one of "
                               f"{', '.join(CACHE_DTYPES)}.")
@@ -89,11 +90,11 @@ class CacheSpec:
         """Attributes stored with the cache and compared on reuse."""
         return {
             "format_version": str(FORMAT_VERSION),
-            "backbone": "keras.applications.VGG16",
+            "backbone": self.net.source,
             "weights": self.weights_id,
             "include_top": str(self.include_top),
             "image_size": str(self.image_size),
-            "preprocessing": PREPROCESSING,
+            "preprocessing": preprocessing(self.net),
             "layers": ",".join(self.layers),
             "dtype": self.dtype,
             "data_dir": os.path.abspath(self.data_dir),
@@ -112,20 +113,28 @@ class CacheSpec:
         data = os.path.basename(os.path.abspath(self.data_dir).rstrip(os.sep)) or "data"
         aug = "" if self.augment == "none" else f"-aug_{self.augment}"
         computed = "" if self.precision == "float32" else f"-{self.precision}"
-        return (f"vgg16-{data}-{self.image_size}px-{weights}-"
+        return (f"{self.net.slug}-{data}-{self.image_size}px-{weights}-"
                 f"{'top' if self.include_top else 'notop'}-{self.dtype}{computed}{aug}-"
                 f"{digest}.h5")
 
 
-def cached_layers(include_top: bool) -> tuple:
+def cached_layers(include_top: bool, net: networks.Backbone = networks.VGG16) -> tuple:
     """The layers every cache holds: each scenario's start layer (from the scenario table)
-    plus ``block5_pool`` (the linear probe's input), in network order.
+    plus the feature map (the linear probe's input), in network order.
 
-    Without the ImageNet top: block4_pool (C), block5_pool (A, B); with it also fc2 (A).
+    VGG16 without the ImageNet top: block4_pool (C), block5_pool (A, B); with it also
+    fc2 (A). Another backbone: its stem layer (C) and its feature map (A, B).
     """
-    wanted = ({s.start_layer(include_top) for s in scenarios.SCENARIOS.values()}
-              | {scenarios.BLOCK5_POOL})
-    return tuple(layer for layer in scenarios.CACHEABLE if layer in wanted)
+    wanted = ({s.start_layer(include_top, net) for s in scenarios.SCENARIOS.values()}
+              | {net.feature_layer})
+    return tuple(layer for layer in net.cacheable(include_top) if layer in wanted)
+
+
+def preprocessing(net: networks.Backbone) -> str:
+    """The input graph's steps for ``net``, for the provenance (VGG16's is unchanged)."""
+    if net.preprocessing == networks.CAFFE:
+        return PREPROCESSING
+    return f"{PREPROCESSING} -> in the network: {net.describe_input()}"
 
 
 def image_identity(path: str, view: int = 0) -> str:
@@ -332,7 +341,7 @@ def load(classifier: backbone.Classifier, spec: CacheSpec, frame: pd.DataFrame,
 
 
 def _local_batches(classifier, spec, todo, batch_size):
-    computes_in = classifier.stem.get_layer("block1_conv1").dtype_policy.name
+    computes_in = classifier.computes_in
     if computes_in != spec.precision:
         # The provenance must say how the rows were really computed.
         raise ConfigError(f"The backbone computes in {computes_in} but the cache is for "
