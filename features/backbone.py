@@ -382,7 +382,7 @@ def from_model(model: keras.Model) -> Classifier:
     suffix = "_features"
     stem_layer = last.input.name[:-len(suffix)] if last.input.name.endswith(suffix) else ""
     feature_layer = head.input.name[:-len(suffix)] if head.input.name.endswith(suffix) else ""
-    stem_leaves = [l.name for l in leaves(stem)[1:] if not isinstance(l, keras.InputLayer)]
+    stem_leaves = [l.name for l in leaves(stem)[1:] if not isinstance(l, keras.layers.InputLayer)]
     stage_of = networks.stages_by_name(stem_leaves) or {n: "stem" for n in stem_leaves}
     stage_of.update({l.name: "last" for l in leaves(last)})
     stages = tuple(dict.fromkeys(stage_of.values()))

@@ -192,11 +192,13 @@ _STAGE_PATTERNS = (
 )
 
 
-def stages_by_name(layer_names: Sequence[str]) -> Optional[Dict[str, str]]:
+def stages_by_name(layer_names: Sequence[str],
+                   inbound: Optional[Dict[str, set]] = None) -> Optional[Dict[str, str]]:
     """Layer name -> stage by the naming convention that covers the most layers
-    (at least two stages), or None. Layers between stages (a pooling or
-    downsampling layer) join the stage they feed; those after the last stage (a
-    final 1x1 conv) join the last; those before the first, the first."""
+    (at least two stages), or None. A layer without a stage in its name joins the
+    stage of its inputs when they share one (a residual ``add`` its block's; a final
+    1x1 conv the last stage), else the stage it feeds (the stem the first stage).
+    ``inbound``: layer name -> the names of the layers feeding it."""
     best = None
     for _, pattern, fmt in _STAGE_PATTERNS:
         named = {n: fmt.format(int(m.group(1))) for n in layer_names
@@ -207,10 +209,13 @@ def stages_by_name(layer_names: Sequence[str]) -> Optional[Dict[str, str]]:
         return None
     out, pending = {}, []
     for n in layer_names:
-        if n in best:
-            out.update({p: best[n] for p in pending})
+        sources = {out.get(i) for i in (inbound or {}).get(n, ())}
+        stage = best.get(n) or (sources.pop() if len(sources) == 1 and None not in sources
+                                else None)
+        if stage:
+            out.update({p: stage for p in pending})
             pending = []
-            out[n] = best[n]
+            out[n] = stage
         else:
             pending.append(n)
     last = next(reversed(out.values()))
@@ -238,13 +243,19 @@ def stages_by_ends(layer_names: Sequence[str], ends: Sequence[str]) -> Dict[str,
 
 
 def stages_by_resolution(layers: Sequence[Tuple[str, Optional[int]]]) -> Dict[str, str]:
-    """Layer name -> ``stage1``..: a new stage wherever the spatial size (the height
-    of a 4-D output; None for other layers, which stay in the current stage) shrinks."""
+    """Layer name -> ``stage1``..: a new stage wherever the main path's spatial size (the
+    height of a 4-D output) shrinks. Side branches that pool to less than what follows
+    (squeeze-and-excitation's 1x1 maps) are not the main path; layers without a
+    spatial output stay in the current stage."""
+    heights = [h for _, h in layers]
+    later = [max([h for h in heights[i + 1:] if h is not None], default=0)
+             for i in range(len(heights))]
     out, stage, size = {}, 0, None
-    for name, height in layers:
-        if height is not None and size is not None and height < size:
+    for (name, height), after in zip(layers, later):
+        main = height is not None and height >= after
+        if main and size is not None and height < size:
             stage += 1
-        if height is not None:
+        if main:
             size = height
         out[name] = f"stage{stage + 1}"
     return out

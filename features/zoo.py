@@ -76,10 +76,49 @@ def load_file(path: str) -> keras.Model:
     return model
 
 
-def _height(layer) -> Optional[int]:
-    shape = getattr(layer, "output", None)
-    shape = getattr(shape, "shape", None)
-    return shape[1] if shape is not None and len(shape) == 4 else None
+def _spatial(layer) -> bool:
+    shape = getattr(getattr(layer, "output", None), "shape", None)
+    return shape is not None and len(shape) == 4
+
+
+def _heights(model: keras.Model, layers, image_size: int) -> Dict[str, Optional[int]]:
+    """Each layer's output height at ``image_size`` (None: not a feature map). A file's
+    network may take any size, so its shapes say None: one forward pass tells."""
+    spatial = [l for l in layers if _spatial(l)]
+    probe = keras.Model(model.input, [l.output for l in spatial])
+    import numpy as np
+    outputs = probe(np.zeros((1, image_size, image_size, 3), "float32"))
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    heights = {l.name: int(o.shape[1]) for l, o in zip(spatial, outputs)}
+    return {l.name: heights.get(l.name) for l in layers}
+
+
+def _inbound(model: keras.Model) -> Dict[str, set]:
+    """Layer name -> the names of the layers feeding it (from the functional config)."""
+    def names(obj, out):
+        if isinstance(obj, dict):
+            history = obj.get("config", {}).get("keras_history") \
+                if obj.get("class_name") == "__keras_tensor__" else None
+            if history:
+                out.add(history[0])
+            for v in obj.values():
+                names(v, out)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                names(v, out)
+        return out
+    return {l["name"]: names(l.get("inbound_nodes", []), set())
+            for l in model.get_config()["layers"]}
+
+
+def _entry(model: keras.Model, last_stage: set, name: str) -> str:
+    """The one layer outside the last stage that feeds it: where the stem ends."""
+    feeding = set().union(*(_inbound(model).get(n, set()) for n in last_stage)) - last_stage
+    if len(feeding) != 1:
+        raise ConfigError(f"--backbone={name}: the last stage is fed by "
+                          f"{', '.join(sorted(feeding)) or 'nothing'}, not by one layer; name "
+                          "the last layer of each stage with --stage_ends.")
+    return feeding.pop()
 
 
 def describe(model: keras.Model, choice: networks.BackboneChoice, preprocessing: str,
@@ -91,14 +130,17 @@ def describe(model: keras.Model, choice: networks.BackboneChoice, preprocessing:
     come from ``--stage_ends``, else the naming conventions, else the resolution.
     The stem layer is the last layer before the first layer of the last stage.
     """
-    names = [l.name for l in model.layers]
+    # Operations, not just layers: ``x + y`` in a functional model is an operation
+    # (ConvNeXt's and MobileNetV3's residual adds) that belongs to a stage too.
+    ops_ = list(model.operations)
+    names = [l.name for l in ops_]
     if choice.feature_layer:
         if choice.feature_layer not in names:
             raise ConfigError(f"--feature_layer={choice.feature_layer!r}: no such layer in "
                               f"{choice.name}.")
         feature = choice.feature_layer
     else:
-        spatial = [l.name for l in model.layers if _height(l) is not None]
+        spatial = [l.name for l in ops_ if _spatial(l)]
         if not spatial:
             raise ConfigError(f"--backbone={choice.name}: no layer with a spatial (4-D) "
                               "output; expected an image network.")
@@ -108,18 +150,17 @@ def describe(model: keras.Model, choice: networks.BackboneChoice, preprocessing:
     if choice.stage_ends:
         stage_of = networks.stages_by_ends(body, choice.stage_ends)
     else:
-        stage_of = networks.stages_by_name(body)
+        stage_of = networks.stages_by_name(body, _inbound(model))
         how = "layer names"
         if stage_of is None:
             how = "spatial resolution"
-            stage_of = networks.stages_by_resolution(
-                [(l.name, _height(l)) for l in model.layers[1:len(body) + 1]])
+            heights = _heights(model, ops_[1:len(body) + 1], image_size)
+            stage_of = networks.stages_by_resolution(list(heights.items()))
     stages = tuple(dict.fromkeys(stage_of[n] for n in body))
     if len(stages) < 2:
         raise ConfigError(f"--backbone={choice.name}: found one stage only ({stages[0]}); "
                           "name the last layer of each stage with --stage_ends.")
-    first_last = next(n for n in body if stage_of[n] == stages[-1])
-    stem = body[body.index(first_last) - 1]
+    stem = _entry(model, {n for n in body if stage_of[n] == stages[-1]}, choice.name)
     if choice.is_file:
         source = weights_identity(choice.name, 0)
     else:

@@ -111,7 +111,7 @@ def convert(model, fmt: str, workdir: str, quantize: str = "none", representativ
             # FutureWarning that says nothing to our users.
             warnings.filterwarnings("ignore", message="In the future `np.object`",
                                     category=FutureWarning)
-            model.export(tmp, format="onnx", verbose=False)
+            onnx_ready(model).export(tmp, format="onnx", verbose=False)
     else:
         with tempfile.TemporaryDirectory() as saved:
             _saved_model(model, os.path.join(saved, "sm"))
@@ -129,6 +129,79 @@ def convert(model, fmt: str, workdir: str, quantize: str = "none", representativ
                 f.write(flatbuffer)
     _replace(tmp, path)
     return path
+
+
+def onnx_ready(model):
+    """``model`` with the layers tf2onnx converts wrongly replaced by the same maths in
+    layers it converts (every other layer shared, weights and all):
+
+    * Normalization -> Rescaling: a Normalization layer holds its mean and variance as
+      eager tensors, which tf2onnx leaves as graph inputs instead of constants, and
+      onnxruntime refuses the file ("Required inputs ... are missing"). Keras'
+      EfficientNetV2 has one at its input; the linear probe's standardisation is one.
+    * a grouped Conv2D with one group per channel -> DepthwiseConv2D (the same kernel,
+      reshaped): TensorFlow runs grouped convolutions as a nested function that
+      tf2onnx leaves as an unknown ``StatefulPartitionedCall`` (ConvNeXt).
+    * exact GELU -> the same formula through ``erf``: TensorFlow computes it with
+      ``erfc``, which ONNX lacks (ConvNeXt).
+    The export is checked against model.keras afterwards (max |dP| in metrics.json).
+    """
+    import keras
+    if not any(_onnx_swap(l) is not l for l in _all_layers(model)):
+        return model
+    clone = keras.models.clone_model(model, clone_function=_onnx_swap, recursive=True)
+    clone(np.zeros((1, *model.input.shape[1:]), np.float32))  # export wants a called model
+    return clone
+
+
+def _onnx_swap(layer):
+    import keras
+    if isinstance(layer, keras.layers.Conv2D) and layer.groups > 1 \
+            and layer.groups == layer.filters and layer.built:
+        kernel = np.asarray(layer.kernel)  # (k, k, 1, C) -> depthwise (k, k, C, 1)
+        depthwise = keras.layers.DepthwiseConv2D(
+            layer.kernel_size, strides=layer.strides, padding=layer.padding,
+            use_bias=layer.use_bias, activation=layer.activation, name=layer.name,
+            dilation_rate=layer.dilation_rate)
+        depthwise.build((None, None, None, kernel.shape[-1]))
+        depthwise.set_weights([np.transpose(kernel, (0, 1, 3, 2))]
+                              + ([np.asarray(layer.bias)] if layer.use_bias else []))
+        return depthwise
+    if isinstance(layer, keras.layers.Activation) and \
+            getattr(layer.activation, "__name__", "") == "gelu":
+        return ErfGelu(name=layer.name)
+    if isinstance(layer, keras.layers.Normalization) and not layer.invert:
+        mean = np.asarray(layer.mean, np.float64).reshape(-1)
+        std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)).reshape(-1),
+                         keras.backend.epsilon())
+        return keras.layers.Rescaling(scale=(1.0 / std).astype(np.float32).tolist(),
+                                      offset=(-mean / std).astype(np.float32).tolist(),
+                                      name=layer.name, dtype=layer.dtype_policy)
+    return layer
+
+
+def _erf_gelu_class():
+    import keras
+    import tensorflow as tf
+
+    class ErfGelu(keras.layers.Layer):
+        """Exact GELU, ``0.5 x (1 + erf(x / sqrt 2))``: an ONNX ``Erf``. Export only."""
+
+        def call(self, x):
+            return 0.5 * x * (1.0 + tf.math.erf(x * 0.7071067811865476))
+    return ErfGelu
+
+
+def ErfGelu(name):  # noqa: N802 (a layer factory: keras is imported only when exporting)
+    """An `_erf_gelu_class` layer named ``name``."""
+    return _erf_gelu_class()(name=name)
+
+
+def _all_layers(model):
+    out = []
+    for layer in getattr(model, "layers", []):
+        out += [layer] + _all_layers(layer)
+    return out
 
 
 def _saved_model(model, path: str) -> None:

@@ -1,0 +1,170 @@
+"""Backbones other than VGG16: a user's .keras file, keras.applications by name, the
+description every module reads, caches kept apart, and ONNX-safe rewrites."""
+
+import keras
+import numpy as np
+import pytest
+
+from features import backbone, networks, scenarios
+from features.store import cache as cache_lib
+from pipeline.errors import ConfigError
+from tests.inprocess import run
+from workflow import deploy
+
+SIZE = 32
+
+
+def _tiny_network(path):
+    """A small image network in Keras' naming conventions: a Rescaling inside (so it
+    wants RGB 0..255), two blocks with BatchNorm and a residual add, a top conv, and
+    a classifier top the tool must cut off."""
+    image = keras.Input((None, None, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1, name="rescaling")(image)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="stem_conv")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="block1a_conv")(x)
+    x = keras.layers.BatchNormalization(name="block1a_bn")(x)
+    x = keras.layers.ReLU(name="block1a_relu")(x)
+    y = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="block2a_conv")(x)
+    y = keras.layers.BatchNormalization(name="block2a_bn")(y)
+    z = keras.layers.Conv2D(16, 3, padding="same", name="block2b_conv")(y)
+    y = keras.layers.Add(name="block2b_add")([y, z])
+    y = keras.layers.Conv2D(24, 1, name="top_conv")(y)
+    y = keras.layers.GlobalAveragePooling2D(name="avg_pool")(y)
+    out = keras.layers.Dense(10, activation="softmax", name="predictions")(y)
+    keras.Model(image, out, name="tiny_net").save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    return _tiny_network(tmp_path_factory.mktemp("net") / "tiny_net.keras")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_file):
+    return backbone.build_classifier("imagenet", False, SIZE, 0, backbone=tiny_file)
+
+
+def test_a_keras_file_is_described_from_its_layers(tiny, tiny_file):
+    net = tiny.net
+    assert net.name == tiny_file and net.source.startswith("file:tiny_net.keras:sha256=")
+    assert net.stages == ("block1", "block2")
+    assert (net.stem_layer, net.feature_layer) == ("block1a_relu", "top_conv")
+    assert net.preprocessing == networks.RGB255 and net.pooling == "avg"
+    # The classifier top of the file is gone; the head is ours.
+    assert [l.name for l in tiny.head.layers[1:]] == ["avg_pool", "fc1", "dropout",
+                                                      "predictions"]
+    x = np.random.default_rng(0).normal(0, 50, (2, SIZE, SIZE, 3)).astype(np.float32)
+    whole = np.asarray(tiny.model(x))
+    parts = np.asarray(tiny.head(tiny.last(tiny.stem(x))))
+    np.testing.assert_allclose(whole, parts, rtol=1e-5, atol=1e-6)
+    # The file's Rescaling sees the RGB pixels the input graph mean-centred.
+    rgb = np.asarray(tiny.stem.get_layer("caffe_to_rgb")(x))
+    np.testing.assert_allclose(rgb, x[..., ::-1] + np.array([123.68, 116.779, 103.939]),
+                               atol=1e-4)
+
+
+def test_scenario_c_trains_the_last_stage_but_never_batchnorm(tiny):
+    trainable = tiny.set_trainable(scenarios.get_scenario("C").blocks, log=False)
+    assert trainable == ["block2a_conv", "block2b_conv", "top_conv", "fc1", "predictions"]
+    assert tiny.start_layer(scenarios.get_scenario("C").blocks) == "block1a_relu"
+    assert tiny.start_layer(scenarios.get_scenario("B").blocks) == "top_conv"
+    assert tiny.set_trainable(scenarios.parse_blocks("block1,fc", tiny.net), log=False) == \
+        ["stem_conv", "block1a_conv", "fc1", "predictions"]  # the stem joins block1; BN frozen
+    assert tiny.start_layer(["block1", "fc", "predictions"]) == networks.INPUT
+    with pytest.raises(ConfigError, match="'block5' matches no block of tiny_net"):
+        scenarios.parse_blocks("block5", tiny.net)
+
+
+def test_a_saved_classifier_describes_its_backbone_again(tiny, tmp_path):
+    tiny.model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+    again = backbone.from_model(loaded)
+    assert (again.net.stem_layer, again.net.feature_layer) == ("block1a_relu", "top_conv")
+    assert again.net.preprocessing == networks.RGB255 and not again.include_top
+    assert again.start_layer(scenarios.get_scenario("C").blocks) == "block1a_relu"
+    assert "block2b_conv" in again.set_trainable(["last", "predictions"], log=False)
+    x = np.random.default_rng(1).normal(0, 50, (2, SIZE, SIZE, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(tiny.model(x)), atol=1e-6)
+
+
+def test_two_backbones_never_share_a_cache_file(tiny):
+    vgg = cache_lib.CacheSpec("none(seed=0)", False, SIZE, data_dir="/data")
+    other = cache_lib.CacheSpec("in the backbone file", False, SIZE, data_dir="/data",
+                                net=tiny.net)
+    assert vgg.file_name().startswith("vgg16-data-32px-none-notop-float32-")
+    assert other.file_name().startswith("tiny_net-data-32px-")
+    assert vgg.layers == ("block4_pool", "block5_pool")
+    assert other.layers == ("block1a_relu", "top_conv")
+    assert other.provenance()["backbone"] == tiny.net.source
+    assert "undone in the network's first layer" in other.provenance()["preprocessing"]
+
+
+def test_stages_from_names_inputs_and_resolution():
+    # A residual add named by no stage belongs to its inputs' stage; a downsampling
+    # layer fed by it then starts the next stage's input.
+    names = ["stem", "s_stage_0_conv", "add", "down", "s_stage_1_conv", "add_1", "norm"]
+    inbound = {"s_stage_0_conv": {"stem"}, "add": {"s_stage_0_conv", "stem"},
+               "down": {"add"}, "s_stage_1_conv": {"down"}, "add_1": {"s_stage_1_conv",
+                                                                      "down"},
+               "norm": {"add_1"}}
+    stages = networks.stages_by_name(names, inbound)
+    assert stages == {"stem": "stage0", "s_stage_0_conv": "stage0", "add": "stage0",
+                      "down": "stage0", "s_stage_1_conv": "stage1", "add_1": "stage1",
+                      "norm": "stage1"}
+    # Squeeze-and-excitation pools to 1x1 and back: not a new stage.
+    layers = [("a", 16), ("b", 8), ("se_pool", 1), ("se_mul", 8), ("c", 4), ("d", None)]
+    assert networks.stages_by_resolution(layers) == {
+        "a": "stage1", "b": "stage2", "se_pool": "stage2", "se_mul": "stage2",
+        "c": "stage3", "d": "stage3"}
+    assert networks.stages_by_ends(["a", "b", "c", "d"], ["b", "d"]) == {
+        "a": "stage1", "b": "stage1", "c": "stage2", "d": "stage2"}
+
+
+def test_backbone_flags_are_checked_before_tensorflow(tmp_path):
+    with pytest.raises(ConfigError, match="expected vgg16, one of .*resnet50"):
+        networks.check_choice("resnet51")
+    with pytest.raises(ConfigError, match="no such file"):
+        networks.check_choice(str(tmp_path / "missing.keras"))
+    with pytest.raises(ConfigError, match="VGG16's are fixed"):
+        networks.check_choice("vgg16", feature_layer="block5_conv3")
+    assert networks.check_choice("ConvNeXt-Tiny").name == "convnext_tiny"
+
+
+def test_a_named_keras_application_builds_with_random_weights():
+    clf = backbone.build_classifier("none", True, SIZE, 0, backbone="mobilenetv3small")
+    assert not clf.include_top  # --include_top means something for VGG16 only
+    assert clf.net.source == "keras.applications.MobileNetV3Small"
+    assert len(clf.net.stages) >= 4 and clf.net.preprocessing == networks.RGB255
+    x = np.random.default_rng(2).uniform(-120, 130, (2, SIZE, SIZE, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(clf.model(x)),
+                               np.asarray(clf.head(clf.last(clf.stem(x)))), atol=1e-6)
+
+
+def test_onnx_rewrites_compute_what_the_model_computes():
+    image = keras.Input((8, 8, 3))
+    norm = keras.layers.Normalization(mean=[1.0, 2.0, 3.0], variance=[4.0, 9.0, 16.0])
+    x = norm(image)
+    x = keras.layers.Conv2D(3, 3, groups=3, padding="same", name="grouped")(x)
+    x = keras.layers.Activation("gelu", name="gelu")(x)
+    model = keras.Model(image, x)
+    ready = deploy.onnx_ready(model)
+    types = {type(l).__name__ for l in ready.layers}
+    assert {"Rescaling", "DepthwiseConv2D", "ErfGelu"} <= types
+    assert not {"Normalization", "Conv2D"} & types
+    data = np.random.default_rng(3).normal(0, 3, (2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(ready(data)), np.asarray(model(data)), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_a_keras_file_backbone(tiny_file, tmp_path):
+    result = run("train.py", "--demo", f"--backbone={tiny_file}", f"--workdir={tmp_path}/run",
+                 f"--cache_dir={tmp_path}/cache", "--scenarios=A,C", "--finetune_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+    info = json.load(open(tmp_path / "run" / "model_info.json"))
+    assert info["backbone"] == tiny_file and info["input"]["channel_order"] == "BGR"
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert metrics["heads"]["C"]["start_layer"] == "block1a_relu"
+    cached = [p.name for p in (tmp_path / "cache").glob("*.h5")]
+    assert cached and all(p.startswith("tiny_net-") for p in cached)
