@@ -33,8 +33,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def _setup(args):
     from features.choose import probe
     _, frame, task, clf, feats = common.cached_photos(args.data_dir, args.weights,
-                                                      args.image_size, args.cache_dir)
-    x = probe.pooled(feats["block5_pool"])
+                                                      args.image_size, args.cache_dir,
+                                                      args.backbone)
+    x = probe.pooled(feats[clf.net.feature_layer])
     return task, clf, frame, x, np.asarray(frame.label.tolist())
 
 
@@ -168,8 +169,13 @@ def near_duplicates(args, clf, frame, x):
     import tensorflow as tf
     from features.data import selection
     from pipeline import input as input_lib, ops
-    model = clf.feature_model(["block5_pool"])
+    layer = clf.net.feature_layer
+    model = clf.feature_model([layer])
     rows = np.random.default_rng(0).choice(len(frame), min(40, len(frame)), replace=False)
+    # --centred: cosine of the features minus the data's mean feature (every photo's
+    # post-ReLU features share a large common part, bigger in some backbones than others).
+    centre = x.mean(axis=0) if args.centred else 0
+    x = x - centre
     base = selection.normalised(x[rows])
     same = []
     for variant in ("mirror", "crop90", "jpeg75"):
@@ -185,8 +191,8 @@ def near_duplicates(args, clf, frame, x):
                 image = tf.cast(tf.io.decode_jpeg(tf.io.encode_jpeg(
                     tf.cast(image, tf.uint8), quality=75)), tf.float32)
             images.append(ops.vgg_mean_centre_image(image))
-        feats = model(tf.stack(images), training=False)["block5_pool"].numpy()
-        sims = np.sum(base * selection.normalised(feats.mean(axis=(1, 2))), axis=1)
+        feats = model(tf.stack(images), training=False)[layer].numpy()
+        sims = np.sum(base * selection.normalised(feats.mean(axis=(1, 2)) - centre), axis=1)
         same.append(sims)
         print(f"  {variant}: similarity to the original min {sims.min():.4f}, "
               f"median {np.median(sims):.4f}")
@@ -211,6 +217,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--sections", default="active,flipped,duplicates")
     parser.add_argument("--plot", default=None, help="PNG of the active-learning curves")
+    parser.add_argument("--centred", action="store_true",
+                        help="duplicates: cosine of features minus the data's mean")
     args = parser.parse_args()
     task, clf, frame, x, y = _setup(args)
     print(f"# label efficiency: {args.data_dir} ({len(y)} photos, {task.describe()})")

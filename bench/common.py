@@ -34,16 +34,21 @@ def photo_parser(doc: str):
     import argparse
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--weights", required=True)
+    parser.add_argument("--weights", default="imagenet",
+                        help="weights of a backbone by name (VGG16: the pretrained file)")
+    parser.add_argument("--backbone", default="vgg16",
+                        help="vgg16, a keras.applications name, or a .keras file")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--cache_dir", default=os.path.join(ROOT, "cache"))
     return parser
 
 
-def cached_photos(data_dir: str, weights: str, image_size: int, cache_dir: str):
+def cached_photos(data_dir: str, weights: str, image_size: int, cache_dir: str,
+                  backbone_name: str = "vgg16"):
     """(dataset, usable frame, task, classifier, cached features of the frame) for the
-    photos in ``data_dir``, from the same cache train.py fills (computed on a miss)."""
+    photos in ``data_dir``, from the same cache train.py fills (computed on a miss);
+    ``backbone_name``: as ``--backbone`` (a file brings its own weights)."""
     sys.path.insert(0, ROOT)
     import tempfile
     from features import backbone, precision, task as task_lib
@@ -55,10 +60,13 @@ def cached_photos(data_dir: str, weights: str, image_size: int, cache_dir: str):
     frame = scan.filter_bad_images(ds.frame, image_size, "skip",
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))
     task = task_lib.Task(ds.kind, ds.class_names)
+    from features import networks
+    choice = networks.check_choice(backbone_name)
+    weights = "imagenet" if choice.is_file else weights
     clf = backbone.build_classifier(weights, False, image_size, 0, units=task.units,
-                                    activation=task.activation)
-    spec = cache.CacheSpec(weights_identity(weights, 0), False, image_size,
-                           "float32", ds.data_dir,
-                           precision=chosen.policy)
+                                    activation=task.activation, backbone=choice)
+    spec = cache.CacheSpec("in-file" if choice.is_file
+                           else weights_identity(weights, 0), False, image_size,
+                           "float32", ds.data_dir, precision=clf.computes_in, net=clf.net)
     feats, _ = cache.load(clf, spec, frame, cache_dir, cache.Extraction(32))
     return ds, frame, task, clf, feats

@@ -56,6 +56,12 @@ class CompiledConvs(keras.layers.Layer):
     def compute_output_spec(self, x):
         return self.inner.compute_output_spec(x)
 
+    def get_config(self):
+        # For TensorBoard's graph summary (``model.to_json()``) only: the class is not
+        # registered, so a model holding it still cannot be loaded back, on purpose.
+        return {**super().get_config(),
+                "inner": keras.saving.serialize_keras_object(self.inner)}
+
 
 @dataclasses.dataclass
 class Classifier:
@@ -132,10 +138,12 @@ class Classifier:
     def training_model(self, layer_name: str, compiled_convs: bool = False) -> keras.Model:
         """`model_from` for training: the same layers and weights, with each conv
         sub-model (stem, last stage) run as one XLA-compiled function when
-        ``compiled_convs`` (see `precision.compile_convs`). The dense head stays
+        ``compiled_convs`` (see `precision.compile_convs`) and the backbone is one
+        where that was measured faster (`networks.Backbone.xla_convs`). The dense head stays
         outside XLA, so dropout draws the same masks either way. Never saved: it
         holds a `CompiledConvs` layer, which is not serialisable on purpose."""
-        if not compiled_convs or layer_name not in (INPUT, self.net.stem_layer):
+        if not (compiled_convs and self.net.xla_convs) \
+                or layer_name not in (INPUT, self.net.stem_layer):
             return self.model_from(layer_name)
         if layer_name == INPUT:
             inputs = keras.Input(self.model.input.shape[1:], name="image")
@@ -298,6 +306,9 @@ def build_classifier(weights: str = "imagenet", include_top: bool = True, image_
     else:
         net, stage_of, stem, last = zoo.build(choice, weights, image_size, seed)
         include_top = False
+        # The new head's initial weights follow --seed (VGG16's loader seeds before
+        # building; a file loads without drawing anything).
+        keras.utils.set_random_seed(seed)
     features = keras.Input(last.output.shape[1:], name=f"{net.feature_layer}_features")
     # The head computes in float32 whatever the precision policy: the conv base is
     # where the FLOPs are (bfloat16 halves extraction time on AVX512-BF16), the

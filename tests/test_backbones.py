@@ -69,11 +69,22 @@ def test_scenario_c_trains_the_last_stage_but_never_batchnorm(tiny):
     assert trainable == ["block2a_conv", "block2b_conv", "top_conv", "fc1", "predictions"]
     assert tiny.start_layer(scenarios.get_scenario("C").blocks) == "block1a_relu"
     assert tiny.start_layer(scenarios.get_scenario("B").blocks) == "top_conv"
+    # XLA-compiled convolutions were measured faster for VGG16 only (Lite0: 7x slower).
+    trains = tiny.training_model("block1a_relu", compiled_convs=True)
+    assert not any(isinstance(l, backbone.CompiledConvs) for l in backbone.leaves(trains))
     assert tiny.set_trainable(scenarios.parse_blocks("block1,fc", tiny.net), log=False) == \
         ["stem_conv", "block1a_conv", "fc1", "predictions"]  # the stem joins block1; BN frozen
     assert tiny.start_layer(["block1", "fc", "predictions"]) == networks.INPUT
     with pytest.raises(ConfigError, match="'block5' matches no block of tiny_net"):
         scenarios.parse_blocks("block5", tiny.net)
+
+
+def test_the_new_head_follows_the_seed(tiny, tiny_file):
+    again = backbone.build_classifier("imagenet", False, SIZE, 0, backbone=tiny_file)
+    for a, b in zip(tiny.head.get_weights(), again.head.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    other = backbone.build_classifier("imagenet", False, SIZE, 1, backbone=tiny_file)
+    assert not np.array_equal(other.head.get_weights()[0], tiny.head.get_weights()[0])
 
 
 def test_a_saved_classifier_describes_its_backbone_again(tiny, tmp_path):
@@ -90,7 +101,7 @@ def test_a_saved_classifier_describes_its_backbone_again(tiny, tmp_path):
 
 def test_two_backbones_never_share_a_cache_file(tiny):
     vgg = cache_lib.CacheSpec("none(seed=0)", False, SIZE, data_dir="/data")
-    other = cache_lib.CacheSpec("in the backbone file", False, SIZE, data_dir="/data",
+    other = cache_lib.CacheSpec("in-file", False, SIZE, data_dir="/data",
                                 net=tiny.net)
     assert vgg.file_name().startswith("vgg16-data-32px-none-notop-float32-")
     assert other.file_name().startswith("tiny_net-data-32px-")
@@ -168,3 +179,29 @@ def test_the_demo_runs_on_a_keras_file_backbone(tiny_file, tmp_path):
     assert metrics["heads"]["C"]["start_layer"] == "block1a_relu"
     cached = [p.name for p in (tmp_path / "cache").glob("*.h5")]
     assert cached and all(p.startswith("tiny_net-") for p in cached)
+
+
+@pytest.mark.slow
+def test_auto_compares_backbones_on_the_same_folds_and_goes_on_with_the_choice(
+        tiny_file, tmp_path):
+    result = run("train.py", "--demo", "--backbone=auto", f"--backbones=vgg16,{tiny_file}",
+                 f"--workdir={tmp_path}/run", f"--cache_dir={tmp_path}/cache",
+                 "--scenarios=A,B", "--finetune_epochs=0", "--nobag")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "run" / "backbones.csv")
+    assert list(table.backbone) == ["vgg16", tiny_file]
+    assert (table.extraction_ms_per_image > 0).all() and (table.parameters > 0).all()
+    section = json.load(open(tmp_path / "run" / "metrics.json"))["backbones"]
+    cheaper = table.sort_values("extraction_ms_per_image").backbone.iloc[0]
+    # The rule: the cheaper one, unless the richer one won beyond noise.
+    won = section["comparisons"][0]["better"]
+    assert section["chosen"] == (table.backbone[table.backbone != cheaper].iloc[0] if won
+                                 else cheaper)
+    info = json.load(open(tmp_path / "run" / "model_info.json"))
+    assert info["backbone"] == section["chosen"]
+    assert "backbones (out-of-fold predictions on the 120 training images" in result.stdout
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Backbones (--stage=backbones, --backbone=auto)" in report
+    assert (tmp_path / "run" / "backbones.png").stat().st_size > 0

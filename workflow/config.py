@@ -52,6 +52,9 @@ class ModelConfig:
     image_size: int
     dropout: float
     backbone: networks.BackboneChoice = networks.BackboneChoice()
+    # --stage=backbones or --backbone=auto: the backbones to compare (``backbone`` is
+    # the first of them until the comparison chooses).
+    compare: Tuple[networks.BackboneChoice, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +272,11 @@ def _check(values: dict) -> None:
         raise ConfigError(f"--weights={values['weights']!r}: no such file. Expected "
                           "'imagenet', 'none', or the path of a weights file of the backbone "
                           "(VGG16: .h5 / .weights.h5).")
-    if choice.is_file and values["weights"] != "imagenet":
+    if compare_choices(values) and values.get("ray_address"):
+        raise ConfigError("--backbone=auto / --stage=backbones extract on this machine; run "
+                          "them without --ray_address, then train with --backbone=<the choice> "
+                          "on Ray.")
+    if choice.is_file and values["weights"] != "imagenet" and not compare_choices(values):
         raise ConfigError(f"--backbone={choice.name} brings its own weights; drop "
                           f"--weights={values['weights']} (it applies to networks by name).")
     if values["include_top"] and choice.name == "vgg16" and values["image_size"] != 224:
@@ -298,9 +305,26 @@ def _check(values: dict) -> None:
 
 
 def backbone_choice(values: dict) -> networks.BackboneChoice:
-    """``--backbone`` with ``--feature_layer``/``--stage_ends``, checked (no TensorFlow)."""
+    """``--backbone`` with ``--feature_layer``/``--stage_ends``, checked (no TensorFlow);
+    with ``auto`` (or --stage=backbones) the first of ``--backbones``."""
+    compared = compare_choices(values)
+    if compared:
+        return compared[0]
     return networks.check_choice(values.get("backbone") or "vgg16", values.get("feature_layer"),
                                  [s.strip() for s in values.get("stage_ends") or [] if s.strip()])
+
+
+def compare_choices(values: dict) -> Tuple[networks.BackboneChoice, ...]:
+    """``--backbones`` when --backbone=auto or --stage=backbones, else ()."""
+    auto = str(values.get("backbone") or "").strip().lower() == "auto"
+    if not auto and values.get("stage") != "backbones":
+        return ()
+    names = [n.strip() for n in values.get("backbones") or [] if n.strip()]
+    choices = tuple(dict.fromkeys(networks.check_choice(n) for n in names))
+    if len(choices) < 2:
+        raise ConfigError(f"--backbones={','.join(names)}: name at least two backbones to "
+                          "compare (--backbone=auto and --stage=backbones choose among them).")
+    return choices
 
 
 def parse_tta(text) -> Union[int, str]:
@@ -358,7 +382,7 @@ def train_config(flag_values, names) -> TrainConfig:
                         v["on_bad_image"], v["demo"], v["label_column"],
                         None if v["task"] == "auto" else v["task"]),
         model=ModelConfig(v["weights"], v["include_top"] and choice.name == "vgg16",
-                          v["image_size"], v["dropout"], choice),
+                          v["image_size"], v["dropout"], choice, compare_choices(v)),
         cache=CacheConfig(v["cache_dir"], v["cache_dtype"], v["cache_augmented_views"],
                           v["heads_memory_gb"]),
         heads=HeadsConfig(tuple(v["scenarios"]), v["epochs"], v["learning_rate"],

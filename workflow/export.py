@@ -82,7 +82,8 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
         _fit_unfitted_head(job, heads, cache, runtime, config.view_preset, scenario)
     heads_lib.load_scenario_weights(job.classifier, scenario, head_weights,
                                     job.heads.get(scenario))
-    blocks = (scenarios.parse_blocks(config.trainable_blocks) if config.trainable_blocks
+    blocks = (scenarios.parse_blocks(config.trainable_blocks, job.classifier.net)
+              if config.trainable_blocks
               else scenarios.get_scenario(scenario).blocks_on(job.classifier.net))
     logging.info("Fine-tuning scenario %s (blocks %s) from %s.", scenario, ",".join(blocks),
                  head_weights)

@@ -131,8 +131,9 @@ def _train_data(d: dict) -> None:
                          "and of the fine-tuning under <workdir>/tensorboard/.",
                          module_name=OUTPUTS, **d)
     flags.DEFINE_enum("stage", "all", ["heads", "sweep", "finetune", "all", "curve",
-                                       "label_next"],
-                      "What to run: heads (cache features, train the scenarios), sweep (grid "
+                                       "label_next", "backbones"],
+                      "What to run: backbones (compare --backbones: backbones.csv/.png), "
+                      "heads (cache features, train the scenarios), sweep (grid "
                       "by CV), finetune (the chosen scenario end to end, then export), all; "
                       "curve (how the score grows with the labels: learning_curve.csv/.png), "
                       "label_next (which photos of --unlabelled_dir to label next).",
@@ -151,11 +152,18 @@ def _train_data(d: dict) -> None:
 def _train_model(d: dict) -> None:
     """The network."""
     flags.DEFINE_string("backbone", "vgg16", "The pretrained network under the new head: "
-                        "vgg16 (the reference), a keras.applications name (resnet50, "
+                        "vgg16 (the reference), auto (chosen by evidence among --backbones), "
+                        "a keras.applications name (resnet50, "
                         "efficientnetb0, efficientnetv2b0, efficientnetv2s, convnext_tiny, "
                         "mobilenetv3large, mobilenetv3small; --weights applies), or the path "
                         "of a Keras model file (.keras) of any image network, weights and "
                         "preprocessing inside.", module_name=MODEL, **d)
+    flags.DEFINE_list("backbones", ["vgg16", "efficientnetv2b0"], "--stage=backbones and "
+                      "--backbone=auto: the backbones to compare (names and .keras files; "
+                      "--weights applies to the named ones). Each is extracted (cached), "
+                      "and the probe and scenario B are cross-validated on the same folds; "
+                      "auto goes on with the cheapest unless a richer one wins beyond noise.",
+                      module_name=MODEL, **d)
     flags.DEFINE_string("feature_layer", None, "--backbone=FILE or a named network: the "
                         "layer whose output is the feature map (default: the last layer with "
                         "a spatial output).", module_name=MODEL, **d)

@@ -178,9 +178,9 @@ def cache_spec(job: Job, cache: CacheConfig, augment: str = "none") -> cache_lib
 
 def backbone_weights_id(model: ModelConfig, seed: int) -> str:
     """What the backbone's weights are, for provenance: a file backbone's are in the
-    file (its hash is in the backbone's identity)."""
+    file ("in-file"; the file's hash is in the backbone's identity)."""
     if model.backbone.is_file:
-        return "in the backbone file"
+        return "in-file"
     return weights_identity(model.weights, seed)
 
 

@@ -41,8 +41,12 @@ def esc(value) -> str:
 
 
 def lookup(data: dict, key: str):
-    """``data`` at a ``/``-separated key (None when any part is missing)."""
+    """``data`` at a ``/``-separated key (None when any part is missing); a number
+    indexes a list (``backbones/table/0/name``)."""
     for part in key.split("/"):
+        if isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+            continue
         if not isinstance(data, dict) or part not in data:
             return None
         data = data[part]
@@ -334,6 +338,31 @@ def _later_sections(folder: str, metrics: dict) -> List[str]:
     return out
 
 
+def _backbones_section(folder: str, metrics: dict) -> str:
+    """--stage=backbones / --backbone=auto: the table, the comparisons and the choice."""
+    b = metrics.get("backbones")
+    if not b or not b.get("table"):
+        return ""
+    keys = list(b["table"][0])
+    rows = [[esc(r["name"]) + (" (chosen)" if r["backbone"] == b["chosen"] else ""),
+             number(metrics, f"backbones/table/{i}/{keys[2]}"),
+             number(metrics, f"backbones/table/{i}/{keys[3]}"), esc(r["scored_by"]),
+             number(metrics, f"backbones/table/{i}/extraction_ms_per_image", 1),
+             f"{r['parameters'] / 1e6:.1f} M", number(metrics, f"backbones/table/{i}/model_size_mb", 1)]
+            for i, r in enumerate(b["table"])]
+    said = "".join(f"<li>{esc(c['candidate'])} vs {esc(c['baseline'])}: difference "
+                   f"{c['difference']:+.4f} (90% interval {c['low']:+.4f} .. {c['high']:+.4f}): "
+                   f"{'better beyond noise' if c['better'] else 'not better beyond noise'}</li>"
+                   for c in b.get("comparisons", []))
+    return ("<h2>Backbones (--stage=backbones, --backbone=auto)</h2>"
+            f"<p>{esc(b['images'])}. Chosen: <b>{esc(b['chosen_name'])}</b>, by the rule: "
+            f"{esc(b['rule'])}.</p>"
+            + table(["backbone", f"CV {esc(keys[2][3:-5])} mean", "± std", "scored by",
+                     "extraction ms/image", "parameters", "model MB"], rows)
+            + (f"<ul>{said}</ul>" if said else "")
+            + image(os.path.join(folder, "backbones.png"), "Score against cost"))
+
+
 def _commands_section(commands: Dict[str, str]) -> str:
     if not commands:
         return ""
@@ -356,7 +385,7 @@ def write_run_report(folder: str, commands: Optional[Dict[str, str]] = None) -> 
               "</p>")
     return write(os.path.join(folder, REPORT), page("Training report", [
         header, _data_section(folder), _settings_section(folder),
-        _models_section(folder, metrics, metric), _finetune_section(folder, metrics),
+        _backbones_section(folder, metrics), _models_section(folder, metrics, metric), _finetune_section(folder, metrics),
         _export_section(metrics), _final_section(folder, metrics), _labels_section(folder),
         _timings_section(metrics), *_later_sections(folder, metrics),
         _commands_section(commands or {})]))

@@ -270,6 +270,13 @@ def _run_stages(cfg: TrainConfig, engine=None, dataset=None):
     if engine is not None:
         engine.precision = job.precision.policy
         job.engine = engine.start()
+    if cfg.model.compare:
+        from workflow import backbones as backbones_stage
+        _, job = backbones_stage.run(job, cfg, [c.name for c in cfg.model.compare])
+        if runtime.stage == "backbones":
+            _write_report(job, runtime)
+            _print_outputs(job, started)
+            return job
     chosen = None
     sweep_file = job.run.file("sweep.csv")
     if runtime.stage == "sweep" or (cfg.sweep.use and runtime.stage == "all"
@@ -414,7 +421,8 @@ def run(cfg: TrainConfig, dataset=None):
         from features.serve import ray_engine
         engine = ray_engine.RayEngine(cfg.runtime.ray_address, cfg.runtime.ray_workers, build={
             "weights": cfg.model.weights, "include_top": cfg.model.include_top,
-            "image_size": cfg.model.image_size, "seed": cfg.seed})
+            "image_size": cfg.model.image_size, "seed": cfg.seed,
+            "backbone": cfg.model.backbone})
     try:
         with distribute.scope(distribute.make_strategy(cfg.runtime.strategy,
                                                        cfg.runtime.cpu_replicas)):

@@ -164,7 +164,7 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence, task: Ta
     for config in configs if train.folds else ():
         restore(classifier.model, initial)
         started = time.perf_counter()
-        cvs[config.scenario] = _cross_validate(classifier, config, task, train, fit)
+        cvs[config.scenario] = cross_validate_scenario(classifier, config, task, train, fit)
         seconds[config.scenario] = time.perf_counter() - started
     best = max(cvs, key=lambda s: cvs[s].mean if np.isfinite(cvs[s].mean) else -np.inf,
                default=None)
@@ -202,8 +202,8 @@ def cv_frame(cv: cv_lib.CVResult) -> pd.DataFrame:
                          f"cv_{cv.metric}": mean, f"cv_{cv.metric}_std": std})
 
 
-def _cross_validate(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
-                    fit: FitSettings) -> cv_lib.CVResult:
+def cross_validate_scenario(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
+                            fit: FitSettings) -> cv_lib.CVResult:
     """One scenario's cross-validation on ``train.folds`` (the classifier is left as it
     was found)."""
     scenario = config.scenario

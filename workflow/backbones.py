@@ -1,0 +1,201 @@
+"""--stage=backbones and --backbone=auto: which backbone, by evidence.
+
+Each backbone of ``--backbones`` extracts its features once (cached and resumable as
+always), then the linear probe and scenario B are cross-validated on the *same*
+folds of the training split. A backbone's score is the better of the two (mean CV
+score); its out-of-fold predictions are what the choice compares. Cost is measured
+on this machine: milliseconds per image through the frozen layers, parameters, and
+the size of the saved classifier.
+
+The choice (``--backbone=auto``) is the rule the default output already follows
+(`features.choose.evidence`): start from the cheapest backbone; a richer one
+replaces it only when its out-of-fold predictions beat it beyond a paired
+bootstrap's noise (the 90% interval of the difference above zero).
+"""
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from typing import List, Optional
+
+import numpy as np
+import pandas as pd
+
+from features import backbone, networks
+from features.choose import cv as cv_lib, evidence, probe
+from features.fit import heads as heads_lib
+from workflow.config import TrainConfig
+from workflow.job import Features, Job, fit_settings
+
+TABLE, PLOT = "backbones.csv", "backbones.png"
+
+
+@dataclasses.dataclass
+class Entry:
+    """One backbone's row: scores, cost, and the out-of-fold predictions behind them."""
+    choice: networks.BackboneChoice
+    slug: str
+    score: float
+    std: float
+    model: str
+    ms_per_image: float
+    parameters: int
+    size_mb: float
+    oof: np.ndarray
+
+    def row(self, metric: str) -> dict:
+        """The row of backbones.csv."""
+        return {"backbone": self.choice.name, "name": self.slug, f"cv_{metric}_mean": self.score,
+                f"cv_{metric}_std": self.std, "scored_by": self.model,
+                "extraction_ms_per_image": round(self.ms_per_image, 1),
+                "parameters": self.parameters, "model_size_mb": round(self.size_mb, 1)}
+
+
+def job_on(job: Job, choice: networks.BackboneChoice) -> Job:
+    """``job`` with its classifier rebuilt on another backbone (same data, split, folds)."""
+    model = dataclasses.replace(job.model, backbone=choice,
+                                include_top=job.model.include_top and choice.name == "vgg16",
+                                weights="imagenet" if choice.is_file else job.model.weights)
+    classifier = backbone.build_classifier(model.weights, model.include_top, model.image_size,
+                                           job.seed, dropout=model.dropout,
+                                           units=job.task.units,
+                                           activation=job.task.activation, backbone=choice)
+    from features.fit.loop import snapshot
+    return dataclasses.replace(job, classifier=classifier, model=model, loaded={}, heads={},
+                               initial=snapshot(classifier.model))
+
+
+def _ms_per_image(job: Job, batch_size: int) -> float:
+    """Milliseconds per image through the frozen layers the cache holds, on this machine:
+    one batch of the training photos, timed after a warm-up batch."""
+    from pipeline import input as input_lib
+    paths = job.train.path.tolist()[:max(8, min(batch_size, 32))]
+    batch = next(iter(input_lib.eval_dataset(paths, None, paths, job.model.image_size,
+                                             len(paths))))["image"]
+    model = job.classifier.feature_model([job.classifier.net.feature_layer])
+    model(batch, training=False)
+    started = time.perf_counter()
+    model(batch, training=False)
+    return 1000 * (time.perf_counter() - started) / len(paths)
+
+
+def _size_mb(job: Job) -> float:
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.keras")
+        with backbone.without_training_state(job.classifier.model) as model:
+            model.save(path)
+        return os.path.getsize(path) / 1e6
+
+
+def evaluate(job: Job, cfg: TrainConfig) -> Entry:
+    """Extracts (or reads) ``job``'s features and cross-validates the probe and B."""
+    train, val, _ = Features(job, cfg.cache, cfg.runtime.batch_size).split(0)
+    layer = job.classifier.net.feature_layer
+    y = job.y_train
+    chosen = probe.choose(train[layer], y, job.task, job.folds, job.seed, job.class_weight)
+    config = heads_lib.HeadConfig.for_scenario("B", cfg.heads.learning_rate,
+                                               optimizer=cfg.heads.optimizer)
+    settings = dataclasses.replace(fit_settings(job, cfg.heads, cfg.cache, cfg.runtime),
+                                   progress=False)
+    head = heads_lib.cross_validate_scenario(job.classifier, config, job.task,
+                                             heads_lib.FeatureSplit(train, y, None, job.folds),
+                                             settings)
+    if head.mean > chosen.mean:
+        score, std, model, oof = head.mean, head.std, "scenario B", head.oof_probs
+    else:
+        score, std, model, oof = chosen.mean, chosen.std, "linear probe", chosen.oof_probs
+    return Entry(job.model.backbone, job.classifier.net.slug, score, std, model,
+                 _ms_per_image(job, cfg.runtime.batch_size), job.classifier.model.count_params(),
+                 _size_mb(job), np.asarray(oof))
+
+
+def choose(entries: List[Entry], job: Job) -> tuple:
+    """(the chosen entry, the comparisons made): the cheapest unless a richer one wins
+    on out-of-fold predictions beyond a paired bootstrap's noise."""
+    ordered = sorted(entries, key=lambda e: e.ms_per_image)
+    current, said = ordered[0], []
+    groups = cv_lib.fold_of(job.folds, len(job.y_train))
+    for richer in ordered[1:]:
+        c = evidence.compare(job.task, job.y_train, richer.oof, current.oof, job.seed,
+                             groups=groups)
+        said.append({"candidate": richer.slug, "baseline": current.slug,
+                     "difference": round(c.difference, 6), "low": round(c.low, 6),
+                     "high": round(c.high, 6), "better": bool(c.better)})
+        logging.info("Backbone %s vs %s (out-of-fold, same folds): %s %.4f vs %.4f, "
+                     "difference %+.4f (90%% interval %+.4f .. %+.4f): %s.", richer.slug,
+                     current.slug, c.metric, c.candidate, c.baseline, c.difference, c.low,
+                     c.high, "better beyond noise" if c.better else
+                     f"not better beyond noise: keeping the cheaper {current.slug}")
+        if c.better:
+            current = richer
+    return current, said
+
+
+def run(job: Job, cfg: TrainConfig, names) -> tuple:
+    """Evaluates each backbone of ``names``, writes backbones.csv and backbones.png and
+    the metrics' ``backbones`` key; returns (the chosen entry, the job on it)."""
+    if not job.folds:
+        raise ValueError("Comparing backbones needs cross-validation folds (--cv_folds).")
+    entries, jobs = [], {}
+    for name in names:
+        choice = networks.check_choice(name)
+        other = job if choice == job.model.backbone else job_on(job, choice)
+        logging.info("Backbone %s: extracting (or reading) its features and "
+                     "cross-validating the probe and scenario B.", other.classifier.net.slug)
+        entries.append(evaluate(other, cfg))
+        jobs[choice] = other
+    best, said = choose(entries, job)
+    metric = job.task.headline
+    table = pd.DataFrame([e.row(metric) for e in entries])
+    job.run.write_csv(table, TABLE)
+    _plot(entries, best, metric, job.run.file(PLOT))
+    section = job.run.update_metrics("backbones", {
+        "table": table.to_dict(orient="records"), "chosen": best.choice.name,
+        "chosen_name": best.slug, "comparisons": said,
+        "rule": "the cheapest backbone (extraction ms per image) unless a richer one beats it "
+                "on out-of-fold predictions beyond a paired bootstrap's noise (90%)",
+        "images": f"out-of-fold predictions on the {len(job.y_train)} training images, "
+                  f"{len(job.folds)} folds shared by every backbone"})
+    job.run.note("backbones", job.run.file(TABLE))
+    print("\n".join(summary_lines(section)))
+    return best, jobs[best.choice]
+
+
+def _plot(entries: List[Entry], best: Entry, metric: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pipeline.atomic import atomic_path
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e in entries:
+        ax.errorbar(e.ms_per_image, e.score, yerr=e.std, fmt="o",
+                    color="C1" if e is best else "C0")
+        ax.annotate(f"{e.slug} ({e.model})" + (" - chosen" if e is best else ""),
+                    (e.ms_per_image, e.score), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("extraction ms per image on this machine (log)")
+    ax.set_ylabel(f"CV {metric} (mean +- std over folds)")
+    ax.set_title("Backbones: score against cost (training split, same folds)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def summary_lines(metrics: dict) -> Optional[List[str]]:
+    """The table and the choice, for the terminal summary."""
+    b = metrics.get("backbones")
+    if not b:
+        return None
+    metric = next(k for k in b["table"][0] if k.startswith("cv_") and k.endswith("_mean"))
+    lines = [f"backbones ({b['images']}):"]
+    for r in b["table"]:
+        lines.append(f"  {r['name']:<28} CV {metric[3:-5]} {r[metric]:.4f} +- "
+                     f"{r[metric.replace('_mean', '_std')]:.4f} ({r['scored_by']}), "
+                     f"{r['extraction_ms_per_image']:.1f} ms/image, "
+                     f"{r['parameters'] / 1e6:.1f} M parameters, {r['model_size_mb']:.0f} MB")
+    lines.append(f"  chosen: {b['chosen_name']} ({b['rule']})")
+    return lines
