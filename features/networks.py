@@ -62,6 +62,12 @@ class Backbone:
       default_image_size: the size it was trained at.
       min_image_size: the smallest input that survives its downsampling.
       imagenet_top: whether ``--include_top`` can keep its ImageNet dense layers.
+      near_duplicate: the cosine similarity of average-pooled features at or above which
+        two photos are near-duplicates, where it was measured (VGG16: 0.95,
+        docs/benchmarks.md); None: calibrated on each run's photos
+        (`workflow.labelling.near_duplicate_threshold`), since the scale of
+        similarities is the network's own (Lite0: a JPEG re-save of a photo scores
+        0.85-0.91 with it, where VGG16 scores 0.98).
       xla_convs: whether its training conv blocks run XLA-compiled on a float32 CPU
         (`features.backbone.CompiledConvs`). Measured per network: VGG16's plain 3x3
         convolutions train 2x faster (block5, 128 -> 64 ms per image); EfficientNet-
@@ -77,6 +83,7 @@ class Backbone:
     default_image_size: int = 224
     min_image_size: int = 32
     imagenet_top: bool = False
+    near_duplicate: Optional[float] = None
     xla_convs: bool = False
 
     @property
@@ -136,7 +143,7 @@ VGG16 = Backbone(name="vgg16", source="keras.applications.VGG16",
                  stages=("block1", "block2", "block3", "block4", "block5"),
                  stem_layer="block4_pool", feature_layer="block5_pool", preprocessing=CAFFE,
                  pooling="flatten", default_image_size=224, min_image_size=32,
-                 imagenet_top=True, xla_convs=True)
+                 imagenet_top=True, near_duplicate=0.95, xla_convs=True)
 
 # keras.applications networks by --backbone name: (constructor, preprocessing). Each
 # is described from its layers once built (`describe`), as a file would be.

@@ -179,6 +179,11 @@ def test_the_demo_runs_on_a_keras_file_backbone(tiny_file, tmp_path):
     assert metrics["heads"]["C"]["start_layer"] == "block1a_relu"
     cached = [p.name for p in (tmp_path / "cache").glob("*.h5")]
     assert cached and all(p.startswith("tiny_net-") for p in cached)
+    # Near-duplicates: the threshold is calibrated on this run's photos (mirror images),
+    # not VGG16's 0.95.
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "calibrated for tiny_net: the lowest similarity of 32 training photos" in log
+    assert (tmp_path / "run" / "duplicates.csv").is_file()
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@
   ``suspect_labels.png`` from the out-of-fold predictions of the chosen model, and
   ``duplicates.csv``: exact duplicates (same bytes) across train / validation /
   test, and near-duplicates across train / validation (pooled-feature cosine
-  similarity at or above `NEAR_DUPLICATE`);
+  similarity at or above `NEAR_DUPLICATE` for VGG16, a per-run calibration for other
+  backbones: `near_duplicate_threshold`);
 * `curve_stage` (``--stage=curve``): ``learning_curve.csv`` and ``learning_curve.png``;
 * `label_next_stage` (``--stage=label_next``): ``to_label.csv``, ``to_label.png`` and
   ``labels_template.csv``.
@@ -18,6 +19,7 @@ from typing import Dict
 import numpy as np
 import pandas as pd
 
+from features import networks
 from features.data import audit as audit_lib, curve
 from features.choose import cv as cv_lib, probe
 from features.fit import heads as heads_lib
@@ -37,7 +39,7 @@ from workflow.job import Features, Job, fit_settings
 # 90% centre crop a median of 0.976; two different ants/bees photos at most 0.854, while
 # close-ups of one flower species reach 0.94 at the 99.9th percentile. 0.95 catches
 # copies, mirrors, re-saves and most crops, and almost no distinct pair.
-NEAR_DUPLICATE = 0.95
+NEAR_DUPLICATE = networks.VGG16.near_duplicate  # 0.95; other backbones: calibrated per run
 GALLERY = 9
 
 
@@ -105,11 +107,40 @@ def duplicates(job: Job, cache: CacheConfig, runtime: RuntimeConfig) -> pd.DataF
     feats = feats[job.classifier.net.feature_layer]
     pooled = probe.pooled(feats, "average")
     subsets = labelled.assign(subset=["train"] * len(job.train) + ["val"] * len(job.val)).subset
-    for a, b, sim in selection.duplicate_pairs(pooled, NEAR_DUPLICATE, subsets.to_numpy()):
+    threshold, how = near_duplicate_threshold(job, runtime.batch_size)
+    logging.info("Near-duplicates: average-pooled %s features with cosine similarity >= "
+                 "%.3f (%s).", job.classifier.net.feature_layer, threshold, how)
+    for a, b, sim in selection.duplicate_pairs(pooled, threshold, subsets.to_numpy()):
         rows.append({"name_a": labelled.name[a], "subset_a": subsets[a],
                      "name_b": labelled.name[b], "subset_b": subsets[b],
                      "similarity": round(sim, 4), "kind": "exact" if sim > 0.9999 else "near"})
     return _pairs_table(rows)
+
+
+def near_duplicate_threshold(job: Job, batch_size: int = 32, sample: int = 32) -> tuple:
+    """(threshold, how it was set). VGG16's was measured (`NEAR_DUPLICATE`); another
+    backbone's similarities have their own scale, so the threshold is calibrated on this
+    run's photos: the lowest similarity of a photo to its own mirror image, over up to
+    ``sample`` training photos. A mirror is a near-duplicate by definition; the
+    benchmarks' JPEG re-saves and crops score about as high (docs/benchmarks.md)."""
+    net = job.classifier.net
+    if net.near_duplicate is not None:
+        return net.near_duplicate, f"measured for {net.slug} in docs/benchmarks.md"
+    import tensorflow as tf
+    from pipeline import input as input_lib
+    rng = np.random.default_rng(job.seed)
+    paths = job.train.path.to_numpy()[rng.permutation(len(job.train))[:sample]].tolist()
+    model = job.classifier.feature_model([net.feature_layer])
+    sims = []
+    for batch in input_lib.eval_dataset(paths, None, paths, job.model.image_size, batch_size):
+        both = tf.concat([batch["image"], batch["image"][:, :, ::-1]], axis=0)
+        pooled = selection.normalised(probe.pooled(np.asarray(
+            model(both, training=False)[net.feature_layer]), "average"))
+        n = len(pooled) // 2
+        sims.append(np.sum(pooled[:n] * pooled[n:], axis=1))
+    low = float(np.min(np.concatenate(sims)))
+    return low, (f"calibrated for {net.slug}: the lowest similarity of {len(paths)} training "
+                 "photos to their own mirror images")
 
 
 def _pairs_table(rows) -> pd.DataFrame:

@@ -41,8 +41,11 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     progress.report("heads", "repeat the heads stage (it trains from the feature cache)")
     views = chosen.views if chosen else cache.augmented_views
     train, val, view_feats = Features(job, cache, runtime.batch_size).split(views, view_preset)
-    baseline, probe_choice, _ = probe.run(train, job.y_train, val, job.y_val, job.task,
-                                          job.folds, job.seed, job.class_weight)
+    baseline, probe_choice, estimator = probe.run(train, job.y_train, val, job.y_val,
+                                                  job.task, job.folds, job.seed,
+                                                  job.class_weight)
+    probe_val = probe.probabilities(estimator, probe.pooled(
+        val[job.classifier.net.feature_layer], probe_choice.config.pooling), job.task)
     job.run.update_metrics("probe", baseline)
     configs = ([chosen] if chosen else
                [heads_lib.HeadConfig.for_scenario(s, heads.learning_rate,
@@ -63,7 +66,8 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     job.run.update_metrics("heads", {s: r.summary() for s, r in results.items()})
     if job.folds:
         job.run.update_metrics("cross_validation", {s: r.cv.summary() for s, r in results.items()})
-    choice = (_probe_or_head(job, best, probe_choice, baseline, heads.probe_baseline)
+    choice = (_probe_or_head(job, best, probe_choice, baseline, heads.probe_baseline,
+                             probe_val)
               if chosen is None else
               {"scenario": best.scenario, "by": "--use_sweep", "score": best.score,
                "metric": job.task.headline})
@@ -149,19 +153,26 @@ def _choice_sentence(choice: dict, best: str) -> str:
 
 
 def _probe_or_head(job: Job, best, probe_choice, baseline: dict,
-                   probe_baseline: bool = True) -> dict:
+                   probe_baseline: bool = True, probe_val=None) -> dict:
     """The heads stage's choice between the best scenario and the linear probe, on
-    out-of-fold predictions (with CV). The simpler model is the baseline: the probe stays
-    unless the scenario beats it beyond noise (``probe_baseline``; False: the scenario is
-    the baseline and the probe must beat it)."""
+    out-of-fold predictions (with CV), else on the validation images (which chose the
+    scenario and its epoch too; ``probe_val``: the probe's probabilities there). The
+    simpler model is the baseline: the probe stays unless the scenario beats it beyond
+    noise (``probe_baseline``; False: the scenario is the baseline and the probe must
+    beat it)."""
     choice = {"scenario": best.scenario, "by": best.selected_by, "score": best.score,
               "metric": job.task.headline}
-    if best.cv is None or probe_choice.oof_probs is None:
-        choice["probe_vs_head"] = None  # without CV the probe's predictions are not kept
+    if best.cv is not None and probe_choice.oof_probs is not None:
+        y, head, lin = job.y_train, best.cv.oof_probs, probe_choice.oof_probs
+        where = "out-of-fold predictions of the training split, fold by fold"
+        groups, score = cv_lib.fold_of(job.folds, len(y)), f"cv_{job.task.headline}_mean"
+    elif best.val_probs is not None and probe_val is not None and len(job.y_val):
+        y, head, lin = job.y_val, best.val_probs, probe_val
+        where = "the validation images, which also chose the scenario and its epoch"
+        groups, score = None, f"val_{job.task.headline}"
+    else:
+        choice["probe_vs_head"] = None
         return choice
-    y, head, lin = job.y_train, best.cv.oof_probs, probe_choice.oof_probs
-    where = "out-of-fold predictions of the training split, fold by fold"
-    groups = cv_lib.fold_of(job.folds, len(y))
     name = f"scenario {best.scenario}"
     if probe_baseline:
         comparison = evidence.compare(job.task, y, head, lin, job.seed, groups=groups)
@@ -179,8 +190,9 @@ def _probe_or_head(job: Job, best, probe_choice, baseline: dict,
                                "baseline_is": "the linear probe" if probe_baseline else name,
                                "kept": kept}
     if use_probe:
-        choice.update({"scenario": PROBE, "score": baseline.get(f"cv_{job.task.headline}_mean"),
-                       "by": "out-of-fold comparison with the best scenario"})
+        choice.update({"scenario": PROBE, "score": baseline.get(score),
+                       "by": ("out-of-fold" if groups is not None else "validation-image")
+                       + " comparison with the best scenario"})
     return choice
 
 

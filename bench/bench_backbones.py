@@ -1,0 +1,111 @@
+"""Backbones against this CPU's limit: extraction speed, size and exported latency.
+
+For each backbone (``--backbones``, names or .keras files; ``--weights`` for VGG16):
+
+  * FLOPs per image of the frozen layers the cache holds (2 x multiply-adds of every
+    convolution, depthwise convolution and dense layer, counted from the built model);
+  * extraction images per second: the bare feature model on one in-memory batch of
+    real photos (``--data_dir``), after a warm-up, and as a fraction of the float32
+    matmul rate measured in the same run (FLOPs x images/s / matmul FLOP/s);
+  * parameters, ``model.keras`` size, and the ONNX export's size and latency per image
+    (batch 16, onnxruntime on CPU) with its max |dP| against the Keras model.
+
+  W=$(python ../shared/tools/vgg16_pretrained.py)
+  L=$(python ../shared/tools/efficientnet_lite_pretrained.py)
+  python bench/bench_backbones.py --data_dir=../shared/data/hymenoptera/train \\
+      --weights="$W" --backbones=vgg16,"$L"
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def macs(model) -> int:
+    """Multiply-adds of one image through ``model`` (nested models opened)."""
+    import keras
+    total = 0
+    for layer in _leaves(model):
+        out = getattr(getattr(layer, "output", None), "shape", None)
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            k = np.prod(layer.kernel_size)
+            total += int(np.prod(out[1:]) * k)
+        elif isinstance(layer, keras.layers.Conv2D):
+            k = np.prod(layer.kernel_size) * layer.kernel.shape[2]  # per output value
+            total += int(np.prod(out[1:]) * k)
+        elif isinstance(layer, keras.layers.Dense):
+            total += int(layer.kernel.shape[0] * layer.kernel.shape[1])
+    return total
+
+
+def _leaves(model):
+    import keras
+    out = []
+    for layer in model.layers:
+        out += _leaves(layer) if isinstance(layer, keras.Model) else [layer]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--weights", default="imagenet")
+    parser.add_argument("--backbones", default="vgg16")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--onnx", action="store_true", default=True)
+    parser.add_argument("--noonnx", dest="onnx", action="store_false")
+    args = parser.parse_args()
+    import keras  # noqa: F401
+    from bench_perf import matmul_rates
+    from features import backbone, networks
+    from pipeline import discovery, input as input_lib
+    from workflow import deploy
+    frame = discovery.discover(args.data_dir).frame
+    paths = frame.path.tolist()[:args.batch]
+    batch = next(iter(input_lib.eval_dataset(paths, None, paths, args.image_size,
+                                             len(paths))))["image"].numpy()
+    peak = matmul_rates(seconds=3.0)["float32"]
+    print(f"# backbones at {args.image_size} px, batch {len(paths)} real photos; float32 "
+          f"2048^2 matmul {peak:.0f} GFLOP/s on this machine")
+    print("| backbone | GFLOPs/image (frozen part) | images/s | fraction of matmul rate | "
+          "parameters | model.keras MB | ONNX MB | ONNX ms/image | ONNX max abs dP |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.backbones.split(","):
+        choice = networks.check_choice(name)
+        weights = "imagenet" if choice.is_file else args.weights
+        clf = backbone.build_classifier(weights, False, args.image_size, 0, backbone=choice)
+        feature = clf.feature_model([clf.net.feature_layer])
+        gflops = 2 * macs(clf.stem) / 1e9 + 2 * macs(clf.last) / 1e9
+        feature(batch[:4], training=False)
+        best = np.inf
+        for _ in range(3):
+            started = time.perf_counter()
+            feature(batch, training=False)
+            best = min(best, time.perf_counter() - started)
+        per_s = len(paths) / best
+        with tempfile.TemporaryDirectory() as folder:
+            clf.model.save(os.path.join(folder, "model.keras"))
+            size = os.path.getsize(os.path.join(folder, "model.keras")) / 1e6
+            onnx = ("-", "-", "-")
+            if args.onnx:
+                path = deploy.convert(clf.model, "onnx", folder)
+                out, _, per_image = deploy.run_format("onnx", path, batch)
+                dp = float(np.max(np.abs(out - np.asarray(clf.model(batch), np.float64))))
+                onnx = (f"{os.path.getsize(path) / 1e6:.1f}", f"{1000 * per_image:.1f}",
+                        f"{dp:.1e}")
+        print(f"| {clf.net.slug} | {gflops:.2f} | {per_s:.1f} | {gflops * per_s / peak:.2f} | "
+              f"{clf.model.count_params() / 1e6:.1f} M | {size:.1f} | {onnx[0]} | {onnx[1]} | "
+              f"{onnx[2]} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
