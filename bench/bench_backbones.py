@@ -29,29 +29,35 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def macs(model) -> int:
-    """Multiply-adds of one image through ``model`` (nested models opened)."""
+def macs(model, input_shape, only=None) -> int:
+    """Multiply-adds of one image of ``input_shape`` through ``model``: a file's network
+    may take any size, so its layers' output shapes come from one forward pass."""
     import keras
+    inner = [l for l in model.layers if isinstance(l, keras.Model)]
+    if inner:  # the stem wraps the base network (after CaffeToRGB); the last stage too
+        return sum(macs(m, input_shape) for m in inner)
+    counted = [l for l in model.layers
+               if isinstance(l, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
+                                 keras.layers.Dense)) and (only is None or l.name in only)]
+    if not counted:
+        return 0
+    static = [l.output.shape for l in counted]
+    if all(d is not None for shape in static for d in shape[1:]):
+        outputs = [np.zeros((1, *shape[1:])) for shape in static]  # VGG16: fixed sizes
+    else:
+        probe = keras.Model(model.inputs, [l.output for l in counted])
+        outputs = probe(np.zeros((1, *input_shape), np.float32))
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     total = 0
-    for layer in _leaves(model):
-        out = getattr(getattr(layer, "output", None), "shape", None)
+    for layer, out in zip(counted, outputs):
+        shape = out.shape[1:]
         if isinstance(layer, keras.layers.DepthwiseConv2D):
-            k = np.prod(layer.kernel_size)
-            total += int(np.prod(out[1:]) * k)
+            total += int(np.prod(shape) * np.prod(layer.kernel_size))
         elif isinstance(layer, keras.layers.Conv2D):
-            k = np.prod(layer.kernel_size) * layer.kernel.shape[2]  # per output value
-            total += int(np.prod(out[1:]) * k)
-        elif isinstance(layer, keras.layers.Dense):
+            total += int(np.prod(shape) * np.prod(layer.kernel_size) * layer.kernel.shape[2])
+        else:
             total += int(layer.kernel.shape[0] * layer.kernel.shape[1])
     return total
-
-
-def _leaves(model):
-    import keras
-    out = []
-    for layer in model.layers:
-        out += _leaves(layer) if isinstance(layer, keras.Model) else [layer]
-    return out
 
 
 def main():
@@ -64,7 +70,7 @@ def main():
     parser.add_argument("--onnx", action="store_true", default=True)
     parser.add_argument("--noonnx", dest="onnx", action="store_false")
     args = parser.parse_args()
-    import keras  # noqa: F401
+    import keras
     from bench_perf import matmul_rates
     from features import backbone, networks
     from pipeline import discovery, input as input_lib
@@ -84,7 +90,16 @@ def main():
         weights = "imagenet" if choice.is_file else args.weights
         clf = backbone.build_classifier(weights, False, args.image_size, 0, backbone=choice)
         feature = clf.feature_model([clf.net.feature_layer])
-        gflops = 2 * macs(clf.stem) / 1e9 + 2 * macs(clf.last) / 1e9
+        size = (args.image_size, args.image_size, 3)
+        if choice.is_file:  # any input size: count on the file's own graph, to the feature map
+            from features import zoo
+            whole = zoo.load_file(choice.name)
+            names = [l.name for l in whole.layers]
+            upto = keras.Model(whole.input, whole.get_layer(clf.net.feature_layer).output)
+            gflops = 2 * macs(upto, size, names[:names.index(clf.net.feature_layer) + 1]) / 1e9
+        else:
+            gflops = 2 * (macs(clf.stem, size)
+                          + macs(clf.last, tuple(clf.last.input.shape[1:]))) / 1e9
         feature(batch[:4], training=False)
         best = np.inf
         for _ in range(3):
@@ -94,7 +109,7 @@ def main():
         per_s = len(paths) / best
         with tempfile.TemporaryDirectory() as folder:
             clf.model.save(os.path.join(folder, "model.keras"))
-            size = os.path.getsize(os.path.join(folder, "model.keras")) / 1e6
+            megabytes = os.path.getsize(os.path.join(folder, "model.keras")) / 1e6
             onnx = ("-", "-", "-")
             if args.onnx:
                 path = deploy.convert(clf.model, "onnx", folder)
@@ -103,7 +118,7 @@ def main():
                 onnx = (f"{os.path.getsize(path) / 1e6:.1f}", f"{1000 * per_image:.1f}",
                         f"{dp:.1e}")
         print(f"| {clf.net.slug} | {gflops:.2f} | {per_s:.1f} | {gflops * per_s / peak:.2f} | "
-              f"{clf.model.count_params() / 1e6:.1f} M | {size:.1f} | {onnx[0]} | {onnx[1]} | "
+              f"{clf.model.count_params() / 1e6:.1f} M | {megabytes:.1f} | {onnx[0]} | {onnx[1]} | "
               f"{onnx[2]} |", flush=True)
 
 

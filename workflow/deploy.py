@@ -148,6 +148,7 @@ def onnx_ready(model):
     """
     import keras
     if not any(_onnx_swap(l) is not l for l in _all_layers(model)):
+        model(np.zeros((1, *model.input.shape[1:]), np.float32))  # export wants a called model
         return model
     clone = keras.models.clone_model(model, clone_function=_onnx_swap, recursive=True)
     clone(np.zeros((1, *model.input.shape[1:]), np.float32))  # export wants a called model
