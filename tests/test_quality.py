@@ -536,3 +536,22 @@ def test_bootstrap_auc_weighs_images_as_drawing_them_would():
     expected = [roc_auc_score(np.repeat(y, c.astype(int)), np.repeat(scores, c.astype(int)))
                 for c in counts]
     np.testing.assert_allclose(evidence._weighted_auc(y, scores, counts), expected)
+
+
+@pytest.mark.slow
+def test_without_cv_the_probe_is_still_the_baseline_on_the_validation_images(tmp_path):
+    """No cross-validation: the best scenario must beat the probe on the validation
+    images beyond a paired bootstrap's noise to be fine-tuned and exported."""
+    workdir = tmp_path / "run"
+    result = _run("train.py", "--demo", f"--workdir={workdir}", f"--cache_dir={tmp_path}/c",
+                  "--cv_folds=0", "--scenarios=A", "--finetune_epochs=1", "--notensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    choice = metrics["heads_choice"]
+    versus = choice["probe_vs_head"]
+    assert versus["on"].startswith("the validation images")
+    assert versus["images"] == 40 and versus["baseline_is"] == "the linear probe"
+    # The rule, whichever way it went on these images.
+    better = versus["candidate_better_beyond_noise"]
+    assert (choice["scenario"] == "probe") == (not better)
+    assert ("finetune" in metrics) == better

@@ -105,7 +105,7 @@ def test_mirrored_two_cpu_replicas_match_one_device_and_resume(kaggle_dir, tmp_p
                       "--val_size=4", "--batch_size=4", f"--cache_dir={tmp_path / name}c",
                       "--scenarios=A", "--cv_folds=0", "--dropout=0", "--epochs=2",
                       "--finetune_epochs=1", "--finetune_views=2", "--augment=keras_blog",
-                      "--notensorboard", *extra)
+                      "--notensorboard", "--noprobe_baseline", *extra)  # fine-tune A
         assert result.returncode == 0, result.stderr[-3000:]
         return workdir
 
