@@ -55,7 +55,7 @@ def cached_photos(data_dir: str, weights: str, image_size: int, cache_dir: str,
     from features.store import cache
     from features.weights import weights_identity
     from pipeline import discovery, scan
-    chosen = precision.resolve_and_apply("auto")
+    precision.resolve_and_apply("auto")  # the policy the features are computed in
     ds = discovery.discover(data_dir)
     frame = scan.filter_bad_images(ds.frame, image_size, "skip",
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))

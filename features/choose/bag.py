@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import keras
 import numpy as np
 
-from features import backbone, precision, scenarios
+from features import backbone, precision
 from pipeline.atomic import atomic_path
 from pipeline.errors import ConfigError
 

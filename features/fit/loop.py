@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from features import backbone, distribute, precision, scenarios
+from features import backbone, distribute, precision
 from features.store import rows as rows_lib
 from features.fit.settings import FitSettings
 from features.task import Task
