@@ -114,7 +114,8 @@ def main():
             if args.onnx:
                 path = deploy.convert(clf.model, "onnx", folder)
                 out, _, per_image = deploy.run_format("onnx", path, batch)
-                dp = float(np.max(np.abs(out - np.asarray(clf.model(batch), np.float64))))
+                dp = float(np.max(np.abs(out["probabilities"]
+                                         - np.asarray(clf.model(batch), np.float64))))
                 onnx = (f"{os.path.getsize(path) / 1e6:.1f}", f"{1000 * per_image:.1f}",
                         f"{dp:.1e}")
         print(f"| {clf.net.slug} | {gflops:.2f} | {per_s:.1f} | {gflops * per_s / peak:.2f} | "

@@ -114,6 +114,8 @@ class FinetuneConfig:
 class PredictConfig:
     tta: Union[int, str]  # a number of views, or "auto" (chosen by evidence)
     bag: bool
+    unfamiliar_rate: float = 0.05   # share of held-out known photos flagged unfamiliar
+    threshold: Optional[str] = None  # --threshold, parsed (None: 0.5 binary, auto multi-label)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +329,34 @@ def compare_choices(values: dict) -> Tuple[networks.BackboneChoice, ...]:
     return choices
 
 
+def parse_threshold(text: Optional[str]) -> Optional[str]:
+    """``--threshold``: 0.5 (or any number in (0, 1)), auto, precision:P or recall:R."""
+    if text in (None, "", "default"):
+        return None
+    t = str(text).strip().lower()
+    try:
+        if t == "auto":
+            return t
+        if ":" in t:
+            what, value = t.split(":", 1)
+            if what in ("precision", "recall") and 0 < float(value) <= 1:
+                return f"{what}:{float(value):g}"
+        elif 0 < float(t) < 1:
+            return f"{float(t):g}"
+    except ValueError:
+        pass
+    raise ConfigError(f"--threshold={text!r}: expected a probability in (0, 1) such as 0.5, "
+                      "auto (best F1), precision:P or recall:R (e.g. precision:0.95).")
+
+
+def check_rate(rate: float) -> float:
+    """``--unfamiliar_rate``: the share of held-out known-class photos flagged, in [0, 0.5]."""
+    if not 0.0 <= float(rate) <= 0.5:
+        raise ConfigError(f"--unfamiliar_rate={rate}: expected a share between 0 and 0.5 "
+                          "(e.g. 0.05 flags about 5 % of photos like the training photos).")
+    return float(rate)
+
+
 def parse_tta(text) -> Union[int, str]:
     """``--tta``: "auto" or a number of views from 1 to 8."""
     if str(text).strip().lower() == "auto":
@@ -399,7 +429,8 @@ def train_config(flag_values, names) -> TrainConfig:
                                 v["finetune_learning_rate"], v["finetune_epochs"],
                                 v["finetune_views"], v["patience"],
                                 None if v["monitor"] == "auto" else v["monitor"], v["resume"]),
-        predict=PredictConfig(parse_tta(v["tta"]), v["bag"]),
+        predict=PredictConfig(parse_tta(v["tta"]), v["bag"], check_rate(v["unfamiliar_rate"]),
+                              parse_threshold(v["threshold"])),
         runtime=RuntimeConfig.from_values(v),
         labelling=LabellingConfig(v["unlabelled_dir"], v["budget"], v["label_next_strategy"]),
         deploy=DeployConfig(tuple(deploy.parse_formats(v["export"])), v["quantize"]),

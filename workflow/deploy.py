@@ -220,25 +220,43 @@ def _saved_model(model, path: str) -> None:
 
 def run_format(fmt: str, path: str, x: np.ndarray, batch_size: int = 16):
     """Loads ``path`` with the format's own runtime and predicts ``x``; returns
-    (outputs, load seconds, seconds per image)."""
+    (outputs, load seconds, seconds per image). ``outputs``: ``{"probabilities": [N,
+    units]}``, plus ``"unfamiliar_score": [N]`` for a model that has one (told apart by
+    rank, so no runtime's output naming matters)."""
     started = time.perf_counter()
     if fmt == "savedmodel":
         import tensorflow as tf
         loaded_model = tf.saved_model.load(path)  # held: its variables die with it
-        predict = lambda b: loaded_model.serve(tf.constant(b)).numpy()  # noqa: E731
+        predict = lambda b: _listed(loaded_model.serve(tf.constant(b)))  # noqa: E731
     elif fmt == "onnx":
         import onnxruntime
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        predict = lambda b: session.run(None, {name: b})[0]  # noqa: E731
+        predict = lambda b: session.run(None, {name: b})  # noqa: E731
     else:
         predict = _tflite_runner(path)
     loaded = time.perf_counter() - started
     outputs, started = [], time.perf_counter()
     for i in range(0, len(x), batch_size):
-        outputs.append(np.asarray(predict(x[i:i + batch_size]), np.float64))
+        outputs.append(_named(predict(x[i:i + batch_size])))
     per_image = (time.perf_counter() - started) / max(1, len(x))
-    return np.concatenate(outputs), loaded, per_image
+    joined = {k: np.concatenate([o[k] for o in outputs]) for k in (outputs[0] if outputs else {})}
+    return joined, loaded, per_image
+
+
+def _listed(result) -> list:
+    if isinstance(result, dict):
+        return [np.asarray(v) for v in result.values()]
+    return [np.asarray(result)]
+
+
+def _named(arrays) -> Dict[str, np.ndarray]:
+    """A runtime's outputs by meaning: the rank-1 output is the unfamiliar score."""
+    out = {}
+    for a in (arrays if isinstance(arrays, (list, tuple)) else [arrays]):
+        a = np.asarray(a, np.float64)
+        out["unfamiliar_score" if a.ndim == 1 else "probabilities"] = a
+    return out
 
 
 def _tflite_runner(path: str):
@@ -248,7 +266,7 @@ def _tflite_runner(path: str):
         import tensorflow as tf
         Interpreter = tf.lite.Interpreter
     interpreter = Interpreter(model_path=path)
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    inp, outs = interpreter.get_input_details()[0], interpreter.get_output_details()
     shape = {"n": None}
 
     def predict(batch):
@@ -258,7 +276,7 @@ def _tflite_runner(path: str):
             shape["n"] = len(batch)
         interpreter.set_tensor(inp["index"], batch.astype(np.float32))
         interpreter.invoke()
-        return interpreter.get_tensor(out["index"])
+        return [interpreter.get_tensor(o["index"]) for o in outs]
     return predict
 
 
@@ -277,19 +295,44 @@ def verify_in_fresh_process(fmt: str, path: str, x: np.ndarray) -> Dict[str, obj
                             f"({fmt}):\n{done.stderr.strip()[-1500:]}")
         with open(os.path.join(tmp, "timing.json"), encoding="utf-8") as f:
             timing = json.load(f)
-        return {"outputs": np.load(os.path.join(tmp, "y.npy")), **timing}
+        with np.load(os.path.join(tmp, "y.npz")) as outputs:
+            return {"outputs": dict(outputs), **timing}
+
+
+def expected_outputs(model, info: dict, task, x: np.ndarray, reference=None) -> dict:
+    """What predict.py gives for the inputs ``x`` (one view, the single model): the
+    probabilities, calibrated as stored, and with ``reference`` the unfamiliar scores."""
+    from features import trust_layers
+    from workflow import predicting
+    units = int(model.output.shape[-1])
+    network = trust_layers.with_features(model) if reference is not None else model
+    raw = np.asarray(network.predict(x, verbose=0, batch_size=16), np.float64)
+    probs, unfamiliar = predicting.trusted_outputs(task, info, raw, units, reference)
+    return {"probabilities": probs, **({"unfamiliar_score": unfamiliar["score"]}
+                                       if unfamiliar is not None else {})}
 
 
 def export_all(model, formats: Sequence[str], quantize: str, workdir: str, x_val: np.ndarray,
-               y_val, task, held_out: bool = True) -> Dict[str, dict]:
-    """Writes every format, verifies each in a fresh process against ``model`` on the
-    validation inputs ``x_val`` (labels ``y_val``); returns what metrics.json records.
+               y_val, task, held_out: bool = True, info=None, reference=None) -> Dict[str, dict]:
+    """Writes every format, verifies each in a fresh process against what predict.py
+    computes with ``model`` on the validation inputs ``x_val`` (labels ``y_val``); returns
+    what metrics.json records.
 
-    ``held_out`` False (a model refitted on every label, validation images included):
-    only the formats' agreement with ``model`` is recorded (max |dP|, score change), never
-    a score that would read as held-out."""
-    reference = np.asarray(model.predict(x_val, verbose=0, batch_size=16), np.float64)
-    ref_score = task.scores(y_val, task.probabilities(reference))[task.headline]
+    With ``info``'s calibration and ``reference`` features (`workflow.trusting`) each
+    format carries them in its graph and has two outputs, the calibrated probabilities
+    and the unfamiliar score, both checked. ``held_out`` False (a model refitted on every
+    label, validation images included): only the formats' agreement with ``model`` is
+    recorded (max |dP|, score change), never a score that would read as held-out."""
+    info = info or {}
+    expected = expected_outputs(model, info, task, x_val, reference)
+    exported = model
+    if reference is not None:
+        from features import trust_layers
+        exported = trust_layers.trusted_model(model, info, reference)
+    elif info.get("calibration"):
+        from features import trust_layers
+        exported = trust_layers.calibrated_model(model, info)
+    ref_score = task.scores(y_val, expected["probabilities"])[task.headline]
     jobs = [(f, "none") for f in formats]
     if "tflite" in formats and quantize not in ("none", None):
         jobs.append(("tflite", quantize))
@@ -298,21 +341,28 @@ def export_all(model, formats: Sequence[str], quantize: str, workdir: str, x_val
     out = {}
     for fmt, q in jobs:
         started = time.perf_counter()
-        path = convert(model, fmt, workdir, q, representative)
+        path = convert(exported, fmt, workdir, q, representative)
         seconds = time.perf_counter() - started
         checked = verify_in_fresh_process(fmt, path, x_val)
         outputs = checked.pop("outputs")
-        score = task.scores(y_val, task.probabilities(outputs))[task.headline]
+        probs = task.probabilities(outputs["probabilities"])
+        score = task.scores(y_val, probs)[task.headline]
         key = fmt if q == "none" else f"{fmt}_{q}"
         out[key] = {"file": os.path.basename(path), "bytes": _size(path),
                     "convert_seconds": round(seconds, 2),
                     "load_seconds": round(checked["load_seconds"], 3),
                     "ms_per_image": round(1000 * checked["seconds_per_image"], 2),
-                    "max_abs_dp": float(np.max(np.abs(outputs - reference))) if len(x_val)
-                    else 0.0, f"{task.headline}_change": score - ref_score,
+                    "max_abs_dp": float(np.max(np.abs(probs - expected["probabilities"])))
+                    if len(x_val) else 0.0, f"{task.headline}_change": score - ref_score,
                     "images": int(len(x_val)), "quantize": q,
+                    "outputs": sorted(outputs),
                     **({f"{task.headline}_keras": ref_score, f"{task.headline}": score}
                        if held_out else {})}
+        if "unfamiliar_score" in expected:
+            got = outputs.get("unfamiliar_score")
+            out[key]["max_abs_d_unfamiliar"] = (
+                float(np.max(np.abs(got - expected["unfamiliar_score"]))) if got is not None
+                and len(x_val) else (0.0 if got is not None else float("nan")))
     return out
 
 
@@ -349,11 +399,13 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
     metrics.json (``exports``); returns them."""
     from features.serve import inference
     from workflow.outputs import RunFolder
+    from workflow import trusting
     model, info = inference.load_exported(workdir, policy="float32")
     task = inference.task_of(info)
     x_val, y_val = validation_set(workdir, task, int(info["image_size"]), batch_size)
     held_out = not info.get("refit")
-    results = export_all(model, formats, quantize, workdir, x_val, y_val, task, held_out)
+    results = export_all(model, formats, quantize, workdir, x_val, y_val, task, held_out,
+                         info, trusting.load_reference(workdir, info))
     run = RunFolder(workdir)
     images = (f"the run's {len(y_val)} validation images (split.csv), held out from "
               "model.keras" if held_out else
@@ -365,23 +417,25 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
         score = (f"{task.headline} {r[task.headline]:.4f} "
                  f"({r[task.headline + '_change']:+.4f} vs model.keras)" if held_out else
                  f"{task.headline} change vs model.keras {r[task.headline + '_change']:+.4f}")
+        unfamiliar = (f", max |d unfamiliar_score| {r['max_abs_d_unfamiliar']:.2g}"
+                      if "max_abs_d_unfamiliar" in r else "")
         print(f"export {key}: {os.path.join(workdir, r['file'])} ({r['bytes'] / 1e6:.1f} MB), "
-              f"max |dP| vs model.keras {r['max_abs_dp']:.2g}, {score}, "
+              f"max |dP| vs predict.py {r['max_abs_dp']:.2g}{unfamiliar}, {score}, "
               f"{r['ms_per_image']:.1f} ms/image on CPU")
         run.note(f"export {key}", os.path.join(workdir, r["file"]))
     return results
 
 
 INPUT = ("float32 [N, S, S, 3]: the photo resized to S px, channels BGR minus the ImageNet "
-         "means (103.939, 116.779, 123.68); output: probabilities in model_info.json's "
-         "class order")
+         "means (103.939, 116.779, 123.68); outputs: probabilities (calibrated, [N, units]) in "
+         "model_info.json's class order, and unfamiliar_score ([N]) when the run has one")
 
 
 def _verify_main(argv) -> None:
     fmt, path, folder = argv
     x = np.load(os.path.join(folder, "x.npy"))
     outputs, loaded, per_image = run_format(fmt, path, x)
-    np.save(os.path.join(folder, "y.npy"), outputs)
+    np.savez(os.path.join(folder, "y.npz"), **outputs)
     with open(os.path.join(folder, "timing.json"), "w", encoding="utf-8") as f:
         json.dump({"load_seconds": loaded, "seconds_per_image": per_image}, f)
 

@@ -37,7 +37,7 @@ from features.store import rows as rows_lib
 from features.fit.settings import FinetuneSettings, FitSettings
 from features.fit.loop import restore
 from pipeline.atomic import atomic_link
-from workflow import interpret, plots, state as state_lib, summary, validation
+from workflow import interpret, plots, state as state_lib, summary, trusting, validation
 from workflow.outputs import binary_column
 from workflow.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
 from workflow.job import Features, Job, backbone_weights_id, finetune_settings, fit_settings
@@ -109,6 +109,10 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
                if heads.bag and _bag_fits(job, scenario, blocks) else None)
     bag = validation.bag(job, scenario, single, members) if members is not None else None
     choice = validation.choose_output(job, held, (single, bag, members), probs, predict)
+    start = job.classifier.start_layer(blocks)
+    trusted = trusting.fit_held_out(
+        job, cache, runtime.batch_size, scenario, start, probs, predict, oof_ok=(
+            kept == 0 and start not in (job.classifier.net.stem_layer, scenarios.INPUT)))
     if refit:
         result["refit"] = _refit(job, config, cache, scenario, blocks,
                                  fit_settings(job, heads, cache, runtime),
@@ -120,7 +124,8 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
         described = f"scenario {scenario}, fine-tuned" if config.epochs > 0 else \
             f"scenario {scenario}"
     _record_final(job, described, scores, thresholds)
-    _export(job, scenario, blocks, scores, thresholds, members, choice, refit)
+    _export(job, scenario, blocks, scores, thresholds, members, choice, refit,
+            _trust(job, cache, runtime, trusted, start, refit))
     if checkpoints is not None:
         checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)
     state = state_lib.load(job.run.path)
@@ -310,10 +315,21 @@ def _model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) 
             **({"thresholds": [float(t) for t in thresholds]} if thresholds is not None else {})}
 
 
+def _trust(job: Job, cache: CacheConfig, runtime: RuntimeConfig, trusted: dict, start: str,
+           refit: bool) -> dict:
+    """Stores the reference features of the exported model (the images it trained on)
+    and metrics.json's ``trust``; returns model_info.json's additions."""
+    frame = pd.concat([job.train, job.val], ignore_index=True) if refit else job.train
+    job.run.note("reference features", trusting.store_reference(
+        job, cache, frame, start, runtime.batch_size))
+    job.run.update_metrics("trust", trusted["metrics"])
+    return trusted["info"]
+
+
 def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, choice: dict,
-            refit: bool) -> None:
+            refit: bool, trusted: dict) -> None:
     """model.keras + model_info.json (+ bag.keras), and metrics.json's ``export``."""
-    info = _model_info(job, scenario, blocks, scores, thresholds)
+    info = {**_model_info(job, scenario, blocks, scores, thresholds), **trusted}
     stale = job.run.file(inference.BAG_FILE)
     if members is not None:
         # The heads stage's file under a second name (no second copy); the bag is
@@ -378,11 +394,15 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
         choice["tta"] = 2 if tta.better else 1
     else:
         choice["tta"] = int(predict.tta)
+    layer = job.classifier.net.feature_layer
+    trusted = trusting.fit_held_out(job, cache, runtime.batch_size, PROBE, layer, probs,
+                                    predict, oof_ok=True)
     if refit:
         model, _ = _probe_model(job, cache, runtime, config,
                                 pd.concat([job.train, job.val], ignore_index=True))
     _record_final(job, f"the linear probe ({config.describe()})", scores, thresholds)
-    info = _model_info(job, PROBE, [], scores, thresholds)
+    info = {**_model_info(job, PROBE, [], scores, thresholds),
+            **_trust(job, cache, runtime, trusted, layer, refit)}
     estimate = _estimate(job, PROBE, refit, scores)
     info.update({"default_model": "model", "tta": choice["tta"], "refit": refit,
                  "estimate": estimate, "probe": config.describe()})

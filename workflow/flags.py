@@ -86,6 +86,7 @@ def define_train(fv=flags.FLAGS) -> None:
     for define in (_train_data, _train_model, _train_heads, _train_sweep, _train_finetune):
         define(dict(flag_values=fv))
     define_export(fv)
+    _train_trust(dict(flag_values=fv))
     # Clearer names for flags that are easy to confuse; the old names stay.
     for alias, original in (("heads_scenarios", "scenarios"), ("heads_epochs", "epochs"),
                             ("heads_views", "cache_augmented_views"),
@@ -94,6 +95,22 @@ def define_train(fv=flags.FLAGS) -> None:
     _shared(fv, "Test-time augmentation views of the exported model: auto = 2 (image and "
                 "mirror) when they beat 1 on the validation images beyond noise, else 1; or a "
                 "number (1 = plain; 2 adds the mirror; up to 8 adds crops).")
+
+
+def _train_trust(d: dict) -> None:
+    """What the exported model's probabilities and flags mean (fitted on held-out
+    predictions at export)."""
+    flags.DEFINE_float("unfamiliar_rate", 0.05, "Share of held-out photos of the known classes "
+                       "that the unfamiliar threshold flags (it is fixed at training time on "
+                       "them); photos unlike any training photo score far above it.",
+                       module_name=PREDICT, **d)
+    flags.DEFINE_string("threshold", None, "Decision threshold of binary and multi-label "
+                        "outputs, on the calibrated probability, chosen on the held-out "
+                        "predictions: a number such as 0.5, auto (best F1), precision:P "
+                        "(the lowest threshold with precision >= P) or recall:R (the highest "
+                        "with recall >= R). Default: 0.5 for binary, auto for multi-label. "
+                        "Stored with the model; the report states the precision and recall "
+                        "to expect at it.", module_name=PREDICT, **d)
 
 
 def _train_data(d: dict) -> None:
@@ -312,6 +329,15 @@ def define_predict(fv=flags.FLAGS) -> None:
                       "name,<class_1>,...,<class_K>; label: name,label with the most probable "
                       "class; tags: name,tags with the labels above their thresholds "
                       "(multi-label).", module_name=OUTPUTS, **d)
+    flags.DEFINE_boolean("unfamiliar_label", True, "With --output_format=label: write "
+                         "'unfamiliar' instead of the class for a photo flagged unfamiliar "
+                         "(--nounfamiliar_label: the class anyway; the unfamiliar columns say "
+                         "which were flagged).", module_name=OUTPUTS, **d)
+    flags.DEFINE_enum("unfamiliar_columns", "auto", ["auto", "true", "false"],
+                      "Add unfamiliar_score and unfamiliar columns to the prediction CSV. auto: "
+                      "yes, except for a Kaggle layout whose sample_submission.csv fixes the "
+                      "columns (then they go to <output>_unfamiliar.csv).",
+                      module_name=OUTPUTS, **d)
     flags.DEFINE_boolean("keep_bad_rows", False, "With --on_bad_image=skip: keep a row for "
                          "each unreadable image, with empty values and a last column status "
                          "('ok' or 'unreadable: <reason>'), instead of leaving it out.",

@@ -84,7 +84,7 @@ class RunFolder:
 
 def write_predictions(names: Sequence[str], probs, path: str, class_names: Sequence[str],
                       binary_column: Optional[str] = "invasive", tags=None,
-                      labels=None, status=None) -> str:
+                      labels=None, status=None, extra=None) -> str:
     """Writes the prediction CSV atomically (never a half-written file).
 
     Binary: ``name,<binary_column>`` with P(positive). Several classes or labels:
@@ -92,14 +92,21 @@ def write_predictions(names: Sequence[str], probs, path: str, class_names: Seque
     string per row) ``name,tags``; with ``labels`` (one class name per row)
     ``name,label`` instead.
 
-    ``status`` (one string per row, "ok" for a predicted image) adds a last column
-    ``status``; a row whose status is not "ok" gets empty values, never a number or a
-    class: an image that could not be read has no prediction.
+    ``extra`` (column name -> one string per row) adds columns after the values (e.g. the
+    unfamiliar score), empty where the image was not predicted. ``status`` (one string
+    per row, "ok" for a predicted image) adds a last column ``status``; a row whose
+    status is not "ok" gets empty values, never a number or a class: an image that
+    could not be read has no prediction.
     """
     probs = np.asarray(probs, np.float64)
     ok = [s == "ok" for s in status] if status is not None else [True] * len(names)
-    extra = ["status"] if status is not None else []
-    tail = (lambda i: [status[i]]) if status is not None else (lambda i: [])
+    more = dict(extra or {})
+    columns = list(more)
+    extra = columns + (["status"] if status is not None else [])
+
+    def tail(i):
+        return ([more[c][i] if ok[i] else "" for c in columns]
+                + ([status[i]] if status is not None else []))
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
@@ -108,6 +115,9 @@ def write_predictions(names: Sequence[str], probs, path: str, class_names: Seque
                 writer.writerow(["name", "tags" if tags is not None else "label", *extra])
                 writer.writerows([name, values[i] if ok[i] else "", *tail(i)]
                                  for i, name in enumerate(names))
+            elif probs.ndim == 2 and probs.shape[1] == 0:  # the extra columns alone
+                writer.writerow(["name", *extra])
+                writer.writerows([name, *tail(i)] for i, name in enumerate(names))
             elif probs.ndim == 1:
                 writer.writerow(["name", binary_column, *extra])
                 writer.writerows([name, f"{float(probs[i]):.6f}" if ok[i] else "", *tail(i)]

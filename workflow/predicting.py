@@ -10,7 +10,7 @@ import numpy as np
 
 from features.task import Task
 from pipeline.errors import ConfigError, DataError
-from workflow import config as config_lib
+from workflow import config as config_lib, trusting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,8 @@ class PredictRun(config_lib.Devices):
     tta: str = "auto"
     on_bad_image: str = "fail"
     keep_bad_rows: bool = False
+    unfamiliar_label: bool = True
+    unfamiliar_columns: str = "auto"
 
     @classmethod
     def from_flags(cls, flag_values) -> "PredictRun":
@@ -105,12 +107,17 @@ def format_scores(scores: dict, task: Task = Task("binary", ("0", "1"))) -> str:
     return text
 
 
-def write_output(frame, probs, cfg: "PredictRun", task: Task, info: dict) -> int:
+def write_output(frame, probs, cfg: "PredictRun", task: Task, info: dict,
+                 unfamiliar: Optional[dict] = None) -> int:
     """The prediction CSV in ``--output_format``: probabilities, the top class, or tags.
 
     Rows of images that could not be read (``frame.bad``) are left out, or with
     ``--keep_bad_rows`` kept with empty values and a ``status`` column: such an image
-    never gets a number or a class. Returns the number of predicted rows written."""
+    never gets a number or a class. With ``unfamiliar`` (`trusted_outputs`) the columns
+    ``unfamiliar_score`` and ``unfamiliar`` (1 = flagged) follow, or for a Kaggle layout
+    whose sample submission fixes the columns they go to ``<output>_unfamiliar.csv``;
+    ``--output_format=label`` writes ``unfamiliar`` for a flagged photo unless
+    ``--nounfamiliar_label``. Returns the number of predicted rows written."""
     from pipeline import discovery
     from workflow.outputs import binary_column, write_predictions
     good = ~frame["bad"].to_numpy(bool) if "bad" in frame else np.ones(len(frame), bool)
@@ -122,21 +129,49 @@ def write_output(frame, probs, cfg: "PredictRun", task: Task, info: dict) -> int
     else:
         frame, probs = frame[good], np.asarray(probs)[good]
         names = frame.name.tolist()
+        if unfamiliar is not None:
+            unfamiliar = {**unfamiliar, "score": unfamiliar["score"][good],
+                          "flagged": unfamiliar["flagged"][good]}
     thresholds = info.get("thresholds")
     sample = os.path.join(cfg.data_dir, discovery.SAMPLE_SUBMISSION_CSV)
+    fixed_columns = os.path.isfile(sample) and cfg.output_format == "probabilities"
     column = binary_column(task.class_names, sample if os.path.isfile(sample) else None,
                            info.get("binary_column"))
+    extra = _unfamiliar_columns(unfamiliar)
+    if extra and (cfg.unfamiliar_columns == "false" or
+                  (cfg.unfamiliar_columns == "auto" and fixed_columns)):
+        if cfg.unfamiliar_columns == "auto":
+            side = os.path.splitext(cfg.output)[0] + "_unfamiliar.csv"
+            write_predictions(names, np.zeros((len(names), 0)), side, [], status=status,
+                              extra=extra)
+            print(f"{side}: the unfamiliar columns ({cfg.output} keeps the columns of "
+                  f"{discovery.SAMPLE_SUBMISSION_CSV})")
+        extra = None
     if cfg.output_format == "probabilities":
-        write_predictions(names, probs, cfg.output, task.class_names, column, status=status)
+        write_predictions(names, probs, cfg.output, task.class_names, column, status=status,
+                          extra=extra)
     elif cfg.output_format == "tags":
         hits = task.predicted(np.nan_to_num(probs), thresholds)
         write_predictions(names, probs, cfg.output, task.class_names, status=status, tags=[
-            " ".join(n for n, h in zip(task.class_names, row) if h) for row in hits])
+            " ".join(n for n, h in zip(task.class_names, row) if h) for row in hits],
+            extra=extra)
     else:
-        best = task.predicted(np.nan_to_num(probs))
+        best = task.predicted(np.nan_to_num(probs),
+                              thresholds if task.kind == "binary" else None)
+        labels = [task.class_names[int(b)] for b in best]
+        if unfamiliar is not None and cfg.unfamiliar_label:
+            labels = ["unfamiliar" if f else l for l, f in zip(labels, unfamiliar["flagged"])]
         write_predictions(names, probs, cfg.output, task.class_names, status=status,
-                          labels=[task.class_names[int(b)] for b in best])
+                          labels=labels, extra=extra)
     return int(good.sum())
+
+
+def _unfamiliar_columns(unfamiliar: Optional[dict]) -> Optional[dict]:
+    """The CSV columns of the unfamiliar score and flag (None without them)."""
+    if unfamiliar is None:
+        return None
+    return {"unfamiliar_score": [f"{s:.4f}" for s in unfamiliar["score"]],
+            "unfamiliar": [str(int(f)) for f in unfamiliar["flagged"]]}
 
 
 def check_output_format(output_format: str, kind: str) -> None:
@@ -192,32 +227,31 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     use_bag = wanted and has_bag
     tta = config_lib.parse_tta(cfg.tta)
     tta = int(info.get("tta", 1)) if tta == "auto" else tta
-    model, info = inference.load_exported(cfg.workdir, bag=use_bag, policy=chosen.policy)
+    reference = None if cfg.ray_address else trusting.load_reference(cfg.workdir, info)
+    model, info, units = inference.load_predictor(cfg.workdir, use_bag, chosen.policy,
+                                                  reference is not None)
+    if int(model.output.shape[-1]) == units:
+        reference = None  # an old whole-network bag: no features to score with
     image_size = int(info["image_size"])
     logging.info("Predicting %d images with %s (%s, %d px, tta=%d, %s).",
                  int((~frame.bad).sum()), inference.BAG_FILE if use_bag else inference.MODEL_FILE,
                  task.describe(), image_size, tta, chosen.policy)
     progress.report("predict", f"predict again ({cfg.output} is only written once every "
                                "row is done)")
-    engine = None
-    if cfg.ray_address:
-        from features.serve import ray_engine  # only with --ray_address: Ray is optional
-        engine = ray_engine.RayEngine(cfg.ray_address, cfg.ray_workers,
-                                      precision=chosen.policy).start()
-    try:
-        remote = (ray_engine.RemoteModel(engine, cfg.workdir, use_bag) if engine is not None
-                  else None)
-        outputs = inference.predict_frame(model, frame, image_size, cfg.batch_size, tta,
-                                          remote=remote)
-    finally:
-        if engine is not None:
-            engine.stop()
-    probs = task.probabilities(outputs)
-    written = write_output(frame, probs, cfg, task, info)
+    outputs = _outputs(cfg, model, frame, image_size, tta, use_bag, chosen.policy)
+    probs, unfamiliar = trusted_outputs(task, info, outputs, units, reference)
+    if unfamiliar is None:
+        print(_why_untrusted(cfg, info))
+    written = write_output(frame, probs, cfg, task, info, unfamiliar)
     used = (f"bag of {info.get('bag', {}).get('members', '?')} models" if use_bag
             else "one model") + f", tta={tta}"
     print(f"Wrote {written} predictions of {_what(cfg.output_format, task)} to {cfg.output} "
           f"({used})")
+    if unfamiliar is not None:
+        n_flagged = int(unfamiliar["flagged"].sum())
+        print(f"{n_flagged} of {written} photos ({n_flagged / max(1, written):.1%}) flagged "
+              f"unfamiliar (unfamiliar_score > {unfamiliar['threshold']:.3f}, the threshold that "
+              f"flags {unfamiliar['rate']:.0%} of held-out photos of the known classes)")
     unreadable = int(frame.bad.sum())
     if unreadable:
         print(f"{unreadable} unreadable image(s) got no prediction "
@@ -228,7 +262,63 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     good = ~frame.bad.to_numpy(bool)
     return _score(cfg, frame[good].reset_index(drop=True), probs[good], truth[good], task,
                   info, stem, f"{inference.BAG_FILE if use_bag else inference.MODEL_FILE} "
-                              f"(tta={tta})")
+                              f"(tta={tta})",
+                  None if unfamiliar is None else unfamiliar["flagged"][good])
+
+
+def _outputs(cfg: PredictRun, model, frame, image_size: int, tta: int, use_bag: bool,
+             policy: str):
+    """The network's outputs per row of ``frame`` (NaN rows for unreadable images), here
+    or on Ray workers with --ray_address."""
+    from features.serve import inference
+    engine = None
+    if cfg.ray_address:
+        from features.serve import ray_engine  # only with --ray_address: Ray is optional
+        engine = ray_engine.RayEngine(cfg.ray_address, cfg.ray_workers,
+                                      precision=policy).start()
+    try:
+        remote = (ray_engine.RemoteModel(engine, cfg.workdir, use_bag) if engine is not None
+                  else None)
+        return inference.predict_frame(model, frame, image_size, cfg.batch_size, tta,
+                                       remote=remote)
+    finally:
+        if engine is not None:
+            engine.stop()
+
+
+def trusted_outputs(task: Task, info: dict, outputs, units: int, reference=None):
+    """(probabilities, unfamiliar) from the network's outputs: the calibrated
+    probabilities (as the model was stored, for a model without a calibration), and
+    with ``reference`` the unfamiliar scores and flags (a dict of arrays; NaN / False
+    for unreadable rows), else None."""
+    from features import trust
+    outputs = np.asarray(outputs, np.float64)
+    calibration = trust.Calibration.from_json(info.get("calibration"))
+    probs = calibration.apply(task.kind, task.probabilities(outputs[:, :units]))
+    if reference is None:
+        return probs, None
+    fitted = trust.Unfamiliar.from_json(info["unfamiliar"])
+    good = ~np.isnan(outputs).any(axis=1)
+    score = np.full(len(outputs), np.nan)
+    if good.any():
+        d = trust.distance(reference, outputs[good, units:], fitted.k)
+        score[good] = fitted.score(d, trust.uncertainty(task.kind, probs[good]))
+    return probs, {"score": score, "flagged": good & (np.nan_to_num(score) > fitted.threshold),
+                   "threshold": fitted.threshold, "rate": fitted.rate}
+
+
+def _why_untrusted(cfg: PredictRun, info: dict) -> str:
+    """The line saying why this prediction has no unfamiliar columns."""
+    if cfg.ray_address:
+        return ("note: no unfamiliar scores with --ray_address (the Ray workers return the "
+                "model's outputs only); probabilities are calibrated as stored.")
+    if not info.get("unfamiliar"):
+        return (f"note: {cfg.workdir} was exported before calibration and unfamiliar scores "
+                "(its model_info.json has neither): probabilities are the model's own and "
+                "the CSV has no unfamiliar columns. Train again to get both.")
+    return (f"note: {cfg.workdir} has no usable reference features "
+            f"({info['unfamiliar'].get('reference_file')} or its bag is missing or from an "
+            "old run): no unfamiliar columns; probabilities are calibrated.")
 
 
 def _what(output_format: str, task: Task) -> str:
@@ -256,9 +346,10 @@ def trained_on(workdir: str, paths, info: dict) -> int:
 
 
 def _score(cfg: PredictRun, frame, probs, y, task: Task, info: dict, stem: str,
-           model: str) -> dict:
+           model: str, flagged=None) -> dict:
     """--labels: the scores of the readable images, the interpretation plots and the
-    scoring page. ``model``: what predicted (file and TTA), for every line that scores."""
+    scoring page. ``model``: what predicted (file and TTA), for every line that scores;
+    ``flagged``: which rows were flagged unfamiliar (scored apart as well)."""
     from workflow import interpret
     scores = score_against_labels(frame.name.tolist(), probs, cfg.labels, task,
                                   info.get("thresholds"))
@@ -266,6 +357,15 @@ def _score(cfg: PredictRun, frame, probs, y, task: Task, info: dict, stem: str,
     scores["trained_on_images"] = seen
     images = f"{scores['n']} labelled images of {cfg.data_dir}"
     print(f"{model} on {images}: {format_scores(scores, task)}")
+    if flagged is not None:
+        scores["unfamiliar_share"] = float(np.mean(flagged)) if len(flagged) else 0.0
+        kept = ~np.asarray(flagged, bool)
+        if kept.any() and task.kind != "multilabel":
+            hit = task.predicted(probs[kept], info.get("thresholds")) == y[kept]
+            scores["accuracy_not_flagged"] = float(np.mean(hit))
+            print(f"{model}: {int(kept.sum())} of {len(kept)} images not flagged unfamiliar "
+                  f"({scores['unfamiliar_share']:.1%} flagged); accuracy on those "
+                  f"{scores['accuracy_not_flagged']:.4f}")
     if seen:
         print(f"warning: {model} was trained on {seen} of these {scores['n']} images (the "
               "run's split.csv): this is not a held-out score.")

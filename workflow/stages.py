@@ -14,12 +14,12 @@ from typing import Optional
 
 import numpy as np
 
-from features.choose import bag as bag_lib, probe, sweep
+from features.choose import bag as bag_lib, cv as cv_lib, evidence, probe, sweep
 from features.fit import heads as heads_lib
 from features.serve import inference
-from features.choose import cv as cv_lib, evidence
 from pipeline import discovery, labels, progress, scan
-from workflow import console, export, interpret, labelling, plots, state as state_lib, summary
+from workflow import (console, export, interpret, labelling, plots, state as state_lib, summary,
+                      trusting)
 from workflow.export import PROBE
 from workflow.config import (CacheConfig, HeadsConfig, RuntimeConfig, SweepConfig, TrainConfig)
 from workflow.job import Features, Job, check_disk, fit_settings, prepare
@@ -75,8 +75,8 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     _record_state(job, baseline, results, choice)
     _plot_heads(job, results, baseline)
     if best.cv is not None:
-        chosen_oof = (probe_choice.oof_probs if choice["scenario"] == PROBE
-                      else best.cv.oof_probs)
+        chosen_oof = probe_choice.oof_probs if choice["scenario"] == PROBE else best.cv.oof_probs
+        trusting.save_oof(job, choice["scenario"], chosen_oof)  # the export calibrates on them
         labelling.audit(job, chosen_oof, cache, runtime, "linear probe"
                         if choice["scenario"] == PROBE else f"scenario {best.scenario}")
     if heads.bag and best.cv is not None and choice["scenario"] != PROBE:

@@ -91,6 +91,29 @@ def load_exported(workdir: str, bag: bool = False, policy: Optional[str] = None)
     return model, info
 
 
+def load_predictor(workdir: str, bag: bool, policy: Optional[str], features: bool):
+    """(model, info, units): the network predict.py runs, its model_info.json, and how
+    many of its output columns are the model's outputs.
+
+    With ``features`` the network also returns the backbone's pooled features after those
+    columns, from the same pass (`features.trust_layers.with_features`), for the
+    unfamiliar score; a bag stored as a whole network (an old run) cannot, and comes
+    back without them (check ``model.output.shape[-1] == units``)."""
+    model, info = load_exported(workdir, bag=False, policy=policy)
+    units = int(model.output.shape[-1])
+    members = bag_lib.load_members(os.path.join(workdir, BAG_FILE)) if bag else None
+    whole_bag = (members is not None
+                 and tuple(members.input.shape[1:]) == tuple(model.input.shape[1:]))
+    if not features or whole_bag:
+        return (load_exported(workdir, bag=True, policy=policy)[0] if bag else model), info, units
+    from features import trust_layers
+    above, start = None, ""
+    if members is not None:
+        start = info.get("bag", {}).get("start", "")
+        above = bag_lib.on_features(backbone.from_model(model), start, members)
+    return trust_layers.with_features(model, above, start), info, units
+
+
 def tta_views(images, n_views: int):
     """The first ``n_views`` deterministic views of a batch (image, mirror, crops)."""
     size = tf.shape(images)[1:3]

@@ -1,0 +1,204 @@
+"""At export: the calibration, the unfamiliar score and the decision threshold of the
+exported model, fitted on held-out predictions (`features.trust`), and the reference
+features stored beside the model.
+
+Which held-out predictions: the out-of-fold predictions of the training split when the
+heads stage cross-validated the very kind of model that is exported (the probe or a
+head on frozen features; ``heads/oof.npz``), else the validation images' predictions of
+the final model before any refit. A model that was then refit on every label gets the
+maps fitted on its predecessors' held-out predictions (the way scikit-learn's
+``CalibratedClassifierCV(ensemble=False)`` does), never on images it trained on.
+"""
+
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from features import networks, trust
+from pipeline.atomic import atomic_path
+from pipeline.errors import ConfigError
+
+OOF_FILE = os.path.join("heads", "oof.npz")
+
+
+def save_oof(job, what: str, probs) -> None:
+    """The heads stage's chosen out-of-fold predictions (``what``: probe or a scenario),
+    for the export's calibration."""
+    path = job.run.file(OOF_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, probs=np.asarray(probs, np.float64), what=np.array(what),
+                     names=np.array(job.train.name.astype(str).tolist()))
+
+
+def _load_oof(job, what: str) -> Optional[np.ndarray]:
+    path = job.run.file(OOF_FILE)
+    if not job.folds or not os.path.isfile(path):
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["what"]) != what or list(z["names"]) != job.train.name.astype(str).tolist():
+            return None
+        return z["probs"]
+
+
+def pooled(job, cache, frame: pd.DataFrame, start: str, batch_size: int) -> np.ndarray:
+    """The globally average-pooled feature map of ``frame``'s images as the classifier
+    computes it now. ``start``: where its trained part begins; above the feature map the
+    cache holds it, from the stem layer it is the cached stem features through the
+    (trained) last stage, below that it is computed from the images."""
+    from features.serve import inference
+    from workflow.job import Features
+    net = job.classifier.net
+    if start == net.stem_layer:
+        below = Features(job, cache, batch_size).of(frame)[net.stem_layer]
+        fmap = np.concatenate([np.asarray(job.classifier.last(np.asarray(
+            below[i:i + batch_size]), training=False)) for i in range(0, len(frame), batch_size)]
+            or [np.zeros((0, *job.classifier.last.output.shape[1:]), np.float32)])
+    elif start == networks.INPUT:  # blocks below the last stage trained too
+        fmap = inference.HeldOut(job.classifier, frame.path.tolist(), job.model.image_size,
+                                 batch_size).features(net.feature_layer)
+    else:
+        fmap = np.asarray(Features(job, cache, batch_size).of(frame)[net.feature_layer])
+    fmap = np.asarray(fmap, np.float32)
+    return fmap.mean(axis=(1, 2)) if fmap.ndim == 4 else fmap
+
+
+def fit_held_out(job, cache, batch_size: int, what: str, start: str, val_probs, predict,
+                 oof_ok: bool) -> dict:
+    """Calibration, unfamiliar score and threshold from held-out predictions of the
+    model as it is now (before any refit). ``oof_ok``: the heads stage's out-of-fold
+    predictions are of this very model kind (trained above the frozen feature map, not
+    fine-tuned since). ``predict``: ``--unfamiliar_rate`` and ``--threshold``. Returns
+    model_info.json's additions (key ``info``) and metrics.json's ``trust`` (``metrics``)."""
+    kind, rate, threshold_spec = job.task.kind, predict.unfamiliar_rate, predict.threshold
+    oof = _load_oof(job, what) if oof_ok else None
+    train_x = pooled(job, cache, job.train, start, batch_size)
+    if oof is not None:
+        y, probs = job.y_train, oof
+        folds = [va for _, va in job.folds]
+        d = trust.fold_distances(train_x, folds, trust.K_NEAREST)
+        where = (f"out-of-fold predictions of the {len(y)} training images "
+                 f"({len(folds)}-fold cross-validation of {what})")
+    else:
+        if len(job.val) < 2:
+            raise ConfigError("Calibration and the unfamiliar threshold need held-out "
+                              "images: this run has fewer than 2 validation images.")
+        y, probs = job.y_val, val_probs
+        val_x = pooled(job, cache, job.val, start, batch_size)
+        d = trust.distance(trust.deduplicate(train_x), val_x, trust.K_NEAREST)
+        where = (f"the {len(y)} validation images, predicted by the final model before any "
+                 "refit")
+    calibration = trust.fit(kind, y, probs, where, job.seed)
+    calibrated = calibration.apply(kind, probs)
+    unfamiliar = trust.fit_unfamiliar(d, trust.uncertainty(kind, calibrated), rate, where)
+    report = {"held_out": where, "images": int(len(y)), "calibration": calibration.to_json(),
+              "before": trust.metrics(kind, y, probs),
+              "after_cross_fitted": _cross_fitted(kind, y, probs, job.seed),
+              "reliability_before": trust.reliability(kind, y, probs),
+              "reliability_after": trust.reliability(kind, y, calibrated),
+              "unfamiliar": unfamiliar.to_json(),
+              "unfamiliar_scores": [round(float(s), 4) for s in
+                                    unfamiliar.score(d, trust.uncertainty(kind, calibrated))]}
+    info = {"calibration": calibration.to_json(), "unfamiliar": {
+        **unfamiliar.to_json(), "reference_file": trust.REFERENCE_FILE}}
+    if kind != "multiclass":
+        spec = threshold_spec or ("0.5" if kind == "binary" else "auto")
+        values, expected = choose_thresholds(kind, y, calibrated, spec, job.seed)
+        info["threshold_rule"] = spec
+        info["thresholds"] = [round(float(v), 6) for v in values]
+        report["threshold"] = {"rule": spec, "values": info["thresholds"], **expected}
+    logging.info("Calibration: %s, fitted on %s; log loss %.4f -> %.4f (cross-fitted), ECE "
+                 "%.4f -> %.4f.", calibration.describe(), where, report["before"]["log_loss"],
+                 report["after_cross_fitted"]["log_loss"], report["before"]["ece"],
+                 report["after_cross_fitted"]["ece"])
+    return {"info": info, "metrics": report}
+
+
+def _cross_fitted(kind: str, y, probs, seed: int) -> dict:
+    """The calibrated predictions' metrics where each held-out image's map was fitted on
+    the other images (5 folds): an honest 'after', unlike refitting on the same images."""
+    from sklearn.model_selection import KFold
+    y, p = np.asarray(y), np.asarray(probs, np.float64)
+    if len(y) < 10:
+        return trust.metrics(kind, y, p)
+    out = np.zeros_like(p)
+    for tr, va in KFold(5, shuffle=True, random_state=seed).split(p):
+        out[va] = trust.fit(kind, y[tr], p[tr], "", seed).apply(kind, p[va])
+    return trust.metrics(kind, y, out)
+
+
+def _one_threshold(y, p, spec: str) -> float:
+    from sklearn.metrics import precision_recall_curve
+    if spec not in ("auto",) and ":" not in spec:
+        return float(spec)
+    if y.min() == y.max():
+        return 0.5
+    precision, recall, cuts = precision_recall_curve(y, p)
+    precision, recall = precision[:-1], recall[:-1]
+    if spec == "auto":
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+        return float(cuts[int(np.argmax(f1))])
+    what, target = spec.split(":")
+    target = float(target)
+    if what == "precision":
+        ok = np.where(precision >= target)[0]
+        return float(cuts[ok[0]]) if len(ok) else float(cuts[-1])
+    ok = np.where(recall >= target)[0]
+    return float(cuts[ok[-1]]) if len(ok) else float(cuts[0])
+
+
+def choose_thresholds(kind: str, y, probs, spec: str, seed: int):
+    """The threshold(s) by ``spec`` on held-out calibrated probabilities (one per label for
+    multi-label), with the precision and recall to expect there and 95 % bootstrap
+    intervals."""
+    y, p = np.asarray(y), np.asarray(probs, np.float64)
+    if kind == "binary":
+        y, p = y.reshape(-1, 1), p.reshape(-1, 1)
+    values = [_one_threshold(y[:, j].astype(int), p[:, j], spec) for j in range(p.shape[1])]
+    hits = (p >= np.asarray(values)).astype(int)
+    rng = np.random.default_rng(seed)
+    draws = {"precision": [], "recall": []}
+
+    def pr(rows):
+        tp = float((hits[rows] * y[rows]).sum())
+        return (tp / max(1.0, float(hits[rows].sum())), tp / max(1.0, float(y[rows].sum())))
+    base = pr(np.arange(len(y)))
+    for _ in range(1000):
+        a, b = pr(rng.integers(0, len(y), len(y)))
+        draws["precision"].append(a)
+        draws["recall"].append(b)
+    expected = {"precision": base[0], "recall": base[1],
+                **{f"{k}_interval": [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))]
+                   for k, v in draws.items()}}
+    return values, expected
+
+
+def store_reference(job, cache, frame: pd.DataFrame, start: str, batch_size: int) -> str:
+    """``reference_features.npz``: the pooled features of the images the exported model
+    was trained on (as it computes them), unit length, near-copies removed, float16,
+    with the backbone's identity."""
+    x = trust.deduplicate(pooled(job, cache, frame, start, batch_size))
+    path = job.run.file(trust.REFERENCE_FILE)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, features=x.astype(np.float16), backbone=np.array(
+                job.classifier.net.name), images=np.array(len(frame)))
+    logging.info("Unfamiliar score: %d reference photos (%d after removing near-copies), "
+                 "%.1f MB, in %s.", len(frame), len(x), os.path.getsize(path) / 1e6, path)
+    return path
+
+
+def load_reference(workdir: str, info: dict) -> Optional[np.ndarray]:
+    """The stored reference features (float32, unit rows), or None for a model without
+    them (a run exported before unfamiliar scores)."""
+    if not info.get("unfamiliar"):
+        return None
+    path = os.path.join(workdir, info["unfamiliar"].get("reference_file", trust.REFERENCE_FILE))
+    if not os.path.isfile(path):
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return z["features"].astype(np.float32)
