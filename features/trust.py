@@ -247,7 +247,7 @@ def deduplicate(features, similarity: float = DEDUPE_SIMILARITY) -> np.ndarray:
 def distance(reference, features, k: int = K_NEAREST, chunk: int = 512) -> np.ndarray:
     """Cosine distance of each row of ``features`` to its ``k``-th nearest row of
     ``reference`` (unit-length rows, e.g. from `deduplicate`)."""
-    ref = np.asarray(reference, np.float32)
+    ref = normalise(reference)  # already unit rows when stored; cheap to be sure
     q = normalise(features)
     k = max(1, min(k, len(ref)))
     out = []

@@ -323,6 +323,7 @@ def _trust(job: Job, cache: CacheConfig, runtime: RuntimeConfig, trusted: dict, 
     job.run.note("reference features", trusting.store_reference(
         job, cache, frame, start, runtime.batch_size))
     job.run.update_metrics("trust", trusted["metrics"])
+    trusting.write_plots(job.run, trusted["metrics"], job.task.kind)
     return trusted["info"]
 
 

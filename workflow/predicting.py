@@ -252,6 +252,7 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
         print(f"{n_flagged} of {written} photos ({n_flagged / max(1, written):.1%}) flagged "
               f"unfamiliar (unfamiliar_score > {unfamiliar['threshold']:.3f}, the threshold that "
               f"flags {unfamiliar['rate']:.0%} of held-out photos of the known classes)")
+        print(f"most unfamiliar photos: {_gallery(stem, frame, unfamiliar)}")
     unreadable = int(frame.bad.sum())
     if unreadable:
         print(f"{unreadable} unreadable image(s) got no prediction "
@@ -305,6 +306,19 @@ def trusted_outputs(task: Task, info: dict, outputs, units: int, reference=None)
         score[good] = fitted.score(d, trust.uncertainty(task.kind, probs[good]))
     return probs, {"score": score, "flagged": good & (np.nan_to_num(score) > fitted.threshold),
                    "threshold": fitted.threshold, "rate": fitted.rate}
+
+
+def _gallery(stem: str, frame, unfamiliar: dict, n: int = 9) -> str:
+    """``<stem>_unfamiliar.png``: the ``n`` predicted photos least like the training
+    photos, with their scores."""
+    from workflow import plots
+    score = np.nan_to_num(unfamiliar["score"], nan=-np.inf)
+    order = [int(i) for i in np.argsort(-score)[:n] if np.isfinite(score[i])]
+    captions = [f"unfamiliar_score {score[i]:.2f}" + (" (flagged)" if unfamiliar["flagged"][i]
+                                                      else "") for i in order]
+    return plots.gallery(frame.path.tolist(), order, captions, stem + "_unfamiliar.png",
+                         f"The {len(order)} most unfamiliar photos (threshold "
+                         f"{unfamiliar['threshold']:.2f})")
 
 
 def _why_untrusted(cfg: PredictRun, info: dict) -> str:

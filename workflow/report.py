@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import pandas as pd
 
 from workflow.outputs import read_json
+from workflow import trusting
 
 REPORT = "report.html"
 # Flags whose value is a place on this machine, not a setting worth reporting, and the
@@ -386,7 +387,8 @@ def write_run_report(folder: str, commands: Optional[Dict[str, str]] = None) -> 
     return write(os.path.join(folder, REPORT), page("Training report", [
         header, _data_section(folder), _settings_section(folder),
         _backbones_section(folder, metrics), _models_section(folder, metrics, metric), _finetune_section(folder, metrics),
-        _export_section(metrics), _final_section(folder, metrics), _labels_section(folder),
+        _export_section(metrics), _final_section(folder, metrics),
+        trusting.report_section(folder, metrics), _labels_section(folder),
         _timings_section(metrics), *_later_sections(folder, metrics),
         _commands_section(commands or {})]))
 

@@ -202,3 +202,76 @@ def load_reference(workdir: str, info: dict) -> Optional[np.ndarray]:
         return None
     with np.load(path, allow_pickle=False) as z:
         return z["features"].astype(np.float32)
+
+
+def write_plots(run, report: dict, task_kind: str) -> None:
+    """``reliability.png`` (before and after calibration, on the held-out predictions) and
+    ``unfamiliar_scores.png`` (the held-out known photos' scores and the threshold)."""
+    from workflow import plots
+    plt = plots._pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    lo = 0.0 if task_kind == "multiclass" else 0.5
+    for ax, key, title in ((axes[0], "reliability_before", "before"),
+                           (axes[1], "reliability_after", "after (fitted on these)")):
+        table = report[key]
+        shown = [(c, a, n) for c, a, n in zip(table["confidence"], table["accuracy"],
+                                              table["count"]) if n]
+        ax.plot([lo, 1], [lo, 1], "k:", lw=1, label="perfect calibration")
+        ax.plot([c for c, _, _ in shown], [a for _, a, _ in shown], "o-", label="held-out")
+        for c, a, n in shown:
+            ax.annotate(str(n), (c, a), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        m = report["before" if key.endswith("before") else "after_cross_fitted"]
+        ax.set_title(f"Calibration {title}: ECE {m['ece']:.3f}", fontsize=10)
+        ax.set_xlabel("confidence (top-class probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(lo, 1)
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"Reliability on {report['held_out']}", fontsize=9)
+    run.note("reliability diagram", plots.save(fig, run.file("reliability.png")))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    scores, threshold = report["unfamiliar_scores"], report["unfamiliar"]["threshold"]
+    ax.hist(scores, bins=30, color="#4477aa")
+    ax.axvline(threshold, color="#cc3311", label=f"threshold {threshold:.2f} (flags "
+               f"{report['unfamiliar']['rate']:.0%})")
+    ax.set_xlabel("unfamiliar_score")
+    ax.set_ylabel("held-out photos of the known classes")
+    ax.legend(fontsize=8)
+    ax.set_title("Unfamiliar scores of held-out known photos", fontsize=10)
+    run.note("unfamiliar scores plot", plots.save(fig, run.file("unfamiliar_scores.png")))
+
+
+def report_section(folder: str, metrics: dict) -> str:
+    """report.html's part on calibration, the threshold and the unfamiliar score."""
+    from workflow.report import esc, image, table
+    data = metrics.get("trust")
+    if not data:
+        return ""
+    before, after = data["before"], data["after_cross_fitted"]
+    rows = [[esc(k), f"{before[k]:.4f}", f"{after[k]:.4f}"] for k in ("log_loss", "brier", "ece")]
+    cal = data["calibration"]
+    unf = data["unfamiliar"]
+    out = ["<h2>Calibration, threshold and unfamiliar photos</h2>",
+           f"<p>Fitted on {esc(data['held_out'])}: {esc(cal['kind'])} "
+           f"{esc(cal.get('temperature') or [cal.get('slope'), cal.get('bias')])}. "
+           "The 'after' column is cross-fitted (each image's map fitted on the others), so "
+           "it is not measured on the images the map was fitted on. Ranking metrics (AUC, "
+           "top-1) do not change.</p>",
+           table(["metric", "before", "after"], rows),
+           image(os.path.join(folder, "reliability.png"), "Reliability diagram")]
+    threshold = data.get("threshold")
+    if threshold:
+        p_lo, p_hi = threshold["precision_interval"]
+        r_lo, r_hi = threshold["recall_interval"]
+        out.append(f"<p>Threshold rule {esc(threshold['rule'])}: "
+                   f"{esc(', '.join(f'{v:.3f}' for v in threshold['values']))} on the "
+                   f"calibrated probability; expected precision {threshold['precision']:.3f} "
+                   f"(95% interval {p_lo:.3f} .. {p_hi:.3f}), recall {threshold['recall']:.3f} "
+                   f"({r_lo:.3f} .. {r_hi:.3f}), from the same held-out predictions.</p>")
+    out.append(f"<p>Unfamiliar score: {unf['distance_weight']:g} z(log distance to the "
+               f"{unf['k']}-th nearest training photo) + z(log uncertainty); threshold "
+               f"{unf['threshold']:.3f} flags {unf['rate']:.0%} of the "
+               f"{unf['held_out_images']} held-out known photos.</p>")
+    out.append(image(os.path.join(folder, "unfamiliar_scores.png"),
+                     "Unfamiliar scores of held-out known photos"))
+    return "".join(out)

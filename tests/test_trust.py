@@ -1,0 +1,285 @@
+"""Predictions you can trust (issue 30): calibrated probabilities, thresholds chosen for a
+purpose, and an unfamiliar score for photos unlike the training photos."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+from sklearn.metrics import roc_auc_score
+
+from features import trust
+from pipeline.errors import ConfigError
+from tests.conftest import colour_image, write_image
+
+SIZE = 32
+
+
+def _overconfident_multiclass(n=3000, k=4, temperature=3.0, seed=0):
+    """Labels drawn from softmax(z), reported as softmax(temperature * z): over-confident."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, (n, k))
+    y = np.array([rng.choice(k, p=p) for p in softmax(z, axis=1)])
+    return y, softmax(temperature * z, axis=1)
+
+
+def test_temperature_scaling_recovers_the_overconfidence_and_keeps_the_ranking():
+    y, p = _overconfident_multiclass()
+    cal = trust.fit("multiclass", y, p, "test")
+    assert cal.kind == "temperature" and cal.temperature[0] == pytest.approx(3.0, rel=0.1)
+    q = cal.apply("multiclass", p)
+    before, after = trust.metrics("multiclass", y, p), trust.metrics("multiclass", y, q)
+    assert after["ece"] < 0.03 < before["ece"]
+    assert after["log_loss"] < before["log_loss"] and after["brier"] < before["brier"]
+    assert np.array_equal(q.argmax(axis=1), p.argmax(axis=1))  # top-1 unchanged
+
+
+def test_binary_calibration_picks_platt_for_a_shifted_model_and_keeps_auc():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)
+    shifted = 1 / (1 + np.exp(-(z + 2.0)))  # says "positive" far too often
+    cal = trust.fit("binary", y, shifted, "test")
+    assert cal.kind == "platt" and cal.bias == pytest.approx(-2.0, abs=0.3)
+    q = cal.apply("binary", shifted)
+    assert roc_auc_score(y, q) == pytest.approx(roc_auc_score(y, shifted), abs=1e-12)
+    assert trust.metrics("binary", y, q)["log_loss"] < trust.metrics("binary", y, shifted)[
+        "log_loss"] - 0.05
+    # Only over-confident: whichever map the CV picks recovers the true probabilities.
+    sharp = 1 / (1 + np.exp(-3 * z))
+    fixed = trust.fit("binary", y, sharp, "test").apply("binary", sharp)
+    assert np.max(np.abs(fixed - 1 / (1 + np.exp(-z)))) < 0.05
+
+
+def test_multilabel_gets_one_temperature_per_label():
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 1.5, (4000, 2))
+    y = (rng.random((4000, 2)) < 1 / (1 + np.exp(-z))).astype(int)
+    reported = 1 / (1 + np.exp(-(z * np.array([1.0, 4.0]))))
+    cal = trust.fit("multilabel", y, reported, "test")
+    assert cal.temperature[0] == pytest.approx(1.0, rel=0.15)
+    assert cal.temperature[1] == pytest.approx(4.0, rel=0.15)
+    round_trip = trust.Calibration.from_json(json.loads(json.dumps(cal.to_json())))
+    assert np.allclose(round_trip.apply("multilabel", reported), cal.apply("multilabel", reported))
+
+
+def test_the_unfamiliar_score_catches_far_photos_and_photos_between_classes():
+    """Distance alone misses a photo between two known clusters; uncertainty alone misses
+    a confident photo far from everything. The combination catches both."""
+    rng = np.random.default_rng(3)
+    centres = np.eye(8)[:2] * 10
+    def cluster(c, n):
+        return centres[c] + rng.normal(0, 1, (n, 8))
+    train = np.concatenate([cluster(0, 200), cluster(1, 200)])
+    held = np.concatenate([cluster(0, 100), cluster(1, 100)])
+    between = (centres[0] + centres[1]) / 2 + rng.normal(0, 1, (50, 8))
+    far = np.eye(8)[5] * 10 + rng.normal(0, 1, (50, 8))
+
+    def probs(x):  # a confident two-class model: the nearer centre wins
+        d = np.stack([np.linalg.norm(x - c, axis=1) for c in centres], 1)
+        return softmax(-3 * d, axis=1)
+    far_probs = np.tile([0.995, 0.005], (50, 1))  # confidently wrong, as real heads are
+    ref = trust.deduplicate(train)
+    d_held = trust.distance(ref, held)
+    fitted = trust.fit_unfamiliar(d_held, trust.uncertainty("multiclass", probs(held)), 0.05,
+                                  "test")
+    scores = {name: fitted.score(trust.distance(ref, x), trust.uncertainty("multiclass", p))
+              for name, x, p in (("held", held, probs(held)), ("between", between,
+                                 probs(between)), ("far", far, far_probs))}
+    for name in ("between", "far"):
+        auroc = roc_auc_score(np.r_[np.zeros(200), np.ones(50)],
+                              np.r_[scores["held"], scores[name]])
+        assert auroc > 0.95, name
+    assert fitted.flagged(scores["held"]).mean() == pytest.approx(0.05, abs=0.011)
+    assert fitted.flagged(scores["far"]).mean() > 0.9
+
+
+def test_distance_ignores_near_copies_and_fold_distances_leave_the_fold_out():
+    x = np.random.default_rng(4).normal(size=(30, 6)).astype(np.float32)
+    doubled = np.concatenate([x, x * 1.0001])
+    assert len(trust.deduplicate(doubled)) == 30
+    d = trust.fold_distances(x, [np.arange(0, 15), np.arange(15, 30)], k=1)
+    expected = [trust.distance(x[15:], x[:15], 1), trust.distance(x[:15], x[15:], 1)]
+    assert np.allclose(d, np.concatenate(expected), atol=1e-6)
+    assert (d > 1e-3).all()  # never a photo's distance to itself
+
+
+def test_thresholds_for_a_purpose_meet_their_target_on_the_held_out_predictions():
+    from workflow import trusting
+    from workflow.config import parse_threshold
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 600)
+    p = np.clip(y * 0.3 + rng.random(600) * 0.7, 0, 1)
+    (t,), expected = trusting.choose_thresholds("binary", y, p, "precision:0.9", 0)
+    assert np.mean(y[p >= t]) >= 0.9 and expected["precision"] >= 0.9
+    lo, hi = expected["precision_interval"]
+    assert lo <= expected["precision"] <= hi
+    (t,), expected = trusting.choose_thresholds("binary", y, p, "recall:0.95", 0)
+    assert np.mean(p[y == 1] >= t) >= 0.95
+    (t,), _ = trusting.choose_thresholds("binary", y, p, "0.5", 0)
+    assert t == 0.5
+    assert parse_threshold(None) is None and parse_threshold("Precision:0.90") == "precision:0.9"
+    for bad in ("1.5", "precision:2", "f1", "recall:"):
+        with pytest.raises(ConfigError, match="--threshold"):
+            parse_threshold(bad)
+
+
+def test_the_graph_layers_compute_what_numpy_computes():
+    """The exports carry `trust_layers`; predict.py computes with `trust`: the same maths."""
+    from features import trust_layers
+    rng = np.random.default_rng(6)
+    for kind, p in (("multiclass", softmax(rng.normal(0, 2, (40, 3)), axis=1)),
+                    ("binary", rng.random((40, 1))), ("multilabel", rng.random((40, 3)))):
+        cal = (trust.Calibration("temperature", (1.7,) * (3 if kind == "multilabel" else 1))
+               if kind != "binary" else trust.Calibration("platt", (), 1.3, -0.4))
+        got = np.asarray(trust_layers.Calibrate(kind, cal.to_json())(p.astype(np.float32)))
+        want = cal.apply(kind, p[:, 0] if kind == "binary" else p)
+        assert np.allclose(got[:, 0] if kind == "binary" else got, want, atol=1e-5), kind
+        ref = trust.deduplicate(rng.normal(size=(50, 16)))
+        feats = rng.normal(size=(40, 16)).astype(np.float32)
+        q = want if kind != "binary" else want[:, None]
+        fitted = trust.fit_unfamiliar(trust.distance(ref, feats),
+                                      trust.uncertainty(kind, want), 0.05, "test")
+        layer = trust_layers.UnfamiliarScore(kind, fitted.to_json(), ref)
+        got = np.asarray(layer([feats, q.astype(np.float32)]))
+        assert np.allclose(got, fitted.score(trust.distance(ref, feats),
+                                             trust.uncertainty(kind, want)), atol=1e-3), kind
+
+
+# ------------------------------------------------------------------ predict.py end to end
+
+@pytest.fixture(scope="module")
+def trusted_run(tmp_path_factory):
+    """An exported binary model (random weights) with a calibration, an unfamiliar score
+    and reference features, as the export writes them: the reference from red and blue
+    photos, the threshold from other red and blue photos."""
+    from features import backbone, trust_layers
+    from features.serve import inference
+    from pipeline import input as input_lib
+    root = tmp_path_factory.mktemp("trusted_run")
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    photos = root / "photos"
+    for i in range(24):
+        write_image(str(photos / f"p{i}.jpg"), colour_image(i % 2, size=SIZE, seed=i))
+    paths = [str(photos / f"p{i}.jpg") for i in range(24)]
+    batch = next(iter(input_lib.eval_dataset(paths, None, paths, SIZE, 32)))["image"]
+    out = np.asarray(trust_layers.with_features(clf.model)(batch), np.float64)
+    probs, feats = out[:, 0], out[:, 1:]
+    ref = trust.deduplicate(feats[:16])
+    cal = trust.Calibration("temperature", (2.0,))
+    fitted = trust.fit_unfamiliar(trust.distance(ref, feats[16:]),
+                                  trust.uncertainty("binary", cal.apply("binary", probs[16:])),
+                                  0.05, "test")
+    np.savez(root / trust.REFERENCE_FILE, features=ref.astype(np.float16))
+    inference.export_model(clf.model, str(root), {
+        "image_size": SIZE, "task": "binary", "class_names": ["ants", "bees"],
+        "positive_class": "bees", "binary_column": "bees", "calibration": cal.to_json(),
+        "unfamiliar": {**fitted.to_json(), "reference_file": trust.REFERENCE_FILE}})
+    return root
+
+
+def _predict(run, data, out, **flags):
+    from workflow import predicting
+    cfg = predicting.PredictRun(
+        workdir=str(run), data_dir=str(data), output=str(out), on_bad_image="skip",
+        precision="float32", batch_size=4, strategy="none", cpu_replicas=1, ray_address=None,
+        ray_workers=1, **flags)
+    return predicting.run(cfg)
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def mixed_photos(tmp_path):
+    """Photos like the training photos, and grey noise unlike any."""
+    folder = tmp_path / "mixed"
+    for i in range(4):
+        write_image(str(folder / f"known{i}.jpg"), colour_image(i % 2, size=SIZE, seed=100 + i))
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_image(str(folder / f"noise{i}.jpg"),
+                    rng.integers(0, 255, (SIZE, SIZE, 3)).astype(np.uint8))
+    return folder
+
+
+def test_predict_writes_calibrated_probabilities_and_the_unfamiliar_columns(
+        trusted_run, mixed_photos, tmp_path, capsys):
+    from features import trust_layers
+    from features.serve import inference
+    from pipeline import input as input_lib
+    out = tmp_path / "pred.csv"
+    _predict(trusted_run, mixed_photos, out)
+    rows = _rows(out)
+    assert list(rows[0]) == ["name", "bees", "unfamiliar_score", "unfamiliar"]
+    # The numbers are the stored maps applied to the network's own outputs.
+    info = json.load(open(trusted_run / "model_info.json"))
+    model, _ = inference.load_exported(str(trusted_run))
+    paths = [str(mixed_photos / f"{r['name']}.jpg") for r in rows]
+    batch = next(iter(input_lib.eval_dataset(paths, None, paths, SIZE, 32)))["image"]
+    raw = np.asarray(trust_layers.with_features(model)(batch), np.float64)
+    cal = trust.Calibration.from_json(info["calibration"])
+    assert np.allclose([float(r["bees"]) for r in rows], cal.apply("binary", raw[:, 0]),
+                       atol=1e-5)
+    assert not np.allclose(cal.apply("binary", raw[:, 0]), raw[:, 0], atol=1e-3)
+    fitted = trust.Unfamiliar.from_json(info["unfamiliar"])
+    ref = np.load(trusted_run / trust.REFERENCE_FILE)["features"].astype(np.float32)
+    scores = fitted.score(trust.distance(ref, raw[:, 1:]),
+                          trust.uncertainty("binary", cal.apply("binary", raw[:, 0])))
+    assert np.allclose([float(r["unfamiliar_score"]) for r in rows], scores, atol=1e-3)
+    flags = [r["unfamiliar"] == "1" for r in rows]
+    assert flags == list(scores > fitted.threshold)
+    printed = capsys.readouterr().out
+    assert f"{sum(flags)} of 8 photos" in printed and "flagged unfamiliar" in printed
+
+
+def test_label_output_says_unfamiliar_unless_told_not_to(trusted_run, mixed_photos, tmp_path):
+    out = tmp_path / "labels.csv"
+    _predict(trusted_run, mixed_photos, out, output_format="label")
+    rows = _rows(out)
+    flagged = [r["unfamiliar"] == "1" for r in rows]
+    assert any(flagged), "grey noise should be unlike red and blue photos"
+    assert [r["label"] == "unfamiliar" for r in rows] == flagged
+    _predict(trusted_run, mixed_photos, out, output_format="label", unfamiliar_label=False)
+    assert {r["label"] for r in _rows(out)} <= {"ants", "bees"}
+    assert [r["unfamiliar"] == "1" for r in _rows(out)] == flagged
+
+
+def test_a_run_from_before_calibration_predicts_as_before_and_says_why(
+        trusted_run, mixed_photos, tmp_path, capsys):
+    old = tmp_path / "old_run"
+    old.mkdir()
+    info = json.load(open(trusted_run / "model_info.json"))
+    for key in ("calibration", "unfamiliar"):
+        info.pop(key)
+    (old / "model_info.json").write_text(json.dumps(info))
+    os.link(trusted_run / "model.keras", old / "model.keras")
+    out = tmp_path / "old.csv"
+    _predict(old, mixed_photos, out)
+    rows = _rows(out)
+    assert list(rows[0]) == ["name", "bees"]
+    new = tmp_path / "new.csv"
+    _predict(trusted_run, mixed_photos, new)
+    raw = np.array([float(r["bees"]) for r in rows])
+    cal = trust.Calibration.from_json(json.load(open(trusted_run / "model_info.json"))[
+        "calibration"])
+    assert np.allclose([float(r["bees"]) for r in _rows(new)], cal.apply("binary", raw),
+                       atol=2e-6)  # the old run: the model's own probabilities
+    assert "was exported before calibration and unfamiliar scores" in capsys.readouterr().out
+
+
+def test_kaggle_columns_stay_as_the_sample_submission_says(trusted_run, tmp_path):
+    root = tmp_path / "kaggle"
+    for i in range(4):
+        write_image(str(root / "test" / f"{i + 1}.jpg"), colour_image(i % 2, size=SIZE, seed=i))
+    (root / "sample_submission.csv").write_text("name,invasive\n1,0.5\n2,0.5\n3,0.5\n4,0.5\n")
+    out = tmp_path / "submission.csv"
+    _predict(trusted_run, root, out)
+    assert list(_rows(out)[0]) == ["name", "invasive"]  # the sample's column names
+    side = _rows(tmp_path / "submission_unfamiliar.csv")
+    assert [r["name"] for r in side] == ["1", "2", "3", "4"]
+    assert list(side[0]) == ["name", "unfamiliar_score", "unfamiliar"]
