@@ -312,17 +312,19 @@ def expected_outputs(model, info: dict, task, x: np.ndarray, reference=None) -> 
                                        if unfamiliar is not None else {})}
 
 
-def export_all(model, formats: Sequence[str], quantize: str, workdir: str, x_val: np.ndarray,
-               y_val, task, held_out: bool = True, info=None, reference=None) -> Dict[str, dict]:
+def export_all(model, formats: Sequence[str], quantize: str, workdir: str, val, task,
+               held_out: bool = True, trusted=(None, None)) -> Dict[str, dict]:
     """Writes every format, verifies each in a fresh process against what predict.py
     computes with ``model`` on the validation inputs ``x_val`` (labels ``y_val``); returns
-    what metrics.json records.
+    what metrics.json records. ``val``: (inputs, labels).
 
-    With ``info``'s calibration and ``reference`` features (`workflow.trusting`) each
+    With ``trusted`` = (model_info.json's dict, the reference features) carrying a
+    calibration and reference features (`workflow.trusting`) each
     format carries them in its graph and has two outputs, the calibrated probabilities
     and the unfamiliar score, both checked. ``held_out`` False (a model refitted on every
     label, validation images included): only the formats' agreement with ``model`` is
     recorded (max |dP|, score change), never a score that would read as held-out."""
+    (x_val, y_val), (info, reference) = val, trusted
     info = info or {}
     expected = expected_outputs(model, info, task, x_val, reference)
     exported = model
@@ -404,8 +406,8 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
     task = inference.task_of(info)
     x_val, y_val = validation_set(workdir, task, int(info["image_size"]), batch_size)
     held_out = not info.get("refit")
-    results = export_all(model, formats, quantize, workdir, x_val, y_val, task, held_out,
-                         info, trusting.load_reference(workdir, info))
+    results = export_all(model, formats, quantize, workdir, (x_val, y_val), task, held_out,
+                         (info, trusting.load_reference(workdir, info)))
     run = RunFolder(workdir)
     images = (f"the run's {len(y_val)} validation images (split.csv), held out from "
               "model.keras" if held_out else

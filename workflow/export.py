@@ -97,12 +97,7 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     held = validation.held_out(job, cache, runtime.batch_size)
     single = validation.above_cache(job, job.classifier.model, blocks)
     scores, probs = validation.validate(job, held, single)
-    thresholds = _final_report(job, probs)
-    if thresholds is not None:
-        scores = job.task.scores(job.y_val, probs, thresholds)
-        result["thresholds"] = {"values": [round(float(t), 6) for t in thresholds],
-                                "chosen_on": "validation (best F1 per label)"}
-    result.update({f"val_{k}": v for k, v in scores.items()})
+    scores, thresholds = _scored(job, probs, scores, result)
     if config.epochs > 0 and kept == 0:
         print("fine-tuning did not improve on the head: exporting the head")
     members = (bag_lib.load_members(_members_file(job, scenario))
@@ -110,22 +105,19 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     bag = validation.bag(job, scenario, single, members) if members is not None else None
     choice = validation.choose_output(job, held, (single, bag, members), probs, predict)
     start = job.classifier.start_layer(blocks)
-    trusted = trusting.fit_held_out(
-        job, cache, runtime.batch_size, scenario, start, probs, predict, oof_ok=(
-            kept == 0 and start not in (job.classifier.net.stem_layer, scenarios.INPUT)))
+    # Out-of-fold predictions are of this model if it trained above the frozen features.
+    oof_ok = kept == 0 and start not in (job.classifier.net.stem_layer, scenarios.INPUT)
+    trusted = trusting.fit_held_out(job, cache, runtime.batch_size, scenario, start, probs,
+                                    predict, oof_ok)
     if refit:
         result["refit"] = _refit(job, config, cache, scenario, blocks,
                                  fit_settings(job, heads, cache, runtime),
                                  fine.replace(epochs=kept))
     job.run.update_metrics("finetune", result)
-    if config.epochs > 0 and kept == 0:
-        described = f"scenario {scenario} (fine-tuning did not improve on its head: the head)"
-    else:
-        described = f"scenario {scenario}, fine-tuned" if config.epochs > 0 else \
-            f"scenario {scenario}"
+    described = _described(scenario, config.epochs, kept)
     _record_final(job, described, scores, thresholds)
-    _export(job, scenario, blocks, scores, thresholds, members, choice, refit,
-            _trust(job, cache, runtime, trusted, start, refit))
+    choice["model_info"] = _trust(job, cache, runtime, trusted, start, refit)
+    _export(job, scenario, blocks, scores, thresholds, members, choice, refit)
     if checkpoints is not None:
         checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)
     state = state_lib.load(job.run.path)
@@ -133,6 +125,25 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     estimate = state.export.estimate if refit and state.export else None
     print(summary.final(job.task, described, scores, probe_score, choice.get("bag_scores"),
                         len(job.val), estimate))
+
+
+def _scored(job: Job, probs, scores: dict, result: dict):
+    """The final report on the validation images; (scores, multi-label thresholds or
+    None), both recorded in ``result``."""
+    thresholds = _final_report(job, probs)
+    if thresholds is not None:
+        scores = job.task.scores(job.y_val, probs, thresholds)
+        result["thresholds"] = {"values": [round(float(t), 6) for t in thresholds],
+                                "chosen_on": "validation (best F1 per label)"}
+    result.update({f"val_{k}": v for k, v in scores.items()})
+    return scores, thresholds
+
+
+def _described(scenario: str, epochs: int, kept: int) -> str:
+    """What the final model is, in words."""
+    if epochs > 0 and kept == 0:
+        return f"scenario {scenario} (fine-tuning did not improve on its head: the head)"
+    return f"scenario {scenario}, fine-tuned" if epochs > 0 else f"scenario {scenario}"
 
 
 def _fit_unfitted_head(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
@@ -328,9 +339,10 @@ def _trust(job: Job, cache: CacheConfig, runtime: RuntimeConfig, trusted: dict, 
 
 
 def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, choice: dict,
-            refit: bool, trusted: dict) -> None:
-    """model.keras + model_info.json (+ bag.keras), and metrics.json's ``export``."""
-    info = {**_model_info(job, scenario, blocks, scores, thresholds), **trusted}
+            refit: bool) -> None:
+    """model.keras + model_info.json (+ bag.keras), and metrics.json's ``export``.
+    ``choice["model_info"]``: the calibration's and unfamiliar score's entries (`_trust`)."""
+    info = {**_model_info(job, scenario, blocks, scores, thresholds), **choice["model_info"]}
     stale = job.run.file(inference.BAG_FILE)
     if members is not None:
         # The heads stage's file under a second name (no second copy); the bag is

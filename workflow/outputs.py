@@ -83,14 +83,15 @@ class RunFolder:
 
 
 def write_predictions(names: Sequence[str], probs, path: str, class_names: Sequence[str],
-                      binary_column: Optional[str] = "invasive", tags=None,
-                      labels=None, status=None, extra=None) -> str:
+                      binary_column: Optional[str] = "invasive", values=None, status=None,
+                      extra=None) -> str:
     """Writes the prediction CSV atomically (never a half-written file).
 
     Binary: ``name,<binary_column>`` with P(positive). Several classes or labels:
-    ``name,<class_1>,...,<class_K>`` in the stored class order. With ``tags`` (one
-    string per row) ``name,tags``; with ``labels`` (one class name per row)
-    ``name,label`` instead.
+    ``name,<class_1>,...,<class_K>`` in the stored class order. ``values`` (a column
+    name, e.g. ``label`` or ``tags``, and one string per row) replaces the probabilities:
+    ``name,label``. No probability columns at all (``probs`` of shape [N, 0]): ``name``
+    and the extra columns alone.
 
     ``extra`` (column name -> one string per row) adds columns after the values (e.g. the
     unfamiliar score), empty where the image was not predicted. ``status`` (one string
@@ -110,10 +111,10 @@ def write_predictions(names: Sequence[str], probs, path: str, class_names: Seque
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            if tags is not None or labels is not None:
-                values = tags if tags is not None else labels
-                writer.writerow(["name", "tags" if tags is not None else "label", *extra])
-                writer.writerows([name, values[i] if ok[i] else "", *tail(i)]
+            if values is not None:
+                column, texts = values
+                writer.writerow(["name", column, *extra])
+                writer.writerows([name, texts[i] if ok[i] else "", *tail(i)]
                                  for i, name in enumerate(names))
             elif probs.ndim == 2 and probs.shape[1] == 0:  # the extra columns alone
                 writer.writerow(["name", *extra])

@@ -152,8 +152,8 @@ def write_output(frame, probs, cfg: "PredictRun", task: Task, info: dict,
                           extra=extra)
     elif cfg.output_format == "tags":
         hits = task.predicted(np.nan_to_num(probs), thresholds)
-        write_predictions(names, probs, cfg.output, task.class_names, status=status, tags=[
-            " ".join(n for n, h in zip(task.class_names, row) if h) for row in hits],
+        write_predictions(names, probs, cfg.output, task.class_names, status=status, values=(
+            "tags", [" ".join(n for n, h in zip(task.class_names, row) if h) for row in hits]),
             extra=extra)
     else:
         best = task.predicted(np.nan_to_num(probs),
@@ -162,7 +162,7 @@ def write_output(frame, probs, cfg: "PredictRun", task: Task, info: dict,
         if unfamiliar is not None and cfg.unfamiliar_label:
             labels = ["unfamiliar" if f else l for l, f in zip(labels, unfamiliar["flagged"])]
         write_predictions(names, probs, cfg.output, task.class_names, status=status,
-                          labels=labels, extra=extra)
+                          values=("label", labels), extra=extra)
     return int(good.sum())
 
 
@@ -261,10 +261,12 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     if truth is None:
         return None
     good = ~frame.bad.to_numpy(bool)
+    if unfamiliar is not None:
+        frame = frame.assign(unfamiliar=unfamiliar["flagged"])
     return _score(cfg, frame[good].reset_index(drop=True), probs[good], truth[good], task,
                   info, stem, f"{inference.BAG_FILE if use_bag else inference.MODEL_FILE} "
                               f"(tta={tta})",
-                  None if unfamiliar is None else unfamiliar["flagged"][good])
+                  )
 
 
 def _outputs(cfg: PredictRun, model, frame, image_size: int, tta: int, use_bag: bool,
@@ -360,10 +362,11 @@ def trained_on(workdir: str, paths, info: dict) -> int:
 
 
 def _score(cfg: PredictRun, frame, probs, y, task: Task, info: dict, stem: str,
-           model: str, flagged=None) -> dict:
+           model: str) -> dict:
     """--labels: the scores of the readable images, the interpretation plots and the
     scoring page. ``model``: what predicted (file and TTA), for every line that scores;
-    ``flagged``: which rows were flagged unfamiliar (scored apart as well)."""
+    ``frame.unfamiliar`` (when there): which rows were flagged, scored apart as well."""
+    flagged = frame["unfamiliar"].to_numpy(bool) if "unfamiliar" in frame else None
     from workflow import interpret
     scores = score_against_labels(frame.name.tolist(), probs, cfg.labels, task,
                                   info.get("thresholds"))

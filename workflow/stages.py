@@ -14,12 +14,13 @@ from typing import Optional
 
 import numpy as np
 
+from features import trust
 from features.choose import bag as bag_lib, cv as cv_lib, evidence, probe, sweep
 from features.fit import heads as heads_lib
 from features.serve import inference
 from pipeline import discovery, labels, progress, scan
-from workflow import (console, export, interpret, labelling, plots, state as state_lib, summary,
-                      trusting)
+from workflow import console, export, interpret, labelling, plots, state as state_lib, summary
+from workflow import trusting
 from workflow.export import PROBE
 from workflow.config import (CacheConfig, HeadsConfig, RuntimeConfig, SweepConfig, TrainConfig)
 from workflow.job import Features, Job, check_disk, fit_settings, prepare
@@ -162,9 +163,7 @@ def _probe_or_head(job: Job, best, probe_choice, baseline: dict,
     stays unless the scenario beats it beyond noise (``probe_baseline``; False: the
     scenario is the baseline and the probe must beat it). Without CV the scenario is
     always the baseline: the validation images already chose it and its epoch, so the
-    probe replaces it only when clearly better there. Measured (docs/benchmarks.md):
-    Lite0 on the flowers, probe 0.9722 vs A 0.9375, the probe wins; VGG16, B 0.9653 vs
-    the probe 0.9514, B stays, as before this comparison existed."""
+    probe replaces it only when clearly better there (measured: docs/benchmarks.md)."""
     choice = {"scenario": best.scenario, "by": best.selected_by, "score": best.score,
               "metric": job.task.headline}
     if best.cv is not None and probe_choice.oof_probs is not None:
@@ -244,19 +243,20 @@ def sweep_stage(job: Job, config: SweepConfig, heads: HeadsConfig, cache: CacheC
 
 def predict_test(job: Job, runtime: RuntimeConfig, demo: bool = False) -> None:
     """Predicts the Kaggle test/ folder into submission.csv with the exported default (model
-    or bag, and its TTA), in the row order of sample_submission.csv when it exists. A test
-    image that cannot be read gets no row (a number for it would be invented); it is
-    listed with the reason in bad_test_images.csv."""
+    or bag, its TTA, its calibration), in sample_submission.csv's row order when it exists.
+    An unreadable test image gets no row; bad_test_images.csv lists it with the reason."""
     test = discovery.discover_unlabelled(job.dataset.data_dir)
     test = scan.filter_bad_images(test, job.model.image_size, "skip",
                                   job.run.file("bad_test_images.csv"), keep_rows=True)
     export = state_lib.load(job.run.path).export or state_lib.ExportState(inference.MODEL_FILE)
-    model, _ = inference.load_exported(job.run.path, bag=export.default == inference.BAG_FILE,
-                                       policy=job.precision.policy)
+    model, info = inference.load_exported(job.run.path, bag=export.default == inference.BAG_FILE,
+                                          policy=job.precision.policy)
     outputs = inference.predict_frame(model, test, job.model.image_size, runtime.batch_size,
                                       export.tta)
     good = ~test.bad.to_numpy(bool)
-    test, probs = test[good].reset_index(drop=True), job.task.probabilities(outputs)[good]
+    probs = trust.Calibration.from_json(info.get("calibration")).apply(  # as predict.py
+        job.task.kind, job.task.probabilities(outputs)[good])
+    test = test[good].reset_index(drop=True)
     job.run.note("submission", write_predictions(
         test.name, probs, job.run.file("submission.csv"), job.task.class_names,
         binary_column=binary_column(job.task.class_names, job.dataset.sample_submission,

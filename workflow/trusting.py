@@ -92,6 +92,7 @@ def fit_held_out(job, cache, batch_size: int, what: str, start: str, val_probs, 
         d = trust.distance(trust.deduplicate(train_x), val_x, trust.K_NEAREST)
         where = (f"the {len(y)} validation images, predicted by the final model before any "
                  "refit")
+    probs = job.task.probabilities(probs)  # binary: P(positive) [N], whatever produced it
     calibration = trust.fit(kind, y, probs, where, job.seed)
     calibrated = calibration.apply(kind, probs)
     unfamiliar = trust.fit_unfamiliar(d, trust.uncertainty(kind, calibrated), rate, where)
