@@ -36,7 +36,8 @@ EPS = 1e-7          # probabilities are clipped to [EPS, 1 - EPS] before a logit
 K_NEAREST = 3       # the distance is to the K-th nearest reference photo
 DISTANCE_WEIGHT = 2.0  # the distance's weight against the uncertainty's (docs/benchmarks.md)
 MIN_DISTANCE = 1e-4   # a copy of a reference photo is as familiar as a photo gets
-UNCERTAINTY_FLOOR = 1e-4   # log(u + floor): a confident photo's u is ~0
+UNCERTAINTY_FLOOR = 1e-3   # log(u + floor): a confident photo's u is ~0, and below
+# 1e-3 float32 rounding of a probability near 1 (6e-8) would move the score in exports
 DEDUPE_SIMILARITY = 0.999  # reference photos closer than this to a kept one add nothing
 REFERENCE_FILE = "reference_features.npz"
 
@@ -102,7 +103,7 @@ class Calibration:
         if self.kind == "temperature":
             ts = ", ".join(f"{t:.3f}" for t in self.temperature)
             return f"temperature scaling (T = {ts})"
-        return "none"
+        return "none (the model's own probabilities)"
 
 
 def _fit_temperature(nll) -> float:

@@ -113,7 +113,9 @@ class UnfamiliarScore(keras.layers.Layer):
         d = ops.maximum(1.0 - kth, trust.MIN_DISTANCE)
         p = ops.cast(p, "float32")
         if self.task_kind == "multiclass":
-            u = 1.0 - ops.max(p, axis=-1)
+            # The other classes' probabilities summed: exact in float32 where 1 - max is not.
+            top = ops.max(p, axis=-1, keepdims=True)
+            u = ops.sum(ops.where(p < top, p, 0.0), axis=-1)
         elif self.task_kind == "multilabel":
             u = ops.mean(1.0 - ops.maximum(p, 1.0 - p), axis=-1)
         else:

@@ -283,3 +283,38 @@ def test_kaggle_columns_stay_as_the_sample_submission_says(trusted_run, tmp_path
     side = _rows(tmp_path / "submission_unfamiliar.csv")
     assert [r["name"] for r in side] == ["1", "2", "3", "4"]
     assert list(side[0]) == ["name", "unfamiliar_score", "unfamiliar"]
+
+
+@pytest.mark.slow
+def test_a_multiclass_run_fits_everything_on_held_out_predictions_and_exports_it(tmp_path):
+    """The demo (3 classes, random weights) end to end: calibration and the unfamiliar
+    score fitted on out-of-fold predictions, stored, and carried by ONNX and TFLite as two
+    outputs that agree with what predict.py computes."""
+    from tests.inprocess import run
+    workdir = tmp_path / "run"
+    result = run("train.py", "--demo=multiclass", f"--workdir={workdir}",
+                 f"--cache_dir={tmp_path}/cache", "--export=onnx,tflite", "--finetune_epochs=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.load(open(workdir / "model_info.json"))
+    metrics = json.load(open(workdir / "metrics.json"))
+    assert "out-of-fold predictions" in metrics["trust"]["held_out"]
+    assert info["calibration"]["fitted_on"].startswith("out-of-fold predictions")
+    unf = info["unfamiliar"]
+    assert unf["rate"] == 0.05 and unf["held_out_images"] == metrics["trust"]["images"]
+    held = np.array(metrics["trust"]["unfamiliar_scores"])
+    assert np.mean(held > unf["threshold"]) == pytest.approx(0.05, abs=0.02)
+    split = __import__("pandas").read_csv(workdir / "split.csv")
+    with np.load(workdir / trust.REFERENCE_FILE) as ref:
+        assert ref["features"].dtype == np.float16
+        # The exported model was refit on every label: its reference is every image.
+        assert int(ref["images"]) == len(split) and str(ref["backbone"]) == "vgg16"
+    for fmt in ("onnx", "tflite"):
+        check = metrics["exports"][fmt]
+        assert check["outputs"] == ["probabilities", "unfamiliar_score"]
+        assert check["max_abs_dp"] < 1e-4, fmt
+        # Random-weight features of the demo's photos are all nearly parallel, so float32
+        # rounding of their cosine moves the log-distance more than real features do.
+        assert check["max_abs_d_unfamiliar"] < 1e-2, fmt
+    for name in ("reliability.png", "unfamiliar_scores.png", "report.html"):
+        assert (workdir / name).is_file()
+    assert "Calibration, threshold and unfamiliar photos" in (workdir / "report.html").read_text()

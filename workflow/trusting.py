@@ -94,11 +94,21 @@ def fit_held_out(job, cache, batch_size: int, what: str, start: str, val_probs, 
                  "refit")
     probs = job.task.probabilities(probs)  # binary: P(positive) [N], whatever produced it
     calibration = trust.fit(kind, y, probs, where, job.seed)
+    before, after = trust.metrics(kind, y, probs), _cross_fitted(kind, y, probs, job.seed)
+    if after["log_loss"] >= before["log_loss"]:
+        # With few errors among the held-out predictions a map fitted without them
+        # sharpens, and the next error costs more than the map gains: keep the model's own.
+        logging.info("Calibration: %s would raise the cross-fitted log loss (%.4f -> %.4f) on "
+                     "%s: keeping the model's own probabilities.", calibration.describe(),
+                     before["log_loss"], after["log_loss"], where)
+        calibration = trust.Calibration("none", fitted_on=(
+            f"{where}; {calibration.describe()} raised the cross-fitted log loss "
+            f"({before['log_loss']:.4f} -> {after['log_loss']:.4f}): not applied"))
+        after = before
     calibrated = calibration.apply(kind, probs)
     unfamiliar = trust.fit_unfamiliar(d, trust.uncertainty(kind, calibrated), rate, where)
     report = {"held_out": where, "images": int(len(y)), "calibration": calibration.to_json(),
-              "before": trust.metrics(kind, y, probs),
-              "after_cross_fitted": _cross_fitted(kind, y, probs, job.seed),
+              "before": before, "after_cross_fitted": after,
               "reliability_before": trust.reliability(kind, y, probs),
               "reliability_after": trust.reliability(kind, y, calibrated),
               "unfamiliar": unfamiliar.to_json(),
@@ -112,10 +122,10 @@ def fit_held_out(job, cache, batch_size: int, what: str, start: str, val_probs, 
         info["threshold_rule"] = spec
         info["thresholds"] = [round(float(v), 6) for v in values]
         report["threshold"] = {"rule": spec, "values": info["thresholds"], **expected}
-    logging.info("Calibration: %s, fitted on %s; log loss %.4f -> %.4f (cross-fitted), ECE "
-                 "%.4f -> %.4f.", calibration.describe(), where, report["before"]["log_loss"],
-                 report["after_cross_fitted"]["log_loss"], report["before"]["ece"],
-                 report["after_cross_fitted"]["ece"])
+    if calibration.kind != "none":
+        logging.info("Calibration: %s, fitted on %s; log loss %.4f -> %.4f (cross-fitted), "
+                     "ECE %.4f -> %.4f.", calibration.describe(), where, before["log_loss"],
+                     after["log_loss"], before["ece"], after["ece"])
     return {"info": info, "metrics": report}
 
 
@@ -202,7 +212,9 @@ def load_reference(workdir: str, info: dict) -> Optional[np.ndarray]:
     if not os.path.isfile(path):
         return None
     with np.load(path, allow_pickle=False) as z:
-        return z["features"].astype(np.float32)
+        # Unit rows again after float16 storage: predict.py and every export's graph use
+        # exactly these rows (renormalising in one and not the other moved scores by 1e-2).
+        return trust.normalise(z["features"].astype(np.float32))
 
 
 def write_plots(run, report: dict, task_kind: str) -> None:
@@ -253,8 +265,8 @@ def report_section(folder: str, metrics: dict) -> str:
     cal = data["calibration"]
     unf = data["unfamiliar"]
     out = ["<h2>Calibration, threshold and unfamiliar photos</h2>",
-           f"<p>Fitted on {esc(data['held_out'])}: {esc(cal['kind'])} "
-           f"{esc(cal.get('temperature') or [cal.get('slope'), cal.get('bias')])}. "
+           f"<p>Calibration: {esc(trust.Calibration.from_json(cal).describe())}, on "
+           f"{esc(cal.get('fitted_on') or data['held_out'])}. "
            "The 'after' column is cross-fitted (each image's map fitted on the others), so "
            "it is not measured on the images the map was fitted on. Ranking metrics (AUC, "
            "top-1) do not change.</p>",
