@@ -299,19 +299,6 @@ def verify_in_fresh_process(fmt: str, path: str, x: np.ndarray) -> Dict[str, obj
             return {"outputs": dict(outputs), **timing}
 
 
-def expected_outputs(model, info: dict, task, x: np.ndarray, reference=None) -> dict:
-    """What predict.py gives for the inputs ``x`` (one view, the single model): the
-    probabilities, calibrated as stored, and with ``reference`` the unfamiliar scores."""
-    from features import trust_layers
-    from workflow import predicting
-    units = int(model.output.shape[-1])
-    network = trust_layers.with_features(model) if reference is not None else model
-    raw = np.asarray(network.predict(x, verbose=0, batch_size=16), np.float64)
-    probs, unfamiliar = predicting.trusted_outputs(task, info, raw, units, reference)
-    return {"probabilities": probs, **({"unfamiliar_score": unfamiliar["score"]}
-                                       if unfamiliar is not None else {})}
-
-
 def export_all(model, formats: Sequence[str], quantize: str, workdir: str, val, task,
                held_out: bool = True, trusted=(None, None)) -> Dict[str, dict]:
     """Writes every format, verifies each in a fresh process against what predict.py
@@ -326,7 +313,8 @@ def export_all(model, formats: Sequence[str], quantize: str, workdir: str, val, 
     recorded (max |dP|, score change), never a score that would read as held-out."""
     (x_val, y_val), (info, reference) = val, trusted
     info = info or {}
-    expected = expected_outputs(model, info, task, x_val, reference)
+    from workflow import trusting
+    expected = trusting.expected_outputs(model, info, task, x_val, reference)
     exported = model
     if reference is not None:
         from features import trust_layers
@@ -414,7 +402,7 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
               f"the run's {len(y_val)} validation images (split.csv), which the refitted "
               "model.keras was trained on: agreement with model.keras only, no score")
     run.update_metrics("exports", {**results, "input": INPUT, "checked_on": images})
-    print(f"Exports checked against model.keras on {images}:")
+    print(f"Exports checked against predict.py (model.keras, one view) on {images}:")
     for key, r in results.items():
         score = (f"{task.headline} {r[task.headline]:.4f} "
                  f"({r[task.headline + '_change']:+.4f} vs model.keras)" if held_out else
@@ -424,6 +412,10 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
         print(f"export {key}: {os.path.join(workdir, r['file'])} ({r['bytes'] / 1e6:.1f} MB), "
               f"max |dP| vs predict.py {r['max_abs_dp']:.2g}{unfamiliar}, {score}, "
               f"{r['ms_per_image']:.1f} ms/image on CPU")
+        if r["max_abs_dp"] > 1e-4 or r.get("max_abs_d_unfamiliar", 0.0) > 1e-3:
+            print(f"warning: export {key} differs from predict.py by more than 1e-4 in a "
+                  "probability or 1e-3 in an unfamiliar score (above): check it before "
+                  "shipping it" + (" (quantized: expected)" if r["quantize"] != "none" else ""))
         run.note(f"export {key}", os.path.join(workdir, r["file"]))
     return results
 

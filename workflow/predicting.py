@@ -81,9 +81,10 @@ def score_against_labels(names: Sequence[str], probs, labels_csv: str,
     p = np.asarray(probs, np.float64)
     result = {**task.scores(y, p, thresholds), "n": int(len(y))}
     if task.kind == "binary":
-        matrix = sk_metrics.confusion_matrix(y, task.predicted(p), labels=[0, 1])
+        matrix = sk_metrics.confusion_matrix(y, task.predicted(p, thresholds), labels=[0, 1])
         result["confusion_matrix"] = {"tn": int(matrix[0, 0]), "fp": int(matrix[0, 1]),
                                       "fn": int(matrix[1, 0]), "tp": int(matrix[1, 1])}
+        result["threshold"] = float(np.ravel(thresholds)[0]) if thresholds is not None else 0.5
     return result
 
 
@@ -100,7 +101,8 @@ def format_scores(scores: dict, task: Task = Task("binary", ("0", "1"))) -> str:
     if cm:
         neg, pos = task.class_names
         width = max(8, len(neg), len(pos)) + 2
-        text += (f"\nconfusion matrix (rows: true class, columns: predicted class at 0.5):\n"
+        text += (f"\nconfusion matrix (rows: true class, columns: predicted class at "
+                 f"{scores.get('threshold', 0.5):g}):\n"
                  f"  {'':{width}s}{neg:>{width}s}{pos:>{width}s}\n"
                  f"  {neg:{width}s}{cm['tn']:{width}d}{cm['fp']:{width}d}\n"
                  f"  {pos:{width}s}{cm['fn']:{width}d}{cm['tp']:{width}d}")
@@ -391,6 +393,8 @@ def _score(cfg: PredictRun, frame, probs, y, task: Task, info: dict, stem: str,
                                 prefix=os.path.basename(stem) + "_")
     for name, path in plots.items():
         print(f"{name}: {path}")
+    if flagged is not None and os.path.isfile(stem + "_unfamiliar.png"):
+        plots["most unfamiliar photos"] = stem + "_unfamiliar.png"  # on the page too
     from workflow import report
     page = report.write_scoring_report(
         stem, scores, plots, f"{model} of {os.path.abspath(cfg.workdir)} on {images}, "

@@ -288,3 +288,16 @@ def report_section(folder: str, metrics: dict) -> str:
     out.append(image(os.path.join(folder, "unfamiliar_scores.png"),
                      "Unfamiliar scores of held-out known photos"))
     return "".join(out)
+
+
+def expected_outputs(model, info: dict, task, x: np.ndarray, reference=None) -> dict:
+    """What predict.py gives for the inputs ``x`` (one view, the single model): the
+    probabilities, calibrated as stored, and with ``reference`` the unfamiliar scores."""
+    from features import trust_layers
+    from workflow import predicting
+    units = int(model.output.shape[-1])
+    network = trust_layers.with_features(model) if reference is not None else model
+    raw = np.asarray(network.predict(x, verbose=0, batch_size=16), np.float64)
+    probs, unfamiliar = predicting.trusted_outputs(task, info, raw, units, reference)
+    return {"probabilities": probs, **({"unfamiliar_score": unfamiliar["score"]}
+                                       if unfamiliar is not None else {})}
