@@ -106,13 +106,23 @@ class Calibration:
         return "none (the model's own probabilities)"
 
 
-def _fit_temperature(nll) -> float:
+MIN_ERRORS = 10  # held-out mistakes needed before a map may sharpen the probabilities
+
+
+def _fit_temperature(nll, lowest: float = 0.02) -> float:
     """The temperature minimising ``nll(t)`` (a smooth 1-D problem: bounded search on
-    log t)."""
+    log t), at least ``lowest``."""
     from scipy.optimize import minimize_scalar
-    found = minimize_scalar(lambda s: nll(np.exp(s)), bounds=(np.log(0.02), np.log(50.0)),
+    found = minimize_scalar(lambda s: nll(np.exp(s)), bounds=(np.log(lowest), np.log(50.0)),
                             method="bounded", options={"xatol": 1e-5})
     return float(np.exp(found.x))
+
+
+def _lowest(errors: int) -> float:
+    """The lowest temperature the held-out predictions support: with fewer than
+    `MIN_ERRORS` mistakes among them the likelihood only says "sharper" (a model that was
+    never wrong there would get T -> 0 and certainty everywhere), so it may only soften."""
+    return 0.02 if errors >= MIN_ERRORS else 1.0
 
 
 def _binary_nll(y, p) -> float:
@@ -123,8 +133,9 @@ def _binary_nll(y, p) -> float:
 def _fit_binary(kind: str, y, p) -> Calibration:
     y = np.asarray(y, np.float64)
     z = _logit(p)
+    lowest = _lowest(int(np.sum((p >= 0.5) != (y > 0.5))))
     if kind == "temperature":
-        t = _fit_temperature(lambda t: _binary_nll(y, _sigmoid(z / t)))
+        t = _fit_temperature(lambda t: _binary_nll(y, _sigmoid(z / t)), lowest)
         return Calibration("temperature", (t,))
     from scipy.optimize import minimize
 
@@ -133,7 +144,7 @@ def _fit_binary(kind: str, y, p) -> Calibration:
         grad_z = q - y
         return (_binary_nll(y, q), np.array([np.mean(grad_z * z), np.mean(grad_z)]))
     found = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B",
-                     bounds=[(1e-3, 50.0), (-20.0, 20.0)])  # slope > 0: increasing
+                     bounds=[(1e-3, 1.0 / lowest), (-20.0, 20.0)])  # slope > 0: increasing
     return Calibration("platt", (), float(found.x[0]), float(found.x[1]))
 
 
@@ -145,13 +156,15 @@ def fit(task_kind: str, y, probs, fitted_on: str, seed: int = 0) -> Calibration:
     if task_kind == "multiclass":
         rows = np.arange(len(y))
         t = _fit_temperature(lambda t: float(-np.mean(np.log(np.clip(
-            _softmax_log(p, t)[rows, y.astype(int)], EPS, 1.0)))))
+            _softmax_log(p, t)[rows, y.astype(int)], EPS, 1.0)))),
+            _lowest(int(np.sum(p.argmax(axis=1) != y))))
         return Calibration("temperature", (t,), fitted_on=fitted_on)
     if task_kind == "multilabel":
         ts = []
         for j in range(p.shape[1]):
             yj, zj = y[:, j].astype(np.float64), _logit(p[:, j])
-            ts.append(_fit_temperature(lambda t: _binary_nll(yj, _sigmoid(zj / t)))
+            lowest = _lowest(int(np.sum((p[:, j] >= 0.5) != (yj > 0.5))))
+            ts.append(_fit_temperature(lambda t: _binary_nll(yj, _sigmoid(zj / t)), lowest)
                       if 0 < yj.sum() < len(yj) else 1.0)
         return Calibration("temperature", tuple(ts), fitted_on=fitted_on)
     chosen = _choose_binary(y.astype(int), p, seed)

@@ -320,3 +320,18 @@ def test_a_multiclass_run_fits_everything_on_held_out_predictions_and_exports_it
     for name in ("reliability.png", "unfamiliar_scores.png", "report.html"):
         assert (workdir / name).is_file()
     assert "Calibration, threshold and unfamiliar photos" in (workdir / "report.html").read_text()
+
+
+def test_a_model_never_wrong_on_the_held_out_images_is_not_made_certain():
+    """No mistakes among the held-out predictions: the likelihood alone would drive the
+    temperature to 0 (certainty for every later photo); the map may only soften then."""
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 3, 200)
+    p = np.full((200, 3), 0.1)
+    p[np.arange(200), y] = 0.8  # right every time, modestly confident
+    cal = trust.fit("multiclass", y, p, "test")
+    assert cal.temperature[0] >= 1.0
+    # With enough mistakes the same under-confidence is sharpened.
+    wrong = y.copy()
+    wrong[:30] = (y[:30] + 1) % 3
+    assert trust.fit("multiclass", wrong, p, "test").temperature[0] < 1.0

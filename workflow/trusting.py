@@ -98,11 +98,11 @@ def fit_held_out(job, cache, batch_size: int, what: str, start: str, val_probs, 
     if after["log_loss"] >= before["log_loss"]:
         # With few errors among the held-out predictions a map fitted without them
         # sharpens, and the next error costs more than the map gains: keep the model's own.
-        logging.info("Calibration: %s would raise the cross-fitted log loss (%.4f -> %.4f) on "
+        logging.info("Calibration: %s would not lower the cross-fitted log loss (%.4f -> %.4f) on "
                      "%s: keeping the model's own probabilities.", calibration.describe(),
                      before["log_loss"], after["log_loss"], where)
         calibration = trust.Calibration("none", fitted_on=(
-            f"{where}; {calibration.describe()} raised the cross-fitted log loss "
+            f"{where}; {calibration.describe()} did not lower the cross-fitted log loss "
             f"({before['log_loss']:.4f} -> {after['log_loss']:.4f}): not applied"))
         after = before
     calibrated = calibration.apply(kind, probs)
