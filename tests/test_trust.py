@@ -335,3 +335,25 @@ def test_a_model_never_wrong_on_the_held_out_images_is_not_made_certain():
     wrong = y.copy()
     wrong[:30] = (y[:30] + 1) % 3
     assert trust.fit("multiclass", wrong, p, "test").temperature[0] < 1.0
+
+
+def test_scoring_reports_the_share_flagged_and_accuracy_on_the_rest(trusted_run, tmp_path):
+    folder = tmp_path / "labelled"
+    rows = ["name,label"]
+    for i in range(8):
+        write_image(str(folder / f"p{i}.jpg"), colour_image(i % 2, size=SIZE, seed=200 + i))
+        rows.append(f"p{i},{'bees' if i % 2 else 'ants'}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "scored.csv"
+    scores = _predict(trusted_run, folder, out, labels=str(tmp_path / "labels.csv"))
+    table = _rows(out)
+    flagged = np.array([r["unfamiliar"] == "1" for r in table])
+    assert scores["unfamiliar_share"] == pytest.approx(flagged.mean())
+    if (~flagged).any():
+        p = np.array([float(r["bees"]) for r in table])
+        y = np.array([i % 2 for i in range(8)])[[int(r["name"][1:]) for r in table]]
+        kept = ~flagged
+        assert scores["accuracy_not_flagged"] == pytest.approx(
+            np.mean((p[kept] >= 0.5).astype(int) == y[kept]))
+    saved = json.load(open(tmp_path / "scored_metrics.json"))
+    assert saved["scores"]["unfamiliar_share"] == scores["unfamiliar_share"]
