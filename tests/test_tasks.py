@@ -281,5 +281,8 @@ def test_multilabel_end_to_end_writes_thresholds_per_label_metrics_and_tags(tmp_
                   f"--output={out}", "--output_format=tags")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = pd.read_csv(out, keep_default_na=False)
-    assert list(rows.columns) == ["name", "tags"] and len(rows) == 4
+    assert list(rows.columns) == ["name", "tags", "unfamiliar_score", "unfamiliar"]
+    assert len(rows) == 4
+    # Per-label calibration and thresholds on the calibrated probabilities (issue 30).
+    assert len(info["calibration"]["temperature"]) in (0, 3) and info["threshold_rule"] == "auto"
     assert all(set(t.split()) <= {"blue", "plain", "red"} for t in rows.tags)
