@@ -106,6 +106,11 @@ def convert(model, fmt: str, workdir: str, quantize: str = "none", representativ
     if fmt == "savedmodel":
         _saved_model(model, tmp)
     elif fmt == "onnx":
+        # tf2onnx logs a traceback when one of its graph optimisers does not apply (e.g.
+        # its transpose pass on MobileNetV3's hard-swish constants) and goes on without it;
+        # the file is then checked against predict.py like every other, so say nothing.
+        import logging
+        logging.getLogger("tf2onnx.optimizer").setLevel(logging.ERROR)
         with warnings.catch_warnings():
             # Keras' tf2onnx shim probes np.object on import; NumPy 2 answers with a
             # FutureWarning that says nothing to our users.
