@@ -1,0 +1,273 @@
+"""serve.py's web app: predictions over HTTP, and a page to label and review photos.
+
+One process holds the run's default model (the one predict.py uses: bag or single, TTA
+as chosen, calibration and unfamiliar score when the run has them) and answers:
+
+* ``GET /`` — the predict page; ``POST /api/predict`` — multipart field ``files`` (one
+  or many images) -> ``{"predictions": [...]}``, or with ``?format=csv`` the CSV
+  predict.py writes; predictions are serialised by a lock, so concurrent clients each
+  get their own answers;
+* ``GET /label`` — the label page: the run's ``to_label.csv`` picks (rank order), then
+  the photos ``suspect_labels.csv`` doubts; ``GET /api/queue``, ``GET /image/{id}``
+  (an opaque id of a photo on those lists, never a path), ``POST /api/labels``,
+  ``DELETE /api/labels/{id}`` (undo), ``GET /api/labels`` (the answers in the training
+  CSV's format, or for class folders the moves that apply them);
+* ``GET /api/health`` — model, classes, backbone, image size, version.
+
+Every answer is written at once to ``RUN/labels/reviewed.csv``
+(``name,label,source,time``, a second answer for a photo replaces the first) through a
+temporary file and a rename, so a killed server leaves the last whole file.
+"""
+
+import csv
+import hashlib
+import io
+import os
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+
+from features.task import Task
+from pipeline.atomic import atomic_write_text
+from pipeline.errors import ConfigError
+
+VERSION = "0.1.0"
+REVIEWED = os.path.join("labels", "reviewed.csv")
+PAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pages")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class UploadError(Exception):
+    """A bad upload: answered with ``status`` and a JSON body naming the file."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Predictor:
+    """The run's default model, loaded once; `predict` is what predict.py computes."""
+
+    def __init__(self, workdir: str, batch_size: int = 16):
+        from features import precision
+        from features.serve import inference
+        from pipeline import run_info
+        from workflow import trusting
+        self.workdir, self.batch_size = workdir, batch_size
+        info = run_info.read_info(workdir)
+        self.task = Task(info.get("task", "binary"), tuple(info.get("class_names") or ("0", "1")))
+        self.policy = precision.resolve_and_apply("auto").policy
+        self.use_bag = info.get("default_model", "bag") == "bag" and os.path.isfile(
+            os.path.join(workdir, inference.BAG_FILE))
+        self.reference = trusting.load_reference(workdir, info)
+        self.model, self.info, self.units = inference.load_predictor(
+            workdir, self.use_bag, self.policy, self.reference is not None)
+        if int(self.model.output.shape[-1]) == self.units:
+            self.reference = None
+        self.tta = int(self.info.get("tta", 1))
+        self.image_size = int(self.info["image_size"])
+        self.lock = threading.Lock()
+
+    def health(self) -> dict:
+        from features.serve import inference
+        return {"model": inference.BAG_FILE if self.use_bag else inference.MODEL_FILE,
+                "workdir": os.path.abspath(self.workdir), "task": self.task.kind,
+                "classes": list(self.task.class_names), "backbone": self.info.get("backbone"),
+                "image_size": self.image_size, "tta": self.tta, "version": VERSION,
+                "calibrated": bool(self.info.get("calibration")),
+                "unfamiliar": self.reference is not None}
+
+    def predict(self, paths: List[str], names: List[str]):
+        """(probabilities, unfamiliar or None) of readable images, as predict.py gives."""
+        from features.serve import inference
+        from workflow import predicting
+        frame = pd.DataFrame({"path": paths, "name": names})
+        with self.lock:  # one model, one batch at a time: answers never mix
+            out = inference.predict_frame(self.model, frame, self.image_size, self.batch_size,
+                                          self.tta, progress=False)
+        return predicting.trusted_outputs(self.task, self.info, out, self.units, self.reference)
+
+    def rows(self, names: List[str], probs, unfamiliar) -> List[dict]:
+        """One JSON object per image: probabilities by class, the top class, flags."""
+        task, out = self.task, []
+        thresholds = self.info.get("thresholds")
+        for i, name in enumerate(names):
+            p = np.asarray(probs[i], np.float64)
+            if task.kind == "binary":
+                by_class = {task.class_names[0]: float(1 - p), task.class_names[1]: float(p)}
+                top = task.class_names[int(task.predicted(np.array([p]), thresholds)[0])]
+            else:
+                by_class = {c: float(v) for c, v in zip(task.class_names, p)}
+                top = (task.class_names[int(np.argmax(p))] if task.kind == "multiclass" else
+                       [c for c, h in zip(task.class_names, task.predicted(p[None], thresholds)[0])
+                        if h])
+            row = {"name": name, "probabilities": by_class, "top_class": top}
+            if task.kind == "binary":
+                row[f"P({task.positive_class})"] = float(p)
+            if unfamiliar is not None:
+                row["unfamiliar_score"] = float(unfamiliar["score"][i])
+                row["unfamiliar"] = bool(unfamiliar["flagged"][i])
+            out.append(row)
+        return out
+
+
+def check_uploads(files: List[tuple], max_files: int, max_bytes: int, image_size: int):
+    """Refuses a bad upload before any prediction: too many files, one too large, or one
+    that is not a decodable JPEG or PNG (each named). ``files``: (name, bytes)."""
+    from pipeline import scan
+    if not files:
+        raise UploadError(400, "No images: send them in the multipart field 'files'.")
+    if len(files) > max_files:
+        raise UploadError(413, f"{len(files)} files in one request; at most {max_files}.")
+    for name, data in files:
+        if len(data) > max_bytes:
+            raise UploadError(413, f"{name}: {len(data) / 1e6:.1f} MB; at most "
+                                   f"{max_bytes / 1e6:.0f} MB per image.")
+    with tempfile.TemporaryDirectory() as folder:
+        for i, (name, data) in enumerate(files):
+            path = os.path.join(folder, f"{i}")
+            with open(path, "wb") as f:
+                f.write(data)
+            reason = scan.check_image(path, image_size)
+            if reason:
+                raise UploadError(415, f"{name} {reason}: expected a JPEG or PNG photo.")
+
+
+class Reviews:
+    """``labels/reviewed.csv``: one row per photo answered, rewritten whole and atomically
+    on every answer (a few thousand rows at most: cheap, and a kill leaves a whole file)."""
+
+    COLUMNS = ["name", "label", "source", "time"]
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, REVIEWED)
+        self.lock = threading.Lock()
+        self.rows: Dict[str, dict] = {}
+        if os.path.isfile(self.path):
+            table = pd.read_csv(self.path, dtype=str, keep_default_na=False)
+            self.rows = {r["name"]: dict(r) for r in table.to_dict("records")}
+
+    def _write(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, self.COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows.values())
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        atomic_write_text(self.path, buffer.getvalue())
+
+    def answer(self, name: str, label: str, source: str) -> None:
+        with self.lock:
+            self.rows.pop(name, None)  # a second answer replaces the first (and moves last)
+            self.rows[name] = {"name": name, "label": label, "source": source,
+                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            self._write()
+
+    def undo(self, name: str) -> bool:
+        with self.lock:
+            if self.rows.pop(name, None) is None:
+                return False
+            self._write()
+            return True
+
+    def snapshot(self) -> Dict[str, dict]:
+        with self.lock:
+            return dict(self.rows)
+
+
+def _within(path: str, roots: List[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == r or real.startswith(r + os.sep) for r in roots)
+
+
+class Queue:
+    """The photos to look at, from the run's own lists, each under an opaque id."""
+
+    def __init__(self, workdir: str, task: Task):
+        from workflow.outputs import read_json
+        self.items: List[dict] = []
+        config = read_json(os.path.join(workdir, "run_config.json"))
+        later = read_json(os.path.join(workdir, "run_config_label_next.json"))
+        self.data_dir = config.get("data_dir") or ""
+        roots = [d for d in (self.data_dir, later.get("unlabelled_dir"),
+                             config.get("unlabelled_dir")) if d]
+        self.roots = [os.path.realpath(d) for d in roots]
+        self._add(os.path.join(workdir, "to_label.csv"), "label_next", task, workdir)
+        self._add(os.path.join(workdir, "suspect_labels.csv"), "suspect", task, workdir)
+        self.by_id = {item["id"]: item for item in self.items}
+
+    def _add(self, path: str, source: str, task: Task, workdir: str) -> None:
+        if not os.path.isfile(path):
+            return
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "rank" in table:
+            table = table.iloc[np.argsort(pd.to_numeric(table["rank"], errors="coerce")
+                                          .fillna(1e9).to_numpy(), kind="stable")]
+        for row in table.to_dict("records"):
+            item_path = row.get("path", "")
+            digest = hashlib.sha256(f"{workdir}\0{source}\0{item_path}".encode()).hexdigest()
+            note = row.get("reason", "")
+            if source == "suspect":
+                note = (f"labelled {row.get('given') or row.get('label')}, the model says "
+                        f"{row.get('predicted')} with {float(row.get('confidence') or 0):.2f}")
+            self.items.append({"id": digest[:20], "name": row["name"], "path": item_path,
+                               "source": source, "note": note,
+                               "label": row.get("given") or row.get("label") or ""})
+
+    def image_path(self, item_id: str) -> Optional[str]:
+        """The photo of ``item_id`` when it is on the lists and inside the data folders
+        (a symlink out of them is refused); else None."""
+        item = self.by_id.get(item_id)
+        if item is None or not os.path.isfile(item["path"]):
+            return None
+        return item["path"] if _within(item["path"], self.roots) else None
+
+
+def labels_for_training(info: dict, queue: Queue, rows: Dict[str, dict]):
+    """The answers as the training data takes them: CSV text for a labels CSV layout, or
+    the moves (and one shell command) for class folders."""
+    task = Task(info.get("task", "binary"), tuple(info.get("class_names") or ("0", "1")))
+    answered = [r for r in rows.values() if r["label"] in task.class_names]
+    if info.get("layout") == "folders":
+        by_name = {i["name"]: i for i in queue.items}
+        moves = [{"name": r["name"], "from": by_name[r["name"]]["path"],
+                  "to": os.path.join(queue.data_dir, r["label"])}
+                 for r in answered if r["name"] in by_name]
+        command = "\n".join(f"mkdir -p {_quote(m['to'])} && mv {_quote(m['from'])} "
+                            f"{_quote(m['to'])}/" for m in moves)
+        return {"layout": "folders", "moves": moves, "command": command}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if task.kind == "binary":
+        column = info.get("binary_column") or "label"
+        writer.writerow(["name", column])
+        writer.writerows([r["name"], task.class_names.index(r["label"])] for r in answered)
+    else:
+        writer.writerow(["name", "label"])
+        writer.writerows([r["name"], r["label"]] for r in answered)
+    return buffer.getvalue()
+
+
+def _quote(text: str) -> str:
+    import shlex
+    return shlex.quote(text)
+
+
+def check_host(host: str, token: Optional[str]) -> Optional[str]:
+    """The token to require: None on loopback without --token; off loopback --token or a
+    generated one (printed once by serve.py)."""
+    if token:
+        return token
+    if host in LOOPBACK:
+        return None
+    import secrets
+    return secrets.token_urlsafe(24)
+
+
+def parse_limits(max_upload_mb: float, max_files: int) -> tuple:
+    if max_upload_mb <= 0 or max_files <= 0:
+        raise ConfigError("--max_upload_mb and --max_files must be positive.")
+    return int(max_upload_mb * 1e6), int(max_files)
