@@ -114,3 +114,34 @@ def class_image(k: int, size: int = 36, seed: int = 0, colours=CLASS_COLOURS):
         q = size // 4
         image[q:3 * q, q:3 * q] = colours[k]
     return image
+
+
+def trusted_run(root, size: int = 32, extra_info=None):
+    """An exported binary ants/bees model (random weights, no training) with a
+    calibration, an unfamiliar score and reference features, as the export writes them:
+    the reference from 16 red and blue photos, the threshold from 8 others. Returns the
+    run folder (``root``) and the photos' folder."""
+    from features import backbone, trust, trust_layers
+    from features.serve import inference
+    from pipeline import input as input_lib
+    clf = backbone.build_classifier("none", include_top=False, image_size=size, seed=0)
+    photos = root / "photos"
+    for i in range(24):
+        write_image(str(photos / f"p{i}.jpg"), colour_image(i % 2, size=size, seed=i))
+    paths = [str(photos / f"p{i}.jpg") for i in range(24)]
+    batch = next(iter(input_lib.eval_dataset(paths, None, paths, size, 32)))["image"]
+    out = np.asarray(trust_layers.with_features(clf.model)(batch), np.float64)
+    probs, feats = out[:, 0], out[:, 1:]
+    ref = trust.deduplicate(feats[:16])
+    cal = trust.Calibration("temperature", (2.0,))
+    fitted = trust.fit_unfamiliar(trust.distance(ref, feats[16:]),
+                                  trust.uncertainty("binary", cal.apply("binary", probs[16:])),
+                                  0.05, "test")
+    np.savez(root / trust.REFERENCE_FILE, features=ref.astype(np.float16))
+    inference.export_model(clf.model, str(root), {
+        "image_size": size, "task": "binary", "class_names": ["ants", "bees"],
+        "positive_class": "bees", "binary_column": "bees", "backbone": "vgg16",
+        "calibration": cal.to_json(),
+        "unfamiliar": {**fitted.to_json(), "reference_file": trust.REFERENCE_FILE},
+        **(extra_info or {})})
+    return root, photos

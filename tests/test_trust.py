@@ -152,32 +152,10 @@ def test_the_graph_layers_compute_what_numpy_computes():
 
 @pytest.fixture(scope="module")
 def trusted_run(tmp_path_factory):
-    """An exported binary model (random weights) with a calibration, an unfamiliar score
-    and reference features, as the export writes them: the reference from red and blue
-    photos, the threshold from other red and blue photos."""
-    from features import backbone, trust_layers
-    from features.serve import inference
-    from pipeline import input as input_lib
-    root = tmp_path_factory.mktemp("trusted_run")
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    photos = root / "photos"
-    for i in range(24):
-        write_image(str(photos / f"p{i}.jpg"), colour_image(i % 2, size=SIZE, seed=i))
-    paths = [str(photos / f"p{i}.jpg") for i in range(24)]
-    batch = next(iter(input_lib.eval_dataset(paths, None, paths, SIZE, 32)))["image"]
-    out = np.asarray(trust_layers.with_features(clf.model)(batch), np.float64)
-    probs, feats = out[:, 0], out[:, 1:]
-    ref = trust.deduplicate(feats[:16])
-    cal = trust.Calibration("temperature", (2.0,))
-    fitted = trust.fit_unfamiliar(trust.distance(ref, feats[16:]),
-                                  trust.uncertainty("binary", cal.apply("binary", probs[16:])),
-                                  0.05, "test")
-    np.savez(root / trust.REFERENCE_FILE, features=ref.astype(np.float16))
-    inference.export_model(clf.model, str(root), {
-        "image_size": SIZE, "task": "binary", "class_names": ["ants", "bees"],
-        "positive_class": "bees", "binary_column": "bees", "calibration": cal.to_json(),
-        "unfamiliar": {**fitted.to_json(), "reference_file": trust.REFERENCE_FILE}})
-    return root
+    """An exported binary model with a calibration, an unfamiliar score and reference
+    features (`tests.conftest.trusted_run`)."""
+    from tests.conftest import trusted_run as make
+    return make(tmp_path_factory.mktemp("trusted_run"), SIZE)[0]
 
 
 def _predict(run, data, out, **flags):
