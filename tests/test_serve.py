@@ -3,7 +3,6 @@ both pages in a real headless Chromium."""
 
 import concurrent.futures
 import csv
-import io
 import json
 import os
 import signal
@@ -12,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 import pytest
 
