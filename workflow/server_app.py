@@ -15,6 +15,7 @@ from typing import List, Optional
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from workflow import serving
 
@@ -82,19 +83,10 @@ def create_app(workdir: str, token: Optional[str] = None, max_bytes: int = 20_00
         for f in files:
             data = await f.read(max_bytes + 1)
             loaded.append((os.path.basename(f.filename or "image"), data))
-        serving.check_uploads(loaded, max_files, max_bytes, predictor.image_size)
-        names = [os.path.splitext(n)[0] for n, _ in loaded]
-        with tempfile.TemporaryDirectory() as folder:
-            paths = []
-            for i, (name, data) in enumerate(loaded):
-                path = os.path.join(folder, f"{i}_{name}")
-                with open(path, "wb") as out:
-                    out.write(data)
-                paths.append(path)
-            probs, unfamiliar = predictor.predict(paths, names)
-        if format == "csv":
-            return Response(_csv(predictor, names, probs, unfamiliar), media_type="text/csv")
-        return {"predictions": predictor.rows(names, probs, unfamiliar)}
+        # Decoding and the network block: off the event loop, so that other requests are
+        # read meanwhile and join the next batch (`serving.Predictor.predict`).
+        return await run_in_threadpool(_predict, predictor, loaded, format, max_files,
+                                       max_bytes)
 
     @app.get("/api/queue")
     def get_queue():
@@ -141,6 +133,22 @@ def create_app(workdir: str, token: Optional[str] = None, max_bytes: int = 20_00
         return result
 
     return app
+
+
+def _predict(predictor, loaded, format: str, max_files: int, max_bytes: int):
+    serving.check_uploads(loaded, max_files, max_bytes, predictor.image_size)
+    names = [os.path.splitext(n)[0] for n, _ in loaded]
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i, (name, data) in enumerate(loaded):
+            path = os.path.join(folder, f"{i}_{name}")
+            with open(path, "wb") as out:
+                out.write(data)
+            paths.append(path)
+        probs, unfamiliar = predictor.predict(paths, names)
+    if format == "csv":
+        return Response(_csv(predictor, names, probs, unfamiliar), media_type="text/csv")
+    return {"predictions": predictor.rows(names, probs, unfamiliar)}
 
 
 def _page(name: str) -> str:

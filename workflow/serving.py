@@ -71,6 +71,13 @@ class Predictor:
         self.tta = int(self.info.get("tta", 1))
         self.image_size = int(self.info["image_size"])
         self.lock = threading.Lock()
+        # Requests that arrive while a batch is computed wait here and go through the
+        # network together: one pipeline and one call for all of them, each request's
+        # rows handed back to it (answers never mix: each job keeps its own rows).
+        self.waiting: List[dict] = []
+        self.ready = threading.Condition()
+        threading.Thread(target=self._serve_batches, daemon=True,
+                         name="predict-batches").start()
 
     def health(self) -> dict:
         from features.serve import inference
@@ -82,14 +89,47 @@ class Predictor:
                 "unfamiliar": self.reference is not None}
 
     def predict(self, paths: List[str], names: List[str]):
-        """(probabilities, unfamiliar or None) of readable images, as predict.py gives."""
-        from features.serve import inference
+        """(probabilities, unfamiliar or None) of readable images, as predict.py gives;
+        safe to call from many threads at once (their images are batched together)."""
         from workflow import predicting
-        frame = pd.DataFrame({"path": paths, "name": names})
-        with self.lock:  # one model, one batch at a time: answers never mix
-            out = inference.predict_frame(self.model, frame, self.image_size, self.batch_size,
-                                          self.tta, progress=False)
-        return predicting.trusted_outputs(self.task, self.info, out, self.units, self.reference)
+        job = {"paths": list(paths), "done": threading.Event()}
+        with self.ready:
+            self.waiting.append(job)
+            self.ready.notify()
+        job["done"].wait()
+        if "error" in job:
+            raise job["error"]
+        return predicting.trusted_outputs(self.task, self.info, job["outputs"], self.units,
+                                          self.reference)
+
+    def _serve_batches(self, most: int = 64) -> None:
+        """The one thread that runs the model: takes every waiting request (up to
+        ``most`` images), predicts them in one pass, hands each its own rows."""
+        from features.serve import inference
+        while True:
+            with self.ready:
+                while not self.waiting:
+                    self.ready.wait()
+                jobs, count = [], 0
+                while self.waiting and (not jobs or count + len(self.waiting[0]["paths"])
+                                        <= most):
+                    jobs.append(self.waiting.pop(0))
+                    count += len(jobs[-1]["paths"])
+            paths = [p for job in jobs for p in job["paths"]]
+            try:
+                with self.lock:
+                    out = inference.predict_frame(
+                        self.model, pd.DataFrame({"path": paths, "name": paths}),
+                        self.image_size, self.batch_size, self.tta, progress=False)
+                start = 0
+                for job in jobs:
+                    job["outputs"] = out[start:start + len(job["paths"])]
+                    start += len(job["paths"])
+            except Exception as err:  # handed to every waiting request, not lost
+                for job in jobs:
+                    job["error"] = err
+            for job in jobs:
+                job["done"].set()
 
     def rows(self, names: List[str], probs, unfamiliar) -> List[dict]:
         """One JSON object per image: probabilities by class, the top class, flags."""
