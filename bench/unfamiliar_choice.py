@@ -57,7 +57,6 @@ def main() -> None:
     parser.add_argument("--backbone", default="vgg16")
     parser.add_argument("--weights", default="imagenet")
     args = parser.parse_args()
-    from scipy.special import softmax
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict

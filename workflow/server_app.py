@@ -31,10 +31,17 @@ def create_app(workdir: str, token: Optional[str] = None, max_bytes: int = 20_00
     """The app for the run in ``workdir`` (``predictor``: a loaded `serving.Predictor`,
     else one is loaded here)."""
     predictor = predictor or serving.Predictor(workdir)
-    reviews = serving.Reviews(workdir)
-    queue = serving.Queue(workdir, predictor.task)
     app = FastAPI(title="invasive-vgg serve", version=serving.VERSION,
                   description=f"Predictions of the run {os.path.abspath(workdir)}.")
+    _guard(app, token)
+    _prediction_routes(app, predictor, max_bytes, max_files)
+    _label_routes(app, predictor, serving.Reviews(workdir),
+                  serving.Queue(workdir, predictor.task))
+    return app
+
+
+def _guard(app: FastAPI, token: Optional[str]) -> None:
+    """The token check, and errors as JSON (never a traceback)."""
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
@@ -56,16 +63,16 @@ def create_app(workdir: str, token: Optional[str] = None, max_bytes: int = 20_00
         return JSONResponse({"error": err.message}, err.status)
 
     @app.exception_handler(Exception)
-    async def anything_else(request: Request, err: Exception):  # never a traceback
+    async def anything_else(request: Request, err: Exception):
         return JSONResponse({"error": f"{type(err).__name__}: {err}"}, 500)
+
+
+def _prediction_routes(app: FastAPI, predictor, max_bytes: int, max_files: int) -> None:
+    """The predict page, /api/health and /api/predict."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def predict_page():
         return _page("predict.html")
-
-    @app.get("/label", response_class=HTMLResponse, include_in_schema=False)
-    def label_page():
-        return _page("label.html")
 
     @app.get("/api/health")
     def health():
@@ -87,6 +94,15 @@ def create_app(workdir: str, token: Optional[str] = None, max_bytes: int = 20_00
         # read meanwhile and join the next batch (`serving.Predictor.predict`).
         return await run_in_threadpool(_predict, predictor, loaded, format, max_files,
                                        max_bytes)
+
+
+def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,
+                  queue: serving.Queue) -> None:
+    """The label page, its queue and images, and the answers."""
+
+    @app.get("/label", response_class=HTMLResponse, include_in_schema=False)
+    def label_page():
+        return _page("label.html")
 
     @app.get("/api/queue")
     def get_queue():
@@ -131,8 +147,6 @@ def create_app(workdir: str, token: Optional[str] = None, max_bytes: int = 20_00
         if isinstance(result, str):
             return Response(result, media_type="text/csv")
         return result
-
-    return app
 
 
 def _predict(predictor, loaded, format: str, max_files: int, max_bytes: int):
