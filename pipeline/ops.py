@@ -104,8 +104,9 @@ def vgg_mean_centre_image(image):
 
 
 def vgg_mean_uncentre_image(image):
-    """Inverse of `vgg_mean_centre_image`: mean-centred BGR -> RGB in [0, 255]."""
-    return (image + tf.constant(VGG_MEANS_BGR, tf.float32))[..., ::-1]
+    """Inverse of `vgg_mean_centre_image`: mean-centred BGR -> RGB in [0, 255], in the
+    image's own dtype (a backbone computing in bfloat16 gets bfloat16 pixels)."""
+    return (image + tf.constant(VGG_MEANS_BGR, image.dtype))[..., ::-1]
 
 
 def vgg_mean_centre():

@@ -210,3 +210,17 @@ def test_auto_compares_backbones_on_the_same_folds_and_goes_on_with_the_choice(
     report = (tmp_path / "run" / "report.html").read_text()
     assert "Backbones (--stage=backbones, --backbone=auto)" in report
     assert (tmp_path / "run" / "backbones.png").stat().st_size > 0
+
+
+def test_undoing_the_mean_centring_works_under_a_bfloat16_policy():
+    """A file backbone under --precision=mixed_bfloat16 gets bfloat16 inputs in its
+    CaffeToRGB layer; adding float32 means to them stopped the run (issue 29's bf16
+    check)."""
+    import tensorflow as tf
+    from features import zoo
+    from pipeline import ops
+    layer = zoo.CaffeToRGB(dtype="mixed_bfloat16")
+    centred = ops.vgg_mean_centre_image(tf.fill((1, 2, 2, 3), 128.0))
+    out = layer(centred)
+    assert out.dtype == tf.bfloat16
+    np.testing.assert_allclose(np.asarray(tf.cast(out, tf.float32)), 128.0, atol=1.0)
