@@ -297,7 +297,8 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     # Comparison, fine-tuning history, confusion matrix, ROC, top losses; suspect labels
     # when there are any.
     suspects = len(pd.read_csv(workdir / "suspect_labels.csv"))
-    assert check_report(workdir / "report.html", metrics) == 5 + (suspects > 0)
+    # + reliability.png and unfamiliar_scores.png (issue 30)
+    assert check_report(workdir / "report.html", metrics) == 7 + (suspects > 0)
 
     out = tmp_path / "pred.csv"
     labels = tmp_path / "test_labels.csv"
@@ -317,7 +318,8 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     check_console(result, (tmp_path / "pred.log").read_text())
     scored = json.loads((tmp_path / "pred_metrics.json").read_text())
     assert scored["scores"]["auc"] == pytest.approx(roc_auc_score(truth, probs), abs=1e-6)
-    assert check_report(tmp_path / "pred_report.html", scored) == 3  # the three plots
+    # the three plots and the most unfamiliar photos (issue 30)
+    assert check_report(tmp_path / "pred_report.html", scored) == 4
 
 
 def _optimizer_state(path) -> list:

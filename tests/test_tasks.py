@@ -238,7 +238,8 @@ def test_multiclass_end_to_end_through_the_flags(tmp_path):
                   f"--output={out}", "--output_format=label", f"--labels={tree}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = pd.read_csv(out)
-    assert list(rows.columns) == ["name", "label"] and set(rows.label) <= {"oak", "elm", "ash"}
+    assert list(rows.columns) == ["name", "label", "unfamiliar_score", "unfamiliar"]
+    assert set(rows.label) <= {"oak", "elm", "ash", "unfamiliar"}
     assert len(rows) == 6 and "accuracy" in result.stdout
     assert (tmp_path / "labels_confusion_matrix.png").is_file()
     # A labelled folder with a class the model never saw: one clear paragraph.

@@ -255,18 +255,24 @@ def write_plots(run, report: dict, task_kind: str) -> None:
 
 
 def report_section(folder: str, metrics: dict) -> str:
-    """report.html's part on calibration, the threshold and the unfamiliar score."""
-    from workflow.report import esc, image, table
+    """report.html's part on calibration, the threshold and the unfamiliar score (every
+    number from metrics.json's ``trust``)."""
+    from workflow.report import esc, image, number, table
     data = metrics.get("trust")
     if not data:
         return ""
-    before, after = data["before"], data["after_cross_fitted"]
-    rows = [[esc(k), f"{before[k]:.4f}", f"{after[k]:.4f}"] for k in ("log_loss", "brier", "ece")]
+    rows = [[esc(k), number(metrics, f"trust/before/{k}"),
+             number(metrics, f"trust/after_cross_fitted/{k}")] for k in ("log_loss", "brier",
+                                                                         "ece")]
     cal = data["calibration"]
-    unf = data["unfamiliar"]
+    kind = {"platt": "Platt scaling, slope " + number(metrics, "trust/calibration/slope", 3)
+                     + ", bias " + number(metrics, "trust/calibration/bias", 3),
+            "temperature": "temperature scaling, T = " + ", ".join(
+                number(metrics, f"trust/calibration/temperature/{i}", 3)
+                for i in range(len(cal.get("temperature", []))))}.get(
+        cal["kind"], "none (the model's own probabilities)")
     out = ["<h2>Calibration, threshold and unfamiliar photos</h2>",
-           f"<p>Calibration: {esc(trust.Calibration.from_json(cal).describe())}, on "
-           f"{esc(cal.get('fitted_on') or data['held_out'])}. "
+           f"<p>Calibration: {kind}, on {esc(cal.get('fitted_on') or data['held_out'])}. "
            "The 'after' column is cross-fitted (each image's map fitted on the others), so "
            "it is not measured on the images the map was fitted on. Ranking metrics (AUC, "
            "top-1) do not change.</p>",
@@ -274,17 +280,23 @@ def report_section(folder: str, metrics: dict) -> str:
            image(os.path.join(folder, "reliability.png"), "Reliability diagram")]
     threshold = data.get("threshold")
     if threshold:
-        p_lo, p_hi = threshold["precision_interval"]
-        r_lo, r_hi = threshold["recall_interval"]
-        out.append(f"<p>Threshold rule {esc(threshold['rule'])}: "
-                   f"{esc(', '.join(f'{v:.3f}' for v in threshold['values']))} on the "
-                   f"calibrated probability; expected precision {threshold['precision']:.3f} "
-                   f"(95% interval {p_lo:.3f} .. {p_hi:.3f}), recall {threshold['recall']:.3f} "
-                   f"({r_lo:.3f} .. {r_hi:.3f}), from the same held-out predictions.</p>")
-    out.append(f"<p>Unfamiliar score: {unf['distance_weight']:g} z(log distance to the "
-               f"{unf['k']}-th nearest training photo) + z(log uncertainty); threshold "
-               f"{unf['threshold']:.3f} flags {unf['rate']:.0%} of the "
-               f"{unf['held_out_images']} held-out known photos.</p>")
+        t = "trust/threshold/"
+        values = ", ".join(number(metrics, f"{t}values/{i}", 3)
+                           for i in range(len(threshold["values"])))
+        out.append(f"<p>Threshold rule {esc(threshold['rule'])}: {values} on the calibrated "
+                   f"probability; expected precision {number(metrics, t + 'precision', 3)} "
+                   f"(95% interval {number(metrics, t + 'precision_interval/0', 3)} .. "
+                   f"{number(metrics, t + 'precision_interval/1', 3)}), recall "
+                   f"{number(metrics, t + 'recall', 3)} ("
+                   f"{number(metrics, t + 'recall_interval/0', 3)} .. "
+                   f"{number(metrics, t + 'recall_interval/1', 3)}), from the same held-out "
+                   "predictions.</p>")
+    u = "trust/unfamiliar/"
+    out.append(f"<p>Unfamiliar score: {number(metrics, u + 'distance_weight', 1)} z(log "
+               f"distance to the {number(metrics, u + 'k')}-th nearest training photo) + "
+               f"z(log uncertainty); threshold {number(metrics, u + 'threshold', 3)} flags "
+               f"a share {number(metrics, u + 'rate', 2)} of the "
+               f"{number(metrics, u + 'held_out_images')} held-out known photos.</p>")
     out.append(image(os.path.join(folder, "unfamiliar_scores.png"),
                      "Unfamiliar scores of held-out known photos"))
     return "".join(out)
