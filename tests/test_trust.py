@@ -335,3 +335,17 @@ def test_scoring_reports_the_share_flagged_and_accuracy_on_the_rest(trusted_run,
             np.mean((p[kept] >= 0.5).astype(int) == y[kept]))
     saved = json.load(open(tmp_path / "scored_metrics.json"))
     assert saved["scores"]["unfamiliar_share"] == scores["unfamiliar_share"]
+
+
+def test_too_few_held_out_images_export_without_calibration_and_say_so():
+    """No out-of-fold predictions and 3 validation images: nothing is fitted, the export
+    goes on as before calibration existed, and metrics.json says why."""
+    import types
+    from workflow import trusting
+    job = types.SimpleNamespace(
+        task=types.SimpleNamespace(kind="binary"), folds=None, val=[0, 1, 2],
+        run=types.SimpleNamespace(file=lambda *p: "/nonexistent"))
+    predict = types.SimpleNamespace(unfamiliar_rate=0.05, threshold=None)
+    out = trusting.fit_held_out(job, None, 4, "probe", "block5_pool", None, predict,
+                                oof_ok=False)
+    assert out["info"] == {} and "only 3 validation image(s)" in out["metrics"]["skipped"]

@@ -105,14 +105,13 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     bag = validation.bag(job, scenario, single, members) if members is not None else None
     choice = validation.choose_output(job, held, (single, bag, members), probs, predict)
     start = job.classifier.start_layer(blocks)
-    # Out-of-fold predictions are of this model if it trained above the frozen features.
+    # (Out-of-fold predictions are of this model if it trained above the frozen features.)
     oof_ok = kept == 0 and start not in (job.classifier.net.stem_layer, scenarios.INPUT)
     trusted = trusting.fit_held_out(job, cache, runtime.batch_size, scenario, start, probs,
                                     predict, oof_ok)
     if refit:
-        result["refit"] = _refit(job, config, cache, scenario, blocks,
-                                 fit_settings(job, heads, cache, runtime),
-                                 fine.replace(epochs=kept))
+        settings = fit_settings(job, heads, cache, runtime), fine.replace(epochs=kept)
+        result["refit"] = _refit(job, config, cache, scenario, blocks, *settings)
     job.run.update_metrics("finetune", result)
     described = _described(scenario, config.epochs, kept)
     _record_final(job, described, scores, thresholds)
@@ -328,12 +327,14 @@ def _model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) 
 
 def _trust(job: Job, cache: CacheConfig, runtime: RuntimeConfig, trusted: dict, start: str,
            refit: bool) -> dict:
-    """Stores the reference features of the exported model (the images it trained on)
-    and metrics.json's ``trust``; returns model_info.json's additions."""
-    frame = pd.concat([job.train, job.val], ignore_index=True) if refit else job.train
-    job.run.note("reference features", trusting.store_reference(
-        job, cache, frame, start, runtime.batch_size))
+    """metrics.json's ``trust``, the reference features (the images the model trained on);
+    returns model_info.json's additions."""
     job.run.update_metrics("trust", trusted["metrics"])
+    if not trusted["info"]:
+        return {}  # too few held-out images (logged): exported uncalibrated
+    frame = pd.concat([job.train, job.val], ignore_index=True) if refit else job.train
+    job.run.note("reference features",
+                 trusting.store_reference(job, cache, frame, start, runtime.batch_size))
     trusting.write_plots(job.run, trusted["metrics"], job.task.kind)
     return trusted["info"]
 

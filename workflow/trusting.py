@@ -19,9 +19,9 @@ import pandas as pd
 
 from features import networks, trust
 from pipeline.atomic import atomic_path
-from pipeline.errors import ConfigError
 
 OOF_FILE = os.path.join("heads", "oof.npz")
+MIN_HELD_OUT = 10  # fewer held-out images fit nothing worth shipping
 
 
 def save_oof(job, what: str, probs) -> None:
@@ -67,65 +67,81 @@ def pooled(job, cache, frame: pd.DataFrame, start: str, batch_size: int) -> np.n
     return fmap.mean(axis=(1, 2)) if fmap.ndim == 4 else fmap
 
 
+def _held_out(job, cache, batch_size: int, what: str, start: str, val_probs, oof_ok: bool):
+    """(labels, probabilities, distances, what they are) of the held-out images, or a
+    string saying why there are too few."""
+    oof = _load_oof(job, what) if oof_ok else None
+    if oof is not None:
+        folds = [va for _, va in job.folds]
+        d = trust.fold_distances(pooled(job, cache, job.train, start, batch_size), folds,
+                                 trust.K_NEAREST)
+        return (job.y_train, oof, d, f"out-of-fold predictions of the {len(job.y_train)} "
+                f"training images ({len(folds)}-fold cross-validation of {what})")
+    if len(job.val) < MIN_HELD_OUT:
+        return (f"only {len(job.val)} validation image(s) and no out-of-fold predictions of "
+                "this model: calibration and the unfamiliar threshold need at least "
+                f"{MIN_HELD_OUT} held-out images")
+    train_x = pooled(job, cache, job.train, start, batch_size)
+    val_x = pooled(job, cache, job.val, start, batch_size)
+    d = trust.distance(trust.deduplicate(train_x), val_x, trust.K_NEAREST)
+    return (job.y_val, val_probs, d, f"the {len(job.y_val)} validation images, predicted by "
+            "the final model before any refit")
+
+
+def _calibration(kind: str, y, probs, where: str, seed: int):
+    """(the map, metrics before, cross-fitted metrics after): the identity when the map
+    does not lower the cross-fitted log loss."""
+    calibration = trust.fit(kind, y, probs, where, seed)
+    before, after = trust.metrics(kind, y, probs), _cross_fitted(kind, y, probs, seed)
+    if after["log_loss"] >= before["log_loss"]:
+        # With few errors among the held-out predictions a map fitted without them
+        # sharpens, and the next error costs more than the map gains: keep the model's own.
+        logging.info("Calibration: %s would not lower the cross-fitted log loss (%.4f -> "
+                     "%.4f) on %s: keeping the model's own probabilities.",
+                     calibration.describe(), before["log_loss"], after["log_loss"], where)
+        return trust.Calibration("none", fitted_on=(
+            f"{where}; {calibration.describe()} did not lower the cross-fitted log loss "
+            f"({before['log_loss']:.4f} -> {after['log_loss']:.4f}): not applied")), \
+            before, before
+    logging.info("Calibration: %s, fitted on %s; log loss %.4f -> %.4f (cross-fitted), "
+                 "ECE %.4f -> %.4f.", calibration.describe(), where, before["log_loss"],
+                 after["log_loss"], before["ece"], after["ece"])
+    return calibration, before, after
+
+
 def fit_held_out(job, cache, batch_size: int, what: str, start: str, val_probs, predict,
                  oof_ok: bool) -> dict:
     """Calibration, unfamiliar score and threshold from held-out predictions of the
     model as it is now (before any refit). ``oof_ok``: the heads stage's out-of-fold
     predictions are of this very model kind (trained above the frozen feature map, not
     fine-tuned since). ``predict``: ``--unfamiliar_rate`` and ``--threshold``. Returns
-    model_info.json's additions (key ``info``) and metrics.json's ``trust`` (``metrics``)."""
-    kind, rate, threshold_spec = job.task.kind, predict.unfamiliar_rate, predict.threshold
-    oof = _load_oof(job, what) if oof_ok else None
-    train_x = pooled(job, cache, job.train, start, batch_size)
-    if oof is not None:
-        y, probs = job.y_train, oof
-        folds = [va for _, va in job.folds]
-        d = trust.fold_distances(train_x, folds, trust.K_NEAREST)
-        where = (f"out-of-fold predictions of the {len(y)} training images "
-                 f"({len(folds)}-fold cross-validation of {what})")
-    else:
-        if len(job.val) < 2:
-            raise ConfigError("Calibration and the unfamiliar threshold need held-out "
-                              "images: this run has fewer than 2 validation images.")
-        y, probs = job.y_val, val_probs
-        val_x = pooled(job, cache, job.val, start, batch_size)
-        d = trust.distance(trust.deduplicate(train_x), val_x, trust.K_NEAREST)
-        where = (f"the {len(y)} validation images, predicted by the final model before any "
-                 "refit")
+    model_info.json's additions (key ``info``; empty when there are too few held-out
+    images) and metrics.json's ``trust`` (``metrics``)."""
+    kind = job.task.kind
+    held = _held_out(job, cache, batch_size, what, start, val_probs, oof_ok)
+    if isinstance(held, str):
+        logging.info("Not calibrated, no unfamiliar score: %s.", held)
+        return {"info": {}, "metrics": {"skipped": held}}
+    y, probs, d, where = held
     probs = job.task.probabilities(probs)  # binary: P(positive) [N], whatever produced it
-    calibration = trust.fit(kind, y, probs, where, job.seed)
-    before, after = trust.metrics(kind, y, probs), _cross_fitted(kind, y, probs, job.seed)
-    if after["log_loss"] >= before["log_loss"]:
-        # With few errors among the held-out predictions a map fitted without them
-        # sharpens, and the next error costs more than the map gains: keep the model's own.
-        logging.info("Calibration: %s would not lower the cross-fitted log loss (%.4f -> %.4f) on "
-                     "%s: keeping the model's own probabilities.", calibration.describe(),
-                     before["log_loss"], after["log_loss"], where)
-        calibration = trust.Calibration("none", fitted_on=(
-            f"{where}; {calibration.describe()} did not lower the cross-fitted log loss "
-            f"({before['log_loss']:.4f} -> {after['log_loss']:.4f}): not applied"))
-        after = before
+    calibration, before, after = _calibration(kind, y, probs, where, job.seed)
     calibrated = calibration.apply(kind, probs)
-    unfamiliar = trust.fit_unfamiliar(d, trust.uncertainty(kind, calibrated), rate, where)
+    u = trust.uncertainty(kind, calibrated)
+    unfamiliar = trust.fit_unfamiliar(d, u, predict.unfamiliar_rate, where)
     report = {"held_out": where, "images": int(len(y)), "calibration": calibration.to_json(),
               "before": before, "after_cross_fitted": after,
               "reliability_before": trust.reliability(kind, y, probs),
               "reliability_after": trust.reliability(kind, y, calibrated),
               "unfamiliar": unfamiliar.to_json(),
-              "unfamiliar_scores": [round(float(s), 4) for s in
-                                    unfamiliar.score(d, trust.uncertainty(kind, calibrated))]}
+              "unfamiliar_scores": [round(float(s), 4) for s in unfamiliar.score(d, u)]}
     info = {"calibration": calibration.to_json(), "unfamiliar": {
         **unfamiliar.to_json(), "reference_file": trust.REFERENCE_FILE}}
     if kind != "multiclass":
-        spec = threshold_spec or ("0.5" if kind == "binary" else "auto")
+        spec = predict.threshold or ("0.5" if kind == "binary" else "auto")
         values, expected = choose_thresholds(kind, y, calibrated, spec, job.seed)
         info["threshold_rule"] = spec
         info["thresholds"] = [round(float(v), 6) for v in values]
         report["threshold"] = {"rule": spec, "values": info["thresholds"], **expected}
-    if calibration.kind != "none":
-        logging.info("Calibration: %s, fitted on %s; log loss %.4f -> %.4f (cross-fitted), "
-                     "ECE %.4f -> %.4f.", calibration.describe(), where, before["log_loss"],
-                     after["log_loss"], before["ece"], after["ece"])
     return {"info": info, "metrics": report}
 
 
@@ -261,6 +277,9 @@ def report_section(folder: str, metrics: dict) -> str:
     data = metrics.get("trust")
     if not data:
         return ""
+    if "skipped" in data:
+        return ("<h2>Calibration, threshold and unfamiliar photos</h2>"
+                f"<p>Not fitted: {esc(data['skipped'])}.</p>")
     rows = [[esc(k), number(metrics, f"trust/before/{k}"),
              number(metrics, f"trust/after_cross_fitted/{k}")] for k in ("log_loss", "brier",
                                                                          "ece")]
