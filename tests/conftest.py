@@ -145,3 +145,14 @@ def trusted_run(root, size: int = 32, extra_info=None):
         "unfamiliar": {**fitted.to_json(), "reference_file": trust.REFERENCE_FILE},
         **(extra_info or {})})
     return root, photos
+
+
+def predict_in_process(run, data, out, **flags):
+    """predict.py's job on ``data`` with the run in ``run``, in this process (float32, one
+    device, unreadable images skipped); ``flags`` override any other setting."""
+    from workflow import predicting
+    cfg = predicting.PredictRun(
+        workdir=str(run), data_dir=str(data), output=str(out), on_bad_image="skip",
+        precision="float32", batch_size=4, strategy="none", cpu_replicas=1, ray_address=None,
+        ray_workers=1, **flags)
+    return predicting.run(cfg)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import discovery
-from tests.conftest import colour_image, write_image
+from tests.conftest import colour_image, predict_in_process, write_image
 
 SIZE = 32
 
@@ -37,15 +37,6 @@ def photos_with_a_broken_one(tmp_path):
     return folder
 
 
-def _predict(run, data, out, **flags):
-    from workflow import predicting
-    cfg = predicting.PredictRun(
-        workdir=str(run), data_dir=str(data), output=str(out), on_bad_image="skip",
-        precision="float32", batch_size=4, strategy="none", cpu_replicas=1, ray_address=None,
-        ray_workers=1, **flags)
-    return predicting.run(cfg)
-
-
 def _rows(path):
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.reader(f))
@@ -55,7 +46,7 @@ def _rows(path):
 def test_an_unreadable_photo_gets_no_row_and_is_listed_with_its_reason(
         binary_run, photos_with_a_broken_one, tmp_path, output_format, capsys):
     out = tmp_path / "pred.csv"
-    _predict(binary_run, photos_with_a_broken_one, out, output_format=output_format)
+    predict_in_process(binary_run, photos_with_a_broken_one, out, output_format=output_format)
     rows = _rows(out)
     assert len(rows) == 1 + 6
     assert "broken" not in [r[0] for r in rows[1:]]
@@ -73,7 +64,7 @@ def test_kept_bad_rows_are_empty_with_a_status(binary_run, photos_with_a_broken_
                                                 tmp_path):
     for output_format in ("probabilities", "label"):
         out = tmp_path / f"{output_format}.csv"
-        _predict(binary_run, photos_with_a_broken_one, out, output_format=output_format,
+        predict_in_process(binary_run, photos_with_a_broken_one, out, output_format=output_format,
                  keep_bad_rows=True)
         rows = _rows(out)
         assert rows[0][-1] == "status" and len(rows) == 1 + 7
@@ -87,7 +78,7 @@ def test_binary_column_names_the_positive_class_unless_a_csv_names_it(binary_run
     folder = tmp_path / "two"
     for i in range(2):
         write_image(str(folder / f"q{i}.jpg"), colour_image(i, size=SIZE, seed=i))
-    _predict(binary_run, folder, tmp_path / "a.csv")
+    predict_in_process(binary_run, folder, tmp_path / "a.csv")
     assert _rows(tmp_path / "a.csv")[0] == ["name", "bees"]
     # The rule itself: sample_submission's column, then the labels CSV's, then the class.
     sample = tmp_path / "sample_submission.csv"
@@ -175,7 +166,7 @@ def test_scoring_says_when_the_model_was_trained_on_the_scored_images(
     labels = tmp_path / "labels.csv"
     labels.write_text("name,label\n" + "".join(
         f"p{i},{'bees' if i % 2 else 'ants'}\n" for i in range(6)) + "broken,ants\n")
-    scores = _predict(run, photos_with_a_broken_one, tmp_path / "s.csv", labels=str(labels))
+    scores = predict_in_process(run, photos_with_a_broken_one, tmp_path / "s.csv", labels=str(labels))
     assert scores["trained_on_images"] == 3 and scores["n"] == 6
     assert "was trained on 3 of these 6 images" in capsys.readouterr().out
     assert "not a held-out score" in (tmp_path / "s_report.html").read_text()

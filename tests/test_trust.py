@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from features import trust
 from pipeline.errors import ConfigError
-from tests.conftest import colour_image, write_image
+from tests.conftest import colour_image, predict_in_process, write_image
 
 SIZE = 32
 
@@ -158,15 +158,6 @@ def trusted_run(tmp_path_factory):
     return make(tmp_path_factory.mktemp("trusted_run"), SIZE)[0]
 
 
-def _predict(run, data, out, **flags):
-    from workflow import predicting
-    cfg = predicting.PredictRun(
-        workdir=str(run), data_dir=str(data), output=str(out), on_bad_image="skip",
-        precision="float32", batch_size=4, strategy="none", cpu_replicas=1, ray_address=None,
-        ray_workers=1, **flags)
-    return predicting.run(cfg)
-
-
 def _rows(path):
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
@@ -191,7 +182,7 @@ def test_predict_writes_calibrated_probabilities_and_the_unfamiliar_columns(
     from features.serve import inference
     from pipeline import input as input_lib
     out = tmp_path / "pred.csv"
-    _predict(trusted_run, mixed_photos, out)
+    predict_in_process(trusted_run, mixed_photos, out)
     rows = _rows(out)
     assert list(rows[0]) == ["name", "bees", "unfamiliar_score", "unfamiliar"]
     # The numbers are the stored maps applied to the network's own outputs.
@@ -219,12 +210,12 @@ def test_predict_writes_calibrated_probabilities_and_the_unfamiliar_columns(
 
 def test_label_output_says_unfamiliar_unless_told_not_to(trusted_run, mixed_photos, tmp_path):
     out = tmp_path / "labels.csv"
-    _predict(trusted_run, mixed_photos, out, output_format="label")
+    predict_in_process(trusted_run, mixed_photos, out, output_format="label")
     rows = _rows(out)
     flagged = [r["unfamiliar"] == "1" for r in rows]
     assert any(flagged), "grey noise should be unlike red and blue photos"
     assert [r["label"] == "unfamiliar" for r in rows] == flagged
-    _predict(trusted_run, mixed_photos, out, output_format="label", unfamiliar_label=False)
+    predict_in_process(trusted_run, mixed_photos, out, output_format="label", unfamiliar_label=False)
     assert {r["label"] for r in _rows(out)} <= {"ants", "bees"}
     assert [r["unfamiliar"] == "1" for r in _rows(out)] == flagged
 
@@ -239,11 +230,11 @@ def test_a_run_from_before_calibration_predicts_as_before_and_says_why(
     (old / "model_info.json").write_text(json.dumps(info))
     os.link(trusted_run / "model.keras", old / "model.keras")
     out = tmp_path / "old.csv"
-    _predict(old, mixed_photos, out)
+    predict_in_process(old, mixed_photos, out)
     rows = _rows(out)
     assert list(rows[0]) == ["name", "bees"]
     new = tmp_path / "new.csv"
-    _predict(trusted_run, mixed_photos, new)
+    predict_in_process(trusted_run, mixed_photos, new)
     raw = np.array([float(r["bees"]) for r in rows])
     cal = trust.Calibration.from_json(json.load(open(trusted_run / "model_info.json"))[
         "calibration"])
@@ -258,7 +249,7 @@ def test_kaggle_columns_stay_as_the_sample_submission_says(trusted_run, tmp_path
         write_image(str(root / "test" / f"{i + 1}.jpg"), colour_image(i % 2, size=SIZE, seed=i))
     (root / "sample_submission.csv").write_text("name,invasive\n1,0.5\n2,0.5\n3,0.5\n4,0.5\n")
     out = tmp_path / "submission.csv"
-    _predict(trusted_run, root, out)
+    predict_in_process(trusted_run, root, out)
     assert list(_rows(out)[0]) == ["name", "invasive"]  # the sample's column names
     side = _rows(tmp_path / "submission_unfamiliar.csv")
     assert [r["name"] for r in side] == ["1", "2", "3", "4"]
@@ -323,7 +314,7 @@ def test_scoring_reports_the_share_flagged_and_accuracy_on_the_rest(trusted_run,
         rows.append(f"p{i},{'bees' if i % 2 else 'ants'}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "scored.csv"
-    scores = _predict(trusted_run, folder, out, labels=str(tmp_path / "labels.csv"))
+    scores = predict_in_process(trusted_run, folder, out, labels=str(tmp_path / "labels.csv"))
     table = _rows(out)
     flagged = np.array([r["unfamiliar"] == "1" for r in table])
     assert scores["unfamiliar_share"] == pytest.approx(flagged.mean())

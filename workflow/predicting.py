@@ -139,7 +139,7 @@ def write_output(frame, probs, cfg: "PredictRun", task: Task, info: dict,
     fixed_columns = os.path.isfile(sample) and cfg.output_format == "probabilities"
     column = binary_column(task.class_names, sample if os.path.isfile(sample) else None,
                            info.get("binary_column"))
-    extra = _unfamiliar_columns(unfamiliar)
+    extra = unfamiliar_columns(unfamiliar)
     if extra and (cfg.unfamiliar_columns == "false" or
                   (cfg.unfamiliar_columns == "auto" and fixed_columns)):
         if cfg.unfamiliar_columns == "auto":
@@ -168,7 +168,7 @@ def write_output(frame, probs, cfg: "PredictRun", task: Task, info: dict,
     return int(good.sum())
 
 
-def _unfamiliar_columns(unfamiliar: Optional[dict]) -> Optional[dict]:
+def unfamiliar_columns(unfamiliar: Optional[dict]) -> Optional[dict]:
     """The CSV columns of the unfamiliar score and flag (None without them)."""
     if unfamiliar is None:
         return None

@@ -173,13 +173,13 @@ def _page(name: str) -> str:
 def _csv(predictor, names, probs, unfamiliar) -> str:
     """predict.py's CSV for these rows (`workflow.predicting.write_output`'s layout)."""
     from workflow.outputs import binary_column, write_predictions
-    from workflow.predicting import _unfamiliar_columns
+    from workflow.predicting import unfamiliar_columns
     task = predictor.task
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "predictions.csv")
         write_predictions(names, probs, path, task.class_names,
                           binary_column(task.class_names, None,
                                         predictor.info.get("binary_column")),
-                          extra=_unfamiliar_columns(unfamiliar))
+                          extra=unfamiliar_columns(unfamiliar))
         with open(path, encoding="utf-8") as f:
             return f.read()

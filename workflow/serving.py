@@ -5,8 +5,8 @@ as chosen, calibration and unfamiliar score when the run has them) and answers:
 
 * ``GET /`` — the predict page; ``POST /api/predict`` — multipart field ``files`` (one
   or many images) -> ``{"predictions": [...]}``, or with ``?format=csv`` the CSV
-  predict.py writes; predictions are serialised by a lock, so concurrent clients each
-  get their own answers;
+  predict.py writes; one thread runs the model on the requests waiting together, so
+  concurrent clients each get their own answers;
 * ``GET /label`` — the label page: the run's ``to_label.csv`` picks (rank order), then
   the photos ``suspect_labels.csv`` doubts; ``GET /api/queue``, ``GET /image/{id}``
   (an opaque id of a photo on those lists, never a path), ``POST /api/labels``,
@@ -22,6 +22,7 @@ temporary file and a rename, so a killed server leaves the last whole file.
 import csv
 import hashlib
 import io
+import shlex
 import os
 import tempfile
 import threading
@@ -70,7 +71,6 @@ class Predictor:
             self.reference = None
         self.tta = int(self.info.get("tta", 1))
         self.image_size = int(self.info["image_size"])
-        self.lock = threading.Lock()
         # Requests that arrive while a batch is computed wait here and go through the
         # network together: one pipeline and one call for all of them, each request's
         # rows handed back to it (answers never mix: each job keeps its own rows).
@@ -117,10 +117,9 @@ class Predictor:
                     count += len(jobs[-1]["paths"])
             paths = [p for job in jobs for p in job["paths"]]
             try:
-                with self.lock:
-                    out = inference.predict_frame(
-                        self.model, pd.DataFrame({"path": paths, "name": paths}),
-                        self.image_size, self.batch_size, self.tta, progress=False)
+                out = inference.predict_frame(
+                    self.model, pd.DataFrame({"path": paths, "name": paths}),
+                    self.image_size, self.batch_size, self.tta, progress=False)
                 start = 0
                 for job in jobs:
                     job["outputs"] = out[start:start + len(job["paths"])]
@@ -276,8 +275,8 @@ def labels_for_training(info: dict, queue: Queue, rows: Dict[str, dict]):
         moves = [{"name": r["name"], "from": by_name[r["name"]]["path"],
                   "to": os.path.join(queue.data_dir, r["label"])}
                  for r in answered if r["name"] in by_name]
-        command = "\n".join(f"mkdir -p {_quote(m['to'])} && mv {_quote(m['from'])} "
-                            f"{_quote(m['to'])}/" for m in moves)
+        command = "\n".join(f"mkdir -p {shlex.quote(m['to'])} && mv {shlex.quote(m['from'])} "
+                            f"{shlex.quote(m['to'])}/" for m in moves)
         return {"layout": "folders", "moves": moves, "command": command}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -289,11 +288,6 @@ def labels_for_training(info: dict, queue: Queue, rows: Dict[str, dict]):
         writer.writerow(["name", "label"])
         writer.writerows([r["name"], r["label"]] for r in answered)
     return buffer.getvalue()
-
-
-def _quote(text: str) -> str:
-    import shlex
-    return shlex.quote(text)
 
 
 def check_host(host: str, token: Optional[str]) -> Optional[str]:
