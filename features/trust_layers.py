@@ -65,11 +65,18 @@ def with_features(model: keras.Model, above: Optional[keras.Model] = None,
     return keras.Model(image, joined, name=f"{model.name}_with_features")
 
 
+def _float32(kwargs: dict) -> dict:
+    """``kwargs`` with the layer's dtype policy float32, whatever was asked or is global:
+    these layers' outputs are the product (probabilities, scores), and a global
+    ``mixed_bfloat16`` policy would otherwise round them to 3 significant digits."""
+    return {**kwargs, "dtype": "float32"}
+
+
 class Calibrate(keras.layers.Layer):
-    """`features.trust.Calibration.apply` in the graph."""
+    """`features.trust.Calibration.apply` in the graph (always in float32)."""
 
     def __init__(self, task_kind: str, calibration: dict, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**_float32(kwargs))
         self.task_kind, self.calibration = task_kind, dict(calibration)
 
     def call(self, p):
@@ -92,10 +99,10 @@ class Calibrate(keras.layers.Layer):
 
 class UnfamiliarScore(keras.layers.Layer):
     """`features.trust.Unfamiliar.score` of pooled features and calibrated probabilities,
-    the reference features held as a constant weight."""
+    the reference features held as a constant weight (always in float32)."""
 
     def __init__(self, task_kind: str, unfamiliar: dict, reference: np.ndarray, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**_float32(kwargs))
         self.task_kind, self.unfamiliar = task_kind, dict(unfamiliar)
         self.reference = np.asarray(reference, np.float32)
         self.ref = self.add_weight(shape=self.reference.shape, trainable=False,
@@ -133,10 +140,9 @@ def trusted_model(model: keras.Model, info: dict, reference: np.ndarray) -> kera
     image = keras.Input(model.input.shape[1:], name="image")
     feature_map = last(stem(image, training=False), training=False)
     raw = ops.cast(head(feature_map, training=False), "float32")
-    probs = Calibrate(kind, info.get("calibration") or {}, name=PROBABILITIES,
-                      dtype="float32")(raw)
-    score = UnfamiliarScore(kind, info["unfamiliar"], reference, name=UNFAMILIAR_SCORE,
-                            dtype="float32")([_pool(feature_map), probs])
+    probs = Calibrate(kind, info.get("calibration") or {}, name=PROBABILITIES)(raw)
+    score = UnfamiliarScore(kind, info["unfamiliar"], reference,
+                            name=UNFAMILIAR_SCORE)([_pool(feature_map), probs])
     return keras.Model(image, {PROBABILITIES: probs, UNFAMILIAR_SCORE: score},
                        name=f"{model.name}_trusted")
 
@@ -146,5 +152,5 @@ def calibrated_model(model: keras.Model, info: dict) -> keras.Model:
     features (e.g. its reference file is missing)."""
     image = keras.Input(model.input.shape[1:], name="image")
     probs = Calibrate(info.get("task", "binary"), info.get("calibration") or {},
-                      name=PROBABILITIES, dtype="float32")(model(image, training=False))
+                      name=PROBABILITIES)(model(image, training=False))
     return keras.Model(image, probs, name=f"{model.name}_calibrated")

@@ -16,6 +16,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+# Every test starts and ends with the session's global state (dtype policy, seeds,
+# environment, absl flags): see tests/global_state.py.
+from tests.global_state import restore_global_state, session_global_state  # noqa: F401
+
+pytest_plugins = ["pytester"]
+
+
+def said(text: str) -> str:
+    """``text`` with every run of whitespace one space: the console wraps error paragraphs
+    at 100 columns, so where a line breaks depends on the words around it (a temporary
+    folder's name, say); compare messages in this form."""
+    return " ".join(text.split())
+
 
 def write_image(path, array=None, size=40, seed=0, fmt=None):
     """Writes a small RGB image (JPEG or PNG by extension unless ``fmt`` is given)."""

@@ -126,9 +126,14 @@ def test_thresholds_for_a_purpose_meet_their_target_on_the_held_out_predictions(
             parse_threshold(bad)
 
 
-def test_the_graph_layers_compute_what_numpy_computes():
-    """The exports carry `trust_layers`; predict.py computes with `trust`: the same maths."""
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_the_graph_layers_compute_what_numpy_computes(policy):
+    """The exports carry `trust_layers`; predict.py computes with `trust`: the same maths,
+    in float32 whatever the global policy (mixed_bfloat16 is the default on AVX512-BF16
+    CPUs; forced here so that this runs on every CPU)."""
+    import keras
     from features import trust_layers
+    keras.mixed_precision.set_global_policy(policy)  # put back by restore_global_state
     rng = np.random.default_rng(6)
     for kind, p in (("multiclass", softmax(rng.normal(0, 2, (40, 3)), axis=1)),
                     ("binary", rng.random((40, 1))), ("multilabel", rng.random((40, 3)))):
@@ -144,8 +149,10 @@ def test_the_graph_layers_compute_what_numpy_computes():
                                       trust.uncertainty(kind, want), 0.05, "test")
         layer = trust_layers.UnfamiliarScore(kind, fitted.to_json(), ref)
         got = np.asarray(layer([feats, q.astype(np.float32)]))
+        assert layer.compute_dtype == "float32" and got.dtype == np.float32
         assert np.allclose(got, fitted.score(trust.distance(ref, feats),
-                                             trust.uncertainty(kind, want)), atol=1e-3), kind
+                                             trust.uncertainty(kind, want)),
+                           atol=1e-5, rtol=1e-5), kind
 
 
 # ------------------------------------------------------------------ predict.py end to end
