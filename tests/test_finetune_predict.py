@@ -20,7 +20,7 @@ from features import task as task_lib
 from pipeline import augment, discovery
 from pipeline import split as split_lib
 from pipeline import input as input_lib
-from tests.conftest import write_image
+from tests.conftest import said, write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -433,14 +433,26 @@ def test_train_bad_flags_are_one_clear_paragraph_before_tensorflow(kaggle_dir, n
     args = [a.replace("{tmp}", str(kaggle_dir)) for a in args]
     result = _run("train.py", "--val_size=4", "--weights=none", *args, env=no_tensorflow)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
+    assert message in said(result.stderr)
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("depth", [1, 40])
+def test_error_paragraphs_break_lines_between_words_only(depth):
+    """However long a temporary path, it is never cut: it can be copied from the terminal."""
+    from workflow import console
+    path = "/tmp/" + "/".join(["pytest-of-root-0"] * depth) + "/train_labels.csv"
+    message = f"--workdir={path} is a file, not a run folder: " + "pick another one " * 12
+    lines = console._paragraphs(message).splitlines()
+    assert said("\n".join(lines)) == said(message) and len(lines) > 1
+    assert any(f"--workdir={path}" in line for line in lines)
+    assert all(len(line) <= 100 for line in lines if path not in line)
 
 
 def test_predict_bad_flags_stop_before_tensorflow(kaggle_dir, no_tensorflow, tmp_path):
     result = _run("predict.py", f"--workdir={tmp_path}", f"--data_dir={kaggle_dir}",
                   "--tta=0", env=no_tensorflow)
-    assert result.returncode == 2 and "--tta must be between 1 and 8" in result.stderr
+    assert result.returncode == 2 and "--tta must be between 1 and 8" in said(result.stderr)
     assert "Traceback" not in result.stderr
 
 
@@ -475,7 +487,7 @@ def test_predict_run_folder_data_and_label_errors_come_before_tensorflow(
             args = args + [f"--data_dir={kaggle_dir}"]
         result = _run("predict.py", *args, f"--output={out}", env=no_tensorflow)
         assert result.returncode == 2, (args, result.stderr[-2000:])
-        assert message in " ".join(result.stderr.split()), (args, result.stderr[-2000:])
+        assert message in said(result.stderr), (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
         assert not out.exists()  # nothing predicted or written before the error
 
@@ -496,7 +508,7 @@ def test_train_names_an_undecodable_image(kaggle_dir, tmp_path):
     result = run("train.py", f"--data_dir={kaggle_dir}", "--weights=none", "--noinclude_top",
                   "--image_size=32", "--val_size=4", f"--workdir={tmp_path / 'w'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert str(kaggle_dir / "train" / "3.jpg") in result.stderr
+    assert str(kaggle_dir / "train" / "3.jpg") in said(result.stderr)
     # Stopped before training: the new run folder holds only its log, and says so.
     assert os.listdir(tmp_path / "w") == ["train.log"]
     assert "holds only this log" in (tmp_path / "w" / "train.log").read_text()

@@ -12,7 +12,7 @@ import pytest
 from features.data import audit, curve, selection
 from features.choose import cv
 from features import task as task_lib
-from tests.conftest import colour_image, write_image
+from tests.conftest import colour_image, said, write_image
 
 BINARY = task_lib.binary()
 
@@ -169,7 +169,7 @@ def test_label_next_and_curve_through_train_py_s_flags(kaggle_dir, tmp_path):
     empty.mkdir()
     result = _run("train.py", *common, "--stage=label_next", f"--unlabelled_dir={empty}")
     assert result.returncode == 2
-    assert "has no photos to choose from" in " ".join(result.stderr.split())
+    assert "has no photos to choose from" in said(result.stderr)
     assert "Traceback" not in result.stderr
     result = _run("train.py", *common, "--stage=curve", "--epochs=2")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -89,6 +89,25 @@ DETAIL = logging.getLogger("detail")
 DETAIL.propagate = False
 
 
+@contextlib.contextmanager
+def logs_to_file_only(*names: str):
+    """Inside the block, the loggers ``names`` (a library's) write to the run's log file
+    only, never the terminal: e.g. tf2onnx logs a warning with a traceback for every
+    shape it cannot infer and every optimiser pass that does not apply, then goes on;
+    the file it writes is checked numerically anyway."""
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(l.propagate, list(l.handlers)) for l in loggers]
+    for logger in loggers:
+        logger.propagate = False
+        # No log file yet (a library call outside a run): nowhere, not the terminal.
+        logger.handlers[:] = list(DETAIL.handlers) or [logging.NullHandler()]
+    try:
+        yield
+    finally:
+        for logger, (propagate, handlers) in zip(loggers, saved):
+            logger.propagate, logger.handlers[:] = propagate, handlers
+
+
 class _Transcript:
     """The run's log file: every line the terminal showed plus the detail, held in
     memory until the run folder exists (so the opening lines are in it too)."""
@@ -257,8 +276,10 @@ def _wrapped_interrupt(err: BaseException):
 
 
 def _paragraphs(text: str) -> str:
-    return "\n".join(textwrap.fill(line, 100) if len(line) > 100 and not line.startswith("  ")
-                     else line for line in text.splitlines())
+    # Never inside a word: a path or a flag stays whole, to be copied.
+    return "\n".join(textwrap.fill(line, 100, break_long_words=False, break_on_hyphens=False)
+                     if len(line) > 100 and not line.startswith("  ") else line
+                     for line in text.splitlines())
 
 
 def _interrupted(what: str, status: int):
