@@ -74,7 +74,7 @@ def main():
     from bench_perf import matmul_rates
     from features import backbone, networks
     from pipeline import discovery, input as input_lib
-    from workflow import deploy
+    from workflow import deploy, runtimes
     frame = discovery.discover(args.data_dir).frame
     paths = frame.path.tolist()[:args.batch]
     batch = next(iter(input_lib.eval_dataset(paths, None, paths, args.image_size,
@@ -113,7 +113,7 @@ def main():
             onnx = ("-", "-", "-")
             if args.onnx:
                 path = deploy.convert(clf.model, "onnx", folder)
-                out, _, per_image = deploy.run_format("onnx", path, batch)
+                out, _, per_image = runtimes.run_format("onnx", path, batch)
                 dp = float(np.max(np.abs(out["probabilities"]
                                          - np.asarray(clf.model(batch), np.float64))))
                 onnx = (f"{os.path.getsize(path) / 1e6:.1f}", f"{1000 * per_image:.1f}",

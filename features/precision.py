@@ -18,6 +18,7 @@ match float32 ones within 0.002 AUC per seed (docs/benchmarks.md). The bag's
 average is float32 too. `parts` says which part computes in what.
 """
 
+import contextlib
 import dataclasses
 import logging
 from typing import Iterable, Optional, Sequence, Tuple
@@ -111,6 +112,19 @@ def apply(precision: Precision) -> None:
     logging.info("Precision: %s (%s).", precision.policy, precision.reason)
 
 
+@contextlib.contextmanager
+def global_policy(policy: str):
+    """The global Keras policy is ``policy`` inside the block and what it was after it:
+    for code that builds layers whose dtype must not follow the run's precision (the
+    exports, built in float32 whatever the run trained in)."""
+    saved = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(saved)
+
+
 def parts(policy: str) -> dict:
     """What computes in which dtype under ``policy`` (recorded in ``run_config.json``)."""
     return {"conv_base": policy, "fine_tuned_conv_blocks": policy, "head": "float32",
@@ -185,6 +199,17 @@ def _float32_config(node):
     if isinstance(node, list):
         return [_float32_config(v) for v in node]
     return node
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """``model`` itself when every layer computes in float32, else a float32 rebuild of
+    it with the same weights (variables are float32 under every policy)."""
+    if all(d == "float32" for d in policies_of(model).values()):
+        return model
+    with global_policy("float32"):
+        rebuilt = model.__class__.from_config(_float32_config(model.get_config()))
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def store_float32(path: str) -> None:

@@ -16,7 +16,7 @@ under a mixed policy would carry bfloat16 kernels that TFLite cannot run):
   representative dataset drawn from the validation images (``model_int8.tflite``).
 
 Verification: each file is loaded by its own runtime in a fresh process
-(``python -m workflow.deploy verify``: TensorFlow, onnxruntime, the LiteRT
+(``python -m workflow.runtimes verify``: TensorFlow, onnxruntime, the LiteRT
 interpreter) and predicts the validation images; the largest probability
 difference from ``model.keras``, the change in the task's headline score, the load
 time and the CPU latency per image are recorded (``metrics.json["exports"]``).
@@ -27,11 +27,8 @@ output: the model's probabilities, in ``model_info.json``'s class order.
 """
 
 import importlib.util
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -106,12 +103,12 @@ def convert(model, fmt: str, workdir: str, quantize: str = "none", representativ
     if fmt == "savedmodel":
         _saved_model(model, tmp)
     elif fmt == "onnx":
-        # tf2onnx logs a traceback when one of its graph optimisers does not apply (e.g.
-        # its transpose pass on MobileNetV3's hard-swish constants) and goes on without it;
-        # the file is then checked against predict.py like every other, so say nothing.
-        import logging
-        logging.getLogger("tf2onnx.optimizer").setLevel(logging.ERROR)
-        with warnings.catch_warnings():
+        # tf2onnx logs tracebacks when one of its graph optimisers does not apply (e.g.
+        # its transpose pass on MobileNetV3's hard-swish constants) or a shape cannot be
+        # inferred, and goes on; the file is then checked against predict.py like every
+        # other, so its logs go to the log file only.
+        from workflow.console import logs_to_file_only
+        with warnings.catch_warnings(), logs_to_file_only("tf2onnx"):
             # Keras' tf2onnx shim probes np.object on import; NumPy 2 answers with a
             # FutureWarning that says nothing to our users.
             warnings.filterwarnings("ignore", message="In the future `np.object`",
@@ -168,14 +165,14 @@ def _onnx_swap(layer):
         depthwise = keras.layers.DepthwiseConv2D(
             layer.kernel_size, strides=layer.strides, padding=layer.padding,
             use_bias=layer.use_bias, activation=layer.activation, name=layer.name,
-            dilation_rate=layer.dilation_rate)
+            dilation_rate=layer.dilation_rate, dtype=layer.dtype_policy)
         depthwise.build((None, None, None, kernel.shape[-1]))
         depthwise.set_weights([np.transpose(kernel, (0, 1, 3, 2))]
                               + ([np.asarray(layer.bias)] if layer.use_bias else []))
         return depthwise
     if isinstance(layer, keras.layers.Activation) and \
             getattr(layer.activation, "__name__", "") == "gelu":
-        return ErfGelu(name=layer.name)
+        return ErfGelu(name=layer.name, dtype=layer.dtype_policy)
     if isinstance(layer, keras.layers.Normalization) and not layer.invert:
         mean = np.asarray(layer.mean, np.float64).reshape(-1)
         std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)).reshape(-1),
@@ -198,9 +195,9 @@ def _erf_gelu_class():
     return ErfGelu
 
 
-def ErfGelu(name):  # noqa: N802 (a layer factory: keras is imported only when exporting)
+def ErfGelu(name, dtype=None):  # noqa: N802 (a factory: keras imported only on export)
     """An `_erf_gelu_class` layer named ``name``."""
-    return _erf_gelu_class()(name=name)
+    return _erf_gelu_class()(name=name, dtype=dtype)
 
 
 def _all_layers(model):
@@ -223,87 +220,6 @@ def _saved_model(model, path: str) -> None:
     archive.write_out(path, verbose=False)
 
 
-def run_format(fmt: str, path: str, x: np.ndarray, batch_size: int = 16):
-    """Loads ``path`` with the format's own runtime and predicts ``x``; returns
-    (outputs, load seconds, seconds per image). ``outputs``: ``{"probabilities": [N,
-    units]}``, plus ``"unfamiliar_score": [N]`` for a model that has one (told apart by
-    rank, so no runtime's output naming matters)."""
-    started = time.perf_counter()
-    if fmt == "savedmodel":
-        import tensorflow as tf
-        loaded_model = tf.saved_model.load(path)  # held: its variables die with it
-        predict = lambda b: _listed(loaded_model.serve(tf.constant(b)))  # noqa: E731
-    elif fmt == "onnx":
-        import onnxruntime
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        predict = lambda b: session.run(None, {name: b})  # noqa: E731
-    else:
-        predict = _tflite_runner(path)
-    loaded = time.perf_counter() - started
-    outputs, started = [], time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        outputs.append(_named(predict(x[i:i + batch_size])))
-    per_image = (time.perf_counter() - started) / max(1, len(x))
-    joined = {k: np.concatenate([o[k] for o in outputs]) for k in (outputs[0] if outputs else {})}
-    return joined, loaded, per_image
-
-
-def _listed(result) -> list:
-    if isinstance(result, dict):
-        return [np.asarray(v) for v in result.values()]
-    return [np.asarray(result)]
-
-
-def _named(arrays) -> Dict[str, np.ndarray]:
-    """A runtime's outputs by meaning: the rank-1 output is the unfamiliar score."""
-    out = {}
-    for a in (arrays if isinstance(arrays, (list, tuple)) else [arrays]):
-        a = np.asarray(a, np.float64)
-        out["unfamiliar_score" if a.ndim == 1 else "probabilities"] = a
-    return out
-
-
-def _tflite_runner(path: str):
-    try:  # LiteRT, TFLite's successor; tf.lite.Interpreter is deprecated
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import tensorflow as tf
-        Interpreter = tf.lite.Interpreter
-    interpreter = Interpreter(model_path=path)
-    inp, outs = interpreter.get_input_details()[0], interpreter.get_output_details()
-    shape = {"n": None}
-
-    def predict(batch):
-        if shape["n"] != len(batch):
-            interpreter.resize_tensor_input(inp["index"], batch.shape)
-            interpreter.allocate_tensors()
-            shape["n"] = len(batch)
-        interpreter.set_tensor(inp["index"], batch.astype(np.float32))
-        interpreter.invoke()
-        return [interpreter.get_tensor(o["index"]) for o in outs]
-    return predict
-
-
-def verify_in_fresh_process(fmt: str, path: str, x: np.ndarray) -> Dict[str, object]:
-    """`run_format` in a new Python process (nothing of this one's TensorFlow state
-    helps it load): outputs, load seconds, seconds per image."""
-    with tempfile.TemporaryDirectory() as tmp:
-        np.save(os.path.join(tmp, "x.npy"), x)
-        cmd = [sys.executable, "-m", "workflow.deploy", "verify", fmt, os.path.abspath(path),
-               tmp]
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
-        if done.returncode:
-            raise DataError(f"{path} was written but does not load with its runtime "
-                            f"({fmt}):\n{done.stderr.strip()[-1500:]}")
-        with open(os.path.join(tmp, "timing.json"), encoding="utf-8") as f:
-            timing = json.load(f)
-        with np.load(os.path.join(tmp, "y.npz")) as outputs:
-            return {"outputs": dict(outputs), **timing}
-
-
 def export_all(model, formats: Sequence[str], quantize: str, workdir: str, val, task,
                held_out: bool = True, trusted=(None, None)) -> Dict[str, dict]:
     """Writes every format, verifies each in a fresh process against what predict.py
@@ -318,47 +234,97 @@ def export_all(model, formats: Sequence[str], quantize: str, workdir: str, val, 
     recorded (max |dP|, score change), never a score that would read as held-out."""
     (x_val, y_val), (info, reference) = val, trusted
     info = info or {}
+    from features import precision
     from workflow import trusting
-    expected = trusting.expected_outputs(model, info, task, x_val, reference)
-    exported = model
+    # Every format is a float32 graph whatever the run trained in: a layer built
+    # under a mixed global policy (the ONNX rewrites, the wrappers below) would put
+    # bfloat16 kernels into the file, which onnxruntime and TFLite refuse.
+    with precision.global_policy("float32"):
+        model = precision.float32_copy(model)
+        expected = trusting.expected_outputs(model, info, task, x_val, reference)
+        exported = _with_trust(model, info, reference)
+        return _export_each(exported, (formats, quantize), workdir, (x_val, y_val), task,
+                            held_out, expected)
+
+
+def _with_trust(model, info: dict, reference):
+    """The graph each format is made from: ``model`` with the run's calibration and
+    unfamiliar score inside it where it has them."""
+    from features import trust_layers
     if reference is not None:
-        from features import trust_layers
-        exported = trust_layers.trusted_model(model, info, reference)
-    elif info.get("calibration"):
-        from features import trust_layers
-        exported = trust_layers.calibrated_model(model, info)
-    ref_score = task.scores(y_val, expected["probabilities"])[task.headline]
+        return trust_layers.trusted_model(model, info, reference)
+    if info.get("calibration"):
+        return trust_layers.calibrated_model(model, info)
+    return model
+
+
+def _export_each(exported, jobs_asked, workdir: str, val, task, held_out: bool,
+                 expected: dict) -> Dict[str, dict]:
+    """Converts and checks each format in turn; a format that fails gets ``{"error": one
+    line}`` (the details in the log file) and the others go on."""
+    formats, quantize = jobs_asked
     jobs = [(f, "none") for f in formats]
     if "tflite" in formats and quantize not in ("none", None):
         jobs.append(("tflite", quantize))
     rng = np.random.default_rng(0)
-    representative = x_val[rng.permutation(len(x_val))[:REPRESENTATIVE_IMAGES]]
+    representative = val[0][rng.permutation(len(val[0]))[:REPRESENTATIVE_IMAGES]]
     out = {}
     for fmt, q in jobs:
-        started = time.perf_counter()
-        path = convert(exported, fmt, workdir, q, representative)
-        seconds = time.perf_counter() - started
-        checked = verify_in_fresh_process(fmt, path, x_val)
-        outputs = checked.pop("outputs")
-        probs = task.probabilities(outputs["probabilities"])
-        score = task.scores(y_val, probs)[task.headline]
         key = fmt if q == "none" else f"{fmt}_{q}"
-        out[key] = {"file": os.path.basename(path), "bytes": _size(path),
-                    "convert_seconds": round(seconds, 2),
-                    "load_seconds": round(checked["load_seconds"], 3),
-                    "ms_per_image": round(1000 * checked["seconds_per_image"], 2),
-                    "max_abs_dp": float(np.max(np.abs(probs - expected["probabilities"])))
-                    if len(x_val) else 0.0, f"{task.headline}_change": score - ref_score,
-                    "images": int(len(x_val)), "quantize": q,
-                    "outputs": sorted(outputs),
-                    **({f"{task.headline}_keras": ref_score, f"{task.headline}": score}
-                       if held_out else {})}
-        if "unfamiliar_score" in expected:
-            got = outputs.get("unfamiliar_score")
-            out[key]["max_abs_d_unfamiliar"] = (
-                float(np.max(np.abs(got - expected["unfamiliar_score"]))) if got is not None
-                and len(x_val) else (0.0 if got is not None else float("nan")))
+        try:
+            out[key] = _export_one(exported, (fmt, q), workdir, representative,
+                                   (val, task, held_out, expected))
+        except Exception as err:  # noqa: BLE001 (a converter's failure is any exception)
+            out[key] = {"error": _failed(err, os.path.join(workdir, file_name(fmt, q))),
+                        "quantize": q}
     return out
+
+
+def _export_one(exported, job, workdir: str, representative, check) -> dict:
+    """One format written and checked against ``expected`` on the validation images."""
+    (fmt, q), ((x_val, y_val), task, held_out, expected) = job, check
+    from workflow import runtimes
+    started = time.perf_counter()
+    path = convert(exported, fmt, workdir, q, representative)
+    seconds = time.perf_counter() - started
+    checked = runtimes.verify_in_fresh_process(fmt, path, x_val)
+    outputs = checked.pop("outputs")
+    probs = task.probabilities(outputs["probabilities"])
+    score = task.scores(y_val, probs)[task.headline]
+    ref_score = task.scores(y_val, expected["probabilities"])[task.headline]
+    out = {"file": os.path.basename(path), "bytes": _size(path),
+           "convert_seconds": round(seconds, 2),
+           "load_seconds": round(checked["load_seconds"], 3),
+           "ms_per_image": round(1000 * checked["seconds_per_image"], 2),
+           "max_abs_dp": float(np.max(np.abs(probs - expected["probabilities"])))
+           if len(x_val) else 0.0, f"{task.headline}_change": score - ref_score,
+           "images": int(len(x_val)), "quantize": q, "outputs": sorted(outputs),
+           **({f"{task.headline}_keras": ref_score, f"{task.headline}": score}
+              if held_out else {})}
+    if "unfamiliar_score" in expected:
+        got = outputs.get("unfamiliar_score")
+        out["max_abs_d_unfamiliar"] = (
+            float(np.max(np.abs(got - expected["unfamiliar_score"]))) if got is not None
+            and len(x_val) else (0.0 if got is not None else float("nan")))
+    return out
+
+
+def _failed(err: BaseException, path: str) -> str:
+    """One line for a format that could not be made or loaded; the traceback goes to the
+    log file and a file that its runtime refuses is removed (nobody should ship it)."""
+    import traceback
+    from workflow.console import DETAIL
+    from workflow.runtimes import last_error
+    DETAIL.info("export %s failed:\n%s", path, "".join(traceback.format_exception(err)))
+    for leftover in (path, path + ".tmp"):
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif os.path.exists(leftover):
+            os.remove(leftover)
+    if isinstance(err, DataError):
+        return str(err)
+    # A converter's message may hold a whole traceback (tf2onnx's do): its last line.
+    return last_error(f"{type(err).__name__}: {err}")
 
 
 def validation_set(workdir: str, task, image_size: int, batch_size: int = 32):
@@ -409,38 +375,35 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
     run.update_metrics("exports", {**results, "input": INPUT, "checked_on": images})
     print(f"Exports checked against predict.py (model.keras, one view) on {images}:")
     for key, r in results.items():
-        score = (f"{task.headline} {r[task.headline]:.4f} "
-                 f"({r[task.headline + '_change']:+.4f} vs model.keras)" if held_out else
-                 f"{task.headline} change vs model.keras {r[task.headline + '_change']:+.4f}")
-        unfamiliar = (f", max |d unfamiliar_score| {r['max_abs_d_unfamiliar']:.2g}"
-                      if "max_abs_d_unfamiliar" in r else "")
-        print(f"export {key}: {os.path.join(workdir, r['file'])} ({r['bytes'] / 1e6:.1f} MB), "
-              f"max |dP| vs predict.py {r['max_abs_dp']:.2g}{unfamiliar}, {score}, "
-              f"{r['ms_per_image']:.1f} ms/image on CPU")
-        if r["max_abs_dp"] > 1e-4 or r.get("max_abs_d_unfamiliar", 0.0) > 1e-3:
-            print(f"warning: export {key} differs from predict.py by more than 1e-4 in a "
-                  "probability or 1e-3 in an unfamiliar score (above): check it before "
-                  "shipping it" + (" (quantized: expected)" if r["quantize"] != "none" else ""))
+        if "error" in r:
+            print(f"export {key}: failed, no file kept: {r['error']} (details in the log "
+                  "file)")
+            continue
+        _print_check(key, r, workdir, task.headline, held_out)
         run.note(f"export {key}", os.path.join(workdir, r["file"]))
+    failed = [k for k, r in results.items() if "error" in r]
+    if failed:
+        raise DataError(f"export {', '.join(failed)} failed (above; the details are in the "
+                        f"log file); model.keras and the other formats in {workdir} are "
+                        "complete and checked.")
     return results
+
+
+def _print_check(key: str, r: dict, workdir: str, headline: str, held_out: bool) -> None:
+    score = (f"{headline} {r[headline]:.4f} ({r[headline + '_change']:+.4f} vs model.keras)"
+             if held_out else
+             f"{headline} change vs model.keras {r[headline + '_change']:+.4f}")
+    unfamiliar = (f", max |d unfamiliar_score| {r['max_abs_d_unfamiliar']:.2g}"
+                  if "max_abs_d_unfamiliar" in r else "")
+    print(f"export {key}: {os.path.join(workdir, r['file'])} ({r['bytes'] / 1e6:.1f} MB), "
+          f"max |dP| vs predict.py {r['max_abs_dp']:.2g}{unfamiliar}, {score}, "
+          f"{r['ms_per_image']:.1f} ms/image on CPU")
+    if r["max_abs_dp"] > 1e-4 or r.get("max_abs_d_unfamiliar", 0.0) > 1e-3:
+        print(f"warning: export {key} differs from predict.py by more than 1e-4 in a "
+              "probability or 1e-3 in an unfamiliar score (above): check it before "
+              "shipping it" + (" (quantized: expected)" if r["quantize"] != "none" else ""))
 
 
 INPUT = ("float32 [N, S, S, 3]: the photo resized to S px, channels BGR minus the ImageNet "
          "means (103.939, 116.779, 123.68); outputs: probabilities (calibrated, [N, units]) in "
          "model_info.json's class order, and unfamiliar_score ([N]) when the run has one")
-
-
-def _verify_main(argv) -> None:
-    fmt, path, folder = argv
-    x = np.load(os.path.join(folder, "x.npy"))
-    outputs, loaded, per_image = run_format(fmt, path, x)
-    np.savez(os.path.join(folder, "y.npz"), **outputs)
-    with open(os.path.join(folder, "timing.json"), "w", encoding="utf-8") as f:
-        json.dump({"load_seconds": loaded, "seconds_per_image": per_image}, f)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "verify":
-        _verify_main(sys.argv[2:])
-    else:
-        sys.exit("usage: python -m workflow.deploy verify FORMAT PATH FOLDER")
