@@ -3,7 +3,7 @@
 Runs ``python train.py --demo --backbone=NAME --weights=none --export=onnx,tflite
 --precision=PRECISION`` for each backbone in a fresh process (a user's command, nothing
 shared between backbones) and prints, per backbone: the exit status, the whole run's
-seconds and peak memory (RSS of the child, `resource.getrusage`), each format's max |dP|
+seconds and peak memory (RSS of the child, `os.wait4`), each format's max |dP|
 against predict.py from ``metrics.json``, and whether the console showed a traceback.
 ``--precision=mixed_bfloat16`` is the one to check on any CPU: it is what ``auto``
 picks on AVX512-BF16/AMX machines, and a float32-only machine runs it emulated.
@@ -14,40 +14,32 @@ picks on AVX512-BF16/AMX machines, and a float32-only machine runs it emulated.
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import common
+
+sys.path.insert(0, common.ROOT)
 
 
 def run_one(name: str, precision: str, formats: str, folder: str) -> dict:
     """One demo run with exports; what it printed and recorded."""
     workdir = os.path.join(folder, name)
-    cmd = [sys.executable, "train.py", "--demo", f"--backbone={name}", "--weights=none",
-           f"--export={formats}", f"--precision={precision}", f"--workdir={workdir}",
+    cmd = [sys.executable, os.path.join(common.ROOT, "train.py"), "--demo",
+           f"--backbone={name}", "--weights=none", f"--export={formats}",
+           f"--precision={precision}", f"--workdir={workdir}",
            f"--cache_dir={os.path.join(folder, 'cache')}"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    status, stdout, stderr, seconds, peak_mb = common.run_measured(cmd)
     exports = {}
     metrics = os.path.join(workdir, "metrics.json")
     if os.path.isfile(metrics):
         with open(metrics, encoding="utf-8") as f:
             exports = json.load(f).get("exports", {})
-    return {"backbone": name, "status": done.returncode, "seconds": seconds,
-            # ru_maxrss of children is the largest child so far: exact for the first
-            # run, a lower bound after a larger one.
-            "peak_mb": peak / 1024 if peak > before else float("nan"),
-            "traceback": "Traceback" in done.stdout + done.stderr,
+    return {"backbone": name, "status": status, "seconds": seconds, "peak_mb": peak_mb,
+            "traceback": "Traceback" in stdout + stderr,
             "max_abs_dp": {k: v.get("max_abs_dp", v.get("error")) for k, v in exports.items()
                            if isinstance(v, dict)},
-            "error": done.stderr.strip().splitlines()[-1] if done.returncode else ""}
+            "error": stderr.strip().splitlines()[-1] if status else ""}
 
 
 def main() -> None:

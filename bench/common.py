@@ -9,6 +9,22 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_measured(cmd, cwd=ROOT, env=None):
+    """Runs ``cmd`` to the end; returns (exit status, stdout, stderr, wall seconds, peak
+    RSS in MB of that process and the children it waited for: `os.wait4`'s rusage,
+    which is this child's own, not the largest of every child this bench ran)."""
+    import tempfile
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return child.returncode, out.read(), err.read(), seconds, usage.ru_maxrss / 1024
+
+
 def run_train(args, workdir, *extra, cache_dir=None, root=ROOT):
     """Runs ``train.py`` (of the checkout at ``root``) on ``args.data_dir`` with the
     pretrained weights; returns (stdout, seconds). Exits with its stderr if it fails."""
