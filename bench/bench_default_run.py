@@ -2,15 +2,18 @@
 
     W=$(python ../shared/tools/vgg16_pretrained.py)
     python bench/bench_default_run.py --data_dir=../shared/data/hymenoptera/train \
-        --weights="$W" --before=f0ccee3 [--extra=--finetune_epochs=5] \
+        --weights="$W" [--before=aa650e6] [--extra=--finetune_epochs=5] \
         [--after_variant= --after_variant=--noprobe_baseline]
+    L=$(python ../shared/tools/efficientnet_lite_pretrained.py)
+    python bench/bench_default_run.py --data_dir=../shared/data/flowers12/train --backbone="$L"
 
-Each version runs ``train.py --data_dir=... --weights=W --noinclude_top`` (plus
-``--extra``) as a user would, in a fresh process with its own empty cache folder,
-one after the other on the same machine, each from a temporary ``git worktree``
-of its revision (``--after`` defaults to HEAD). Printed per version: wall seconds, each scenario's CV
-score and chosen epoch, the scenario chosen, the final model's validation score,
-and the time ratio.
+Each version runs ``train.py --data_dir=... --weights=W --noinclude_top`` (VGG16) or
+``--backbone=FILE`` (plus ``--extra``) as a user would, in a fresh process with its own
+empty cache folder, one after the other on the same machine, each from a temporary
+``git worktree`` of its revision (``--after`` defaults to HEAD). Printed per version:
+wall seconds, peak memory (RSS of the train.py process, `os.wait4`), each scenario's CV
+score and chosen epoch, the scenario chosen, the final model's validation score, the
+seconds and peak memory of every stage when the version records them, and the ratios.
 """
 
 import argparse
@@ -22,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import common
 
@@ -78,21 +80,25 @@ def warm_file_cache(*roots: str) -> None:
 
 def run(root: str, args, label: str, variant: str = "") -> dict:
     work = tempfile.mkdtemp(prefix=f"bench-default-{label}-")
+    backbone = ([f"--weights={args.weights}", "--noinclude_top"] if args.backbone == "vgg16"
+                else [f"--backbone={args.backbone}"])
     cmd = [sys.executable, os.path.join(root, "train.py"), f"--data_dir={args.data_dir}",
-           f"--weights={args.weights}", "--noinclude_top", f"--workdir={work}/run",
+           *backbone, f"--workdir={work}/run",
            f"--cache_dir={work}/cache", "--on_bad_image=skip", *args.extra, *variant.split()]
-    started = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
-    seconds = time.perf_counter() - started
-    if out.returncode:
-        sys.exit(f"{label}: {' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    status, _, stderr, seconds, peak_mb = common.run_measured(cmd, cwd=root)
+    if status:
+        sys.exit(f"{label}: {' '.join(cmd)} failed:\n{stderr[-3000:]}")
     metrics = common.metrics(os.path.join(work, "run"))
     cv = metrics.get("cross_validation", {})
-    row = {"seconds": round(seconds, 1),
-           "cv": {s: (round(c.get("auc_mean", float("nan")), 4), c.get("epoch"))
+    headline = next((k[:-5] for c in cv.values() for k in c if k.endswith("_mean")), "auc")
+    row = {"seconds": round(seconds, 1), "peak_mb": round(peak_mb),
+           "stages": metrics.get("timings", {}),
+           "cv": {s: (round(c.get(f"{headline}_mean", float("nan")), 4), c.get("epoch"))
                   for s, c in cv.items()},
+           "probe_cv": metrics.get("probe", {}).get(f"cv_{headline}_mean"),
            "chosen": metrics.get("heads_choice", {}).get("scenario"),
-           "final_val_auc": metrics.get("finetune", {}).get("val_auc"),
+           "exported": metrics.get("export", {}).get("model"),
+           "final_val": metrics.get("finetune", {}).get(f"val_{headline}"),
            "finetune_epochs_run": metrics.get("finetune", {}).get("epochs_run"),
            "bag_val_auc": metrics.get("bag", {}).get("val_auc"),
            "milestones_s": milestones(open(os.path.join(work, "run", "train.log"),
@@ -107,9 +113,12 @@ def run(root: str, args, label: str, variant: str = "") -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--before", default="f0ccee3",
-                        help="git revision to compare with (default: main before issue 17)")
+    parser.add_argument("--weights", default="imagenet",
+                        help="VGG16's weights (the pretrained file)")
+    parser.add_argument("--backbone", default="vgg16",
+                        help="vgg16 or a backbone file (its own weights)")
+    parser.add_argument("--before", default="aa650e6",
+                        help="git revision to compare with (default: main before issue 39)")
     parser.add_argument("--after", default="HEAD", help="git revision to measure (committed "
                         "code only, so that edits made while it runs cannot reach it)")
     parser.add_argument("--extra", action="append", default=[],
@@ -122,14 +131,19 @@ def main():
     parser.add_argument("--keep", action="store_true",
                         help="keep each version's run and cache folders (printed) to read its train.log")
     args = parser.parse_args()
-    args.data_dir, args.weights = os.path.abspath(args.data_dir), os.path.abspath(args.weights)
+    args.data_dir = os.path.abspath(args.data_dir)
+    if args.backbone == "vgg16":
+        args.weights = os.path.abspath(args.weights)
+    else:
+        args.backbone = os.path.abspath(args.backbone)
     trees = {}
     try:
         for label, rev in (("before", args.before), ("after", args.after)):
             trees[label] = tempfile.mkdtemp(prefix=f"bench-{label}-")
             subprocess.run(["git", "-C", common.ROOT, "worktree", "add", "--detach",
                             trees[label], rev], check=True, capture_output=True)
-        warm_file_cache(args.data_dir, args.weights)
+        warm_file_cache(args.data_dir, args.weights if args.backbone == "vgg16"
+                        else args.backbone)
         results = {}
         runs = [("before", args.before, "")] + [("after", args.after, v)
                                                 for v in args.after_variant or [""]]
@@ -141,16 +155,23 @@ def main():
         for tree in trees.values():
             subprocess.run(["git", "-C", common.ROOT, "worktree", "remove", "--force", tree],
                            capture_output=True)
-    print(f"\n## default run: train.py --weights=W --noinclude_top {' '.join(args.extra)}")
+    what = ("--weights=W --noinclude_top" if args.backbone == "vgg16"
+            else f"--backbone={os.path.basename(args.backbone)}")
+    print(f"\n## default run on {args.data_dir}: train.py {what} {' '.join(args.extra)}")
     for label, row in results.items():
-        print(f"  {label:20s} {row['seconds']:7.1f} s  CV {row['cv']}  chosen "
-              f"{row['chosen']}  final val AUC {row['final_val_auc']}  bag "
-              f"{row['bag_val_auc']}  fine-tuning epochs {row['finetune_epochs_run']}")
+        print(f"  {label:20s} {row['seconds']:7.1f} s  peak {row['peak_mb']} MB  CV "
+              f"{row['cv']}  probe CV {row['probe_cv']}  chosen {row['chosen']}  exported "
+              f"{row['exported']}  final val {row['final_val']}  bag {row['bag_val_auc']}  "
+              f"fine-tuning epochs {row['finetune_epochs_run']}")
         print(f"  {'':20s} seconds from the first log line: {row['milestones_s']}")
+        if row["stages"]:
+            print(f"  {'':20s} stages: {row['stages']}")
     before = next(iter(results.values()))
     for name, after in list(results.items())[1:]:
-        print(f"  {name} / before time: {after['seconds'] / before['seconds']:.2f} "
-              f"({before['seconds'] / after['seconds']:.2f}x faster)")
+        print(f"  {name} / before: time {after['seconds'] / before['seconds']:.2f} "
+              f"({before['seconds'] / after['seconds']:.2f}x faster), peak memory "
+              f"{after['peak_mb'] / before['peak_mb']:.2f} ({after['peak_mb']} vs "
+              f"{before['peak_mb']} MB)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -293,6 +294,19 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
                                          "val_accuracy", "val_auc"]
     assert {"cv_auc", "cv_auc_std"} <= set(history.columns)  # what ranked the scenarios
     assert "Outputs in" in result.stdout and "submission" in result.stdout
+    # Every stage's seconds and peak memory: metrics.json, the console's last lines, and
+    # the report (check_report below compares each number on the page with metrics.json).
+    stages, peaks = metrics["timings"], metrics["peak_memory_mb"]
+    assert {"start-up and data check", "feature cache (extraction or reuse)",
+            "linear probe (choice by CV, fit)", "scenarios on cached features",
+            "final model (fine-tuning, output choice, export)", "test-set prediction"} \
+        < set(stages) and list(stages)[-1] == "total" and set(peaks) == set(stages)
+    assert all(stages[k] > 0 and peaks[k] > 0 for k in stages), (stages, peaks)
+    assert peaks["total"] == max(peaks.values())
+    last_lines = result.stdout[result.stdout.index("Time and peak memory (RSS) by stage"):]
+    for stage in stages:
+        assert re.search(rf"^  {re.escape(stage)} +[0-9.]+ +[0-9.]+ GB$", last_lines, re.M)
+    assert 'data-metric="peak_memory_mb/total"' in (workdir / "report.html").read_text()
     check_console(result, (workdir / "train.log").read_text(), summary_in_log=True)
     # Comparison, fine-tuning history, confusion matrix, ROC, top losses; suspect labels
     # when there are any.

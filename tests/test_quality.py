@@ -110,23 +110,55 @@ def test_probe_separates_separable_features_and_not_random_labels():
     assert bad["auc_mean"] < 0.75
 
 
-def test_row_space_is_an_orthonormal_basis_of_the_rows_and_fits_like_the_raw_features():
-    # Wide and rank-deficient, as flattened block5_pool features of a few hundred photos.
+def test_row_space_keeps_every_inner_product_and_fits_like_the_raw_features():
+    # Wide and rank-deficient, as flattened feature maps of a few hundred photos.
+    from features.choose import linear
     rng = np.random.default_rng(3)
     x = rng.normal(size=(24, 300))
     x[12:] = x[:12] * 2.0  # half the rows repeat: rank 12
     y = (x[:, :5].sum(axis=1) > 0).astype(int)
-    space = probe.RowSpace().fit(x)
-    v = space.basis_
-    assert v.shape == (300, 12)
-    np.testing.assert_allclose(v.T @ v, np.eye(12), atol=1e-8)
-    np.testing.assert_allclose(x @ v @ v.T, x, atol=1e-8)  # spans every row
+    z = linear.row_space(x, block=64)  # several column blocks
+    assert z.shape == (24, 12)
+    np.testing.assert_allclose(z @ z.T, x @ x.T, atol=1e-8)
+    np.testing.assert_allclose(z.T @ z, np.diag(np.diag(z.T @ z)), atol=1e-8)
     from sklearn.linear_model import LogisticRegression
     raw = LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit(x, y)
     fitted = probe.fit(x, y, BINARY, probe.ProbeConfig("flatten", False, 1.0))
-    assert "rowspace" in fitted.named_steps
+    # Fitted in 12 coordinates, mapped back to the 300 features.
+    assert fitted.coef.shape == (1, 300)
     np.testing.assert_allclose(probe.probabilities(fitted, x, BINARY),
                                raw.predict_proba(x)[:, 1], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass", "two-class multiclass",
+                                  "multilabel"])
+@pytest.mark.parametrize("width, scaled, weighted", [(6, False, False), (6, True, True),
+                                                     (90, False, True), (90, True, False)])
+def test_the_probe_fits_what_scikit_learn_fits(kind, width, scaled, weighted):
+    """The probe's own solver (features.choose.linear) reaches scikit-learn's
+    LogisticRegression optimum: multinomial for classes, one-vs-rest for labels, class
+    weights, standardisation, and features wider than the rows (row space)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.preprocessing import StandardScaler
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, width)) * rng.uniform(0.1, 10, width) + rng.normal(size=width)
+    names = {"binary": ("a", "b"), "two-class multiclass": ("a", "b")}.get(kind, ("a", "b", "c"))
+    task = task_lib.Task("multiclass" if kind.endswith("multiclass") else kind, names)
+    if kind == "multilabel":
+        y = (x[:, :3] + rng.normal(size=(40, 3)) > 0).astype(int)
+    else:
+        y = (np.digitize(x[:, 0] + rng.normal(size=40), [-0.5, 0.5]) % len(names))
+    weights = {0: 2.0, 1: 0.5} if weighted and kind != "multilabel" else None
+    config = probe.ProbeConfig("flatten", scaled, 0.3)
+    mine = probe.fit(x, y, task, config, class_weight=weights)
+    features = StandardScaler().fit_transform(x) if scaled else x
+    reference = LogisticRegression(C=0.3, tol=1e-10, max_iter=20000, class_weight=weights)
+    if kind == "multilabel":
+        reference = OneVsRestClassifier(reference)
+    want = reference.fit(features, y).predict_proba(features)
+    want = want[:, 1] if task.kind == "binary" else want
+    np.testing.assert_allclose(probe.probabilities(mine, x, task), want, atol=2e-4)
 
 
 @pytest.mark.parametrize("kind, units", [("binary", 1), ("multiclass", 3), ("multilabel", 3)])

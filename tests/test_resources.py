@@ -346,3 +346,31 @@ def test_atomic_link_names_one_file_twice_and_leaves_nothing_behind(tmp_path, mo
     assert (tmp_path / "copy.keras").read_bytes() == b"new members"
     left = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
     assert not left, left
+
+
+def test_each_stage_records_its_own_time_and_peak_memory():
+    import time
+    from workflow import clock as clock_lib
+    clock = clock_lib.StageClock()
+    with clock.stage(clock_lib.TOTAL):
+        with clock.stage("small"):
+            np.ones(1000).sum()
+            time.sleep(0.02)
+        with clock.stage("large"):
+            block = np.ones((300 << 20) // 8)  # 300 MB, touched
+            block.sum()
+            del block
+        with clock.stage("small again"):
+            np.ones(1000).sum()
+            time.sleep(0.02)
+    record = clock.record()
+    peaks = record["peak_memory_mb"]
+    assert list(record["timings"]) == ["small", "large", "small again", "total"]
+    assert all(v > 0 for v in record["timings"].values())
+    assert peaks["total"] == max(peaks.values())
+    if clock.per_stage:  # Linux: each stage's own peak, not the largest so far
+        assert peaks["large"] >= peaks["small"] + 250
+        assert peaks["small again"] < peaks["large"] - 250
+    else:
+        assert peaks["small again"] >= peaks["large"]
+    assert "large" in clock.table() and record["peak_memory_is"]

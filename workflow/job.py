@@ -25,6 +25,7 @@ from features.weights import weights_identity
 from pipeline import diskspace, discovery, labels, scan, split
 from pipeline.errors import UserError
 from workflow import config as config_lib, console
+from workflow.clock import StageClock
 from workflow.config import (CacheConfig, DataConfig, FinetuneConfig, HeadsConfig, ModelConfig,
                              RuntimeConfig)
 from workflow.outputs import RunFolder
@@ -59,6 +60,8 @@ class Job:
     # Trained head weights by scenario (the part above its cached layer), kept in memory
     # by the heads stage so that fine-tuning in the same run does not read them back.
     heads: dict = dataclasses.field(default_factory=dict)
+    # The run's seconds and peak memory by stage (metrics.json, console, report).
+    clock: StageClock = dataclasses.field(default_factory=StageClock)
 
     @property
     def y_train(self) -> np.ndarray:

@@ -292,19 +292,19 @@ def _labels_section(folder: str) -> str:
 
 
 # The training stages in the order they run (metrics.json sorts its keys).
-_RUN_ORDER = ("start-up and data check", "heads (cache, probe, scenarios)",
-              "fine-tuning, choice of output, export", "deployment exports",
-              "test-set prediction", "total")
-
-
 def _timings_section(metrics: dict) -> str:
+    """Seconds and peak memory of each stage, in the order they ran, the whole run last
+    (a run folder from before peak memory was recorded shows a dash there)."""
     timings = metrics.get("timings", {})
     if not timings:
         return ""
-    order = sorted(timings, key=lambda k: (_RUN_ORDER.index(k) if k in _RUN_ORDER
-                                           else len(_RUN_ORDER) - 1, k))
-    return "<h2>Time per stage (training)</h2>" + table(["stage", "seconds"], [
-        [esc(k), number(metrics, f"timings/{k}", 1)] for k in order])
+    order = [k for k in timings if k != "total"] + [k for k in timings if k == "total"]
+    what = metrics.get("peak_memory_is", "")
+    return ("<h2>Time and peak memory per stage (training)</h2>"
+            + (f"<p>Peak memory: {esc(what)} (resident set, MB).</p>" if what else "")
+            + table(["stage", "seconds", "peak memory (MB)"], [
+                [esc(k), number(metrics, f"timings/{k}", 1),
+                 number(metrics, f"peak_memory_mb/{k}", 0)] for k in order]))
 
 
 def _later_sections(folder: str, metrics: dict) -> List[str]:

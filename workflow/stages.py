@@ -23,6 +23,7 @@ from workflow import console, export, interpret, labelling, plots, state as stat
 from workflow import trusting
 from workflow.export import PROBE
 from workflow.config import (CacheConfig, HeadsConfig, RuntimeConfig, SweepConfig, TrainConfig)
+from workflow.clock import TOTAL, StageClock
 from workflow.job import Features, Job, check_disk, fit_settings, prepare
 from workflow.outputs import binary_column, write_predictions
 
@@ -41,10 +42,13 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     shutil.rmtree(bag_folder, ignore_errors=True)  # never mix with an old bag
     progress.report("heads", "repeat the heads stage (it trains from the feature cache)")
     views = chosen.views if chosen else cache.augmented_views
-    train, val, view_feats = Features(job, cache, runtime.batch_size).split(views, view_preset)
-    baseline, probe_choice, estimator = probe.run(train, job.y_train, val, job.y_val,
-                                                  job.task, job.folds, job.seed,
-                                                  job.class_weight)
+    with job.clock.stage("feature cache (extraction or reuse)"):
+        train, val, view_feats = Features(job, cache, runtime.batch_size).split(views,
+                                                                               view_preset)
+    with job.clock.stage("linear probe (choice by CV, fit)"):
+        baseline, probe_choice, estimator = probe.run(train, job.y_train, val, job.y_val,
+                                                      job.task, job.folds, job.seed,
+                                                      job.class_weight)
     probe_val = probe.probabilities(estimator, probe.pooled(
         val[job.classifier.net.feature_layer], probe_choice.config.pooling), job.task)
     job.run.update_metrics("probe", baseline)
@@ -52,11 +56,12 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
                [heads_lib.HeadConfig.for_scenario(s, heads.learning_rate,
                                                   optimizer=heads.optimizer, views=views)
                 for s in heads.scenarios])
-    results = heads_lib.train_scenarios(
-        job.classifier, configs, job.task,
-        heads_lib.FeatureSplit(train, job.y_train, view_feats, job.folds),
-        heads_lib.FeatureSplit(val, job.y_val), fit_settings(job, heads, cache, runtime),
-        out_dir=job.run.path, tensorboard_dir=job.board)
+    with job.clock.stage("scenarios on cached features"):
+        results = heads_lib.train_scenarios(
+            job.classifier, configs, job.task,
+            heads_lib.FeatureSplit(train, job.y_train, view_feats, job.folds),
+            heads_lib.FeatureSplit(val, job.y_val), fit_settings(job, heads, cache, runtime),
+            out_dir=job.run.path, tensorboard_dir=job.board)
     job.heads = {s: r.weights for s, r in results.items() if r.weights is not None}
     for s, r in results.items():
         # From the fit's own history, written once and atomically: a CSVLogger writes
@@ -78,8 +83,9 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     if best.cv is not None:
         chosen_oof = probe_choice.oof_probs if choice["scenario"] == PROBE else best.cv.oof_probs
         trusting.save_oof(job, choice["scenario"], chosen_oof)  # the export calibrates on them
-        labelling.audit(job, chosen_oof, cache, runtime, "linear probe"
-                        if choice["scenario"] == PROBE else f"scenario {best.scenario}")
+        with job.clock.stage("label audit (suspect labels, duplicates)"):
+            labelling.audit(job, chosen_oof, cache, runtime, "linear probe"
+                            if choice["scenario"] == PROBE else f"scenario {best.scenario}")
     if heads.bag and best.cv is not None and choice["scenario"] != PROBE:
         # (An exported probe has no bag: the scenario's fold heads would go unused.)
         blocks = best.config.row.blocks
@@ -277,29 +283,47 @@ def predict_test(job: Job, runtime: RuntimeConfig, demo: bool = False) -> None:
 def _run_stages(cfg: TrainConfig, engine=None, dataset=None):
     """The stages, in the order they run."""
     started = time.perf_counter()
+    clock = StageClock()
+    with clock.stage(TOTAL):
+        job = _stages(cfg, clock, engine, dataset)
+    if not cfg.runtime.studies:
+        for key, value in clock.record().items():
+            job.run.update_metrics(key, value)
+    _write_report(job, cfg.runtime)
+    _print_outputs(job, started)
+    return job
+
+
+def _stages(cfg: TrainConfig, clock: StageClock, engine=None, dataset=None):
     runtime = cfg.runtime
-    job = prepare(cfg.data, cfg.model, cfg.heads, cfg.cache, runtime, cfg.flag_values, dataset)
-    view_preset = cfg.finetune.view_preset
-    views = max(cfg.cache.augmented_views,
-                max(cfg.sweep.views) if cfg.runtime.stage == "sweep" or cfg.sweep.use else 0,
-                cfg.finetune.views if runtime.finetunes and cfg.finetune.augment != "none" else 0)
-    check_disk(job, cfg.cache, views, view_preset,
-               exports=(2 if cfg.heads.bag else 1) if runtime.finetunes else 0)
-    if engine is not None:
-        engine.precision = job.precision.policy
-        job.engine = engine.start()
+    with clock.stage("start-up and data check"):
+        job = prepare(cfg.data, cfg.model, cfg.heads, cfg.cache, runtime, cfg.flag_values,
+                      dataset)
+        job.clock = clock
+        view_preset = cfg.finetune.view_preset
+        views = max(cfg.cache.augmented_views,
+                    max(cfg.sweep.views) if cfg.runtime.stage == "sweep" or cfg.sweep.use
+                    else 0,
+                    cfg.finetune.views if runtime.finetunes and cfg.finetune.augment != "none"
+                    else 0)
+        check_disk(job, cfg.cache, views, view_preset,
+                   exports=(2 if cfg.heads.bag else 1) if runtime.finetunes else 0)
+        if engine is not None:
+            engine.precision = job.precision.policy
+            job.engine = engine.start()
     if cfg.model.compare:
         from workflow import backbones as backbones_stage
-        _, job = backbones_stage.run(job, cfg, [c.name for c in cfg.model.compare])
+        with clock.stage("backbone comparison"):
+            _, job = backbones_stage.run(job, cfg, [c.name for c in cfg.model.compare])
+        job.clock = clock
         if runtime.stage == "backbones":
-            _write_report(job, runtime)
-            _print_outputs(job, started)
             return job
     chosen = None
     sweep_file = job.run.file("sweep.csv")
     if runtime.stage == "sweep" or (cfg.sweep.use and runtime.stage == "all"
                                     and not os.path.isfile(sweep_file)):
-        chosen = sweep_stage(job, cfg.sweep, cfg.heads, cfg.cache, runtime, view_preset)
+        with clock.stage("sweep"):
+            chosen = sweep_stage(job, cfg.sweep, cfg.heads, cfg.cache, runtime, view_preset)
     elif cfg.sweep.use:
         chosen = sweep.best_config(sweep.read_table(sweep_file))
     if chosen is not None and cfg.sweep.use:
@@ -307,22 +331,17 @@ def _run_stages(cfg: TrainConfig, engine=None, dataset=None):
         job.classifier.set_dropout(chosen.dropout)
         chosen = dataclasses.replace(chosen, dropout=None)
     if runtime.studies:
-        _later_stage(job, cfg, started)
+        _later_stage(job, cfg, clock)
     else:
-        timings = {"start-up and data check": time.perf_counter() - started}
-        _train_and_export(job, cfg, chosen, view_preset, timings)
-        timings["total"] = time.perf_counter() - started
-        job.run.update_metrics("timings", {k: round(v, 1) for k, v in timings.items()})
-    _write_report(job, runtime)
-    _print_outputs(job, started)
+        _train_and_export(job, cfg, chosen, view_preset)
     return job
 
 
-def _later_stage(job: Job, cfg: TrainConfig, started: float) -> None:
-    """--stage=curve or label_next: its results and time under its own key of
-    metrics.json (``stages/<stage>``), beside what training recorded."""
+def _later_stage(job: Job, cfg: TrainConfig, clock: StageClock) -> None:
+    """--stage=curve or label_next: its results, time and peak memory under its own key
+    of metrics.json (``stages/<stage>``), beside what training recorded."""
     runtime = cfg.runtime
-    clock = time.perf_counter()
+    started = time.perf_counter()
     if runtime.stage == "curve":
         labelling.curve_stage(job, cfg.heads, cfg.cache, runtime)
         record = {}
@@ -334,44 +353,40 @@ def _later_stage(job: Job, cfg: TrainConfig, started: float) -> None:
                   "picked": int(len(table)), "unlabelled_dir": cfg.labelling.unlabelled_dir,
                   "files": ["to_label.csv", "to_label.png", "labels_template.csv"]}
     stages = dict(state_lib.load(job.run.path).stages)
-    stages[runtime.stage] = {**record, "seconds": round(time.perf_counter() - clock, 1),
-                             "total_seconds": round(time.perf_counter() - started, 1),
+    stages[runtime.stage] = {**record, "seconds": round(time.perf_counter() - started, 1),
+                             "total_seconds": round(clock.elapsed(TOTAL), 1),
+                             "peak_memory_mb": round(clock.peak_so_far(TOTAL)),
                              "settings": runtime.config_file,
                              "command": console.command_line()}
     state_lib.update(job.run.path, stages=stages)
     job.run.update_metrics("stages", stages)
 
 
-def _train_and_export(job: Job, cfg: TrainConfig, chosen, view_preset: str,
-                      timings: dict) -> None:
-    """The heads stage, the final model and its exports, the test set; ``timings`` gets
-    each one's seconds."""
+def _train_and_export(job: Job, cfg: TrainConfig, chosen, view_preset: str) -> None:
+    """The heads stage, the final model and its exports, the test set, each timed by the
+    job's clock."""
     runtime = cfg.runtime
     scenario = None
     if runtime.heads:
-        clock = time.perf_counter()
         scenario = heads_stage(job, cfg.heads, cfg.cache, runtime, view_preset,
                                chosen if cfg.sweep.use else None)
-        timings["heads (cache, probe, scenarios)"] = time.perf_counter() - clock
     if runtime.finetunes:
         scenario = (cfg.finetune.scenario or
                     (chosen.scenario if cfg.sweep.use and chosen else None) or
                     scenario or chosen_scenario(job))
-        clock = time.perf_counter()
-        export.finetune_stage(job, cfg.finetune, cfg.heads, cfg.cache, runtime, cfg.predict,
-                              scenario, optimizer=chosen.optimizer if cfg.sweep.use and chosen
-                              else "adam")
-        timings["fine-tuning, choice of output, export"] = time.perf_counter() - clock
+        with job.clock.stage("final model (fine-tuning, output choice, export)"):
+            export.finetune_stage(job, cfg.finetune, cfg.heads, cfg.cache, runtime,
+                                  cfg.predict, scenario,
+                                  optimizer=chosen.optimizer if cfg.sweep.use and chosen
+                                  else "adam")
         if cfg.deploy.formats:
             from workflow import deploy
-            clock = time.perf_counter()
-            deploy.deploy_run(job.run.path, cfg.deploy.formats, cfg.deploy.quantize,
-                              runtime.batch_size)
-            timings["deployment exports"] = time.perf_counter() - clock
+            with job.clock.stage("deployment exports"):
+                deploy.deploy_run(job.run.path, cfg.deploy.formats, cfg.deploy.quantize,
+                                  runtime.batch_size)
         if runtime.stage == "all" and job.dataset.test_dir:
-            clock = time.perf_counter()
-            predict_test(job, runtime, demo=cfg.data.demo)
-            timings["test-set prediction"] = time.perf_counter() - clock
+            with job.clock.stage("test-set prediction"):
+                predict_test(job, runtime, demo=cfg.data.demo)
 
 
 def _write_report(job: Job, runtime: RuntimeConfig) -> None:
@@ -406,6 +421,8 @@ def chosen_scenario(job: Job) -> str:
 def _print_outputs(job: Job, started: float) -> None:
     job.run.note("metrics", job.run.metrics_path)
     job.run.note("log", job.run.file("train.log"))
+    if job.clock.seconds:
+        print("\nTime and peak memory (RSS) by stage:\n" + job.clock.table())
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Outputs in {job.run.path}:")
     for what, path in job.run.outputs.items():
         print(f"  {what:18s} {path}")

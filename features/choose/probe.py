@@ -1,6 +1,7 @@
 """The linear probe: the baseline every heads stage is compared with, and a candidate.
 
-A scikit-learn logistic regression on frozen ``block5_pool`` features. How the
+A logistic regression (scikit-learn's ``LogisticRegression`` model, fitted along the
+C path by `features.choose.linear`) on the backbone's frozen feature map. How the
 features are pooled (global average, global max, or flattened), whether they are
 standardised, and the inverse regularisation strength C are chosen by
 cross-validation on the training photos alone: on the cross-validation folds of
@@ -17,18 +18,13 @@ that wins can be exported and used by predict.py like any other model.
 
 import dataclasses
 import logging
-import warnings
-from typing import Dict, List, Optional, Sequence
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.multiclass import OneVsRestClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
-from features.choose import cv as cv_lib
+from features.choose import cv as cv_lib, linear
 from features import scenarios
 from features import task as task_lib
 from features.task import Task
@@ -36,6 +32,7 @@ from pipeline import progress as progress_lib
 
 PROBE_LAYER = scenarios.BLOCK5_POOL
 POOLINGS = ("average", "max", "flatten")
+SCALINGS = (False, True)  # raw, standardised
 # Inverse regularisation strengths searched (1e-4 .. 1e2).
 C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
 INNER_FOLDS = 5
@@ -71,59 +68,81 @@ def pooled(features, how: str = "average", chunk: int = 256) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros([0, features.shape[-1]], np.float32)
 
 
-class RowSpace(BaseEstimator, TransformerMixin):
-    """Coordinates in the span of the training rows: X -> X V, with V an orthonormal
-    basis of that span.
+@dataclasses.dataclass
+class LinearProbe:
+    """A fitted probe on pooled features: ``x -> link((x - mean) / scale @ coef.T + b)``.
 
-    An L2-penalised logistic regression's weights lie in the span of its training rows
-    (the gradient of its loss is a combination of them), so fitting it on X V with the
-    same C gives exactly the weights V z of the fit on X, with z the fit on X V. With a
-    few hundred images and 25,088 flattened features that turns a 30 s fit into a
-    fraction of a second; `keras_head` maps the weights back (V z).
+    ``coef`` [K, D] and ``intercept`` [K]: one row for a binary task (or a multi-class
+    task of two classes, as scikit-learn fits them), one per class (softmax) or per label
+    (a sigmoid each) otherwise. ``mean``/``scale``: the standardisation, None when raw."""
+    coef: np.ndarray
+    intercept: np.ndarray
+    link: str
+    mean: Optional[np.ndarray] = None
+    scale: Optional[np.ndarray] = None
 
-    V comes from the N x N Gram matrix X X^T = U S^2 U^T as V = X^T U S^-1 (directions
-    with S^2 under 1e-10 of the largest dropped: they carry no data), which costs two
-    N x N x D products: 6-9x less than the thin SVD of X it replaces at N = 800-1,700
-    and D = 25,088 (bench/bench_probe.py).
-    """
-
-    def fit(self, x, y=None):
+    def standardise(self, x) -> np.ndarray:
         x = np.asarray(x, np.float64)
-        eigenvalues, u = np.linalg.eigh(x @ x.T)
-        keep = eigenvalues > eigenvalues[-1] * 1e-10
-        self.basis_ = (x.T @ u[:, keep]) / np.sqrt(eigenvalues[keep])
-        return self
+        return x if self.mean is None else (x - self.mean) / self.scale
 
-    def transform(self, x):
-        return np.asarray(x, np.float64) @ self.basis_
-
-
-def _estimator(task: Task, config: ProbeConfig, class_weight: Optional[dict]):
-    weights = None
-    if class_weight and task.kind != "multilabel":
-        weights = {c: w for c, w in class_weight.items()}
-    model = LogisticRegression(C=config.c, max_iter=2000, class_weight=weights)
-    if task.kind == "multilabel":
-        model = OneVsRestClassifier(model)
-    steps = [StandardScaler()] if config.scaled else []
-    if config.pooling == "flatten":
-        steps.append(RowSpace())
-    return make_pipeline(*steps, model)
+    def predict_proba(self, x) -> np.ndarray:
+        """[N, K] probabilities (K = 1 for the binary sigmoid)."""
+        return linear.probabilities(self.standardise(x), self.coef.T, self.intercept,
+                                    self.link)
 
 
-def fit(x: np.ndarray, y, task: Task, config: ProbeConfig, class_weight=None):
-    """Fits one probe variant on pooled features ``x``; returns the scikit-learn pipeline."""
-    with warnings.catch_warnings():
-        # Weakly regularised fits on separable features may stop at max_iter; the
-        # cross-validation judges them on held-out data like any other candidate.
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return _estimator(task, config, class_weight).fit(x, np.asarray(y).astype(int))
+def _scaler(x, block: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
+    """StandardScaler's mean and scale of ``x`` (a constant column is scaled by 1),
+    computed a column block at a time in float64."""
+    mean, std = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for i in range(0, x.shape[1], block):
+        part = linear.columns(x, i, block)
+        mean[i:i + block], std[i:i + block] = part.mean(axis=0), part.std(axis=0)
+    return mean, np.where(std < 10 * np.finfo(np.float64).eps * np.maximum(abs(mean), 1),
+                          1.0, std)
 
 
-def probabilities(estimator, x, task: Task) -> np.ndarray:
+def _coordinates(x, scaler=None) -> np.ndarray:
+    """The rows of ``x`` (standardised by ``scaler``) in the coordinates the solver
+    works in: their row space (`linear.row_space`) when the features are wider than the
+    rows, else the features themselves."""
+    if x.shape[1] <= len(x):
+        return linear.columns(x, 0, x.shape[1], scaler)
+    return linear.row_space(x, scaler)
+
+
+def fit(x: np.ndarray, y, task: Task, config: ProbeConfig, class_weight=None) -> LinearProbe:
+    """Fits one probe variant on pooled features ``x`` (the same optimum as scikit-learn's
+    ``LogisticRegression(C)``, see `features.choose.linear`)."""
+    x, y = np.asarray(x), np.asarray(y)
+    targets, link = linear.targets_of(task.kind, y, len(task.class_names))
+    scaler = _scaler(x) if config.scaled else None
+    weights = linear.sample_weights(task.kind, y, class_weight)
+    with linear.single_thread():
+        z = _coordinates(x, scaler)
+        (w, b), = linear.fit_path(z, targets, link, [config.c], weights,
+                                  tol=linear.FINAL_TOL)
+        if x.shape[1] > len(x):
+            w = _back_to_features(x, z, w, scaler)
+    return LinearProbe(w.T.copy(), b, link, *(scaler or (None, None)))
+
+
+def _back_to_features(x, z, wz, scaler=None, block: int = 4096) -> np.ndarray:
+    """Weights [D, K] in feature space of weights ``wz`` fitted on ``z`` = U S, the row
+    space coordinates of ``x`` (standardised by ``scaler``): X^T U S^-1 wz, a column
+    block of ``x`` at a time (the D x N basis is never formed)."""
+    a = z @ (wz / np.sum(z * z, axis=0)[:, None])  # U S^-1 wz: Z's columns have norm s
+    return np.concatenate([linear.columns(x, i, block, scaler).T @ a
+                           for i in range(0, x.shape[1], block)])
+
+
+def probabilities(estimator: LinearProbe, x, task: Task) -> np.ndarray:
     """The probe's probabilities in the task's shape ([N] binary, else [N, K])."""
     probs = estimator.predict_proba(x)
-    return probs[:, 1] if task.kind == "binary" else probs
+    if probs.shape[1] == 1:
+        return probs[:, 0] if task.kind == "binary" else np.column_stack([1 - probs[:, 0],
+                                                                          probs[:, 0]])
+    return probs
 
 
 @dataclasses.dataclass
@@ -143,52 +162,55 @@ class Choice:
         return float(np.std(self.fold_scores))
 
 
+def _fold_paths(x, y, task: Task, folds, scaled: bool, class_weight) -> List[list]:
+    """For each fold, the validation rows' probabilities under every C of `C_GRID`
+    (fitted along the C path, folds side by side on the machine's cores)."""
+    targets, link = linear.targets_of(task.kind, y, len(task.class_names))
+    weights = linear.sample_weights(task.kind, y, class_weight)
+    # Raw features: one row-space basis of all the rows serves every fold (a fold's
+    # optimum lies in the span of its own rows, which it contains).
+    shared = None if scaled else _coordinates(x)
+
+    def one(fold):
+        tr, va = fold
+        z = shared if shared is not None else _coordinates(x, _scaler(x[tr]))
+        path = linear.fit_path(z[tr], targets[tr], link, C_GRID,
+                               None if weights is None else weights[tr])
+        return [probabilities(LinearProbe(w.T, b, link), z[va], task) for w, b in path]
+    workers = max(1, min(len(folds), os.cpu_count() or 1))
+    with linear.single_thread(), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, folds))
+
+
 def choose(features, y, task: Task, folds: Optional[Sequence] = None, seed: int = 0,
            class_weight=None, poolings: Sequence[str] = POOLINGS,
            progress: bool = False) -> Choice:
     """Scores every pooling x standardisation x C on ``folds`` (default: an inner
-    stratified 5-fold split of these rows) and returns the best by mean score; with
-    ``progress``, a progress bar counts the fits."""
+    stratified 5-fold split of these rows) and returns the best by mean score (the
+    smaller C of a tie, as the C path is walked upwards); with ``progress``, a progress
+    bar counts the paths (one per fold and variant)."""
     y = np.asarray(y)
     if folds is None:
         _, smallest = task_lib.smallest_class(task, y)
         folds = cv_lib.make_folds(y, max(2, min(INNER_FOLDS, smallest)), seed, task)
     best, tried = None, 0
-    bar = (progress_lib.bar(len(poolings) * 2 * len(C_GRID) * len(folds), "fit",
+    bar = (progress_lib.bar(len(poolings) * len(SCALINGS) * len(folds), "path",
                             "linear probe") if progress else None)
     for how in poolings:
         x = pooled(features, how)
-        for scaled in (False, True):
-            # The transforms (standardisation, row space) depend on the fold, not on C:
-            # fitted once per fold, shared by every C.
-            prepared = []
-            for tr, va in folds:
-                steps = _estimator(task, ProbeConfig(how, scaled), class_weight).steps[:-1]
-                x_tr, x_va = x[tr], x[va]
-                for _, step in steps:
-                    x_tr = step.fit_transform(x_tr)
-                    x_va = step.transform(x_va)
-                prepared.append((tr, va, x_tr, x_va))
-            for c in C_GRID:
-                config = ProbeConfig(how, scaled, c)
-                scores = []
+        for scaled in SCALINGS:
+            paths = _fold_paths(x, y, task, folds, scaled, class_weight)
+            if bar is not None:
+                bar.add(len(folds))
+            for j, c in enumerate(C_GRID):
                 oof = np.zeros((len(y), *((task.units,) if task.units > 1 else ())))
-                for tr, va, x_tr, x_va in prepared:
-                    # A fresh fit per C: warm-starting along the C path was 1.3x faster
-                    # but moved near-ties between Cs (weakly regularised fits stop at
-                    # max_iter where they start from), so choices would depend on order.
-                    model = _estimator(task, config, class_weight).steps[-1][1]
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", ConvergenceWarning)
-                        model.fit(x_tr, y[tr].astype(int))
-                    probs = model.predict_proba(x_va)
-                    oof[va] = probs[:, 1] if task.kind == "binary" else probs
-                    scores.append(task.scores(y[va], oof[va])[task.headline])
-                    if bar is not None:
-                        bar.add(1)
+                scores = []
+                for (_, va), path in zip(folds, paths):
+                    oof[va] = path[j]
+                    scores.append(task.headline_score(y[va], oof[va]))
                 tried += 1
                 if best is None or np.mean(scores) > np.mean(best.fold_scores) + 1e-12:
-                    best = Choice(config, scores, oof, 0)
+                    best = Choice(ProbeConfig(how, scaled, c), scores, oof, 0)
     best.tried = tried
     return best
 
@@ -234,27 +256,20 @@ def cross_validate(x, y, folds: Sequence, task: Task, seed: int = 0,
     """One probe variant's headline score on each (train, validation) index pair."""
     y = np.asarray(y)
     name = task.headline
-    scores = [task.scores(y[va], probabilities(fit(x[tr], y[tr], task, config), x[va],
-                                               task))[name] for tr, va in folds]
+    scores = [task.headline_score(y[va], probabilities(fit(x[tr], y[tr], task, config),
+                                                       x[va], task)) for tr, va in folds]
     return {f"{name}_mean": float(np.mean(scores)), f"{name}_std": float(np.std(scores)),
             f"fold_{name}s": [round(a, 6) for a in scores], "folds": len(folds)}
 
 
-def keras_head(estimator, config: ProbeConfig, task: Task, input_shape, name: str = "probe"):
-    """The fitted probe as a Keras model from ``block5_pool`` features: pooling (or
-    flatten), the standardisation when it has one (a Normalization layer), and one
-    Dense layer with the regression's weights and the task's activation. Plain layers
-    only, so a model built on it loads with ``safe_mode=True``."""
+def keras_head(estimator: LinearProbe, config: ProbeConfig, task: Task, input_shape,
+               name: str = "probe"):
+    """The fitted probe as a Keras model from the feature map: pooling (or flatten), the
+    standardisation when it has one (a Normalization layer), and one Dense layer with the
+    regression's weights and the task's activation. Plain layers only, so a model built
+    on it loads with ``safe_mode=True``."""
     import keras
-    steps = dict(estimator.named_steps)
-    model = steps.get("logisticregression") or steps.get("onevsrestclassifier")
-    if isinstance(model, OneVsRestClassifier):
-        coef = np.concatenate([m.coef_ for m in model.estimators_])
-        intercept = np.concatenate([m.intercept_ for m in model.estimators_])
-    else:
-        coef, intercept = model.coef_, model.intercept_
-    if "rowspace" in steps:  # weights fitted in the training rows' span: back to features
-        coef = coef @ steps["rowspace"].basis_.T
+    coef, intercept = estimator.coef, estimator.intercept
     if coef.shape[0] != task.units:  # two classes as --task=multiclass: softmax([0, z])
         coef = np.concatenate([np.zeros_like(coef), coef])
         intercept = np.concatenate([np.zeros_like(intercept), intercept])
@@ -262,9 +277,8 @@ def keras_head(estimator, config: ProbeConfig, task: Task, input_shape, name: st
     pool = {"average": keras.layers.GlobalAveragePooling2D, "max":
             keras.layers.GlobalMaxPooling2D, "flatten": keras.layers.Flatten}[config.pooling]
     x = pool(name=f"{name}_pool", dtype="float32")(inputs)
-    if config.scaled:
-        scaler = steps["standardscaler"]
-        x = keras.layers.Normalization(mean=scaler.mean_, variance=scaler.var_,
+    if estimator.mean is not None:
+        x = keras.layers.Normalization(mean=estimator.mean, variance=estimator.scale ** 2,
                                        name=f"{name}_standardise", dtype="float32")(x)
     dense = keras.layers.Dense(coef.shape[0], activation=task.activation, dtype="float32",
                                name=f"{name}_predictions")
