@@ -89,8 +89,7 @@ def scenario_cv(args):
             started = time.perf_counter()
             with heads.HeadConfig(s, lr).trainer(clf, task) as trainer:
                 result = cv_lib.cross_validate(trainer, feats[row.start_layer(False)], y, folds,
-                                               FitSettings(args.epochs, args.batch_size),
-                                               keep_members=False)
+                                               FitSettings(args.epochs, args.batch_size))
             cv = result.summary()
             at = cv["other_metrics_at_epoch"].get(other, {"mean": np.nan, "std": np.nan})
             tag = " (table default)" if lr == row.learning_rate else ""

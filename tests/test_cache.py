@@ -271,7 +271,7 @@ def test_augmented_views_are_cached_per_image_and_differ_from_the_plain_view(cla
 
 
 @pytest.mark.slow
-def test_cross_validation_scores_each_fold_exactly_and_keeps_what_folds_made(
+def test_cross_validation_scores_each_fold_exactly_and_members_are_trained_again_alike(
         classifier, data, tmp_path):
     spec = _spec(data)
     path = cache.ensure_features(classifier, spec, data.frame, str(tmp_path), QUIET).path
@@ -283,25 +283,29 @@ def test_cross_validation_scores_each_fold_exactly_and_keeps_what_folds_made(
     config = heads.HeadConfig.for_scenario("B", 1e-4)
     with config.trainer(classifier, task) as trainer:
         result = cv.cross_validate(trainer, feats, y, folds, FitSettings(2, 4))
+        # The members are trained again to the chosen epoch only when a bag needs them.
+        members = cv.fold_weights(trainer, feats, y, folds, FitSettings(2, 4), result.epoch)
     assert result.curves.shape == (2, 2) and 1 <= result.epoch <= 2
     for w0, w1 in zip(before, classifier.model.get_weights()):  # left as it was found
         np.testing.assert_array_equal(w0, w1)
-    # Fold 1 by hand, through the same compiled trainer: the same seed gives the same
-    # model, whose exact AUC is the curve's, whose weights are the kept member and whose
+    # Fold 1 by hand, through the same compiled trainer, for both epochs with every
+    # epoch's weights recorded: the same seed gives the same model, whose exact AUC is
+    # the curve's, whose weights at the chosen epoch are the re-derived member and whose
     # validation probabilities are the kept out-of-fold ones.
     tr, va = folds[1]
     state = snapshot(classifier.model)
     with config.trainer(classifier, task) as trainer:
-        trainer.fit(feats[tr], y[tr], FitSettings(result.epoch, 4, seed=1), keep=None)
+        fitted = trainer.fit(feats[tr], y[tr], FitSettings(2, 4, seed=1), keep=result.epoch,
+                             record=("weights",))
         probs = trainer.predict(feats[va])
-        weights = [v.numpy() for v in trainer.trainable]
+        weights = fitted.weights[result.epoch - 1]
     restore(classifier.model, state)
     assert result.curves[1, result.epoch - 1] == pytest.approx(task.scores(y[va], probs)["auc"])
     np.testing.assert_allclose(result.oof_probs[va], probs, atol=1e-6)
-    for kept, by_hand in zip(result.members[1], weights):
+    for kept, by_hand in zip(members[1], weights):
         np.testing.assert_allclose(kept, by_hand, atol=1e-6)
     assert np.ptp(probs) > 1e-4  # trained into something that is not constant
-    assert not np.allclose(result.members[0][-2], result.members[1][-2])  # folds differ
+    assert not np.allclose(members[0][-2], members[1][-2])  # folds differ
 
 
 @pytest.mark.slow

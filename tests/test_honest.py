@@ -115,16 +115,16 @@ def _choice(head_oof, probe_oof, probe_baseline):
     """The heads stage's choice on out-of-fold predictions of 40 images in 2 folds."""
     from types import SimpleNamespace
     from features import task as task_lib
-    from workflow import stages
+    from workflow import heads_choice
     y = np.tile([0, 1], 20)
     folds = [(np.arange(20, 40), np.arange(20)), (np.arange(20), np.arange(20, 40))]
     job = SimpleNamespace(task=task_lib.binary(), y_train=y, folds=folds, seed=0)
     best = SimpleNamespace(scenario="B", selected_by="cross-validation", score=0.9,
                            cv=SimpleNamespace(oof_probs=head_oof(y)))
     probe_choice = SimpleNamespace(oof_probs=probe_oof(y))
-    choice = stages._probe_or_head(job, best, probe_choice, {"cv_auc_mean": 0.8},
-                                   probe_baseline)
-    return choice, stages._choice_sentence(choice, "B")
+    choice = heads_choice.probe_or_head(job, best, probe_choice, {"cv_auc_mean": 0.8},
+                                        probe_baseline)
+    return choice, heads_choice.choice_sentence(choice, "B")
 
 
 def test_the_probe_is_kept_unless_a_scenario_beats_it_beyond_noise():

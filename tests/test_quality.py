@@ -73,7 +73,7 @@ def test_folds_are_stratified_disjoint_and_cover_every_row():
 def test_the_chosen_epoch_has_the_best_mean_over_folds():
     curves = np.array([[0.6, 0.9, 0.8], [0.7, 0.7, 0.9]])  # means 0.65, 0.80, 0.85
     assert cv.best_epoch(curves) == 3
-    result = cv.CVResult(curves, 3, "auc", np.zeros(2), [], [])
+    result = cv.CVResult(curves, 3, "auc", np.zeros(2), [])
     assert result.mean == pytest.approx(0.85) and result.std == pytest.approx(0.05)
     summary = result.summary()
     assert summary["fold_aucs"] == [0.8, 0.9] and summary["auc_mean"] == pytest.approx(0.85)
@@ -273,7 +273,9 @@ def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_pa
         folds = cv.make_folds(y, 2, seed=0)
         with heads.HeadConfig.for_scenario(scenario).trainer(clf, BINARY) as trainer:
             result = cv.cross_validate(trainer, feats[start], y, folds, FitSettings(2, 4))
-        members = [bag.as_member(clf, row.blocks, m) for m in result.members]
+            weights = cv.fold_weights(trainer, feats[start], y, folds, FitSettings(2, 4),
+                                      result.epoch)
+        members = [bag.as_member(clf, row.blocks, m) for m in weights]
         assert list(members[0]) == [l.name for l in bag.trainable_layers(clf)]
         # Stored as the heads stage stores it: the members alone, no copy of the conv base.
         path = bag.save(bag.members_model(clf, row.blocks, members),
@@ -289,7 +291,7 @@ def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_pa
         initial = part.get_weights()
         expected = [part.predict(feats[start], verbose=0)[:, 0]]
         clf.set_trainable(row.blocks, log=False)
-        for values in result.members:
+        for values in weights:
             for variable, value in zip(part.trainable_variables, values):
                 variable.assign(value)
             expected.append(part.predict(feats[start], verbose=0)[:, 0])

@@ -221,7 +221,8 @@ def _train_heads(d: dict) -> None:
     flags.DEFINE_float("heads_memory_gb", None, "Memory budget for cached features in the "
                        "heads, sweep and cached fine-tuning stages. Above it they stream "
                        "batches from the HDF5 cache instead of loading it (same results, "
-                       "slower). Default: half of the memory available when the run starts.",
+                       "slower). Default: 1 GB, whatever the machine has (raise it to load "
+                       "more into memory).",
                        module_name=HEADS, **d)
     flags.DEFINE_integer("cache_augmented_views", 0, "Heads stage: K > 0 also caches K augmented "
                          "views of each training image (--augment preset, keras_blog if none) "

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from features import backbone, distribute, precision
-from features.store import cache as cache_lib
+from features.store import cache as cache_lib, extract
 from features.choose import cv as cv_lib
 from features import task as task_lib
 from features.fit.settings import FinetuneSettings, FitSettings
@@ -187,31 +187,23 @@ def backbone_weights_id(model: ModelConfig, seed: int) -> str:
     return weights_identity(model.weights, seed)
 
 
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (Linux MemAvailable; else 4 GB)."""
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
+# The memory cached features may take before a stage streams them from the HDF5 file
+# instead (``--heads_memory_gb`` raises it): a fixed, modest figure, never a share of the
+# machine, so that a laptop with a browser open holds the run.
+DEFAULT_MEMORY_GB = 1.0
 
 
 def memory_budget(cache: CacheConfig) -> float:
-    """Bytes the cached features of a stage may take in memory (``--heads_memory_gb``)."""
-    return (cache.memory_gb * (1 << 30) if cache.memory_gb is not None
-            else available_memory() // 2)
+    """Bytes the cached features of a stage may take in memory (``--heads_memory_gb``,
+    default `DEFAULT_MEMORY_GB`)."""
+    return (DEFAULT_MEMORY_GB if cache.memory_gb is None else cache.memory_gb) * (1 << 30)
 
 
 def fit_settings(job: Job, heads: HeadsConfig, cache: CacheConfig,
                  runtime: RuntimeConfig) -> FitSettings:
-    """How this run's heads train on cached features (scenarios, CV folds, sweep, refit).
-    A quarter of the memory budget: CV holds a fold's training and held-out rows, and
-    the views, beside the split."""
+    """How this run's heads train on cached features (scenarios, CV folds, sweep, refit)."""
     return FitSettings(heads.epochs, runtime.batch_size, job.seed, job.class_weight,
-                       heads.label_smoothing, memory_budget(cache) / 4)
+                       heads.label_smoothing)
 
 
 def finetune_settings(job: Job, config: FinetuneConfig, heads: HeadsConfig,
@@ -247,7 +239,7 @@ class Features:
         say("Cached features: %.2f GB for %d rows; memory budget %.2f GB (%s): %s.",
             need / (1 << 30), rows, budget / (1 << 30),
             "--heads_memory_gb" if self.cache.memory_gb is not None
-            else "half the available memory",
+            else f"the default {DEFAULT_MEMORY_GB:g} GB",
             "streaming batches from the HDF5 cache" if stream else "loading into memory")
         return stream
 
@@ -262,7 +254,8 @@ class Features:
             if all(p in index for p in paths):
                 rows = np.array([index[p] for p in paths], np.int64)
                 return {layer: v[rows] for layer, v in feats.items()}
-        how = cache_lib.Extraction(self.batch_size, engine=self.job.engine)
+        how = cache_lib.Extraction(extract.extraction_batch(self.batch_size),
+                                   engine=self.job.engine)
         feats, result = cache_lib.load(self.job.classifier, spec, frame, self.cache.cache_dir,
                                        how, views=views, stream=stream)
         if result.computed:

@@ -127,15 +127,20 @@ def near_duplicate_threshold(job: Job, batch_size: int = 32, sample: int = 32) -
     if net.near_duplicate is not None:
         return net.near_duplicate, f"measured for {net.slug} in docs/benchmarks.md"
     import tensorflow as tf
+    from features.store import cache as cache_lib, extract
     from pipeline import input as input_lib
     rng = np.random.default_rng(job.seed)
     paths = job.train.path.to_numpy()[rng.permutation(len(job.train))[:sample]].tolist()
-    model = job.classifier.feature_model([net.feature_layer])
+    # The extraction's own compiled function (never an eager call: eagerly, a batch's
+    # every activation is held at once, +5 GB for Lite0 and 64 images).
+    run = extract.extractor(job.classifier, cache_lib.cached_layers(
+        job.classifier.include_top, net))
     sims = []
-    for batch in input_lib.eval_dataset(paths, None, paths, job.model.image_size, batch_size):
+    for batch in input_lib.eval_dataset(paths, None, paths, job.model.image_size,
+                                        max(1, extract.extraction_batch(batch_size) // 2)):
         both = tf.concat([batch["image"], batch["image"][:, :, ::-1]], axis=0)
-        pooled = selection.normalised(probe.pooled(np.asarray(
-            model(both, training=False)[net.feature_layer]), "average"))
+        pooled = selection.normalised(probe.pooled(np.asarray(run(both)[net.feature_layer]),
+                                                   "average"))
         n = len(pooled) // 2
         sims.append(np.sum(pooled[:n] * pooled[n:], axis=1))
     low = float(np.min(np.concatenate(sims)))

@@ -15,12 +15,12 @@ from typing import Optional
 import numpy as np
 
 from features import trust
-from features.choose import bag as bag_lib, cv as cv_lib, evidence, probe, sweep
+from features.choose import bag as bag_lib, cv as cv_lib, probe, sweep
 from features.fit import heads as heads_lib
 from features.serve import inference
 from pipeline import discovery, labels, progress, scan
 from workflow import console, export, interpret, labelling, plots, state as state_lib, summary
-from workflow import trusting
+from workflow import heads_choice, trusting
 from workflow.export import PROBE
 from workflow.config import (CacheConfig, HeadsConfig, RuntimeConfig, SweepConfig, TrainConfig)
 from workflow.clock import TOTAL, StageClock
@@ -62,18 +62,9 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
             heads_lib.FeatureSplit(train, job.y_train, view_feats, job.folds),
             heads_lib.FeatureSplit(val, job.y_val), fit_settings(job, heads, cache, runtime),
             out_dir=job.run.path, tensorboard_dir=job.board)
-    job.heads = {s: r.weights for s, r in results.items() if r.weights is not None}
-    for s, r in results.items():
-        # From the fit's own history, written once and atomically: a CSVLogger writes
-        # while training (a kill leaves a torn file) and numbers epochs from 0.
-        job.run.write_csv(r.history, f"history_heads_{s}.csv")
-    best = heads_lib.best_result(results)
-    _interpret(job, job.run.file("heads"), best.val_probs, f"heads scenario {best.scenario}")
-    job.run.update_metrics("heads", {s: r.summary() for s, r in results.items()})
-    if job.folds:
-        job.run.update_metrics("cross_validation", {s: r.cv.summary() for s, r in results.items()})
-    choice = (_probe_or_head(job, best, probe_choice, baseline, heads.probe_baseline,
-                             probe_val)
+    best = _record_heads(job, results)
+    choice = (heads_choice.probe_or_head(job, best, probe_choice, baseline,
+                                         heads.probe_baseline, probe_val)
               if chosen is None else
               {"scenario": best.scenario, "by": "--use_sweep", "score": best.score,
                "metric": job.task.headline})
@@ -88,16 +79,42 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
                             if choice["scenario"] == PROBE else f"scenario {best.scenario}")
     if heads.bag and best.cv is not None and choice["scenario"] != PROBE:
         # (An exported probe has no bag: the scenario's fold heads would go unused.)
-        blocks = best.config.row.blocks
-        members = [bag_lib.as_member(job.classifier, blocks, m) for m in best.cv.members]
-        path = bag_lib.save(bag_lib.members_model(job.classifier, blocks, members),
-                            bag_lib.members_file(bag_folder, best.scenario))
-        logging.info("Bag: the %d fold heads of scenario %s (kept from its cross-validation) "
-                     "saved in %s.", len(members), best.scenario, path)
+        with job.clock.stage("bag members (the chosen scenario's folds again)"):
+            _save_bag(job, best, heads_lib.FeatureSplit(train, job.y_train, view_feats,
+                                                        job.folds),
+                      fit_settings(job, heads, cache, runtime), bag_folder)
     print(summary.heads(results, baseline, best, job.task))
-    print(_choice_sentence(choice, best.scenario))
+    print(heads_choice.choice_sentence(choice, best.scenario))
     progress.clear("heads")
     return choice["scenario"]
+
+
+def _record_heads(job: Job, results):
+    """Each scenario's history, metrics and plots; returns the best result."""
+    job.heads = {s: r.weights for s, r in results.items() if r.weights is not None}
+    for s, r in results.items():
+        # From the fit's own history, written once and atomically: a CSVLogger writes
+        # while training (a kill leaves a torn file) and numbers epochs from 0.
+        job.run.write_csv(r.history, f"history_heads_{s}.csv")
+    best = heads_lib.best_result(results)
+    _interpret(job, job.run.file("heads"), best.val_probs, f"heads scenario {best.scenario}")
+    job.run.update_metrics("heads", {s: r.summary() for s, r in results.items()})
+    if job.folds:
+        job.run.update_metrics("cross_validation", {s: r.cv.summary() for s, r in results.items()})
+    return best
+
+
+def _save_bag(job: Job, best, train: heads_lib.FeatureSplit, fit, folder: str) -> None:
+    """The bag's members: the best scenario's fold heads at the epoch its cross-
+    validation chose, trained again (`heads.fold_members`), saved in ``folder``."""
+    blocks = best.config.row.blocks
+    weights = heads_lib.fold_members(job.classifier, best.config, job.task, train, fit,
+                                     best.cv.epoch)
+    members = [bag_lib.as_member(job.classifier, blocks, m) for m in weights]
+    path = bag_lib.save(bag_lib.members_model(job.classifier, blocks, members),
+                        bag_lib.members_file(folder, best.scenario))
+    logging.info("Bag: the %d fold heads of scenario %s (its cross-validation's folds at "
+                 "epoch %d) saved in %s.", len(members), best.scenario, best.cv.epoch, path)
 
 
 def _plot_heads(job: Job, results, baseline: dict) -> None:
@@ -134,77 +151,6 @@ def _record_state(job: Job, baseline: dict, results, choice: dict) -> None:
         for s, r in results.items()}
     state_lib.update(job.run.path, probe=probe_state, heads=heads, choice=choice["scenario"],
                      choice_by=choice["by"])
-
-
-def _choice_sentence(choice: dict, best: str) -> str:
-    """What the heads stage decided, in words that match the comparison it made."""
-    versus = choice.get("probe_vs_head")
-    if choice.get("by") == "--use_sweep":
-        return f"scenario {best} (the sweep's best configuration) will be fine-tuned and exported"
-    if not versus:
-        return (f"scenario {best} will be fine-tuned and exported (without cross-validation "
-                "it was not compared with the probe)")
-    interval = " .. ".join(f"{v:+.4f}" for v in versus["ci90"])
-    diff = f"difference {versus['difference']:+.4f}, 90% interval {interval}"
-    if versus["candidate_is"] == f"scenario {best}":
-        if choice["scenario"] == PROBE:
-            return (f"scenario {best} is not better than the linear probe beyond noise ({diff}): "
-                    "the probe, the simpler model, will be exported")
-        return (f"scenario {best} beats the linear probe beyond noise ({diff}): it will be "
-                "fine-tuned and exported")
-    if choice["scenario"] == PROBE:
-        return (f"the linear probe beats scenario {best} beyond noise ({diff}): the probe "
-                "will be exported")
-    why = ("without cross-validation the scenario is the baseline"
-           if versus["on"].startswith("the validation images") else "--noprobe_baseline")
-    return (f"the linear probe is not better than scenario {best} beyond noise ({diff}): "
-            f"scenario {best} will be fine-tuned and exported ({why})")
-
-
-def _probe_or_head(job: Job, best, probe_choice, baseline: dict,
-                   probe_baseline: bool = True, probe_val=None) -> dict:
-    """The heads stage's choice between the best scenario and the linear probe, on
-    out-of-fold predictions (with CV), else on the validation images (``probe_val``: the
-    probe's probabilities there). With CV the simpler model is the baseline: the probe
-    stays unless the scenario beats it beyond noise (``probe_baseline``; False: the
-    scenario is the baseline and the probe must beat it). Without CV the scenario is
-    always the baseline: the validation images already chose it and its epoch, so the
-    probe replaces it only when clearly better there (measured: docs/benchmarks.md)."""
-    choice = {"scenario": best.scenario, "by": best.selected_by, "score": best.score,
-              "metric": job.task.headline}
-    if best.cv is not None and probe_choice.oof_probs is not None:
-        y, head, lin = job.y_train, best.cv.oof_probs, probe_choice.oof_probs
-        where = "out-of-fold predictions of the training split, fold by fold"
-        groups, score = cv_lib.fold_of(job.folds, len(y)), f"cv_{job.task.headline}_mean"
-    elif best.val_probs is not None and probe_val is not None and len(job.y_val):
-        y, head, lin = job.y_val, best.val_probs, probe_val
-        where = "the validation images, which also chose the scenario and its epoch"
-        groups, score = None, f"val_{job.task.headline}"
-        probe_baseline = False
-    else:
-        choice["probe_vs_head"] = None
-        return choice
-    name = f"scenario {best.scenario}"
-    if probe_baseline:
-        comparison = evidence.compare(job.task, y, head, lin, job.seed, groups=groups)
-        logging.info("Scenario %s vs the probe (%s): %s", best.scenario, where,
-                     comparison.describe(name, "the linear probe"))
-        use_probe = not comparison.better
-        candidate, kept = (name, "the linear probe") if use_probe else (name, name)
-    else:
-        comparison = evidence.compare(job.task, y, lin, head, job.seed, groups=groups)
-        logging.info("Probe vs scenario %s (%s): %s", best.scenario, where,
-                     comparison.describe("the linear probe", name))
-        use_probe = comparison.better
-        candidate, kept = "the linear probe", ("the linear probe" if use_probe else name)
-    choice["probe_vs_head"] = {**comparison.summary(), "on": where, "candidate_is": candidate,
-                               "baseline_is": "the linear probe" if probe_baseline else name,
-                               "kept": kept}
-    if use_probe:
-        choice.update({"scenario": PROBE, "score": baseline.get(score),
-                       "by": ("out-of-fold" if groups is not None else "validation-image")
-                       + " comparison with the best scenario"})
-    return choice
 
 
 def sweep_stage(job: Job, config: SweepConfig, heads: HeadsConfig, cache: CacheConfig,

@@ -2,23 +2,20 @@
 
 Every fold trains through the one `training.HeadTrainer` (compiled once per
 configuration) from the same starting weights, and is scored exactly after every
-epoch. The epoch with the best mean score over the folds is chosen; what the
-folds produced at that epoch is kept instead of being trained again:
+epoch. The epoch with the best mean score over the folds is chosen. What cross-
+validation keeps of every epoch is small: each fold's held-out probabilities, from
+which each row's out-of-fold probabilities at the chosen epoch are taken (an honest
+estimate of the chosen configuration, used to compare a single model with the bag,
+and to find labels that look wrong).
 
-  * each fold's trainable weights (the bag's members),
-  * each row's out-of-fold probabilities (an honest estimate of the chosen
-    configuration, used to compare a single model with the bag, and to find
-    labels that look wrong).
-
-A fold's weights at every epoch are held until the epoch is chosen, in memory
-up to a budget and in a temporary folder beyond it.
+The folds' weights (the bag's members) are needed only for the scenario that is
+exported, and only at the chosen epoch: `fold_weights` trains each fold again for
+that many epochs, which gives the same weights (the same seed, the same batch order
+for every epoch, a fresh optimizer), instead of holding every fold's weights at
+every epoch until the choice (VGG16's scenario C: 55 MB a copy, 25 copies).
 """
 
 import dataclasses
-import logging
-import os
-import shutil
-import tempfile
 import warnings
 from typing import List, Optional, Tuple
 
@@ -75,37 +72,6 @@ def iterative_folds(y, folds: int, seed: int) -> Folds:
     return [(np.flatnonzero(part != f), np.flatnonzero(part == f)) for f in range(folds)]
 
 
-class WeightStore:
-    """Per-(fold, epoch) weight lists: in memory up to ``budget_bytes``, on disk beyond."""
-
-    def __init__(self, budget_bytes: float):
-        self.budget, self.used = budget_bytes, 0
-        self._memory, self._folder = {}, None
-
-    def put(self, key, values: list) -> None:
-        size = sum(v.nbytes for v in values)
-        if self.used + size <= self.budget:
-            self._memory[key] = values
-            self.used += size
-            return
-        if self._folder is None:
-            self._folder = tempfile.mkdtemp(prefix="cv-weights-")
-            logging.info("Cross-validation: keeping fold weights on disk in %s (over the "
-                         "memory budget).", self._folder)
-        np.savez(os.path.join(self._folder, f"{key[0]}_{key[1]}.npz"), *values)
-
-    def get(self, key) -> list:
-        if key in self._memory:
-            return self._memory[key]
-        with np.load(os.path.join(self._folder, f"{key[0]}_{key[1]}.npz")) as data:
-            return [data[f"arr_{i}"] for i in range(len(data.files))]
-
-    def close(self) -> None:
-        self._memory.clear()
-        if self._folder:
-            shutil.rmtree(self._folder, ignore_errors=True)
-
-
 @dataclasses.dataclass
 class CVResult:
     """Cross-validation of one configuration."""
@@ -113,7 +79,6 @@ class CVResult:
     epoch: int                         # the chosen epoch (1-based)
     metric: str                        # what the curves are (the task's headline)
     oof_probs: np.ndarray              # out-of-fold probabilities at the chosen epoch
-    members: List[list]                # each fold's trainable weights at the chosen epoch
     fold_scores: List[dict]            # every metric of each fold at the chosen epoch
 
     @property
@@ -151,31 +116,26 @@ def best_epoch(curves: np.ndarray) -> int:
 
 
 def cross_validate(trainer: HeadTrainer, x, y, folds: Folds, settings: FitSettings, *,
-                   views_x=None, keep_members: bool = True, progress=None) -> CVResult:
+                   views_x=None, progress=None) -> CVResult:
     """Trains ``trainer`` on every fold from the classifier's current weights.
 
     Fold k shuffles with seed ``settings.seed + k`` and adds the cached views of its own
-    training images (``views_x``); the members' weights are held within
-    ``settings.memory_budget`` (spilled to disk above it); ``progress`` (a
-    `pipeline.progress` bar) advances once per fold. The classifier is left as it was
-    found.
+    training images (``views_x``); ``progress`` (a `pipeline.progress` bar) advances
+    once per fold. The classifier is left as it was found.
     """
     y = np.asarray(y)
     start = snapshot(trainer.classifier.model)
-    store = WeightStore(settings.memory_budget)
     curves, probs, scores = [], [], []
     try:
         for k, (tr, va) in enumerate(folds):
             restore(trainer.classifier.model, start)
             x_tr, y_tr = rows_lib.with_views(x, y, views_x, tr)
             fit = trainer.fit(x_tr, y_tr, settings.replace(seed=settings.seed + k),
-                              val=(rows_lib.take(x, va), y[va]), keep=None,
-                              record=("probs", "weights") if keep_members else ("probs",))
+                              val=(rows_lib.take(x, va), y[va]), keep=None, record=("probs",))
+            del x_tr  # a fold's rows are not kept once it is trained
             curves.append([s[trainer.task.headline] for s in fit.val_scores])
             probs.append(fit.val_probs)
             scores.append(fit.val_scores)
-            for e, values in enumerate(fit.weights):
-                store.put((k, e), values)
             if progress is not None:
                 progress.add(1)
         curves = np.asarray(curves, np.float64)
@@ -183,12 +143,31 @@ def cross_validate(trainer: HeadTrainer, x, y, folds: Folds, settings: FitSettin
         oof = np.zeros((len(y), *np.shape(probs[0][0])[1:]), np.float64)
         for (_, va), fold_probs in zip(folds, probs):
             oof[va] = fold_probs[chosen - 1]
-        members = [store.get((k, chosen - 1)) for k in range(len(folds))] if keep_members else []
     finally:
-        store.close()
         restore(trainer.classifier.model, start)
-    return CVResult(curves, chosen, trainer.task.headline, oof, members,
+    return CVResult(curves, chosen, trainer.task.headline, oof,
                     [s[chosen - 1] for s in scores])
+
+
+def fold_weights(trainer: HeadTrainer, x, y, folds: Folds, settings: FitSettings,
+                 epoch: int, *, views_x=None) -> List[list]:
+    """Each fold's trainable weights after ``epoch`` epochs, as `cross_validate` trained
+    them: the same seed and rows per fold, the same batch order in every epoch (it
+    depends on the epoch's number only), a fresh optimizer. The classifier is left as
+    it was found."""
+    y = np.asarray(y)
+    start = snapshot(trainer.classifier.model)
+    out = []
+    try:
+        for k, (tr, _) in enumerate(folds):
+            restore(trainer.classifier.model, start)
+            x_tr, y_tr = rows_lib.with_views(x, y, views_x, tr)
+            trainer.fit(x_tr, y_tr, settings.replace(seed=settings.seed + k, epochs=epoch),
+                        keep=None)
+            out.append([np.array(v.numpy()) for v in trainer.trainable])
+    finally:
+        restore(trainer.classifier.model, start)
+    return out
 
 
 def format_cv(result: CVResult, metric_label: Optional[str] = None) -> str:

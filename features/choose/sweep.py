@@ -82,7 +82,7 @@ def run(classifier: backbone.Classifier, grid: Sequence[heads.HeadConfig], task:
         started = time.perf_counter()
         with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:
             cv = cv_lib.cross_validate(trainer, train.feats[start], labels, folds, fit,
-                                       views_x=views_x, keep_members=False, progress=bar)
+                                       views_x=views_x, progress=bar)
         at = cv.curves[:, cv.epoch - 1]
         rows.append({"scenario": config.scenario, "optimizer": config.optimizer,
                      "learning_rate": config.learning_rate, "dropout": config.dropout,

@@ -320,7 +320,7 @@ def finetune(classifier: backbone.Classifier, blocks, task: Task, train_frame: p
         callbacks.insert(2, keras.callbacks.TensorBoard(log_dir))
     started = time.perf_counter()
     if initial_epoch < s.epochs and checkpointer.wait < s.patience:
-        fit_model.fit(train, epochs=s.epochs, initial_epoch=initial_epoch,
+        fit_model.fit(train.dataset, epochs=s.epochs, initial_epoch=initial_epoch,
                       steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=0)
     seconds = time.perf_counter() - started
     progress.clear("finetune")
@@ -362,8 +362,9 @@ def _fit_model(classifier, blocks, task, val_frame, cached, settings: FinetuneSe
 
 
 def _training_data(task, train_frame, cached, settings: FinetuneSettings):
-    """(training batches for ``settings.epochs`` epochs, steps per epoch): from the cached
-    views, or from the images through the augmented input pipeline."""
+    """(training batches for ``settings.epochs`` epochs as `rows.Batches`, steps per
+    epoch): from the cached views, or from the images through the augmented input
+    pipeline."""
     s = settings
     if cached is not None:
         return rows_lib.shuffled_batches(
@@ -376,7 +377,7 @@ def _training_data(task, train_frame, cached, settings: FinetuneSettings):
         train_frame.path.tolist(), task.targets(y_train), train_frame.name.tolist(),
         s.image_size, s.batch_size, augment="none" if _augments_in_model(s) else s.augment,
         seed=s.seed, weights=_class_weights(task, y_train, s.class_weight))
-    return dataset.map(input_lib.to_inputs_targets), steps
+    return rows_lib.Batches(dataset.map(input_lib.to_inputs_targets)), steps
 
 
 def _class_weights(task: Task, y, class_weight):
@@ -394,5 +395,6 @@ def fit_fixed(classifier: backbone.Classifier, blocks, task: Task, frame: pd.Dat
     fit_model.compile(optimizer=backbone.make_optimizer(s.optimizer, s.learning_rate),
                       loss=task.loss(s.label_smoothing), metrics=task.keras_metrics())
     train, steps = _training_data(task, frame, cached, s)
-    fit_model.fit(train, epochs=s.epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
+    fit_model.fit(train.dataset, epochs=s.epochs, steps_per_epoch=steps, shuffle=False,
+                  verbose=0,
                   callbacks=[EpochLog("Refit fine-tuning", s.epochs)])

@@ -221,6 +221,18 @@ def cross_validate_scenario(classifier, config: HeadConfig, task: Task, train: F
     return cv
 
 
+def fold_members(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
+                 fit: FitSettings, epoch: int) -> list:
+    """The trainable weights of each cross-validation fold of ``config`` at ``epoch``
+    (the bag's members), trained again as its cross-validation trained them
+    (`features.choose.cv.fold_weights`)."""
+    start = classifier.start_layer(config.row.blocks)
+    with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:
+        return cv_lib.fold_weights(trainer, train.feats[start], np.asarray(train.y),
+                                   train.folds, fit, epoch,
+                                   views_x=train.views[start] if train.views else None)
+
+
 def fit_head(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
              val: FeatureSplit, fit: FitSettings, *, epoch: Optional[int] = None,
              tensorboard_dir=None) -> HeadResult:

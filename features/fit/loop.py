@@ -225,8 +225,9 @@ class HeadTrainer:
         # the best-epoch choice) reads its val_* numbers from the same logs.
         every = [c for c in (validation, keeper) if c is not None] + list(callbacks)
         every += [c for c in (best, chosen) if c is not None]
-        history = self.model.fit(batches, steps_per_epoch=steps, epochs=s.epochs,
+        history = self.model.fit(batches.dataset, steps_per_epoch=steps, epochs=s.epochs,
                                  callbacks=every, shuffle=False, verbose=0)
+        del batches  # what the batches read from can go now (see `rows.Batches`)
         kept = s.epochs
         for callback in (best, chosen):
             if callback is not None and callback.values is not None:

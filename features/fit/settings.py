@@ -2,7 +2,7 @@
 
 Each is built once per run from the flags (`workflow.config`) and passed down whole,
 instead of the same bundle of keyword arguments (epochs, batch size, seed, class
-weights, label smoothing, memory budget, progress) being threaded through every level.
+weights, label smoothing, progress) being threaded through every level.
 A step that needs one value changed (a fold's seed, the refit's epochs) uses `replace`.
 """
 
@@ -14,9 +14,6 @@ from typing import Optional
 class FitSettings:
     """How a head trains on cached features (CV folds, final fits, sweep, refit).
 
-    memory_budget: bytes of cross-validation fold weights (one set per fold and epoch,
-      kept for the bag and the chosen epoch) held in memory; above it they go to disk
-      (`features.choose.cv.WeightStore`).
     class_weight: {class index: weight} (binary and multi-class), or None.
     progress: show progress bars and per-scenario lines.
     """
@@ -25,7 +22,6 @@ class FitSettings:
     seed: int = 0
     class_weight: Optional[dict] = None
     label_smoothing: float = 0.0
-    memory_budget: float = 2e9
     progress: bool = True
 
     def replace(self, **changes) -> "FitSettings":

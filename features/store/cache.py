@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from features import backbone, distribute, networks, scenarios
+from features import backbone, networks, scenarios
 from features.store import extract
 from features.store.h5file import (CacheMismatch, CorruptRows, FeatureCache,
                                    keep_open_on_full_disk)
@@ -346,10 +346,8 @@ def _local_batches(classifier, spec, todo, batch_size):
         # The provenance must say how the rows were really computed.
         raise ConfigError(f"The backbone computes in {computes_in} but the cache is for "
                           f"{spec.precision}; build the classifier after setting the precision.")
-    model = classifier.feature_model(spec.layers)
-    # Split over the replicas of a mirrored strategy (one device otherwise).
-    predict = distribute.sharded(lambda x: model(x, training=False), model.input.shape[1:])
-    return extract.compute_features(predict, todo, spec, batch_size)
+    return extract.compute_features(extract.extractor(classifier, spec.layers), todo, spec,
+                                    batch_size)
 
 
 def _extract_into(cache: FeatureCache, classifier, todo, how: Extraction):

@@ -1,0 +1,79 @@
+"""The heads stage's choice between its best scenario and the linear probe, and the
+sentence that says what was decided (in words that match the comparison made)."""
+
+import logging
+
+from features.choose import cv as cv_lib, evidence
+from workflow.export import PROBE
+from workflow.job import Job
+
+
+def choice_sentence(choice: dict, best: str) -> str:
+    """What the heads stage decided, in words that match the comparison it made."""
+    versus = choice.get("probe_vs_head")
+    if choice.get("by") == "--use_sweep":
+        return f"scenario {best} (the sweep's best configuration) will be fine-tuned and exported"
+    if not versus:
+        return (f"scenario {best} will be fine-tuned and exported (without cross-validation "
+                "it was not compared with the probe)")
+    interval = " .. ".join(f"{v:+.4f}" for v in versus["ci90"])
+    diff = f"difference {versus['difference']:+.4f}, 90% interval {interval}"
+    if versus["candidate_is"] == f"scenario {best}":
+        if choice["scenario"] == PROBE:
+            return (f"scenario {best} is not better than the linear probe beyond noise ({diff}): "
+                    "the probe, the simpler model, will be exported")
+        return (f"scenario {best} beats the linear probe beyond noise ({diff}): it will be "
+                "fine-tuned and exported")
+    if choice["scenario"] == PROBE:
+        return (f"the linear probe beats scenario {best} beyond noise ({diff}): the probe "
+                "will be exported")
+    why = ("without cross-validation the scenario is the baseline"
+           if versus["on"].startswith("the validation images") else "--noprobe_baseline")
+    return (f"the linear probe is not better than scenario {best} beyond noise ({diff}): "
+            f"scenario {best} will be fine-tuned and exported ({why})")
+
+
+def probe_or_head(job: Job, best, probe_choice, baseline: dict,
+                   probe_baseline: bool = True, probe_val=None) -> dict:
+    """The heads stage's choice between the best scenario and the linear probe, on
+    out-of-fold predictions (with CV), else on the validation images (``probe_val``: the
+    probe's probabilities there). With CV the simpler model is the baseline: the probe
+    stays unless the scenario beats it beyond noise (``probe_baseline``; False: the
+    scenario is the baseline and the probe must beat it). Without CV the scenario is
+    always the baseline: the validation images already chose it and its epoch, so the
+    probe replaces it only when clearly better there (measured: docs/benchmarks.md)."""
+    choice = {"scenario": best.scenario, "by": best.selected_by, "score": best.score,
+              "metric": job.task.headline}
+    if best.cv is not None and probe_choice.oof_probs is not None:
+        y, head, lin = job.y_train, best.cv.oof_probs, probe_choice.oof_probs
+        where = "out-of-fold predictions of the training split, fold by fold"
+        groups, score = cv_lib.fold_of(job.folds, len(y)), f"cv_{job.task.headline}_mean"
+    elif best.val_probs is not None and probe_val is not None and len(job.y_val):
+        y, head, lin = job.y_val, best.val_probs, probe_val
+        where = "the validation images, which also chose the scenario and its epoch"
+        groups, score = None, f"val_{job.task.headline}"
+        probe_baseline = False
+    else:
+        choice["probe_vs_head"] = None
+        return choice
+    name = f"scenario {best.scenario}"
+    if probe_baseline:
+        comparison = evidence.compare(job.task, y, head, lin, job.seed, groups=groups)
+        logging.info("Scenario %s vs the probe (%s): %s", best.scenario, where,
+                     comparison.describe(name, "the linear probe"))
+        use_probe = not comparison.better
+        candidate, kept = (name, "the linear probe") if use_probe else (name, name)
+    else:
+        comparison = evidence.compare(job.task, y, lin, head, job.seed, groups=groups)
+        logging.info("Probe vs scenario %s (%s): %s", best.scenario, where,
+                     comparison.describe("the linear probe", name))
+        use_probe = comparison.better
+        candidate, kept = "the linear probe", ("the linear probe" if use_probe else name)
+    choice["probe_vs_head"] = {**comparison.summary(), "on": where, "candidate_is": candidate,
+                               "baseline_is": "the linear probe" if probe_baseline else name,
+                               "kept": kept}
+    if use_probe:
+        choice.update({"scenario": PROBE, "score": baseline.get(score),
+                       "by": ("out-of-fold" if groups is not None else "validation-image")
+                       + " comparison with the best scenario"})
+    return choice
