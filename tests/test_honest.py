@@ -170,3 +170,26 @@ def test_scoring_says_when_the_model_was_trained_on_the_scored_images(
     assert scores["trained_on_images"] == 3 and scores["n"] == 6
     assert "was trained on 3 of these 6 images" in capsys.readouterr().out
     assert "not a held-out score" in (tmp_path / "s_report.html").read_text()
+
+
+def test_fine_tuning_that_cannot_change_the_export_is_skipped_and_said(tmp_path):
+    """An epoch is kept only when it beats the head on the monitored score: a head that
+    already scores 1 cannot be beaten, so no epoch (nor a cached view) is spent on it."""
+    from types import SimpleNamespace
+    from features import task as task_lib
+    from workflow import export, state as state_lib
+    state_lib.update(str(tmp_path), heads={"A": state_lib.HeadState(3, val_score=1.0),
+                                           "B": state_lib.HeadState(3, val_score=0.99)})
+    job = SimpleNamespace(task=task_lib.binary(), run=SimpleNamespace(path=str(tmp_path)),
+                          val=list(range(40)))
+
+    def config(**kw):
+        return SimpleNamespace(**{"epochs": 5, "monitor": None, **kw})
+    said = export._cannot_improve(job, config(), "A")
+    assert said.startswith("fine-tuning skipped: scenario A's head already scores AUC 1.0000 "
+                           "on the 40 validation images")
+    assert "--finetune_epochs=5 had no effect" in said
+    assert export._cannot_improve(job, config(), "B") is None  # room to improve
+    assert export._cannot_improve(job, config(monitor="loss"), "A") is None  # loss can fall
+    assert export._cannot_improve(job, config(epochs=0), "A") is None  # nothing asked
+    assert export._cannot_improve(job, config(), "C") is None  # no head recorded

@@ -26,23 +26,21 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from features.choose import bag as bag_lib, evidence, probe
+from features.choose import bag as bag_lib
 from features.fit import heads as heads_lib
 from features.serve import inference
 from features import scenarios
 from features.store import cache as cache_lib
 from features.fit import finetune as finetune_lib
-from features import task as task_lib
 from features.store import rows as rows_lib
 from features.fit.settings import FinetuneSettings, FitSettings
 from features.fit.loop import restore
 from pipeline.atomic import atomic_link
-from workflow import interpret, plots, state as state_lib, summary, trusting, validation
-from workflow.outputs import binary_column
+from workflow import final_model, plots, state as state_lib, summary, trusting, validation
 from workflow.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
-from workflow.job import Features, Job, backbone_weights_id, finetune_settings, fit_settings
+from workflow.job import Features, Job, finetune_settings, fit_settings
 
-PROBE = "probe"
+PROBE = final_model.PROBE
 
 
 def _cached_views(job: Job, config: FinetuneConfig, cache: CacheConfig, batch_size: int,
@@ -76,7 +74,7 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     every label when CV made the choices, and exports."""
     refit = _refit_wanted(job, heads)
     if scenario == PROBE:
-        return export_probe(job, heads, cache, runtime, predict, refit)
+        return final_model.export_probe(job, heads, cache, runtime, predict, refit)
     head_weights = heads_lib.weights_file(job.run.path, scenario)
     if scenario not in job.heads and not os.path.isfile(head_weights):
         _fit_unfitted_head(job, heads, cache, runtime, config.view_preset, scenario)
@@ -90,7 +88,11 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     result = {"scenario": scenario, "blocks": blocks, "optimizer": optimizer}
     checkpoints, kept = None, 0
     fine = finetune_settings(job, config, heads, runtime, optimizer)
-    if config.epochs > 0:
+    skipped = _cannot_improve(job, config, scenario)
+    if skipped:
+        print(skipped)
+        result["skipped"] = skipped
+    elif config.epochs > 0:
         ft = _finetune(job, config, cache, scenario, blocks, fine)
         checkpoints, kept = ft.pop("checkpoints"), ft["best_epoch"]
         result.update(ft)
@@ -98,7 +100,7 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     single = validation.above_cache(job, job.classifier.model, blocks)
     scores, probs = validation.validate(job, held, single)
     scores, thresholds = _scored(job, probs, scores, result)
-    if config.epochs > 0 and kept == 0:
+    if config.epochs > 0 and kept == 0 and not skipped:
         print("fine-tuning did not improve on the head: exporting the head")
     members = (bag_lib.load_members(_members_file(job, scenario))
                if heads.bag and _bag_fits(job, scenario, blocks) else None)
@@ -114,8 +116,8 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
         result["refit"] = _refit(job, config, cache, scenario, blocks, *settings)
     job.run.update_metrics("finetune", result)
     described = _described(scenario, config.epochs, kept)
-    _record_final(job, described, scores, thresholds)
-    choice["model_info"] = _trust(job, cache, runtime, trusted, start, refit)
+    final_model.record_final(job, described, scores, thresholds)
+    choice["model_info"] = final_model.trust(job, cache, runtime, trusted, start, refit)
     _export(job, scenario, blocks, scores, thresholds, members, choice, refit)
     if checkpoints is not None:
         checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)
@@ -126,10 +128,28 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
                         len(job.val), estimate))
 
 
+def _cannot_improve(job: Job, config: FinetuneConfig, scenario: str) -> Optional[str]:
+    """Why fine-tuning cannot change what is exported, or None. An epoch is kept only
+    when it beats the starting head on the monitored validation score; a head that
+    already has the highest possible score (AUC, accuracy or mAP 1) cannot be beaten, so
+    the epochs, and the augmented views they would train on, would be spent for
+    nothing (the Kaggle-sized run: 186 s of view extraction, then "did not improve")."""
+    monitor = config.monitor or job.task.headline
+    head = state_lib.load(job.run.path).heads.get(scenario)
+    if (config.epochs <= 0 or monitor != job.task.headline or head is None
+            or head.val_score is None or head.val_score < 1.0):
+        return None
+    return (f"fine-tuning skipped: scenario {scenario}'s head already scores "
+            f"{summary.label(monitor)} {head.val_score:.4f} on the {len(job.val)} validation "
+            f"images, the highest possible, and an epoch is kept only when it beats the head "
+            f"(--finetune_epochs={config.epochs} had no effect; --monitor=loss would still "
+            "fine-tune)")
+
+
 def _scored(job: Job, probs, scores: dict, result: dict):
     """The final report on the validation images; (scores, multi-label thresholds or
     None), both recorded in ``result``."""
-    thresholds = _final_report(job, probs)
+    thresholds = final_model.final_report(job, probs)
     if thresholds is not None:
         scores = job.task.scores(job.y_val, probs, thresholds)
         result["thresholds"] = {"values": [round(float(t), 6) for t in thresholds],
@@ -208,26 +228,6 @@ def _finetune(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: st
     return ft
 
 
-def _final_report(job: Job, probs):
-    """The final model on the validation images: interpretation plots and, for several
-    classes or labels, the per-class report (``classification_report.csv``). Returns the
-    per-label thresholds of a multi-label task (chosen here), else None."""
-    task = job.task
-    thresholds = (task_lib.choose_thresholds(job.y_val, probs) if task.kind == "multilabel"
-                  else None)
-    interpret.write_all(job.run.path, job.val.path.tolist(), job.y_val, probs, task,
-                        "final model, validation")
-    job.run.note("final model plots", job.run.file("{" + ",".join(interpret.FILES) + "}"))
-    if task.kind != "binary":
-        report = task_lib.per_class_report(task, job.y_val, probs, thresholds)
-        job.run.note("per-class report", job.run.write_csv(report, "classification_report.csv"))
-        confused = interpret.most_confused(task, job.y_val, probs)
-        if confused:
-            print("most confused (true -> predicted, validation images): " + "; ".join(
-                f"{t} -> {p} ({n})" for t, p, n in confused))
-    return thresholds
-
-
 def _refit(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, blocks,
            fit: FitSettings, fine: FinetuneSettings) -> dict:
     """Trains the exported model again on training + validation images: the head for the
@@ -266,84 +266,11 @@ def _refit(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, 
     return done
 
 
-def _record_final(job: Job, what: str, scores: dict, thresholds) -> None:
-    """metrics.json's ``final``: the final model (before any refit) on the validation
-    images, whichever kind it is; it says so itself."""
-    job.run.update_metrics("final", {
-        "model": what, "images": f"the {len(job.val)} validation images, held out from "
-                                 "this model (before any refit)",
-        **{f"val_{k}": v for k, v in scores.items()},
-        **({"thresholds": [round(float(t), 6) for t in thresholds]}
-           if thresholds is not None else {})})
-
-
-def _estimate(job: Job, scenario: str, refit: bool, scores: dict) -> dict:
-    """The score to expect from the exported model, and how it was measured."""
-    name = job.task.headline
-    state = state_lib.load(job.run.path)
-    cv = state.probe if scenario == PROBE else state.heads.get(scenario)
-    if refit and cv is not None and cv.cv_mean is not None:
-        return {"metric": name, "value": cv.cv_mean, "std": cv.cv_std,
-                "how": f"{len(job.folds)}-fold cross-validation of "
-                       f"{'the linear probe' if scenario == PROBE else 'scenario ' + scenario}"
-                       " on the training "
-                       "split (the refit model was trained on every labelled image, so it has "
-                       "no held-out images of its own)"}
-    return {"metric": name, "value": scores.get(name),
-            "how": f"validation set ({len(job.val)} images)"}
-
-
-def input_contract(image_size: int) -> dict:
-    """What an exported model takes, for every backbone (the input graph's output;
-    a backbone that wants RGB undoes it inside, `features.zoo.CaffeToRGB`)."""
-    return {"shape": [None, image_size, image_size, 3], "dtype": "float32",
-            "channel_order": "BGR",
-            "value_range": "0..255 minus the ImageNet channel means (B 103.939, G 116.779, "
-                           "R 123.68), no scaling",
-            "resize": "bilinear with antialiasing to a square, aspect ratio not kept"}
-
-
-def _model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) -> dict:
-    """``model_info.json``: what predict.py needs to preprocess as in training, and the
-    order and meaning of the model's outputs."""
-    task = job.task
-    return {"image_size": job.model.image_size, "task": task.kind,
-            "class_names": list(task.class_names), "positive_class": task.positive_class,
-            "scenario": scenario, "trainable_blocks": blocks,
-            "include_top": job.model.include_top,
-            "backbone": job.classifier.net.name, "backbone_source": job.classifier.net.source,
-            "weights": backbone_weights_id(job.model, job.seed),
-            "preprocessing": cache_lib.preprocessing(job.classifier.net),
-            "input": input_contract(job.model.image_size),
-            "output": "P(positive class)" if task.kind == "binary" else
-            "P(class) per class, in class_names order",
-            "val_auc": scores.get("auc"), "val_accuracy": scores.get("accuracy"),
-            "layout": job.dataset.layout, "trained_precision": job.precision.policy,
-            **({"binary_column": binary_column(task.class_names, job.dataset.sample_submission,
-                                               job.dataset.label_column)}
-               if task.kind == "binary" else {}),
-            **({"thresholds": [float(t) for t in thresholds]} if thresholds is not None else {})}
-
-
-def _trust(job: Job, cache: CacheConfig, runtime: RuntimeConfig, trusted: dict, start: str,
-           refit: bool) -> dict:
-    """metrics.json's ``trust``, the reference features (the images the model trained on);
-    returns model_info.json's additions."""
-    job.run.update_metrics("trust", trusted["metrics"])
-    if not trusted["info"]:
-        return {}  # too few held-out images (logged): exported uncalibrated
-    frame = pd.concat([job.train, job.val], ignore_index=True) if refit else job.train
-    job.run.note("reference features",
-                 trusting.store_reference(job, cache, frame, start, runtime.batch_size))
-    trusting.write_plots(job.run, trusted["metrics"], job.task.kind)
-    return trusted["info"]
-
-
 def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, choice: dict,
             refit: bool) -> None:
     """model.keras + model_info.json (+ bag.keras), and metrics.json's ``export``.
-    ``choice["model_info"]``: the calibration's and unfamiliar score's entries (`_trust`)."""
-    info = {**_model_info(job, scenario, blocks, scores, thresholds), **choice["model_info"]}
+    ``choice["model_info"]``: the calibration's and unfamiliar score's entries (`final_model.trust`)."""
+    info = {**final_model.model_info(job, scenario, blocks, scores, thresholds), **choice["model_info"]}
     stale = job.run.file(inference.BAG_FILE)
     if members is not None:
         # The heads stage's file under a second name (no second copy); the bag is
@@ -370,7 +297,7 @@ def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, 
         os.remove(stale)  # never leave a bag from another run beside this model
     export = {"default": inference.BAG_FILE if choice["default"] == "bag" else
               inference.MODEL_FILE, "tta": choice["tta"], "refit": refit,
-              "estimate": _estimate(job, scenario, refit, scores),
+              "estimate": final_model.expected_score(job, scenario, refit, scores),
               "decisions": choice["decisions"]}
     info.update({"default_model": choice["default"], "tta": choice["tta"], "refit": refit,
                  "estimate": export["estimate"]})
@@ -385,66 +312,3 @@ def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, 
                  export["estimate"]["metric"], "?" if value is None else
                  f"{value:.4f}" + (f" +- {std:.4f}" if std is not None else ""),
                  export["estimate"]["how"])
-
-
-def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
-                 predict: PredictConfig, refit: bool) -> None:
-    """Exports the probe as the model: the frozen base plus the probe as a Keras head,
-    chosen and scored as fitted on the training split, then (with ``refit``) fitted again
-    on training + validation images."""
-    meta = state_lib.load(job.run.path).probe
-    config = probe.ProbeConfig(meta.pooling, meta.standardised, meta.c)
-    model, head = _probe_model(job, cache, runtime, config, job.train)
-    # The probe sits on the frozen base's cached layer: validated from the cache.
-    held = validation.held_out(job, cache, runtime.batch_size)
-    layer = job.classifier.net.feature_layer
-    scores, probs = validation.validate(job, held, (head, layer))
-    thresholds = _final_report(job, probs)
-    choice = {"default": "model", "decisions": {}}
-    if predict.tta == "auto":
-        _, mirrored = validation.validate(job, held, (head, layer), tta=2)
-        tta = evidence.compare(job.task, job.y_val, mirrored, probs, job.seed)
-        choice["decisions"]["tta2_vs_tta1"] = tta.summary()
-        choice["tta"] = 2 if tta.better else 1
-    else:
-        choice["tta"] = int(predict.tta)
-    layer = job.classifier.net.feature_layer
-    trusted = trusting.fit_held_out(job, cache, runtime.batch_size, PROBE, layer, probs,
-                                    predict, oof_ok=True)
-    if refit:
-        model, _ = _probe_model(job, cache, runtime, config,
-                                pd.concat([job.train, job.val], ignore_index=True))
-    _record_final(job, f"the linear probe ({config.describe()})", scores, thresholds)
-    info = {**_model_info(job, PROBE, [], scores, thresholds),
-            **_trust(job, cache, runtime, trusted, layer, refit)}
-    estimate = _estimate(job, PROBE, refit, scores)
-    info.update({"default_model": "model", "tta": choice["tta"], "refit": refit,
-                 "estimate": estimate, "probe": config.describe()})
-    job.run.update_metrics("export", {"default": inference.MODEL_FILE, "model": "probe",
-                                      "tta": choice["tta"], "refit": refit,
-                                      "estimate": estimate, "decisions": choice["decisions"]})
-    state_lib.update(job.run.path, export=state_lib.ExportState(
-        inference.MODEL_FILE, int(choice["tta"]), bool(refit), estimate))
-    stale = job.run.file(inference.BAG_FILE)
-    if os.path.exists(stale):
-        os.remove(stale)  # never leave a bag from another run beside this model
-    job.run.note("model", inference.export_model(model, job.run.path, info))
-    print(summary.final(job.task, f"the linear probe, {config.describe()}", scores, None, None,
-                        len(job.val), estimate if refit else None))
-
-
-def _probe_model(job: Job, cache: CacheConfig, runtime: RuntimeConfig,
-                 config: probe.ProbeConfig, frame: pd.DataFrame):
-    """The probe fitted on ``frame``'s cached features: (image -> frozen base -> probe,
-    the probe alone on the backbone's feature map)."""
-    import keras
-    features = Features(job, cache, runtime.batch_size).of(frame)
-    x = probe.pooled(features[job.classifier.net.feature_layer],
-                     config.pooling)
-    estimator = probe.fit(x, np.asarray(frame.label.tolist()), job.task, config,
-                          job.class_weight)
-    head = probe.keras_head(estimator, config, job.task,
-                            job.classifier.last.output.shape[1:])
-    image = keras.Input(job.classifier.model.input.shape[1:], name="image")
-    return keras.Model(image, head(job.classifier.last(job.classifier.stem(
-        image, training=False), training=False)), name=f"{job.classifier.net.slug}_probe"), head
