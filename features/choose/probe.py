@@ -33,6 +33,11 @@ from pipeline import progress as progress_lib
 PROBE_LAYER = scenarios.BLOCK5_POOL
 POOLINGS = ("average", "max", "flatten")
 SCALINGS = (False, True)  # raw, standardised
+# Variants never tried: flattened and standardised features were the worst variant by CV
+# and never the best on held-out photos on ants/bees and the 12 flower species with
+# VGG16 and Lite0 (docs/benchmarks.md, bench/bench_probe.py), and the costliest: each
+# fold's standardisation needs its own N x N Gram matrix of 25,088-62,720 columns.
+NOT_TRIED = (("flatten", True),)
 # Inverse regularisation strengths searched (1e-4 .. 1e2).
 C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
 INNER_FOLDS = 5
@@ -91,12 +96,14 @@ class LinearProbe:
                                     self.link)
 
 
-def _scaler(x, block: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
-    """StandardScaler's mean and scale of ``x`` (a constant column is scaled by 1),
-    computed a column block at a time in float64."""
+def _scaler(x, rows=None, block: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
+    """StandardScaler's mean and scale of ``x`` (of its ``rows``, default all; a constant
+    column is scaled by 1), computed a column block at a time in float64: never a copy
+    of the rows (flattened Kaggle-sized features: 420 MB a fold)."""
     mean, std = np.zeros(x.shape[1]), np.zeros(x.shape[1])
     for i in range(0, x.shape[1], block):
         part = linear.columns(x, i, block)
+        part = part if rows is None else part[rows]
         mean[i:i + block], std[i:i + block] = part.mean(axis=0), part.std(axis=0)
     return mean, np.where(std < 10 * np.finfo(np.float64).eps * np.maximum(abs(mean), 1),
                           1.0, std)
@@ -173,7 +180,7 @@ def _fold_paths(x, y, task: Task, folds, scaled: bool, class_weight) -> List[lis
 
     def one(fold):
         tr, va = fold
-        z = shared if shared is not None else _coordinates(x, _scaler(x[tr]))
+        z = shared if shared is not None else _coordinates(x, _scaler(x, tr))
         path = linear.fit_path(z[tr], targets[tr], link, C_GRID,
                                None if weights is None else weights[tr])
         return [probabilities(LinearProbe(w.T, b, link), z[va], task) for w, b in path]
@@ -185,8 +192,9 @@ def _fold_paths(x, y, task: Task, folds, scaled: bool, class_weight) -> List[lis
 def choose(features, y, task: Task, folds: Optional[Sequence] = None, seed: int = 0,
            class_weight=None, poolings: Sequence[str] = POOLINGS,
            progress: bool = False) -> Choice:
-    """Scores every pooling x standardisation x C on ``folds`` (default: an inner
-    stratified 5-fold split of these rows) and returns the best by mean score (the
+    """Scores every pooling x standardisation (but `NOT_TRIED`) x C on ``folds``
+    (default: an inner stratified 5-fold split of these rows) and returns the best by
+    mean score (the
     smaller C of a tie, as the C path is walked upwards); with ``progress``, a progress
     bar counts the paths (one per fold and variant)."""
     y = np.asarray(y)
@@ -194,11 +202,13 @@ def choose(features, y, task: Task, folds: Optional[Sequence] = None, seed: int 
         _, smallest = task_lib.smallest_class(task, y)
         folds = cv_lib.make_folds(y, max(2, min(INNER_FOLDS, smallest)), seed, task)
     best, tried = None, 0
-    bar = (progress_lib.bar(len(poolings) * len(SCALINGS) * len(folds), "path",
-                            "linear probe") if progress else None)
+    variants = [(how, scaled) for how in poolings for scaled in SCALINGS
+                if (how, scaled) not in NOT_TRIED]
+    bar = (progress_lib.bar(len(variants) * len(folds), "path", "linear probe")
+           if progress else None)
     for how in poolings:
         x = pooled(features, how)
-        for scaled in SCALINGS:
+        for scaled in [sc for h, sc in variants if h == how]:
             paths = _fold_paths(x, y, task, folds, scaled, class_weight)
             if bar is not None:
                 bar.add(len(folds))

@@ -50,38 +50,52 @@ def suspects(task: Task, y, oof_probs, fold_of: Optional[Sequence[int]] = None) 
         return _multilabel(task, y.astype(int), np.asarray(oof_probs, np.float64), folds)
     p = _matrix(task, oof_probs)
     y = y.astype(int)
-    rows = []
+    names = np.asarray(task.class_names, dtype=object)
+    parts = []
     for fold in np.unique(folds):
         members = np.flatnonzero(folds == fold)
         guess = likely_classes(p[members], y[members])
-        for i, j in zip(members, guess):
-            if j < 0 or j == y[i]:
-                continue
-            rows.append({"row": int(i), "label": task.class_names[y[i]],
-                         "predicted": task.class_names[j], "confidence": float(p[i, j]),
-                         "given": float(p[i, y[i]]), "margin": float(p[i, j] - p[i, y[i]])})
-    table = pd.DataFrame(rows, columns=["row", "label", "predicted", "confidence", "given",
-                                        "margin"])
+        hit = (guess >= 0) & (guess != y[members])
+        i, j = members[hit], guess[hit]
+        label, predicted = p[i, y[i]], p[i, j]
+        parts.append(pd.DataFrame({"row": i, "label": names[y[i]], "predicted": names[j],
+                                   "confidence": predicted, "given": label,
+                                   "margin": predicted - label}))
+    return _ranked(parts)
+
+
+def _ranked(parts) -> pd.DataFrame:
+    """The suspects of every fold as one table, most confident contradiction first."""
+    columns = ["row", "label", "predicted", "confidence", "given", "margin"]
+    parts = [p for p in parts if len(p)]
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    table = table[columns].astype({"row": int, "confidence": float, "given": float,
+                                   "margin": float})
     return table.sort_values("margin", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def _multilabel(task: Task, y, p, folds) -> pd.DataFrame:
-    rows = []
+    """Per fold and label: a label marked absent whose probability reaches the mean
+    probability of the images that have it, or marked present whose 1 - probability
+    reaches the mean of the images that lack it (array operations; rows in image order
+    within a fold and label)."""
+    parts = []
     for fold in np.unique(folds):
         members = np.flatnonzero(folds == fold)
         for j, name in enumerate(task.class_names):
-            present, absent = y[members, j] == 1, y[members, j] == 0
-            on = p[members][present, j].mean() if present.any() else np.inf
-            off = (1 - p[members][absent, j]).mean() if absent.any() else np.inf
-            for i in members:
-                if y[i, j] == 0 and p[i, j] >= on:
-                    rows.append({"row": int(i), "label": f"no {name}", "predicted": name,
-                                 "confidence": float(p[i, j]), "given": float(1 - p[i, j]),
-                                 "margin": float(2 * p[i, j] - 1)})
-                elif y[i, j] == 1 and 1 - p[i, j] >= off:
-                    rows.append({"row": int(i), "label": name, "predicted": f"no {name}",
-                                 "confidence": float(1 - p[i, j]), "given": float(p[i, j]),
-                                 "margin": float(1 - 2 * p[i, j])})
-    table = pd.DataFrame(rows, columns=["row", "label", "predicted", "confidence", "given",
-                                        "margin"])
-    return table.sort_values("margin", ascending=False, kind="stable").reset_index(drop=True)
+            yj, pj = y[members, j], p[members, j]
+            present, absent = yj == 1, yj == 0
+            on = pj[present].mean() if present.any() else np.inf
+            off = (1 - pj[absent]).mean() if absent.any() else np.inf
+            missed, extra = absent & (pj >= on), present & (1 - pj >= off)
+            hit = missed | extra
+            was_absent = missed[hit]
+            q = pj[hit]
+            parts.append(pd.DataFrame({
+                "row": members[hit],
+                "label": np.where(was_absent, f"no {name}", name),
+                "predicted": np.where(was_absent, name, f"no {name}"),
+                "confidence": np.where(was_absent, q, 1 - q),
+                "given": np.where(was_absent, 1 - q, q),
+                "margin": np.where(was_absent, 2 * q - 1, 1 - 2 * q)}))
+    return _ranked(parts)
