@@ -1,59 +1,58 @@
 """Seconds and peak memory of each stage of a run: what ``metrics.json`` (``timings``,
 ``peak_memory_mb``), the console's last lines and ``report.html`` show.
 
-Peak memory is the process's resident set (RSS) at its highest during the stage. On
-Linux the kernel's high-water mark (``VmHWM``) is reset when a stage starts (writing 5
-to ``/proc/self/clear_refs``), so each stage's peak is its own, not the largest of
-every stage before it. Elsewhere, or where the reset is refused, a stage's figure is
-the process's peak so far (``resource.getrusage``), and the record says so.
+Peak memory is the process's resident set (RSS) at its highest during the stage. Two
+sources, neither of which changes what anyone else measures (the kernel's own peak,
+which ``/usr/bin/time`` and a parent's ``wait4`` read, is never reset):
+
+* the process's peak so far (``getrusage``'s ``ru_maxrss``): when it rose during a
+  stage, that stage set it, and its peak is exactly that;
+* otherwise the largest RSS a background thread saw while the stage ran, reading
+  ``/proc/self/statm`` every 20 ms (Linux). A spike shorter than that can be missed
+  in a stage that did not set the process's peak; the run's peak (``total``) is exact.
+
+Where ``/proc`` cannot be read, a stage's figure is the process's peak so far, and the
+record says so.
 """
 
 import contextlib
+import os
 import resource
 import sys
+import threading
 import time
 from typing import Dict, List, Optional
 
-_STATUS, _CLEAR = "/proc/self/status", "/proc/self/clear_refs"
 TOTAL = "total"
+_STATM = "/proc/self/statm"
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+SAMPLE_SECONDS = 0.02
 
 
-def _high_water_mb() -> Optional[float]:
-    """The kernel's peak RSS since the last reset, in MB (None where unreadable)."""
+def _rss_mb() -> Optional[float]:
+    """The process's resident set now, in MB (None where unreadable)."""
     try:
-        with open(_STATUS, encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_high_water() -> bool:
-    try:
-        with open(_CLEAR, "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _give_back_freed_memory() -> None:
-    """glibc keeps freed heap memory mapped for reuse; ``malloc_trim`` hands it back to
-    the system, so that a stage's peak is not raised by what the stage before it freed
-    (elsewhere: nothing to do)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        with open(_STATM, encoding="ascii") as f:
+            return int(f.read().split()[1]) * _PAGE / (1 << 20)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_so_far_mb() -> float:
     """The process's peak RSS since it started, in MB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def _give_back_freed_memory() -> None:
+    """glibc keeps freed heap memory mapped for reuse; ``malloc_trim`` hands it back to
+    the system, so that a stage's RSS does not carry what the stage before it freed
+    (elsewhere: nothing to do)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class StageClock:
@@ -65,17 +64,33 @@ class StageClock:
         self.peak_mb: Dict[str, float] = {}
         self._open: List[str] = []
         self._started: Dict[str, float] = {}
-        self.per_stage = _high_water_mb() is not None and _reset_high_water()
+        self.sampled = _rss_mb() is not None
+        self._seen = 0.0  # the largest RSS sampled since the last fold
+        self._process_peak = peak_so_far_mb()
+        self._lock = threading.Lock()
+        self._sampler: Optional[threading.Thread] = None
+
+    def _sample(self) -> None:
+        while self._open:
+            rss = _rss_mb() or 0.0
+            with self._lock:
+                self._seen = max(self._seen, rss)
+            time.sleep(SAMPLE_SECONDS)
 
     def _fold_peak(self) -> None:
-        """Adds the peak since the last reset to every open stage, and resets it."""
-        if not self.per_stage:
-            peak = peak_so_far_mb()
-        else:
-            peak = _high_water_mb() or 0.0
-            self.per_stage = _reset_high_water()
+        """Adds the peak since the last fold to every open stage, and starts afresh."""
+        rss = _rss_mb()
+        peak = peak_so_far_mb()
+        with self._lock:
+            seen = max(self._seen, rss or 0.0)
+            self._seen = rss or 0.0
+        if peak > self._process_peak + 1:  # a new peak for the process: set in here
+            seen = max(seen, peak)
+        self._process_peak = max(self._process_peak, peak)
+        if not self.sampled:
+            seen = peak
         for name in self._open:
-            self.peak_mb[name] = max(self.peak_mb.get(name, 0.0), peak)
+            self.peak_mb[name] = max(self.peak_mb.get(name, 0.0), seen)
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -84,13 +99,19 @@ class StageClock:
         self._open.append(name)
         self.seconds.setdefault(name, 0.0)  # listed in the order stages start
         self._started[name] = time.perf_counter()
+        if self.sampled and (self._sampler is None or not self._sampler.is_alive()):
+            self._sampler = threading.Thread(target=self._sample, daemon=True,
+                                             name="stage-memory")
+            self._sampler.start()
         try:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - self._started.pop(name)
             self._fold_peak()
-            _give_back_freed_memory()
             self._open.remove(name)
+            if name == TOTAL:
+                self.peak_mb[name] = max(self.peak_mb.get(name, 0.0), peak_so_far_mb())
+            _give_back_freed_memory()
 
     def elapsed(self, name: str) -> float:
         """Seconds of ``name`` so far, the time of the current run of it included."""
@@ -110,8 +131,11 @@ class StageClock:
         """What ``metrics.json`` stores: ``timings`` and ``peak_memory_mb`` by stage."""
         return {"timings": {k: round(self.seconds[k], 2) for k in self._order()},
                 "peak_memory_mb": {k: round(self.peak_mb.get(k, 0.0)) for k in self._order()},
-                "peak_memory_is": ("each stage's own peak RSS" if self.per_stage else
-                                   "the process's peak RSS up to the end of each stage")}
+                "peak_memory_is": (
+                    "each stage's largest RSS (sampled every 20 ms; exact for the stage "
+                    "that set the run's peak); total: the process's peak"
+                    if self.sampled else
+                    "the process's peak RSS up to the end of each stage")}
 
     def table(self) -> str:
         """The stages as console lines: name, seconds, peak memory."""

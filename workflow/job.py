@@ -16,6 +16,7 @@ import pandas as pd
 
 from features import backbone, distribute, precision
 from features.store import cache as cache_lib, extract
+from features.store.rows import take
 from features.choose import cv as cv_lib
 from features import task as task_lib
 from features.fit.settings import FinetuneSettings, FitSettings
@@ -253,7 +254,7 @@ class Features:
         for index, feats in memo or ():
             if all(p in index for p in paths):
                 rows = np.array([index[p] for p in paths], np.int64)
-                return {layer: v[rows] for layer, v in feats.items()}
+                return {layer: take(v, rows) for layer, v in feats.items()}
         how = cache_lib.Extraction(extract.extraction_batch(self.batch_size),
                                    engine=self.job.engine)
         feats, result = cache_lib.load(self.job.classifier, spec, frame, self.cache.cache_dir,
@@ -277,7 +278,6 @@ class Features:
         spec = cache_spec(self.job, self.cache)
         everything = self._load(spec, pd.concat([self.job.train, self.job.val]), 0, stream)
         n = len(self.job.train)
-        from features.store.rows import take
         train = {k: take(v, np.arange(n)) for k, v in everything.items()}
         val = {k: take(v, np.arange(n, n + len(self.job.val))) for k, v in everything.items()}
         if views <= 0:
