@@ -90,7 +90,9 @@ def run(root: str, args, label: str, variant: str = "") -> dict:
         sys.exit(f"{label}: {' '.join(cmd)} failed:\n{stderr[-3000:]}")
     metrics = common.metrics(os.path.join(work, "run"))
     cv = metrics.get("cross_validation", {})
-    headline = next((k[:-5] for c in cv.values() for k in c if k.endswith("_mean")), "auc")
+    with open(os.path.join(work, "run", "model_info.json"), encoding="utf-8") as f:
+        kind = json.load(f).get("task", "binary")
+    headline = {"binary": "auc", "multiclass": "accuracy", "multilabel": "map"}[kind]
     row = {"seconds": round(seconds, 1), "peak_mb": round(peak_mb),
            "stages": metrics.get("timings", {}),
            "cv": {s: (round(c.get(f"{headline}_mean", float("nan")), 4), c.get("epoch"))
@@ -98,7 +100,9 @@ def run(root: str, args, label: str, variant: str = "") -> dict:
            "probe_cv": metrics.get("probe", {}).get(f"cv_{headline}_mean"),
            "chosen": metrics.get("heads_choice", {}).get("scenario"),
            "exported": metrics.get("export", {}).get("model"),
-           "final_val": metrics.get("finetune", {}).get(f"val_{headline}"),
+           # The exported model (before any refit) on the held-out validation images.
+           "final_val": metrics.get("final", {}).get(f"val_{headline}"),
+           "final_model": metrics.get("final", {}).get("model"),
            "finetune_epochs_run": metrics.get("finetune", {}).get("epochs_run"),
            "bag_val_auc": metrics.get("bag", {}).get("val_auc"),
            "milestones_s": milestones(open(os.path.join(work, "run", "train.log"),

@@ -39,6 +39,15 @@ def decode_and_resize(image_size: int):
     return ops.chain(ops.read(), ops.decode(image_size), ops.resize(image_size))
 
 
+def image_from_bytes(contents, image_size: int = 224):
+    """One image file's bytes as the eval path makes it (decode, resize, mean-centre):
+    float32 ``[image_size, image_size, 3]``, the same ops as `eval_dataset` so the same
+    numbers (serve.py predicts uploads from their bytes, decoded once)."""
+    element = ops.chain(ops.decode(image_size), ops.resize(image_size),
+                        ops.vgg_mean_centre())({"bytes": contents})
+    return element["image"]
+
+
 def eval_dataset(paths, labels, names, image_size=224, batch_size=32):
     """Deterministic batches of ``{"image", "label", "name", "path"}``, in input order.
 

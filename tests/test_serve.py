@@ -52,9 +52,14 @@ def served(tmp_path_factory):
     return run, photos, predictor, server_app
 
 
-def _client(served, **kwargs):
+def _client(served, **settings):
+    """A test client of the app on the served run, as a browser on the same machine
+    reaches it (http://127.0.0.1:8000/); ``settings``: `serving.ServeConfig` fields."""
+    from workflow import serving
     run, _, predictor, server_app = served
-    return TestClient(server_app.create_app(str(run), predictor=predictor, **kwargs))
+    return TestClient(server_app.create_app(str(run), serving.ServeConfig(**settings),
+                                            predictor=predictor),
+                      base_url="http://127.0.0.1:8000")
 
 
 def _reviewed(run):
@@ -69,6 +74,7 @@ def test_predict_api_gives_predict_py_probabilities(served, tmp_path):
     health = client.get("/api/health").json()
     assert health["classes"] == ["ants", "bees"] and health["image_size"] == SIZE
     assert health["backbone"] == "vgg16" and health["model"] == "model.keras"
+    assert health["run"] == run.name and str(run.parent) not in json.dumps(health)
     names = [f"p{i}" for i in range(5)]
     files = [("files", (f"{n}.jpg", open(photos / f"{n}.jpg", "rb").read(), "image/jpeg"))
              for n in names]
@@ -232,7 +238,7 @@ def test_concurrent_clients_get_their_own_answers_and_lose_no_label(server, serv
     run, url, _ = server
     photos = served[1]
     expected = {}
-    with TestClient(served[3].create_app(str(run), predictor=served[2])) as local:
+    with _client(served) as local:
         for i in range(8):
             body = open(photos / f"p{i}.jpg", "rb").read()
             expected[i] = local.post("/api/predict", files=[("files", (f"p{i}.jpg", body))]) \

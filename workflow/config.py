@@ -10,7 +10,7 @@ import os
 from typing import Optional, Tuple, Union
 
 from features import networks, scenarios
-from pipeline import run_info
+from pipeline import limits, run_info
 from pipeline.errors import ConfigError
 from workflow import deploy
 
@@ -43,6 +43,7 @@ class DataConfig:
     demo: Optional[str] = None      # None, "binary" or "multiclass"
     label_column: Optional[str] = None
     task: Optional[str] = None      # None: detected from the data
+    max_pixels: int = limits.MAX_PIXELS  # --max_pixels: a larger image is a bad image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,7 +411,7 @@ def train_config(flag_values, names) -> TrainConfig:
     return TrainConfig(
         data=DataConfig(v["data_dir"], v["positive_class"], v["val_size"], v["seed"],
                         v["on_bad_image"], v["demo"], v["label_column"],
-                        None if v["task"] == "auto" else v["task"]),
+                        None if v["task"] == "auto" else v["task"], v["max_pixels"]),
         model=ModelConfig(v["weights"], v["include_top"] and choice.name == "vgg16",
                           v["image_size"], v["dropout"], choice, compare_choices(v)),
         cache=CacheConfig(v["cache_dir"], v["cache_dtype"], v["cache_augmented_views"],

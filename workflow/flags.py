@@ -10,6 +10,7 @@ and check flags before the first slow import.
 from absl import flags
 
 from features.scenarios import SCENARIO_HELP
+from pipeline import limits
 
 PRECISIONS = ["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 STRATEGIES = ["auto", "one", "mirrored"]
@@ -46,6 +47,10 @@ def _shared(fv, tta_help: str) -> None:
                       "decoded: stop with a list of them (fail), or leave it out with a report "
                       "(skip: never given a probability or a class; a prediction CSV leaves its "
                       "row out and <output>_bad_images.csv lists it with the reason).", flag_values=fv, module_name=DATA)
+    flags.DEFINE_integer("max_pixels", limits.MAX_PIXELS, "An image with more pixels than "
+                         "this (read from its header, before decoding) is a bad image, never "
+                         "decoded: no camera photo is that large, a decompression bomb is.",
+                         lower_bound=1, flag_values=fv, module_name=DATA)
     flags.DEFINE_string("tta", "auto", tta_help, flag_values=fv, module_name=PREDICT)
     flags.DEFINE_enum("precision", "auto", PRECISIONS, "Compute precision of the conv base. "
                       "auto: mixed_bfloat16 on CPUs with AVX512-BF16/AMX and GPUs of compute "

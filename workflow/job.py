@@ -23,7 +23,7 @@ from features.fit.settings import FinetuneSettings, FitSettings
 from features.task import Task
 from features.fit.loop import snapshot
 from features.weights import weights_identity
-from pipeline import diskspace, discovery, labels, scan, split
+from pipeline import diskspace, discovery, labels, limits, scan, split
 from pipeline.errors import UserError
 from workflow import config as config_lib, console
 from workflow.clock import StageClock
@@ -63,6 +63,7 @@ class Job:
     heads: dict = dataclasses.field(default_factory=dict)
     # The run's seconds and peak memory by stage (metrics.json, console, report).
     clock: StageClock = dataclasses.field(default_factory=StageClock)
+    max_pixels: int = limits.MAX_PIXELS  # --max_pixels: a larger image is a bad image
 
     @property
     def y_train(self) -> np.ndarray:
@@ -130,7 +131,8 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
         frame = scan.filter_bad_images(dataset.frame, model.image_size, data.on_bad_image,
                                        run.file("bad_images.csv"),
                                        memo_path=os.path.join(cache.cache_dir,
-                                                              "preflight.json"))
+                                                              "preflight.json"),
+                                       max_pixels=data.max_pixels)
         train, val = split.split_train_val(frame, resolve_val_size(data.val_size, len(frame)),
                                            data.seed)
         y_train = labels_of(task, train)
@@ -168,7 +170,8 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
     return Job(chosen, dataset, task, frame, train, val, classifier, run, folds, model,
                data.seed, initial=snapshot(classifier.model), class_weight=weights,
                board=run.note("tensorboard", run.file("tensorboard"))
-               if runtime.tensorboard and not runtime.studies else None)
+               if runtime.tensorboard and not runtime.studies else None,
+               max_pixels=data.max_pixels)
 
 
 def cache_spec(job: Job, cache: CacheConfig, augment: str = "none") -> cache_lib.CacheSpec:

@@ -318,7 +318,8 @@ def _pool(job: Job, folder: str, on_bad_image: str) -> pd.DataFrame:
     if pool.empty:
         raise DataError(f"{folder}: every photo is already labelled; nothing to choose from.")
     report = job.run.file("bad_unlabelled_images.csv")
-    pool = scan.filter_bad_images(pool, job.model.image_size, on_bad_image, report)
+    pool = scan.filter_bad_images(pool, job.model.image_size, on_bad_image, report,
+                                  max_pixels=job.max_pixels)
     if pool.empty:
         raise DataError(f"{folder}: no usable photos left (see {report}).")
     return pool.reset_index(drop=True)

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from features.task import Task
+from pipeline import limits
 from pipeline.errors import ConfigError, DataError
 from workflow import config as config_lib, trusting
 
@@ -24,6 +25,7 @@ class PredictRun(config_lib.Devices):
     bag: Optional[bool] = None   # None: what train.py chose (model_info.json)
     tta: str = "auto"
     on_bad_image: str = "fail"
+    max_pixels: int = limits.MAX_PIXELS
     keep_bad_rows: bool = False
     unfamiliar_label: bool = True
     unfamiliar_columns: str = "auto"
@@ -223,7 +225,8 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     chosen = precision.resolve_and_apply(cfg.precision)
     info, task, truth = prepared.info, prepared.task, prepared.truth
     frame = scan.filter_bad_images(prepared.frame, int(info["image_size"]), cfg.on_bad_image,
-                                   stem + "_bad_images.csv", keep_rows=True)
+                                   stem + "_bad_images.csv", keep_rows=True,
+                                   max_pixels=cfg.max_pixels)
     has_bag = os.path.isfile(os.path.join(cfg.workdir, inference.BAG_FILE))
     wanted = cfg.bag if cfg.bag is not None else info.get("default_model", "bag") == "bag"
     use_bag = wanted and has_bag

@@ -1,14 +1,25 @@
 """The FastAPI application of serve.py (see `workflow.serving` for what it serves).
 
-Safe by default: every route but the pages' own files needs the token when there is one
-(``Authorization: Bearer``, the ``token`` cookie, or ``?token=`` once, which sets the
-cookie); images come only from the run's own lists by opaque id; uploads are limited in
-count and size and checked before any prediction; every error is a JSON 4xx naming what
-was wrong, never a traceback; nothing is listed.
+Safe by default, in the order a request meets it:
+
+1. `workflow.web_guard`: a ``Host`` the server does not answer to gets 400, a POST,
+   PUT or DELETE from a page of another site 403 (DNS rebinding, cross-site requests);
+2. the token, when there is one (``Authorization: Bearer``, the ``token`` cookie, or
+   ``?token=`` once, which sets the cookie);
+3. the body's size: a ``Content-Length`` over the limit gets 413 before anything is
+   read (`web_guard`), and FastAPI's ``max_body_size`` cuts a chunked body at the limit;
+4. each upload: counted, measured, its pixel count read from its header, then decoded
+   once (`serving.prepare_uploads`).
+
+Images come only from the run's own lists by opaque id; every error is a JSON 4xx naming
+what was wrong; an unexpected one is a 500 with an id and no detail (the details go to
+the server's log); nothing is listed.
 """
 
 import hmac
+import logging
 import os
+import secrets
 import tempfile
 from typing import List, Optional
 
@@ -16,8 +27,9 @@ from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from workflow import serving
+from workflow import serving, web_guard
 
 
 class Answer(BaseModel):
@@ -26,22 +38,31 @@ class Answer(BaseModel):
     label: str
 
 
-def create_app(workdir: str, token: Optional[str] = None, max_bytes: int = 20_000_000,
-               max_files: int = 32, predictor=None) -> FastAPI:
-    """The app for the run in ``workdir`` (``predictor``: a loaded `serving.Predictor`,
-    else one is loaded here)."""
+def create_app(workdir: str, config: serving.ServeConfig = serving.ServeConfig(),
+               predictor=None):
+    """The ASGI app for the run in ``workdir``: the FastAPI app inside the Host, Origin
+    and size checks of `workflow.web_guard` (outside everything, FastAPI's own body
+    limit included, so that what they refuse never reaches it). ``predictor``: a loaded
+    `serving.Predictor`, else one is loaded here."""
     predictor = predictor or serving.Predictor(workdir)
-    app = FastAPI(title="invasive-vgg serve", version=serving.VERSION,
-                  description=f"Predictions of the run {os.path.abspath(workdir)}.")
-    _guard(app, token)
-    _prediction_routes(app, predictor, max_bytes, max_files)
+    app = FastAPI(title="serve.py: predictions and labels of one run",
+                  version=serving.VERSION,
+                  description=f"Predictions of the run {os.path.basename(workdir)!r}.",
+                  max_body_size=config.max_request_bytes,
+                  # Files are counted (and refused by name) in the route; this bounds
+                  # what the parser takes before that.
+                  form_limits={"max_files": 2 * config.max_files + 1, "max_fields": 8})
+    _errors(app)
+    _token(app, config.token)
+    _prediction_routes(app, predictor, config)
     _label_routes(app, predictor, serving.Reviews(workdir),
                   serving.Queue(workdir, predictor.task))
-    return app
+    return web_guard.GuardMiddleware(app, web_guard.Guard.for_server(
+        config.host, config.port, config.allowed_hosts, config.max_request_bytes))
 
 
-def _guard(app: FastAPI, token: Optional[str]) -> None:
-    """The token check, and errors as JSON (never a traceback)."""
+def _token(app: FastAPI, token: Optional[str]) -> None:
+    """The token check."""
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
@@ -58,16 +79,32 @@ def _guard(app: FastAPI, token: Optional[str]) -> None:
             response.set_cookie("token", token, httponly=True, samesite="strict")
         return response
 
+
+def _errors(app: FastAPI) -> None:
+    """Errors as JSON: a bad request names what was wrong; anything unexpected is a 500
+    with a short id, its details only in the server's log."""
+
     @app.exception_handler(serving.UploadError)
     async def upload_error(request: Request, err: serving.UploadError):
         return JSONResponse({"error": err.message}, err.status)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        message = ("The request body is too large for this server (serve.py "
+                   "--max_request_mb): send fewer or smaller photos per request."
+                   if err.status_code == 413 else str(err.detail))
+        return JSONResponse({"error": message}, err.status_code)
+
     @app.exception_handler(Exception)
     async def anything_else(request: Request, err: Exception):
-        return JSONResponse({"error": f"{type(err).__name__}: {err}"}, 500)
+        error_id = secrets.token_hex(4)
+        logging.error("Error %s in %s %s", error_id, request.method, request.url.path,
+                      exc_info=err)
+        return JSONResponse({"error": f"Internal error {error_id}; the server's log has "
+                                      "the details.", "id": error_id}, 500)
 
 
-def _prediction_routes(app: FastAPI, predictor, max_bytes: int, max_files: int) -> None:
+def _prediction_routes(app: FastAPI, predictor, config: serving.ServeConfig) -> None:
     """The predict page, /api/health and /api/predict."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -83,17 +120,18 @@ def _prediction_routes(app: FastAPI, predictor, max_bytes: int, max_files: int) 
     async def predict(files: List[UploadFile] = File(...), format: str = "json"):
         """Class probabilities of each uploaded image (multipart field ``files``), in the
         model's class order; ``?format=csv`` gives predict.py's CSV."""
-        if len(files) > max_files:
+        if len(files) > config.max_files:
             raise serving.UploadError(413, f"{len(files)} files in one request; at most "
-                                           f"{max_files}.")
-        loaded = []
-        for f in files:
-            data = await f.read(max_bytes + 1)
-            loaded.append((os.path.basename(f.filename or "image"), data))
+                                           f"{config.max_files}.")
+        for f in files:  # measured by the parser, which spooled them: nothing read yet
+            if f.size is not None and f.size > config.max_bytes:
+                raise serving.UploadError(413, f"{f.filename}: {f.size / 1e6:.1f} MB; at "
+                                               f"most {config.max_bytes / 1e6:.0f} MB per "
+                                               "image.")
+        loaded = [(os.path.basename(f.filename or "image"), await f.read()) for f in files]
         # Decoding and the network block: off the event loop, so that other requests are
         # read meanwhile and join the next batch (`serving.Predictor.predict`).
-        return await run_in_threadpool(_predict, predictor, loaded, format, max_files,
-                                       max_bytes)
+        return await run_in_threadpool(_predict, predictor, loaded, format, config)
 
 
 def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,
@@ -149,17 +187,10 @@ def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,
         return result
 
 
-def _predict(predictor, loaded, format: str, max_files: int, max_bytes: int):
-    serving.check_uploads(loaded, max_files, max_bytes, predictor.image_size)
+def _predict(predictor, loaded, format: str, config: serving.ServeConfig):
+    images = serving.prepare_uploads(loaded, config, predictor.image_size)
     names = [os.path.splitext(n)[0] for n, _ in loaded]
-    with tempfile.TemporaryDirectory() as folder:
-        paths = []
-        for i, (name, data) in enumerate(loaded):
-            path = os.path.join(folder, f"{i}_{name}")
-            with open(path, "wb") as out:
-                out.write(data)
-            paths.append(path)
-        probs, unfamiliar = predictor.predict(paths, names)
+    probs, unfamiliar = predictor.predict(images)
     if format == "csv":
         return Response(_csv(predictor, names, probs, unfamiliar), media_type="text/csv")
     return {"predictions": predictor.rows(names, probs, unfamiliar)}

@@ -20,19 +20,20 @@ temporary file and a rename, so a killed server leaves the last whole file.
 """
 
 import csv
+import dataclasses
 import hashlib
 import io
 import shlex
 import os
-import tempfile
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
 
 from features.task import Task
+from pipeline import limits
 from pipeline.atomic import atomic_write_text
 from pipeline.errors import ConfigError
 
@@ -40,6 +41,24 @@ VERSION = "0.1.0"
 REVIEWED = os.path.join("labels", "reviewed.csv")
 PAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pages")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """serve.py's settings: where it listens and what it accepts.
+
+    ``allowed_hosts``: host names beyond loopback's and the bound address that the
+    server answers to; ``max_bytes``: per uploaded file; ``max_request_bytes``: per
+    request body, enforced while it streams; ``max_pixels``: per image, from its header
+    before any decoding."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: Optional[str] = None
+    allowed_hosts: Tuple[str, ...] = ()
+    max_bytes: int = 20_000_000
+    max_files: int = 32
+    max_request_bytes: int = 100_000_000
+    max_pixels: int = limits.MAX_PIXELS
 
 
 class UploadError(Exception):
@@ -81,18 +100,20 @@ class Predictor:
 
     def health(self) -> dict:
         from features.serve import inference
+        # The run folder's name, not its path: nothing about the machine's folders.
         return {"model": inference.BAG_FILE if self.use_bag else inference.MODEL_FILE,
-                "workdir": os.path.abspath(self.workdir), "task": self.task.kind,
+                "run": os.path.basename(os.path.abspath(self.workdir)), "task": self.task.kind,
                 "classes": list(self.task.class_names), "backbone": self.info.get("backbone"),
                 "image_size": self.image_size, "tta": self.tta, "version": VERSION,
                 "calibrated": bool(self.info.get("calibration")),
                 "unfamiliar": self.reference is not None}
 
-    def predict(self, paths: List[str], names: List[str]):
-        """(probabilities, unfamiliar or None) of readable images, as predict.py gives;
-        safe to call from many threads at once (their images are batched together)."""
+    def predict(self, images: np.ndarray):
+        """(probabilities, unfamiliar or None) of images through the eval path
+        (`prepare_uploads`), as predict.py gives for their files; safe to call from many
+        threads at once (their images are batched together)."""
         from workflow import predicting
-        job = {"paths": list(paths), "done": threading.Event()}
+        job = {"images": images, "done": threading.Event()}
         with self.ready:
             self.waiting.append(job)
             self.ready.notify()
@@ -111,19 +132,18 @@ class Predictor:
                 while not self.waiting:
                     self.ready.wait()
                 jobs, count = [], 0
-                while self.waiting and (not jobs or count + len(self.waiting[0]["paths"])
+                while self.waiting and (not jobs or count + len(self.waiting[0]["images"])
                                         <= most):
                     jobs.append(self.waiting.pop(0))
-                    count += len(jobs[-1]["paths"])
-            paths = [p for job in jobs for p in job["paths"]]
+                    count += len(jobs[-1]["images"])
             try:
-                out = inference.predict_frame(
-                    self.model, pd.DataFrame({"path": paths, "name": paths}),
-                    self.image_size, self.batch_size, self.tta, progress=False)
+                out = inference.predict_images(
+                    self.model, np.concatenate([job["images"] for job in jobs]),
+                    self.batch_size, self.tta)
                 start = 0
                 for job in jobs:
-                    job["outputs"] = out[start:start + len(job["paths"])]
-                    start += len(job["paths"])
+                    job["outputs"] = out[start:start + len(job["images"])]
+                    start += len(job["images"])
             except Exception as err:  # handed to every waiting request, not lost
                 for job in jobs:
                     job["error"] = err
@@ -154,26 +174,35 @@ class Predictor:
         return out
 
 
-def check_uploads(files: List[tuple], max_files: int, max_bytes: int, image_size: int):
-    """Refuses a bad upload before any prediction: too many files, one too large, or one
-    that is not a decodable JPEG or PNG (each named). ``files``: (name, bytes)."""
-    from pipeline import scan
+def prepare_uploads(files: List[tuple], config: ServeConfig, image_size: int) -> np.ndarray:
+    """The uploaded images through the eval path ([N, S, S, 3]), each decoded once; a
+    bad upload is refused before any prediction (each named): none, too many, one too
+    large in bytes or in pixels (its header says, before decoding), one that is not a
+    decodable JPEG or PNG. ``files``: (name, bytes)."""
+    import tensorflow as tf
+    from pipeline import input as input_lib, scan
     if not files:
         raise UploadError(400, "No images: send them in the multipart field 'files'.")
-    if len(files) > max_files:
-        raise UploadError(413, f"{len(files)} files in one request; at most {max_files}.")
+    if len(files) > config.max_files:
+        raise UploadError(413, f"{len(files)} files in one request; at most "
+                               f"{config.max_files}.")
     for name, data in files:
-        if len(data) > max_bytes:
+        if len(data) > config.max_bytes:
             raise UploadError(413, f"{name}: {len(data) / 1e6:.1f} MB; at most "
-                                   f"{max_bytes / 1e6:.0f} MB per image.")
-    with tempfile.TemporaryDirectory() as folder:
-        for i, (name, data) in enumerate(files):
-            path = os.path.join(folder, f"{i}")
-            with open(path, "wb") as f:
-                f.write(data)
-            reason = scan.check_image(path, image_size)
-            if reason:
-                raise UploadError(415, f"{name} {reason}: expected a JPEG or PNG photo.")
+                                   f"{config.max_bytes / 1e6:.0f} MB per image.")
+    images = []
+    for name, data in files:
+        reason = scan.signature_problem(data) or scan.too_many_pixels(data, config.max_pixels)
+        if reason:
+            raise UploadError(413 if "megapixels" in reason else 415,
+                              f"{name} {reason}: expected a JPEG or PNG photo.")
+        try:
+            images.append(input_lib.image_from_bytes(data, image_size).numpy())
+        except tf.errors.OpError as err:
+            raise UploadError(415, f"{name} cannot be decoded: truncated or corrupt "
+                                   f"({scan.clean_error(err)}); expected a JPEG or PNG "
+                                   "photo.") from None
+    return np.stack(images)
 
 
 class Reviews:
@@ -301,7 +330,22 @@ def check_host(host: str, token: Optional[str]) -> Optional[str]:
     return secrets.token_urlsafe(24)
 
 
-def parse_limits(max_upload_mb: float, max_files: int) -> tuple:
-    if max_upload_mb <= 0 or max_files <= 0:
-        raise ConfigError("--max_upload_mb and --max_files must be positive.")
-    return int(max_upload_mb * 1e6), int(max_files)
+def config_from(host: str, port: int, token: Optional[str], allowed_hosts, sizes) -> ServeConfig:
+    """serve.py's flags as a `ServeConfig` (checked before TensorFlow starts). ``sizes``:
+    (max_upload_mb, max_files, max_request_mb, max_pixels)."""
+    max_upload_mb, max_files, max_request_mb, max_pixels = sizes
+    if min(max_upload_mb, max_files, max_request_mb, max_pixels) <= 0:
+        raise ConfigError("--max_upload_mb, --max_files, --max_request_mb and --max_pixels "
+                          "must be positive.")
+    allowed = [h.strip() for h in allowed_hosts if h.strip()]
+    if host in ("0.0.0.0", "::"):  # every interface: the machine's own names too
+        import socket
+        name = socket.gethostname()
+        allowed += [name, socket.getfqdn()]
+        try:
+            allowed += socket.gethostbyname_ex(name)[2]
+        except OSError:
+            pass
+    return ServeConfig(host, int(port), check_host(host, token), tuple(dict.fromkeys(allowed)),
+                       int(max_upload_mb * 1e6), int(max_files), int(max_request_mb * 1e6),
+                       int(max_pixels))

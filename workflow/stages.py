@@ -199,7 +199,8 @@ def predict_test(job: Job, runtime: RuntimeConfig, demo: bool = False) -> None:
     An unreadable test image gets no row; bad_test_images.csv lists it with the reason."""
     test = discovery.discover_unlabelled(job.dataset.data_dir)
     test = scan.filter_bad_images(test, job.model.image_size, "skip",
-                                  job.run.file("bad_test_images.csv"), keep_rows=True)
+                                  job.run.file("bad_test_images.csv"), keep_rows=True,
+                                  max_pixels=job.max_pixels)
     export = state_lib.load(job.run.path).export or state_lib.ExportState(inference.MODEL_FILE)
     model, info = inference.load_exported(job.run.path, bag=export.default == inference.BAG_FILE,
                                           policy=job.precision.policy)

@@ -158,20 +158,35 @@ def predict_paths(model: keras.Model, paths: Sequence[str], names: Sequence[str]
     # Batches as small as extraction's on a CPU: a batch's activations are the memory.
     dataset = input_lib.eval_dataset(list(paths), None, list(names), image_size,
                                      extract.extraction_batch(batch_size))
-    run = predictor(model)
     bar = progress_lib.bar(len(paths), "image", "predicted") if progress else None
+    outputs = _predict_batches(model, (b["image"] for b in dataset), tta, bar)
+    if len(outputs) != len(paths):
+        raise DataError(f"Predicted {len(outputs)} images but expected {len(paths)}.")
+    return outputs
+
+
+def predict_images(model: keras.Model, images: np.ndarray, batch_size: int = 32,
+                   tta: int = 1) -> np.ndarray:
+    """`predict_paths` of images already through the eval path (decoded, resized,
+    mean-centred: `pipeline.input.image_from_bytes`), [N, S, S, 3]."""
+    check_tta(tta)
+    size = extract.extraction_batch(batch_size)
+    return _predict_batches(model, (tf.constant(images[i:i + size])
+                                    for i in range(0, len(images), size)), tta)
+
+
+def _predict_batches(model, batches, tta: int, bar=None) -> np.ndarray:
+    """Model outputs (float64 [N, units]) of eval-path batches, ``tta`` views averaged."""
+    run = predictor(model)
     out = []
-    for batch in dataset:
-        views = tta_views(batch["image"], tta)
+    for images in batches:
+        views = tta_views(images, tta)
         outputs = tf.add_n([tf.cast(run(v), tf.float32) for v in views]) / len(views)
         out.append(outputs.numpy())
         if bar is not None:
             bar.add(len(outputs))
     units = model.output.shape[-1]
-    outputs = np.concatenate(out) if out else np.zeros([0, units], np.float32)
-    if len(outputs) != len(paths):
-        raise DataError(f"Predicted {len(outputs)} images but expected {len(paths)}.")
-    return outputs.astype(np.float64)
+    return (np.concatenate(out) if out else np.zeros([0, units], np.float32)).astype(np.float64)
 
 
 def predict_frame(model: keras.Model, frame, image_size: int, batch_size: int = 32,
