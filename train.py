@@ -21,7 +21,7 @@ console.quiet_tensorflow()
 
 from absl import app, flags  # noqa: E402
 
-from workflow import config, flags as flag_defs  # noqa: E402
+from workflow import config, demo_settings, flags as flag_defs  # noqa: E402
 
 FLAGS = flags.FLAGS
 _BEFORE = set(FLAGS)
@@ -36,7 +36,7 @@ def main(argv):
     with console.user_errors():
         cfg = config.train_config(FLAGS, OUR_FLAGS)  # checked before TensorFlow starts
         if cfg.data.demo:
-            print(config.describe_demo(FLAGS))
+            print(demo_settings.describe(FLAGS))
         dataset = None
         if not cfg.data.demo:  # the folder, the labels CSV, the classes: no TensorFlow yet
             dataset = config.discover(cfg.data, cfg.cache)

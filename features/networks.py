@@ -158,6 +158,17 @@ NAMED: Dict[str, Tuple[str, str]] = {
 }
 
 
+# The input size each keras.applications network was trained at (its Keras docs and
+# weights file): its default input size here, as timm's ``pretrained_cfg`` and
+# keras-hub's presets fix one per model.
+TRAINED_SIZE: Dict[str, int] = {"vgg16": 224, "resnet50": 224, "efficientnetb0": 224,
+                                "efficientnetv2b0": 224, "efficientnetv2s": 384,
+                                "convnext_tiny": 224, "mobilenetv3large": 224,
+                                "mobilenetv3small": 224}
+# A file that says nothing about its size: the usual ImageNet size (logged as a guess).
+GUESSED_SIZE = 224
+
+
 @dataclasses.dataclass(frozen=True)
 class BackboneChoice:
     """What the user asked for: ``--backbone`` plus the overrides for a file.
@@ -166,35 +177,113 @@ class BackboneChoice:
       name: ``vgg16``, a `NAMED` network, or the path of a ``.keras`` model file.
       feature_layer: ``--feature_layer``: use this layer as the feature map.
       stage_ends: ``--stage_ends``: the last layer of each stage, in order.
+      size: the input size named with it (``NAME@SIZE``, ``PATH@SIZE``), else None.
     """
     name: str = "vgg16"
     feature_layer: Optional[str] = None
     stage_ends: Tuple[str, ...] = ()
+    size: Optional[int] = None
 
     @property
     def is_file(self) -> bool:
         """A user's ``.keras`` model file rather than a network by name."""
         return self.name not in NAMED and self.name != "vgg16"
 
+    @property
+    def label(self) -> str:
+        """How the user names it: ``NAME`` or ``NAME@SIZE``."""
+        return self.name + (f"@{self.size}" if self.size else "")
+
+    def trained_size(self) -> Tuple[int, str]:
+        """(its default input size, why): ``@SIZE`` when named so, else the size it was
+        trained at: a named network's (`TRAINED_SIZE`), a file's fixed input shape;
+        a file whose input takes any size says nothing, and gets `GUESSED_SIZE`."""
+        if self.size:
+            return self.size, f"named as {os.path.basename(self.name)}@{self.size}"
+        if not self.is_file:
+            return TRAINED_SIZE[self.name], (f"{self.name} was trained at "
+                                             f"{TRAINED_SIZE[self.name]} px")
+        fixed = file_input_size(self.name)
+        if fixed:
+            return fixed, f"the file's input is fixed at {fixed} x {fixed} px"
+        return GUESSED_SIZE, (f"the file's input takes any size and it does not say which "
+                              f"it was trained at: {GUESSED_SIZE} px, the usual ImageNet "
+                              f"size; name it as --backbone={os.path.basename(self.name)}"
+                              f"@SIZE (e.g. @260 for EfficientNet-Lite2)")
+
+
+def file_input_size(path: str) -> Optional[int]:
+    """The square input size fixed in a ``.keras`` file's model config (its first input
+    layer's ``batch_shape``), read from the zip without TensorFlow; None when any size is
+    accepted or the file does not say."""
+    import json
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    layers = (config.get("config") or {}).get("layers") or []
+    for layer in layers:
+        if layer.get("class_name") == "InputLayer":
+            shape = (layer.get("config") or {}).get("batch_shape") or []
+            if len(shape) == 4 and shape[1] and shape[1] == shape[2]:
+                return int(shape[1])
+            return None
+    return None
+
+
+def split_size(text: str) -> Tuple[str, Optional[int]]:
+    """``NAME@SIZE`` -> (NAME, SIZE); anything else -> (text, None)."""
+    head, sep, tail = text.rpartition("@")
+    if sep and tail.strip().isdigit():
+        return head.strip(), int(tail)
+    return text, None
+
 
 def check_choice(name: str, feature_layer: Optional[str] = None,
                  stage_ends: Sequence[str] = ()) -> BackboneChoice:
-    """``--backbone`` and its overrides, checked without TensorFlow."""
-    text = str(name).strip()
+    """``--backbone`` (or a ``--backbones`` entry: ``NAME`` or ``NAME@SIZE``, ``PATH`` or
+    ``PATH@SIZE``) and its overrides, checked without TensorFlow."""
+    text, size = split_size(str(name).strip())
     normal = text.lower().replace("-", "_")
+    if size is not None and size < 32:
+        raise ConfigError(f"--backbone={name!r}: a size of {size} px is below the smallest "
+                          "any backbone here takes (32 px: five halvings).")
     if normal in NAMED or normal == "vgg16":
         if (feature_layer or stage_ends) and normal == "vgg16":
             raise ConfigError("--feature_layer/--stage_ends describe another network's "
                               "layers; VGG16's are fixed (block4_pool, block5_pool).")
-        return BackboneChoice(normal, feature_layer or None, tuple(stage_ends))
+        return BackboneChoice(normal, feature_layer or None, tuple(stage_ends), size)
     if not text.endswith(".keras"):
         raise ConfigError(f"--backbone={text!r}: expected vgg16, one of "
                           f"{', '.join(sorted(NAMED))}, or the path of a Keras model file "
-                          "(.keras).")
+                          "(.keras), each optionally with @SIZE (e.g. model.keras@260).")
     if not os.path.isfile(text):
         raise ConfigError(f"--backbone={text!r}: no such file (expected a Keras .keras model "
                           "file of an image network).")
-    return BackboneChoice(os.path.abspath(text), feature_layer or None, tuple(stage_ends))
+    return BackboneChoice(os.path.abspath(text), feature_layer or None, tuple(stage_ends),
+                          size)
+
+
+def candidates(entries: Sequence[str]) -> Tuple[Tuple[BackboneChoice, ...],
+                                               Tuple[Tuple[str, str], ...]]:
+    """``--backbones`` entries checked: (the candidates, each distinct once; (entry, why)
+    of each entry that names no backbone: a missing file, an unknown name). A failing
+    entry gets a row of the comparison that says why, and the rest go on."""
+    if len(entries) < 2:
+        raise ConfigError(f"--backbones={','.join(entries)}: name at least two backbones to "
+                          "compare (--backbone=auto and --stage=backbones choose among them).")
+    choices, failures = [], []
+    for entry in entries:
+        try:
+            choices.append(check_choice(entry))
+        except ConfigError as err:
+            failures.append((entry, " ".join(str(err).split())))
+    if not choices:
+        raise ConfigError("No entry of --backbones names a backbone:\n" + "\n".join(
+            f"  {entry}: {why}" for entry, why in failures))
+    return tuple(dict.fromkeys(choices)), tuple(failures)
 
 
 _STAGE_PATTERNS = (

@@ -168,7 +168,7 @@ def describe(model: keras.Model, choice: networks.BackboneChoice, preprocessing:
     net = networks.Backbone(
         name=choice.name, source=source, stages=stages, stem_layer=stem,
         feature_layer=feature, preprocessing=preprocessing, pooling="avg",
-        default_image_size=224, min_image_size=32, imagenet_top=False)
+        default_image_size=choice.trained_size()[0], min_image_size=32, imagenet_top=False)
     logging.info("Backbone %s: stages %s (by %s); the last stage (%s) runs from %s to the "
                  "feature map %s; input: %s.", net.slug, ", ".join(stages), how, stages[-1],
                  stem, feature, net.describe_input())
@@ -210,7 +210,13 @@ def build(choice: networks.BackboneChoice, weights: str, image_size: int, seed: 
         model = load_named(choice.name, weights, image_size, seed)
         preprocessing = networks.NAMED[choice.name][1]
     if image_size < 32:
-        raise ConfigError(f"--image_size must be at least 32; got {image_size}.")
+        raise ConfigError(f"{os.path.basename(choice.name)} at {image_size} px: below the 32 px "
+                          "its five halvings need.")
+    fixed = model.inputs[0].shape[1]
+    if fixed is not None and fixed != image_size:
+        raise ConfigError(f"{os.path.basename(choice.name)} takes {fixed} x {fixed} px input "
+                          f"only; asked for {image_size} px. Leave out --image_size (and "
+                          "@SIZE): its own size is the default.")
     net, stage_of = describe(model, choice, preprocessing, image_size)
     stem, last = split(model, net, image_size, net.slug)
     return net, stage_of, stem, last

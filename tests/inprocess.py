@@ -14,10 +14,10 @@ import traceback
 
 
 def _train(fv) -> None:
-    from workflow import config, console
+    from workflow import config, console, demo_settings
     cfg = config.train_config(fv, list(fv))
     if cfg.data.demo:
-        print(config.describe_demo(fv))
+        print(demo_settings.describe(fv))
     dataset = None if cfg.data.demo else config.discover(cfg.data, cfg.cache)
     console.load_tensorflow()
     from workflow import stages

@@ -224,3 +224,50 @@ def test_undoing_the_mean_centring_works_under_a_bfloat16_policy():
     out = layer(centred)
     assert out.dtype == tf.bfloat16
     np.testing.assert_allclose(np.asarray(tf.cast(out, tf.float32)), 128.0, atol=1.0)
+
+
+def test_each_backbone_runs_at_its_trained_size_unless_told(tiny_file, tmp_path):
+    """The size a network was trained at is its default input size: a named network's
+    (efficientnetv2s: 384), a file's fixed input shape; a file that accepts any size is
+    named with @SIZE or gets 224 with a reason that says so; --image_size overrides."""
+    from workflow import config
+    assert networks.check_choice("vgg16").trained_size()[0] == 224
+    assert networks.check_choice("EfficientNetV2S").trained_size() == (
+        384, "efficientnetv2s was trained at 384 px")
+    guessed = networks.check_choice(tiny_file).trained_size()
+    assert guessed[0] == 224 and "@SIZE" in guessed[1] and "any size" in guessed[1]
+    named = networks.check_choice(tiny_file + "@260")
+    assert (named.name, named.size, named.label) == (tiny_file, 260, tiny_file + "@260")
+    assert named.trained_size() == (260, "named as tiny_net.keras@260")
+    image = keras.Input((48, 48, 3))
+    keras.Model(image, keras.layers.Conv2D(4, 3, name="block1_conv")(image)).save(
+        tmp_path / "fixed.keras")
+    assert networks.check_choice(str(tmp_path / "fixed.keras")).trained_size()[0] == 48
+    with pytest.raises(ConfigError, match="below the smallest"):
+        networks.check_choice("vgg16@16")
+    model = config.ModelConfig("imagenet", False, 224, 0.5, image_size_asked=128)
+    assert model.size_for(networks.check_choice("efficientnetv2s")) == (128, "--image_size")
+    assert model.size_for(named)[0] == 260  # @SIZE wins over --image_size
+
+
+@pytest.mark.slow
+def test_a_candidate_that_cannot_be_tried_gets_a_row_and_auto_goes_on(tiny_file, tmp_path):
+    dense = tmp_path / "dense.keras"
+    inputs = keras.Input((8,))
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(dense)
+    result = run("train.py", "--demo", "--backbone=auto",
+                 f"--backbones={tmp_path / 'missing.keras'},{dense},{tiny_file}@40,vgg16",
+                 f"--workdir={tmp_path}/run", f"--cache_dir={tmp_path}/cache",
+                 "--stage=backbones")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "run" / "backbones.csv")
+    assert list(table.image_size[table.status == "compared"]) == [40, 64]
+    why = dict(zip(table.name, table.status))
+    assert why["missing.keras"].startswith("not tried: ") and "no such file" in why["missing.keras"]
+    assert why["dense.keras"].startswith("not tried: ") and "image input" in why["dense.keras"]
+    log = (tmp_path / "run" / "train.log").read_text()
+    import re
+    assert len(re.findall(r"^W.*not tried: ", log, re.M)) == 2  # one line each in the log
+    assert "Traceback" not in result.stderr
+    assert "chosen:" in result.stdout and "not tried: " in result.stdout

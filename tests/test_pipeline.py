@@ -179,7 +179,8 @@ def test_scan_memo_skips_unchanged_good_images_only(tmp_path, image_files, monke
     memo = str(tmp_path / "cache" / "preflight.json")
     checked = []
     real = scan.check_image
-    monkeypatch.setattr(scan, "check_image", lambda p, s=224: checked.append(p) or real(p, s))
+    monkeypatch.setattr(scan, "check_image", lambda p, s=224, m=scan.MAX_PIXELS:
+                        checked.append(p) or real(p, s, m))
     everything = paths + [str(bad)]
     assert [p for p, _ in scan.scan_with_memo(everything, 32, memo)] == [str(bad)]
     assert sorted(checked) == sorted(everything)

@@ -461,7 +461,7 @@ def test_config_is_typed_frozen_and_demo_defaults_never_touch_the_flags(tmp_path
     cfg = config.train_config(fv, list(fv))
     assert cfg.heads.epochs == 2                       # passed: the user's value wins
     assert cfg.model.weights == "none" and cfg.model.image_size == 64   # not passed: demo's
-    assert fv.weights == "imagenet" and fv.image_size == 224  # the flags are untouched
+    assert fv.weights == "imagenet" and fv.image_size is None  # the flags are untouched
     assert cfg.runtime.workdir == os.path.join("runs", "demo")
     with pytest.raises(dc.FrozenInstanceError):
         cfg.heads.epochs = 3

@@ -24,38 +24,54 @@ import numpy as np
 import pandas as pd
 
 from features import backbone, networks
+from pipeline.errors import UserError
 from features.choose import cv as cv_lib, evidence, probe
 from features.fit import heads as heads_lib
 from workflow.config import TrainConfig
 from workflow.job import Features, Job, fit_settings
 
 TABLE, PLOT = "backbones.csv", "backbones.png"
+RULE = ("the cheapest candidate (extraction ms per image) unless a costlier one beats it on "
+        "out-of-fold predictions beyond a paired bootstrap's noise (90%)")
 
 
 @dataclasses.dataclass
 class Entry:
-    """One backbone's row: scores, cost, and the out-of-fold predictions behind them."""
+    """One candidate's row (a backbone at an input size): scores, cost, and the
+    out-of-fold predictions behind them; or why it could not be tried (``failed``)."""
     choice: networks.BackboneChoice
     slug: str
-    score: float
-    std: float
-    model: str
-    ms_per_image: float
-    parameters: int
-    size_mb: float
-    oof: np.ndarray
+    image_size: int
+    score: float = float("nan")
+    std: float = float("nan")
+    model: str = ""
+    ms_per_image: float = float("nan")
+    parameters: int = 0
+    size_mb: float = float("nan")
+    oof: Optional[np.ndarray] = None
+    failed: str = ""
+
+    @property
+    def label(self) -> str:
+        """``name@size`` for people."""
+        return f"{self.slug}@{self.image_size}" if self.image_size else self.slug
 
     def row(self, metric: str) -> dict:
         """The row of backbones.csv."""
-        return {"backbone": self.choice.name, "name": self.slug, f"cv_{metric}_mean": self.score,
-                f"cv_{metric}_std": self.std, "scored_by": self.model,
+        return {"backbone": self.choice.name, "name": self.slug, "image_size": self.image_size,
+                f"cv_{metric}_mean": self.score, f"cv_{metric}_std": self.std,
+                "scored_by": self.model,
                 "extraction_ms_per_image": round(self.ms_per_image, 1),
-                "parameters": self.parameters, "model_size_mb": round(self.size_mb, 1)}
+                "parameters": self.parameters, "model_size_mb": round(self.size_mb, 1),
+                "status": f"not tried: {self.failed}" if self.failed else "compared"}
 
 
 def job_on(job: Job, choice: networks.BackboneChoice) -> Job:
-    """``job`` with its classifier rebuilt on another backbone (same data, split, folds)."""
-    model = dataclasses.replace(job.model, backbone=choice,
+    """``job`` with its classifier rebuilt on another backbone at its own input size
+    (`ModelConfig.size_for`; same data, split, folds)."""
+    size, why = job.model.size_for(choice)
+    model = dataclasses.replace(job.model, backbone=choice, image_size=size,
+                                image_size_reason=why,
                                 include_top=job.model.include_top and choice.name == "vgg16",
                                 weights="imagenet" if choice.is_file else job.model.weights)
     classifier = backbone.build_classifier(model.weights, model.include_top, model.image_size,
@@ -106,9 +122,9 @@ def evaluate(job: Job, cfg: TrainConfig) -> Entry:
         score, std, model, oof = head.mean, head.std, "scenario B", head.oof_probs
     else:
         score, std, model, oof = chosen.mean, chosen.std, "linear probe", chosen.oof_probs
-    return Entry(job.model.backbone, job.classifier.net.slug, score, std, model,
-                 _ms_per_image(job, cfg.runtime.batch_size), job.classifier.model.count_params(),
-                 _size_mb(job), np.asarray(oof))
+    return Entry(job.model.backbone, job.classifier.net.slug, job.model.image_size, score, std,
+                 model, _ms_per_image(job, cfg.runtime.batch_size),
+                 job.classifier.model.count_params(), _size_mb(job), np.asarray(oof))
 
 
 def choose(entries: List[Entry], job: Job) -> tuple:
@@ -133,29 +149,50 @@ def choose(entries: List[Entry], job: Job) -> tuple:
     return current, said
 
 
-def run(job: Job, cfg: TrainConfig, names) -> tuple:
-    """Evaluates each backbone of ``names``, writes backbones.csv and backbones.png and
-    the metrics' ``backbones`` key; returns (the chosen entry, the job on it)."""
+def _candidates(job: Job, choices) -> tuple:
+    """(entries that could not be tried, {choice: job on it}) for every candidate: one
+    that cannot be built (a file that is not an image network, a size below its
+    minimum, ...) gets one line in the log and a row saying why; the rest go on."""
+    failed = [Entry(c, os.path.basename(c.name), size, failed=why)
+              for c, size, why in job.failed_backbones]
+    jobs = {}
+    for choice in choices:
+        if any(f.choice == choice for f in failed):
+            continue
+        try:
+            jobs[choice] = job if choice == job.model.backbone else job_on(job, choice)
+        except UserError as err:
+            size = job.model.size_for(choice)[0]
+            logging.warning("Backbone %s at %d px not tried: %s", choice.label, size,
+                            " ".join(str(err).split()))
+            failed.append(Entry(choice, os.path.basename(choice.name), size, failed=" ".join(
+                str(err).split())))
+    return failed, jobs
+
+
+def run(job: Job, cfg: TrainConfig, choices) -> tuple:
+    """Evaluates each candidate of ``choices`` (a backbone at its input size), writes
+    backbones.csv and backbones.png and the metrics' ``backbones`` key; returns (the
+    chosen entry, the job on it)."""
     if not job.folds:
         raise ValueError("Comparing backbones needs cross-validation folds (--cv_folds).")
-    entries, jobs = [], {}
-    for name in names:
-        choice = networks.check_choice(name)
-        other = job if choice == job.model.backbone else job_on(job, choice)
-        logging.info("Backbone %s: extracting (or reading) its features and "
-                     "cross-validating the probe and scenario B.", other.classifier.net.slug)
+    failed, jobs = _candidates(job, choices)
+    entries = []
+    for choice, other in jobs.items():
+        logging.info("Backbone %s at %d px (%s): extracting (or reading) its features and "
+                     "cross-validating the probe and scenario B.", other.classifier.net.slug,
+                     other.model.image_size, other.model.image_size_reason)
         entries.append(evaluate(other, cfg))
-        jobs[choice] = other
     best, said = choose(entries, job)
     metric = job.task.headline
-    table = pd.DataFrame([e.row(metric) for e in entries])
+    table = pd.DataFrame([e.row(metric) for e in entries + failed])
     job.run.write_csv(table, TABLE)
     _plot(entries, best, metric, job.run.file(PLOT))
     section = job.run.update_metrics("backbones", {
         "table": table.to_dict(orient="records"), "chosen": best.choice.name,
-        "chosen_name": best.slug, "comparisons": said,
-        "rule": "the cheapest backbone (extraction ms per image) unless a richer one beats it "
-                "on out-of-fold predictions beyond a paired bootstrap's noise (90%)",
+        "chosen_name": best.slug, "chosen_size": best.image_size, "comparisons": said,
+        "not_tried": [{"backbone": f.choice.label, "why": f.failed} for f in failed],
+        "rule": RULE,
         "images": f"out-of-fold predictions on the {len(job.y_train)} training images, "
                   f"{len(job.folds)} folds shared by every backbone"})
     job.run.note("backbones", job.run.file(TABLE))
@@ -172,13 +209,13 @@ def _plot(entries: List[Entry], best: Entry, metric: str, path: str) -> None:
     for e in entries:
         ax.errorbar(e.ms_per_image, e.score, yerr=e.std, fmt="o",
                     color="C1" if e is best else "C0")
-        ax.annotate(f"{e.slug} ({e.model})" + (" - chosen" if e is best else ""),
+        ax.annotate(f"{e.label} ({e.model})" + (" - chosen" if e is best else ""),
                     (e.ms_per_image, e.score), textcoords="offset points", xytext=(5, 5),
                     fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("extraction ms per image on this machine (log)")
     ax.set_ylabel(f"CV {metric} (mean +- std over folds)")
-    ax.set_title("Backbones: score against cost (training split, same folds)")
+    ax.set_title("Backbones x input size: score against cost (training split, same folds)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -186,16 +223,32 @@ def _plot(entries: List[Entry], best: Entry, metric: str, path: str) -> None:
 
 
 def summary_lines(metrics: dict) -> Optional[List[str]]:
-    """The table and the choice, for the terminal summary."""
+    """The table, what was not tried, and the choice (which backbone and size, by how
+    much over the cheapest, at what cost), for the terminal summary."""
     b = metrics.get("backbones")
     if not b:
         return None
     metric = next(k for k in b["table"][0] if k.startswith("cv_") and k.endswith("_mean"))
+    rows = [r for r in b["table"] if r.get("status", "compared") == "compared"]
     lines = [f"backbones ({b['images']}):"]
-    for r in b["table"]:
-        lines.append(f"  {r['name']:<28} CV {metric[3:-5]} {r[metric]:.4f} +- "
+    for r in rows:
+        lines.append(f"  {_label(r):<34} CV {metric[3:-5]} {r[metric]:.4f} +- "
                      f"{r[metric.replace('_mean', '_std')]:.4f} ({r['scored_by']}), "
                      f"{r['extraction_ms_per_image']:.1f} ms/image, "
                      f"{r['parameters'] / 1e6:.1f} M parameters, {r['model_size_mb']:.0f} MB")
-    lines.append(f"  chosen: {b['chosen_name']} ({b['rule']})")
+    for r in b.get("not_tried", []):
+        lines.append(f"  not tried: {r['backbone']} ({r['why']})")
+    chosen = next(r for r in rows if r["backbone"] == b["chosen"]
+                  and r.get("image_size", b.get("chosen_size")) == b.get("chosen_size"))
+    cheapest = min(rows, key=lambda r: r["extraction_ms_per_image"])
+    cost = chosen["extraction_ms_per_image"] / max(cheapest["extraction_ms_per_image"], 1e-9)
+    versus = ("the cheapest candidate" if chosen is cheapest else
+              f"CV {metric[3:-5]} {chosen[metric] - cheapest[metric]:+.4f} over the cheapest, "
+              f"{_label(cheapest)}, at {cost:.1f}x its cost")
+    lines.append(f"  chosen: {_label(chosen)}, {versus} (rule: {b['rule']})")
     return lines
+
+
+def _label(row: dict) -> str:
+    size = row.get("image_size")
+    return f"{row['name']}@{size}" if size else row["name"]

@@ -12,24 +12,8 @@ from typing import Optional, Tuple, Union
 from features import networks, scenarios
 from pipeline import limits, run_info
 from pipeline.errors import ConfigError
-from workflow import deploy
+from workflow import demo_settings, deploy
 
-# What --demo changes from the defaults, and why (printed at the start of a demo run).
-DEMO_SETTINGS = {"weights": "none", "include_top": False, "image_size": 64, "val_size": "40",
-                 "cv_folds": "3", "scenarios": ["A", "B"], "finetune_epochs": 3,
-                 "monitor": "loss"}
-DEMO_REASONS = {
-    "weights": "offline and instant; random weights prove the plumbing, not transfer quality",
-    "include_top": "no 120M-parameter ImageNet top without ImageNet weights",
-    "image_size": "64 px keeps VGG16 fast on 2 CPU cores",
-    "val_size": "160 synthetic images: 40 for validation",
-    "cv_folds": "3 folds of 120 training images are enough to show CV",
-    "scenarios": "scenario C (block5 on cached block4_pool) is the slow one on CPU, and its "
-                 "fold heads add ~90 MB to the run folder",
-    "finetune_epochs": "a few epochs show the fine-tuning stage",
-    "monitor": "with 40 synthetic validation images the AUC saturates near 1.0 every epoch; "
-               "the loss still tells epochs apart",
-}
 AUGMENT_PRESETS = ("none", "keras_blog", "aggressive")
 
 
@@ -56,6 +40,17 @@ class ModelConfig:
     # --stage=backbones or --backbone=auto: the backbones to compare (``backbone`` is
     # the first of them until the comparison chooses).
     compare: Tuple[networks.BackboneChoice, ...] = ()
+    # Why ``image_size`` is what it is (logged): --image_size, @SIZE, the trained size.
+    image_size_reason: str = "--image_size"
+    image_size_asked: Optional[int] = None  # --image_size when given: every candidate's
+    compare_failed: Tuple[Tuple[str, str], ...] = ()  # --backbones entries: (entry, why)
+
+    def size_for(self, choice: networks.BackboneChoice) -> Tuple[int, str]:
+        """(input size, why) of a backbone: its @SIZE, else --image_size when given,
+        else the size it was trained at."""
+        if choice.size or not self.image_size_asked:
+            return choice.trained_size()
+        return self.image_size_asked, "--image_size"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,13 +277,13 @@ def _check(values: dict) -> None:
     if choice.is_file and values["weights"] != "imagenet" and not compare_choices(values):
         raise ConfigError(f"--backbone={choice.name} brings its own weights; drop "
                           f"--weights={values['weights']} (it applies to networks by name).")
-    if values["include_top"] and choice.name == "vgg16" and values["image_size"] != 224:
+    size = values["image_size"] or choice.trained_size()[0]
+    if values["include_top"] and choice.name == "vgg16" and size != 224:
         raise ConfigError(f"--include_top keeps VGG16's fc1/fc2, which need 224x224 input; got "
-                          f"--image_size={values['image_size']}. Use --image_size=224 or "
-                          "--noinclude_top.")
-    if values["image_size"] < 32:
-        raise ConfigError(f"--image_size must be at least 32 (VGG16 halves it five times); "
-                          f"got {values['image_size']}.")
+                          f"an input of {size} px. Use --image_size=224 or --noinclude_top.")
+    if values["image_size"] is not None and values["image_size"] < 32:
+        raise ConfigError(f"--image_size must be at least 32 (the backbones here halve it "
+                          f"five times); got {values['image_size']}.")
     parse_tta(values["tta"])
     parse_val_size(values["val_size"])
     parse_folds(values["cv_folds"])
@@ -309,7 +304,7 @@ def _check(values: dict) -> None:
 
 def backbone_choice(values: dict) -> networks.BackboneChoice:
     """``--backbone`` with ``--feature_layer``/``--stage_ends``, checked (no TensorFlow);
-    with ``auto`` (or --stage=backbones) the first of ``--backbones``."""
+    with ``auto`` (or --stage=backbones) the first of ``--backbones`` that names one."""
     compared = compare_choices(values)
     if compared:
         return compared[0]
@@ -318,16 +313,17 @@ def backbone_choice(values: dict) -> networks.BackboneChoice:
 
 
 def compare_choices(values: dict) -> Tuple[networks.BackboneChoice, ...]:
-    """``--backbones`` when --backbone=auto or --stage=backbones, else ()."""
+    """``--backbones`` when --backbone=auto or --stage=backbones, else (): the entries
+    that name a backbone (`networks.candidates`)."""
+    return _compared(values)[0]
+
+
+def _compared(values: dict) -> tuple:
     auto = str(values.get("backbone") or "").strip().lower() == "auto"
     if not auto and values.get("stage") != "backbones":
-        return ()
-    names = [n.strip() for n in values.get("backbones") or [] if n.strip()]
-    choices = tuple(dict.fromkeys(networks.check_choice(n) for n in names))
-    if len(choices) < 2:
-        raise ConfigError(f"--backbones={','.join(names)}: name at least two backbones to "
-                          "compare (--backbone=auto and --stage=backbones choose among them).")
-    return choices
+        return (), ()
+    return networks.candidates([n.strip() for n in values.get("backbones") or []
+                                if n.strip()])
 
 
 def parse_threshold(text: Optional[str]) -> Optional[str]:
@@ -371,34 +367,16 @@ def parse_tta(text) -> Union[int, str]:
     return n
 
 
-def describe_demo(flag_values) -> str:
-    """The settings --demo changed from the defaults (flags not passed), one line each."""
-    lines = []
-    for name, value in DEMO_SETTINGS.items():
-        flag = flag_values[name]
-        if flag.present or value == flag.default:
-            continue
-        shown = ",".join(value) if isinstance(value, list) else value
-        default = ",".join(flag.default) if isinstance(flag.default, list) else flag.default
-        if isinstance(value, bool):
-            lines.append(f"  --{'' if value else 'no'}{name} (default --"
-                         f"{'' if default else 'no'}{name}): {DEMO_REASONS[name]}")
-        else:
-            lines.append(f"  --{name}={shown} (default {default}): {DEMO_REASONS[name]}")
-    if not lines:
-        return ""
-    return ("Demo on SYNTHETIC data: these settings differ from the defaults so that it "
-            "finishes in about a minute (pass any flag to override it; your own data gets "
-            "the defaults):\n" + "\n".join(lines))
-
-
 def train_config(flag_values, names) -> TrainConfig:
     """Builds the configuration from parsed flags; ``--demo`` fills in its settings for
     every flag not passed (``names``: the flags of train.py)."""
     values = {name: flag_values[name].value for name in names}
     if values["demo"]:
-        values.update({k: v for k, v in DEMO_SETTINGS.items() if not flag_values[k].present
-                       and not (k == "weights" and backbone_choice(values).is_file)})
+        # Files bring their own weights; networks by name get the demo's random ones.
+        only_files = all(c.is_file for c in compare_choices(values)
+                         or (backbone_choice(values),))
+        values.update({k: v for k, v in demo_settings.SETTINGS.items() if not flag_values[k].present
+                       and not (k == "weights" and only_files)})
         values["workdir"] = values["workdir"] or os.path.join(
             "runs", "demo" if values["demo"] == "binary" else f"demo_{values['demo']}")
     elif not values["data_dir"]:
@@ -408,12 +386,15 @@ def train_config(flag_values, names) -> TrainConfig:
     _check(values)
     v = values
     choice = backbone_choice(v)
+    size, why = ((v["image_size"], "--image_size") if v["image_size"] and not choice.size
+                 else choice.trained_size())
     return TrainConfig(
         data=DataConfig(v["data_dir"], v["positive_class"], v["val_size"], v["seed"],
                         v["on_bad_image"], v["demo"], v["label_column"],
                         None if v["task"] == "auto" else v["task"], v["max_pixels"]),
         model=ModelConfig(v["weights"], v["include_top"] and choice.name == "vgg16",
-                          v["image_size"], v["dropout"], choice, compare_choices(v)),
+                          size, v["dropout"], choice, *_compared(v)[:1], why, v["image_size"],
+                          _compared(v)[1]),
         cache=CacheConfig(v["cache_dir"], v["cache_dtype"], v["cache_augmented_views"],
                           v["heads_memory_gb"]),
         heads=HeadsConfig(tuple(v["scenarios"]), v["epochs"], v["learning_rate"],

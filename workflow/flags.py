@@ -200,8 +200,12 @@ def _train_model(d: dict) -> None:
                          "With --noinclude_top, and for every other backbone, the head is a "
                          "new 256-unit fc1 + dropout.",
                          module_name=MODEL, **d)
-    flags.DEFINE_integer("image_size", 224, "Square input size in pixels.", module_name=MODEL,
-                         **d)
+    flags.DEFINE_integer("image_size", None, "Square input size in pixels. Default: the "
+                         "size the backbone was trained at (224 for VGG16 and most named "
+                         "networks, 384 for efficientnetv2s; a file's fixed input size, else "
+                         "name it as --backbone=PATH.keras@SIZE, else 224); the log says which "
+                         "and why. Given, it applies to every backbone without an @SIZE.",
+                         module_name=MODEL, **d)
     flags.DEFINE_float("dropout", 0.5, "Dropout rate after the new fc1 (--noinclude_top "
                        "only).", module_name=MODEL, **d)
 

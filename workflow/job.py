@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from features import backbone, distribute, precision
+from features import backbone, distribute, networks, precision
 from features.store import cache as cache_lib, extract
 from features.store.rows import take
 from features.choose import cv as cv_lib
@@ -24,7 +24,7 @@ from features.task import Task
 from features.fit.loop import snapshot
 from features.weights import weights_identity
 from pipeline import diskspace, discovery, labels, limits, scan, split
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 from workflow import config as config_lib, console
 from workflow.clock import StageClock
 from workflow.config import (CacheConfig, DataConfig, FinetuneConfig, HeadsConfig, ModelConfig,
@@ -61,6 +61,8 @@ class Job:
     # Trained head weights by scenario (the part above its cached layer), kept in memory
     # by the heads stage so that fine-tuning in the same run does not read them back.
     heads: dict = dataclasses.field(default_factory=dict)
+    # --backbones candidates that could not be built: (choice, size, why).
+    failed_backbones: list = dataclasses.field(default_factory=list)
     # The run's seconds and peak memory by stage (metrics.json, console, report).
     clock: StageClock = dataclasses.field(default_factory=StageClock)
     max_pixels: int = limits.MAX_PIXELS  # --max_pixels: a larger image is a bad image
@@ -152,15 +154,15 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
     chosen = precision.resolve_and_apply(runtime.precision)
     # A later stage (curve, label_next) writes its own settings file: run_config.json
     # keeps the settings the model was trained with.
-    run.write_json({**flag_values, "data_dir": dataset.data_dir, "workdir": workdir,
+    run.write_json({**flag_values, "image_size": model.image_size,
+                    "image_size_reason": model.image_size_reason,
+                    "data_dir": dataset.data_dir, "workdir": workdir,
                     "precision_resolved": dataclasses.asdict(chosen),
                     "precision_parts": precision.parts(chosen.policy),
                     "replicas": distribute.replicas(), "task": task.kind,
                     "command": console.command_line()}, runtime.config_file)
-    classifier = backbone.build_classifier(model.weights, model.include_top, model.image_size,
-                                           data.seed, dropout=model.dropout, units=task.units,
-                                           activation=task.activation,
-                                           backbone=model.backbone)
+    classifier, model, failed = _first_buildable(model, task, data.seed)
+    logging.info("Input size: %d px (%s).", model.image_size, model.image_size_reason)
     classifier.model.summary(print_fn=lambda line, *a, **k: console.DETAIL.info(line),
                              expand_nested=True)
     weights = task_lib.class_weights(task, y_train, heads.class_weight)
@@ -171,7 +173,37 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
                data.seed, initial=snapshot(classifier.model), class_weight=weights,
                board=run.note("tensorboard", run.file("tensorboard"))
                if runtime.tensorboard and not runtime.studies else None,
-               max_pixels=data.max_pixels)
+               max_pixels=data.max_pixels, failed_backbones=failed)
+
+
+def _first_buildable(model: ModelConfig, task: Task, seed: int):
+    """(classifier, model config, failures): the classifier of ``model.backbone``; when
+    backbones are compared, of the first candidate that builds, each one that does not
+    (a file that is not an image network, a size it cannot take, ...) logged in one
+    line and returned as (choice, size, why) for the comparison's table."""
+    failed = [(networks.BackboneChoice(name), 0, why) for name, why in model.compare_failed]
+    for name, why in model.compare_failed:
+        logging.warning("Backbone %s not tried: %s", name, why)
+    for choice in model.compare or (model.backbone,):
+        size, why = model.size_for(choice) if model.compare else (model.image_size,
+                                                                   model.image_size_reason)
+        try:
+            classifier = backbone.build_classifier(
+                model.weights if not choice.is_file else "imagenet", model.include_top
+                and choice.name == "vgg16", size, seed, dropout=model.dropout,
+                units=task.units, activation=task.activation, backbone=choice)
+        except UserError as err:
+            if not model.compare:
+                raise
+            reason = " ".join(str(err).split())
+            logging.warning("Backbone %s at %d px not tried: %s", choice.label, size, reason)
+            failed.append((choice, size, reason))
+            continue
+        return classifier, dataclasses.replace(
+            model, backbone=choice, image_size=size, image_size_reason=why,
+            include_top=model.include_top and choice.name == "vgg16"), failed
+    raise ConfigError("No backbone of --backbones could be built:\n" + "\n".join(
+        f"  {c.label}: {why}" for c, _, why in failed))
 
 
 def cache_spec(job: Job, cache: CacheConfig, augment: str = "none") -> cache_lib.CacheSpec:

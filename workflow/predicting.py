@@ -217,7 +217,6 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     from features.serve import inference
     from features import precision
     from pipeline import progress, scan
-
     from workflow import console
     prepared = prepared or prepare(cfg)
     stem = os.path.splitext(cfg.output)[0]
@@ -270,8 +269,7 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
         frame = frame.assign(unfamiliar=unfamiliar["flagged"])
     return _score(cfg, frame[good].reset_index(drop=True), probs[good], truth[good], task,
                   info, stem, f"{inference.BAG_FILE if use_bag else inference.MODEL_FILE} "
-                              f"(tta={tta})",
-                  )
+                              f"(tta={tta})")
 
 
 def _outputs(cfg: PredictRun, model, frame, image_size: int, tta: int, use_bag: bool,

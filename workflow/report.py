@@ -340,26 +340,33 @@ def _later_sections(folder: str, metrics: dict) -> List[str]:
 
 
 def _backbones_section(folder: str, metrics: dict) -> str:
-    """--stage=backbones / --backbone=auto: the table, the comparisons and the choice."""
+    """--stage=backbones / --backbone=auto: every candidate (backbone x input size), the
+    comparisons, the choice (by how much, at what cost) and what was not tried."""
+    from workflow import backbones
     b = metrics.get("backbones")
     if not b or not b.get("table"):
         return ""
-    keys = list(b["table"][0])
-    rows = [[esc(r["name"]) + (" (chosen)" if r["backbone"] == b["chosen"] else ""),
-             number(metrics, f"backbones/table/{i}/{keys[2]}"),
-             number(metrics, f"backbones/table/{i}/{keys[3]}"), esc(r["scored_by"]),
-             number(metrics, f"backbones/table/{i}/extraction_ms_per_image", 1),
-             f"{r['parameters'] / 1e6:.1f} M", number(metrics, f"backbones/table/{i}/model_size_mb", 1)]
-            for i, r in enumerate(b["table"])]
+    mean = next(k for k in b["table"][0] if k.startswith("cv_") and k.endswith("_mean"))
+    rows = []
+    for i, r in enumerate(b["table"]):
+        tried = r.get("status", "compared") == "compared"
+        at = f"backbones/table/{i}/"
+        rows.append([esc(backbones._label(r)), number(metrics, at + mean) if tried else "–",
+                     number(metrics, at + mean.replace("_mean", "_std")) if tried else "–",
+                     esc(r["scored_by"]) if tried else esc(r.get("status", "")),
+                     number(metrics, at + "extraction_ms_per_image", 1) if tried else "–",
+                     f"{r['parameters'] / 1e6:.1f} M" if tried else "–",
+                     number(metrics, at + "model_size_mb", 1) if tried else "–"])
     said = "".join(f"<li>{esc(c['candidate'])} vs {esc(c['baseline'])}: difference "
                    f"{c['difference']:+.4f} (90% interval {c['low']:+.4f} .. {c['high']:+.4f}): "
                    f"{'better beyond noise' if c['better'] else 'not better beyond noise'}</li>"
                    for c in b.get("comparisons", []))
+    chosen = (backbones.summary_lines(metrics) or [""])[-1].strip()
     return ("<h2>Backbones (--stage=backbones, --backbone=auto)</h2>"
-            f"<p>{esc(b['images'])}. Chosen: <b>{esc(b['chosen_name'])}</b>, by the rule: "
-            f"{esc(b['rule'])}.</p>"
-            + table(["backbone", f"CV {esc(keys[2][3:-5])} mean", "± std", "scored by",
-                     "extraction ms/image", "parameters", "model MB"], rows)
+            f"<p>{esc(b['images'])}. {esc(chosen[0].upper() + chosen[1:])}.</p>"
+            + table(["backbone @ input size", f"CV {esc(mean[3:-5])} mean", "± std",
+                     "scored by (or why not tried)", "extraction ms/image", "parameters",
+                     "model MB"], rows)
             + (f"<ul>{said}</ul>" if said else "")
             + image(os.path.join(folder, "backbones.png"), "Score against cost"))
 

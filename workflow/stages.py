@@ -261,7 +261,7 @@ def _stages(cfg: TrainConfig, clock: StageClock, engine=None, dataset=None):
     if cfg.model.compare:
         from workflow import backbones as backbones_stage
         with clock.stage("backbone comparison"):
-            _, job = backbones_stage.run(job, cfg, [c.name for c in cfg.model.compare])
+            _, job = backbones_stage.run(job, cfg, cfg.model.compare)
         job.clock = clock
         if runtime.stage == "backbones":
             return job
