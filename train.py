@@ -1,15 +1,21 @@
-"""Train a VGG16 transfer-learning classifier on a folder of labelled photos.
+"""Train a transfer-learning image classifier on a folder of labelled photos: an
+ImageNet backbone (VGG16 by default, any keras.applications name or .keras file, or
+chosen by evidence with --backbone=auto) with a new head.
 
 Stages (--stage):
-  heads     extract frozen VGG16 features once into an HDF5 cache (--cache_dir),
-            then train the dense-layer scenarios A, B, C on the cache in seconds,
-            beside a linear-probe baseline;
+  heads     extract the frozen backbone's features once into an HDF5 cache
+            (--cache_dir), then train the dense-layer scenarios A, B, C on the cache
+            in seconds, beside a linear-probe baseline;
   sweep     score a grid (scenario x learning rate x optimizer x dropout x cached
             augmented views) from the cache by stratified K-fold CV -> sweep.csv;
   finetune  fine-tune the chosen scenario's blocks end to end on augmented
             images, keep the best model, export model.keras (and bag.keras);
   all       (default) heads -> choose the best scenario -> finetune -> predict
-            the test set if the data has one.
+            the test set if the data has one;
+  backbones compare --backbones (each at its input size) on the same folds and
+            stop (--backbone=auto compares, then goes on with the choice);
+  curve     how much more labels should add (a learning curve, from the cache);
+  label_next which unlabelled photos (--unlabelled_dir) to label next.
 
 Quick start, offline, on built-in SYNTHETIC data:  python train.py --demo
 Real data:  python train.py --data_dir=PATH [--weights=imagenet] [--workdir=runs/NAME]

@@ -1,1 +1,2 @@
-"""Tensors to features and predictions: the VGG16 backbone, feature extraction, HDF5 cache, heads."""
+"""Tensors to features and predictions: the backbones (their descriptions and builders),
+feature extraction, the HDF5 cache, heads, the probe, calibration."""

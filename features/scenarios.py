@@ -66,7 +66,8 @@ SCENARIOS = {
     "A": Scenario("A", (PREDICTIONS,), 1e-3, "only the new output layer"),
     "B": Scenario("B", ("fc", PREDICTIONS), 1e-4, "all dense layers"),
     "C": Scenario("C", (networks.LAST_STAGE, "fc", PREDICTIONS), 1e-4,
-                  "dense layers plus the backbone's last stage (VGG16: block5)"),
+                  "dense layers plus the backbone's last stage (VGG16's block5, "
+                  "EfficientNet's block7)"),
 }
 SCENARIO_HELP = "; ".join(f"{s.name} = {s.description}" for s in SCENARIOS.values())
 

@@ -18,6 +18,8 @@ from pipeline import ops
 from pipeline.errors import ConfigError
 
 
+# The serialisation key keeps the project's first name: model.keras files saved by
+# every earlier version name their layers by it, and load unchanged.
 @keras.saving.register_keras_serializable(package="invasive_vgg")
 class CaffeToRGB(keras.layers.Layer):
     """Undoes the input graph's VGG mean-centring: BGR minus the ImageNet means ->

@@ -158,6 +158,8 @@ def augment_batch(images, preset: Preset, seed):
     return apply_params(images, params, preset)
 
 
+# The serialisation key keeps the project's first name: model.keras files saved by
+# every earlier version name their layers by it, and load unchanged.
 @keras.saving.register_keras_serializable(package="invasive_vgg")
 class Augment(keras.layers.Layer):
     """Keras layer applying a preset to VGG mean-centred batches when ``training=True``.

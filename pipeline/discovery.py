@@ -249,7 +249,7 @@ def _discover_kaggle(data_dir, label_column, task, positive_class) -> Dataset:
             labels.class_names == KAGGLE_CLASS_NAMES and positive_class != "1":
         raise ConfigError(
             f"--positive_class={positive_class!r} does not apply to the Kaggle layout, "
-            f"whose positive class is always invasive=1.")
+            f"whose train_labels.csv names the positive class 1 (its 0/1 labels).")
     table = labels.frame
     missing = [(line, name) for line, name in zip(table.line, table.name)
                if name not in by_name]

@@ -5,12 +5,12 @@ SETTINGS = {"weights": "none", "include_top": False, "image_size": 64, "val_size
             "cv_folds": "3", "scenarios": ["A", "B"], "finetune_epochs": 3, "monitor": "loss"}
 REASONS = {
     "weights": "offline and instant; random weights prove the plumbing, not transfer quality",
-    "include_top": "no 120M-parameter ImageNet top without ImageNet weights",
-    "image_size": "64 px keeps VGG16 fast on 2 CPU cores",
+    "include_top": "VGG16 only: no 120M-parameter ImageNet top without ImageNet weights",
+    "image_size": "64 px keeps the demo fast on 2 CPU cores",
     "val_size": "160 synthetic images: 40 for validation",
     "cv_folds": "3 folds of 120 training images are enough to show CV",
-    "scenarios": "scenario C (block5 on cached block4_pool) is the slow one on CPU, and its "
-                 "fold heads add ~90 MB to the run folder",
+    "scenarios": "scenario C (the backbone's last stage, from its cached input) is the slow "
+                 "one on CPU",
     "finetune_epochs": "a few epochs show the fine-tuning stage",
     "monitor": "with 40 synthetic validation images the AUC saturates near 1.0 every epoch; "
                "the loss still tells epochs apart",

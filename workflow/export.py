@@ -115,7 +115,8 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
         settings = fit_settings(job, heads, cache, runtime), fine.replace(epochs=kept)
         result["refit"] = _refit(job, config, cache, scenario, blocks, *settings)
     job.run.update_metrics("finetune", result)
-    described = _described(scenario, config.epochs, kept)
+    described = (_described(scenario, config.epochs, kept) if not skipped else
+                 f"scenario {scenario} (its head; fine-tuning skipped: it could not beat it)")
     final_model.record_final(job, described, scores, thresholds)
     choice["model_info"] = final_model.trust(job, cache, runtime, trusted, start, refit)
     _export(job, scenario, blocks, scores, thresholds, members, choice, refit)

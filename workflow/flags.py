@@ -264,7 +264,7 @@ def _train_heads(d: dict) -> None:
 def _train_sweep(d: dict) -> None:
     """The sweep stage."""
     flags.DEFINE_list("sweep_scenarios", ["A", "B"], "Sweep: scenarios (C is affordable at "
-                      "small image sizes only: it trains block5).", module_name=SWEEP, **d)
+                      "small image sizes only: it trains the backbone's last stage).", module_name=SWEEP, **d)
     flags.DEFINE_list("sweep_learning_rates", ["1e-3", "1e-4"], "Sweep: learning rates.",
                       module_name=SWEEP, **d)
     flags.DEFINE_list("sweep_optimizers", ["adam", "sgd", "rmsprop"], "Sweep: optimizers.",
@@ -288,8 +288,9 @@ def _train_finetune(d: dict) -> None:
                         "validation; alias --finetune_scenario).",
                         module_name=FINETUNE, **d)
     flags.DEFINE_string("trainable_blocks", None, "Blocks to fine-tune instead of the "
-                        "scenario's, e.g. block4,block5,fc (names: block1..block5, fc, "
-                        "predictions).", module_name=FINETUNE, **d)
+                        "scenario's: the backbone's stage names (the log lists them; VGG16: "
+                        "block1..block5), 'last' (its last stage), fc, predictions; e.g. "
+                        "block4,block5,fc.", module_name=FINETUNE, **d)
     flags.DEFINE_string("augment", "aggressive", "Augmentation preset for fine-tuning: none, "
                         "keras_blog, aggressive.", module_name=FINETUNE, **d)
     flags.DEFINE_enum("augment_on", "auto", ["auto", "pipeline", "model"], "Where "
@@ -301,7 +302,8 @@ def _train_finetune(d: dict) -> None:
                          "stage has --epochs; 0: export the cache-trained model without "
                          "fine-tuning).", module_name=FINETUNE, **d)
     flags.DEFINE_integer("finetune_views", 5, "K > 0: when the fine-tuned blocks start above a "
-                         "cached layer (A, B above block5_pool; C above block4_pool), cache K "
+                         "cached layer (A, B above the feature map; C above its last stage's "
+                         "input: VGG16's block5_pool and block4_pool), cache K "
                          "augmented views (--augment preset) of each training image once and "
                          "run the fine-tuning epochs from the cache. 0: every epoch runs the "
                          "whole network on freshly augmented images.", module_name=FINETUNE,

@@ -312,7 +312,8 @@ def report_section(folder: str, metrics: dict) -> str:
                    "predictions.</p>")
     u = "trust/unfamiliar/"
     out.append(f"<p>Unfamiliar score: {number(metrics, u + 'distance_weight', 1)} z(log "
-               f"distance to the {number(metrics, u + 'k')}-th nearest training photo) + "
+               f"cosine distance to the k-th nearest training photo, k = "
+               f"{number(metrics, u + 'k')}) + "
                f"z(log uncertainty); threshold {number(metrics, u + 'threshold', 3)} flags "
                f"a share {number(metrics, u + 'rate', 2)} of the "
                f"{number(metrics, u + 'held_out_images')} held-out known photos.</p>")
