@@ -9,13 +9,13 @@ validation images with model.keras (recorded in metrics.json under ``exports``).
 train.py --export=... does the same at the end of a run.
 """
 
-from workflow import console
+from workflow.base import console
 
 console.quiet_tensorflow()
 
 from absl import app, flags  # noqa: E402
 
-from workflow import flags as flag_defs  # noqa: E402
+from workflow.base import flags as flag_defs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder of train.py holding model.keras.",
@@ -30,8 +30,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     console.setup_logging()
     with console.user_errors():
-        from workflow import deploy
-        formats = deploy.parse_formats(FLAGS.export)  # checked before TensorFlow starts
+        from workflow.base import config
+        formats = config.parse_formats(FLAGS.export)  # checked before TensorFlow starts
         if not formats:
             raise app.UsageError("Pass --export=savedmodel,onnx,tflite (one or more).")
         import os
@@ -41,6 +41,7 @@ def main(argv):
                               "writes it at the end of a run).")
         console.log_to_file(os.path.join(FLAGS.workdir, "export.log"))
         console.load_tensorflow()
+        from workflow.use import deploy
         deploy.deploy_run(FLAGS.workdir, formats, FLAGS.quantize, FLAGS.batch_size)
 
 

@@ -10,14 +10,14 @@ to a temporary name and renamed, so an interrupted run never leaves a
 half-written file.
 """
 
-from workflow import console
+from workflow.base import console
 
 console.quiet_tensorflow()
 
 from absl import app, flags  # noqa: E402
 
-from workflow import flags as flag_defs  # noqa: E402
-from workflow.predicting import PredictRun  # noqa: E402
+from workflow.base import flags as flag_defs  # noqa: E402
+from workflow.use.predicting import PredictRun  # noqa: E402
 
 FLAGS = flags.FLAGS
 flag_defs.define_predict(FLAGS)
@@ -29,7 +29,7 @@ def main(argv):
     console.setup_logging()
     with console.user_errors():
         cfg = PredictRun.from_flags(FLAGS)  # checked before TensorFlow starts
-        from workflow import predicting
+        from workflow.use import predicting
         prepared = predicting.prepare(cfg)  # run folder, images, labels: no TensorFlow yet
         console.load_tensorflow()
         from features import distribute

@@ -15,14 +15,14 @@ request (--max_request_mb, --max_upload_mb, --max_files, --max_pixels) before re
 whole. Needs: pip install -e ".[serve]".
 """
 
-from workflow import console
+from workflow.base import console
 
 console.quiet_tensorflow()
 
 from absl import app, flags  # noqa: E402
 
 from pipeline import limits  # noqa: E402
-from workflow import flags as flag_defs  # noqa: E402
+from workflow.base import flags as flag_defs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run folder of train.py holding model.keras.",
@@ -57,7 +57,7 @@ def main(argv):
         import importlib.util
         from pipeline import run_info
         from pipeline.errors import ConfigError
-        from workflow import serving
+        from workflow.use import serving
         missing = [m for m in ("fastapi", "uvicorn", "multipart")
                    if importlib.util.find_spec(m) is None]
         if missing:
@@ -70,9 +70,9 @@ def main(argv):
         token = config.token
         console.load_tensorflow()
         import uvicorn
-        from workflow import server_app
+        from workflow.use import server_app
         application = server_app.create_app(FLAGS.workdir, config)
-        from workflow import web_guard
+        from workflow.use import web_guard
         names = web_guard.Guard.for_server(config.host, config.port, config.allowed_hosts).hosts
         shown = "localhost" if FLAGS.host in ("0.0.0.0", "::") else FLAGS.host
         print(f"Serving {FLAGS.workdir} on http://{shown}:{FLAGS.port}/ (label page: /label, "

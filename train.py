@@ -21,13 +21,13 @@ Quick start, offline, on built-in SYNTHETIC data:  python train.py --demo
 Real data:  python train.py --data_dir=PATH [--weights=imagenet] [--workdir=runs/NAME]
 """
 
-from workflow import console
+from workflow.base import console
 
 console.quiet_tensorflow()
 
 from absl import app, flags  # noqa: E402
 
-from workflow import config, demo_settings, flags as flag_defs  # noqa: E402
+from workflow.base import config, demo_settings, flags as flag_defs  # noqa: E402
 
 FLAGS = flags.FLAGS
 _BEFORE = set(FLAGS)
@@ -50,7 +50,7 @@ def main(argv):
         if cfg.runtime.cpu_replicas > 1:  # before anything starts TensorFlow's devices
             from features import distribute
             distribute.split_cpu(cfg.runtime.cpu_replicas)
-        from workflow import stages
+        from workflow.train import stages
         stages.run(cfg, dataset)
 
 

@@ -70,11 +70,9 @@ def main():
     parser.add_argument("--onnx", action="store_true", default=True)
     parser.add_argument("--noonnx", dest="onnx", action="store_false")
     args = parser.parse_args()
-    import keras
     from bench_perf import matmul_rates
-    from features import backbone, networks
+    from features import networks
     from pipeline import discovery, input as input_lib
-    from workflow import deploy, runtimes
     frame = discovery.discover(args.data_dir).frame
     paths = frame.path.tolist()[:args.batch]
     batch = next(iter(input_lib.eval_dataset(paths, None, paths, args.image_size,
@@ -86,41 +84,50 @@ def main():
           "parameters | model.keras MB | ONNX MB | ONNX ms/image | ONNX max abs dP |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.backbones.split(","):
-        choice = networks.check_choice(name)
-        weights = "imagenet" if choice.is_file else args.weights
-        clf = backbone.build_classifier(weights, False, args.image_size, 0, backbone=choice)
-        feature = clf.feature_model([clf.net.feature_layer])
-        size = (args.image_size, args.image_size, 3)
-        if choice.is_file:  # any input size: count on the file's own graph, to the feature map
-            from features import zoo
-            whole = zoo.load_file(choice.name)
-            names = [l.name for l in whole.layers]
-            upto = keras.Model(whole.input, whole.get_layer(clf.net.feature_layer).output)
-            gflops = 2 * macs(upto, size, names[:names.index(clf.net.feature_layer) + 1]) / 1e9
-        else:
-            gflops = 2 * (macs(clf.stem, size)
-                          + macs(clf.last, tuple(clf.last.input.shape[1:]))) / 1e9
-        feature(batch[:4], training=False)
-        best = np.inf
-        for _ in range(3):
-            started = time.perf_counter()
-            feature(batch, training=False)
-            best = min(best, time.perf_counter() - started)
-        per_s = len(paths) / best
-        with tempfile.TemporaryDirectory() as folder:
-            clf.model.save(os.path.join(folder, "model.keras"))
-            megabytes = os.path.getsize(os.path.join(folder, "model.keras")) / 1e6
-            onnx = ("-", "-", "-")
-            if args.onnx:
-                path = deploy.convert(clf.model, "onnx", folder)
-                out, _, per_image = runtimes.run_format("onnx", path, batch)
-                dp = float(np.max(np.abs(out["probabilities"]
-                                         - np.asarray(clf.model(batch), np.float64))))
-                onnx = (f"{os.path.getsize(path) / 1e6:.1f}", f"{1000 * per_image:.1f}",
-                        f"{dp:.1e}")
-        print(f"| {clf.net.slug} | {gflops:.2f} | {per_s:.1f} | {gflops * per_s / peak:.2f} | "
-              f"{clf.model.count_params() / 1e6:.1f} M | {megabytes:.1f} | {onnx[0]} | {onnx[1]} | "
-              f"{onnx[2]} |", flush=True)
+        print(_row(args, networks.check_choice(name), batch, peak), flush=True)
+
+
+def _gflops(clf, choice, size) -> float:
+    """FLOPs per image (in G) of the frozen layers the cache holds."""
+    import keras
+    if choice.is_file:  # any input size: count on the file's own graph, to the feature map
+        from features import zoo
+        whole = zoo.load_file(choice.name)
+        names = [l.name for l in whole.layers]
+        upto = keras.Model(whole.input, whole.get_layer(clf.net.feature_layer).output)
+        return 2 * macs(upto, size, names[:names.index(clf.net.feature_layer) + 1]) / 1e9
+    return 2 * (macs(clf.stem, size) + macs(clf.last, tuple(clf.last.input.shape[1:]))) / 1e9
+
+
+def _row(args, choice, batch, peak) -> str:
+    """One backbone's table row: FLOPs, speed (best of three), size, its ONNX export."""
+    from features import backbone
+    from workflow.use import deploy, runtimes
+    weights = "imagenet" if choice.is_file else args.weights
+    clf = backbone.build_classifier(weights, False, args.image_size, 0, backbone=choice)
+    feature = clf.feature_model([clf.net.feature_layer])
+    gflops = _gflops(clf, choice, (args.image_size, args.image_size, 3))
+    feature(batch[:4], training=False)
+    best = np.inf
+    for _ in range(3):
+        started = time.perf_counter()
+        feature(batch, training=False)
+        best = min(best, time.perf_counter() - started)
+    per_s = len(batch) / best
+    with tempfile.TemporaryDirectory() as folder:
+        clf.model.save(os.path.join(folder, "model.keras"))
+        megabytes = os.path.getsize(os.path.join(folder, "model.keras")) / 1e6
+        onnx = ("-", "-", "-")
+        if args.onnx:
+            path = deploy.convert(clf.model, "onnx", folder)
+            out, _, per_image = runtimes.run_format("onnx", path, batch)
+            dp = float(np.max(np.abs(out["probabilities"]
+                                     - np.asarray(clf.model(batch), np.float64))))
+            onnx = (f"{os.path.getsize(path) / 1e6:.1f}", f"{1000 * per_image:.1f}",
+                    f"{dp:.1e}")
+    return (f"| {clf.net.slug} | {gflops:.2f} | {per_s:.1f} | {gflops * per_s / peak:.2f} | "
+            f"{clf.model.count_params() / 1e6:.1f} M | {megabytes:.1f} | {onnx[0]} | {onnx[1]} | "
+            f"{onnx[2]} |")
 
 
 if __name__ == "__main__":

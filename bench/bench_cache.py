@@ -58,8 +58,9 @@ def extract_only(args):
     from pipeline import discovery
     root = synthetic(os.path.join(args.work, f"mem{args._extract_only}"), args._extract_only)
     ds = discovery.discover(root)
-    clf = backbone.build_classifier("none", False, args.image_size, 0)
-    spec = cache.CacheSpec("none(seed=0)", False, args.image_size, "float16", ds.data_dir)
+    clf = backbone.build_classifier("none", False, args.image_size, 0, backbone="vgg16")
+    spec = cache.CacheSpec("none(seed=0)", False, args.image_size, "float16", ds.data_dir,
+                           net=clf.net)
     cache.ensure_features(clf, spec, ds.frame, os.path.join(args.work, "memcache"),
                           cache.Extraction(args.batch_size, progress=False))
     print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -76,14 +77,9 @@ def main():
     args.work = args.work or tempfile.mkdtemp(prefix="bench_cache_")
     if args._extract_only:
         return extract_only(args)
-
     import tensorflow as tf
-    from features import backbone, scenarios, task
-    from features.store import cache
-    from features.fit import heads
-    from features.fit.settings import FitSettings
-    from pipeline import discovery, input as input_lib, scan, split
-
+    from features import backbone
+    from pipeline import discovery, scan, split
     if args.data_dir:
         ds = discovery.discover(args.data_dir)
         label = f"{ds.data_dir} ({len(ds.frame)} images)"
@@ -92,17 +88,28 @@ def main():
         label = f"synthetic ({len(ds.frame)} images)"
     frame = scan.filter_bad_images(ds.frame, args.image_size, "skip",
                                    os.path.join(args.work, "bad.csv"))
-    train, val = split.split_train_val(frame, 0.1, seed=0)
-    size, bs, epochs = args.image_size, args.batch_size, args.epochs
-    print(f"data: {label}; usable {len(frame)}; image {size}px; batch {bs}; epochs {epochs}; "
-          f"tf {tf.__version__}; {os.cpu_count()} CPUs; GPU: "
-          f"{bool(tf.config.list_physical_devices('GPU'))}", flush=True)
-    clf = backbone.build_classifier("none", False, size, 0)
-    rows = []
+    print(f"data: {label}; usable {len(frame)}; image {args.image_size}px; batch "
+          f"{args.batch_size}; epochs {args.epochs}; tf {tf.__version__}; {os.cpu_count()} "
+          f"CPUs; GPU: {bool(tf.config.list_physical_devices('GPU'))}", flush=True)
+    clf = backbone.build_classifier("none", False, args.image_size, 0, backbone="vgg16")
+    sections = set(args.sections.split(","))
+    rows, spec, result = _extraction_rows(args, clf, ds, frame)
+    if "heads" in sections:
+        rows += _scenario_rows(args, clf, spec, result, split.split_train_val(frame, 0.1, seed=0))
+    if "memory" in sections:
+        rows += _memory_rows(args)
+    print("\n| measurement | value | ratio |\n|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
-    # 1. Extraction vs the bare model on in-memory tensors (same images, same batches).
-    spec = cache.CacheSpec("none(seed=0)", False, size, "float16",
-                           ds.data_dir)
+
+def _extraction_rows(args, clf, ds, frame):
+    """1. Extraction vs the bare model on in-memory tensors (same images, same batches)."""
+    import tensorflow as tf
+    from features.store import cache
+    from pipeline import input as input_lib
+    size, bs = args.image_size, args.batch_size
+    spec = cache.CacheSpec("none(seed=0)", False, size, "float16", ds.data_dir, net=clf.net)
     cache_dir = os.path.join(args.work, "cache")
     shutil.rmtree(cache_dir, ignore_errors=True)
     fm = clf.feature_model(spec.layers)
@@ -115,26 +122,31 @@ def main():
     t_extract, result = timed(lambda: cache.ensure_features(clf, spec, frame, cache_dir,
                                                             cache.Extraction(bs, progress=False)))
     bare_ips, ext_ips = n_batches * bs / t_bare, len(frame) / t_extract
-    sections = set(args.sections.split(","))
-    rows.append(("extraction throughput (img/s): bare model on in-memory batch",
-                 f"{bare_ips:.1f}", ""))
-    rows.append(("extraction throughput (img/s): files -> tf.data -> VGG -> HDF5",
-                 f"{ext_ips:.1f}", f"ratio {ext_ips / bare_ips:.2f} (target >= 0.85)"))
+    rows = [("extraction throughput (img/s): bare model on in-memory batch",
+             f"{bare_ips:.1f}", ""),
+            ("extraction throughput (img/s): files -> tf.data -> VGG -> HDF5",
+             f"{ext_ips:.1f}", f"ratio {ext_ips / bare_ips:.2f} (target >= 0.85)")]
     print(rows[-2], rows[-1], sep="\n", flush=True)
+    return rows, spec, result
 
-    if "heads" not in sections:
-        ref_scenarios = ()
-    else:
-        ref_scenarios = ("A", "B", "C")
+
+def _scenario_rows(args, clf, spec, result, parts):
+    """2./3. Scenarios from the cache vs the reference way (images through VGG every
+    epoch)."""
+    from features import backbone, scenarios, task
+    from features.store import cache
+    from features.fit import heads
+    from features.fit.settings import FitSettings
+    from pipeline import input as input_lib
+    train, val = parts
+    size, bs, epochs = args.image_size, args.batch_size, args.epochs
     feats_tr = cache.load_features(result.path, spec, train, spec.layers)
     feats_va = cache.load_features(result.path, spec, val, spec.layers)
     ytr, yva = train.label.to_numpy(), val.label.to_numpy()
-
-    # 2./3. Scenarios from the cache vs the reference way (images through VGG every epoch).
-    ref_n = args.ref_images or len(train)
-    ref_train = train.iloc[:ref_n]
+    ref_train = train.iloc[:args.ref_images or len(train)]
     scale = len(train) / len(ref_train)
-    for scenario in ref_scenarios:
+    rows = []
+    for scenario in ("A", "B", "C"):
         t_cached = heads.train_scenarios(clf, [heads.HeadConfig.for_scenario(scenario, 1e-4)],
                                          task.binary(), heads.FeatureSplit(feats_tr, ytr),
                                          heads.FeatureSplit(feats_va, yva),
@@ -161,22 +173,21 @@ def main():
         rows.append((f"{what}, {epochs} epochs: whole network each epoch (s){note}",
                      f"{t_ref:.1f}", f"speed-up x{t_ref / t_cached:.1f}"))
         print(rows[-2], rows[-1], sep="\n", flush=True)
+    return rows
 
-    # 4. Peak memory of extraction at two sizes, each in a fresh process.
-    if "memory" in sections:
-        for n in [int(s) for s in args.memory_sizes.split(",")]:
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--_extract_only={n}",
-                                  f"--image_size={size}", f"--batch_size={bs}",
-                                  f"--work={args.work}"], capture_output=True, text=True,
-                                 check=True)
-            rss = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_mb"]
-            rows.append((f"extraction peak memory, {n} synthetic images (MB)", f"{rss:.0f}",
-                         ""))
-            print(rows[-1], flush=True)
 
-    print("\n| measurement | value | ratio |\n|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+def _memory_rows(args):
+    """4. Peak memory of extraction at two sizes, each in a fresh process."""
+    rows = []
+    for n in [int(s) for s in args.memory_sizes.split(",")]:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--_extract_only={n}",
+                              f"--image_size={args.image_size}",
+                              f"--batch_size={args.batch_size}", f"--work={args.work}"],
+                             capture_output=True, text=True, check=True)
+        rss = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_mb"]
+        rows.append((f"extraction peak memory, {n} synthetic images (MB)", f"{rss:.0f}", ""))
+        print(rows[-1], flush=True)
+    return rows
 
 
 if __name__ == "__main__":

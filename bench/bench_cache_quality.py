@@ -35,61 +35,26 @@ def main():
     args = p.parse_args()
 
     import numpy as np
-    from features import backbone, task
-    from features.store import cache
-    from features.fit import heads
-    from features.fit.settings import FitSettings
-    from features.fit.loop import restore, snapshot
-    from features.weights import weights_identity
+    from features.fit.loop import snapshot
     from pipeline import discovery, scan, split
-    from workflow import config
-
+    from workflow.base import config
     ds = discovery.discover(args.data_dir)
     work = args.cache_dir or tempfile.mkdtemp(prefix="bench_quality_")
     frame = scan.filter_bad_images(ds.frame, args.image_size, "skip", os.path.join(work, "b.csv"))
     train, val = split.split_train_val(frame, config.parse_val_size(args.val_size), 0)
-    clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
-    wid = weights_identity(args.weights, 0)
-    specs = {dt: cache.CacheSpec(wid, False, args.image_size, dt,
-                                 ds.data_dir) for dt in ("float32", "float16")}
-    feats = {}
-    for dt, spec in specs.items():
-        path = cache.ensure_features(clf, spec, frame, work,
-                                     cache.Extraction(args.batch_size)).path
-        feats[dt] = (cache.load_features(path, spec, train, spec.layers),
-                     cache.load_features(path, spec, val, spec.layers))
-    aug_spec = cache.CacheSpec(**{**specs["float16"].__dict__, "augment": args.augment})
-    aug_path = cache.ensure_features(clf, aug_spec, train, work, cache.Extraction(args.batch_size),
-                                     views=args.views).path
-    views = cache.load_features(aug_path, aug_spec, train, aug_spec.layers, views=args.views)
+    clf, feats, views = _features(args, ds, frame, (train, val), work)
     ytr, yva = train.label.to_numpy(), val.label.to_numpy()
     plain16 = feats["float16"][0]
     with_views = {k: np.concatenate([plain16[k], views[k]]) for k in plain16}
     y_views = np.concatenate([ytr] * (args.views + 1))
-
     initial = snapshot(clf.model)
-
-    def run(train_feats, y, val_feats, seed):
-        out = {}
-        for s in ("A", "B", "C"):
-            r = heads.train_scenarios(clf, [heads.HeadConfig.for_scenario(s, args.learning_rate)],
-                                      task.binary(), heads.FeatureSplit(train_feats, y),
-                                      heads.FeatureSplit(val_feats, yva),
-                                      FitSettings(args.epochs, args.batch_size, seed,
-                                                  progress=False), out_dir=work)[s]
-            heads.load_scenario_weights(clf, s, r.weights_path)
-            start = r.start_layer
-            probs = clf.model_from(start).predict(val_feats[start], verbose=0)[:, 0]
-            restore(clf.model, initial)  # every run starts from the same weights
-            out[s] = (r.val_scores["auc"], probs)
-        return out
-
     rows = {name: {s: [] for s in "ABC"} for name in ("float32", "float16", "views")}
     max_dp = 0.0
     for seed in range(args.seeds):
-        r32 = run(feats["float32"][0], ytr, feats["float32"][1], seed)
-        r16 = run(feats["float16"][0], ytr, feats["float16"][1], seed)
-        rv = run(with_views, y_views, feats["float16"][1], seed)
+        trial = (args, clf, initial, work, yva, seed)
+        r32 = _heads(trial, feats["float32"][0], ytr, feats["float32"][1])
+        r16 = _heads(trial, feats["float16"][0], ytr, feats["float16"][1])
+        rv = _heads(trial, with_views, y_views, feats["float16"][1])
         for s in "ABC":
             rows["float32"][s].append(r32[s][0])
             rows["float16"][s].append(r16[s][0])
@@ -106,6 +71,51 @@ def main():
             f"{np.mean(v):.4f} ± {np.std(v):.4f}" for v in per.values()) + " |")
     print(f"max |P(float32 cache) - P(float16 cache)| over all val images, scenarios, seeds: "
           f"{max_dp:.2e}")
+
+
+def _features(args, ds, frame, parts, work):
+    """(classifier, {dtype: (train, val) features}, the training images' cached views)."""
+    from features import backbone
+    from features.store import cache
+    from features.weights import weights_identity
+    train, val = parts
+    clf = backbone.build_classifier(args.weights, False, args.image_size, 0, backbone="vgg16")
+    wid = weights_identity(args.weights, 0)
+    specs = {dt: cache.CacheSpec(wid, False, args.image_size, dt, ds.data_dir, net=clf.net)
+             for dt in ("float32", "float16")}
+    feats = {}
+    for dt, spec in specs.items():
+        path = cache.ensure_features(clf, spec, frame, work,
+                                     cache.Extraction(args.batch_size)).path
+        feats[dt] = (cache.load_features(path, spec, train, spec.layers),
+                     cache.load_features(path, spec, val, spec.layers))
+    aug_spec = cache.CacheSpec(**{**specs["float16"].__dict__, "augment": args.augment})
+    aug_path = cache.ensure_features(clf, aug_spec, train, work, cache.Extraction(args.batch_size),
+                                     views=args.views).path
+    return clf, feats, cache.load_features(aug_path, aug_spec, train, aug_spec.layers,
+                                           views=args.views)
+
+
+def _heads(trial, train_feats, y, val_feats):
+    """Scenario -> (val AUC, val probabilities) of A, B, C trained from the same weights."""
+    from features import task
+    from features.fit import heads
+    from features.fit.settings import FitSettings
+    from features.fit.loop import restore
+    args, clf, initial, work, yva, seed = trial
+    out = {}
+    for s in ("A", "B", "C"):
+        r = heads.train_scenarios(clf, [heads.HeadConfig.for_scenario(s, args.learning_rate)],
+                                  task.binary(), heads.FeatureSplit(train_feats, y),
+                                  heads.FeatureSplit(val_feats, yva),
+                                  FitSettings(args.epochs, args.batch_size, seed,
+                                              progress=False), out_dir=work)[s]
+        heads.load_scenario_weights(clf, s, r.weights_path)
+        start = r.start_layer
+        probs = clf.model_from(start).predict(val_feats[start], verbose=0)[:, 0]
+        restore(clf.model, initial)  # every run starts from the same weights
+        out[s] = (r.val_scores["auc"], probs)
+    return out
 
 
 if __name__ == "__main__":

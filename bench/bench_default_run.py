@@ -159,6 +159,14 @@ def main():
         for tree in trees.values():
             subprocess.run(["git", "-C", common.ROOT, "worktree", "remove", "--force", tree],
                            capture_output=True)
+    _report(args, results)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+
+
+def _report(args, results: dict) -> None:
+    """Each version's line and stages, then the ratios to the first (before)."""
     what = ("--weights=W --noinclude_top" if args.backbone == "vgg16"
             else f"--backbone={os.path.basename(args.backbone)}")
     print(f"\n## default run on {args.data_dir}: train.py {what} {' '.join(args.extra)}")
@@ -176,9 +184,6 @@ def main():
               f"({before['seconds'] / after['seconds']:.2f}x faster), peak memory "
               f"{after['peak_mb'] / before['peak_mb']:.2f} ({after['peak_mb']} vs "
               f"{before['peak_mb']} MB)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

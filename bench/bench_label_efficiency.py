@@ -66,8 +66,15 @@ def simulate(args, task, x, y):
                 labelled += [int(pool[r]) for r, _, _ in picks]
             results[strategy].append(scores)
     sizes = [len(start) + args.batch * r for r in range(args.rounds + 1)]
+    _print_simulation(args, task, results, sizes)
+
+
+def _print_simulation(args, task, results: dict, sizes) -> None:
+    """The table, the paired gains over random sampling, the labels each strategy needs,
+    and (``--plot``) the curves."""
+    strategies = list(results)
     print(f"\n## 1. Active learning: held-out {task.headline} by labels "
-          f"({args.seeds} seeds, start {len(start)}, batches of {args.batch})\n")
+          f"({args.seeds} seeds, start {sizes[0]}, batches of {args.batch})\n")
     print("| labels | " + " | ".join(strategies) + " |\n|---|" + "---|" * len(strategies))
     means = {s: np.nanmean(np.array(v, float), axis=0) for s, v in results.items()}
     stds = {s: np.nanstd(np.array(v, float), axis=0) for s, v in results.items()}

@@ -28,10 +28,10 @@ from features.store import cache
 from features.fit import heads
 from features.fit.settings import FitSettings
 folder, size, stream, epochs = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
-spec = cache.CacheSpec("none(seed=0)", False, size, data_dir=folder)
+clf = backbone.build_classifier("none", False, size, 0, backbone="vgg16")
+spec = cache.CacheSpec("none(seed=0)", False, size, data_dir=folder, net=clf.net)
 frame = pd.read_csv(folder + "/frame.csv", dtype={"name": str})
 train, val = frame.iloc[:-50], frame.iloc[-50:]
-clf = backbone.build_classifier("none", False, size, 0)
 path = folder + "/" + spec.file_name()
 started = time.perf_counter()
 tr = cache.load_features(path, spec, train, spec.layers, stream=stream)
@@ -61,8 +61,8 @@ def make_cache(folder: str, rows: int, size: int) -> None:
     frame = pd.DataFrame({"path": paths, "name": [str(i) for i in range(rows)],
                           "label": [i % 2 for i in range(rows)]})
     frame.to_csv(os.path.join(folder, "frame.csv"), index=False)
-    spec = cache.CacheSpec("none(seed=0)", False, size, data_dir=folder)
-    clf = backbone.build_classifier("none", False, size, 0)
+    clf = backbone.build_classifier("none", False, size, 0, backbone="vgg16")
+    spec = cache.CacheSpec("none(seed=0)", False, size, data_dir=folder, net=clf.net)
     shapes = cache.layer_shapes(clf, spec.layers)
     items = cache._items(frame, 0)
     rng = np.random.default_rng(0)

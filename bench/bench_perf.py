@@ -117,10 +117,10 @@ def section_extract(args, results):
     for policy in policies:
         bare = _bare_rate(policy, args.image_size, args.batch_size, args.seconds)
         precision.apply(precision.Precision(policy, "bench"))
-        clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
+        clf = backbone.build_classifier(args.weights, False, args.image_size, 0, backbone="vgg16")
         spec = cache.CacheSpec(weights_identity(args.weights, 0), False,
                                args.image_size, "float32",
-                               args.data_dir, precision=policy)
+                               args.data_dir, precision=policy, net=clf.net)
         folder = tempfile.mkdtemp(prefix="bench-extract-")
         result = cache.ensure_features(clf, spec, frame, folder, cache.Extraction(args.batch_size,
                                                                                   progress=False))
@@ -275,11 +275,11 @@ def section_ray(args, results):
     frame = scan.filter_bad_images(frame, args.image_size, "skip",
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))
     frame = frame.iloc[:args.extract_images].reset_index(drop=True)
-    clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
+    clf = backbone.build_classifier(args.weights, False, args.image_size, 0, backbone="vgg16")
     spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
-                           "float32", args.data_dir)
+                           "float32", args.data_dir, net=clf.net)
     build = {"weights": args.weights, "include_top": False, "image_size": args.image_size,
-             "seed": 0}
+             "seed": 0, "backbone": "vgg16"}
     rows = []
     folder = tempfile.mkdtemp(prefix="bench-ray-")
     plain = cache.ensure_features(clf, spec, frame, folder, cache.Extraction(args.batch_size,
@@ -345,7 +345,7 @@ def section_ftprofile(args, results):
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))
     train = frame.iloc[:args.extract_images]
     steps = -(-len(train) // args.batch_size)
-    clf = backbone.build_classifier(args.weights, False, args.image_size, 0)
+    clf = backbone.build_classifier(args.weights, False, args.image_size, 0, backbone="vgg16")
     clf.set_trainable(["fc", "predictions"], log=False)
     clf.model.compile(optimizer=backbone.make_optimizer("adam", 1e-4),
                       loss=task.binary().loss(), metrics=task.binary().keras_metrics())

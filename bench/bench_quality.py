@@ -49,10 +49,10 @@ def _data(args):
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))
     train, _ = split.split_train_val(frame, 0.2, 0)
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0, units=task.units,
-                                    activation=task.activation)
+                                    activation=task.activation, backbone="vgg16")
     spec = cache.CacheSpec(weights_identity(args.weights, 0), False, args.image_size,
                            "float32", ds.data_dir,
-                           precision=chosen.policy)
+                           precision=chosen.policy, net=clf.net)
     path = cache.ensure_features(clf, spec, frame, args.cache_dir,
                                  cache.Extraction(args.batch_size)).path
     y = np.asarray(train.label.tolist())

@@ -9,7 +9,7 @@ similarities of pooled features for near ones).
 The features come from the cache train.py fills (computed on a miss, not timed); the
 out-of-fold predictions are the linear probe's on 5 folds (not timed either: they are
 the heads stage's). Timed, best of three: `features.data.audit.suspects`, the SHA-1 of
-every file (`workflow.labelling.file_digest`, the data's own folder, test photos
+every file (`workflow.train.labelling.file_digest`, the data's own folder, test photos
 included when there is a ``test/``) and `features.data.selection.duplicate_pairs` on
 the average-pooled feature maps of every labelled photo.
 """
@@ -41,7 +41,7 @@ def main():
     from features.choose import cv as cv_lib, probe
     from features.data import audit, selection
     from pipeline import discovery
-    from workflow import labelling
+    from workflow.train import labelling
     ds, frame, task, clf, feats = common.cached_photos(
         args.data_dir, args.weights, args.image_size, args.cache_dir, args.backbone)
     y = np.asarray(frame.label.tolist())

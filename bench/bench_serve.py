@@ -139,9 +139,9 @@ def version(label: str, root: str, args, photos) -> dict:
 
 def batch_rate(workdir: str, photos) -> float:
     """Images per second of this checkout's predictor on the photos, model loaded."""
-    from workflow import console
+    from workflow.base import console
     console.quiet_tensorflow()
-    from workflow import serving
+    from workflow.use import serving
     predictor = serving.Predictor(workdir, batch_size=32)
     uploads = [(os.path.basename(p), open(p, "rb").read()) for p in photos]
     config = serving.ServeConfig(max_files=len(uploads))
@@ -178,7 +178,8 @@ def main() -> None:
                            capture_output=True)
             shutil.rmtree(tree, ignore_errors=True)
     if "before" in results:
-        print(f"requests/s after / before: {results['after']['rps'] / results['before']['rps']:.2f}")
+        ratio = results["after"]["rps"] / results["before"]["rps"]
+        print(f"requests/s after / before: {ratio:.2f}")
     rate = batch_rate(args.workdir, photos)
     print(f"the predictor's batch path on the same {len(photos)} photos (model loaded): "
           f"{rate:.1f} images/s; the server answered {results['after']['rps'] / rate:.2f}x "

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workflow import console  # noqa: E402
+from workflow.base import console  # noqa: E402
 
 console.quiet_tensorflow()
 
@@ -37,35 +37,22 @@ def main() -> None:
     from sklearn.metrics import roc_auc_score
     from features import trust
     from features.serve import inference
-    from pipeline import discovery, run_info, scan
-    from workflow import predicting, trusting
+    from pipeline import run_info
+    from workflow.use import predicting
+    from workflow.use import trusted
     info = run_info.read_info(args.workdir)
     task = inference.task_of(info)
-    reference = trusting.load_reference(args.workdir, info)
+    reference = trusted.load_reference(args.workdir, info)
     if reference is None:
         sys.exit(f"{args.workdir} has no unfamiliar score (a run from before issue 30).")
     use_bag = info.get("default_model") == "bag" and os.path.isfile(
         os.path.join(args.workdir, inference.BAG_FILE))
     model, info, units = inference.load_predictor(args.workdir, use_bag, None, True)
     tta = int(info.get("tta", 1))
-    fitted = trust.Unfamiliar.from_json(info["unfamiliar"])
+    sets = {name: _scored(args, (model, info, units, task, reference, tta), folder)
+            for name, folder in (("known", args.known), ("unseen", args.unseen),
+                                 ("far", args.far)) if folder}
     calibration = trust.Calibration.from_json(info.get("calibration"))
-    sets = {}
-    for name, folder in (("known", args.known), ("unseen", args.unseen), ("far", args.far)):
-        if not folder:
-            continue
-        frame = scan.filter_bad_images(discovery.discover_unlabelled(folder),
-                                       int(info["image_size"]), "skip", os.devnull,
-                                       keep_rows=True)
-        frame = frame[~frame.bad].reset_index(drop=True)
-        out = inference.predict_frame(model, frame, int(info["image_size"]), args.batch_size,
-                                      tta, progress=False)
-        raw = task.probabilities(out[:, :units])
-        probs, unf = predicting.trusted_outputs(task, info, out, units, reference)
-        d = trust.distance(reference, out[:, units:], fitted.k)
-        sets[name] = {"frame": frame, "raw": raw, "probs": probs, "score": unf["score"],
-                      "flagged": unf["flagged"], "d": d,
-                      "u": trust.uncertainty(task.kind, probs)}
     known = sets["known"]
     y = predicting.labels_for(known["frame"].name.tolist(), args.known, task)
     print(f"Run {os.path.abspath(args.workdir)} ({info.get('backbone')}, "
@@ -90,6 +77,27 @@ def main() -> None:
     print(f"calibration ({calibration.describe()}) on the known photos: ECE "
           f"{before['ece']:.4f} -> {after['ece']:.4f}, log loss {before['log_loss']:.4f} -> "
           f"{after['log_loss']:.4f}, Brier {before['brier']:.4f} -> {after['brier']:.4f}")
+
+
+def _scored(args, predictor, folder: str) -> dict:
+    """The photos of ``folder`` as predict.py scores them: raw and calibrated
+    probabilities, the unfamiliar score and flag, its distance and uncertainty."""
+    from features import trust
+    from features.serve import inference
+    from pipeline import discovery, scan
+    from workflow.use import trusted
+    model, info, units, task, reference, tta = predictor
+    fitted = trust.Unfamiliar.from_json(info["unfamiliar"])
+    frame = scan.filter_bad_images(discovery.discover_unlabelled(folder),
+                                   int(info["image_size"]), "skip", os.devnull, keep_rows=True)
+    frame = frame[~frame.bad].reset_index(drop=True)
+    out = inference.predict_frame(model, frame, int(info["image_size"]), args.batch_size,
+                                  tta, progress=False)
+    probs, unf = trusted.apply(task, info, out, units, reference)
+    return {"frame": frame, "raw": task.probabilities(out[:, :units]), "probs": probs,
+            "score": unf["score"], "flagged": unf["flagged"],
+            "d": trust.distance(reference, out[:, units:], fitted.k),
+            "u": trust.uncertainty(task.kind, probs)}
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ class Classifier:
     head: keras.Model
     model: keras.Model
     include_top: bool
-    net: networks.Backbone = networks.VGG16
+    net: networks.Backbone
     stage_of: Optional[Dict[str, str]] = None
 
     @property
@@ -286,9 +286,9 @@ def _vgg16_parts(weights, include_top, image_size, seed):
 
 def build_classifier(weights: str = "imagenet", include_top: bool = True, image_size: int = 224,
                      seed: int = 0, dropout: float = 0.5, units: int = 1,
-                     activation: str = "sigmoid",
-                     backbone: Union[str, networks.BackboneChoice] = "vgg16") -> Classifier:
-    """Builds the classifier on ``backbone`` (see the module docstring).
+                     activation: str = "sigmoid", *,
+                     backbone: Union[str, networks.BackboneChoice]) -> Classifier:
+    """Builds the classifier on ``backbone`` (always named; see the module docstring).
 
     VGG16's head: without ``include_top``, flatten -> ``fc1`` (256 units, ReLU,
     new) -> dropout -> ``predictions``; with it, VGG16's own ``fc1``/``fc2`` are
@@ -300,8 +300,8 @@ def build_classifier(weights: str = "imagenet", include_top: bool = True, image_
     choice = (backbone if isinstance(backbone, networks.BackboneChoice)
               else networks.check_choice(backbone))
     vgg, stage_of = None, None
-    if choice.name == "vgg16":
-        net = networks.VGG16
+    net = choice.described()
+    if net is not None and net.own_loader:
         vgg, stem, last = _vgg16_parts(weights, include_top, image_size, seed)
     else:
         net, stage_of, stem, last = zoo.build(choice, weights, image_size, seed)
@@ -387,9 +387,9 @@ def from_model(model: keras.Model) -> Classifier:
                           f"sub-models: stem, last stage, {HEAD}; found {names or 'none'}).")
     stem, last, head = subs
     include_top = any(l.name == FC2 for l in head.layers)
-    if names[:2] == [STEM, BLOCK5]:
+    if names[:2] == [STEM, BLOCK5]:  # the reference's own sub-model names
         return Classifier(stem=stem, last=last, head=head, model=model,
-                          include_top=include_top)
+                          include_top=include_top, net=networks.VGG16)
     suffix = "_features"
     stem_layer = last.input.name[:-len(suffix)] if last.input.name.endswith(suffix) else ""
     feature_layer = head.input.name[:-len(suffix)] if head.input.name.endswith(suffix) else ""

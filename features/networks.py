@@ -25,10 +25,14 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from pipeline import run_info
 from pipeline.errors import ConfigError
 
 FC, PREDICTIONS, FC2 = "fc", "predictions", "fc2"
 INPUT = "input"
+# The smallest input size: five halvings (every backbone here downsamples by 32) leave
+# one pixel.
+MIN_IMAGE_SIZE = 32
 # A stage alias every backbone understands: its last stage (scenario C trains it).
 LAST_STAGE = "last"
 # Input contracts. Every input graph in this tool produces VGG's "caffe" input
@@ -38,8 +42,7 @@ LAST_STAGE = "last"
 # MobileNetV3 and the user's own files do) gets an exact inverse as its first layer.
 CAFFE, RGB255 = "caffe", "rgb255"
 PREPROCESSING_TEXT = {
-    CAFFE: "BGR minus ImageNet means (103.939, 116.779, 123.68), no scaling; the network "
-           "expects exactly this",
+    CAFFE: f"{run_info.INPUT_VALUES}; the network expects exactly this",
     RGB255: "the input graph's BGR mean-centring undone in the network's first layer "
             "(RGB in [0, 255]); the network's own preprocessing follows inside it",
 }
@@ -65,9 +68,12 @@ class Backbone:
       near_duplicate: the cosine similarity of average-pooled features at or above which
         two photos are near-duplicates, where it was measured (VGG16: 0.95,
         docs/benchmarks.md); None: calibrated on each run's photos
-        (`workflow.labelling.near_duplicate_threshold`), since the scale of
+        (`workflow.train.labelling.near_duplicate_threshold`), since the scale of
         similarities is the network's own (Lite0: a JPEG re-save of a photo scores
         0.85-0.91 with it, where VGG16 scores 0.98).
+      own_loader: built by its own loader (`features.weights`: Keras' ImageNet file, a
+        weights file of either format, or seeded random weights), not by
+        `features.zoo` (VGG16, whose cache files and scores every earlier run made).
       xla_convs: whether its training conv blocks run XLA-compiled on a float32 CPU
         (`features.backbone.CompiledConvs`). Measured per network: VGG16's plain 3x3
         convolutions train 2x faster (block5, 128 -> 64 ms per image); EfficientNet-
@@ -81,15 +87,11 @@ class Backbone:
     preprocessing: str = CAFFE
     pooling: str = "avg"
     default_image_size: int = 224
-    min_image_size: int = 32
+    min_image_size: int = MIN_IMAGE_SIZE
     imagenet_top: bool = False
     near_duplicate: Optional[float] = None
     xla_convs: bool = False
-
-    @property
-    def is_vgg16(self) -> bool:
-        """The reference backbone (whose names earlier runs and caches carry)."""
-        return self.name == "vgg16"
+    own_loader: bool = False
 
     @property
     def slug(self) -> str:
@@ -143,7 +145,7 @@ VGG16 = Backbone(name="vgg16", source="keras.applications.VGG16",
                  stages=("block1", "block2", "block3", "block4", "block5"),
                  stem_layer="block4_pool", feature_layer="block5_pool", preprocessing=CAFFE,
                  pooling="flatten", default_image_size=224, min_image_size=32,
-                 imagenet_top=True, near_duplicate=0.95, xla_convs=True)
+                 imagenet_top=True, near_duplicate=0.95, xla_convs=True, own_loader=True)
 
 # keras.applications networks by --backbone name: (constructor, preprocessing). Each
 # is described from its layers once built (`describe`), as a file would be.
@@ -161,7 +163,7 @@ NAMED: Dict[str, Tuple[str, str]] = {
 # The input size each keras.applications network was trained at (its Keras docs and
 # weights file): its default input size here, as timm's ``pretrained_cfg`` and
 # keras-hub's presets fix one per model.
-TRAINED_SIZE: Dict[str, int] = {"vgg16": 224, "resnet50": 224, "efficientnetb0": 224,
+TRAINED_SIZE: Dict[str, int] = {VGG16.name: VGG16.default_image_size, "resnet50": 224, "efficientnetb0": 224,
                                 "efficientnetv2b0": 224, "efficientnetv2s": 384,
                                 "convnext_tiny": 224, "mobilenetv3large": 224,
                                 "mobilenetv3small": 224}
@@ -179,7 +181,7 @@ class BackboneChoice:
       stage_ends: ``--stage_ends``: the last layer of each stage, in order.
       size: the input size named with it (``NAME@SIZE``, ``PATH@SIZE``), else None.
     """
-    name: str = "vgg16"
+    name: str
     feature_layer: Optional[str] = None
     stage_ends: Tuple[str, ...] = ()
     size: Optional[int] = None
@@ -188,6 +190,18 @@ class BackboneChoice:
     def is_file(self) -> bool:
         """A user's ``.keras`` model file rather than a network by name."""
         return self.name not in NAMED and self.name != "vgg16"
+
+    @property
+    def keeps_imagenet_top(self) -> bool:
+        """Whether ``--include_top`` can keep its ImageNet dense layers (VGG16's fc1/fc2;
+        every other backbone gets a new head)."""
+        described = self.described()
+        return described is not None and described.imagenet_top
+
+    def described(self) -> Optional["Backbone"]:
+        """Its description when known without building it (VGG16, the reference), else
+        None (built and described by `features.zoo`)."""
+        return VGG16 if self.name == VGG16.name else None
 
     @property
     def label(self) -> str:

@@ -23,7 +23,6 @@ DROPOUT = "dropout"
 PREDICTIONS = "predictions"
 STEM, BLOCK5, HEAD = "vgg16_stem", "vgg16_block5", "head"
 # Layers whose outputs the feature cache can hold, in network order.
-CACHEABLE = (BLOCK4_POOL, BLOCK5_POOL, FC2)
 BLOCKS = networks.VGG16.blocks
 # Without the ImageNet top, the head gets one new hidden layer of this width.
 NO_TOP_HIDDEN_UNITS = 256
@@ -48,7 +47,7 @@ class Scenario:
     learning_rate: float
     description: str
 
-    def start_layer(self, include_top: bool, net: networks.Backbone = networks.VGG16) -> str:
+    def start_layer(self, include_top: bool, net: networks.Backbone) -> str:
         """The cached layer this scenario trains from on ``net`` (see `start_layer`)."""
         return start_layer(self.blocks, include_top, net)
 
@@ -95,7 +94,7 @@ def block_of(layer_name: str) -> Optional[str]:
     return None
 
 
-def parse_blocks(spec: str, net: networks.Backbone = networks.VGG16) -> List[str]:
+def parse_blocks(spec: str, net: networks.Backbone) -> List[str]:
     """Parses ``--trainable_blocks`` such as "block4,block5,fc" (``predictions`` is
     implied) into ``net``'s stage names (``last`` = its last stage)."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
@@ -105,8 +104,7 @@ def parse_blocks(spec: str, net: networks.Backbone = networks.VGG16) -> List[str
     return net.resolve_blocks(names + [PREDICTIONS], f"--trainable_blocks={spec!r}")
 
 
-def start_layer(blocks: Sequence[str], include_top: bool,
-                net: networks.Backbone = networks.VGG16) -> str:
+def start_layer(blocks: Sequence[str], include_top: bool, net: networks.Backbone) -> str:
     """The highest cacheable layer below every trainable block (`INPUT` if none is);
     see `features.networks.Backbone.start_layer`. For VGG16: scenario A starts from
     ``fc2`` when the ImageNet top is kept, else from ``block5_pool``; B from

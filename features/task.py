@@ -41,6 +41,12 @@ class Task:
         if len(set(self.class_names)) != len(self.class_names):
             raise ConfigError(f"Class names must be unique: {', '.join(self.class_names)}.")
 
+    @classmethod
+    def of_model(cls, info: dict) -> "Task":
+        """The task an exported model was trained for, from its ``model_info.json``
+        (binary with classes "0", "1" for models from before tasks)."""
+        return cls(info.get("task", "binary"), tuple(info.get("class_names") or ("0", "1")))
+
     @property
     def units(self) -> int:
         """Outputs of the model's last layer."""

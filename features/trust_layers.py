@@ -120,9 +120,11 @@ class UnfamiliarScore(keras.layers.Layer):
         d = ops.maximum(1.0 - kth, trust.MIN_DISTANCE)
         p = ops.cast(p, "float32")
         if self.task_kind == "multiclass":
-            # The other classes' probabilities summed: exact in float32 where 1 - max is not.
-            top = ops.max(p, axis=-1, keepdims=True)
-            u = ops.sum(ops.where(p < top, p, 0.0), axis=-1)
+            # The other classes' probabilities summed: exact in float32 where 1 - max is
+            # not. One top class is left out, as 1 - max does: on a tie the other top
+            # class counts (leaving out every class equal to the max would give 0).
+            top = ops.one_hot(ops.argmax(p, axis=-1), ops.shape(p)[-1], dtype=p.dtype)
+            u = ops.sum(p * (1.0 - top), axis=-1)
         elif self.task_kind == "multilabel":
             u = ops.mean(1.0 - ops.maximum(p, 1.0 - p), axis=-1)
         else:

@@ -14,6 +14,7 @@ import h5py
 import keras
 import numpy as np
 
+from features import networks
 from pipeline.errors import ConfigError, UserError
 
 # What keras.applications downloads into ~/.keras/models for each variant.
@@ -156,9 +157,9 @@ def load_vgg16(weights: str, include_top: bool, image_size: int, seed: int = 0) 
             f"--include_top keeps VGG16's fc1/fc2, which need {TOP_IMAGE_SIZE}x"
             f"{TOP_IMAGE_SIZE} input; got --image_size={image_size}. Use "
             f"--image_size={TOP_IMAGE_SIZE} or --noinclude_top.")
-    if image_size < 32:
-        raise ConfigError(f"--image_size must be at least 32 (VGG16 halves it five times); "
-                          f"got {image_size}.")
+    if image_size < networks.VGG16.min_image_size:
+        raise ConfigError(f"--image_size must be at least {networks.VGG16.min_image_size} "
+                          f"(VGG16 halves it five times); got {image_size}.")
     shape = (image_size, image_size, 3)
     keras.utils.set_random_seed(seed)
     if weights == "imagenet":

@@ -170,7 +170,8 @@ def describe(model: keras.Model, choice: networks.BackboneChoice, preprocessing:
     net = networks.Backbone(
         name=choice.name, source=source, stages=stages, stem_layer=stem,
         feature_layer=feature, preprocessing=preprocessing, pooling="avg",
-        default_image_size=choice.trained_size()[0], min_image_size=32, imagenet_top=False)
+        default_image_size=choice.trained_size()[0], min_image_size=networks.MIN_IMAGE_SIZE,
+        imagenet_top=False)
     logging.info("Backbone %s: stages %s (by %s); the last stage (%s) runs from %s to the "
                  "feature map %s; input: %s.", net.slug, ", ".join(stages), how, stages[-1],
                  stem, feature, net.describe_input())

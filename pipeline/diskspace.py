@@ -10,7 +10,7 @@ Three layers, because a full disk must never end in a traceback or a crash:
    interpreter then crashes at exit (a segmentation fault was seen).
 3. Any write that still fails with ENOSPC, EDQUOT or EFBIG (a disk shared with
    other programs fills up at any time) is recognised by `disk_full_error` and
-   reported by `workflow.console.user_errors` with the file and its file system.
+   reported by `workflow.base.console.user_errors` with the file and its file system.
 """
 
 import errno

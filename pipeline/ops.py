@@ -7,9 +7,7 @@ eagerly and inside ``tf.data.Dataset.map``.
 
 import tensorflow as tf
 
-# ImageNet channel means in BGR order, as used to train the original VGG16
-# ("caffe" preprocessing in keras.applications.imagenet_utils).
-VGG_MEANS_BGR = (103.939, 116.779, 123.68)
+from pipeline.run_info import MEANS_BGR as VGG_MEANS_BGR
 
 # JPEG decoders can downscale by 2, 4 or 8 in the DCT domain almost for free.
 # We use it only when the downscaled image is still at least the target size,

@@ -13,6 +13,12 @@ from pipeline.errors import ConfigError
 MODEL_FILE = "model.keras"
 BAG_FILE = "bag.keras"
 INFO_FILE = "model_info.json"
+# The input contract every exported model and every cache shares, whatever the backbone:
+# ImageNet channel means in BGR order, as the original VGG16 was trained with ("caffe"
+# preprocessing in keras.applications.imagenet_utils), subtracted with no scaling.
+MEANS_BGR = (103.939, 116.779, 123.68)
+INPUT_VALUES = ("channels BGR minus the ImageNet means ("
+                + ", ".join(f"{c} {m:g}" for c, m in zip("BGR", MEANS_BGR)) + "), no scaling")
 # Test-time augmentation views: 1 (the image), 2 (and its mirror), up to 8 (crops too).
 MAX_TTA = 8
 

@@ -137,7 +137,8 @@ def trusted_run(root, size: int = 32, extra_info=None):
     from features import backbone, trust, trust_layers
     from features.serve import inference
     from pipeline import input as input_lib
-    clf = backbone.build_classifier("none", include_top=False, image_size=size, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=size, seed=0,
+                                    backbone="vgg16")
     photos = root / "photos"
     for i in range(24):
         write_image(str(photos / f"p{i}.jpg"), colour_image(i % 2, size=size, seed=i))
@@ -163,7 +164,7 @@ def trusted_run(root, size: int = 32, extra_info=None):
 def predict_in_process(run, data, out, **flags):
     """predict.py's job on ``data`` with the run in ``run``, in this process (float32, one
     device, unreadable images skipped); ``flags`` override any other setting."""
-    from workflow import predicting
+    from workflow.use import predicting
     cfg = predicting.PredictRun(
         workdir=str(run), data_dir=str(data), output=str(out), on_bad_image="skip",
         precision="float32", batch_size=4, strategy="none", cpu_replicas=1, ray_address=None,

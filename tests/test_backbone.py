@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from features import backbone, scenarios, weights
+from features import backbone, networks, scenarios, weights
 from pipeline.errors import ConfigError
 
 SIZE = 32
@@ -13,7 +13,8 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def classifier():
-    return backbone.build_classifier(weights="none", include_top=False, image_size=SIZE, seed=0)
+    return backbone.build_classifier(weights="none", include_top=False, image_size=SIZE, seed=0,
+                                     backbone="vgg16")
 
 
 def _trainable_layer_names(model):
@@ -36,12 +37,12 @@ def test_scenarios_train_exactly_their_layers(classifier, scenario, expected):
 
 
 def test_trainable_blocks_general_and_unknown_names(classifier):
-    classifier.set_trainable(scenarios.parse_blocks("block4, block5,fc"))
+    classifier.set_trainable(scenarios.parse_blocks("block4, block5,fc", networks.VGG16))
     names = _trainable_layer_names(classifier.model)
     assert names == sorted([f"block4_conv{i}" for i in (1, 2, 3)]
                            + [f"block5_conv{i}" for i in (1, 2, 3)] + ["fc1", "predictions"])
     with pytest.raises(ConfigError, match="'block9'.*matches no block"):
-        scenarios.parse_blocks("block5,block9")
+        scenarios.parse_blocks("block5,block9", networks.VGG16)
     with pytest.raises(ConfigError, match="Unknown scenario 'D'"):
         scenarios.get_scenario("D")
 
@@ -123,7 +124,7 @@ def test_offline_imagenet_is_a_clear_error_not_random_weights(monkeypatch):
 
 def test_output_layer_follows_the_task_and_parts_compose(classifier):
     three = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
-                                      units=3, activation="softmax")
+                                      units=3, activation="softmax", backbone="vgg16")
     x = np.random.default_rng(0).normal(0, 50, (2, SIZE, SIZE, 3)).astype(np.float32)
     probs = three.model.predict(x, verbose=0)
     assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)

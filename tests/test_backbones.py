@@ -3,13 +3,14 @@ description every module reads, caches kept apart, and ONNX-safe rewrites."""
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 
 from features import backbone, networks, scenarios
 from features.store import cache as cache_lib
 from pipeline.errors import ConfigError
 from tests.inprocess import run
-from workflow import deploy
+from workflow.use import deploy
 
 SIZE = 32
 
@@ -100,7 +101,7 @@ def test_a_saved_classifier_describes_its_backbone_again(tiny, tmp_path):
 
 
 def test_two_backbones_never_share_a_cache_file(tiny):
-    vgg = cache_lib.CacheSpec("none(seed=0)", False, SIZE, data_dir="/data")
+    vgg = cache_lib.CacheSpec("none(seed=0)", False, SIZE, data_dir="/data", net=networks.VGG16)
     other = cache_lib.CacheSpec("in-file", False, SIZE, data_dir="/data",
                                 net=tiny.net)
     assert vgg.file_name().startswith("vgg16-data-32px-none-notop-float32-")
@@ -183,7 +184,8 @@ def test_the_demo_runs_on_a_keras_file_backbone(tiny_file, tmp_path):
     # not VGG16's 0.95.
     log = (tmp_path / "run" / "train.log").read_text()
     assert "calibrated for tiny_net: the lowest similarity of 32 training photos" in log
-    assert (tmp_path / "run" / "duplicates.csv").is_file()
+    pairs = metrics["label_audit"]["duplicate_pairs"]
+    assert pairs > 0 and len(pd.read_csv(tmp_path / "run" / "duplicates.csv")) == pairs
 
 
 @pytest.mark.slow
@@ -230,7 +232,7 @@ def test_each_backbone_runs_at_its_trained_size_unless_told(tiny_file, tmp_path)
     """The size a network was trained at is its default input size: a named network's
     (efficientnetv2s: 384), a file's fixed input shape; a file that accepts any size is
     named with @SIZE or gets 224 with a reason that says so; --image_size overrides."""
-    from workflow import config
+    from workflow.base import config
     assert networks.check_choice("vgg16").trained_size()[0] == 224
     assert networks.check_choice("EfficientNetV2S").trained_size() == (
         384, "efficientnetv2s was trained at 384 px")
@@ -245,7 +247,8 @@ def test_each_backbone_runs_at_its_trained_size_unless_told(tiny_file, tmp_path)
     assert networks.check_choice(str(tmp_path / "fixed.keras")).trained_size()[0] == 48
     with pytest.raises(ConfigError, match="below the smallest"):
         networks.check_choice("vgg16@16")
-    model = config.ModelConfig("imagenet", False, 224, 0.5, image_size_asked=128)
+    model = config.ModelConfig("imagenet", False, 224, 0.5, networks.check_choice("vgg16"),
+                               image_size_asked=128)
     assert model.size_for(networks.check_choice("efficientnetv2s")) == (128, "--image_size")
     assert model.size_for(named)[0] == 260  # @SIZE wins over --image_size
 

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from features import backbone, task as task_lib
+from features import backbone, networks, task as task_lib
 from features.store import cache, h5file as store
 from features.choose import cv
 from features.fit import heads
@@ -26,7 +26,8 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def classifier():
-    return backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    return backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                     backbone="vgg16")
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def data(tmp_path):
 def _spec(ds, dtype="float32", **kw):
     return cache.CacheSpec(weights_id="none(seed=0)", include_top=False, image_size=SIZE,
                            dtype=dtype,
-                           data_dir=ds.data_dir, **kw)
+                           data_dir=ds.data_dir, **{"net": networks.VGG16, **kw})
 
 
 def _direct(classifier, frame):
@@ -201,7 +202,8 @@ def test_corrupted_cache_is_detected_and_repaired(classifier, data, tmp_path, ca
 
 @pytest.mark.slow
 def test_head_trained_on_cache_drops_onto_conv_base(data, tmp_path):
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1,
+                                    backbone="vgg16")
     spec = _spec(data)
     path = cache.ensure_features(clf, spec, data.frame, str(tmp_path), QUIET).path
     feats = cache.load_features(path, spec, data.frame, spec.layers)
@@ -212,7 +214,8 @@ def test_head_trained_on_cache_drops_onto_conv_base(data, tmp_path):
                                         heads.FeatureSplit(feats, y),
                                         FitSettings(2, 4, progress=False),
                                         out_dir=str(tmp_path / "run"))
-        fresh = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1)
+        fresh = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1,
+                                          backbone="vgg16")
         heads.load_scenario_weights(fresh, scenario, results[scenario].weights_path)
         start = results[scenario].start_layer
         on_cache = fresh.model_from(start).predict(feats[start], verbose=0)[:, 0]
@@ -222,7 +225,8 @@ def test_head_trained_on_cache_drops_onto_conv_base(data, tmp_path):
         np.testing.assert_allclose(on_base, on_cache, atol=1e-4)
         # ... and training actually changed the head (the test would be vacuous otherwise).
         untrained = backbone.build_classifier("none", include_top=False, image_size=SIZE,
-                                              seed=1).model.predict(images, verbose=0)[:, 0]
+                                              seed=1, backbone="vgg16")
+        untrained = untrained.model.predict(images, verbose=0)[:, 0]
         assert not np.allclose(untrained, on_base, atol=1e-4)
 
 
@@ -238,7 +242,8 @@ def test_float16_cache_changes_predictions_within_tolerance(classifier, data, tm
     x16 = cache.load_features(p16.path, f16, data.frame, f16.layers)
     assert x16["block5_pool"].dtype == np.float16
     y = data.frame.label.to_numpy()
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     results = heads.train_scenarios(clf, [heads.HeadConfig.for_scenario("B", 1e-3)],
                                     task_lib.binary(), heads.FeatureSplit(x32, y),
                                     heads.FeatureSplit(x32, y), FitSettings(3, 4, progress=False),

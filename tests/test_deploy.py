@@ -11,21 +11,22 @@ import pytest
 from features import backbone
 from features.serve import inference
 from pipeline.errors import ConfigError, DataError
-from workflow import deploy, runtimes
+from workflow.base import config
+from workflow.use import deploy, runtimes
 
 SIZE = 32
 
 
 def test_formats_are_checked_before_any_work(monkeypatch):
-    assert deploy.parse_formats("none") == [] and deploy.parse_formats("") == []
-    assert deploy.parse_formats("TFLite, savedmodel,tflite") == ["tflite", "savedmodel"]
+    assert config.parse_formats("none") == [] and config.parse_formats("") == []
+    assert config.parse_formats("TFLite, savedmodel,tflite") == ["tflite", "savedmodel"]
     with pytest.raises(ConfigError, match="unknown format.*coreml"):
-        deploy.parse_formats("onnx,coreml")
-    real = deploy.importlib.util.find_spec
-    monkeypatch.setattr(deploy.importlib.util, "find_spec",
+        config.parse_formats("onnx,coreml")
+    real = config.importlib.util.find_spec
+    monkeypatch.setattr(config.importlib.util, "find_spec",
                         lambda name: None if name == "tf2onnx" else real(name))
     with pytest.raises(ConfigError, match=r"needs tf2onnx.*pip install -e \"\.\[export\]\""):
-        deploy.parse_formats("savedmodel,onnx")
+        config.parse_formats("savedmodel,onnx")
 
 
 def test_a_file_its_runtime_cannot_load_is_a_clear_error(tmp_path):
@@ -40,7 +41,8 @@ def run_folder(kaggle_dir, tmp_path):
     """A run folder as train.py leaves it: model.keras, model_info.json, split.csv."""
     workdir = tmp_path / "run"
     workdir.mkdir()
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     inference.export_model(clf.model, str(workdir), {
         "image_size": SIZE, "task": "binary", "class_names": ["0", "1"]})
     paths = sorted((kaggle_dir / "train").glob("*.jpg"), key=lambda p: int(p.stem))

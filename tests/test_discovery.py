@@ -133,7 +133,7 @@ def test_split_count_falls_back_to_proportional_when_a_class_is_small():
 def test_split_rejects_sizes_that_leave_too_little():
     with pytest.raises(ConfigError, match="val_size"):
         split.split_train_val(_frame(10, 10), 15, seed=0)
-    from workflow import config
+    from workflow.base import config
     with pytest.raises(ConfigError):
         config.parse_val_size("-3")
     assert config.parse_val_size("200") == 200

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from features import backbone
+from features import backbone, networks
 from features.fit import finetune
 from features.serve import inference
 from features.fit.settings import FinetuneSettings
@@ -46,7 +46,8 @@ def split(kaggle_dir):
 def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
     train, val = split
     workdir = str(tmp_path / "run")
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     settings = FinetuneSettings(epochs=2, image_size=SIZE, batch_size=4, learning_rate=1e-4,
                                 augment="keras_blog", patience=10, monitor="auc")
     blocks = ["block5", "fc", "predictions"]
@@ -56,14 +57,16 @@ def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
     assert "ckpt-2" in open(os.path.join(folder, finetune.CHECKPOINT_FILE)).read()
     assert os.path.isfile(os.path.join(folder, f"best-{first['best_epoch']:06d}.index"))
     # The state after epoch 2, as a fresh process would find it.
-    ref = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=5)
+    ref = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=5,
+                                    backbone="vgg16")
     import tensorflow as tf
     tf.train.Checkpoint(model=ref.model).read(
         tf.train.latest_checkpoint(folder)).expect_partial()
 
     # A fresh process would start from a new classifier: resume must load epoch 2's
     # weights and optimizer state, and run only epoch 3.
-    clf2 = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=5)
+    clf2 = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=5,
+                                     backbone="vgg16")
     seen = {}
 
     class Spy(keras.callbacks.Callback):
@@ -103,7 +106,8 @@ def test_augmentation_inside_the_model_reaches_training_and_is_not_exported(spli
     np.testing.assert_array_equal(layer(images, training=False), images)  # identity otherwise
     weights = {}
     for preset in ("none", "aggressive"):
-        clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+        clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                        backbone="vgg16")
         out = finetune.finetune(clf, ["fc", "predictions"], BINARY, train, val,
                                 FinetuneSettings(epochs=1, image_size=SIZE, batch_size=4,
                                                  learning_rate=1e-2, augment=preset,
@@ -131,7 +135,8 @@ def test_export_loads_in_safe_mode_and_predicts_identically(split, tmp_path):
     with pytest.raises(ValueError, match="(?i)lambda|unsafe|safe_mode"):
         keras.models.load_model(str(tmp_path / "unsafe.keras"), safe_mode=True)
 
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     clf.head.get_layer("predictions").bias.assign([0.3])
     inference.export_model(clf.model, str(tmp_path), {"image_size": SIZE,
                                                       "positive_class": "1"})
@@ -159,8 +164,9 @@ def test_held_out_outputs_from_cached_features_equal_the_whole_network(split, tm
     from features.choose import bag as bag_lib
     from features.store import cache as cache_lib
     train, _ = split
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    spec = cache_lib.CacheSpec("none(seed=0)", False, SIZE)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
+    spec = cache_lib.CacheSpec("none(seed=0)", False, SIZE, net=networks.VGG16)
     feats, _ = cache_lib.load(clf, spec, train, str(tmp_path / "cache"),
                               cache_lib.Extraction(4, progress=False))
     paths, names_ = train.path.tolist(), train.name.tolist()
@@ -218,7 +224,7 @@ def test_tta_views_are_deterministic_and_first_is_identity():
     np.testing.assert_array_equal(views[1], x[:, :, ::-1])
     with pytest.raises(Exception, match="--tta"):
         inference.check_tta(9)
-    from workflow import config
+    from workflow.base import config
     with pytest.raises(Exception, match="--tta"):
         config.parse_tta(0)
 
@@ -245,7 +251,8 @@ def test_labels_scoring_matches_sklearn(tmp_path):
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("name,invasive\n" + "".join(f"{n},{l}\n" for n, l in zip(names, labels)))
     png = str(tmp_path / "roc.png")
-    from workflow import plots, predicting
+    from workflow.views import plots
+    from workflow.use import predicting
     scores = predicting.score_against_labels(names, probs, str(csv_path), BINARY)
     assert scores["auc"] == pytest.approx(roc_auc_score(labels, probs))
     assert scores["accuracy"] == pytest.approx(np.mean((probs >= 0.5) == np.array(labels)))
@@ -267,19 +274,30 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
               "--noinclude_top", f"--image_size={SIZE}", "--val_size=4", "--batch_size=4",
               f"--cache_dir={tmp_path / 'cache'}", "--epochs=2", "--finetune_epochs=1",
               "--scenarios=A,C", "--augment=keras_blog", "--cv_folds=2",
-              "--noprobe_baseline"]  # the fine-tuning path, whatever the probe scores
+              # The fine-tuning path, whatever the probe scores, and even when a head
+              # already has validation AUC 1 (then only the loss can improve).
+              "--noprobe_baseline", "--monitor=loss"]
     result = _run("train.py", *common)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("model.keras", "model_info.json", "metrics.json", "split.csv",
                  "history_heads_A.csv", "history_heads_C.csv", "heads_comparison.png",
                  "history_finetune.csv", "finetune_history.png", "submission.csv",
                  "confusion_matrix.png", "roc.png",
-                 "top_losses.png", "heads/confusion_matrix.png", "heads/roc.png",
-                 "heads/top_losses.png", "bag.keras"):
+                 "top_losses.png", "bag.keras"):
         assert (workdir / name).is_file(), name
     metrics = json.loads((workdir / "metrics.json").read_text())
     # Only the scenario CV ranks first is fitted on the whole split (and fine-tuned).
     tuned = metrics["finetune"]["scenario"]
+    # Its head's plots are in a folder named for it, never beside the exported model's.
+    for name in ("confusion_matrix.png", "roc.png", "top_losses.png"):
+        assert (workdir / "heads" / tuned / name).is_file() and \
+            not (workdir / "heads" / name).exists(), name
+    # Every file the run wrote is one the README's table names, and the console listed it.
+    from workflow.base import run_files
+    listed = result.stdout[result.stdout.index("Outputs in"):]
+    for entry in sorted(os.listdir(workdir)):
+        assert run_files.role(entry), f"{entry}: not in workflow/base/run_files.py"
+        assert f" {entry}" in listed, f"{entry} not listed on the console"
     assert set(metrics["heads"]) == {"A", "C"} and tuned in ("A", "C")
     assert [s for s in "AC" if metrics["heads"][s]["fitted"]] == [tuned]
     # Kept files hold weights only: no optimizer moments from training (2x the head).
@@ -317,7 +335,13 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     check_console(result, (workdir / "train.log").read_text(), summary_in_log=True)
     # Comparison, fine-tuning history, confusion matrix, ROC, top losses; suspect labels
     # when there are any.
-    suspects = len(pd.read_csv(workdir / "suspect_labels.csv"))
+    # No empty table: suspect_labels.csv exists exactly when the audit found some.
+    suspects = metrics["label_audit"]["suspect_labels"]
+    assert (workdir / "suspect_labels.csv").is_file() == (suspects > 0)
+    if suspects:
+        assert len(pd.read_csv(workdir / "suspect_labels.csv")) == suspects
+    assert ("none found" in result.stdout) == (
+        not suspects or not metrics["label_audit"]["duplicate_pairs"])
     # + reliability.png and unfamiliar_scores.png (issue 30)
     assert check_report(workdir / "report.html", metrics) == 7 + (suspects > 0)
 
@@ -387,7 +411,7 @@ def check_report(path, metrics: dict) -> int:
     an embedded PNG, and every number equals the JSON it names. Returns the image count."""
     import base64
     from html.parser import HTMLParser
-    from workflow import report
+    from workflow.views import html as page_parts
 
     class Page(HTMLParser):
         def __init__(self):
@@ -415,7 +439,7 @@ def check_report(path, metrics: dict) -> int:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert page.numbers, "no number on the page"
     for key, text in page.numbers:
-        value = report.lookup(metrics, key)
+        value = page_parts.lookup(metrics, key)
         digits = len(text.split(".")[1]) if "." in text else 0
         assert float(text) == pytest.approx(value, abs=0.51 * 10 ** -digits), key
     return len(page.images)
@@ -461,7 +485,7 @@ def test_train_bad_flags_are_one_clear_paragraph_before_tensorflow(kaggle_dir, n
 @pytest.mark.parametrize("depth", [1, 40])
 def test_error_paragraphs_break_lines_between_words_only(depth):
     """However long a temporary path, it is never cut: it can be copied from the terminal."""
-    from workflow import console
+    from workflow.base import console
     path = "/tmp/" + "/".join(["pytest-of-root-0"] * depth) + "/train_labels.csv"
     message = f"--workdir={path} is a file, not a run folder: " + "pick another one " * 12
     lines = console._paragraphs(message).splitlines()

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from features import backbone, precision
+from features import backbone, networks, precision
 from features.store import cache
 from features.fit import finetune, heads
 from features.serve import inference
@@ -71,7 +71,8 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 
 def test_mixed_model_computes_in_16_bits_but_outputs_float32(policy):
     policy("mixed_bfloat16")
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     dtypes = precision.policies_of(clf.model)
     assert dtypes["block1_conv1"] == dtypes["block5_conv3"] == "bfloat16"
     assert dtypes["fc1"] == dtypes["dropout"] == dtypes["predictions"] == "float32"
@@ -86,7 +87,8 @@ def test_mixed_model_computes_in_16_bits_but_outputs_float32(policy):
 
 def test_exported_mixed_model_predicts_in_the_precision_asked_for(policy, tmp_path, data):
     policy("mixed_bfloat16")
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     inference.export_model(clf.model, str(tmp_path), {"image_size": SIZE})
     policy("float32")
     model, _ = inference.load_exported(str(tmp_path), policy="float32")
@@ -103,12 +105,14 @@ def test_exported_mixed_model_predicts_in_the_precision_asked_for(policy, tmp_pa
 
 
 def _spec(data, **kw):
-    return cache.CacheSpec("none(seed=0)", False, SIZE, data_dir=data.data_dir, **kw)
+    return cache.CacheSpec("none(seed=0)", False, SIZE, data_dir=data.data_dir,
+                           **{"net": networks.VGG16, **kw})
 
 
 def test_precision_is_part_of_the_cache_provenance(policy, data, tmp_path):
     policy("mixed_bfloat16")
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     spec = _spec(data, precision="mixed_bfloat16")
     result = cache.ensure_features(clf, spec, data.frame, str(tmp_path), QUIET)
     with h5py.File(result.path) as f:
@@ -122,7 +126,8 @@ def test_precision_is_part_of_the_cache_provenance(policy, data, tmp_path):
 
 
 def test_float32_cache_from_before_precision_was_recorded_is_reused(data, tmp_path):
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     spec = _spec(data)
     first = cache.ensure_features(clf, spec, data.frame, str(tmp_path), QUIET)
     with h5py.File(first.path, "r+") as f:
@@ -136,7 +141,8 @@ def test_mixed_float16_training_scales_the_loss_and_learns(policy):
     """Under mixed_float16 the trained conv block computes in float16, so Keras' compile
     adds dynamic loss scaling, and the scenario still learns."""
     policy("mixed_float16")
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     rng = np.random.default_rng(0)
     y = np.arange(40) % 2
     x = rng.normal(0, 1, (40, 2, 2, 512)).astype(np.float32) + y[:, None, None, None] * 0.8
@@ -161,7 +167,8 @@ def _views(clf, data, k):
 
 
 def test_finetuning_from_cached_views_trains_only_the_head_and_resumes(data, tmp_path):
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     train, val, views = _views(clf, data, 3)
     conv = clf.stem.get_layer("block1_conv1").kernel.numpy().copy()
     fc1 = clf.head.get_layer("fc1").kernel.numpy().copy()
@@ -173,7 +180,8 @@ def test_finetuning_from_cached_views_trains_only_the_head_and_resumes(data, tmp
     assert not np.allclose(clf.head.get_layer("fc1").kernel.numpy(), fc1)
     np.testing.assert_array_equal(clf.stem.get_layer("block1_conv1").kernel.numpy(), conv)
     assert "ckpt-2" in open(tmp_path / "finetune" / finetune.CHECKPOINT_FILE).read()
-    again = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    again = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                      backbone="vgg16")
     resumed = finetune.finetune(again, ["fc", "predictions"], BINARY, train, val,
                                 settings.replace(epochs=3, resume=True), workdir=str(tmp_path),
                                 cached=_views(again, data, 3)[2])
@@ -183,7 +191,8 @@ def test_finetuning_from_cached_views_trains_only_the_head_and_resumes(data, tmp
 
 
 def test_cached_views_must_match_where_the_blocks_start(data, tmp_path):
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     train, val, views = _views(clf, data, 2)
     with pytest.raises(ConfigError, match="train from block4_pool"):
         finetune.finetune(clf, ["block5", "fc", "predictions"], BINARY, train, val,
@@ -201,7 +210,8 @@ def test_heads_train_identically_whatever_the_conv_base_computes_in(policy):
     probs = {}
     for name in ("float32", "mixed_bfloat16"):
         policy(name)
-        clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+        clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                        backbone="vgg16")
         with heads.HeadConfig.for_scenario("A").trainer(clf, BINARY) as trainer:
             trainer.fit(x, y, FitSettings(2, 8))
             probs[name] = trainer.predict(x)
@@ -212,7 +222,8 @@ def test_run_config_records_the_precision_each_part_really_computes_in(policy):
     # What run_config.json says (precision.parts) against the classifier itself, built
     # under mixed_bfloat16 as a run on an AVX512-BF16 machine builds it.
     policy("mixed_bfloat16")
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     recorded = precision.parts("mixed_bfloat16")
     compute = {"mixed_bfloat16": "bfloat16", "float32": "float32"}
     conv = {l.compute_dtype for part in (clf.stem, clf.last) for l in part.layers
@@ -233,11 +244,13 @@ def test_a_model_trained_in_bfloat16_is_saved_to_compute_in_float32(policy, tmp_
     import subprocess
     import sys
     policy("mixed_bfloat16")
-    trained = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    trained = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                        backbone="vgg16")
     assert trained.stem.get_layer("block1_conv1").compute_dtype == "bfloat16"
     inference.export_model(trained.model, str(tmp_path), {"image_size": SIZE})
     keras.mixed_precision.set_global_policy("float32")
-    reference = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1)
+    reference = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=1,
+                                          backbone="vgg16")
     reference.model.set_weights(trained.model.get_weights())
     x = np.random.default_rng(0).normal(0, 60, (4, SIZE, SIZE, 3)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -278,7 +291,8 @@ def test_compiled_conv_blocks_train_scenario_c_as_the_stock_kernels_do(monkeypat
     probs = {}
     for compiled in (False, True):
         monkeypatch.setattr(precision, "compile_convs", lambda: compiled)
-        clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+        clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                        backbone="vgg16")
         with heads.HeadConfig.for_scenario("C").trainer(clf, BINARY) as trainer:
             wrapped = [l for l in trainer.model.layers if isinstance(l, backbone.CompiledConvs)]
             assert len(wrapped) == int(compiled)

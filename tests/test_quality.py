@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import backbone, scenarios
+from features import backbone, networks, scenarios
 from features.choose import bag, cv, probe, sweep
 from features.store import cache, rows
 from features.fit import finetune, heads
@@ -31,8 +31,9 @@ def cached(tmp_path_factory):
     """16 tiny labelled images, a classifier, and their cached features."""
     root = tmp_path_factory.mktemp("quality")
     ds = discovery.discover(class_folders(root / "data", 16), positive_class="pos")
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    spec = cache.CacheSpec("none(seed=0)", False, SIZE, data_dir=ds.data_dir)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
+    spec = cache.CacheSpec("none(seed=0)", False, SIZE, data_dir=ds.data_dir, net=networks.VGG16)
     path = cache.ensure_features(clf, spec, ds.frame, str(root / "cache"),
                                  cache.Extraction(4, progress=False)).path
     feats = cache.load_features(path, spec, ds.frame, spec.layers)
@@ -45,14 +46,14 @@ def test_scenario_table_rates_and_an_explicit_rate_wins():
     assert scenarios.get_scenario(" c ").learning_rate == 1e-4
     assert heads.HeadConfig.for_scenario("C").learning_rate == 1e-4
     assert heads.HeadConfig.for_scenario("C", 3e-2).learning_rate == 3e-2
-    assert scenarios.get_scenario("C").start_layer(False) == "block4_pool"
-    assert scenarios.get_scenario("A").start_layer(True) == "fc2"
+    assert scenarios.get_scenario("C").start_layer(False, networks.VGG16) == "block4_pool"
+    assert scenarios.get_scenario("A").start_layer(True, networks.VGG16) == "fc2"
     with pytest.raises(ConfigError, match="Unknown scenario 'D'"):
         scenarios.get_scenario("D")
 
 
 def test_val_size_auto_is_200_for_large_data_and_a_fifth_for_small():
-    from workflow.job import resolve_val_size
+    from workflow.train.job import resolve_val_size
     assert resolve_val_size("auto", 2295) == 200
     assert resolve_val_size("auto", 244) == 0.2
     assert resolve_val_size("50", 244) == 50
@@ -305,7 +306,8 @@ def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_pa
         again = bag.load(single, path, start_layer)
         np.testing.assert_allclose(again.predict(images, verbose=0)[:, 0], got, atol=1e-6)
         if scenario == "C":  # members on block4_pool: another image size cannot feed them
-            other = backbone.build_classifier("none", include_top=False, image_size=2 * SIZE)
+            other = backbone.build_classifier("none", include_top=False, image_size=2 * SIZE,
+                                              backbone="vgg16")
             with pytest.raises(ConfigError, match="another run"):
                 bag.load(other.model, path, start_layer)
 
@@ -383,7 +385,7 @@ def test_sweep_then_use_sweep_through_the_flags(kaggle_dir, tmp_path):
 
 
 def test_top_losses_are_the_errors_with_the_largest_loss_first():
-    from workflow import interpret
+    from workflow.views import interpret
     labels = np.array([1, 1, 0, 0, 1, 0])
     probs = np.array([0.9, 0.05, 0.8, 0.1, 0.4, 0.99])
     # errors: index 1 (true 1, P .05), 2 (true 0, P .8), 4 (true 1, P .4), 5 (true 0, P .99)
@@ -454,7 +456,7 @@ def test_with_tensorboard_off_no_logs_are_written(kaggle_dir, tmp_path):
 def test_config_is_typed_frozen_and_demo_defaults_never_touch_the_flags(tmp_path):
     import dataclasses as dc
     from absl import flags as absl_flags
-    from workflow import config, flags
+    from workflow.base import config, flags
     fv = absl_flags.FlagValues()
     flags.define_train(fv)
     fv(["train.py", "--demo", "--epochs=2", f"--data_dir={tmp_path}"])
@@ -516,12 +518,22 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, h
     validation images: every labelled row reaches the head and the fine-tuning."""
     from absl import flags as absl_flags
     from features.fit import loop as training
-    from workflow import config, flags, stages
-    seen = []
+    from workflow.base import config, flags
+    from workflow.train import stages
+    from workflow.train import export as export_stage
+    seen, refitting = [], []
     real_fit, real_fixed = training.HeadTrainer.fit, finetune.fit_fixed
+    real_refit = export_stage._refit
+
+    def spy_refit(*args, **kw):
+        refitting.append(True)  # head fits from here on are the refit's (not a bag's folds)
+        try:
+            return real_refit(*args, **kw)
+        finally:
+            refitting.clear()
 
     def spy_fit(self, x, y, settings, **kw):
-        if kw.get("val") is None:  # the refit: no validation rows
+        if refitting:
             seen.append(("head", len(y)))
         return real_fit(self, x, y, settings, **kw)
 
@@ -531,6 +543,7 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, h
 
     monkeypatch.setattr(training.HeadTrainer, "fit", spy_fit)
     monkeypatch.setattr(finetune, "fit_fixed", spy_fixed)
+    monkeypatch.setattr(export_stage, "_refit", spy_refit)
     fv = absl_flags.FlagValues()
     flags.define_train(fv)
     fv(["train.py", f"--data_dir={kaggle_dir}", f"--workdir={tmp_path / 'run'}",
@@ -548,6 +561,7 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, h
     # 8 training + 4 validation images; with K cached views the head's epochs chosen on
     # (1+K) rows per image are run on (1+K) rows per image again.
     assert seen[0] == ("head", 12 * (1 + heads_views)) and refit["rows"] == 12
+    assert [kind for kind, _ in seen].count("head") == 1
     assert refit["head_rows"] == 12 * (1 + heads_views)
     # The fine-tuning refit runs the epochs the validation run kept, on every image.
     assert refit["finetune_epochs"] == metrics["finetune"]["best_epoch"]

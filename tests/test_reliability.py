@@ -18,6 +18,7 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
+from features import networks
 from pipeline import discovery, input as input_lib, ops, scan
 from pipeline.errors import DataError
 from tests.conftest import checkpoint_epoch, write_image
@@ -255,9 +256,10 @@ def test_killed_or_interrupted_at_every_stage_then_the_rerun_resumes(kill_data, 
             "--batch_size=2", "--val_size=8", "--epochs=2", "--finetune_epochs=6",
             "--patience=10", "--augment=keras_blog", "--cv_folds=0", "--scenarios=A,B",
             "--finetune_views=0", "--heads_memory_gb=0.0001", "--notensorboard",
-            # The scenario is fine-tuned whatever the probe scores: the fine-tuning is
-            # what step 3 interrupts.
-            "--noprobe_baseline"]
+            # The scenario is fine-tuned whatever the probe scores, and even when its head
+            # already has validation AUC 1 (then only the loss can improve): the
+            # fine-tuning is what step 3 interrupts.
+            "--noprobe_baseline", "--monitor=loss"]
     logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(6)]
 
     def text(i):
@@ -329,9 +331,9 @@ from features import backbone
 from features.store import cache
 from pipeline import discovery
 ds = discovery.discover({data!r})
-clf = backbone.build_classifier("none", False, 64, 0)
+clf = backbone.build_classifier("none", False, 64, 0, backbone="vgg16")
 spec = cache.CacheSpec("none(seed=0)", False, 64, "float16",
-                       ds.data_dir)
+                       ds.data_dir, net=clf.net)
 r = cache.ensure_features(clf, spec, ds.frame, {cache_dir!r}, cache.Extraction(2, progress=False))
 print(json.dumps({{"computed": r.computed, "reused": r.reused, "path": r.path}}))
 """
@@ -354,7 +356,7 @@ def test_two_runs_sharing_a_cache_dir_do_not_corrupt_it(kill_data, tmp_path):
     # Everything in it passes its checksum.
     from features.store import cache
     spec = cache.CacheSpec("none(seed=0)", False, 64, "float16",
-                           str(kill_data))
+                           str(kill_data), net=networks.VGG16)
     frame = discovery.discover(str(kill_data)).frame
     feats = cache.load_features(results[0]["path"], spec, frame, spec.layers)
     assert feats["block5_pool"].shape[0] == 48
@@ -366,7 +368,7 @@ def test_skipped_test_image_gets_no_number(kaggle_dir, tmp_path):
     (kaggle_dir / "test" / "3.jpg").write_bytes(b"")
     frame = discovery.discover_unlabelled(str(kaggle_dir))
     frame = scan.filter_bad_images(frame, 32, "skip", str(tmp_path / "bad.csv"), keep_rows=True)
-    clf = backbone.build_classifier("none", False, 32, 0)
+    clf = backbone.build_classifier("none", False, 32, 0, backbone="vgg16")
     probs = inference.predict_frame(clf.model, frame, 32, 2, progress=False)[:, 0]
     assert len(probs) == len(frame) == 5
     assert np.isnan(probs[frame.name.tolist().index("3")])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 
+from features import networks
 from pipeline import diskspace
 from tests.conftest import said
 from tests.test_finetune_predict import ROOT
@@ -66,7 +67,7 @@ def test_disk_full_is_recognised_from_oserror_and_from_hdf5_text():
 _EXTRACT_ON_SMALL_DISK = r"""
 import errno, json, os, sys
 from pipeline import diskspace
-from workflow import console as cli
+from workflow.base import console as cli
 from features import backbone
 from features.store import cache
 from pipeline import discovery
@@ -89,8 +90,8 @@ if not real:  # no size-limited file system: fail the 5th batch's flush as ENOSP
         real_free = diskspace.free_bytes
         diskspace.free_bytes = lambda p: 1 << 20
 ds = discovery.discover(sys.argv[4])
-clf = backbone.build_classifier("none", False, 64, 0)
-spec = cache.CacheSpec("none(seed=0)", False, 64, data_dir=ds.data_dir)
+clf = backbone.build_classifier("none", False, 64, 0, backbone="vgg16")
+spec = cache.CacheSpec("none(seed=0)", False, 64, data_dir=ds.data_dir, net=clf.net)
 with cli.user_errors():
     r = cache.ensure_features(clf, spec, ds.frame, cache_dir, cache.Extraction(4, progress=False))
     print(json.dumps({"computed": r.computed, "reused": r.reused}))
@@ -132,8 +133,9 @@ def test_cache_on_a_full_disk_ends_cleanly_and_resumes(small_fs, kill_data, tmp_
     from features.store import cache
     from pipeline import discovery
     ds = discovery.discover(str(kill_data))
-    spec = cache.CacheSpec("none(seed=0)", False, 64, data_dir=ds.data_dir)
-    result = cache.ensure_features(backbone.build_classifier("none", False, 64, 0), spec, ds.frame,
+    spec = cache.CacheSpec("none(seed=0)", False, 64, data_dir=ds.data_dir, net=networks.VGG16)
+    result = cache.ensure_features(backbone.build_classifier("none", False, 64, 0,
+                                                             backbone="vgg16"), spec, ds.frame,
                                    str(bigger), QUIET)
     assert (result.computed, result.reused) == (48 - committed, committed)
 
@@ -163,9 +165,10 @@ else:  # no size-limited file system here: a file-size limit makes the first big
 from features import backbone
 from features.fit import finetune
 from features.serve import inference
-from workflow import outputs, plots
+from workflow.base import outputs
+from workflow.views import plots
 
-clf = backbone.build_classifier("none", False, 32, 0)
+clf = backbone.build_classifier("none", False, 32, 0, backbone="vgg16")
 clf.model.compile(optimizer="adam", loss="binary_crossentropy")
 clf.model.optimizer.build(clf.model.trainable_variables)
 if not real:
@@ -238,8 +241,9 @@ def test_streamed_heads_equal_in_memory_heads(tmp_path):
                     colour_image(i % 2, size=36, seed=i))
     ds = discovery.discover(str(tmp_path / "data"), positive_class="pos")
     train, val = split.split_train_val(ds.frame, 4, seed=0)
-    clf = backbone.build_classifier("none", include_top=False, image_size=32, seed=0)
-    spec = cache.CacheSpec("none(seed=0)", False, 32, data_dir=ds.data_dir)
+    clf = backbone.build_classifier("none", include_top=False, image_size=32, seed=0,
+                                    backbone="vgg16")
+    spec = cache.CacheSpec("none(seed=0)", False, 32, data_dir=ds.data_dir, net=networks.VGG16)
     path = cache.ensure_features(clf, spec, ds.frame, str(tmp_path / "c"), QUIET).path
     aug = cache.CacheSpec(**{**spec.__dict__, "augment": "keras_blog"})
     aug_path = cache.ensure_features(clf, aug, train, str(tmp_path / "c"), QUIET, views=2).path
@@ -289,7 +293,7 @@ def test_h5rows_reads_rows_in_the_order_asked(tmp_path):
 def test_an_interrupt_wrapped_by_c_code_is_still_an_interrupt(capsys, kind, status, words):
     # A signal handler that raises while numpy's C code runs comes out as SystemError
     # ("returned a result with an exception set") caused by the interrupt (seen in CI).
-    from workflow import console
+    from workflow.base import console
     interrupt = console.Terminated if kind == "Terminated" else KeyboardInterrupt
 
     class Raises:
@@ -314,7 +318,7 @@ def test_an_interrupt_re_raised_from_none_is_still_an_interrupt(capsys, monkeypa
                                                                  status, words):
     # TensorFlow's error handler re-raises the SystemError `from None` (seen in CI): the
     # interrupt is gone from the chain, but the process did receive the signal.
-    from workflow import console
+    from workflow.base import console
     monkeypatch.setattr(console, "_RECEIVED", [])
     with pytest.raises(SystemExit) as stop:
         with console.user_errors():
@@ -350,7 +354,7 @@ def test_atomic_link_names_one_file_twice_and_leaves_nothing_behind(tmp_path, mo
 
 def test_each_stage_records_its_own_time_and_peak_memory():
     import time
-    from workflow import clock as clock_lib
+    from workflow.base import clock as clock_lib
     clock = clock_lib.StageClock()
     with clock.stage(clock_lib.TOTAL):
         with clock.stage("small"):
@@ -359,6 +363,9 @@ def test_each_stage_records_its_own_time_and_peak_memory():
         with clock.stage("large"):
             block = np.ones((300 << 20) // 8)  # 300 MB, touched
             block.sum()
+            # Held for ten sampling intervals: in a worker whose peak an earlier test
+            # already set, the stage's figure is what the 20 ms sampler saw.
+            time.sleep(10 * clock_lib.SAMPLE_SECONDS)
             del block
         with clock.stage("small again"):
             np.ones(1000).sum()

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import backbone, distribute
+from features import backbone, distribute, networks
 from features.store import cache
 from features.serve import inference, ray_engine
 from pipeline import discovery
@@ -56,7 +56,8 @@ def images(tmp_path_factory):
 def ray_cluster():
     """One local 2-worker Ray cluster for the Ray tests (started once: ~5 s)."""
     engine = ray_engine.RayEngine("local", 2, build={"weights": "none", "include_top": False,
-                                                     "image_size": SIZE, "seed": 0}).start()
+                                                     "image_size": SIZE, "seed": 0,
+                                                     "backbone": "vgg16"}).start()
     yield engine
     engine.stop()
 
@@ -65,8 +66,9 @@ def ray_cluster():
 def test_ray_rows_equal_a_plain_run_and_only_missing_rows_are_computed(images, ray_cluster,
                                                                         tmp_path):
     ds, _ = images
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
-    spec = cache.CacheSpec("none(seed=0)", False, SIZE, data_dir=ds.data_dir)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
+    spec = cache.CacheSpec("none(seed=0)", False, SIZE, data_dir=ds.data_dir, net=networks.VGG16)
     plain = cache.ensure_features(clf, spec, ds.frame, str(tmp_path / "plain"), QUIET)
     # Half the images are already cached: Ray must compute only the other half.
     ray_dir = str(tmp_path / "ray")
@@ -87,7 +89,8 @@ def test_ray_rows_equal_a_plain_run_and_only_missing_rows_are_computed(images, r
 @pytest.mark.slow
 def test_ray_predictions_equal_a_plain_run_in_order(images, ray_cluster, tmp_path):
     ds, _ = images
-    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
+                                    backbone="vgg16")
     workdir = tmp_path / "run"
     inference.export_model(clf.model, str(workdir), {"image_size": SIZE})
     local = inference.predict_frame(clf.model, ds.frame, SIZE, 4, progress=False)
@@ -105,7 +108,8 @@ def test_mirrored_two_cpu_replicas_match_one_device_and_resume(kaggle_dir, tmp_p
                       "--val_size=4", "--batch_size=4", f"--cache_dir={tmp_path / name}c",
                       "--scenarios=A", "--cv_folds=0", "--dropout=0", "--epochs=2",
                       "--finetune_epochs=1", "--finetune_views=2", "--augment=keras_blog",
-                      "--notensorboard", "--noprobe_baseline", *extra)  # fine-tune A
+                      "--notensorboard", "--noprobe_baseline", "--monitor=loss",
+                      *extra)  # fine-tune A (the loss: a head at AUC 1 can still improve)
         assert result.returncode == 0, result.stderr[-3000:]
         return workdir
 
@@ -125,7 +129,7 @@ def test_mirrored_two_cpu_replicas_match_one_device_and_resume(kaggle_dir, tmp_p
             "--weights=none", "--noinclude_top", f"--image_size={SIZE}", "--val_size=4",
             "--batch_size=4", f"--cache_dir={tmp_path / 'two'}c", "--stage=finetune",
             "--scenario=A", "--dropout=0", "--finetune_epochs=3", "--finetune_views=2",
-            "--augment=keras_blog", "--notensorboard", "--patience=10",
+            "--augment=keras_blog", "--notensorboard", "--patience=10", "--monitor=loss",
             "--strategy=mirrored", "--cpu_replicas=2"]
     log = open(tmp_path / "killed.txt", "w+")
     assert _kill_when(_popen(log, *args), lambda: checkpoint_epoch(two / "finetune") >= 1,
@@ -154,15 +158,17 @@ from pipeline import discovery
 # Extraction in batches of 4, no progress bar: the tests' way of filling a cache.
 QUIET = cache.Extraction(4, progress=False)
 ds = discovery.discover({data!r}, positive_class="pos")
-one = backbone.build_classifier("none", include_top=False, image_size={size}, seed=0)
+one = backbone.build_classifier("none", include_top=False, image_size={size}, seed=0,
+                                backbone="vgg16")
 frame = ds.frame.iloc[:5]          # 5 images, batch 4: the last batch has 1 row for 3 replicas
-spec = cache.CacheSpec("none(seed=0)", False, {size}, data_dir=ds.data_dir)
+spec = cache.CacheSpec("none(seed=0)", False, {size}, data_dir=ds.data_dir, net=one.net)
 ref_probs = inference.predict_frame(one.model, frame, {size}, 4, progress=False)
 ref = cache.ensure_features(one, spec, frame, {cache_one!r}, QUIET)
 ref_feats = cache.load_features(ref.path, spec, frame, spec.layers)
 with distribute.scope(distribute.make_strategy("mirrored", 3)) as strategy:
     assert strategy.num_replicas_in_sync == 3
-    clf = backbone.build_classifier("none", include_top=False, image_size={size}, seed=0)
+    clf = backbone.build_classifier("none", include_top=False, image_size={size}, seed=0,
+                                    backbone="vgg16")
     out = {{}}
     for n in (1, 2, 5):             # fewer images than replicas, and a remainder of 2
         probs = inference.predict_frame(clf.model, frame.iloc[:n], {size}, 4, progress=False)

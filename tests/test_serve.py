@@ -45,7 +45,7 @@ def _lists(run, photos):
 def served(tmp_path_factory):
     """A run folder with a model, a label queue, and the app on it (no token)."""
     from tests.conftest import trusted_run
-    from workflow import server_app, serving
+    from workflow.use import server_app, serving
     run, photos = trusted_run(tmp_path_factory.mktemp("served"), SIZE, {"layout": "kaggle"})
     _lists(run, photos)
     predictor = serving.Predictor(str(run))
@@ -55,7 +55,7 @@ def served(tmp_path_factory):
 def _client(served, **settings):
     """A test client of the app on the served run, as a browser on the same machine
     reaches it (http://127.0.0.1:8000/); ``settings``: `serving.ServeConfig` fields."""
-    from workflow import serving
+    from workflow.use import serving
     run, _, predictor, server_app = served
     return TestClient(server_app.create_app(str(run), serving.ServeConfig(**settings),
                                             predictor=predictor),
@@ -84,7 +84,7 @@ def test_predict_api_gives_predict_py_probabilities(served, tmp_path):
     assert [r["name"] for r in rows] == names
     assert all(list(r["probabilities"]) == ["ants", "bees"] for r in rows)
     # predict.py on the same files.
-    from workflow import predicting
+    from workflow.use import predicting
     folder = tmp_path / "five"
     folder.mkdir()
     for n in names:
@@ -137,6 +137,24 @@ def test_an_image_symlinked_out_of_the_data_folder_is_not_served(served, tmp_pat
         table[table.name != "link"].to_csv(run / "suspect_labels.csv", index=False)
 
 
+def test_an_empty_queue_says_what_is_true_of_this_run(tmp_path):
+    """A run whose audit found no suspect label is not told to 'train with CV'; one
+    without an audit is; neither claims a label_next that did not run."""
+    from features.task import Task
+    from workflow.use import serving
+    task = Task("binary", ("ants", "bees"))
+    (tmp_path / "metrics.json").write_text(json.dumps({"label_audit": {
+        "suspect_labels": 0, "by": "linear probe, out-of-fold", "duplicate_pairs": 0}}))
+    audited = serving.Queue(str(tmp_path), task)
+    assert not audited.items
+    assert "found no training label that looks wrong" in audited.empty
+    assert "cross-validation" not in audited.empty and "--stage=label_next" in audited.empty
+    (tmp_path / "metrics.json").write_text(json.dumps({}))
+    (tmp_path / "run_config_label_next.json").write_text(json.dumps({"unlabelled_dir": "u"}))
+    plain = serving.Queue(str(tmp_path), task)
+    assert "No label audit ran" in plain.empty and "chose no photos" in plain.empty
+
+
 def test_bad_uploads_get_a_clear_4xx(served):
     client = _client(served, max_bytes=20_000_000, max_files=4)
     big = client.post("/api/predict", files=[("files", ("huge.jpg", b"\xff" * 50_000_001,
@@ -174,7 +192,7 @@ def test_labels_are_written_at_once_replaced_undone_and_exported(served):
 
 
 def test_class_folder_runs_get_the_moves_that_apply_the_labels(served, tmp_path):
-    from workflow import serving
+    from workflow.use import serving
     run, photos, predictor, _ = served
     queue = serving.Queue(str(run), predictor.task)
     rows = {"new0": {"name": "new0", "label": "bees", "source": "label_next", "time": "t"}}
@@ -185,7 +203,7 @@ def test_class_folder_runs_get_the_moves_that_apply_the_labels(served, tmp_path)
 
 
 def test_off_loopback_every_request_needs_the_token(served):
-    from workflow import serving
+    from workflow.use import serving
     assert serving.check_host("127.0.0.1", None) is None
     generated = serving.check_host("0.0.0.0", None)
     assert generated and len(generated) >= 24

@@ -1,5 +1,7 @@
-"""The code's shape (issue 28): nothing generic installed, short modules, functions and
-parameter lists. Static checks: they read the sources, they run nothing of the tool."""
+"""The code's shape (issues 28 and 42): nothing generic installed, short modules,
+functions and parameter lists, workflow's layers importing one way, and no backbone named
+outside its description. Static checks: they read the sources, they run nothing of the
+tool."""
 
 import ast
 import os
@@ -8,11 +10,13 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = ("pipeline", "features", "workflow")
-SCRIPTS = ("train.py", "predict.py", "export.py")
+SCRIPTS = ("train.py", "predict.py", "export.py", "serve.py")
+# workflow's layers, lowest first: a module may import its own layer and those below.
+LAYERS = ("base", "views", "use", "train")
 
 
-def _sources():
-    for top in LIBRARY:
+def _sources(tops=LIBRARY + ("bench",)):
+    for top in tops:
         for folder, _, names in os.walk(os.path.join(ROOT, top)):
             for name in sorted(names):
                 if name.endswith(".py"):
@@ -34,7 +38,7 @@ def test_nothing_of_ours_is_importable_from_outside_the_checkout(tmp_path):
     # The install (pip install -e .) puts only the dependencies on the path; a module
     # called `features` or `train` would shadow other projects' modules of that name.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    names = LIBRARY + tuple(s[:-3] for s in SCRIPTS)
+    names = LIBRARY + tuple(s[:-3] for s in SCRIPTS if s != "serve.py")
     code = ("import importlib.util, sys\n"
             f"found = [n for n in {names!r} if importlib.util.find_spec(n) is not None]\n"
             "print(','.join(found))\n")
@@ -75,3 +79,134 @@ def test_no_function_takes_more_than_8_parameters():
     many = {f"{path}:{node.name}": count(node) for path, node in _functions()
             if count(node) > 8}
     assert not many
+
+
+def imports(root: str, package: str = "workflow") -> dict:
+    """Module -> the modules of ``package`` it imports, function-local imports included
+    (where cycles hide), for every module under ``root/package``."""
+    out = {}
+    for folder, _, names in os.walk(os.path.join(root, package)):
+        for name in names:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            module = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
+            module = module[:-len(".__init__")] if module.endswith(".__init__") else module
+            found = set()
+            for node in ast.walk(ast.parse(open(path).read(), path)):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                        node.module.split(".")[0] == package:
+                    found |= {f"{node.module}.{a.name}" for a in node.names}
+                    found.add(node.module)
+                elif isinstance(node, ast.Import):
+                    found |= {a.name for a in node.names if a.name.split(".")[0] == package}
+            out[module] = found
+    known = set(out)
+    return {m: {i for i in found if i in known and i != m and not m.startswith(i + ".")}
+            for m, found in out.items()}
+
+
+def problems(graph: dict) -> list:
+    """Imports against the layers' direction, and import cycles, in ``graph``."""
+    def layer(module):
+        parts = module.split(".")
+        return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+    found = [f"{m} imports {i} (a higher layer)" for m, targets in sorted(graph.items())
+             for i in sorted(targets)
+             if layer(m) is not None and layer(i) is not None and layer(i) > layer(m)]
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for i in sorted(graph.get(m, ())):
+            if state.get(i) == "open":
+                found.append("cycle: " + " -> ".join(stack[stack.index(i):] + [i]))
+            elif i not in state:
+                visit(i)
+        stack.pop()
+        state[m] = "done"
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    return found
+
+
+def test_workflow_layers_import_one_way_and_nothing_imports_in_a_cycle():
+    graph = imports(ROOT)
+    assert set(graph) >= {f"workflow.{layer}" for layer in LAYERS}
+    assert problems(graph) == []
+    for package in ("features", "pipeline"):  # the layers below workflow
+        assert problems(imports(ROOT, package)) == []
+        assert not any(i.startswith("workflow") for targets in imports(ROOT, package).values()
+                       for i in targets)
+
+
+def test_the_import_check_finds_a_planted_back_edge_and_cycle(tmp_path):
+    for layer in LAYERS:
+        (tmp_path / "workflow" / layer).mkdir(parents=True)
+        (tmp_path / "workflow" / layer / "__init__.py").write_text("")
+    (tmp_path / "workflow" / "__init__.py").write_text("")
+    (tmp_path / "workflow" / "base" / "config.py").write_text(
+        "def check():\n    from workflow.use import deploy  # function-local: still found\n")
+    (tmp_path / "workflow" / "use" / "deploy.py").write_text(
+        "from workflow.base import config\n")
+    found = problems(imports(str(tmp_path)))
+    assert "workflow.base.config imports workflow.use.deploy (a higher layer)" in found
+    assert any(f.startswith("cycle: ") and "workflow.use.deploy" in f for f in found)
+
+
+def test_no_code_outside_the_backbone_registry_names_vgg16():
+    """Every per-backbone property comes from the backbone's description
+    (`features.networks`); a branch on the name "vgg16", or a parameter whose default is
+    VGG16, would give VGG16's answer to a caller that did not ask for it."""
+    allowed = {os.path.join("features", "networks.py"),
+               os.path.join("workflow", "base", "flags.py")}
+    found = []
+    for path in _sources(LIBRARY):
+        rel = os.path.relpath(path, ROOT)
+        if rel in allowed:
+            continue
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(c, ast.Constant) and c.value == "vgg16"
+                    for c in [node.left, *node.comparators]):
+                found.append(f"{rel}:{node.lineno} compares with 'vgg16'")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for default in node.args.defaults + [d for d in node.args.kw_defaults if d]:
+                    text = ast.unparse(default)
+                    if "VGG16" in text or text in ("'vgg16'", '"vgg16"'):
+                        found.append(f"{rel}:{node.lineno} {node.name}() defaults to {text}")
+            if isinstance(node, ast.ClassDef):  # dataclass fields' defaults
+                for field in node.body:
+                    text = ast.unparse(field.value) if isinstance(field, ast.AnnAssign) \
+                        and field.value is not None else ""
+                    if "VGG16" in text or text in ("'vgg16'", '"vgg16"') or \
+                            text == "networks.BackboneChoice()":
+                        found.append(f"{rel}:{field.lineno} {node.name} defaults to {text}")
+    assert found == []
+
+
+def _readme_run_folder_names() -> set:
+    """The top-level names of the run-folder table in the README's *Outputs* section
+    (``heads/<S>/roc.png`` is ``heads/``)."""
+    import re
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index("In `--workdir`"):text.index("How big: the demo")]
+    names = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            for name in re.findall(r"`([^`]+)`", line.split(" | ")[0]):
+                names.add(name.split("/")[0] + "/" if "/" in name else name)
+    return names
+
+
+def test_the_readme_table_of_run_folder_files_is_the_registry():
+    """What the console lists after a run (`workflow.base.run_files`) and the README's
+    table name the same files: a file added to one and not the other fails here."""
+    from workflow.base import run_files
+    assert _readme_run_folder_names() == {name for name, _ in run_files.FILES}
+    # Every name has a role, and names of every kind resolve.
+    assert run_files.role("history_heads_B.csv") and run_files.role("model_int8.tflite")
+    assert run_files.role("test_predictions_report.html") and run_files.role("heads")
+    assert run_files.role("notes.txt") is None

@@ -1,11 +1,11 @@
-"""The run state (workflow.state): typed, versioned, written per stage, read by the next."""
+"""The run state (workflow.base.state): typed, versioned, written per stage, read by the next."""
 
 import json
 
 import pytest
 
 from pipeline.errors import ConfigError
-from workflow import state
+from workflow.base import state
 
 
 def test_each_stage_writes_its_part_and_the_rest_is_kept(tmp_path):

@@ -107,8 +107,8 @@ def test_distance_ignores_near_copies_and_fold_distances_leave_the_fold_out():
 
 
 def test_thresholds_for_a_purpose_meet_their_target_on_the_held_out_predictions():
-    from workflow import trusting
-    from workflow.config import parse_threshold
+    from workflow.train import trusting
+    from workflow.base.config import parse_threshold
     rng = np.random.default_rng(5)
     y = rng.integers(0, 2, 600)
     p = np.clip(y * 0.3 + rng.random(600) * 0.7, 0, 1)
@@ -135,7 +135,10 @@ def test_the_graph_layers_compute_what_numpy_computes(policy):
     from features import trust_layers
     keras.mixed_precision.set_global_policy(policy)  # put back by restore_global_state
     rng = np.random.default_rng(6)
-    for kind, p in (("multiclass", softmax(rng.normal(0, 2, (40, 3)), axis=1)),
+    multiclass = softmax(rng.normal(0, 2, (40, 3)), axis=1)
+    # Ties for the top class: 1 - max counts the other top class as uncertainty.
+    multiclass[:3] = [[0.4, 0.4, 0.2], [1 / 3, 1 / 3, 1 / 3], [0.45, 0.1, 0.45]]
+    for kind, p in (("multiclass", multiclass),
                     ("binary", rng.random((40, 1))), ("multilabel", rng.random((40, 3)))):
         cal = (trust.Calibration("temperature", (1.7,) * (3 if kind == "multilabel" else 1))
                if kind != "binary" else trust.Calibration("platt", (), 1.3, -0.4))
@@ -339,7 +342,7 @@ def test_too_few_held_out_images_export_without_calibration_and_say_so():
     """No out-of-fold predictions and 3 validation images: nothing is fitted, the export
     goes on as before calibration existed, and metrics.json says why."""
     import types
-    from workflow import trusting
+    from workflow.train import trusting
     job = types.SimpleNamespace(
         task=types.SimpleNamespace(kind="binary"), folds=None, val=[0, 1, 2],
         run=types.SimpleNamespace(file=lambda *p: "/nonexistent"))

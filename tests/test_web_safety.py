@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import colour_image, predict_in_process, write_image
+from tests.conftest import predict_in_process, write_image
 from tests.test_serve import ROOT, SIZE, _client, _free_port, _lists, _reviewed
 
 from fastapi.testclient import TestClient  # the test extra installs the serve extra
@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient  # the test extra installs the serve e
 def served(tmp_path_factory):
     """A run folder with a model and a label queue, and a loaded predictor."""
     from tests.conftest import trusted_run
-    from workflow import server_app, serving
+    from workflow.use import server_app, serving
     run, photos = trusted_run(tmp_path_factory.mktemp("safe"), SIZE, {"layout": "kaggle"})
     _lists(run, photos)
     return run, photos, serving.Predictor(str(run)), server_app
@@ -139,7 +139,7 @@ def test_requests_from_pages_of_other_sites_change_nothing(served, caplog):
 
 
 def test_an_error_inside_a_handler_is_a_500_without_its_text(served, caplog):
-    from workflow import serving, server_app
+    from workflow.use import serving, server_app
     run, _, predictor, _ = served
 
     class Broken:

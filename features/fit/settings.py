@@ -1,6 +1,6 @@
 """Settings objects: how heads are fitted and how fine-tuning runs.
 
-Each is built once per run from the flags (`workflow.config`) and passed down whole,
+Each is built once per run from the flags (`workflow.base.config`) and passed down whole,
 instead of the same bundle of keyword arguments (epochs, batch size, seed, class
 weights, label smoothing, progress) being threaded through every level.
 A step that needs one value changed (a fold's seed, the refit's epochs) uses `replace`.

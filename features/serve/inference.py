@@ -52,8 +52,7 @@ def export_model(model: keras.Model, workdir: str, info: dict) -> str:
 
 def task_of(info: dict) -> Task:
     """The task an exported model was trained for (binary for models from before tasks)."""
-    names = info.get("class_names") or ["0", "1"]
-    return Task(info.get("task", "binary"), tuple(names))
+    return Task.of_model(info)
 
 
 def read_info(workdir: str) -> dict:

@@ -69,7 +69,8 @@ class RayEngine:
         # The tool runs from its checkout and installs none of its own modules, so the
         # workers are told where they are: on this machine, the checkout on PYTHONPATH;
         # on a cluster, Ray ships the three packages to every node (py_modules).
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # features/serve/ray_engine.py is three levels below the checkout's root.
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         try:
             if self.address == "local":
                 env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": root,

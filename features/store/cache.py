@@ -43,7 +43,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import h5py
 import keras
@@ -55,14 +55,16 @@ from features import backbone, networks, scenarios
 from features.store import extract
 from features.store.h5file import (CacheMismatch, CorruptRows, FeatureCache,
                                    keep_open_on_full_disk)
-from pipeline import diskspace
+from pipeline import diskspace, run_info
 from pipeline import progress as progress_lib
 from pipeline.errors import ConfigError, DataError
 
 FORMAT_VERSION = 1
+# Part of every cache file's provenance: the same words as the files already written.
 PREPROCESSING = ("decode(jpeg dct-downscale while >= size; 3 channels) -> "
                  "resize(bilinear, antialias, square) -> vgg_mean_centre(RGB->BGR minus "
-                 "ImageNet means 103.939,116.779,123.68; no scaling)")
+                 "ImageNet means " + ",".join(f"{m:g}" for m in run_info.MEANS_BGR)
+                 + "; no scaling)")
 CACHE_DTYPES = ("float16", "float32")
 
 
@@ -77,9 +79,13 @@ class CacheSpec:
     augment: str = "none"     # preset of the augmented views (views > 0 only)
     precision: str = "float32"  # Keras policy the features were computed in
     layers: tuple = ()        # () = `cached_layers(include_top, net)`, what every run caches
-    net: networks.Backbone = networks.VGG16  # the backbone computing the features
+    # The backbone computing the features: always named (None only to keep the fields'
+    # order; a spec without one is refused, never taken for VGG16's).
+    net: Optional[networks.Backbone] = None
 
     def __post_init__(self):
+        if self.net is None:
+            raise ValueError("CacheSpec needs net: the backbone whose features it holds.")
         if not self.layers:
             object.__setattr__(self, "layers", cached_layers(self.include_top, self.net))
         if self.dtype not in CACHE_DTYPES:
@@ -118,7 +124,7 @@ class CacheSpec:
                 f"{digest}.h5")
 
 
-def cached_layers(include_top: bool, net: networks.Backbone = networks.VGG16) -> tuple:
+def cached_layers(include_top: bool, net: networks.Backbone) -> tuple:
     """The layers every cache holds: each scenario's start layer (from the scenario table)
     plus the feature map (the linear probe's input), in network order.
 

@@ -202,7 +202,7 @@ def _append(f: h5py.File, rows: Dict[str, np.ndarray]) -> None:
 def keep_open_on_full_disk(err: BaseException, *h5_objects) -> None:
     """HDF5 cannot flush onto a full disk: closing or freeing the file would fail again
     and, at exit, crash the interpreter. The exception keeps the objects alive until
-    `workflow.console.user_errors` reports it and exits without HDF5's cleanup; the rows
+    `workflow.base.console.user_errors` reports it and exits without HDF5's cleanup; the rows
     committed before are on disk."""
     if diskspace.disk_full_error(err) is not None:
         err.h5_objects = getattr(err, "h5_objects", ()) + h5_objects

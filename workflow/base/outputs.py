@@ -43,11 +43,11 @@ def read_json(path: str) -> dict:
 
 
 class RunFolder:
-    """One run's folder (``--workdir``) and the outputs worth listing at the end."""
+    """One run's folder (``--workdir``): its files are listed, with their roles, in
+    `workflow.base.run_files`."""
 
     def __init__(self, path: str):
         self.path = path
-        self.outputs = {}  # what -> path, in the order they were made
         os.makedirs(path, exist_ok=True)
 
     def file(self, *parts) -> str:
@@ -56,11 +56,6 @@ class RunFolder:
     @property
     def metrics_path(self) -> str:
         return self.file(METRICS)
-
-    def note(self, what: str, path: str) -> str:
-        """Lists ``path`` among the run's outputs."""
-        self.outputs[what] = path
-        return path
 
     def write_csv(self, frame: pd.DataFrame, *parts) -> str:
         return write_csv(frame, self.file(*parts))

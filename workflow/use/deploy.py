@@ -16,7 +16,7 @@ under a mixed policy would carry bfloat16 kernels that TFLite cannot run):
   representative dataset drawn from the validation images (``model_int8.tflite``).
 
 Verification: each file is loaded by its own runtime in a fresh process
-(``python -m workflow.runtimes verify``: TensorFlow, onnxruntime, the LiteRT
+(``python -m workflow.use.runtimes verify``: TensorFlow, onnxruntime, the LiteRT
 interpreter) and predicts the validation images; the largest probability
 difference from ``model.keras``, the change in the task's headline score, the load
 time and the CPU latency per image are recorded (``metrics.json["exports"]``).
@@ -26,42 +26,20 @@ its channels in BGR order minus the ImageNet means (`pipeline.ops.vgg_mean_centr
 output: the model's probabilities, in ``model_info.json``'s class order.
 """
 
-import importlib.util
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 
+from pipeline import run_info
 from pipeline.errors import ConfigError, DataError
 
-FORMATS = ("savedmodel", "onnx", "tflite")
 SAVEDMODEL_DIR = "savedmodel"
-# What each format needs beyond TensorFlow, as (module, pip name).
-_NEEDS = {"onnx": [("tf2onnx", "tf2onnx"), ("onnxruntime", "onnxruntime")]}
 REPRESENTATIVE_IMAGES = 100
-
-
-def parse_formats(text) -> List[str]:
-    """``--export`` as a list of formats (empty for none); clear errors for unknown ones
-    and for missing converters or runtimes, before any work starts."""
-    items = [t.strip().lower() for t in (text if isinstance(text, (list, tuple))
-                                         else str(text or "").split(",")) if t.strip()]
-    if items in ([], ["none"]):
-        return []
-    unknown = [t for t in items if t not in FORMATS]
-    if unknown:
-        raise ConfigError(f"--export: unknown format(s) {', '.join(unknown)}; choose from "
-                          f"{', '.join(FORMATS)} (comma-separated), or none.")
-    missing = [pip for f in items for module, pip in _NEEDS.get(f, [])
-               if importlib.util.find_spec(module) is None]
-    if missing:
-        raise ConfigError(f"--export={','.join(items)} needs {', '.join(missing)}, which is not "
-                          "installed: python -m pip install -e \".[export]\"")
-    return list(dict.fromkeys(items))
 
 
 def file_name(fmt: str, quantize: str = "none") -> str:
@@ -107,7 +85,7 @@ def convert(model, fmt: str, workdir: str, quantize: str = "none", representativ
         # its transpose pass on MobileNetV3's hard-swish constants) or a shape cannot be
         # inferred, and goes on; the file is then checked against predict.py like every
         # other, so its logs go to the log file only.
-        from workflow.console import logs_to_file_only
+        from workflow.base.console import logs_to_file_only
         with warnings.catch_warnings(), logs_to_file_only("tf2onnx"):
             # Keras' tf2onnx shim probes np.object on import; NumPy 2 answers with a
             # FutureWarning that says nothing to our users.
@@ -124,7 +102,7 @@ def convert(model, fmt: str, workdir: str, quantize: str = "none", representativ
             elif quantize == "int8":
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]
                 converter.representative_dataset = lambda: ([x[None]] for x in representative)
-            from workflow.console import native_stderr_hidden
+            from workflow.base.console import native_stderr_hidden
             with native_stderr_hidden():  # the converter's C++ summary lines
                 flatbuffer = converter.convert()
             with open(tmp, "wb") as f:
@@ -227,7 +205,7 @@ def export_all(model, formats: Sequence[str], quantize: str, workdir: str, val, 
     what metrics.json records. ``val``: (inputs, labels).
 
     With ``trusted`` = (model_info.json's dict, the reference features) carrying a
-    calibration and reference features (`workflow.trusting`) each
+    calibration and reference features (`workflow.train.trusting`, applied by `workflow.use.trusted`) each
     format carries them in its graph and has two outputs, the calibrated probabilities
     and the unfamiliar score, both checked. ``held_out`` False (a model refitted on every
     label, validation images included): only the formats' agreement with ``model`` is
@@ -235,13 +213,13 @@ def export_all(model, formats: Sequence[str], quantize: str, workdir: str, val, 
     (x_val, y_val), (info, reference) = val, trusted
     info = info or {}
     from features import precision
-    from workflow import trusting
+    from workflow.use import trusted
     # Every format is a float32 graph whatever the run trained in: a layer built
     # under a mixed global policy (the ONNX rewrites, the wrappers below) would put
     # bfloat16 kernels into the file, which onnxruntime and TFLite refuse.
     with precision.global_policy("float32"):
         model = precision.float32_copy(model)
-        expected = trusting.expected_outputs(model, info, task, x_val, reference)
+        expected = trusted.expected_outputs(model, info, task, x_val, reference)
         exported = _with_trust(model, info, reference)
         return _export_each(exported, (formats, quantize), workdir, (x_val, y_val), task,
                             held_out, expected)
@@ -283,7 +261,7 @@ def _export_each(exported, jobs_asked, workdir: str, val, task, held_out: bool,
 def _export_one(exported, job, workdir: str, representative, check) -> dict:
     """One format written and checked against ``expected`` on the validation images."""
     (fmt, q), ((x_val, y_val), task, held_out, expected) = job, check
-    from workflow import runtimes
+    from workflow.use import runtimes
     started = time.perf_counter()
     path = convert(exported, fmt, workdir, q, representative)
     seconds = time.perf_counter() - started
@@ -313,8 +291,8 @@ def _failed(err: BaseException, path: str) -> str:
     """One line for a format that could not be made or loaded; the traceback goes to the
     log file and a file that its runtime refuses is removed (nobody should ship it)."""
     import traceback
-    from workflow.console import DETAIL
-    from workflow.runtimes import last_error
+    from workflow.base.console import DETAIL
+    from workflow.use.runtimes import last_error
     DETAIL.info("export %s failed:\n%s", path, "".join(traceback.format_exception(err)))
     for leftover in (path, path + ".tmp"):
         if os.path.isdir(leftover):
@@ -359,14 +337,14 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
     """Exports ``workdir``'s model.keras in ``formats``, checks each, records the checks in
     metrics.json (``exports``); returns them."""
     from features.serve import inference
-    from workflow.outputs import RunFolder
-    from workflow import trusting
+    from workflow.base.outputs import RunFolder
+    from workflow.use import trusted
     model, info = inference.load_exported(workdir, policy="float32")
     task = inference.task_of(info)
     x_val, y_val = validation_set(workdir, task, int(info["image_size"]), batch_size)
     held_out = not info.get("refit")
     results = export_all(model, formats, quantize, workdir, (x_val, y_val), task, held_out,
-                         (info, trusting.load_reference(workdir, info)))
+                         (info, trusted.load_reference(workdir, info)))
     run = RunFolder(workdir)
     images = (f"the run's {len(y_val)} validation images (split.csv), held out from "
               "model.keras" if held_out else
@@ -380,7 +358,6 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
                   "file)")
             continue
         _print_check(key, r, workdir, task.headline, held_out)
-        run.note(f"export {key}", os.path.join(workdir, r["file"]))
     failed = [k for k, r in results.items() if "error" in r]
     if failed:
         raise DataError(f"export {', '.join(failed)} failed (above; the details are in the "
@@ -404,6 +381,5 @@ def _print_check(key: str, r: dict, workdir: str, headline: str, held_out: bool)
               "shipping it" + (" (quantized: expected)" if r["quantize"] != "none" else ""))
 
 
-INPUT = ("float32 [N, S, S, 3]: the photo resized to S px, channels BGR minus the ImageNet "
-         "means (103.939, 116.779, 123.68); outputs: probabilities (calibrated, [N, units]) in "
+INPUT = ("float32 [N, S, S, 3]: the photo resized to S px, " + run_info.INPUT_VALUES + "; outputs: probabilities (calibrated, [N, units]) in "
          "model_info.json's class order, and unfamiliar_score ([N]) when the run has one")

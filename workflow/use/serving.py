@@ -76,14 +76,14 @@ class Predictor:
         from features import precision
         from features.serve import inference
         from pipeline import run_info
-        from workflow import trusting
+        from workflow.use import trusted
         self.workdir, self.batch_size = workdir, batch_size
         info = run_info.read_info(workdir)
-        self.task = Task(info.get("task", "binary"), tuple(info.get("class_names") or ("0", "1")))
+        self.task = Task.of_model(info)
         self.policy = precision.resolve_and_apply("auto").policy
         self.use_bag = info.get("default_model", "bag") == "bag" and os.path.isfile(
             os.path.join(workdir, inference.BAG_FILE))
-        self.reference = trusting.load_reference(workdir, info)
+        self.reference = trusted.load_reference(workdir, info)
         self.model, self.info, self.units = inference.load_predictor(
             workdir, self.use_bag, self.policy, self.reference is not None)
         if int(self.model.output.shape[-1]) == self.units:
@@ -112,7 +112,7 @@ class Predictor:
         """(probabilities, unfamiliar or None) of images through the eval path
         (`prepare_uploads`), as predict.py gives for their files; safe to call from many
         threads at once (their images are batched together)."""
-        from workflow import predicting
+        from workflow.use import trusted
         job = {"images": images, "done": threading.Event()}
         with self.ready:
             self.waiting.append(job)
@@ -120,8 +120,7 @@ class Predictor:
         job["done"].wait()
         if "error" in job:
             raise job["error"]
-        return predicting.trusted_outputs(self.task, self.info, job["outputs"], self.units,
-                                          self.reference)
+        return trusted.apply(self.task, self.info, job["outputs"], self.units, self.reference)
 
     def _serve_batches(self, most: int = 64) -> None:
         """The one thread that runs the model: takes every waiting request (up to
@@ -255,7 +254,7 @@ class Queue:
     """The photos to look at, from the run's own lists, each under an opaque id."""
 
     def __init__(self, workdir: str, task: Task):
-        from workflow.outputs import read_json
+        from workflow.base.outputs import read_json
         self.items: List[dict] = []
         config = read_json(os.path.join(workdir, "run_config.json"))
         later = read_json(os.path.join(workdir, "run_config_label_next.json"))
@@ -266,6 +265,20 @@ class Queue:
         self._add(os.path.join(workdir, "to_label.csv"), "label_next", task, workdir)
         self._add(os.path.join(workdir, "suspect_labels.csv"), "suspect", task, workdir)
         self.by_id = {item["id"]: item for item in self.items}
+        self.empty = self._why_empty(workdir, later)
+
+    @staticmethod
+    def _why_empty(workdir: str, label_next: dict) -> str:
+        """What an empty queue means for this run, in words that are true of it."""
+        from workflow.base.outputs import read_json
+        audit = read_json(os.path.join(workdir, "metrics.json")).get("label_audit")
+        said = ("The label audit (" + audit.get("by", "out-of-fold predictions")
+                + ") found no training label that looks wrong." if audit else
+                "No label audit ran on this run (it needs cross-validation: --cv_folds).")
+        if label_next:
+            return said + " --stage=label_next chose no photos to label."
+        return said + (" To choose photos to label next, run train.py --stage=label_next "
+                       "--unlabelled_dir=<folder of unlabelled photos> on this run.")
 
     def _add(self, path: str, source: str, task: Task, workdir: str) -> None:
         if not os.path.isfile(path):
@@ -297,7 +310,7 @@ class Queue:
 def labels_for_training(info: dict, queue: Queue, rows: Dict[str, dict]):
     """The answers as the training data takes them: CSV text for a labels CSV layout, or
     the moves (and one shell command) for class folders."""
-    task = Task(info.get("task", "binary"), tuple(info.get("class_names") or ("0", "1")))
+    task = Task.of_model(info)
     answered = [r for r in rows.values() if r["label"] in task.class_names]
     if info.get("layout") == "folders":
         by_name = {i["name"]: i for i in queue.items}

@@ -28,9 +28,10 @@ from features import task as task_lib
 from features.fit.loop import restore, snapshot
 from pipeline import discovery, labels as labels_lib, progress, scan
 from pipeline.errors import DataError
-from workflow import console, plots, state as state_lib, summary
-from workflow.config import CacheConfig, HeadsConfig, RuntimeConfig
-from workflow.job import Features, Job, fit_settings
+from workflow.base import console, state as state_lib
+from workflow.views import plots, summary
+from workflow.base.config import CacheConfig, HeadsConfig, RuntimeConfig
+from workflow.train.job import Features, Job, fit_settings
 
 # Cosine similarity of average-pooled block5_pool features at or above which two photos
 # are called near-duplicates. Measured with the ImageNet-derived weights at 224 px
@@ -62,22 +63,48 @@ def audit(job: Job, oof_probs, cache: CacheConfig, runtime: RuntimeConfig, what:
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     paths = job.train.path.to_numpy()[table.row.to_numpy(int)] if len(table) else []
     table["path"] = list(paths)
-    job.run.note("suspect labels", job.run.write_csv(table.drop(columns=["row"]),
-                                                     "suspect_labels.csv"))
-    top = list(range(min(GALLERY, len(table))))
-    plots.gallery(list(paths), top, [
-        f"labelled {r.label}\nlooks like {r.predicted} ({r.confidence:.2f})"
-        for r in table.head(GALLERY).itertuples()], job.run.file("suspect_labels.png"),
-        f"Labels that look wrong: the {len(top)} most confident contradictions of "
-        f"{len(table)} flagged ({what}, out-of-fold)")
-    logging.info("Suspect labels: %d of %d training images (%s, out-of-fold); see %s.",
-                 len(table), len(job.train), what, job.run.file("suspect_labels.csv"))
+    found = {"suspect_labels": len(table), "by": f"{what}, out-of-fold",
+             "training_images": len(job.train)}
+    if len(table):
+        job.run.write_csv(table.drop(columns=["row"]),
+                                                         "suspect_labels.csv")
+        top = list(range(min(GALLERY, len(table))))
+        plots.gallery(list(paths), top, [
+            f"labelled {r.label}\nlooks like {r.predicted} ({r.confidence:.2f})"
+            for r in table.head(GALLERY).itertuples()], job.run.file("suspect_labels.png"),
+            f"Labels that look wrong: the {len(top)} most confident contradictions of "
+            f"{len(table)} flagged ({what}, out-of-fold)")
+    else:
+        # No empty table or empty picture: the summary and the report say "none found".
+        _remove(job.run.file("suspect_labels.csv"), job.run.file("suspect_labels.png"))
+    logging.info("Suspect labels: %d of %d training images (%s, out-of-fold)%s.",
+                 len(table), len(job.train), what,
+                 f"; see {job.run.file('suspect_labels.csv')}" if len(table) else "")
     pairs = duplicates(job, cache, runtime)
-    job.run.note("duplicates", job.run.write_csv(pairs, "duplicates.csv"))
+    found["duplicate_pairs"] = len(pairs)
+    found["duplicates_looked_for"] = ("exact copies (same bytes) only: near-duplicates need "
+                                      "pretrained features" if _random_weights(job) else
+                                      "exact copies and near-duplicates")
     if len(pairs):
+        job.run.write_csv(pairs, "duplicates.csv")
         logging.warning("%d duplicate pair(s) across train/validation/test (see %s): "
                         "duplicates across splits inflate every score.", len(pairs),
                         job.run.file("duplicates.csv"))
+    else:
+        _remove(job.run.file("duplicates.csv"))
+    job.run.update_metrics("label_audit", found)
+    print(summary.audit_line(found))
+
+
+def _remove(*paths: str) -> None:
+    """Removes files an earlier run in the same folder left (their news is stale)."""
+    for path in paths:
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+def _random_weights(job: Job) -> bool:
+    return str(job.model.weights).lower() == "none"
 
 
 def duplicates(job: Job, cache: CacheConfig, runtime: RuntimeConfig) -> pd.DataFrame:
@@ -97,7 +124,7 @@ def duplicates(job: Job, cache: CacheConfig, runtime: RuntimeConfig) -> pd.DataF
                       "subset_b": r.subset, "similarity": 1.0, "kind": "exact"}
                      for _, r in group.iloc[1:].iterrows() if r.subset != first.subset]
     labelled = pd.concat(frames[:2], ignore_index=True)
-    if str(job.model.weights).lower() == "none":
+    if _random_weights(job):
         # Random weights map every photo to nearly the same direction: the threshold,
         # measured on pretrained features, would call every pair a near-duplicate.
         logging.info("Near-duplicates not looked for: they need pretrained features "
@@ -205,9 +232,9 @@ def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
         trainer.close()
         restore(job.classifier.model, start)
     table = pd.concat(tables, ignore_index=True)
-    job.run.note("learning curve", job.run.write_csv(table, "learning_curve.csv"))
-    job.run.note("learning curve plot", plots.learning_curve(
-        table, results, job.run.file("learning_curve.png"), summary.label(job.task.headline)))
+    job.run.write_csv(table, "learning_curve.csv")
+    plots.learning_curve(
+        table, results, job.run.file("learning_curve.png"), summary.label(job.task.headline))
     _record_curve(job, results)
     return results
 
@@ -264,18 +291,18 @@ def label_next_stage(job: Job, cache: CacheConfig, runtime: RuntimeConfig, folde
                           "score": [round(s, 4) for _, s, _ in picks],
                           "reason": [why for _, _, why in picks],
                           "path": [pool.path[r] for r, _, _ in picks]})
-    job.run.note("to label", job.run.write_csv(table, "to_label.csv"))
-    job.run.note("to label sheet", plots.gallery(
+    job.run.write_csv(table, "to_label.csv")
+    plots.gallery(
         [pool.path[r] for r, _, _ in picks], list(range(len(picks))),
         [f"#{i + 1} {why}" for i, (_, _, why) in enumerate(picks)],
         job.run.file("to_label.png"), f"Photos to label next ({strategy}): {len(picks)} of "
-        f"{len(pool)}", columns=6))
+        f"{len(pool)}", columns=6)
     template = pd.DataFrame({"name": table.name, _label_column(job): ""})
     if job.dataset.layout == "folders":
         # Class folders have no labels CSV to append to: the label is where the photo
         # lies, so the template says where each photo is now.
         template["path"] = table.path
-    job.run.note("labels template", job.run.write_csv(template, "labels_template.csv"))
+    job.run.write_csv(template, "labels_template.csv")
     print(f"{len(table)} photo(s) to label next ({strategy}): {job.run.file('to_label.csv')}.")
     if job.dataset.layout == "folders":
         print(f"Label them by moving each photo into its class folder under "

@@ -8,84 +8,21 @@ and carries its place there, ``data-metric="heads/A/cv_auc_mean"``, so a test ca
 check the page against the file it came from.
 """
 
-import base64
-import html
 import json
 import os
 import time
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import pandas as pd
 
-from workflow.outputs import read_json
-from workflow import trusting
+from workflow.base.outputs import read_json
+from workflow.views import summary, trust_views
+from workflow.views.html import esc, image, number, page, table
 
 REPORT = "report.html"
 # Flags whose value is a place on this machine, not a setting worth reporting, and the
 # task, which run_config.json records as detected (the header shows it).
 _PLACES = {"data_dir", "workdir", "cache_dir", "task"}
-_STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
-max-width:70em;color:#222;line-height:1.4}
-h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ccc;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
-text-align:left}th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
-figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
-figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.9em;color:#555}
-code,pre{background:#f6f6f6;padding:.1em .3em}pre{padding:.6em;overflow-x:auto}
-.note{color:#555}
-"""
-
-
-def esc(value) -> str:
-    return html.escape(str(value))
-
-
-def lookup(data: dict, key: str):
-    """``data`` at a ``/``-separated key (None when any part is missing); a number
-    indexes a list (``backbones/table/0/name``)."""
-    for part in key.split("/"):
-        if isinstance(data, list) and part.isdigit() and int(part) < len(data):
-            data = data[int(part)]
-            continue
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
-    return data
-
-
-def number(data: dict, key: str, digits: int = 4) -> str:
-    """The value at ``key`` formatted, marked with its key; a dash when absent."""
-    value = lookup(data, key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return "–"
-    text = f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-    return f'<span data-metric="{esc(key)}">{text}</span>'
-
-
-def image(path: str, caption: str) -> str:
-    """A PNG embedded in the page (nothing when the file does not exist)."""
-    if not path or not os.path.isfile(path):
-        return ""
-    with open(path, "rb") as f:
-        data = base64.b64encode(f.read()).decode("ascii")
-    return (f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
-
-
-def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """An HTML table; cells are HTML already (use `esc` for text)."""
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def page(title: str, sections: List[str]) -> str:
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>"
-            f"<h1>{esc(title)}</h1>" + "".join(s for s in sections if s) + "</body></html>\n")
-
-
 def write(path: str, text: str) -> str:
     from pipeline.atomic import atomic_write_text
     atomic_write_text(path, text)
@@ -115,7 +52,7 @@ def changed_settings(run_config: dict) -> List[tuple]:
     """(flag, value, default) for every train.py flag whose value differs from its
     default (the defaults are read from the flag definitions themselves)."""
     from absl import flags
-    from workflow import flags as flag_defs
+    from workflow.base import flags as flag_defs
     values = flags.FlagValues()
     flag_defs.define_train(values)
     out = []
@@ -158,6 +95,12 @@ def _settings_section(folder: str, name: str = "run_config.json",
              "<p>None: every flag at its default.</p>"))
     if precision:
         text += f"<p class=\"note\">Computed in {esc(precision)}.</p>"
+    if name == "run_config.json":
+        no_effect = read_json(os.path.join(folder, "metrics.json")).get("no_effect", {})
+        if no_effect:
+            text += ("<p>Flags that had no effect on this run:</p><ul>" + "".join(
+                f"<li><code>{esc(flag)}</code>: {esc(why)}.</li>"
+                for flag, why in no_effect.items()) + "</ul>")
     return text
 
 
@@ -276,19 +219,21 @@ def _final_section(folder: str, metrics: dict) -> str:
                 ("top_losses.png", "Top losses"))))
 
 
-def _labels_section(folder: str) -> str:
-    parts = []
-    suspects = os.path.join(folder, "suspect_labels.csv")
-    if os.path.isfile(suspects):
-        n = len(pd.read_csv(suspects))
-        parts.append(f"<p>{n} training label(s) look wrong (suspect_labels.csv, out-of-fold "
-                     "predictions).</p>" + (image(os.path.join(folder, "suspect_labels.png"),
-                                                  "Labels that look wrong") if n else ""))
-    dups = os.path.join(folder, "duplicates.csv")
-    if os.path.isfile(dups):
-        parts.append(f"<p>{len(pd.read_csv(dups))} duplicate pair(s) across the splits "
-                     "(duplicates.csv).</p>")
-    return "<h2>Labels</h2>" + "".join(parts) if parts else ""
+def _labels_section(folder: str, metrics: dict) -> str:
+    """The label audit: what it found, or that it found none (no empty file is written)."""
+    found = metrics.get("label_audit")
+    if not found:
+        return ""
+    suspects, pairs = found.get("suspect_labels", 0), found.get("duplicate_pairs", 0)
+    parts = [f"<p>Suspect labels ({esc(found.get('by', 'out-of-fold predictions'))}): "
+             + (f"{suspects} of {found.get('training_images', '?')} training labels look "
+                "wrong (suspect_labels.csv).</p>" if suspects else "none found.</p>")]
+    if suspects:
+        parts.append(image(os.path.join(folder, "suspect_labels.png"), "Labels that look wrong"))
+    parts.append("<p>Duplicates across the splits ("
+                 + esc(found.get("duplicates_looked_for", "exact and near")) + "): "
+                 + (f"{pairs} pair(s) (duplicates.csv).</p>" if pairs else "none found.</p>"))
+    return "<h2>Labels</h2>" + "".join(parts)
 
 
 # The training stages in the order they run (metrics.json sorts its keys).
@@ -342,7 +287,6 @@ def _later_sections(folder: str, metrics: dict) -> List[str]:
 def _backbones_section(folder: str, metrics: dict) -> str:
     """--stage=backbones / --backbone=auto: every candidate (backbone x input size), the
     comparisons, the choice (by how much, at what cost) and what was not tried."""
-    from workflow import backbones
     b = metrics.get("backbones")
     if not b or not b.get("table"):
         return ""
@@ -351,7 +295,7 @@ def _backbones_section(folder: str, metrics: dict) -> str:
     for i, r in enumerate(b["table"]):
         tried = r.get("status", "compared") == "compared"
         at = f"backbones/table/{i}/"
-        rows.append([esc(backbones._label(r)), number(metrics, at + mean) if tried else "–",
+        rows.append([esc(summary.backbone_label(r)), number(metrics, at + mean) if tried else "–",
                      number(metrics, at + mean.replace("_mean", "_std")) if tried else "–",
                      esc(r["scored_by"]) if tried else esc(r.get("status", "")),
                      number(metrics, at + "extraction_ms_per_image", 1) if tried else "–",
@@ -361,7 +305,7 @@ def _backbones_section(folder: str, metrics: dict) -> str:
                    f"{c['difference']:+.4f} (90% interval {c['low']:+.4f} .. {c['high']:+.4f}): "
                    f"{'better beyond noise' if c['better'] else 'not better beyond noise'}</li>"
                    for c in b.get("comparisons", []))
-    chosen = (backbones.summary_lines(metrics) or [""])[-1].strip()
+    chosen = (summary.backbone_lines(metrics) or [""])[-1].strip()
     return ("<h2>Backbones (--stage=backbones, --backbone=auto)</h2>"
             f"<p>{esc(b['images'])}. {esc(chosen[0].upper() + chosen[1:])}.</p>"
             + table(["backbone @ input size", f"CV {esc(mean[3:-5])} mean", "± std",
@@ -395,7 +339,7 @@ def write_run_report(folder: str, commands: Optional[Dict[str, str]] = None) -> 
         header, _data_section(folder), _settings_section(folder),
         _backbones_section(folder, metrics), _models_section(folder, metrics, metric), _finetune_section(folder, metrics),
         _export_section(metrics), _final_section(folder, metrics),
-        trusting.report_section(folder, metrics), _labels_section(folder),
+        trust_views.report_section(folder, metrics), _labels_section(folder, metrics),
         _timings_section(metrics), *_later_sections(folder, metrics),
         _commands_section(commands or {})]))
 
@@ -403,7 +347,7 @@ def write_run_report(folder: str, commands: Optional[Dict[str, str]] = None) -> 
 def write_scoring_report(stem: str, scores: dict, plots: Dict[str, str], what: str) -> str:
     """predict.py --labels: ``<stem>_metrics.json`` (the scores) and ``<stem>_report.html``
     (the scores and the plots); returns the page's path."""
-    from workflow.outputs import write_json
+    from workflow.base.outputs import write_json
     metrics_path = write_json(stem + "_metrics.json", {"scores": scores, "model": what})
     metrics = json.loads(open(metrics_path, encoding="utf-8").read())
     rows = [[esc(k), number(metrics, f"scores/{k}")] for k in sorted(scores)

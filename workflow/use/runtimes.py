@@ -1,6 +1,6 @@
 """Each deployment format loaded by its own runtime (TensorFlow for the SavedModel,
 onnxruntime, the LiteRT interpreter), in a fresh process, to check what
-`workflow.deploy` wrote: ``python -m workflow.runtimes verify FORMAT PATH FOLDER``."""
+`workflow.use.deploy` wrote: ``python -m workflow.use.runtimes verify FORMAT PATH FOLDER``."""
 
 import json
 import os
@@ -97,13 +97,14 @@ def verify_in_fresh_process(fmt: str, path: str, x: np.ndarray) -> Dict[str, obj
     helps it load): outputs, load seconds, seconds per image."""
     with tempfile.TemporaryDirectory() as tmp:
         np.save(os.path.join(tmp, "x.npy"), x)
-        cmd = [sys.executable, "-m", "workflow.runtimes", "verify", fmt,
+        cmd = [sys.executable, "-m", "workflow.use.runtimes", "verify", fmt,
                os.path.abspath(path), tmp]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # The checkout's root (workflow/use/runtimes.py is three levels below it).
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
         if done.returncode:
-            from workflow.console import DETAIL
+            from workflow.base.console import DETAIL
             DETAIL.info("%s refused by its runtime (%s):\n%s", path, fmt, done.stderr)
             raise DataError(f"{path} was written but does not load with its runtime "
                             f"({fmt}): {last_error(done.stderr)}")
@@ -128,4 +129,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "verify":
         _verify_main(sys.argv[2:])
     else:
-        sys.exit("usage: python -m workflow.runtimes verify FORMAT PATH FOLDER")
+        sys.exit("usage: python -m workflow.use.runtimes verify FORMAT PATH FOLDER")

@@ -4,8 +4,8 @@ sentence that says what was decided (in words that match the comparison made).""
 import logging
 
 from features.choose import cv as cv_lib, evidence
-from workflow.export import PROBE
-from workflow.job import Job
+from workflow.train.export import PROBE
+from workflow.train.job import Job
 
 
 def choice_sentence(choice: dict, best: str) -> str:

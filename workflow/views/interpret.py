@@ -1,7 +1,7 @@
 """What a model gets wrong: the confusion matrix, ROC curve and top losses of one set.
 
 The analysis lives here (which images are the top losses, which pairs of classes
-are most confused); drawing is `workflow.plots`.
+are most confused); drawing is `workflow.views.plots`.
 """
 
 import os
@@ -10,7 +10,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from features.task import Task
-from workflow import plots
+from workflow.views import plots
 
 FILES = plots.FILES
 

@@ -36,9 +36,11 @@ from features.store import rows as rows_lib
 from features.fit.settings import FinetuneSettings, FitSettings
 from features.fit.loop import restore
 from pipeline.atomic import atomic_link
-from workflow import final_model, plots, state as state_lib, summary, trusting, validation
-from workflow.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
-from workflow.job import Features, Job, finetune_settings, fit_settings
+from workflow.train import final_model, trusting, validation
+from workflow.views import plots, summary
+from workflow.base import console, state as state_lib
+from workflow.base.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
+from workflow.train.job import Features, Job, finetune_settings, fit_settings
 
 PROBE = final_model.PROBE
 
@@ -221,11 +223,11 @@ def _finetune(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: st
     ft["views"] = cached.views if cached else 0
     history = ft.pop("history")
     job.run.write_csv(history, "history_finetune.csv")
-    job.run.note("fine-tuning plot", plots.history(
+    plots.history(
         history, job.run.file("finetune_history.png"),
         title=f"Fine-tuning scenario {scenario} (epoch 0 = the starting head)",
         kept_epoch=ft["best_epoch"],
-        metrics=tuple(dict.fromkeys(("accuracy", "loss", job.task.headline)))))
+        metrics=tuple(dict.fromkeys(("accuracy", "loss", job.task.headline))))
     return ft
 
 
@@ -252,8 +254,11 @@ def _refit(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, 
         x, y_rows = rows_lib.with_views(
             x, y, features.of(everything, views, config.view_preset)[start])
     started = time.perf_counter()
-    with config_head.trainer(job.classifier, job.task,
-                             label_smoothing=fit.label_smoothing) as trainer:
+    # A new trainer compiles Keras' step function again, and TensorFlow counts every
+    # compile of that one closure as a retrace of it: after cross-validation's and the
+    # bag's fits that reads as a leak, but it is one trace of a new function.
+    with console.expected_retracing(), config_head.trainer(
+            job.classifier, job.task, label_smoothing=fit.label_smoothing) as trainer:
         trainer.fit(x, y_rows, fit.replace(epochs=epochs), keep=None)
     done = {"rows": len(y), "head_rows": len(y_rows), "head_views": views,
             "head_epochs": epochs, "finetune_epochs": fine.epochs}
@@ -277,7 +282,6 @@ def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, 
         # The heads stage's file under a second name (no second copy); the bag is
         # model.keras (trunk and final model) plus these members from `start`.
         atomic_link(_members_file(job, scenario), stale)
-        job.run.note("bag", stale)
         info["bag"] = {"members": bag_lib.size(members) + 1, "file": inference.BAG_FILE,
                        "start": bag_lib.member_start(
                            job.classifier, scenarios.get_scenario(scenario).blocks)}
@@ -305,7 +309,7 @@ def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, 
     job.run.update_metrics("export", export)
     state_lib.update(job.run.path, export=state_lib.ExportState(
         export["default"], int(choice["tta"]), bool(refit), export["estimate"]))
-    job.run.note("model", inference.export_model(job.classifier.model, job.run.path, info))
+    inference.export_model(job.classifier.model, job.run.path, info)
     value, std = export["estimate"]["value"], export["estimate"].get("std")
     logging.info("Exported %s (default: %s, tta %d, %s); expected %s %s (%s).",
                  inference.MODEL_FILE, export["default"], choice["tta"],

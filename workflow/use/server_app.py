@@ -1,8 +1,8 @@
-"""The FastAPI application of serve.py (see `workflow.serving` for what it serves).
+"""The FastAPI application of serve.py (see `workflow.use.serving` for what it serves).
 
 Safe by default, in the order a request meets it:
 
-1. `workflow.web_guard`: a ``Host`` the server does not answer to gets 400, a POST,
+1. `workflow.use.web_guard`: a ``Host`` the server does not answer to gets 400, a POST,
    PUT or DELETE from a page of another site 403 (DNS rebinding, cross-site requests);
 2. the token, when there is one (``Authorization: Bearer``, the ``token`` cookie, or
    ``?token=`` once, which sets the cookie);
@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from workflow import serving, web_guard
+from workflow.use import serving, web_guard
 
 
 class Answer(BaseModel):
@@ -41,7 +41,7 @@ class Answer(BaseModel):
 def create_app(workdir: str, config: serving.ServeConfig = serving.ServeConfig(),
                predictor=None):
     """The ASGI app for the run in ``workdir``: the FastAPI app inside the Host, Origin
-    and size checks of `workflow.web_guard` (outside everything, FastAPI's own body
+    and size checks of `workflow.use.web_guard` (outside everything, FastAPI's own body
     limit included, so that what they refuse never reaches it). ``predictor``: a loaded
     `serving.Predictor`, else one is loaded here."""
     predictor = predictor or serving.Predictor(workdir)
@@ -146,7 +146,7 @@ def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,
     def get_queue():
         """The photos to label, in order, with the answers given so far."""
         answers = reviews.snapshot()
-        return {"classes": list(predictor.task.class_names), "items": [
+        return {"classes": list(predictor.task.class_names), "empty": queue.empty, "items": [
             {k: item[k] for k in ("id", "name", "source", "note", "label")}
             | {"answer": answers.get(item["name"], {}).get("label")} for item in queue.items]}
 
@@ -202,9 +202,9 @@ def _page(name: str) -> str:
 
 
 def _csv(predictor, names, probs, unfamiliar) -> str:
-    """predict.py's CSV for these rows (`workflow.predicting.write_output`'s layout)."""
-    from workflow.outputs import binary_column, write_predictions
-    from workflow.predicting import unfamiliar_columns
+    """predict.py's CSV for these rows (`workflow.use.predicting.write_output`'s layout)."""
+    from workflow.base.outputs import binary_column, write_predictions
+    from workflow.use.predicting import unfamiliar_columns
     task = predictor.task
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "predictions.csv")

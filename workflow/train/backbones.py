@@ -27,8 +27,9 @@ from features import backbone, networks
 from pipeline.errors import UserError
 from features.choose import cv as cv_lib, evidence, probe
 from features.fit import heads as heads_lib
-from workflow.config import TrainConfig
-from workflow.job import Features, Job, fit_settings
+from workflow.base.config import TrainConfig
+from workflow.views import summary
+from workflow.train.job import Features, Job, fit_settings
 
 TABLE, PLOT = "backbones.csv", "backbones.png"
 RULE = ("the cheapest candidate (extraction ms per image) unless a costlier one beats it on "
@@ -72,7 +73,7 @@ def job_on(job: Job, choice: networks.BackboneChoice) -> Job:
     size, why = job.model.size_for(choice)
     model = dataclasses.replace(job.model, backbone=choice, image_size=size,
                                 image_size_reason=why,
-                                include_top=job.model.include_top and choice.name == "vgg16",
+                                include_top=job.model.include_top and choice.keeps_imagenet_top,
                                 weights="imagenet" if choice.is_file else job.model.weights)
     classifier = backbone.build_classifier(model.weights, model.include_top, model.image_size,
                                            job.seed, dropout=model.dropout,
@@ -195,8 +196,7 @@ def run(job: Job, cfg: TrainConfig, choices) -> tuple:
         "rule": RULE,
         "images": f"out-of-fold predictions on the {len(job.y_train)} training images, "
                   f"{len(job.folds)} folds shared by every backbone"})
-    job.run.note("backbones", job.run.file(TABLE))
-    print("\n".join(summary_lines(section)))
+    print("\n".join(summary.backbone_lines(section)))
     return best, jobs[best.choice]
 
 
@@ -220,35 +220,3 @@ def _plot(entries: List[Entry], best: Entry, metric: str, path: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-def summary_lines(metrics: dict) -> Optional[List[str]]:
-    """The table, what was not tried, and the choice (which backbone and size, by how
-    much over the cheapest, at what cost), for the terminal summary."""
-    b = metrics.get("backbones")
-    if not b:
-        return None
-    metric = next(k for k in b["table"][0] if k.startswith("cv_") and k.endswith("_mean"))
-    rows = [r for r in b["table"] if r.get("status", "compared") == "compared"]
-    lines = [f"backbones ({b['images']}):"]
-    for r in rows:
-        lines.append(f"  {_label(r):<34} CV {metric[3:-5]} {r[metric]:.4f} +- "
-                     f"{r[metric.replace('_mean', '_std')]:.4f} ({r['scored_by']}), "
-                     f"{r['extraction_ms_per_image']:.1f} ms/image, "
-                     f"{r['parameters'] / 1e6:.1f} M parameters, {r['model_size_mb']:.0f} MB")
-    for r in b.get("not_tried", []):
-        lines.append(f"  not tried: {r['backbone']} ({r['why']})")
-    chosen = next(r for r in rows if r["backbone"] == b["chosen"]
-                  and r.get("image_size", b.get("chosen_size")) == b.get("chosen_size"))
-    cheapest = min(rows, key=lambda r: r["extraction_ms_per_image"])
-    cost = chosen["extraction_ms_per_image"] / max(cheapest["extraction_ms_per_image"], 1e-9)
-    versus = ("the cheapest candidate" if chosen is cheapest else
-              f"CV {metric[3:-5]} {chosen[metric] - cheapest[metric]:+.4f} over the cheapest, "
-              f"{_label(cheapest)}, at {cost:.1f}x its cost")
-    lines.append(f"  chosen: {_label(chosen)}, {versus} (rule: {b['rule']})")
-    return lines
-
-
-def _label(row: dict) -> str:
-    size = row.get("image_size")
-    return f"{row['name']}@{size}" if size else row["name"]

@@ -1,6 +1,6 @@
 """What every exported model records, and the linear probe's export.
 
-Both exports (`workflow.export` for a fine-tuned scenario, `export_probe` here for the
+Both exports (`workflow.train.export` for a fine-tuned scenario, `export_probe` here for the
 probe) write the same things: the final model's report on the validation images
 (``final`` in metrics.json, the interpretation plots), the score to expect from the
 exported model and how it was measured, ``model_info.json``, the calibration and the
@@ -16,10 +16,13 @@ from features.choose import evidence, probe
 from features.serve import inference
 from features.store import cache as cache_lib
 from features import task as task_lib
-from workflow import interpret, state as state_lib, summary, trusting, validation
-from workflow.config import CacheConfig, HeadsConfig, PredictConfig, RuntimeConfig
-from workflow.job import Features, Job, backbone_weights_id
-from workflow.outputs import binary_column
+from pipeline import run_info
+from workflow.views import interpret, summary, trust_views
+from workflow.base import state as state_lib
+from workflow.train import trusting, validation
+from workflow.base.config import CacheConfig, HeadsConfig, PredictConfig, RuntimeConfig
+from workflow.train.job import Features, Job, backbone_weights_id
+from workflow.base.outputs import binary_column
 
 PROBE = "probe"
 
@@ -33,10 +36,9 @@ def final_report(job: Job, probs):
                   else None)
     interpret.write_all(job.run.path, job.val.path.tolist(), job.y_val, probs, task,
                         "final model, validation")
-    job.run.note("final model plots", job.run.file("{" + ",".join(interpret.FILES) + "}"))
     if task.kind != "binary":
         report = task_lib.per_class_report(task, job.y_val, probs, thresholds)
-        job.run.note("per-class report", job.run.write_csv(report, "classification_report.csv"))
+        job.run.write_csv(report, "classification_report.csv")
         confused = interpret.most_confused(task, job.y_val, probs)
         if confused:
             print("most confused (true -> predicted, validation images): " + "; ".join(
@@ -76,8 +78,7 @@ def input_contract(image_size: int) -> dict:
     a backbone that wants RGB undoes it inside, `features.zoo.CaffeToRGB`)."""
     return {"shape": [None, image_size, image_size, 3], "dtype": "float32",
             "channel_order": "BGR",
-            "value_range": "0..255 minus the ImageNet channel means (B 103.939, G 116.779, "
-                           "R 123.68), no scaling",
+            "value_range": f"0..255, {run_info.INPUT_VALUES}",
             "resize": "bilinear with antialiasing to a square, aspect ratio not kept"}
 
 
@@ -111,9 +112,8 @@ def trust(job: Job, cache: CacheConfig, runtime: RuntimeConfig, trusted: dict, s
     if not trusted["info"]:
         return {}  # too few held-out images (logged): exported uncalibrated
     frame = pd.concat([job.train, job.val], ignore_index=True) if refit else job.train
-    job.run.note("reference features",
-                 trusting.store_reference(job, cache, frame, start, runtime.batch_size))
-    trusting.write_plots(job.run, trusted["metrics"], job.task.kind)
+    trusting.store_reference(job, cache, frame, start, runtime.batch_size)
+    trust_views.write_plots(job.run, trusted["metrics"], job.task.kind)
     return trusted["info"]
 
 
@@ -158,7 +158,7 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
     stale = job.run.file(inference.BAG_FILE)
     if os.path.exists(stale):
         os.remove(stale)  # never leave a bag from another run beside this model
-    job.run.note("model", inference.export_model(model, job.run.path, info))
+    inference.export_model(model, job.run.path, info)
     print(summary.final(job.task, f"the linear probe, {config.describe()}", scores, None, None,
                         len(job.val), estimate if refit else None))
 

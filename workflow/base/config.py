@@ -6,13 +6,14 @@ costs a fraction of a second instead of TensorFlow's start-up.
 """
 
 import dataclasses
+import importlib.util
 import os
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from features import networks, scenarios
 from pipeline import limits, run_info
 from pipeline.errors import ConfigError
-from workflow import demo_settings, deploy
+from workflow.base import demo_settings
 
 AUGMENT_PRESETS = ("none", "keras_blog", "aggressive")
 
@@ -36,7 +37,7 @@ class ModelConfig:
     include_top: bool
     image_size: int
     dropout: float
-    backbone: networks.BackboneChoice = networks.BackboneChoice()
+    backbone: networks.BackboneChoice
     # --stage=backbones or --backbone=auto: the backbones to compare (``backbone`` is
     # the first of them until the comparison chooses).
     compare: Tuple[networks.BackboneChoice, ...] = ()
@@ -188,6 +189,7 @@ class TrainConfig:
     labelling: LabellingConfig
     deploy: DeployConfig
     flag_values: dict  # every flag as given (after --demo's settings), for run_config.json
+    given: Tuple[str, ...] = ()  # the flags passed on the command line (not defaults)
 
     @property
     def seed(self) -> int:
@@ -258,8 +260,8 @@ def _check(values: dict) -> None:
     for name in [values["optimizer"], *values["sweep_optimizers"]]:
         scenarios.check_optimizer(name)
     choice = backbone_choice(values)
-    if values["trainable_blocks"] and choice.name == "vgg16":
-        scenarios.parse_blocks(values["trainable_blocks"])  # others: once built
+    if values["trainable_blocks"] and choice.described() is not None:
+        scenarios.parse_blocks(values["trainable_blocks"], choice.described())  # others: built
     if values["augment"] not in AUGMENT_PRESETS:
         raise ConfigError(f"--augment={values['augment']!r} is not a preset; choose one of "
                           f"{', '.join(AUGMENT_PRESETS)}.")
@@ -278,7 +280,7 @@ def _check(values: dict) -> None:
         raise ConfigError(f"--backbone={choice.name} brings its own weights; drop "
                           f"--weights={values['weights']} (it applies to networks by name).")
     size = values["image_size"] or choice.trained_size()[0]
-    if values["include_top"] and choice.name == "vgg16" and size != 224:
+    if values["include_top"] and choice.keeps_imagenet_top and size != 224:
         raise ConfigError(f"--include_top keeps VGG16's fc1/fc2, which need 224x224 input; got "
                           f"an input of {size} px. Use --image_size=224 or --noinclude_top.")
     if values["image_size"] is not None and values["image_size"] < 32:
@@ -324,6 +326,30 @@ def _compared(values: dict) -> tuple:
         return (), ()
     return networks.candidates([n.strip() for n in values.get("backbones") or []
                                 if n.strip()])
+
+
+# --export's formats, and what each needs beyond TensorFlow, as (module, pip name).
+FORMATS = ("savedmodel", "onnx", "tflite")
+_NEEDS = {"onnx": [("tf2onnx", "tf2onnx"), ("onnxruntime", "onnxruntime")]}
+
+
+def parse_formats(text) -> List[str]:
+    """``--export`` as a list of formats (empty for none); clear errors for unknown ones
+    and for missing converters or runtimes, before any work starts."""
+    items = [t.strip().lower() for t in (text if isinstance(text, (list, tuple))
+                                         else str(text or "").split(",")) if t.strip()]
+    if items in ([], ["none"]):
+        return []
+    unknown = [t for t in items if t not in FORMATS]
+    if unknown:
+        raise ConfigError(f"--export: unknown format(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(FORMATS)} (comma-separated), or none.")
+    missing = [pip for f in items for module, pip in _NEEDS.get(f, [])
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ConfigError(f"--export={','.join(items)} needs {', '.join(missing)}, which is not "
+                          "installed: python -m pip install -e \".[export]\"")
+    return list(dict.fromkeys(items))
 
 
 def parse_threshold(text: Optional[str]) -> Optional[str]:
@@ -392,7 +418,7 @@ def train_config(flag_values, names) -> TrainConfig:
         data=DataConfig(v["data_dir"], v["positive_class"], v["val_size"], v["seed"],
                         v["on_bad_image"], v["demo"], v["label_column"],
                         None if v["task"] == "auto" else v["task"], v["max_pixels"]),
-        model=ModelConfig(v["weights"], v["include_top"] and choice.name == "vgg16",
+        model=ModelConfig(v["weights"], v["include_top"] and choice.keeps_imagenet_top,
                           size, v["dropout"], choice, *_compared(v)[:1], why, v["image_size"],
                           _compared(v)[1]),
         cache=CacheConfig(v["cache_dir"], v["cache_dtype"], v["cache_augmented_views"],
@@ -415,5 +441,5 @@ def train_config(flag_values, names) -> TrainConfig:
                               parse_threshold(v["threshold"])),
         runtime=RuntimeConfig.from_values(v),
         labelling=LabellingConfig(v["unlabelled_dir"], v["budget"], v["label_next_strategy"]),
-        deploy=DeployConfig(tuple(deploy.parse_formats(v["export"])), v["quantize"]),
-        flag_values=dict(values))
+        deploy=DeployConfig(tuple(parse_formats(v["export"])), v["quantize"]),
+        flag_values=dict(values), given=tuple(n for n in names if flag_values[n].present))

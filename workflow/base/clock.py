@@ -95,6 +95,9 @@ class StageClock:
     @contextlib.contextmanager
     def stage(self, name: str):
         """Times the block as ``name`` (a stage run twice adds up) and records its peak."""
+        # Freed heap handed back first, so the stage's figure starts from what is in use
+        # (not from what whatever ran before it freed).
+        _give_back_freed_memory()
         self._fold_peak()
         self._open.append(name)
         self.seconds.setdefault(name, 0.0)  # listed in the order stages start

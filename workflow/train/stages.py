@@ -1,6 +1,6 @@
 """The stages of train.py, in the order they run: sweep, heads, fine-tuning, test set.
 
-Each stage takes the job (`workflow.job.Job`) and only the parts of the
+Each stage takes the job (`workflow.train.job.Job`) and only the parts of the
 configuration it needs, and writes its outputs into the run folder.
 """
 
@@ -19,20 +19,21 @@ from features.choose import bag as bag_lib, cv as cv_lib, probe, sweep
 from features.fit import heads as heads_lib
 from features.serve import inference
 from pipeline import discovery, labels, progress, scan
-from workflow import console, export, interpret, labelling, plots, state as state_lib, summary
-from workflow import heads_choice, trusting
-from workflow.export import PROBE
-from workflow.config import (CacheConfig, HeadsConfig, RuntimeConfig, SweepConfig, TrainConfig)
-from workflow.clock import TOTAL, StageClock
-from workflow.job import Features, Job, check_disk, fit_settings, prepare
-from workflow.outputs import binary_column, write_predictions
+from workflow.base import console, state as state_lib
+from workflow.train import export, labelling
+from workflow.views import interpret, plots, summary
+from workflow.train import heads_choice, no_effect, trusting
+from workflow.train.export import PROBE
+from workflow.base.config import (CacheConfig, HeadsConfig, RuntimeConfig, SweepConfig, TrainConfig)
+from workflow.base.clock import TOTAL, StageClock
+from workflow.train.job import Features, Job, check_disk, fit_settings, prepare
+from workflow.base.outputs import binary_column, write_predictions
 
 
 def _interpret(job: Job, folder: str, probs, what: str) -> None:
     """confusion_matrix.png, roc.png, top_losses.png of ``probs`` on the validation set."""
     interpret.write_all(folder, job.val.path.tolist(), job.y_val, probs, job.task,
                         f"{what}, validation")
-    job.run.note(f"{what} plots", os.path.join(folder, "{" + ",".join(interpret.FILES) + "}"))
 
 
 def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
@@ -97,7 +98,13 @@ def _record_heads(job: Job, results):
         # while training (a kill leaves a torn file) and numbers epochs from 0.
         job.run.write_csv(r.history, f"history_heads_{s}.csv")
     best = heads_lib.best_result(results)
-    _interpret(job, job.run.file("heads"), best.val_probs, f"heads scenario {best.scenario}")
+    # In a folder named for the scenario: the top-level files of the same names are the
+    # exported model's, and this scenario may not be the one exported.
+    for stale in interpret.FILES:  # where earlier versions drew them
+        if os.path.isfile(job.run.file("heads", stale)):
+            os.remove(job.run.file("heads", stale))
+    _interpret(job, job.run.file("heads", best.scenario), best.val_probs,
+               f"heads scenario {best.scenario}")
     job.run.update_metrics("heads", {s: r.summary() for s, r in results.items()})
     if job.folds:
         job.run.update_metrics("cross_validation", {s: r.cv.summary() for s, r in results.items()})
@@ -130,10 +137,10 @@ def _plot_heads(job: Job, results, baseline: dict) -> None:
     reference = {f"val_{name}": (baseline[f"val_{name}"], "linear probe")}
     if f"cv_{name}_mean" in baseline:
         reference[f"cv_{name}"] = (baseline[f"cv_{name}_mean"], "linear probe")
-    job.run.note("heads plot", plots.curves(
+    plots.curves(
         {s: r.history for s, r in results.items()}, job.run.file("heads_comparison.png"),
         metrics_to_plot=shown, title=title, reference=reference,
-        marks={s: r.best_epoch for s, r in results.items()}))
+        marks={s: r.best_epoch for s, r in results.items()})
 
 
 def _record_state(job: Job, baseline: dict, results, choice: dict) -> None:
@@ -184,8 +191,6 @@ def sweep_stage(job: Job, config: SweepConfig, heads: HeadsConfig, cache: CacheC
         "best": table.iloc[0].drop("rank").to_dict(),
         f"probe_cv_{metric}_mean": baseline[f"{metric}_mean"],
         f"probe_cv_{metric}_std": baseline[f"{metric}_std"]})
-    job.run.note("sweep table", job.run.file("sweep.csv"))
-    job.run.note("sweep plot", job.run.file("sweep.png"))
     print(f"Sweep: {len(table)} configurations, {len(folds)}-fold CV on {len(job.y_train)} "
           f"training images; linear probe CV {summary.label(metric)} "
           f"{baseline[f'{metric}_mean']:.4f} +- {baseline[f'{metric}_std']:.4f}"
@@ -210,10 +215,10 @@ def predict_test(job: Job, runtime: RuntimeConfig, demo: bool = False) -> None:
     probs = trust.Calibration.from_json(info.get("calibration")).apply(  # as predict.py
         job.task.kind, job.task.probabilities(outputs)[good])
     test = test[good].reset_index(drop=True)
-    job.run.note("submission", write_predictions(
+    write_predictions(
         test.name, probs, job.run.file("submission.csv"), job.task.class_names,
         binary_column=binary_column(job.task.class_names, job.dataset.sample_submission,
-                                    job.dataset.label_column)))
+                                    job.dataset.label_column))
     if not good.all():
         print(f"submission.csv: {int((~good).sum())} unreadable test image(s) got no row; "
               f"see {job.run.file('bad_test_images.csv')}")
@@ -259,7 +264,7 @@ def _stages(cfg: TrainConfig, clock: StageClock, engine=None, dataset=None):
             engine.precision = job.precision.policy
             job.engine = engine.start()
     if cfg.model.compare:
-        from workflow import backbones as backbones_stage
+        from workflow.train import backbones as backbones_stage
         with clock.stage("backbone comparison"):
             _, job = backbones_stage.run(job, cfg, cfg.model.compare)
         job.clock = clock
@@ -326,8 +331,9 @@ def _train_and_export(job: Job, cfg: TrainConfig, chosen, view_preset: str) -> N
                                   cfg.predict, scenario,
                                   optimizer=chosen.optimizer if cfg.sweep.use and chosen
                                   else "adam")
+        no_effect.record(job, no_effect.find(job, cfg.given, scenario, cfg.finetune.epochs))
         if cfg.deploy.formats:
-            from workflow import deploy
+            from workflow.use import deploy
             with job.clock.stage("deployment exports"):
                 deploy.deploy_run(job.run.path, cfg.deploy.formats, cfg.deploy.quantize,
                                   runtime.batch_size)
@@ -339,18 +345,18 @@ def _train_and_export(job: Job, cfg: TrainConfig, chosen, view_preset: str) -> N
 def _write_report(job: Job, runtime: RuntimeConfig) -> None:
     """report.html: the trained run on one page (a later stage adds its section, never
     replaces the training's), with the commands to go on from it."""
-    from workflow import report
-    from workflow.outputs import read_json
+    from workflow.views import report
+    from workflow.base.outputs import read_json
     trained = read_json(job.run.file("run_config.json")).get("command")
     commands = {"Train again with the same settings": trained or console.command_line()}
     if os.path.isfile(job.run.file(inference.MODEL_FILE)):
         commands["Predict"] = next_command(job)
-    if runtime.finetunes:
+    if runtime.finetunes and "best_epoch" in job.run.metrics().get("finetune", {}):
         commands["Resume an interrupted fine-tuning"] = (
             (trained or console.command_line()) + " --stage=finetune --resume")
     for stage, record in state_lib.load(job.run.path).stages.items():
         commands[f"Run --stage={stage} again"] = record.get("command", "")
-    job.run.note("report", report.write_run_report(job.run.path, commands))
+    report.write_run_report(job.run.path, commands)
 
 
 def chosen_scenario(job: Job) -> str:
@@ -366,14 +372,14 @@ def chosen_scenario(job: Job) -> str:
 
 
 def _print_outputs(job: Job, started: float) -> None:
-    job.run.note("metrics", job.run.metrics_path)
-    job.run.note("log", job.run.file("train.log"))
+    """The last lines: time and memory by stage, then every file in the run folder with
+    its role (`workflow.base.run_files`: the README's table), and the command to go on."""
+    from workflow.base import run_files
     if job.clock.seconds:
         print("\nTime and peak memory (RSS) by stage:\n" + job.clock.table())
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Outputs in {job.run.path}:")
-    for what, path in job.run.outputs.items():
-        print(f"  {what:18s} {path}")
-    if "model" in job.run.outputs:
+    print("\n".join(run_files.listing(job.run.path)))
+    if os.path.isfile(job.run.file(inference.MODEL_FILE)):
         print("Next: " + next_command(job))
 
 

@@ -1,6 +1,7 @@
-"""The plain-text summaries a run prints: scenarios vs the probe, the final model."""
+"""The plain-text summaries a run prints: scenarios vs the probe, the final model, the
+backbones compared."""
 
-from typing import Dict
+from typing import Dict, List, Optional
 
 from features.fit.heads import HeadResult
 from features.task import Task
@@ -72,3 +73,51 @@ def scores_line(task: Task, scores: dict) -> str:
     other = "auc" if name == "accuracy" else "accuracy"
     return f"{label(name)} {scores[name]:.4f}" + (
         f", {label(other)} {scores[other]:.4f}" if other in scores else "")
+
+
+def backbone_lines(metrics: dict) -> Optional[List[str]]:
+    """The table, what was not tried, and the choice (which backbone and size, by how
+    much over the cheapest, at what cost), for the terminal summary."""
+    b = metrics.get("backbones")
+    if not b:
+        return None
+    metric = next(k for k in b["table"][0] if k.startswith("cv_") and k.endswith("_mean"))
+    rows = [r for r in b["table"] if r.get("status", "compared") == "compared"]
+    lines = [f"backbones ({b['images']}):"]
+    for r in rows:
+        lines.append(f"  {backbone_label(r):<34} CV {metric[3:-5]} {r[metric]:.4f} +- "
+                     f"{r[metric.replace('_mean', '_std')]:.4f} ({r['scored_by']}), "
+                     f"{r['extraction_ms_per_image']:.1f} ms/image, "
+                     f"{r['parameters'] / 1e6:.1f} M parameters, {r['model_size_mb']:.0f} MB")
+    for r in b.get("not_tried", []):
+        lines.append(f"  not tried: {r['backbone']} ({r['why']})")
+    chosen = next(r for r in rows if r["backbone"] == b["chosen"]
+                  and r.get("image_size", b.get("chosen_size")) == b.get("chosen_size"))
+    cheapest = min(rows, key=lambda r: r["extraction_ms_per_image"])
+    cost = chosen["extraction_ms_per_image"] / max(cheapest["extraction_ms_per_image"], 1e-9)
+    versus = ("the cheapest candidate" if chosen is cheapest else
+              f"CV {metric[3:-5]} {chosen[metric] - cheapest[metric]:+.4f} over the cheapest, "
+              f"{backbone_label(cheapest)}, at {cost:.1f}x its cost")
+    lines.append(f"  chosen: {backbone_label(chosen)}, {versus} (rule: {b['rule']})")
+    return lines
+
+
+def backbone_label(row: dict) -> str:
+    """A backbones.csv row's ``name@size``."""
+    size = row.get("image_size")
+    return f"{row['name']}@{size}" if size else row["name"]
+
+
+def audit_line(found: dict) -> str:
+    """The label audit in one line: how many labels look wrong and how many duplicate
+    pairs, "none found" when none (no empty file is written then)."""
+    suspects = found.get("suspect_labels", 0)
+    pairs = found.get("duplicate_pairs", 0)
+    return ("Label audit (" + found.get("by", "out-of-fold predictions") + "): "
+            + (f"{suspects} of {found.get('training_images', '?')} training labels look "
+               "wrong (suspect_labels.csv)" if suspects else
+               "no training label looks wrong: none found")
+            + "; " + (f"{pairs} duplicate pair(s) across the splits (duplicates.csv)" if pairs
+                      else "duplicates across the splits: none found")
+            + (f" ({found['duplicates_looked_for']})"
+               if "only" in found.get("duplicates_looked_for", "") else "") + ".")

@@ -25,11 +25,11 @@ from features.fit.loop import snapshot
 from features.weights import weights_identity
 from pipeline import diskspace, discovery, labels, limits, scan, split
 from pipeline.errors import ConfigError, UserError
-from workflow import config as config_lib, console
-from workflow.clock import StageClock
-from workflow.config import (CacheConfig, DataConfig, FinetuneConfig, HeadsConfig, ModelConfig,
+from workflow.base import config as config_lib, console
+from workflow.base.clock import StageClock
+from workflow.base.config import (CacheConfig, DataConfig, FinetuneConfig, HeadsConfig, ModelConfig,
                              RuntimeConfig)
-from workflow.outputs import RunFolder
+from workflow.base.outputs import RunFolder
 
 # Below this many validation images, --cv_folds=auto cross-validates.
 SMALL_VAL = 100
@@ -171,7 +171,7 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
             f"{task.class_names[c]} {w:.2f}" for c, w in weights.items()))
     return Job(chosen, dataset, task, frame, train, val, classifier, run, folds, model,
                data.seed, initial=snapshot(classifier.model), class_weight=weights,
-               board=run.note("tensorboard", run.file("tensorboard"))
+               board=run.file("tensorboard")
                if runtime.tensorboard and not runtime.studies else None,
                max_pixels=data.max_pixels, failed_backbones=failed)
 
@@ -190,7 +190,7 @@ def _first_buildable(model: ModelConfig, task: Task, seed: int):
         try:
             classifier = backbone.build_classifier(
                 model.weights if not choice.is_file else "imagenet", model.include_top
-                and choice.name == "vgg16", size, seed, dropout=model.dropout,
+                and choice.keeps_imagenet_top, size, seed, dropout=model.dropout,
                 units=task.units, activation=task.activation, backbone=choice)
         except UserError as err:
             if not model.compare:
@@ -201,7 +201,7 @@ def _first_buildable(model: ModelConfig, task: Task, seed: int):
             continue
         return classifier, dataclasses.replace(
             model, backbone=choice, image_size=size, image_size_reason=why,
-            include_top=model.include_top and choice.name == "vgg16"), failed
+            include_top=model.include_top and choice.keeps_imagenet_top), failed
     raise ConfigError("No backbone of --backbones could be built:\n" + "\n".join(
         f"  {c.label}: {why}" for c, _, why in failed))
 

@@ -18,7 +18,7 @@ local web services). Every refusal is a JSON error and a line in the server's lo
   is read (as JSON; FastAPI's own answer to it is plain text). A body without one
   (chunked) is counted as it arrives by FastAPI's own limit (``FastAPI(max_body_size=
   ...)``, Starlette's ``RequestBodyLimitMiddleware``) and cut there with 413
-  (`workflow.server_app`).
+  (`workflow.use.server_app`).
 """
 
 import dataclasses

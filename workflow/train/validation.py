@@ -16,8 +16,8 @@ from features import scenarios
 from features.choose import bag as bag_lib, evidence
 from features.serve import inference
 from features.store import cache as cache_lib
-from workflow.config import CacheConfig, PredictConfig
-from workflow.job import Features, Job
+from workflow.base.config import CacheConfig, PredictConfig
+from workflow.train.job import Features, Job
 
 
 def held_out(job: Job, cache: CacheConfig, batch_size: int) -> inference.HeldOut:

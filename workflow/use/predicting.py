@@ -11,7 +11,8 @@ import numpy as np
 from features.task import Task
 from pipeline import limits
 from pipeline.errors import ConfigError, DataError
-from workflow import config as config_lib, trusting
+from workflow.base import config as config_lib
+from workflow.use import trusted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +118,13 @@ def write_output(frame, probs, cfg: "PredictRun", task: Task, info: dict,
 
     Rows of images that could not be read (``frame.bad``) are left out, or with
     ``--keep_bad_rows`` kept with empty values and a ``status`` column: such an image
-    never gets a number or a class. With ``unfamiliar`` (`trusted_outputs`) the columns
+    never gets a number or a class. With ``unfamiliar`` (`trusted.apply`) the columns
     ``unfamiliar_score`` and ``unfamiliar`` (1 = flagged) follow, or for a Kaggle layout
     whose sample submission fixes the columns they go to ``<output>_unfamiliar.csv``;
     ``--output_format=label`` writes ``unfamiliar`` for a flagged photo unless
     ``--nounfamiliar_label``. Returns the number of predicted rows written."""
     from pipeline import discovery
-    from workflow.outputs import binary_column, write_predictions
+    from workflow.base.outputs import binary_column, write_predictions
     good = ~frame["bad"].to_numpy(bool) if "bad" in frame else np.ones(len(frame), bool)
     status = None
     if cfg.keep_bad_rows:
@@ -204,7 +205,7 @@ def prepare(cfg: PredictRun) -> Prepared:
     are an error before anything is predicted or written)."""
     from pipeline import discovery, run_info
     info = run_info.read_info(cfg.workdir)
-    task = Task(info.get("task", "binary"), tuple(info.get("class_names") or ("0", "1")))
+    task = Task.of_model(info)
     check_output_format(cfg.output_format, task.kind)
     frame = discovery.discover_unlabelled(cfg.data_dir)
     truth = labels_for(frame.name.tolist(), cfg.labels, task) if cfg.labels else None
@@ -217,7 +218,7 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     from features.serve import inference
     from features import precision
     from pipeline import progress, scan
-    from workflow import console
+    from workflow.base import console
     prepared = prepared or prepare(cfg)
     stem = os.path.splitext(cfg.output)[0]
     console.log_to_file(stem + ".log")  # beside the output: what this prediction did
@@ -231,7 +232,7 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     use_bag = wanted and has_bag
     tta = config_lib.parse_tta(cfg.tta)
     tta = int(info.get("tta", 1)) if tta == "auto" else tta
-    reference = None if cfg.ray_address else trusting.load_reference(cfg.workdir, info)
+    reference = None if cfg.ray_address else trusted.load_reference(cfg.workdir, info)
     model, info, units = inference.load_predictor(cfg.workdir, use_bag, chosen.policy,
                                                   reference is not None)
     if int(model.output.shape[-1]) == units:
@@ -243,7 +244,7 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     progress.report("predict", f"predict again ({cfg.output} is only written once every "
                                "row is done)")
     outputs = _outputs(cfg, model, frame, image_size, tta, use_bag, chosen.policy)
-    probs, unfamiliar = trusted_outputs(task, info, outputs, units, reference)
+    probs, unfamiliar = trusted.apply(task, info, outputs, units, reference)
     if unfamiliar is None:
         print(_why_untrusted(cfg, info))
     written = write_output(frame, probs, cfg, task, info, unfamiliar)
@@ -292,31 +293,10 @@ def _outputs(cfg: PredictRun, model, frame, image_size: int, tta: int, use_bag: 
             engine.stop()
 
 
-def trusted_outputs(task: Task, info: dict, outputs, units: int, reference=None):
-    """(probabilities, unfamiliar) from the network's outputs: the calibrated
-    probabilities (as the model was stored, for a model without a calibration), and
-    with ``reference`` the unfamiliar scores and flags (a dict of arrays; NaN / False
-    for unreadable rows), else None."""
-    from features import trust
-    outputs = np.asarray(outputs, np.float64)
-    calibration = trust.Calibration.from_json(info.get("calibration"))
-    probs = calibration.apply(task.kind, task.probabilities(outputs[:, :units]))
-    if reference is None:
-        return probs, None
-    fitted = trust.Unfamiliar.from_json(info["unfamiliar"])
-    good = ~np.isnan(outputs).any(axis=1)
-    score = np.full(len(outputs), np.nan)
-    if good.any():
-        d = trust.distance(reference, outputs[good, units:], fitted.k)
-        score[good] = fitted.score(d, trust.uncertainty(task.kind, probs[good]))
-    return probs, {"score": score, "flagged": good & (np.nan_to_num(score) > fitted.threshold),
-                   "threshold": fitted.threshold, "rate": fitted.rate}
-
-
 def _gallery(stem: str, frame, unfamiliar: dict, n: int = 9) -> str:
     """``<stem>_unfamiliar.png``: the ``n`` predicted photos least like the training
     photos, with their scores."""
-    from workflow import plots
+    from workflow.views import plots
     score = np.nan_to_num(unfamiliar["score"], nan=-np.inf)
     order = [int(i) for i in np.argsort(-score)[:n] if np.isfinite(score[i])]
     captions = [f"unfamiliar_score {score[i]:.2f}" + (" (flagged)" if unfamiliar["flagged"][i]
@@ -370,7 +350,7 @@ def _score(cfg: PredictRun, frame, probs, y, task: Task, info: dict, stem: str,
     scoring page. ``model``: what predicted (file and TTA), for every line that scores;
     ``frame.unfamiliar`` (when there): which rows were flagged, scored apart as well."""
     flagged = frame["unfamiliar"].to_numpy(bool) if "unfamiliar" in frame else None
-    from workflow import interpret
+    from workflow.views import interpret
     scores = score_against_labels(frame.name.tolist(), probs, cfg.labels, task,
                                   info.get("thresholds"))
     seen = trained_on(cfg.workdir, frame.path.tolist(), info)
@@ -396,7 +376,7 @@ def _score(cfg: PredictRun, frame, probs, y, task: Task, info: dict, stem: str,
         print(f"{name}: {path}")
     if flagged is not None and os.path.isfile(stem + "_unfamiliar.png"):
         plots["most unfamiliar photos"] = stem + "_unfamiliar.png"  # on the page too
-    from workflow import report
+    from workflow.views import report
     page = report.write_scoring_report(
         stem, scores, plots, f"{model} of {os.path.abspath(cfg.workdir)} on {images}, "
         f"scored against {cfg.labels}" + (f"; the model was trained on {seen} of them: not "

@@ -1,0 +1,68 @@
+"""The run folder a newcomer can read (issue 42): flags that had no effect are named
+with the reason, in metrics.json, on the console and in report.html; the console's list
+of outputs is every file in the folder with its role; the label audit writes no empty
+file and says "none found"."""
+
+import json
+import types
+
+from workflow.base import outputs, run_files, state as state_lib
+from workflow.train import no_effect
+from workflow.views import report, summary
+
+
+def _job(tmp_path, folds=((0,), (1,))):
+    run = outputs.RunFolder(str(tmp_path))
+    return types.SimpleNamespace(run=run, folds=list(folds))
+
+
+def test_finetuning_flags_on_a_run_that_exported_the_probe_are_named(tmp_path, capsys):
+    job = _job(tmp_path)
+    state_lib.update(str(tmp_path), export=state_lib.ExportState("model.keras"))
+    found = no_effect.find(job, ("data_dir", "finetune_epochs", "augment"), "probe", 2)
+    assert set(found) == {"--finetune_epochs", "--augment"}
+    assert all("linear probe was exported" in why for why in found.values())
+    no_effect.record(job, found)
+    assert "--finetune_epochs had no effect on this run: the linear probe" in \
+        capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.json").read_text())["no_effect"] == found
+    (tmp_path / "run_config.json").write_text(json.dumps({"finetune_epochs": 2}))
+    page = open(report.write_run_report(str(tmp_path))).read()
+    assert "Flags that had no effect on this run" in page and "--finetune_epochs" in page
+
+
+def test_a_skipped_finetuning_names_its_reason_and_flags_that_acted_are_not_named(tmp_path):
+    job = _job(tmp_path)
+    job.run.update_metrics("finetune", {"skipped": "fine-tuning skipped: scenario B's head "
+                                                   "already scores AUC 1.0000 (details)"})
+    found = no_effect.find(job, ("finetune_epochs",), "B", 5)
+    assert found == {"--finetune_epochs": "fine-tuning skipped: scenario B's head already "
+                                          "scores AUC 1.0000"}
+    job.run.update_metrics("finetune", {"best_epoch": 3})
+    assert no_effect.find(job, ("finetune_epochs", "augment"), "B", 5) == {}
+    # Not given on the command line: a default is not the user's claim.
+    assert no_effect.find(job, (), "probe", 5) == {}
+
+
+def test_the_outputs_list_is_every_entry_with_its_role_in_the_readme_order(tmp_path):
+    for name in ("zzz.txt", "metrics.json", "report.html", "history_heads_A.csv"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "heads").mkdir()
+    (tmp_path / ".tmp-model.keras").write_text("torn")
+    lines = run_files.listing(str(tmp_path))
+    names = [line.split()[0] for line in lines]
+    assert names == ["report.html", "metrics.json", "history_heads_A.csv", "heads/",
+                     "zzz.txt"]
+    assert lines[-1].endswith("(not written by this tool)")
+    assert "scenario S per epoch" in lines[2]
+
+
+def test_the_audit_line_says_none_found_and_never_an_empty_count():
+    none = summary.audit_line({"suspect_labels": 0, "duplicate_pairs": 0,
+                               "by": "linear probe, out-of-fold", "training_images": 40,
+                               "duplicates_looked_for": "exact copies and near-duplicates"})
+    assert "no training label looks wrong: none found" in none
+    assert "duplicates across the splits: none found" in none
+    some = summary.audit_line({"suspect_labels": 3, "duplicate_pairs": 1,
+                               "training_images": 40})
+    assert "3 of 40 training labels look wrong" in some and "1 duplicate pair" in some
