@@ -10,6 +10,7 @@ from features import backbone, networks, scenarios
 from features.store import cache as cache_lib
 from pipeline.errors import ConfigError
 from tests.inprocess import run
+from workflow.train import backbones
 from workflow.use import deploy
 
 SIZE = 32
@@ -201,17 +202,51 @@ def test_auto_compares_backbones_on_the_same_folds_and_goes_on_with_the_choice(
     assert list(table.backbone) == ["vgg16", tiny_file]
     assert (table.extraction_ms_per_image > 0).all() and (table.parameters > 0).all()
     section = json.load(open(tmp_path / "run" / "metrics.json"))["backbones"]
-    cheaper = table.sort_values("extraction_ms_per_image").backbone.iloc[0]
-    # The rule: the cheaper one, unless the richer one won beyond noise.
-    won = section["comparisons"][0]["better"]
-    assert section["chosen"] == (table.backbone[table.backbone != cheaper].iloc[0] if won
-                                 else cheaper)
+    # The rule: the best CV among those within the cost bound of the cheapest; one
+    # beyond the bound only if it won beyond noise.
+    ordered = table.sort_values("extraction_ms_per_image", kind="stable")
+    mean = next(c for c in table if c.startswith("cv_") and c.endswith("_mean"))
+    within = ordered[ordered.extraction_ms_per_image
+                     <= backbones.COST_BOUND * ordered.extraction_ms_per_image.iloc[0]]
+    expected = within.backbone.iloc[int(np.argmax(within[mean].to_numpy()))]
+    for c in section["comparisons"]:
+        if not c["within_cost_bound"] and c["better"]:
+            expected = table.backbone[table.name == c["candidate"]].iloc[0]
+    assert section["chosen"] == expected
     info = json.load(open(tmp_path / "run" / "model_info.json"))
     assert info["backbone"] == section["chosen"]
     assert "backbones (out-of-fold predictions on the 120 training images" in result.stdout
     report = (tmp_path / "run" / "report.html").read_text()
     assert "Backbones (--stage=backbones, --backbone=auto)" in report
     assert (tmp_path / "run" / "backbones.png").stat().st_size > 0
+
+
+def test_auto_takes_the_best_cv_within_the_cost_bound_and_a_costlier_one_only_on_evidence():
+    """Within COST_BOUND x the cheapest's cost the best CV score wins, ties to the cheaper;
+    beyond it a candidate must beat that choice beyond noise on out-of-fold predictions."""
+    import types
+    from features import task as task_lib
+    from features.choose import cv as cv_lib
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 60)
+    folds = cv_lib.make_folds(y, 5, 0)
+    job = types.SimpleNamespace(task=task_lib.binary(), y_train=y, folds=folds, seed=0)
+    noisy = np.clip(0.5 + (y - 0.5) * 0.2 + rng.normal(0, 0.3, len(y)), 0, 1)
+    clean = np.clip(0.5 + (y - 0.5) * 0.8 + rng.normal(0, 0.05, len(y)), 0, 1)
+
+    def entry(name, ms, score, oof):
+        return backbones.Entry(networks.check_choice("vgg16"), name, 224, score=score,
+                               ms_per_image=ms, oof=oof)
+    cheap, mid, tie = entry("cheap", 10, 0.90, noisy), entry("mid", 15, 0.95, noisy), \
+        entry("tie", 30, 0.95, noisy)
+    far_same = entry("far", 10 * backbones.COST_BOUND + 1, 0.99, noisy)
+    chosen, said = backbones.choose([far_same, tie, mid, cheap], job)
+    assert chosen is mid  # the best CV within the bound; of a tie, the cheaper
+    assert [c["within_cost_bound"] for c in said] == [True, True, True, False]
+    assert not said[-1]["better"]  # beyond the bound, and not better: not taken
+    far_better = entry("far", 10 * backbones.COST_BOUND + 1, 0.99, clean)
+    chosen, said = backbones.choose([cheap, mid, far_better], job)
+    assert chosen is far_better and said[-1]["better"] and said[-1]["baseline"] == "mid"
 
 
 def test_undoing_the_mean_centring_works_under_a_bfloat16_policy():

@@ -301,10 +301,7 @@ def _backbones_section(folder: str, metrics: dict) -> str:
                      number(metrics, at + "extraction_ms_per_image", 1) if tried else "–",
                      f"{r['parameters'] / 1e6:.1f} M" if tried else "–",
                      number(metrics, at + "model_size_mb", 1) if tried else "–"])
-    said = "".join(f"<li>{esc(c['candidate'])} vs {esc(c['baseline'])}: difference "
-                   f"{c['difference']:+.4f} (90% interval {c['low']:+.4f} .. {c['high']:+.4f}): "
-                   f"{'better beyond noise' if c['better'] else 'not better beyond noise'}</li>"
-                   for c in b.get("comparisons", []))
+    said = "".join(_comparison(c) for c in b.get("comparisons", []))
     chosen = (summary.backbone_lines(metrics) or [""])[-1].strip()
     return ("<h2>Backbones (--stage=backbones, --backbone=auto)</h2>"
             f"<p>{esc(b['images'])}. {esc(chosen[0].upper() + chosen[1:])}.</p>"
@@ -313,6 +310,17 @@ def _backbones_section(folder: str, metrics: dict) -> str:
                      "model MB"], rows)
             + (f"<ul>{said}</ul>" if said else "")
             + image(os.path.join(folder, "backbones.png"), "Score against cost"))
+
+
+def _comparison(c: dict) -> str:
+    """One step of the backbone choice, as a list item."""
+    name = esc(c["candidate"]) + (f"@{c['image_size']}" if c.get("image_size") else "")
+    if c.get("within_cost_bound"):
+        return (f"<li>{name}: within the cost bound, CV {c['cv_score']:.4f}"
+                f"{' (the best of these)' if c['chosen_among_these'] else ''}</li>")
+    return (f"<li>{name} (beyond the cost bound) vs {esc(c['baseline'])}: difference "
+            f"{c['difference']:+.4f} (90% interval {c['low']:+.4f} .. {c['high']:+.4f}): "
+            f"{'better beyond noise' if c['better'] else 'not better beyond noise'}</li>")
 
 
 def _commands_section(commands: Dict[str, str]) -> str:
