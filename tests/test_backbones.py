@@ -194,10 +194,16 @@ def test_auto_compares_backbones_on_the_same_folds_and_goes_on_with_the_choice(
         tiny_file, tmp_path):
     result = run("train.py", "--demo", "--backbone=auto", f"--backbones=vgg16,{tiny_file}",
                  f"--workdir={tmp_path}/run", f"--cache_dir={tmp_path}/cache",
-                 "--scenarios=A,B", "--finetune_epochs=0", "--nobag")
+                 "--scenarios=A,B", "--finetune_epochs=0", "--nobag",
+                 # No CV for the rest of the run (as with 100+ validation images): the
+                 # comparison makes its own folds.
+                 "--cv_folds=0")
     assert result.returncode == 0, result.stderr[-3000:]
     import json
     import pandas as pd
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "Backbones are compared by 5-fold CV on the training split" in log
+    assert "chosen by 5-fold CV" not in log and "Scenario A: 5-fold" not in log
     table = pd.read_csv(tmp_path / "run" / "backbones.csv")
     assert list(table.backbone) == ["vgg16", tiny_file]
     assert (table.extraction_ms_per_image > 0).all() and (table.parameters > 0).all()

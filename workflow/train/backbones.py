@@ -36,7 +36,7 @@ from features.choose import cv as cv_lib, evidence, probe
 from features.fit import heads as heads_lib
 from workflow.base.config import TrainConfig
 from workflow.views import summary
-from workflow.train.job import Features, Job, fit_settings
+from workflow.train.job import AUTO_FOLDS, Features, Job, fit_settings
 
 TABLE, PLOT = "backbones.csv", "backbones.png"
 # Costs measured here (ms per image) differ by 10-20% between runs; 4x keeps networks of
@@ -98,15 +98,18 @@ def job_on(job: Job, choice: networks.BackboneChoice) -> Job:
 
 def _ms_per_image(job: Job, batch_size: int) -> float:
     """Milliseconds per image through the frozen layers the cache holds, on this machine:
-    one batch of the training photos, timed after a warm-up batch."""
+    one batch of the training photos, timed after a warm-up batch. Through the
+    extraction's compiled function at its batch size (an eager call of a conv trunk on
+    32 images at 260 px held gigabytes: ants/bees auto run, peak 6.8 GB)."""
+    from features.store import extract
     from pipeline import input as input_lib
-    paths = job.train.path.tolist()[:max(8, min(batch_size, 32))]
+    paths = job.train.path.tolist()[:max(8, min(batch_size, 16))]
     batch = next(iter(input_lib.eval_dataset(paths, None, paths, job.model.image_size,
                                              len(paths))))["image"]
-    model = job.classifier.feature_model([job.classifier.net.feature_layer])
-    model(batch, training=False)
+    run = extract.extractor(job.classifier, [job.classifier.net.feature_layer])
+    run(batch)
     started = time.perf_counter()
-    model(batch, training=False)
+    run(batch)
     return 1000 * (time.perf_counter() - started) / len(paths)
 
 
@@ -199,8 +202,16 @@ def run(job: Job, cfg: TrainConfig, choices) -> tuple:
     """Evaluates each candidate of ``choices`` (a backbone at its input size), writes
     backbones.csv and backbones.png and the metrics' ``backbones`` key; returns (the
     chosen entry, the job on it)."""
-    if not job.folds:
-        raise ValueError("Comparing backbones needs cross-validation folds (--cv_folds).")
+    folds = original_folds = job.folds
+    if not folds:
+        # Out-of-fold predictions on shared folds are what the comparison is made of, so
+        # it has its own folds when the run chooses by a validation set (e.g. 576 photos:
+        # 115 validation images, --cv_folds=auto makes none); the rest of the run keeps
+        # its validation-set choices.
+        folds = cv_lib.make_folds(job.y_train, AUTO_FOLDS, job.seed, job.task)
+        logging.info("Backbones are compared by %d-fold CV on the training split (the rest "
+                     "of the run chooses by the validation set).", AUTO_FOLDS)
+        job = dataclasses.replace(job, folds=folds)
     failed, jobs = _candidates(job, choices)
     entries = []
     for choice, other in jobs.items():
@@ -221,7 +232,7 @@ def run(job: Job, cfg: TrainConfig, choices) -> tuple:
         "images": f"out-of-fold predictions on the {len(job.y_train)} training images, "
                   f"{len(job.folds)} folds shared by every backbone"})
     print("\n".join(summary.backbone_lines(section)))
-    return best, jobs[best.choice]
+    return best, dataclasses.replace(jobs[best.choice], folds=original_folds)
 
 
 def _plot(entries: List[Entry], best: Entry, metric: str, path: str) -> None:
