@@ -88,7 +88,8 @@ def scenario_cv(args):
         for lr in sorted(rates, reverse=True):
             started = time.perf_counter()
             with heads.HeadConfig(s, lr).trainer(clf, task) as trainer:
-                result = cv_lib.cross_validate(trainer, feats[row.start_layer(False)], y, folds,
+                start = row.start_layer(False, clf.net)
+                result = cv_lib.cross_validate(trainer, feats[start], y, folds,
                                                FitSettings(args.epochs, args.batch_size))
             cv = result.summary()
             at = cv["other_metrics_at_epoch"].get(other, {"mean": np.nan, "std": np.nan})

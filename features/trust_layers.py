@@ -122,9 +122,13 @@ class UnfamiliarScore(keras.layers.Layer):
         if self.task_kind == "multiclass":
             # The other classes' probabilities summed: exact in float32 where 1 - max is
             # not. One top class is left out, as 1 - max does: on a tie the other top
-            # class counts (leaving out every class equal to the max would give 0).
-            top = ops.one_hot(ops.argmax(p, axis=-1), ops.shape(p)[-1], dtype=p.dtype)
-            u = ops.sum(p * (1.0 - top), axis=-1)
+            # classes count (leaving out every class equal to the max would give 0). No
+            # argmax: Keras' TensorFlow argmax bit-casts floats, which neither tf2onnx nor
+            # TFLite converts.
+            top = ops.max(p, axis=-1, keepdims=True)
+            at_top = ops.cast(ops.greater_equal(p, top), p.dtype)
+            u = (ops.sum(p * (1.0 - at_top), axis=-1)
+                 + (ops.sum(at_top, axis=-1) - 1.0) * top[:, 0])
         elif self.task_kind == "multilabel":
             u = ops.mean(1.0 - ops.maximum(p, 1.0 - p), axis=-1)
         else:

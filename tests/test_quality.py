@@ -270,7 +270,7 @@ def test_bag_is_the_average_of_its_members_and_loads_in_safe_mode(cached, tmp_pa
         ds.frame.path.tolist(), None, ds.frame.name.tolist(), SIZE, 4)])
     for scenario in ("A", "B", "C"):
         row = scenarios.get_scenario(scenario)
-        start = row.start_layer(False)
+        start = row.start_layer(False, clf.net)
         folds = cv.make_folds(y, 2, seed=0)
         with heads.HeadConfig.for_scenario(scenario).trainer(clf, BINARY) as trainer:
             result = cv.cross_validate(trainer, feats[start], y, folds, FitSettings(2, 4))
