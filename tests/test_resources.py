@@ -373,6 +373,13 @@ def test_each_stage_records_its_own_time_and_peak_memory():
     record = clock.record()
     peaks = record["peak_memory_mb"]
     assert list(record["timings"]) == ["small", "large", "small again", "total"]
+    # metrics.json sorts its keys; the report shows the stages in the order they ran.
+    assert record["stage_order"] == ["small", "large", "small again", "total"]
+    from workflow.views import report
+    stored = json.loads(json.dumps(record, sort_keys=True))
+    page = report._timings_section(stored)
+    assert [page.index(f">{k}<") for k in record["stage_order"]] == sorted(
+        page.index(f">{k}<") for k in record["stage_order"])
     assert all(v > 0 for v in record["timings"].values())
     assert peaks["total"] == max(peaks.values())
     if clock.sampled:  # Linux: each stage's own peak, not the largest so far

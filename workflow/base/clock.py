@@ -132,7 +132,9 @@ class StageClock:
 
     def record(self) -> dict:
         """What ``metrics.json`` stores: ``timings`` and ``peak_memory_mb`` by stage."""
-        return {"timings": {k: round(self.seconds[k], 2) for k in self._order()},
+        # metrics.json is written with sorted keys: the order the stages ran is kept apart.
+        return {"stage_order": self._order(),
+                "timings": {k: round(self.seconds[k], 2) for k in self._order()},
                 "peak_memory_mb": {k: round(self.peak_mb.get(k, 0.0)) for k in self._order()},
                 "peak_memory_is": (
                     "each stage's largest RSS (sampled every 20 ms; exact for the stage "

@@ -243,7 +243,9 @@ def _timings_section(metrics: dict) -> str:
     timings = metrics.get("timings", {})
     if not timings:
         return ""
-    order = [k for k in timings if k != "total"] + [k for k in timings if k == "total"]
+    ran = [k for k in metrics.get("stage_order", []) if k in timings]  # metrics.json is sorted
+    order = ran + [k for k in timings if k not in ran and k != "total"]
+    order = [k for k in order if k != "total"] + [k for k in timings if k == "total"]
     what = metrics.get("peak_memory_is", "")
     return ("<h2>Time and peak memory per stage (training)</h2>"
             + (f"<p>Peak memory: {esc(what)} (resident set, MB).</p>" if what else "")
