@@ -60,6 +60,10 @@ def changed_settings(run_config: dict) -> List[tuple]:
     for name in sorted(values):
         if name in _PLACES or name in aliases or name not in run_config:
             continue
+        if name == "image_size" and run_config.get("image_size_reason", "--image_size") \
+                != "--image_size":
+            continue  # the backbone's own size, not a setting: said below the table
+
         default, value = values[name].default, run_config[name]
         if isinstance(default, list) and isinstance(value, list):
             same = [str(v) for v in default] == [str(v) for v in value]
@@ -95,6 +99,9 @@ def _settings_section(folder: str, name: str = "run_config.json",
              "<p>None: every flag at its default.</p>"))
     if precision:
         text += f"<p class=\"note\">Computed in {esc(precision)}.</p>"
+    if run_config.get("image_size_reason"):
+        text += (f"<p class=\"note\">Input size {esc(run_config.get('image_size'))} px: "
+                 f"{esc(run_config['image_size_reason'])}.</p>")
     if name == "run_config.json":
         no_effect = read_json(os.path.join(folder, "metrics.json")).get("no_effect", {})
         if no_effect:
