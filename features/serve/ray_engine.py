@@ -24,6 +24,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import pandas as pd
 
+import pipeline
 from pipeline.errors import ConfigError
 
 # What travels to a worker per image; "row" puts results back in order.
@@ -69,8 +70,7 @@ class RayEngine:
         # The tool runs from its checkout and installs none of its own modules, so the
         # workers are told where they are: on this machine, the checkout on PYTHONPATH;
         # on a cluster, Ray ships the three packages to every node (py_modules).
-        # features/serve/ray_engine.py is three levels below the checkout's root.
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        root = pipeline.CHECKOUT
         try:
             if self.address == "local":
                 env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": root,

@@ -13,6 +13,7 @@ from typing import Dict
 
 import numpy as np
 
+import pipeline
 from pipeline.errors import DataError
 
 
@@ -100,9 +101,8 @@ def verify_in_fresh_process(fmt: str, path: str, x: np.ndarray) -> Dict[str, obj
         cmd = [sys.executable, "-m", "workflow.use.runtimes", "verify", fmt,
                os.path.abspath(path), tmp]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        # The checkout's root (workflow/use/runtimes.py is three levels below it).
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=pipeline.CHECKOUT,
+                              env=env)
         if done.returncode:
             from workflow.base.console import DETAIL
             DETAIL.info("%s refused by its runtime (%s):\n%s", path, fmt, done.stderr)

@@ -250,9 +250,8 @@ def _timings_section(metrics: dict) -> str:
     timings = metrics.get("timings", {})
     if not timings:
         return ""
-    ran = [k for k in metrics.get("stage_order", []) if k in timings]  # metrics.json is sorted
-    order = ran + [k for k in timings if k not in ran and k != "total"]
-    order = [k for k in order if k != "total"] + [k for k in timings if k == "total"]
+    ran = metrics.get("stage_order", [])  # metrics.json sorts its keys: this is the run's
+    order = sorted(timings, key=lambda k: (k == "total", ran.index(k) if k in ran else len(ran)))
     what = metrics.get("peak_memory_is", "")
     return ("<h2>Time and peak memory per stage (training)</h2>"
             + (f"<p>Peak memory: {esc(what)} (resident set, MB).</p>" if what else "")
