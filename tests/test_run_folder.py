@@ -54,7 +54,7 @@ def test_the_outputs_list_is_every_entry_with_its_role_in_the_readme_order(tmp_p
     assert names == ["report.html", "metrics.json", "history_heads_A.csv", "heads/",
                      "zzz.txt"]
     assert lines[-1].endswith("(not written by this tool)")
-    assert "scenario S per epoch" in lines[2]
+    assert "scenario A per epoch" in lines[2]  # the placeholder filled from the name
 
 
 def test_the_audit_line_says_none_found_and_never_an_empty_count():

@@ -27,14 +27,14 @@ FILES: Tuple[Tuple[str, str], ...] = (
     ("reference_features.npz", "the unfamiliar score's reference features"),
     ("bag.keras", "the bag's fold heads (predict.py averages them with model.keras)"),
     ("split.csv", "the train/validation split"),
-    ("confusion_matrix.png", "the exported model on the validation images"),
-    ("roc.png", "the exported model on the validation images"),
-    ("top_losses.png", "the exported model's most confident mistakes (validation)"),
-    ("classification_report.csv", "the exported model per class (validation)"),
+    ("confusion_matrix.png", "the final model before any refit, on the validation images"),
+    ("roc.png", "the final model before any refit, on the validation images"),
+    ("top_losses.png", "the same model's most confident mistakes (validation)"),
+    ("classification_report.csv", "the same model per class (validation)"),
     ("reliability.png", "calibration before and after (held-out predictions)"),
     ("unfamiliar_scores.png", "the unfamiliar score of held-out known photos"),
     ("heads_comparison.png", "the probe and the scenarios, score per epoch"),
-    ("history_heads_<S>.csv", "scenario S per epoch (CV and validation)"),
+    ("history_heads_<S>.csv", "scenario <S> per epoch (CV and validation)"),
     ("heads/", "per scenario: weights (<S>.weights.h5), plots (<S>/), the bag's fold "
                "heads (bag/), out-of-fold predictions (oof.npz)"),
     ("history_finetune.csv", "fine-tuning per epoch"),
@@ -86,8 +86,20 @@ def role(entry: str) -> Optional[str]:
             return what
     for name, what in FILES:
         if "<" in name and fnmatch.fnmatchcase(entry, _pattern(name)):
-            return what
+            return _filled(name, what, entry)
     return None
+
+
+def _filled(name: str, what: str, entry: str) -> str:
+    """``what`` with each ``<...>`` of ``name`` replaced by what ``entry`` has there
+    (history_heads_A.csv: "scenario A per epoch")."""
+    parts = re.split(r"(<[^>]+>)", name.rstrip("/"))
+    regex = "".join("(.+)" if p.startswith("<") else re.escape(p) for p in parts)
+    found = re.fullmatch(regex, entry)
+    if found:
+        for placeholder, value in zip([p for p in parts if p.startswith("<")], found.groups()):
+            what = what.replace(placeholder, value)
+    return what
 
 
 def listing(folder: str) -> List[str]:
