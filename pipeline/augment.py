@@ -121,6 +121,15 @@ def _matrices(params, height, width):
     return from_centre @ shift @ rotate @ shear @ scale @ to_centre
 
 
+def projective_transforms(params, height, width):
+    """The 8 numbers per image that ``ImageProjectiveTransformV3`` takes for drawn
+    ``params`` (an optional ``"transforms"`` entry of them lets `apply_params` skip this)."""
+    # ImageProjectiveTransform maps *output* to *input* coordinates: invert.
+    inverse = tf.linalg.inv(_matrices(params, height, width))
+    inverse = inverse / inverse[:, 2:3, 2:3]
+    return tf.reshape(inverse, [-1, 9])[:, :8]
+
+
 def apply_params(images, params, preset: Preset):
     """Applies drawn parameters to RGB images in [0, 255], shape [N, H, W, 3]."""
     images = tf.convert_to_tensor(images, tf.float32)
@@ -130,10 +139,9 @@ def apply_params(images, params, preset: Preset):
     geometric = (preset.rotation or preset.width_shift or preset.height_shift or preset.shear
                  or preset.zoom or preset.horizontal_flip or preset.vertical_flip)
     if geometric:
-        # ImageProjectiveTransform maps *output* to *input* coordinates: invert.
-        inverse = tf.linalg.inv(_matrices(params, shape[1], shape[2]))
-        inverse = inverse / inverse[:, 2:3, 2:3]
-        transforms = tf.reshape(inverse, [-1, 9])[:, :8]
+        transforms = params.get("transforms")
+        if transforms is None:
+            transforms = projective_transforms(params, shape[1], shape[2])
         images = tf.raw_ops.ImageProjectiveTransformV3(
             images=images, transforms=transforms, output_shape=shape[1:3],
             fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")

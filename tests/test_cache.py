@@ -7,14 +7,15 @@ import os
 import h5py
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from features import backbone, networks, task as task_lib
-from features.store import cache, h5file as store
+from features.store import cache, extract, h5file as store
 from features.choose import cv
 from features.fit import heads
 from features.fit.settings import FitSettings
 from features.fit.loop import restore, snapshot
-from pipeline import discovery, input as input_lib
+from pipeline import augment, discovery, input as input_lib, ops
 from pipeline.errors import DataError
 from tests.conftest import colour_image, write_image
 
@@ -273,6 +274,49 @@ def test_augmented_views_are_cached_per_image_and_differ_from_the_plain_view(cla
     cache.ensure_features(classifier, aug, data.frame, str(tmp_path), QUIET, views=2)
     again = cache.load_features(a.path, aug, data.frame, aug.layers, views=2)
     np.testing.assert_allclose(again["block4_pool"], views["block4_pool"], rtol=1e-5, atol=1e-4)
+
+
+def test_views_made_from_one_decode_equal_each_view_made_alone(data, monkeypatch):
+    """Views are made from one decode per image and their transforms applied a batch at a
+    time; each equals the view drawn for (name, view) alone (as before issue 39's change,
+    so rows cached then still match), whichever rows are computed together (a resume, a
+    Ray block, another batch size)."""
+    items = cache._items(data.frame, 3)
+    preset = augment.get_preset("keras_blog")
+    front = input_lib.decode_and_resize(SIZE)
+
+    def alone(row):
+        image = front({"path": tf.constant(row.path)})["image"]
+        seed = tf.stack([tf.strings.to_hash_bucket_fast(row.name, 2**31 - 1),
+                         tf.constant(row.view, tf.int64)])
+        return ops.vgg_mean_centre_image(augment.augment_batch(image[None], preset, seed)[0])
+
+    decodes = tf.Variable(0, dtype=tf.int64)
+
+    def counted(image_size):
+        def op(element):
+            decodes.assign_add(1)
+            return front(element)
+        return op
+
+    monkeypatch.setattr(extract.input_lib, "decode_and_resize", counted)
+
+    def made(rows, batch_size):
+        rows = extract.image_major(rows)
+        batches = extract._extraction_dataset(rows, SIZE, batch_size, "keras_blog")
+        out = np.concatenate([b["image"].numpy() for b in batches])
+        return dict(zip(zip(rows.path, rows.view), out))
+
+    every = made(items, 4)
+    assert len(every) == 30 and int(decodes.numpy()) == 10  # one decode per image
+    some = made(items.iloc[::-3], 3)  # other neighbours, order and batches
+    assert len(some) == 10
+    for key, image in some.items():
+        np.testing.assert_array_equal(image, every[key])
+    for row in items.iloc[[0, 11, 29]].itertuples():
+        np.testing.assert_array_equal(every[(row.path, row.view)], alone(row).numpy())
+    first = data.frame.path.iloc[0]
+    assert not np.allclose(every[(first, 1)], every[(first, 2)], atol=1e-3)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import h5py
 import keras
 import numpy as np
 import pandas as pd
@@ -312,6 +313,18 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     # and the stage's seconds include extracting them.
     assert metrics["finetune"]["views"] == 5
     assert metrics["finetune"]["seconds"] >= metrics["finetune"]["fit_seconds"]
+    # The views hold the one layer the tuned blocks train from, not every cached layer.
+    start = {"A": "block5_pool", "C": "block4_pool"}[tuned]
+    view_files = [f for f in os.listdir(tmp_path / "cache")
+                  if "-aug_" in f and f.endswith(".h5")]
+    assert len(view_files) == 1, view_files
+    split = pd.read_csv(workdir / "split.csv")
+    # (The refit fine-tunes on every labelled image when the validation run kept an epoch.)
+    refit_tuned = metrics["finetune"].get("refit", {}).get("finetune_epochs", 0) > 0
+    trained_on = split if refit_tuned else split[split.subset == "train"]
+    with h5py.File(tmp_path / "cache" / view_files[0], "r") as views_file:
+        assert views_file.attrs["layers"] == start and start in views_file
+        assert views_file[start].shape[0] == 5 * len(trained_on)
     resolved = json.loads((workdir / "run_config.json").read_text())["precision_resolved"]
     assert resolved["policy"] in ("float32", "mixed_bfloat16") and resolved["reason"]
     history = pd.read_csv(workdir / f"history_heads_{tuned}.csv")

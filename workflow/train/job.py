@@ -206,13 +206,16 @@ def _first_buildable(model: ModelConfig, task: Task, seed: int):
         f"  {c.label}: {why}" for c, _, why in failed))
 
 
-def cache_spec(job: Job, cache: CacheConfig, augment: str = "none") -> cache_lib.CacheSpec:
-    """The cache of this run's plain features, or of views drawn with ``augment``."""
+def cache_spec(job: Job, cache: CacheConfig, augment: str = "none",
+               layers=None) -> cache_lib.CacheSpec:
+    """The cache of this run's plain features, or of views drawn with ``augment``; of
+    ``layers`` only when named (default: `cache.cached_layers`, what every run caches)."""
     return cache_lib.CacheSpec(
         weights_id=backbone_weights_id(job.model, job.seed),
         include_top=job.model.include_top, image_size=job.model.image_size,
         dtype=cache.dtype, data_dir=job.dataset.data_dir,
-        precision=job.classifier.computes_in, augment=augment, net=job.classifier.net)
+        precision=job.classifier.computes_in, augment=augment, net=job.classifier.net,
+        layers=tuple(layers or ()))
 
 
 def backbone_weights_id(model: ModelConfig, seed: int) -> str:
@@ -261,15 +264,16 @@ class Features:
     def __init__(self, job: Job, cache: CacheConfig, batch_size: int):
         self.job, self.cache, self.batch_size = job, cache, batch_size
 
-    def _stream(self, views: int) -> bool:
-        """Whether the features exceed the memory budget (logged either way)."""
-        spec = cache_spec(self.job, self.cache)
-        shapes = cache_lib.layer_shapes(self.job.classifier, spec.layers)
+    def _stream(self, views: int, layers=None) -> bool:
+        """Whether the features (of ``layers``, default every cached layer) exceed the
+        memory budget (logged either way)."""
+        shapes = cache_lib.layer_shapes(self.job.classifier,
+                                        layers or cache_spec(self.job, self.cache).layers)
         rows = len(self.job.train) * (1 + max(views, 0)) + len(self.job.val)
         need, budget = cache_lib.feature_bytes(shapes, rows), memory_budget(self.cache)
         stream = need > budget
         # Said once per decision on the terminal; every later load only in train.log.
-        key = (rows, stream)
+        key = (rows, tuple(shapes), stream)
         say = console.DETAIL.info if key in self.job.said else logging.info
         self.job.said.add(key)
         say("Cached features: %.2f GB for %d rows; memory budget %.2f GB (%s): %s.",
@@ -301,10 +305,11 @@ class Features:
             memo.append(({p: i for i, p in enumerate(paths)}, feats))
         return feats
 
-    def of(self, frame: pd.DataFrame, views: int = 0, preset: str = "none"):
-        """Features of any images of this run (K augmented views each with ``views``)."""
-        spec = cache_spec(self.job, self.cache, preset if views else "none")
-        return self._load(spec, frame, views, self._stream(views))
+    def of(self, frame: pd.DataFrame, views: int = 0, preset: str = "none", layers=None):
+        """Features of any images of this run (K augmented views each with ``views``), of
+        ``layers`` only when named (a cache of just those; default every cached layer)."""
+        spec = cache_spec(self.job, self.cache, preset if views else "none", layers)
+        return self._load(spec, frame, views, self._stream(views, layers))
 
     def split(self, views: int = 0, preset: str = "keras_blog"):
         """(train, val, views or None): features by layer; the views are K augmented
@@ -323,20 +328,26 @@ class Features:
 
 
 def check_disk(job: Job, cache: CacheConfig, views: int, view_preset: str,
-               exports: int) -> None:
+               exports: int, views_of_every_layer: bool = True) -> None:
     """Stops before any long work when what the run will write cannot fit (one paragraph:
     what needs how much, where, how much is free, what to do).
 
     ``views``: the most augmented views per training image any stage will cache;
-    ``exports``: how many copies of the model the run exports (0 without fine-tuning).
+    ``exports``: how many copies of the model the run exports (0 without fine-tuning);
+    ``views_of_every_layer``: False when only fine-tuning caches views, of the one layer
+    its blocks train from (not known yet: the largest is planned).
     """
     spec = cache_spec(job, cache)
     needs = [("feature cache", cache_lib.planned_bytes(job.classifier, spec, job.frame,
                                                        cache.cache_dir), cache.cache_dir)]
     if views > 0:
+        layers = None
+        if not views_of_every_layer:
+            shapes = cache_lib.layer_shapes(job.classifier, spec.layers)
+            layers = (max(shapes, key=lambda name: int(np.prod(shapes[name]))),)
         needs.append((f"{views} augmented view(s) per training image", cache_lib.planned_bytes(
-            job.classifier, cache_spec(job, cache, view_preset), job.train, cache.cache_dir,
-            views), cache.cache_dir))
+            job.classifier, cache_spec(job, cache, view_preset, layers), job.train,
+            cache.cache_dir, views), cache.cache_dir))
     if exports:
         weights = job.classifier.model.count_params() * 4
         # best + last checkpoint + the next one being written + Adam's two slots

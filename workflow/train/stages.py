@@ -253,13 +253,14 @@ def _stages(cfg: TrainConfig, clock: StageClock, engine=None, dataset=None):
                       dataset)
         job.clock = clock
         view_preset = cfg.finetune.view_preset
-        views = max(cfg.cache.augmented_views,
-                    max(cfg.sweep.views) if cfg.runtime.stage == "sweep" or cfg.sweep.use
-                    else 0,
-                    cfg.finetune.views if runtime.finetunes and cfg.finetune.augment != "none"
-                    else 0)
-        check_disk(job, cfg.cache, views, view_preset,
-                   exports=(2 if cfg.heads.bag else 1) if runtime.finetunes else 0)
+        every_layer = max(cfg.cache.augmented_views,
+                          max(cfg.sweep.views) if cfg.runtime.stage == "sweep" or cfg.sweep.use
+                          else 0)
+        finetune_views = (cfg.finetune.views if runtime.finetunes
+                          and cfg.finetune.augment != "none" else 0)
+        check_disk(job, cfg.cache, max(every_layer, finetune_views), view_preset,
+                   exports=(2 if cfg.heads.bag else 1) if runtime.finetunes else 0,
+                   views_of_every_layer=every_layer > 0)  # (an over-estimate then)
         if engine is not None:
             engine.precision = job.precision.policy
             job.engine = engine.start()
