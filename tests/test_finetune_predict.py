@@ -281,7 +281,7 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
     result = _run("train.py", *common)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("model.keras", "model_info.json", "metrics.json", "split.csv",
-                 "history_heads_A.csv", "history_heads_C.csv", "heads_comparison.png",
+                 "heads/A/history.csv", "heads/C/history.csv", "heads_comparison.png",
                  "history_finetune.csv", "finetune_history.png", "submission.csv",
                  "confusion_matrix.png", "roc.png",
                  "top_losses.png", "bag.keras"):
@@ -327,7 +327,7 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
         assert views_file[start].shape[0] == 5 * len(trained_on)
     resolved = json.loads((workdir / "run_config.json").read_text())["precision_resolved"]
     assert resolved["policy"] in ("float32", "mixed_bfloat16") and resolved["reason"]
-    history = pd.read_csv(workdir / f"history_heads_{tuned}.csv")
+    history = pd.read_csv(workdir / "heads" / tuned / "history.csv")
     assert list(history.columns[:7]) == ["epoch", "loss", "accuracy", "auc", "val_loss",
                                          "val_accuracy", "val_auc"]
     assert {"cv_auc", "cv_auc_std"} <= set(history.columns)  # what ranked the scenarios

@@ -418,8 +418,9 @@ def test_only_the_cv_best_scenario_is_fitted_and_a_later_fit_gives_the_same_head
     assert metrics["heads"][best]["fitted"] and not metrics["heads"][other]["fitted"]
     assert (both / "heads" / f"{best}.weights.h5").is_file()
     assert not (both / "heads" / f"{other}.weights.h5").exists()
-    assert "val_auc" not in pd.read_csv(both / f"history_heads_{other}.csv")
-    assert {"cv_auc", "val_auc"} <= set(pd.read_csv(both / f"history_heads_{best}.csv"))
+    assert "val_auc" not in pd.read_csv(both / "heads" / other / "history.csv")
+    assert {"cv_auc", "val_auc"} <= set(pd.read_csv(both / "heads" / best / "history.csv"))
+    assert not list(both.glob("history_heads_*"))  # the top level is the exported model's
     assert f"scenario {other}: 2-fold CV AUC" in result.stdout and "not fitted" in result.stdout
 
     train("both", "--stage=finetune", f"--scenario={other}", "--finetune_epochs=0")

@@ -45,16 +45,16 @@ def test_a_skipped_finetuning_names_its_reason_and_flags_that_acted_are_not_name
 
 
 def test_the_outputs_list_is_every_entry_with_its_role_in_the_readme_order(tmp_path):
-    for name in ("zzz.txt", "metrics.json", "report.html", "history_heads_A.csv"):
+    for name in ("zzz.txt", "metrics.json", "report.html", "model_int8.tflite"):
         (tmp_path / name).write_text("x")
     (tmp_path / "heads").mkdir()
     (tmp_path / ".tmp-model.keras").write_text("torn")
     lines = run_files.listing(str(tmp_path))
     names = [line.split()[0] for line in lines]
-    assert names == ["report.html", "metrics.json", "history_heads_A.csv", "heads/",
+    assert names == ["report.html", "metrics.json", "heads/", "model_int8.tflite",
                      "zzz.txt"]
     assert lines[-1].endswith("(not written by this tool)")
-    assert "scenario A per epoch" in lines[2]  # the placeholder filled from the name
+    assert "--quantize=int8" in lines[3]  # the placeholder filled from the name
 
 
 def test_the_audit_line_says_none_found_and_never_an_empty_count():

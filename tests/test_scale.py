@@ -118,7 +118,7 @@ def test_mirrored_two_cpu_replicas_match_one_device_and_resume(kaggle_dir, tmp_p
     configs = [json.loads((w / "run_config.json").read_text()) for w in (one, two)]
     assert [c["replicas"] for c in configs] == [1, 2]
     # Without dropout the global batch gives the same gradients however it is split.
-    h1, h2 = (pd.read_csv(w / "history_heads_A.csv") for w in (one, two))
+    h1, h2 = (pd.read_csv(w / "heads" / "A" / "history.csv") for w in (one, two))
     np.testing.assert_allclose(h2.val_loss, h1.val_loss, rtol=1e-4)
     s1, s2 = (pd.read_csv(w / "submission.csv") for w in (one, two))
     assert list(s1.name) == list(s2.name)

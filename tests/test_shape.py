@@ -207,7 +207,8 @@ def test_the_readme_table_of_run_folder_files_is_the_registry():
     from workflow.base import run_files
     assert _readme_run_folder_names() == {name for name, _ in run_files.FILES}
     # Every name has a role, and names of every kind resolve.
-    assert run_files.role("history_heads_B.csv") == "scenario B per epoch (CV and validation)"
-    assert run_files.role("model_int8.tflite")
+    assert run_files.role("model_fp16.tflite") == "--export=tflite --quantize=fp16"
+    # A scenario's epochs are in heads/<S>/ (the top level is the exported model's).
+    assert not [n for n, _ in run_files.FILES if n.startswith("history_heads")]
     assert run_files.role("test_predictions_report.html") and run_files.role("heads")
     assert run_files.role("notes.txt") is None

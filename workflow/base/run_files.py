@@ -34,9 +34,10 @@ FILES: Tuple[Tuple[str, str], ...] = (
     ("reliability.png", "calibration before and after (held-out predictions)"),
     ("unfamiliar_scores.png", "the unfamiliar score of held-out known photos"),
     ("heads_comparison.png", "the probe and the scenarios, score per epoch"),
-    ("history_heads_<S>.csv", "scenario <S> per epoch (CV and validation)"),
-    ("heads/", "per scenario: weights (<S>.weights.h5), plots (<S>/), the bag's fold "
-               "heads (bag/), out-of-fold predictions (oof.npz)"),
+    ("heads/", "per scenario S trained on the cached features: its weights "
+               "(<S>.weights.h5) and a folder <S>/ with its epochs (history.csv) and, "
+               "for the best, its plots; the bag's fold heads (bag/), out-of-fold "
+               "predictions (oof.npz)"),
     ("history_finetune.csv", "fine-tuning per epoch"),
     ("finetune_history.png", "fine-tuning curves"),
     ("finetune/", "fine-tuning checkpoints while it runs (for --resume)"),
@@ -61,7 +62,7 @@ FILES: Tuple[Tuple[str, str], ...] = (
     ("savedmodel/", "--export=savedmodel"),
     ("model.onnx", "--export=onnx"),
     ("model.tflite", "--export=tflite"),
-    ("model_<q>.tflite", "--export=tflite --quantize"),
+    ("model_<q>.tflite", "--export=tflite --quantize=<q>"),
     ("labels/", "serve.py's label page: the answers (reviewed.csv)"),
     ("<output>.csv", "predict.py's predictions (the demo's next command: test_predictions)"),
     ("<output>.log", "predict.py's log"),
@@ -92,7 +93,7 @@ def role(entry: str) -> Optional[str]:
 
 def _filled(name: str, what: str, entry: str) -> str:
     """``what`` with each ``<...>`` of ``name`` replaced by what ``entry`` has there
-    (history_heads_A.csv: "scenario A per epoch")."""
+    (model_int8.tflite: "--export=tflite --quantize=int8")."""
     parts = re.split(r"(<[^>]+>)", name.rstrip("/"))
     regex = "".join("(.+)" if p.startswith("<") else re.escape(p) for p in parts)
     found = re.fullmatch(regex, entry)

@@ -90,13 +90,21 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     return choice["scenario"]
 
 
+# Each scenario's epochs on the cached features: ``heads/<S>/history.csv``.
+HISTORY = "history.csv"
+
+
 def _record_heads(job: Job, results):
     """Each scenario's history, metrics and plots; returns the best result."""
     job.heads = {s: r.weights for s, r in results.items() if r.weights is not None}
     for s, r in results.items():
         # From the fit's own history, written once and atomically: a CSVLogger writes
         # while training (a kill leaves a torn file) and numbers epochs from 0.
-        job.run.write_csv(r.history, f"history_heads_{s}.csv")
+        # In the scenario's own folder: the top level is the exported model's.
+        job.run.write_csv(r.history, "heads", s, HISTORY)
+        old = job.run.file(f"history_heads_{s}.csv")  # where earlier versions wrote it
+        if os.path.isfile(old):
+            os.remove(old)
     best = heads_lib.best_result(results)
     # In a folder named for the scenario: the top-level files of the same names are the
     # exported model's, and this scenario may not be the one exported.
