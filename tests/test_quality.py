@@ -466,6 +466,13 @@ def test_config_is_typed_frozen_and_demo_defaults_never_touch_the_flags(tmp_path
     assert cfg.model.weights == "none" and cfg.model.image_size == 64   # not passed: demo's
     assert fv.weights == "imagenet" and fv.image_size is None  # the flags are untouched
     assert cfg.runtime.workdir == os.path.join("runs", "demo")
+    # The demo's own settings count as given (its opening lines list them), so a summary
+    # says when one could not act; a setting the user overrode is the user's.
+    assert {"epochs", "finetune_epochs", "monitor"} <= set(cfg.given)
+    assert "patience" not in cfg.given
+    fv.unparse_flags()
+    fv(["train.py", "--demo", "--finetune_epochs=7", f"--data_dir={tmp_path}"])
+    assert "finetune_epochs" in config.train_config(fv, list(fv)).given
     with pytest.raises(dc.FrozenInstanceError):
         cfg.heads.epochs = 3
     fv.unparse_flags()
