@@ -92,14 +92,13 @@ def score_against_labels(names: Sequence[str], probs, labels_csv: str,
 
 
 def format_scores(scores: dict, task: Task = Task("binary", ("0", "1"))) -> str:
-    """Human-readable lines for `score_against_labels` output."""
+    """Human-readable lines for `score_against_labels` output (the caller names the model
+    and the images: "model.keras on 49 labelled images of DIR: ...")."""
     if task.kind != "binary":
         shown = [k for k in (task.headline, "accuracy", "auc", "top5_accuracy", "f1_micro",
                              "f1_macro", "loss") if k in scores]
-        return (", ".join(f"{k} {scores[k]:.4f}" for k in dict.fromkeys(shown))
-                + f" on {scores['n']} images")
-    text = (f"ROC AUC {scores['auc']:.4f}, accuracy {scores['accuracy']:.4f} on {scores['n']} "
-            "images")
+        return ", ".join(f"{k} {scores[k]:.4f}" for k in dict.fromkeys(shown))
+    text = f"ROC AUC {scores['auc']:.4f}, accuracy {scores['accuracy']:.4f}"
     cm = scores.get("confusion_matrix")
     if cm:
         neg, pos = task.class_names
