@@ -4,6 +4,7 @@ of outputs is every file in the folder with its role; the label audit writes no 
 file and says "none found"."""
 
 import json
+import re
 import types
 
 from workflow.base import outputs, run_files, state as state_lib
@@ -66,3 +67,33 @@ def test_the_audit_line_says_none_found_and_never_an_empty_count():
     some = summary.audit_line({"suspect_labels": 3, "duplicate_pairs": 1,
                                "training_images": 40})
     assert "3 of 40 training labels look wrong" in some and "1 duplicate pair" in some
+
+
+def test_the_report_names_the_images_each_choice_was_made_on(tmp_path):
+    """Without CV the probe and the scenario are compared on the validation images (which
+    also chose the scenario): the report says so and claims no out-of-fold comparison, no
+    cross-validation curve and no spread it did not measure."""
+    run = outputs.RunFolder(str(tmp_path))
+    (tmp_path / "heads_comparison.png").write_bytes(b"\x89PNG\r\n")  # its caption is read
+    versus = {"baseline": 0.92, "candidate": 0.97, "difference": 0.05, "ci90": [0.02, 0.08],
+              "images": 115, "candidate_better_beyond_noise": True, "kept": "the linear probe",
+              "baseline_is": "scenario A", "candidate_is": "the linear probe",
+              "on": "the validation images, which also chose the scenario and its epoch"}
+    run.update_metrics("heads", {"A": {"best_val_accuracy": 0.92, "epoch": 5}})
+    run.update_metrics("heads_choice", {"scenario": "probe", "metric": "accuracy",
+                                        "by": "validation-image comparison",
+                                        "probe_vs_head": versus})
+    run.update_metrics("export", {"default": "model.keras", "tta": 1, "estimate": {
+        "metric": "accuracy", "value": 0.97, "how": "validation set (115 images)"}})
+    page = open(report.write_run_report(str(tmp_path))).read()
+    assert "best scenario vs the linear probe (the validation images)" in page
+    assert "out-of-fold" not in page and "cross-validation mean" not in page
+    assert "Scenarios per epoch on the validation images" in page
+    assert re.search(r"Expected accuracy: <span[^>]*>0.9700</span> \(validation set", page)
+    assert "± –" not in page
+    run.update_metrics("cross_validation", {"A": {"auc_mean": 0.9}})
+    run.update_metrics("heads_choice", {"probe_vs_head": {
+        **versus, "on": "out-of-fold predictions of the training split, fold by fold"}})
+    page = open(report.write_run_report(str(tmp_path))).read()
+    assert "best scenario vs the linear probe (out-of-fold predictions of the training " \
+           "split)" in page and "cross-validation mean" in page

@@ -134,15 +134,18 @@ def _models_section(folder: str, metrics: dict, metric: str) -> str:
                f"{esc(choice.get('by', '?'))}).</p>")
         versus = choice.get("probe_vs_head")
         if versus:
-            why += _decision("best scenario vs the linear probe (out-of-fold)", "probe_vs_head",
-                             versus,
-                             "heads_choice/probe_vs_head", metrics)
+            # Named for the images compared on: out-of-fold predictions with CV, else the
+            # validation images (which also chose the scenario).
+            on = versus.get("on", "out-of-fold").split(",")[0]
+            why += _decision(f"best scenario vs the linear probe ({on})", "probe_vs_head",
+                             versus, "heads_choice/probe_vs_head", metrics)
     return (f"<h2>Probe and heads on cached features ({esc(metric)})</h2>" +
             table(["model", f"CV {metric} mean", "± std", f"validation {metric}", "epoch",
                    "seconds"], rows) + why +
             image(os.path.join(folder, "heads_comparison.png"),
                   "Scenarios per epoch (cross-validation mean and, for the scenario fitted, "
-                  "validation) and the probe"))
+                  "validation) and the probe" if metrics.get("cross_validation") else
+                  "Scenarios per epoch on the validation images, and the probe"))
 
 
 # (baseline, candidate) of each decision metrics.json records.
@@ -178,9 +181,11 @@ def _export_section(metrics: dict) -> str:
            f"{esc('yes' if export.get('refit') else 'no')}.</p>"]
     estimate = export.get("estimate", {})
     if estimate:
+        spread = (f" ± {number(metrics, 'export/estimate/std')}"
+                  if estimate.get("std") is not None else "")
         out.append(f"<p>Expected {esc(estimate.get('metric'))}: "
-                   f"{number(metrics, 'export/estimate/value')} ± "
-                   f"{number(metrics, 'export/estimate/std')} ({esc(estimate.get('how'))}).</p>")
+                   f"{number(metrics, 'export/estimate/value')}{spread} "
+                   f"({esc(estimate.get('how'))}).</p>")
     for name, data in export.get("decisions", {}).items():
         title = {"bag_vs_single": "bag vs single model",
                  "tta2_vs_tta1": "2 test-time views vs 1"}.get(name, name)
