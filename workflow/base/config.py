@@ -442,9 +442,7 @@ def train_config(flag_values, names) -> TrainConfig:
         runtime=RuntimeConfig.from_values(v),
         labelling=LabellingConfig(v["unlabelled_dir"], v["budget"], v["label_next_strategy"]),
         deploy=DeployConfig(tuple(parse_formats(v["export"])), v["quantize"]),
-        # --demo's settings count as given: its opening lines list them as this run's, so a
-        # summary must say when one of them could not act (e.g. no fine-tuning ran).
-        flag_values=dict(values), given=tuple(
-            n for n in names if flag_values[n].present
-            or (values["demo"] and n in demo_settings.SETTINGS
-                and values[n] == demo_settings.SETTINGS[n])))
+        # --demo's settings count as given (its opening lines list them as the run's).
+        flag_values=dict(values), given=tuple(n for n in names if flag_values[n].present or (
+            values["demo"] and n in demo_settings.SETTINGS
+            and values[n] == demo_settings.SETTINGS[n])))

@@ -116,7 +116,7 @@ def audit_line(found: dict) -> str:
     return ("Label audit (" + found.get("by", "out-of-fold predictions") + "): "
             + (f"{suspects} of {found.get('training_images', '?')} training labels look "
                "wrong (suspect_labels.csv)" if suspects else
-               "no training label looks wrong: none found")
+               "labels that look wrong: none found")
             + "; " + (f"{pairs} duplicate pair(s) across the splits (duplicates.csv)" if pairs
                       else "duplicates across the splits: none found")
             + (f" ({found['duplicates_looked_for']})"
