@@ -346,3 +346,27 @@ def test_both_pages_in_a_real_browser(server, served):
     table = _reviewed(run)
     assert list(zip(table.name, table.label)) == [(names[0], "ants"), (names[1], "bees")]
     os.remove(run / "labels" / "reviewed.csv")
+
+
+def test_health_says_calibrated_only_when_a_map_is_applied_and_names_no_local_path():
+    """A calibration fitted but not applied is recorded with kind "none" (issue 42's
+    walkthrough: /api/health said calibrated for such a run); a backbone file is named,
+    not located."""
+    import types
+    from features.task import Task
+    from workflow.use import serving
+
+    def health(calibration, backbone="/home/someone/nets/lite0.keras"):
+        fake = types.SimpleNamespace(
+            use_bag=False, workdir="/srv/runs/flowers", task=Task("multiclass", ("a", "b", "c")),
+            info={"backbone": backbone, "calibration": calibration}, image_size=224, tta=1,
+            reference=None)
+        return serving.Predictor.health(fake)
+
+    assert health({"kind": "none", "fitted_on": "not applied"})["calibrated"] is False
+    assert health(None)["calibrated"] is False  # a run folder from before calibration
+    assert health({"kind": "temperature", "temperature": [1.3]})["calibrated"] is True
+    answer = health({"kind": "none"})
+    assert answer["backbone"] == "lite0.keras" and answer["run"] == "flowers"
+    assert "/home/someone" not in json.dumps(answer) and "/srv" not in json.dumps(answer)
+    assert health({"kind": "none"}, backbone="vgg16")["backbone"] == "vgg16"

@@ -100,12 +100,17 @@ class Predictor:
 
     def health(self) -> dict:
         from features.serve import inference
-        # The run folder's name, not its path: nothing about the machine's folders.
+        # The run folder's name, not its path (nor a backbone file's): nothing about the
+        # machine's folders.
+        backbone = self.info.get("backbone")
+        calibration = self.info.get("calibration") or {}
         return {"model": inference.BAG_FILE if self.use_bag else inference.MODEL_FILE,
                 "run": os.path.basename(os.path.abspath(self.workdir)), "task": self.task.kind,
-                "classes": list(self.task.class_names), "backbone": self.info.get("backbone"),
+                "classes": list(self.task.class_names),
+                "backbone": os.path.basename(backbone) if backbone else backbone,
                 "image_size": self.image_size, "tta": self.tta, "version": VERSION,
-                "calibrated": bool(self.info.get("calibration")),
+                # A map fitted but not applied (it did not lower the log loss) is "none".
+                "calibrated": calibration.get("kind", "none") != "none",
                 "unfamiliar": self.reference is not None}
 
     def predict(self, images: np.ndarray):
