@@ -40,7 +40,8 @@ from workflow.train import final_model, trusting, validation
 from workflow.views import plots, summary
 from workflow.base import console, state as state_lib
 from workflow.base.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
-from workflow.train.job import Features, Job, cache_spec, finetune_settings, fit_settings
+from workflow.train.job import (Features, Job, cache_spec, finetune_settings,
+                                fit_settings)
 
 PROBE = final_model.PROBE
 

@@ -381,5 +381,6 @@ def _print_check(key: str, r: dict, workdir: str, headline: str, held_out: bool)
               "shipping it" + (" (quantized: expected)" if r["quantize"] != "none" else ""))
 
 
-INPUT = ("float32 [N, S, S, 3]: the photo resized to S px, " + run_info.INPUT_VALUES + "; outputs: probabilities (calibrated, [N, units]) in "
+INPUT = ("float32 [N, S, S, 3]: the photo resized to S px, " + run_info.INPUT_VALUES
+         + "; outputs: probabilities (after model_info.json's calibration, [N, units]) in "
          "model_info.json's class order, and unfamiliar_score ([N]) when the run has one")

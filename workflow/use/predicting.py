@@ -316,7 +316,8 @@ def _why_untrusted(cfg: PredictRun, info: dict) -> str:
                 "the CSV has no unfamiliar columns. Train again to get both.")
     return (f"note: {cfg.workdir} has no usable reference features "
             f"({info['unfamiliar'].get('reference_file')} or its bag is missing or from an "
-            "old run): no unfamiliar columns; probabilities are calibrated.")
+            "old run): no unfamiliar columns; probabilities calibrated as stored (calibration: "
+            f"{(info.get('calibration') or {}).get('kind', 'none')}).")
 
 
 def _what(output_format: str, task: Task) -> str:
