@@ -97,3 +97,23 @@ def test_the_report_names_the_images_each_choice_was_made_on(tmp_path):
     page = open(report.write_run_report(str(tmp_path))).read()
     assert "best scenario vs the linear probe (out-of-fold predictions of the training " \
            "split)" in page and "cross-validation mean" in page
+
+
+def test_each_file_gets_its_most_specific_role_and_old_predictions_are_marked(tmp_path):
+    """x_unfamiliar.png is predict.py's unfamiliar gallery, not one of its score plots; a
+    prediction written before the current model.keras (e.g. before --stage=finetune
+    exported another model) is marked, never deleted."""
+    import os
+    assert run_files.role("held_unfamiliar.png") == "predict.py: the most unfamiliar photos"
+    assert run_files.role("held_roc.png") == \
+        "predict.py --labels: ROC, confusion matrix, top losses"
+    assert run_files.role("held_unfamiliar.csv").startswith("predict.py, Kaggle layout")
+    for name in ("held.csv", "model.keras", "fresh.csv"):
+        (tmp_path / name).write_text("x")
+    os.utime(tmp_path / "held.csv", (1_000_000, 1_000_000))
+    os.utime(tmp_path / "model.keras", (2_000_000, 2_000_000))
+    os.utime(tmp_path / "fresh.csv", (3_000_000, 3_000_000))
+    lines = {line.split()[0]: line for line in run_files.listing(str(tmp_path))}
+    assert "made by an earlier model.keras" in lines["held.csv"]
+    assert "earlier" not in lines["fresh.csv"] and "earlier" not in lines["model.keras"]
+    assert (tmp_path / "held.csv").exists()

@@ -79,16 +79,28 @@ def _pattern(name: str) -> str:
     return re.sub(r"<[^>]+>", "*", name.rstrip("/"))
 
 
+def _match(entry: str) -> Optional[int]:
+    """Index in `FILES` of the name ``entry`` is: an exact name, else the most specific
+    pattern it matches (the most literal characters: ``x_unfamiliar.png`` is
+    ``<output>_unfamiliar.png``, not ``<output>_<plot>.png``), else None."""
+    for i, (name, _) in enumerate(FILES):
+        if entry == name.rstrip("/"):
+            return i
+    matches = [i for i, (name, _) in enumerate(FILES)
+               if "<" in name and fnmatch.fnmatchcase(entry, _pattern(name))]
+    if not matches:
+        return None
+    return max(matches, key=lambda i: (len(re.sub(r"<[^>]+>", "", FILES[i][0])), -i))
+
+
 def role(entry: str) -> Optional[str]:
     """The role of a run folder's top-level ``entry`` (a file or folder name), or None
-    when no run writes it. Exact names win over patterns."""
-    for name, what in FILES:
-        if entry == name.rstrip("/"):
-            return what
-    for name, what in FILES:
-        if "<" in name and fnmatch.fnmatchcase(entry, _pattern(name)):
-            return _filled(name, what, entry)
-    return None
+    when no run writes it."""
+    i = _match(entry)
+    if i is None:
+        return None
+    name, what = FILES[i]
+    return _filled(name, what, entry) if "<" in name else what
 
 
 def _filled(name: str, what: str, entry: str) -> str:
@@ -108,20 +120,23 @@ def listing(folder: str) -> List[str]:
     entry no run writes is listed last as "(not written by this tool)". Temporary
     files of an interrupted write (``.tmp-*``) are left out."""
     entries = [e for e in sorted(os.listdir(folder)) if not e.startswith(".tmp-")]
-    order = {name.rstrip("/"): i for i, (name, _) in enumerate(FILES)}
 
     def rank(entry):
-        exact = order.get(entry)
-        if exact is not None:
-            return exact
-        for i, (name, _) in enumerate(FILES):
-            if "<" in name and fnmatch.fnmatchcase(entry, _pattern(name)):
-                return i
-        return len(FILES)
+        i = _match(entry)
+        return len(FILES) if i is None else i
 
+    model = os.path.join(folder, "model.keras")
+    exported = os.path.getmtime(model) if os.path.isfile(model) else None
     width = max((len(e) for e in entries), default=0) + 1
     lines = []
     for entry in sorted(entries, key=lambda e: (rank(e), e)):
-        shown = entry + ("/" if os.path.isdir(os.path.join(folder, entry)) else "")
-        lines.append(f"  {shown:{width}s} {role(entry) or '(not written by this tool)'}")
+        path = os.path.join(folder, entry)
+        shown = entry + ("/" if os.path.isdir(path) else "")
+        what = role(entry) or "(not written by this tool)"
+        # A prediction of an earlier model.keras describes a model the folder no longer
+        # holds (e.g. after --stage=finetune exported another one): said, never deleted.
+        if (what.startswith("predict.py") and exported is not None
+                and os.path.getmtime(path) < exported):
+            what += " [made by an earlier model.keras: predict again]"
+        lines.append(f"  {shown:{width}s} {what}")
     return lines
