@@ -257,12 +257,14 @@ def test_float16_cache_changes_predictions_within_tolerance(classifier, data, tm
 
 
 def test_augmented_views_are_cached_per_image_and_differ_from_the_plain_view(classifier, data,
-                                                                               tmp_path):
+                                                                               tmp_path, caplog):
     plain = _spec(data)
     aug = cache.CacheSpec(**{**plain.__dict__, "augment": "keras_blog"})
     p = cache.ensure_features(classifier, plain, data.frame, str(tmp_path), QUIET)
-    a = cache.ensure_features(classifier, aug, data.frame, str(tmp_path), QUIET, views=2)
+    with caplog.at_level(logging.INFO):
+        a = cache.ensure_features(classifier, aug, data.frame, str(tmp_path), QUIET, views=2)
     assert a.computed == 20 and a.path != p.path
+    assert "for 20 view(s) of 10 image(s)" in caplog.text  # rows are views, not photos
     views = cache.load_features(a.path, aug, data.frame, aug.layers, views=2)
     base = cache.load_features(p.path, plain, data.frame, plain.layers)
     assert views["block5_pool"].shape[0] == 20

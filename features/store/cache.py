@@ -288,8 +288,10 @@ def ensure_features(classifier: backbone.Classifier, spec: CacheSpec, frame: pd.
         shapes = layer_shapes(classifier, spec.layers)
         with _writable(path, partial, spec, have, shapes, how.batch_size) as cache:
             todo = todo[~_keys(todo).isin(set(cache.index()) - recompute)]
-            logging.info("Extracting %s for %d image(s)%s into %s.", ", ".join(spec.layers),
-                         len(todo), f" ({len(items) - len(todo)} already cached)"
+            what = (f"{len(todo)} image(s)" if not views else
+                    f"{len(todo)} view(s) of {todo.path.nunique()} image(s)")
+            logging.info("Extracting %s for %s%s into %s.", ", ".join(spec.layers), what,
+                         f" ({len(items) - len(todo)} already cached)"
                          if len(todo) < len(items) else "", path)
             _extract_into(cache, classifier, todo, how)
         os.replace(partial, path)
@@ -362,7 +364,8 @@ def _extract_into(cache: FeatureCache, classifier, todo, how: Extraction):
     spec = cache.spec
     source = (how.engine.feature_batches(spec, todo, how.batch_size) if how.engine is not None
               else _local_batches(classifier, spec, todo, how.batch_size))
-    bar = (progress_lib.bar(len(todo), "image", "features extracted") if how.progress
+    unit = "view" if (todo.view > 0).any() else "image"  # K views of each image, or images
+    bar = (progress_lib.bar(len(todo), unit, "features extracted") if how.progress
            else None)
     per_row = row_bytes(layer_shapes(classifier, spec.layers), spec.dtype)
     total = cache.rows_done + len(todo)
