@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from features import trust
 from features.task import Task
 from pipeline import limits
 from pipeline.errors import ConfigError, DataError
@@ -317,7 +318,7 @@ def _why_untrusted(cfg: PredictRun, info: dict) -> str:
     return (f"note: {cfg.workdir} has no usable reference features "
             f"({info['unfamiliar'].get('reference_file')} or its bag is missing or from an "
             "old run): no unfamiliar columns; probabilities calibrated as stored (calibration: "
-            f"{(info.get('calibration') or {}).get('kind', 'none')}).")
+            f"{trust.Calibration.from_json(info.get('calibration')).kind}).")
 
 
 def _what(output_format: str, task: Task) -> str:

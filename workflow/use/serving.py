@@ -102,15 +102,16 @@ class Predictor:
         from features.serve import inference
         # The run folder's name, not its path (nor a backbone file's): nothing about the
         # machine's folders.
+        from features import trust
         backbone = self.info.get("backbone")
-        calibration = self.info.get("calibration") or {}
+        calibration = trust.Calibration.from_json(self.info.get("calibration"))
         return {"model": inference.BAG_FILE if self.use_bag else inference.MODEL_FILE,
                 "run": os.path.basename(os.path.abspath(self.workdir)), "task": self.task.kind,
                 "classes": list(self.task.class_names),
                 "backbone": os.path.basename(backbone) if backbone else backbone,
                 "image_size": self.image_size, "tta": self.tta, "version": VERSION,
                 # A map fitted but not applied (it did not lower the log loss) is "none".
-                "calibrated": calibration.get("kind", "none") != "none",
+                "calibrated": calibration.kind != "none",
                 "unfamiliar": self.reference is not None}
 
     def predict(self, images: np.ndarray):
