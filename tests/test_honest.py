@@ -136,16 +136,26 @@ def test_the_probe_is_kept_unless_a_scenario_beats_it_beyond_noise():
     choice, words = _choice(perfect, perfect, probe_baseline=True)
     assert choice["scenario"] == "probe"
     assert choice["probe_vs_head"]["kept"] == "the linear probe"
-    assert "not better than the linear probe beyond noise" in words and "probe" in words
-    # A scenario that clearly wins is kept.
+    assert words.startswith("neither scenario B nor the linear probe is better beyond noise")
+    assert "the probe, the simpler model, is kept" in words
+    # A scenario that clearly wins is kept, and the difference is the scenario's gain.
     choice, words = _choice(perfect, noisy, probe_baseline=True)
-    assert choice["scenario"] == "B" and "beats the linear probe beyond noise" in words
+    assert choice["scenario"] == "B" and "scenario B beats the linear probe beyond noise" in words
+    assert "scenario B minus the probe +" in words
     # --noprobe_baseline: the scenario stays unless the probe clearly wins.
     choice, words = _choice(perfect, perfect, probe_baseline=False)
     assert choice["scenario"] == "B" and choice["probe_vs_head"]["kept"] == "scenario B"
     assert "--noprobe_baseline" in words
-    choice, _ = _choice(noisy, perfect, probe_baseline=False)
+    # The scenario as the baseline and better beyond noise: said so, with a positive
+    # difference (the words once said "the probe is not better ... difference -0.1181").
+    choice, words = _choice(perfect, noisy, probe_baseline=False)
+    assert choice["scenario"] == "B"
+    assert words.startswith("scenario B beats the linear probe beyond noise (scenario B minus "
+                            "the probe +")
+    choice, words = _choice(noisy, perfect, probe_baseline=False)
     assert choice["scenario"] == "probe"
+    assert words.startswith("the linear probe beats scenario B beyond noise (scenario B minus "
+                            "the probe -")
 
 
 def test_scoring_says_when_the_model_was_trained_on_the_scored_images(

@@ -81,6 +81,60 @@ def test_the_chosen_epoch_has_the_best_mean_over_folds():
     assert cv.best_epoch(np.array([[np.nan, 0.7], [np.nan, 0.6]])) == 2  # NaN never wins
 
 
+def test_patient_cv_trains_in_rounds_what_one_fit_trains_and_stops_by_evidence(cached,
+                                                                               tmp_path):
+    """Folds trained side by side in rounds (each fold's state parked between them, in
+    memory or on disk) end with the weights and curves of one uninterrupted fit per
+    fold; the run stops once the mean curve has not improved for `patience` epochs, and
+    an epoch chosen at the limit says so."""
+    clf, _, feats, y, _ = cached
+    start = scenarios.get_scenario("B").start_layer(False, clf.net)
+    folds = cv.make_folds(y, 2, seed=0)
+    with heads.HeadConfig.for_scenario("B", 1e-3).trainer(clf, BINARY) as trainer:
+        patient = cv.cross_validate(trainer, feats[start], y, folds,
+                                    FitSettings(12, 4, patience=2))
+        epochs = patient.curves.shape[1]
+        assert epochs >= 3  # a second round at least: the first ends at epoch 2
+        assert patient.epoch + 2 <= epochs or epochs == 12
+        assert epochs == 12 or epochs - patient.epoch >= 2
+        straight = cv.cross_validate(trainer, feats[start], y, folds, FitSettings(epochs, 4))
+        np.testing.assert_allclose(patient.curves, straight.curves, atol=1e-6)
+        np.testing.assert_allclose(patient.oof_probs, straight.oof_probs, atol=1e-6)
+        # The bag's members: each fold trained again straight to the chosen epoch, as the
+        # rounds trained it (a state parked on disk too).
+        cv.FoldStates.IN_MEMORY, saved = 0, cv.FoldStates.IN_MEMORY
+        try:
+            on_disk = cv.cross_validate(trainer, feats[start], y, folds,
+                                        FitSettings(12, 4, patience=2,
+                                                    scratch_dir=str(tmp_path / "scratch")))
+        finally:
+            cv.FoldStates.IN_MEMORY = saved
+        np.testing.assert_allclose(on_disk.curves, patient.curves, atol=1e-6)
+        assert os.listdir(tmp_path / "scratch") == []  # parked states are removed
+        limited = cv.cross_validate(trainer, feats[start], y, folds,
+                                    FitSettings(1, 4, patience=2))
+    assert limited.at_limit and limited.summary()["still_improving_at_limit"]
+    assert patient.summary()["epochs_trained"] == epochs
+
+
+def test_a_fit_continued_from_its_state_equals_one_fit(cached):
+    clf, _, feats, y, _ = cached
+    start = scenarios.get_scenario("B").start_layer(False, clf.net)
+    initial = snapshot(clf.model)
+    with heads.HeadConfig.for_scenario("B", 1e-3).trainer(clf, BINARY) as trainer:
+        trainer.fit(feats[start], y, FitSettings(4, 4), keep=None)
+        whole = [w.copy() for w in trainer.state()]
+        restore(clf.model, initial)
+        trainer.fit(feats[start], y, FitSettings(2, 4), keep=None)
+        half = trainer.state()
+        restore(clf.model, initial)
+        trainer.set_state(half)
+        trainer.fit(feats[start], y, FitSettings(4, 4), keep=None, first_epoch=2)
+        for a, b in zip(whole, trainer.state()):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    restore(clf.model, initial)
+
+
 def test_with_views_adds_the_same_images_views_view_major():
     x = np.arange(4)[:, None].astype(float)          # 4 images
     views = 10 + np.arange(8)[:, None].astype(float)  # 2 views: rows v*4 + i

@@ -325,8 +325,13 @@ def finetune(classifier: backbone.Classifier, blocks, task: Task, train_frame: p
     seconds = time.perf_counter() - started
     progress.clear("finetune")
     checkpointer.restore_best()
+    at_limit = checkpointer.best_epoch >= s.epochs > 0
+    if at_limit:
+        logging.warning("Fine-tuning: still improving at the last epoch (%d): raise "
+                        "--finetune_epochs.", s.epochs)
     return {**checkpointer.summary(), "seconds": round(seconds, 2),
-            "trainable_layers": trainable, "resumed_from_epoch": initial_epoch}
+            "trainable_layers": trainable, "resumed_from_epoch": initial_epoch,
+            "epochs_allowed": s.epochs, "still_improving_at_limit": at_limit}
 
 
 def _augments_in_model(settings: FinetuneSettings) -> bool:

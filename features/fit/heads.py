@@ -87,6 +87,18 @@ class HeadResult:
     cv: Optional[cv_lib.CVResult] = None  # cross-validation on the training split, when run
     val_probs: Optional[np.ndarray] = None  # probabilities of the kept weights on validation
     weights: Optional[list] = None  # the kept weights of the scenario's part, when fitted
+    epoch_limit: Optional[int] = None  # the most epochs allowed (--epochs)
+    # Without CV: the validation probabilities of every epoch, from which an estimate
+    # of the epoch chosen on some validation images is made on the others
+    # (`features.choose.honest`).
+    epoch_probs: Optional[list] = None
+
+    @property
+    def at_limit(self) -> bool:
+        """The chosen epoch is the last allowed: the score was still improving there."""
+        if self.cv is not None:
+            return self.cv.at_limit
+        return self.epoch_limit is not None and self.best_epoch >= self.epoch_limit
 
     @property
     def fitted(self) -> bool:
@@ -113,7 +125,8 @@ class HeadResult:
         headline = self.task.headline
         out = {"epoch": self.best_epoch, "seconds": round(self.seconds, 3),
                "start_layer": self.start_layer, "weights": self.weights_path,
-               "epoch_selected_by": self.selected_by, "fitted": self.fitted}
+               "epoch_selected_by": self.selected_by, "fitted": self.fitted,
+               "epochs_allowed": self.epoch_limit, "still_improving_at_limit": self.at_limit}
         if self.fitted:
             out[f"best_val_{headline}"] = round(self.val_score, 6)
         out.update({f"val_{k}": round(v, 6) for k, v in self.val_scores.items()
@@ -176,7 +189,7 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence, task: Ta
                          "validation ranks scenario %s first).", s, best)
             results[s] = HeadResult(s, classifier.start_layer(config.row.blocks),
                                     cv_frame(cv), cv.epoch, {}, seconds[s], task,
-                                    config=config, cv=cv)
+                                    config=config, cv=cv, epoch_limit=fit.epochs)
             continue
         restore(classifier.model, initial)
         result = fit_head(classifier, config, task, train, val, fit,
@@ -209,16 +222,25 @@ def cross_validate_scenario(classifier, config: HeadConfig, task: Task, train: F
     scenario = config.scenario
     start = classifier.start_layer(config.row.blocks)
     folds = train.folds
-    bar = progress_lib.bar(len(folds), "fold", "cross-validation") if fit.progress else None
-    if fit.progress:
-        print(f"Scenario {scenario}: {len(folds)}-fold cross-validation")
+
+    def bar(first, last):
+        print(f"Scenario {scenario}: {len(folds)}-fold cross-validation, epochs {first}-{last}"
+              + (f" (it stops when the mean score has not improved for {fit.patience}; at "
+                 f"most {fit.epochs})" if fit.patience and first == 1 else ""))
+        return progress_lib.bar(len(folds), "fold", "cross-validation")
     with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:
         cv = cv_lib.cross_validate(trainer, train.feats[start], np.asarray(train.y), folds, fit,
                                    views_x=train.views[start] if train.views else None,
-                                   progress=bar)
-    logging.info("Scenario %s: %s at epoch %d (chosen by CV).", scenario,
-                 cv_lib.format_cv(cv), cv.epoch)
+                                   progress=bar if fit.progress else None)
+    logging.info("Scenario %s: %s at epoch %d of %d trained (chosen by CV).%s", scenario,
+                 cv_lib.format_cv(cv), cv.epoch, cv.curves.shape[1],
+                 f" {still_improving(cv.limit)}" if cv.at_limit else "")
     return cv
+
+
+def still_improving(limit: int, flag: str = "--epochs") -> str:
+    """The words for a chosen epoch that is the last one allowed."""
+    return (f"still improving at the last epoch ({limit}): raise {flag}")
 
 
 def fold_members(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
@@ -237,15 +259,23 @@ def fit_head(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
              val: FeatureSplit, fit: FitSettings, *, epoch: Optional[int] = None,
              tensorboard_dir=None) -> HeadResult:
     """Fits one scenario on the whole training split (with its cached views) from the
-    classifier's current weights and leaves the kept weights in it: those of ``epoch``
-    (e.g. chosen by cross-validation), else of the best validation epoch."""
+    classifier's current weights and leaves the kept weights in it: after ``epoch``
+    epochs (e.g. chosen by cross-validation), else those of the best validation epoch
+    (training stops ``fit.patience`` epochs after it, at most ``fit.epochs``)."""
     scenario = config.scenario
     start = classifier.start_layer(config.row.blocks)
     keep = epoch or "best"
+    limit = fit.epochs
+    if epoch:
+        fit = fit.replace(epochs=epoch)  # chosen already: no more epochs than that
     started = time.perf_counter()
     with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:
-        logging.info("Scenario %s: training %s from cached %s for %d epochs (%s).",
-                     scenario, "+".join(config.row.blocks_on(classifier.net)), start, fit.epochs,
+        logging.info("Scenario %s: training %s from cached %s for %s (%s).",
+                     scenario, "+".join(config.row.blocks_on(classifier.net)), start,
+                     f"{epoch} epochs (chosen by cross-validation)" if epoch else
+                     f"at most {fit.epochs} epochs" + (f", until the validation score has "
+                                                       f"not improved for {fit.patience}"
+                                                       if fit.patience else ""),
                      config.describe())
         x_tr, y_tr = rows_lib.with_views(train.feats[start], np.asarray(train.y),
                                          train.views[start] if train.views else None)
@@ -255,15 +285,17 @@ def fit_head(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
             shutil.rmtree(log_dir, ignore_errors=True)  # one run's curves per folder
             callbacks.append(keras.callbacks.TensorBoard(log_dir))
         fitted = trainer.fit(x_tr, y_tr, fit, val=(val.feats[start], val.y), keep=keep,
-                             callbacks=callbacks)
+                             callbacks=callbacks, record=() if epoch else ("probs",))
         probs = trainer.predict(val.feats[start])
     result = HeadResult(scenario, start, fitted.history, fitted.kept_epoch,
                         task.scores(val.y, probs), time.perf_counter() - started, task,
                         config=config, val_probs=probs,
-                        weights=config.row.part(classifier).get_weights())
-    logging.info("Scenario %s: validation %s at epoch %d, %.1f s.", scenario,
+                        weights=config.row.part(classifier).get_weights(),
+                        epoch_limit=limit, epoch_probs=None if epoch else fitted.val_probs)
+    logging.info("Scenario %s: validation %s at epoch %d, %.1f s.%s", scenario,
                  ", ".join(f"{k} {v:.4f}" for k, v in result.val_scores.items()),
-                 result.best_epoch, result.seconds)
+                 result.best_epoch, result.seconds,
+                 f" {still_improving(limit)}" if result.at_limit and not epoch else "")
     return result
 
 

@@ -41,8 +41,7 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "auc", "val_loss", "val_accuracy
 def snapshot(model: keras.Model):
     """Weights *and* random-seed state (e.g. dropout's), so that a restored model
     trains identically: ``get_weights`` alone leaves dropout masks drifting."""
-    seeds = [v for v in model.variables if "seed_generator" in v.path]
-    return model.get_weights(), [(v, v.numpy()) for v in seeds]
+    return model.get_weights(), [(v, v.numpy()) for v in _seed_variables(model)]
 
 
 def restore(model: keras.Model, state) -> None:
@@ -192,13 +191,30 @@ class HeadTrainer:
                    for i in range(0, len(x), batch_size)]
         return self.task.probabilities(np.concatenate(outputs))
 
+    def state(self) -> list:
+        """What continuing a fit needs: the trainable weights, the optimizer's variables
+        (moments, iteration count) and the dropout seeds' state, as NumPy arrays."""
+        return [v.numpy() for v in (*self.trainable, *self.model.optimizer.variables,
+                                    *_seed_variables(self.model))]
+
+    def set_state(self, values) -> None:
+        """Puts back what `state` returned: the next ``fit(..., first_epoch=e)`` continues
+        exactly where that fit stopped."""
+        for variable, value in zip((*self.trainable, *self.model.optimizer.variables,
+                                    *_seed_variables(self.model)), values):
+            variable.assign(value)
+
     def fit(self, x, y, settings: FitSettings, *, val=None, keep: Optional[object] = "best",
-            record: Sequence[str] = (), callbacks=(), per_epoch: Optional[int] = None) -> Fit:
-        """Trains from the model's current weights with a fresh optimizer.
+            record: Sequence[str] = (), callbacks=(), per_epoch: Optional[int] = None,
+            first_epoch: int = 0) -> Fit:
+        """Trains from the model's current weights with a fresh optimizer, or (with
+        ``first_epoch`` > 0) continues a fit whose `state` was put back.
 
         Args:
           x, y: training features and labels (`rows.with_views` adds cached views).
-          settings: epochs, batch size, seed and class weights of this fit.
+          settings: epochs, batch size, seed and class weights of this fit; with
+            ``settings.patience`` and ``val``, the fit stops once the validation score
+            has not improved for that many epochs.
           val: (x_val, y_val), validation rows scored exactly after every epoch.
           keep: whose weights to leave in the model: "best" (the best validation
             epoch by the task's headline metric; the last without validation), an
@@ -207,37 +223,67 @@ class HeadTrainer:
             probabilities) and/or "weights" (trainable weights).
           callbacks: more Keras callbacks (e.g. an `EpochLog` for per-epoch lines).
           per_epoch: rows per epoch (default all; see `rows.shuffled_batches`).
+          first_epoch: epochs already trained (0-based index of the first one to train);
+            the batches of every epoch are those one uninterrupted fit would see.
         """
         s = settings
-        self.reset_optimizer()
-        keras.utils.set_random_seed(s.seed)
+        if not first_epoch:
+            self.reset_optimizer()
+            keras.utils.set_random_seed(s.seed)
         weights = sample_weights(self.task, y, s.class_weight) if s.class_weight else None
         batches, steps = rows_lib.shuffled_batches(
             x, self.task.targets(y), s.batch_size, s.seed, s.epochs, per_epoch=per_epoch,
-            min_rows=self.replicas, weights=weights)
+            min_rows=self.replicas, weights=weights, first_epoch=first_epoch)
         validation = None if val is None else ExactValidation(
             lambda: self.predict(val[0]), val[1], self.task, keep_probs="probs" in record)
         keeper = _EpochWeights(self.trainable) if "weights" in record else None
         best = _BestEpoch(self.task.headline, self.trainable) if (
             keep == "best" and validation is not None) else None
         chosen = _AtEpoch(keep, self.trainable) if isinstance(keep, int) else None
+        patience = (Patience(self.task.headline, s.patience)
+                    if s.patience and validation is not None and keep == "best" else None)
         # Validation first: everything after it (History, TensorBoard, checkpoints,
         # the best-epoch choice) reads its val_* numbers from the same logs.
         every = [c for c in (validation, keeper) if c is not None] + list(callbacks)
-        every += [c for c in (best, chosen) if c is not None]
+        every += [c for c in (best, chosen, patience) if c is not None]
         history = self.model.fit(batches.dataset, steps_per_epoch=steps, epochs=s.epochs,
-                                 callbacks=every, shuffle=False, verbose=0)
+                                 initial_epoch=first_epoch, callbacks=every, shuffle=False,
+                                 verbose=0)
         del batches  # what the batches read from can go now (see `rows.Batches`)
-        kept = s.epochs
+        kept = first_epoch + len(history.epoch)
         for callback in (best, chosen):
             if callback is not None and callback.values is not None:
                 self.set_trainable_weights(callback.values)
                 kept = callback.epoch
-        records = [{"epoch": e + 1, **{k: float(v[e]) for k, v in history.history.items()}}
-                   for e in range(len(history.epoch))]
+        records = [{"epoch": e + 1, **{k: float(v[i]) for k, v in history.history.items()}}
+                   for i, e in enumerate(history.epoch)]
         return Fit(history_frame(records), validation.scores if validation else [],
                    validation.probs if validation else [],
                    keeper.values if keeper else [], kept)
+
+
+def _seed_variables(model: keras.Model) -> list:
+    return [v for v in model.variables if "seed_generator" in v.path]
+
+
+class Patience(keras.callbacks.Callback):
+    """Stops a fit once ``val_<metric>`` (higher is better) has not improved for
+    ``patience`` epochs: Keras' ``EarlyStopping`` without its weight restoring, which
+    `_BestEpoch` does for every fit alike."""
+
+    def __init__(self, metric: str, patience: int):
+        super().__init__()
+        self.metric, self.patience = f"val_{metric}", patience
+        self.best, self.wait = -np.inf, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float((logs or {}).get(self.metric, np.nan))
+        if np.isfinite(value) and value > self.best:
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.model.stop_training = True
 
 
 class _BestEpoch(keras.callbacks.Callback):

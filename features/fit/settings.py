@@ -14,8 +14,14 @@ from typing import Optional
 class FitSettings:
     """How a head trains on cached features (CV folds, final fits, sweep, refit).
 
+    epochs: the most epochs a fit may train (with ``patience``), or exactly this many.
+    patience: a fit with held-out rows (cross-validation folds, a validation split) stops
+      once its score has not improved for this many epochs: the epoch is chosen by
+      evidence, and ``epochs`` is only the maximum. None: every epoch is trained.
     class_weight: {class index: weight} (binary and multi-class), or None.
     progress: show progress bars and per-scenario lines.
+    scratch_dir: where cross-validation may park large fold states between its rounds
+      (None: the system's temporary folder).
     """
     epochs: int
     batch_size: int
@@ -23,6 +29,8 @@ class FitSettings:
     class_weight: Optional[dict] = None
     label_smoothing: float = 0.0
     progress: bool = True
+    patience: Optional[int] = None
+    scratch_dir: Optional[str] = None
 
     def replace(self, **changes) -> "FitSettings":
         return dataclasses.replace(self, **changes)

@@ -183,9 +183,13 @@ class Batches:
 
 
 def shuffled_batches(x, y, batch_size: int, seed: int, epochs: int,
-                     per_epoch: Optional[int] = None, min_rows: int = 1, weights=None):
-    """``epochs`` epochs of feature batches, each epoch in its `epoch_order`; returns
-    (dataset, steps per epoch). Fit it with ``steps_per_epoch=steps``.
+                     per_epoch: Optional[int] = None, min_rows: int = 1, weights=None,
+                     first_epoch: int = 0):
+    """Epochs ``first_epoch`` .. ``epochs - 1`` (0-based) of feature batches, each epoch in
+    its `epoch_order`; returns (dataset, steps per epoch). Fit it with
+    ``steps_per_epoch=steps`` (and ``initial_epoch=first_epoch``): epoch e's batches
+    depend on e alone, so a fit continued from ``first_epoch`` sees what one fit of
+    every epoch would have seen.
 
     ``per_epoch`` rows (default: all) are taken from the front of each epoch's order,
     e.g. one image's worth of a pool of K augmented views per image. ``y`` holds the
@@ -203,7 +207,9 @@ def shuffled_batches(x, y, batch_size: int, seed: int, epochs: int,
     per_epoch = n if per_epoch is None else min(per_epoch, n)
     bounds = batch_bounds(per_epoch, batch_size, min_rows)
     steps = len(bounds) - 1
-    orders = np.stack([epoch_order(n, seed, e)[:per_epoch] for e in range(epochs)])
+    count = max(epochs - first_epoch, 0)
+    orders = np.stack([epoch_order(n, seed, e)[:per_epoch]
+                       for e in range(first_epoch, epochs)]) if count else None
 
     def rows_of(i):
         epoch, step = divmod(i, steps)
@@ -211,6 +217,6 @@ def shuffled_batches(x, y, batch_size: int, seed: int, epochs: int,
 
     source = _Source(x, np.asarray(y, np.float32),
                      None if weights is None else np.asarray(weights, np.float32))
-    dataset = (tf.data.Dataset.range(epochs * steps).map(_loader(source, rows_of))
+    dataset = (tf.data.Dataset.range(count * steps).map(_loader(source, rows_of))
                .prefetch(2))
     return Batches(dataset, source), steps

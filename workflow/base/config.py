@@ -72,8 +72,9 @@ class HeadsConfig:
     bag: bool
     label_smoothing: float = 0.0
     class_weight: str = "auto"      # auto, balanced or none
-    refit: Optional[bool] = None    # None: on when cross-validation made the choices
+    refit: bool = True              # the exported model trains again on every label
     probe_baseline: bool = True     # the probe is kept unless a scenario beats it beyond noise
+    patience: Optional[int] = None  # epochs without improvement before a head stops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,7 +426,8 @@ def train_config(flag_values, names) -> TrainConfig:
                           v["heads_memory_gb"]),
         heads=HeadsConfig(tuple(v["scenarios"]), v["epochs"], v["learning_rate"],
                           v["optimizer"], str(v["cv_folds"]), v["bag"], v["label_smoothing"],
-                          v["class_weight"], v["refit"], v["probe_baseline"]),
+                          v["class_weight"], v["refit"], v["probe_baseline"],
+                          v["heads_patience"] or None),
         sweep=SweepConfig(tuple(v["sweep_scenarios"]),
                           _floats(v["sweep_learning_rates"], "--sweep_learning_rates"),
                           tuple(o.strip().lower() for o in v["sweep_optimizers"]),

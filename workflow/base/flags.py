@@ -215,9 +215,17 @@ def _train_heads(d: dict) -> None:
     flags.DEFINE_list("scenarios", ["A", "B", "C"], "Scenarios the heads stage trains and "
                       "compares (not --scenario, the one fine-tuned afterwards; alias "
                       "--heads_scenarios): " + SCENARIO_HELP + ".", module_name=HEADS, **d)
-    flags.DEFINE_integer("epochs", 5, "Epochs per scenario on cached features (the heads "
-                         "stage; fine-tuning has --finetune_epochs; alias --heads_epochs).",
-                         module_name=HEADS, **d)
+    flags.DEFINE_integer("epochs", 100, "The most epochs a scenario trains on cached "
+                         "features (the heads stage; alias --heads_epochs): it stops earlier, "
+                         "when its cross-validation (or validation) score has not improved for "
+                         "--heads_patience epochs, and the epoch is chosen by that score. A "
+                         "chosen epoch that is the last allowed is said ('still improving "
+                         "at the last epoch: raise --epochs'). Fine-tuning has "
+                         "--finetune_epochs.", lower_bound=1, module_name=HEADS, **d)
+    flags.DEFINE_integer("heads_patience", 10, "Heads stage: epochs without a better "
+                         "cross-validation (or validation) score before a scenario stops; 0 "
+                         "trains every one of --epochs.", lower_bound=0, module_name=HEADS,
+                         **d)
     flags.DEFINE_float("learning_rate", None, "Heads-stage learning rate for every scenario. "
                        "Default: each scenario's own (A 1e-3; B, C 1e-4; measured on real "
                        "photos).", module_name=HEADS, **d)
@@ -255,10 +263,13 @@ def _train_heads(d: dict) -> None:
                       "the loss of the heads, CV, sweep, probe and fine-tuning: balanced = each "
                       "class the same total weight; auto = balanced when the smallest class has "
                       "under 30% of the images.", module_name=HEADS, **d)
-    flags.DEFINE_boolean("refit", None, "Train the exported model again on training + "
-                         "validation images with the settings chosen on them (default: on when "
-                         "cross-validation made the choices; its expected score is then the CV "
-                         "estimate).", module_name=HEADS, **d)
+    flags.DEFINE_boolean("refit", True, "Train the exported model again on every label "
+                         "(training + validation images) with the settings and epoch counts "
+                         "chosen before, whether cross-validation or a validation split chose "
+                         "them. Its expected score stays the one measured before the refit, on "
+                         "photos that neither trained that model nor chose its epoch "
+                         "(--norefit: export the model trained on the training split).",
+                         module_name=HEADS, **d)
 
 
 def _train_sweep(d: dict) -> None:

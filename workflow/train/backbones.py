@@ -36,6 +36,7 @@ from features.choose import cv as cv_lib, evidence, probe
 from features.fit import heads as heads_lib
 from workflow.base.config import TrainConfig
 from workflow.views import summary
+from workflow.base.outputs import read_json
 from workflow.train.job import AUTO_FOLDS, Features, Job, fit_settings
 
 TABLE, PLOT = "backbones.csv", "backbones.png"
@@ -155,9 +156,10 @@ def choose(entries: List[Entry], job: Job, bound: float = COST_BOUND) -> tuple:
     said = [{"candidate": e.slug, "image_size": e.image_size, "baseline": None,
              "within_cost_bound": True, "cv_score": round(float(e.score), 6),
              "chosen_among_these": e is current} for e in within]
-    logging.info("Backbones within %gx the cheapest's cost (%.1f ms/image): %s; best CV: %s.",
-                 bound, limit, ", ".join(f"{e.label} {e.score:.4f}" for e in within),
-                 current.label)
+    logging.info("Backbones costing at most %gx the cheapest's %.1f ms/image (%s), i.e. at "
+                 "most %.1f ms/image: %s; best CV: %s.", bound, ordered[0].ms_per_image,
+                 ordered[0].label, limit,
+                 ", ".join(f"{e.label} {e.score:.4f}" for e in within), current.label)
     groups = cv_lib.fold_of(job.folds, len(job.y_train))
     for richer in ordered[len(within):]:
         c = evidence.compare(job.task, job.y_train, richer.oof, current.oof, job.seed,
@@ -232,7 +234,16 @@ def run(job: Job, cfg: TrainConfig, choices) -> tuple:
         "images": f"out-of-fold predictions on the {len(job.y_train)} training images, "
                   f"{len(job.folds)} folds shared by every backbone"})
     print("\n".join(summary.backbone_lines(section)))
-    return best, dataclasses.replace(jobs[best.choice], folds=original_folds)
+    chosen = dataclasses.replace(jobs[best.choice], folds=original_folds)
+    logging.info("Going on with %s at %d px (%s).", chosen.classifier.net.slug,
+                 chosen.model.image_size, chosen.model.image_size_reason)
+    # run_config.json said what was asked before the choice (the first candidate's size);
+    # the rest of the run, the report and predict.py's checks read the choice from it.
+    config = job.run.file(cfg.runtime.config_file)
+    job.run.write_json({**read_json(config), "image_size": chosen.model.image_size,
+                        "image_size_reason": chosen.model.image_size_reason,
+                        "backbone_chosen": best.choice.label}, cfg.runtime.config_file)
+    return best, chosen
 
 
 def _plot(entries: List[Entry], best: Entry, metric: str, path: str) -> None:

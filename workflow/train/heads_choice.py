@@ -9,28 +9,31 @@ from workflow.train.job import Job
 
 
 def choice_sentence(choice: dict, best: str) -> str:
-    """What the heads stage decided, in words that match the comparison it made."""
+    """What the heads stage decided, in words that match the comparison it made: the
+    difference is always the scenario's score minus the probe's, and the verdict names
+    the better model whenever one is better beyond noise, whichever was the baseline."""
     versus = choice.get("probe_vs_head")
     if choice.get("by") == "--use_sweep":
         return f"scenario {best} (the sweep's best configuration) will be fine-tuned and exported"
     if not versus:
         return (f"scenario {best} will be fine-tuned and exported (without cross-validation "
                 "it was not compared with the probe)")
-    interval = " .. ".join(f"{v:+.4f}" for v in versus["ci90"])
-    diff = f"difference {versus['difference']:+.4f}, 90% interval {interval}"
-    if versus["candidate_is"] == f"scenario {best}":
-        if choice["scenario"] == PROBE:
-            return (f"scenario {best} is not better than the linear probe beyond noise ({diff}): "
-                    "the probe, the simpler model, will be exported")
-        return (f"scenario {best} beats the linear probe beyond noise ({diff}): it will be "
-                "fine-tuned and exported")
-    if choice["scenario"] == PROBE:
-        return (f"the linear probe beats scenario {best} beyond noise ({diff}): the probe "
-                "will be exported")
-    why = ("without cross-validation the scenario is the baseline"
-           if versus["on"].startswith("the validation images") else "--noprobe_baseline")
-    return (f"the linear probe is not better than scenario {best} beyond noise ({diff}): "
-            f"scenario {best} will be fine-tuned and exported ({why})")
+    sign = 1 if versus["candidate_is"] == f"scenario {best}" else -1
+    low, high = sorted(sign * v for v in versus["ci90"])
+    diff = (f"scenario {best} minus the probe {sign * versus['difference']:+.4f}, 90% "
+            f"interval {low:+.4f} .. {high:+.4f}")
+    exported = ("the probe will be exported" if choice["scenario"] == PROBE else
+                f"scenario {best} will be fine-tuned and exported")
+    if low > 0:
+        return f"scenario {best} beats the linear probe beyond noise ({diff}): {exported}"
+    if high < 0:
+        return f"the linear probe beats scenario {best} beyond noise ({diff}): {exported}"
+    kept = "the probe, the simpler model," if choice["scenario"] == PROBE else f"scenario {best}"
+    why = ("" if choice["scenario"] == PROBE else
+           " (without cross-validation the scenario is the baseline)"
+           if versus["on"].startswith("the validation images") else " (--noprobe_baseline)")
+    return (f"neither scenario {best} nor the linear probe is better beyond noise ({diff}): "
+            f"{kept} is kept as the baseline{why}; {exported}")
 
 
 def probe_or_head(job: Job, best, probe_choice, baseline: dict,

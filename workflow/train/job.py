@@ -242,7 +242,8 @@ def fit_settings(job: Job, heads: HeadsConfig, cache: CacheConfig,
                  runtime: RuntimeConfig) -> FitSettings:
     """How this run's heads train on cached features (scenarios, CV folds, sweep, refit)."""
     return FitSettings(heads.epochs, runtime.batch_size, job.seed, job.class_weight,
-                       heads.label_smoothing)
+                       heads.label_smoothing, patience=heads.patience,
+                       scratch_dir=job.run.file("heads"))
 
 
 def finetune_settings(job: Job, config: FinetuneConfig, heads: HeadsConfig,

@@ -128,10 +128,13 @@ def _models_section(folder: str, metrics: dict, metric: str) -> str:
                      number(metrics, f"heads/{s}/epoch"),
                      number(metrics, f"heads/{s}/seconds", 1)])
     choice = metrics.get("heads_choice", {})
-    why = ""
+    why = "".join(
+        f"<p class=\"note\">Scenario {esc(s)}: still improving at the last epoch "
+        f"({esc(heads[s].get('epochs_allowed'))}): raise --epochs.</p>"
+        for s in sorted(heads) if heads[s].get("still_improving_at_limit"))
     if choice:
-        why = (f"<p>Chosen: <b>{esc(choice.get('scenario'))}</b> (by "
-               f"{esc(choice.get('by', '?'))}).</p>")
+        why += (f"<p>Chosen: <b>{esc(choice.get('scenario'))}</b> (by "
+                f"{esc(choice.get('by', '?'))}).</p>")
         versus = choice.get("probe_vs_head")
         if versus:
             # Named for the images compared on: out-of-fold predictions with CV, else the
@@ -203,6 +206,9 @@ def _finetune_section(folder: str, metrics: dict) -> str:
     kept, monitor = ft.get("best_epoch"), str(ft.get("monitor", ""))
     words = ("Fine-tuning did not improve on the head: the starting head (epoch 0) was "
              "exported." if kept == 0 else f"Kept epoch {kept} of {ft.get('epochs_run')}.")
+    if ft.get("still_improving_at_limit"):
+        words += (f" Still improving at the last epoch ({ft.get('epochs_allowed')}): raise "
+                  "--finetune_epochs.")
     return ("<h2>Fine-tuning</h2>"
             f"<p>Scenario {esc(ft.get('scenario'))}, blocks {esc(','.join(ft.get('blocks', [])))}"
             f". {esc(words)} {esc(monitor)}: starting head "

@@ -3,7 +3,7 @@ backbones compared."""
 
 from typing import Dict, List, Optional
 
-from features.fit.heads import HeadResult
+from features.fit.heads import HeadResult, still_improving
 from features.task import Task
 
 LABELS = {"auc": "AUC", "accuracy": "accuracy", "map": "mAP", "loss": "loss"}
@@ -21,16 +21,17 @@ def heads(results: Dict[str, HeadResult], probe: dict, best: HeadResult, task: T
     for s, r in results.items():
         cv = (f", {r.cv.curves.shape[0]}-fold CV {label(name)} {r.cv.mean:.4f} +- "
               f"{r.cv.std:.4f}" if r.cv else "")
+        limit = (f"; {still_improving(r.epoch_limit)}" if r.at_limit else "")
         if not r.fitted:
             lines.append(f"scenario {s}: {cv[2:]} at epoch {r.best_epoch} (ranked below "
                          f"scenario {best.scenario}, so not fitted on the whole training "
-                         f"split; {r.seconds:.1f} s, from {r.start_layer})")
+                         f"split; {r.seconds:.1f} s, from {r.start_layer}){limit}")
             continue
         other = "auc" if name == "accuracy" else "accuracy"
         scores = f"{label(name)} {r.val_score:.4f}" + (
             f", {label(other)} {r.val_scores[other]:.3f}" if other in r.val_scores else "")
         lines.append(f"scenario {s}: val {scores} (epoch {r.best_epoch} by {r.selected_by}{cv}; "
-                     f"{r.seconds:.1f} s, from {r.start_layer})")
+                     f"{r.seconds:.1f} s, from {r.start_layer}){limit}")
     cv = (f", CV {label(name)} {probe[f'cv_{name}_mean']:.4f} +- {probe[f'cv_{name}_std']:.4f}"
           if f"cv_{name}_mean" in probe else "")
     other = "auc" if name == "accuracy" else "accuracy"
