@@ -42,6 +42,13 @@ class Preset:
     contrast: float = 0.0     # factor in [1 - c, 1 + c]
     saturation: float = 0.0   # factor in [1 - s, 1 + s]
     hue: float = 0.0          # max |delta| as a fraction of the hue circle
+    # A whole number of quarter turns (0-3, uniform) before the rest: with both flips,
+    # the 8 symmetries of the square, exact (no resampling, nothing filled in), for
+    # photos that have no "up" (seedlings from above, microscopy, inspection).
+    quarter_turns: bool = False
+    # What fills pixels that come from outside the image: "nearest" (the edge pixel,
+    # streaked; every earlier preset's) or "reflect" (a mirror of the image).
+    fill: str = "nearest"
 
     @property
     def is_identity(self):
@@ -57,6 +64,12 @@ PRESETS = {
     "aggressive": Preset(rotation=60, width_shift=0.25, height_shift=0.25, shear=0.3,
                          zoom=0.35, horizontal_flip=True, vertical_flip=True,
                          brightness=0.15, contrast=0.3, saturation=0.3, hue=0.04),
+    # Photos taken from above: every orientation is a real photo of the class, so the 8
+    # symmetries of the square are free; small crops, shifts and light changes, and
+    # mirrored (not streaked) borders.
+    "top_down": Preset(rotation=15, width_shift=0.05, height_shift=0.05, zoom=0.1,
+                       horizontal_flip=True, vertical_flip=True, brightness=0.05,
+                       contrast=0.1, quarter_turns=True, fill="reflect"),
 }
 
 
@@ -82,8 +95,16 @@ def sample_params(batch_size, preset: Preset, seed):
         draw = tf.random.stateless_uniform([batch_size], seeds[i])
         return tf.where(draw < 0.5, -1.0, 1.0)
 
+    angle = uniform(0, math.radians(preset.rotation))
+    if preset.quarter_turns:
+        # Drawn from a seed folded out of the batch's, so the 12 draws above (and every
+        # earlier preset's cached views) are unchanged.
+        turns = tf.random.stateless_uniform([batch_size], tf.random.experimental.
+                                            stateless_fold_in(tf.cast(seed, tf.int64), 12),
+                                            0, 4, dtype=tf.int32)
+        angle = angle + tf.cast(turns, tf.float32) * (math.pi / 2)
     return {
-        "angle": uniform(0, math.radians(preset.rotation)),
+        "angle": angle,
         "tx": uniform(1, preset.width_shift),
         "ty": uniform(2, preset.height_shift),
         "shear": uniform(3, preset.shear),
@@ -137,14 +158,15 @@ def apply_params(images, params, preset: Preset):
         return images
     shape = tf.shape(images)
     geometric = (preset.rotation or preset.width_shift or preset.height_shift or preset.shear
-                 or preset.zoom or preset.horizontal_flip or preset.vertical_flip)
+                 or preset.zoom or preset.horizontal_flip or preset.vertical_flip
+                 or preset.quarter_turns)
     if geometric:
         transforms = params.get("transforms")
         if transforms is None:
             transforms = projective_transforms(params, shape[1], shape[2])
         images = tf.raw_ops.ImageProjectiveTransformV3(
             images=images, transforms=transforms, output_shape=shape[1:3],
-            fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
+            fill_value=0.0, interpolation="BILINEAR", fill_mode=preset.fill.upper())
     if preset.brightness:
         images = images + params["brightness"][:, None, None, None]
     if preset.contrast:

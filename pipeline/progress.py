@@ -30,14 +30,15 @@ class _PlainBar:
     """Progress as plain lines (at each quarter), for a pipe or a file: no carriage
     returns or colours, so a tee'd log stays readable."""
 
-    def __init__(self, total: int, unit: str, label: str):
+    def __init__(self, total: int, unit: str, label: str, steps: int = 4):
         import time
         self.total, self.unit, self.label, self.done = max(1, total), unit, label, 0
+        self.steps = steps
         self._clock, self._start, self._shown = time.perf_counter, time.perf_counter(), 0
 
     def add(self, n: int) -> None:
         self.done += n
-        quarter = int(4 * self.done / self.total)
+        quarter = int(self.steps * self.done / self.total)
         if quarter > self._shown or self.done >= self.total:
             self._shown = quarter
             seconds = self._clock() - self._start
@@ -45,14 +46,15 @@ class _PlainBar:
                   f"{self.unit}s ({100 * self.done // self.total}%, {seconds:.0f} s)",
                   flush=True)
             if self.done >= self.total:
-                self._shown = 5  # never again, even if more is added
+                self._shown = self.steps + 1  # never again, even if more is added
 
 
-def bar(total: int, unit: str, label: str = ""):
+def bar(total: int, unit: str, label: str = "", lines: int = 4):
     """A progress bar counting ``unit``s: Keras' bar on a terminal, plain lines
-    otherwise. Both take ``.add(n)``."""
+    otherwise (``lines`` of them: at each quarter by default, 1: only when done). Both
+    take ``.add(n)``."""
     import sys
     if sys.stdout.isatty():
         import keras
         return keras.utils.Progbar(total, unit_name=unit)
-    return _PlainBar(total, unit, label)
+    return _PlainBar(total, unit, label, lines)

@@ -123,16 +123,31 @@ def best_epoch(curves: np.ndarray) -> int:
     return int(np.nanargmax(mean)) + 1
 
 
+def last_gain(curves: np.ndarray, min_delta: float) -> int:
+    """The last epoch (1-based) whose mean over folds beat every earlier epoch by at
+    least ``min_delta`` (one more held-out row right): the patience counts from there,
+    so a curve that creeps up by less than a photo's worth per epoch stops, while the
+    epoch chosen is still the best one."""
+    with warnings.catch_warnings():  # an epoch no fold could score is NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(curves, axis=0)
+    best, last = -np.inf, 1
+    for e, value in enumerate(mean, start=1):
+        if np.isfinite(value) and value >= best + min_delta:
+            best, last = value, e
+    return last
+
+
 def cross_validate(trainer: HeadTrainer, x, y, folds: Folds, settings: FitSettings, *,
                    views_x=None, progress=None) -> CVResult:
     """Trains ``trainer`` on every fold from the classifier's current weights.
 
     Fold k shuffles with seed ``settings.seed + k`` and adds the cached views of its own
     training images (``views_x``). With ``settings.patience`` the folds train side by
-    side, a round of epochs at a time, until the mean fold score has not improved for
-    that many epochs (or ``settings.epochs`` is reached): the epoch is chosen by the
-    mean curve, as LightGBM's and XGBoost's ``cv`` do, and a round ends where the best
-    epoch so far plus the patience says a stop could come. Between rounds each fold's
+    side, a round of epochs at a time, until the mean fold score has not improved by a
+    row's worth (`last_gain`) for that many epochs (or ``settings.epochs`` is reached):
+    the epoch is chosen by the mean curve, as LightGBM's and XGBoost's ``cv`` do, and a
+    round ends where the last gain plus the patience says a stop could come. Between rounds each fold's
     state waits (`FoldStates`); the weights are those of one uninterrupted fit (tested).
     ``progress(first, last)``, when given, returns a `pipeline.progress` bar for the round
     of epochs ``first``..``last`` (1-based), advanced once per fold. The classifier is
@@ -166,10 +181,11 @@ def cross_validate(trainer: HeadTrainer, x, y, folds: Folds, settings: FitSettin
                         bar.add(1)
                 done = target
                 chosen = best_epoch(np.asarray(curves, np.float64))
-                if (not patience or done >= limit or done - chosen >= patience
+                last = last_gain(np.asarray(curves, np.float64), 1.0 / max(1, len(y)))
+                if (not patience or done >= limit or done - last >= patience
                         or not np.isfinite(curves).any()):
                     break
-                target = min(limit, chosen + patience)
+                target = min(limit, last + patience)
         curves = np.asarray(curves, np.float64)
         oof = np.zeros((len(y), *np.shape(probs[0][0])[1:]), np.float64)
         for (_, va), fold_probs in zip(folds, probs):

@@ -74,7 +74,9 @@ def run(classifier: backbone.Classifier, grid: Sequence[heads.HeadConfig], task:
     if needed > available:
         raise ConfigError(f"The sweep asks for {needed} augmented views per image but "
                           f"{available} are cached.")
-    bar = progress_lib.bar(len(grid) * len(folds), "fold", "sweep") if fit.progress else None
+    # One step per configuration: with patience, how many epochs each trains is decided
+    # as it goes.
+    bar = progress_lib.bar(len(grid), "configuration", "sweep") if fit.progress else None
     metric, rows = task.headline, []
     for config in grid:
         start = classifier.start_layer(config.row.blocks)
@@ -82,7 +84,9 @@ def run(classifier: backbone.Classifier, grid: Sequence[heads.HeadConfig], task:
         started = time.perf_counter()
         with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:
             cv = cv_lib.cross_validate(trainer, train.feats[start], labels, folds, fit,
-                                       views_x=views_x, progress=bar)
+                                       views_x=views_x)
+        if bar is not None:
+            bar.add(1)
         at = cv.curves[:, cv.epoch - 1]
         rows.append({"scenario": config.scenario, "optimizer": config.optimizer,
                      "learning_rate": config.learning_rate, "dropout": config.dropout,
@@ -90,8 +94,8 @@ def run(classifier: backbone.Classifier, grid: Sequence[heads.HeadConfig], task:
                      f"cv_{metric}_mean": round(cv.mean, 6), f"cv_{metric}_std": round(cv.std, 6),
                      f"fold_{metric}s": " ".join(f"{a:.4f}" for a in at),
                      "seconds": round(time.perf_counter() - started, 2)})
-        logging.info("Sweep %s: %s (epoch %d).", config.describe(), cv_lib.format_cv(cv),
-                     cv.epoch)
+        logging.info("Sweep %s: %s (epoch %d of %d trained).", config.describe(),
+                     cv_lib.format_cv(cv), cv.epoch, cv.curves.shape[1])
     return rank(pd.DataFrame(rows), metric)
 
 

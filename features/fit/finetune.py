@@ -65,12 +65,16 @@ class Checkpointer(keras.callbacks.Callback):
             raise ConfigError(f"--monitor={monitor[4:]!r}: choose auc, accuracy, loss or map.")
         self.monitor, self.patience = monitor, patience
         self.mode = "min" if monitor.endswith("loss") else "max"
+        self.validation = None  # an ExactValidation keeping probabilities, when set
         os.makedirs(directory, exist_ok=True)
         self.state = {"epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
                       "best": tf.Variable(np.nan, dtype=tf.float64, trainable=False),
                       "best_epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
                       "wait": tf.Variable(0, dtype=tf.int64, trainable=False),
-                      "history": tf.Variable("[]", dtype=tf.string, trainable=False)}
+                      "history": tf.Variable("[]", dtype=tf.string, trainable=False),
+                      # Each epoch's validation probabilities (epoch 0 first), for an
+                      # estimate that no epoch choice saw (`features.choose.honest`).
+                      "probs": tf.Variable("[]", dtype=tf.string, trainable=False)}
         self.checkpoint = tf.train.Checkpoint(model=target, optimizer=optimizer, **self.state)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=1)
 
@@ -153,36 +157,45 @@ class Checkpointer(keras.callbacks.Callback):
         return (f"continue the fine-tuning from epoch {epoch} with --stage=finetune --resume "
                 f"(checkpoint in {self.directory})")
 
-    def _record(self, row: dict) -> None:
+    @property
+    def epoch_probs(self) -> list:
+        """The validation probabilities after each epoch so far (epoch 0: the start)."""
+        return [np.asarray(p, np.float64) for p in json.loads(self.state["probs"].numpy().decode())]
+
+    def _record(self, row: dict, probs=None) -> None:
         history = self.history + [row]
         self.state["history"].assign(json.dumps(history))
+        if probs is not None:
+            kept = json.loads(self.state["probs"].numpy().decode())[:row["epoch"]]
+            self.state["probs"].assign(json.dumps(kept + [np.round(
+                np.asarray(probs, np.float64), 6).tolist()]))
 
     def resume_or_start(self, resume: bool, start_logs) -> int:
         """Restores the last checkpoint with ``resume`` (when there is one), else makes the
-        starting weights epoch 0 with the validation logs ``start_logs()``; returns the
-        epochs already done."""
+        starting weights epoch 0 with the validation (logs, probabilities) that
+        ``start_logs()`` returns; returns the epochs already done."""
         if resume and self.manager.latest_checkpoint is not None:
             return self.restore()
         if resume:
             logging.warning("--resume: no fine-tuning checkpoint in %s (removed after the last "
                             "successful export, or never written); starting afresh.",
                             self.directory)
-        logs = start_logs()
-        self.set_baseline(logs)
+        logs, probs = start_logs()
+        self.set_baseline(logs, probs)
         logging.info("Before fine-tuning: %s %.4f (epoch 0; an epoch must beat it).",
                      self.monitor, logs[self.monitor])
         return 0
 
     # -- callback -------------------------------------------------------------
-    def set_baseline(self, logs: dict) -> None:
-        """The starting weights are epoch 0 with these validation logs: an epoch must
-        beat them to be kept."""
+    def set_baseline(self, logs: dict, probs=None) -> None:
+        """The starting weights are epoch 0 with these validation logs (and
+        probabilities): an epoch must beat them to be kept."""
         value = float(logs[self.monitor])
         self.state["best"].assign(value)
         self.state["best_epoch"].assign(0)
         self.state["wait"].assign(0)
         self.state["epoch"].assign(0)
-        self._record({"epoch": 0, **{k: float(v) for k, v in logs.items()}})
+        self._record({"epoch": 0, **{k: float(v) for k, v in logs.items()}}, probs)
         self._save_best(0)
         self._commit(0)
 
@@ -193,7 +206,9 @@ class Checkpointer(keras.callbacks.Callback):
             raise ConfigError(f"Metric {self.monitor!r} is not logged; available: "
                               f"{', '.join(logs)}.")
         self.state["epoch"].assign(epoch + 1)
-        self._record({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
+        self._record({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}},
+                     self.validation.probs[-1] if self.validation is not None
+                     and self.validation.probs else None)
         best = self.best
         improved = best is None or (value > best if self.mode == "max" else value < best)
         if improved:
@@ -218,6 +233,7 @@ class Checkpointer(keras.callbacks.Callback):
         history = history_frame(self.history)
         start = history[history.epoch == 0]
         return {"history": history, "best_epoch": self.best_epoch,
+                "epoch_probs": self.epoch_probs,
                 f"best_{self.monitor}": self.best, "epochs_run": self.epoch,
                 "monitor": self.monitor, f"start_{self.monitor}":
                 float(start[self.monitor].iloc[0]) if len(start) else None,
@@ -300,19 +316,22 @@ def finetune(classifier: backbone.Classifier, blocks, task: Task, train_frame: p
     fit_model, validate, y_val, where = _fit_model(classifier, blocks, task, val_frame,
                                                    cached, s)
     # Recompile after changing what trains (Keras snapshots trainability at compile).
-    fit_model.compile(optimizer=backbone.make_optimizer(s.optimizer, s.learning_rate),
-                      loss=task.loss(s.label_smoothing), metrics=task.keras_metrics())
+    fit_model.compile(optimizer=backbone.make_optimizer(
+        s.optimizer, learning_rate(s, _steps(train_frame, cached, s))),
+        loss=task.loss(s.label_smoothing), metrics=task.keras_metrics())
     checkpointer = Checkpointer(ckpt_dir, classifier.model, fit_model.optimizer,
                                 "val_" + monitor, s.patience)
-    initial_epoch = checkpointer.resume_or_start(
-        s.resume, lambda: {f"val_{k}": v for k, v in task.scores(y_val, validate()).items()})
+    def start_logs():
+        probs = validate()
+        return {f"val_{k}": v for k, v in task.scores(y_val, probs).items()}, probs
+    initial_epoch = checkpointer.resume_or_start(s.resume, start_logs)
     train, steps = _training_data(task, train_frame, cached, s.replace(
         seed=s.seed + initial_epoch, epochs=max(1, s.epochs - initial_epoch)))
     logging.info("Fine-tuning %s (%d layers) for up to %d epochs, %d steps each, lr %g, "
                  "augment=%s from %s.", "+".join(blocks), len(trainable), s.epochs, steps,
                  s.learning_rate, s.augment, where)
-    callbacks = [ExactValidation(validate, y_val, task), EpochLog("Fine-tuning", s.epochs),
-                 checkpointer]
+    checkpointer.validation = ExactValidation(validate, y_val, task, keep_probs=True)
+    callbacks = [checkpointer.validation, EpochLog("Fine-tuning", s.epochs), checkpointer]
     if s.tensorboard_dir:
         log_dir = os.path.join(s.tensorboard_dir, "finetune")
         if not initial_epoch:
@@ -385,6 +404,35 @@ def _training_data(task, train_frame, cached, settings: FinetuneSettings):
     return rows_lib.Batches(dataset.map(input_lib.to_inputs_targets)), steps
 
 
+def _steps(train_frame, cached, settings: FinetuneSettings) -> int:
+    """Optimizer steps per epoch, as `_training_data` makes them."""
+    s = settings
+    if cached is not None:
+        per_epoch = len(cached.train_y) // cached.views
+        return len(rows_lib.batch_bounds(per_epoch, s.batch_size, distribute.replicas())) - 1
+    return max(1, math.ceil(len(train_frame) / s.batch_size))
+
+
+def learning_rate(settings: FinetuneSettings, steps_per_epoch: int):
+    """The fine-tuning's learning rate: with ``warmup_epochs``, a linear warm-up from 0
+    then a cosine to 0 at the end of ``schedule_epochs``; else the constant rate.
+
+    Why a warm-up: a fresh Adam moves every weight by about the learning rate in its
+    first steps, whatever its gradient, while its moment estimates are still empty;
+    on a pretrained network that is a shove to every layer at once (docs/benchmarks.md,
+    *Fine-tuning's first epoch*). The cosine ends the run at small steps, where the kept
+    epochs usually are.
+    """
+    s = settings
+    if not s.warmup_epochs:
+        return s.learning_rate
+    total = steps_per_epoch * (s.schedule_epochs or s.epochs)
+    warm = max(1, min(total - 1, int(round(steps_per_epoch * s.warmup_epochs))))
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, total - warm), warmup_target=s.learning_rate,
+        warmup_steps=warm)
+
+
 def _class_weights(task: Task, y, class_weight):
     return sample_weights(task, y, class_weight) if class_weight else None
 
@@ -397,8 +445,9 @@ def fit_fixed(classifier: backbone.Classifier, blocks, task: Task, frame: pd.Dat
     s = settings
     classifier.set_trainable(blocks, log=False)
     fit_model, _, _, _ = _fit_model(classifier, blocks, task, None, cached, s)
-    fit_model.compile(optimizer=backbone.make_optimizer(s.optimizer, s.learning_rate),
-                      loss=task.loss(s.label_smoothing), metrics=task.keras_metrics())
+    fit_model.compile(optimizer=backbone.make_optimizer(
+        s.optimizer, learning_rate(s, _steps(frame, cached, s))),
+        loss=task.loss(s.label_smoothing), metrics=task.keras_metrics())
     train, steps = _training_data(task, frame, cached, s)
     fit_model.fit(train.dataset, epochs=s.epochs, steps_per_epoch=steps, shuffle=False,
                   verbose=0,

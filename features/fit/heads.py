@@ -49,10 +49,11 @@ class HeadConfig:
 
     @classmethod
     def for_scenario(cls, scenario: str, learning_rate: Optional[float] = None,
-                     **kwargs) -> "HeadConfig":
-        """A config with the scenario table's learning rate unless one is given."""
+                     pooling: str = "flatten", **kwargs) -> "HeadConfig":
+        """A config with the scenario table's learning rate for a head that ``pooling``s
+        the feature map (`features.scenarios.Scenario.rate`) unless one is given."""
         row = scenarios.get_scenario(scenario)
-        return cls(row.name, row.learning_rate if learning_rate is None else learning_rate,
+        return cls(row.name, row.rate(pooling) if learning_rate is None else learning_rate,
                    **kwargs)
 
     @property
@@ -171,7 +172,8 @@ def train_scenarios(classifier: backbone.Classifier, configs: Sequence, task: Ta
     each fitted scenario; with ``tensorboard_dir``, TensorBoard logs of each final fit
     in ``<tensorboard_dir>/heads_<S>``.
     """
-    configs = [HeadConfig.for_scenario(c) if isinstance(c, str) else c for c in configs]
+    configs = [HeadConfig.for_scenario(c, pooling=classifier.net.pooling)
+               if isinstance(c, str) else c for c in configs]
     initial = snapshot(classifier.model)
     cvs, seconds = {}, {}
     for config in configs if train.folds else ():
@@ -223,11 +225,12 @@ def cross_validate_scenario(classifier, config: HeadConfig, task: Task, train: F
     start = classifier.start_layer(config.row.blocks)
     folds = train.folds
 
+    print(f"Scenario {scenario}: {len(folds)}-fold cross-validation" + (
+        f", until the mean score has not improved for {fit.patience} epochs (at most "
+        f"{fit.epochs})" if fit.patience else f", {fit.epochs} epochs"))
+
     def bar(first, last):
-        print(f"Scenario {scenario}: {len(folds)}-fold cross-validation, epochs {first}-{last}"
-              + (f" (it stops when the mean score has not improved for {fit.patience}; at "
-                 f"most {fit.epochs})" if fit.patience and first == 1 else ""))
-        return progress_lib.bar(len(folds), "fold", "cross-validation")
+        return progress_lib.bar(len(folds), "fold", f"epochs {first}-{last}", lines=1)
     with config.trainer(classifier, task, label_smoothing=fit.label_smoothing) as trainer:
         cv = cv_lib.cross_validate(trainer, train.feats[start], np.asarray(train.y), folds, fit,
                                    views_x=train.views[start] if train.views else None,
@@ -279,7 +282,7 @@ def fit_head(classifier, config: HeadConfig, task: Task, train: FeatureSplit,
                      config.describe())
         x_tr, y_tr = rows_lib.with_views(train.feats[start], np.asarray(train.y),
                                          train.views[start] if train.views else None)
-        callbacks = [EpochLog(f"Scenario {scenario}", fit.epochs)]
+        callbacks = [EpochLog(f"Scenario {scenario}", fit.epochs, quiet=True)]
         if tensorboard_dir:
             log_dir = os.path.join(tensorboard_dir, f"heads_{scenario}")
             shutil.rmtree(log_dir, ignore_errors=True)  # one run's curves per folder

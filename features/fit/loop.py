@@ -103,17 +103,19 @@ class _EpochWeights(keras.callbacks.Callback):
 
 class EpochLog(keras.callbacks.Callback):
     """One plain log line per epoch (instead of Keras' progress bar): readable when the
-    output is piped, and it shows the exact validation metrics."""
+    output is piped, and it shows the exact validation metrics. ``quiet``: in the log
+    file only (a head's up to 100 epochs of a few milliseconds each)."""
 
-    def __init__(self, what: str, epochs: int):
+    def __init__(self, what: str, epochs: int, quiet: bool = False):
         super().__init__()
         self.what, self.epochs = what, epochs
+        self.log = logging.getLogger("detail").info if quiet else logging.info
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         shown = [k for k in ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc",
                              "val_map") if k in logs]
-        logging.info("%s epoch %d/%d: %s", self.what, epoch + 1, self.epochs,
+        self.log("%s epoch %d/%d: %s", self.what, epoch + 1, self.epochs,
                      ", ".join(f"{k} {float(logs[k]):.4f}" for k in shown))
 
 
@@ -240,7 +242,7 @@ class HeadTrainer:
         best = _BestEpoch(self.task.headline, self.trainable) if (
             keep == "best" and validation is not None) else None
         chosen = _AtEpoch(keep, self.trainable) if isinstance(keep, int) else None
-        patience = (Patience(self.task.headline, s.patience)
+        patience = (Patience(self.task.headline, s.patience, 1.0 / max(1, len(val[1])))
                     if s.patience and validation is not None and keep == "best" else None)
         # Validation first: everything after it (History, TensorBoard, checkpoints,
         # the best-epoch choice) reads its val_* numbers from the same logs.
@@ -267,18 +269,19 @@ def _seed_variables(model: keras.Model) -> list:
 
 
 class Patience(keras.callbacks.Callback):
-    """Stops a fit once ``val_<metric>`` (higher is better) has not improved for
-    ``patience`` epochs: Keras' ``EarlyStopping`` without its weight restoring, which
+    """Stops a fit once ``val_<metric>`` (higher is better) has not improved by
+    ``min_delta`` (one more validation row right) for ``patience`` epochs: Keras'
+    ``EarlyStopping`` with its ``min_delta``, without its weight restoring, which
     `_BestEpoch` does for every fit alike."""
 
-    def __init__(self, metric: str, patience: int):
+    def __init__(self, metric: str, patience: int, min_delta: float = 0.0):
         super().__init__()
-        self.metric, self.patience = f"val_{metric}", patience
+        self.metric, self.patience, self.min_delta = f"val_{metric}", patience, min_delta
         self.best, self.wait = -np.inf, 0
 
     def on_epoch_end(self, epoch, logs=None):
         value = float((logs or {}).get(self.metric, np.nan))
-        if np.isfinite(value) and value > self.best:
+        if np.isfinite(value) and value >= self.best + self.min_delta:
             self.best, self.wait = value, 0
             return
         self.wait += 1

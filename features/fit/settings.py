@@ -46,6 +46,10 @@ class FinetuneSettings:
     monitor: early stopping's and the checkpoint's metric (None: the task's headline).
     resume: continue from the run folder's last checkpoint.
     tensorboard_dir: TensorBoard logs go to ``<tensorboard_dir>/finetune`` (None: none).
+    warmup_epochs: the learning rate rises linearly from 0 over this many epochs, then
+      follows a cosine to 0 at ``schedule_epochs`` (0: a constant rate, no schedule).
+    schedule_epochs: the epochs the schedule spans (None: ``epochs``); a refit that
+      trains the kept epochs of a longer run follows that run's rates.
     """
     epochs: int
     image_size: int
@@ -61,6 +65,8 @@ class FinetuneSettings:
     label_smoothing: float = 0.0
     resume: bool = False
     tensorboard_dir: Optional[str] = None
+    warmup_epochs: float = 0.0
+    schedule_epochs: Optional[int] = None
 
     def replace(self, **changes) -> "FinetuneSettings":
         return dataclasses.replace(self, **changes)

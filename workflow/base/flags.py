@@ -227,8 +227,9 @@ def _train_heads(d: dict) -> None:
                          "trains every one of --epochs.", lower_bound=0, module_name=HEADS,
                          **d)
     flags.DEFINE_float("learning_rate", None, "Heads-stage learning rate for every scenario. "
-                       "Default: each scenario's own (A 1e-3; B, C 1e-4; measured on real "
-                       "photos).", module_name=HEADS, **d)
+                       "Default: each scenario's own, measured on real photos: a head that "
+                       "pools the feature map (every backbone but VGG16) 1e-3; VGG16's "
+                       "flattening head A 1e-3, B and C 1e-4.", module_name=HEADS, **d)
     flags.DEFINE_string("optimizer", "adam", "Heads-stage optimizer: adam, sgd (momentum 0.9, "
                         "Nesterov) or rmsprop.", module_name=HEADS, **d)
     flags.DEFINE_enum("cache_dtype", "float32", ["float16", "float32"], "Storage type of "
@@ -302,8 +303,13 @@ def _train_finetune(d: dict) -> None:
                         "scenario's: the backbone's stage names (the log lists them; VGG16: "
                         "block1..block5), 'last' (its last stage), fc, predictions; e.g. "
                         "block4,block5,fc.", module_name=FINETUNE, **d)
-    flags.DEFINE_string("augment", "aggressive", "Augmentation preset for fine-tuning: none, "
-                        "keras_blog, aggressive.", module_name=FINETUNE, **d)
+    flags.DEFINE_string("augment", "auto", "Augmentation preset for fine-tuning: none, "
+                        "keras_blog (upright photos: turns up to 40 degrees, mirror), "
+                        "aggressive (also upside down, colour changes, 35% zoom), top_down "
+                        "(photos from above: any quarter turn, both mirrors, mild crops), or "
+                        "auto: the one whose views most help the linear probe on plain photos "
+                        "(one cached view per photo of each; said and recorded).",
+                        module_name=FINETUNE, **d)
     flags.DEFINE_enum("augment_on", "auto", ["auto", "pipeline", "model"], "Where "
                       "augmentation runs: tf.data pipeline, or a layer in the model (the GPU "
                       "when present).", module_name=FINETUNE, **d)
@@ -319,7 +325,29 @@ def _train_finetune(d: dict) -> None:
                          "run the fine-tuning epochs from the cache. 0: every epoch runs the "
                          "whole network on freshly augmented images.", module_name=FINETUNE,
                          **d)
-    flags.DEFINE_integer("patience", 5, "Early-stopping patience in epochs.",
+    flags.DEFINE_integer("patience", 5, "Fine-tuning (and whole-network fine-tuning): "
+                         "epochs without a better validation score before it stops.",
+                         module_name=FINETUNE, **d)
+    flags.DEFINE_float("finetune_warmup", 1.0, "Epochs over which fine-tuning's learning "
+                       "rate rises from 0 (then a cosine decay to 0 at the last allowed "
+                       "epoch); 0: a constant rate.", lower_bound=0.0, module_name=FINETUNE,
+                       **d)
+    flags.DEFINE_enum("whole_network", "auto", ["auto", "yes", "no"], "Also fine-tune every "
+                      "stage of the backbone (from a cache-trained head, at its own size, "
+                      "batch-norm frozen) and export it only when it beats the frozen-feature "
+                      "model beyond noise on honest validation predictions. auto: on light "
+                      "backbones (at most 10 M parameters: EfficientNet-Lite, MobileNet, "
+                      "EfficientNetV2-B0) unless the frozen model is already too good for "
+                      "anything to beat it beyond noise on the validation photos.",
+                      module_name=FINETUNE, **d)
+    flags.DEFINE_integer("whole_epochs", 30, "Whole-network fine-tuning: the most epochs "
+                         "(it stops after --patience epochs without improvement).",
+                         lower_bound=1, module_name=FINETUNE, **d)
+    flags.DEFINE_float("whole_learning_rate", 1e-4, "Whole-network fine-tuning: Adam's peak "
+                       "learning rate.", module_name=FINETUNE, **d)
+    flags.DEFINE_integer("whole_batch_size", 16, "Whole-network fine-tuning: images per "
+                         "batch (at most --batch_size): every layer's activations are kept "
+                         "for the backward pass, so this bounds its memory.", lower_bound=1,
                          module_name=FINETUNE, **d)
     flags.DEFINE_enum("monitor", "auto", ["auto", "auc", "accuracy", "loss", "map"],
                       "Validation metric for early stopping and the kept fine-tuning epoch. "

@@ -38,8 +38,8 @@ FILES: Tuple[Tuple[str, str], ...] = (
                "(<S>.weights.h5) and a folder <S>/ with its epochs (history.csv) and, "
                "for the best, its plots; the bag's fold heads (bag/), out-of-fold "
                "predictions (oof.npz)"),
-    ("history_finetune.csv", "fine-tuning per epoch"),
-    ("finetune_history.png", "fine-tuning curves"),
+    ("history_finetune.csv", "fine-tuning per epoch (the whole network's when it was tried)"),
+    ("finetune_history.png", "fine-tuning curves (the whole network's when it was tried)"),
     ("finetune/", "fine-tuning checkpoints while it runs (for --resume)"),
     ("backbones.csv", "--backbone=auto / --stage=backbones: one row per candidate"),
     ("backbones.png", "the candidates' score against cost"),

@@ -129,6 +129,7 @@ def evaluate(job: Job, cfg: TrainConfig) -> Entry:
     y = job.y_train
     chosen = probe.choose(train[layer], y, job.task, job.folds, job.seed, job.class_weight)
     config = heads_lib.HeadConfig.for_scenario("B", cfg.heads.learning_rate,
+                                               pooling=job.classifier.net.pooling,
                                                optimizer=cfg.heads.optimizer)
     settings = dataclasses.replace(fit_settings(job, cfg.heads, cfg.cache, cfg.runtime),
                                    progress=False)

@@ -18,6 +18,7 @@ What a run exports, and why, is decided on held-out images, never by principle:
   expected score is the CV estimate: it has no held-out images of its own.
 """
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from features.choose import bag as bag_lib
+from features.choose import bag as bag_lib, honest
 from features.fit import heads as heads_lib
 from features.serve import inference
 from features import scenarios
@@ -36,7 +37,8 @@ from features.store import rows as rows_lib
 from features.fit.settings import FinetuneSettings, FitSettings
 from features.fit.loop import restore
 from pipeline.atomic import atomic_link
-from workflow.train import final_model, trusting, validation
+from workflow.train import augment_choice, final_model, heads_choice, trusting, validation
+from workflow.train import whole as whole_lib
 from workflow.views import plots, summary
 from workflow.base import console, state as state_lib
 from workflow.base.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
@@ -81,40 +83,90 @@ def _cached_views(job: Job, config: FinetuneConfig, cache: CacheConfig, batch_si
 def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
                    runtime: RuntimeConfig, predict: PredictConfig, scenario: str,
                    optimizer: str = "adam") -> None:
-    """Fine-tunes ``scenario`` (or takes the probe), chooses the default output, refits on
-    every label when CV made the choices, and exports."""
-    refit = _refit_wanted(job, heads)
+    """Tries whole-network fine-tuning when it could win (`workflow.train.whole`), else
+    fine-tunes ``scenario`` (or takes the probe); chooses the default output, refits on
+    every label (``--refit``), and exports."""
+    refit = heads.refit
+    frozen = heads_choice.load_honest(job, scenario)
+    plan = whole_lib.plan(job, config.whole, frozen.probs, frozen.what)
+    whole_lib.log_plan(plan)
+    job.run.update_metrics("whole_network", {"tried": plan.tried, "why": plan.why})
+    if plan.tried:
+        config = _augment_resolved(job, config, cache, runtime)
+        if _try_whole(job, config, heads, cache, runtime, predict, scenario, frozen, refit):
+            return
+        # The frozen model stays, as the heads stage made it: its own fine-tuning is what
+        # the whole network's just did better than it could (the last stage trained too).
+        config = dataclasses.replace(config, epochs=0)
     if scenario == PROBE:
-        return final_model.export_probe(job, heads, cache, runtime, predict, refit)
-    head_weights = heads_lib.weights_file(job.run.path, scenario)
-    if scenario not in job.heads and not os.path.isfile(head_weights):
-        _fit_unfitted_head(job, heads, cache, runtime, config.view_preset, scenario)
-    heads_lib.load_scenario_weights(job.classifier, scenario, head_weights,
-                                    job.heads.get(scenario))
+        return final_model.export_probe(job, heads, cache, runtime, predict, refit, frozen)
+    _load_head(job, heads, cache, runtime, config, scenario)
     blocks = (scenarios.parse_blocks(config.trainable_blocks, job.classifier.net)
               if config.trainable_blocks
               else scenarios.get_scenario(scenario).blocks_on(job.classifier.net))
-    logging.info("Fine-tuning scenario %s (blocks %s) from %s.", scenario, ",".join(blocks),
-                 head_weights)
+    logging.info("Fine-tuning scenario %s (blocks %s).", scenario, ",".join(blocks))
     result = {"scenario": scenario, "blocks": blocks, "optimizer": optimizer}
-    checkpoints, kept = None, 0
     fine = finetune_settings(job, config, heads, runtime, optimizer)
     skipped = _cannot_improve(job, config, scenario)
+    ft = None
     if skipped:
         print(skipped)
         result["skipped"] = skipped
     elif config.epochs > 0:
+        config = _augment_resolved(job, config, cache, runtime)
+        fine = fine.replace(augment=config.augment)
         ft = _finetune(job, config, cache, scenario, blocks, fine)
+    kept = ft["best_epoch"] if ft else 0
+    described = (_described(scenario, config.epochs, kept) if not skipped else
+                 f"scenario {scenario} (its head; fine-tuning skipped: it could not beat it)")
+    if config.epochs > 0 and kept == 0 and not skipped:
+        print("fine-tuning did not improve on the head: exporting the head")
+    _finish(job, Final(scenario, blocks, described, ft, fine, frozen if kept == 0 else None,
+                       bag=heads.bag), result, heads, cache, runtime, predict, refit, config)
+
+
+@dataclasses.dataclass
+class Final:
+    """The model about to be exported: its scenario (the head it started from), the
+    blocks that trained, its name, its fine-tuning's summary (None: not fine-tuned) and
+    settings, the frozen model's honest predictions when it is that model, and whether
+    a bag may be offered beside it."""
+    scenario: str
+    blocks: list
+    described: str
+    ft: Optional[dict]
+    fine: FinetuneSettings
+    frozen: Optional[object] = None
+    bag: bool = True
+    estimate_probs: Optional[np.ndarray] = None
+    estimate_how: str = ""
+
+
+def _finish(job: Job, final: Final, result: dict, heads: HeadsConfig, cache: CacheConfig,
+            runtime: RuntimeConfig, predict: PredictConfig, refit: bool,
+            config: FinetuneConfig) -> None:
+    """Everything after the training: the final report on the validation images, bag or
+    single model and TTA, calibration and the unfamiliar score, the refit, the export."""
+    scenario, blocks, ft = final.scenario, final.blocks, final.ft
+    checkpoints, kept = None, 0
+    if ft is not None:
         checkpoints, kept = ft.pop("checkpoints"), ft["best_epoch"]
+        epoch_probs = ft.pop("epoch_probs", None)
+        if final.estimate_probs is None and kept > 0 and epoch_probs:
+            final.estimate_probs, _ = honest.cross_fit(job.task, job.y_val, epoch_probs,
+                                                       job.seed)
+            final.estimate_how = (f"the {len(job.y_val)} validation images, each predicted "
+                                  "at the fine-tuning epoch chosen on the other validation "
+                                  "images")
         result.update(ft)
+    if final.estimate_probs is None and final.frozen is not None:
+        final.estimate_probs, final.estimate_how = final.frozen.probs, final.frozen.how
     held = validation.held_out(job, cache, runtime.batch_size)
     single = validation.above_cache(job, job.classifier.model, blocks)
     scores, probs = validation.validate(job, held, single)
     scores, thresholds = _scored(job, probs, scores, result)
-    if config.epochs > 0 and kept == 0 and not skipped:
-        print("fine-tuning did not improve on the head: exporting the head")
     members = (bag_lib.load_members(_members_file(job, scenario))
-               if heads.bag and _bag_fits(job, scenario, blocks) else None)
+               if final.bag and _bag_fits(job, scenario, blocks) else None)
     bag = validation.bag(job, scenario, single, members) if members is not None else None
     choice = validation.choose_output(job, held, (single, bag, members), probs, predict)
     start = job.classifier.start_layer(blocks)
@@ -123,21 +175,90 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
     trusted = trusting.fit_held_out(job, cache, runtime.batch_size, scenario, start, probs,
                                     predict, oof_ok)
     if refit:
-        settings = fit_settings(job, heads, cache, runtime), fine.replace(epochs=kept)
+        settings = (fit_settings(job, heads, cache, runtime),
+                    final.fine.replace(epochs=kept, schedule_epochs=final.fine.epochs))
         result["refit"] = _refit(job, config, cache, scenario, blocks, *settings)
     job.run.update_metrics("finetune", result)
-    described = (_described(scenario, config.epochs, kept) if not skipped else
-                 f"scenario {scenario} (its head; fine-tuning skipped: it could not beat it)")
-    final_model.record_final(job, described, scores, thresholds)
+    final_model.record_final(job, final.described, scores, thresholds)
     choice["model_info"] = final_model.trust(job, cache, runtime, trusted, start, refit)
-    _export(job, scenario, blocks, scores, thresholds, members, choice, refit)
+    estimate = final_model.expected_score(job, final.estimate_probs, final.estimate_how,
+                                          final.described, scores)
+    _export(job, scenario, blocks, scores, thresholds, members, choice, refit, estimate)
     if checkpoints is not None:
         checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)
     state = state_lib.load(job.run.path)
     probe_score = state.probe.val_score if state.probe else None
-    estimate = state.export.estimate if refit and state.export else None
-    print(summary.final(job.task, described, scores, probe_score, choice.get("bag_scores"),
-                        len(job.val), estimate))
+    print(summary.final(job.task, final.described, scores, probe_score,
+                        choice.get("bag_scores"), len(job.val), estimate, refit))
+
+
+def _augment_resolved(job: Job, config: FinetuneConfig, cache: CacheConfig,
+                      runtime: RuntimeConfig) -> FinetuneConfig:
+    """``config`` with ``--augment=auto`` replaced by the preset the evidence chooses
+    (`workflow.train.augment_choice`), recorded in metrics.json."""
+    if config.augment != "auto":
+        return config
+    chosen, record = augment_choice.choose(job, cache, runtime.batch_size)
+    job.run.update_metrics("augment", record)
+    print(f"augmentation for fine-tuning: {chosen} (--augment=auto: the preset whose views "
+          f"most help the probe on plain photos; {', '.join(f'{p} {v:.4f}' for p, v in record[f'cv_{job.task.headline}_by_preset'].items())})")
+    return dataclasses.replace(config, augment=chosen)
+
+
+def _load_head(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
+               config: FinetuneConfig, scenario: str) -> None:
+    """Puts ``scenario``'s cache-trained head into the classifier (fitting it first when
+    the heads stage cross-validated it but did not fit it)."""
+    head_weights = heads_lib.weights_file(job.run.path, scenario)
+    if scenario not in job.heads and not os.path.isfile(head_weights):
+        _fit_unfitted_head(job, heads, cache, runtime, config.view_preset, scenario)
+    heads_lib.load_scenario_weights(job.classifier, scenario, head_weights,
+                                    job.heads.get(scenario))
+
+
+def _try_whole(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
+               runtime: RuntimeConfig, predict: PredictConfig, scenario: str, frozen,
+               refit: bool) -> bool:
+    """Trains the whole network from a cache-trained head and exports it when its honest
+    validation predictions beat the frozen model's beyond noise; returns whether it did
+    (else the classifier is back at its starting weights)."""
+    start = whole_lib.start_scenario(job, scenario)
+    if start is None:
+        logging.info("Whole-network fine-tuning: no scenario was trained to start from.")
+        return False
+    _load_head(job, heads, cache, runtime, config, start)
+    blocks = list(job.classifier.net.blocks)
+    fine = whole_lib.settings(job, config, heads, runtime)
+    print(f"Whole-network fine-tuning from scenario {start}'s head: at most {fine.epochs} "
+          f"epochs of {len(job.train)} photos at {fine.image_size} px, augment={fine.augment}, "
+          f"lr {fine.learning_rate:g} after a {fine.warmup_epochs:g}-epoch warm-up ...")
+    ft = _finetune(job, config, cache, start, blocks, fine, what="the whole network")
+    kept = ft["best_epoch"]
+    probs, _ = honest.cross_fit(job.task, job.y_val, ft["epoch_probs"], job.seed)
+    decision = whole_lib.choose(job, frozen.probs, probs, frozen.what)
+    job.run.update_metrics("whole_network", {
+        "tried": True, "why": whole_lib.plan(job, config.whole, frozen.probs,
+                                             frozen.what).why,
+        "start": f"scenario {start}'s head", "kept_epoch": kept,
+        "seconds": ft["seconds"], "decision": decision})
+    if not decision["candidate_better_beyond_noise"] or kept == 0:
+        print(f"whole-network fine-tuning is not better than {frozen.what} beyond noise "
+              f"on honest validation predictions: {frozen.what} is exported")
+        ft["checkpoints"].remove()
+        restore(job.classifier.model, job.initial)
+        job.heads.pop(start, None)  # reloaded from its file, as the heads stage saved it
+        return False
+    print(f"whole-network fine-tuning beats {frozen.what} beyond noise on honest validation "
+          f"predictions ({decision['candidate']:.4f} vs {decision['baseline']:.4f}): it is "
+          "exported")
+    final = Final(start, blocks, f"the whole network, fine-tuned from scenario {start}'s head",
+                  ft, fine, bag=False, estimate_probs=probs, estimate_how=(
+                      f"the {len(job.y_val)} validation images, each predicted at the epoch "
+                      "chosen on the other validation images"))
+    _finish(job, final, {"scenario": "whole", "start": start, "blocks": blocks,
+                         "optimizer": fine.optimizer}, heads, cache, runtime, predict, refit,
+            config)
+    return True
 
 
 def _cannot_improve(job: Job, config: FinetuneConfig, scenario: str) -> Optional[str]:
@@ -201,13 +322,6 @@ def _fit_unfitted_head(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime
     job.heads[scenario] = result.weights
 
 
-def _refit_wanted(job: Job, heads: HeadsConfig) -> bool:
-    """--refit, by default on when cross-validation made the choices."""
-    if heads.refit is not None:
-        return heads.refit
-    return bool(job.folds)
-
-
 def _members_file(job: Job, scenario: str) -> str:
     return bag_lib.members_file(job.run.file("heads", "bag"), scenario)
 
@@ -220,8 +334,9 @@ def _bag_fits(job: Job, scenario: str, blocks) -> bool:
 
 
 def _finetune(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, blocks,
-              fine: FinetuneSettings) -> dict:
-    """Runs the fine-tuning; writes its history CSV and plot; returns its summary."""
+              fine: FinetuneSettings, what: Optional[str] = None) -> dict:
+    """Runs the fine-tuning; writes its history CSV and plot; returns its summary.
+    ``what``: what is fine-tuned, for the plot (default: the scenario)."""
     started = time.perf_counter()
     cached = _cached_views(job, config, cache, fine.batch_size, blocks)
     ft = finetune_lib.finetune(job.classifier, blocks, job.task, job.train, job.val, fine,
@@ -234,7 +349,8 @@ def _finetune(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: st
     job.run.write_csv(history, "history_finetune.csv")
     plots.history(
         history, job.run.file("finetune_history.png"),
-        title=f"Fine-tuning scenario {scenario} (epoch 0 = the starting head)",
+        title=f"Fine-tuning {what or 'scenario ' + scenario} (epoch 0 = scenario {scenario}'s "
+              "head)",
         kept_epoch=ft["best_epoch"],
         metrics=tuple(dict.fromkeys(("accuracy", "loss", job.task.headline))))
     return ft
@@ -282,7 +398,7 @@ def _refit(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, 
 
 
 def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, choice: dict,
-            refit: bool) -> None:
+            refit: bool, estimate: dict) -> None:
     """model.keras + model_info.json (+ bag.keras), and metrics.json's ``export``.
     ``choice["model_info"]``: the calibration's and unfamiliar score's entries (`final_model.trust`)."""
     info = {**final_model.model_info(job, scenario, blocks, scores, thresholds), **choice["model_info"]}
@@ -311,8 +427,7 @@ def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, 
         os.remove(stale)  # never leave a bag from another run beside this model
     export = {"default": inference.BAG_FILE if choice["default"] == "bag" else
               inference.MODEL_FILE, "tta": choice["tta"], "refit": refit,
-              "estimate": final_model.expected_score(job, scenario, refit, scores),
-              "decisions": choice["decisions"]}
+              "estimate": estimate, "decisions": choice["decisions"]}
     info.update({"default_model": choice["default"], "tta": choice["tta"], "refit": refit,
                  "estimate": export["estimate"]})
     job.run.update_metrics("export", export)

@@ -57,20 +57,19 @@ def record_final(job: Job, what: str, scores: dict, thresholds) -> None:
            if thresholds is not None else {})})
 
 
-def expected_score(job: Job, scenario: str, refit: bool, scores: dict) -> dict:
-    """The score to expect from the exported model, and how it was measured."""
+def expected_score(job: Job, probs, how: str, what: str, scores: dict) -> dict:
+    """The score to expect from the exported model, and how it was measured: on honest
+    predictions of the validation images (``probs``: from a model no choice of which was
+    made on the image predicted, ``how`` says why), else (an earlier run folder) the
+    final model's validation score, said to be optimistic."""
     name = job.task.headline
-    state = state_lib.load(job.run.path)
-    cv = state.probe if scenario == PROBE else state.heads.get(scenario)
-    if refit and cv is not None and cv.cv_mean is not None:
-        return {"metric": name, "value": cv.cv_mean, "std": cv.cv_std,
-                "how": f"{len(job.folds)}-fold cross-validation of "
-                       f"{'the linear probe' if scenario == PROBE else 'scenario ' + scenario}"
-                       " on the training "
-                       "split (the refit model was trained on every labelled image, so it has "
-                       "no held-out images of its own)"}
-    return {"metric": name, "value": scores.get(name),
-            "how": f"validation set ({len(job.val)} images)"}
+    if probs is not None and len(job.y_val):
+        value = float(job.task.headline_score(job.y_val, probs))
+        return {"metric": name, "value": round(value, 6), "images": len(job.y_val),
+                "how": f"{what} before any refit, on {how}"}
+    return {"metric": name, "value": scores.get(name), "images": len(job.y_val),
+            "how": f"{what} on the {len(job.y_val)} validation images, which also chose its "
+                   "epoch (optimistic)"}
 
 
 def input_contract(image_size: int) -> dict:
@@ -118,7 +117,7 @@ def trust(job: Job, cache: CacheConfig, runtime: RuntimeConfig, trusted: dict, s
 
 
 def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
-                 predict: PredictConfig, refit: bool) -> None:
+                 predict: PredictConfig, refit: bool, frozen=None) -> None:
     """Exports the probe as the model: the frozen base plus the probe as a Keras head,
     chosen and scored as fitted on the training split, then (with ``refit``) fitted again
     on training + validation images."""
@@ -147,7 +146,10 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
     record_final(job, f"the linear probe ({config.describe()})", scores, thresholds)
     info = {**model_info(job, PROBE, [], scores, thresholds),
             **trust(job, cache, runtime, trusted, layer, refit)}
-    estimate = expected_score(job, PROBE, refit, scores)
+    estimate = expected_score(job, probs if frozen is None or frozen.probs is None else
+                              frozen.probs, frozen.how if frozen is not None and frozen.how
+                              else f"the {len(job.y_val)} validation images, which chose "
+                              "nothing of the probe", "the linear probe", scores)
     info.update({"default_model": "model", "tta": choice["tta"], "refit": refit,
                  "estimate": estimate, "probe": config.describe()})
     job.run.update_metrics("export", {"default": inference.MODEL_FILE, "model": "probe",
@@ -160,7 +162,7 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
         os.remove(stale)  # never leave a bag from another run beside this model
     inference.export_model(model, job.run.path, info)
     print(summary.final(job.task, f"the linear probe, {config.describe()}", scores, None, None,
-                        len(job.val), estimate if refit else None))
+                        len(job.val), estimate, refit))
 
 
 def _probe_model(job: Job, cache: CacheConfig, runtime: RuntimeConfig,

@@ -1,11 +1,21 @@
 """The heads stage's choice between its best scenario and the linear probe, and the
 sentence that says what was decided (in words that match the comparison made)."""
 
+import dataclasses
 import logging
+import os
+from typing import Optional
 
-from features.choose import cv as cv_lib, evidence
-from workflow.train.export import PROBE
+import numpy as np
+
+from features.choose import cv as cv_lib, evidence, honest
+from pipeline.atomic import atomic_path
+from workflow.train.final_model import PROBE
 from workflow.train.job import Job
+
+# The heads stage's chosen model on the validation images, honestly predicted: what the
+# final stage compares other candidates with and takes its estimate from.
+HELD_OUT_FILE = os.path.join("heads", "heldout.npz")
 
 
 def choice_sentence(choice: dict, best: str) -> str:
@@ -80,3 +90,54 @@ def probe_or_head(job: Job, best, probe_choice, baseline: dict,
                        "by": ("out-of-fold" if groups is not None else "validation-image")
                        + " comparison with the best scenario"})
     return choice
+
+
+@dataclasses.dataclass(frozen=True)
+class Honest:
+    """A model's predictions of the validation images that no choice of its own made on
+    them (``how`` says why), and its name."""
+    probs: Optional[np.ndarray]
+    what: str
+    how: str
+
+
+def honest_val(job: Job, choice: dict, results: dict, probe_val) -> Honest:
+    """The chosen frozen-feature model's honest validation predictions: the probe's and
+    a cross-validated scenario's as they are (their settings and epochs were chosen on
+    the training split), a scenario chosen by the validation images cross-fitted over
+    its epochs (`features.choose.honest`)."""
+    n = len(job.y_val)
+    if choice["scenario"] == PROBE:
+        return Honest(probe_val, "the linear probe",
+                      f"the {n} validation images, which chose nothing of the probe (its "
+                      "settings were chosen by cross-validation on the training split)")
+    r = results[choice["scenario"]]
+    what = f"scenario {choice['scenario']}"
+    if r.cv is not None or not r.epoch_probs:
+        return Honest(r.val_probs, what, f"the {n} validation images, which chose nothing of "
+                      "it (its epoch was chosen by cross-validation on the training split)")
+    probs, _ = honest.cross_fit(job.task, job.y_val, r.epoch_probs, job.seed)
+    return Honest(probs, what, f"the {n} validation images, each predicted at the epoch "
+                  "chosen on the other validation images")
+
+
+def save_honest(job: Job, h: Honest) -> None:
+    path = job.run.file(HELD_OUT_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, probs=np.asarray(h.probs, np.float64), what=np.array(h.what),
+                     how=np.array(h.how), names=np.array(job.val.name.astype(str).tolist()))
+
+
+def load_honest(job: Job, scenario: str) -> Honest:
+    """What `save_honest` stored for ``scenario`` (the heads stage's choice), or, from a
+    run folder without it (another choice, an earlier version), none."""
+    what = "the linear probe" if scenario == PROBE else f"scenario {scenario}"
+    path = job.run.file(HELD_OUT_FILE)
+    if os.path.isfile(path):
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["what"]) == what and list(z["names"]) == job.val.name.astype(
+                    str).tolist():
+                return Honest(z["probs"], what, str(z["how"]))
+    return Honest(None, what, "")

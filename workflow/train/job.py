@@ -255,7 +255,7 @@ def finetune_settings(job: Job, config: FinetuneConfig, heads: HeadsConfig,
         augment_on=config.augment_on, optimizer=optimizer, patience=config.patience,
         monitor=config.monitor, seed=job.seed, class_weight=job.class_weight,
         label_smoothing=heads.label_smoothing, resume=config.resume,
-        tensorboard_dir=job.board)
+        tensorboard_dir=job.board, warmup_epochs=config.warmup)
 
 
 class Features:

@@ -199,7 +199,9 @@ def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
                                                                   job.task))
 
     scenario = _dense_scenario(state)
-    head = heads_lib.HeadConfig.for_scenario(scenario)
+    kept = state.heads.get(scenario)
+    head = heads_lib.HeadConfig.for_scenario(
+        scenario, kept.learning_rate if kept else None, pooling=job.classifier.net.pooling)
     x_head = train[job.classifier.start_layer(head.row.blocks)]
     start = snapshot(job.classifier.model)
     epochs = int(state.heads[scenario].epoch if scenario in state.heads else heads.epochs)

@@ -55,6 +55,7 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
     job.run.update_metrics("probe", baseline)
     configs = ([chosen] if chosen else
                [heads_lib.HeadConfig.for_scenario(s, heads.learning_rate,
+                                                  pooling=job.classifier.net.pooling,
                                                   optimizer=heads.optimizer, views=views)
                 for s in heads.scenarios])
     with job.clock.stage("scenarios on cached features"):
@@ -71,6 +72,7 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
                "metric": job.task.headline})
     job.run.update_metrics("heads_choice", choice)
     _record_state(job, baseline, results, choice)
+    heads_choice.save_honest(job, heads_choice.honest_val(job, choice, results, probe_val))
     _plot_heads(job, results, baseline)
     if best.cv is not None:
         chosen_oof = probe_choice.oof_probs if choice["scenario"] == PROBE else best.cv.oof_probs

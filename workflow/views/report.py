@@ -199,6 +199,36 @@ def _export_section(metrics: dict) -> str:
     return "".join(out)
 
 
+def _whole_section(folder: str, metrics: dict) -> str:
+    """Whether the whole network was fine-tuned, why (not), and the evidence that kept
+    it or the frozen model; the augmentation preset and why."""
+    whole, augment = metrics.get("whole_network"), metrics.get("augment")
+    if not whole and not augment:
+        return ""
+    out = ["<h2>Whole-network fine-tuning</h2>"]
+    if whole:
+        out.append(f"<p>{esc('Tried' if whole.get('tried') else 'Not tried')}: "
+                   f"{esc(whole.get('why', ''))}.</p>")
+        decision = whole.get("decision")
+        if decision:
+            out.append(f"<p>From {esc(whole.get('start'))}; kept epoch "
+                       f"{esc(whole.get('kept_epoch'))}; {number(metrics, 'whole_network/seconds', 1)}"
+                       f" s. Compared on {esc(decision.get('on'))}:</p>")
+            out.append(_decision("whole network vs the frozen-feature model", "whole",
+                                 decision, "whole_network/decision", metrics))
+            if not decision.get("candidate_better_beyond_noise") and not metrics.get(
+                    "finetune", {}).get("scenario") == "whole":
+                out.append(image(os.path.join(folder, "finetune_history.png"),
+                                 "The whole network's epochs (not exported; epoch 0 = the "
+                                 "head it started from)"))
+    if augment:
+        table_ = augment.get(next((k for k in augment if k.endswith("_by_preset")), ""), {})
+        out.append(f"<p>Augmentation: <b>{esc(augment.get('chosen'))}</b>, by "
+                   f"{esc(augment.get('how'))}: " + ", ".join(
+                       f"{esc(p)} {v:.4f}" for p, v in table_.items()) + ".</p>")
+    return "".join(out)
+
+
 def _finetune_section(folder: str, metrics: dict) -> str:
     ft = metrics.get("finetune", {})
     if not ft or "best_epoch" not in ft:
@@ -364,7 +394,8 @@ def write_run_report(folder: str, commands: Optional[Dict[str, str]] = None) -> 
               "</p>")
     return write(os.path.join(folder, REPORT), page("Training report", [
         header, _data_section(folder), _settings_section(folder),
-        _backbones_section(folder, metrics), _models_section(folder, metrics, metric), _finetune_section(folder, metrics),
+        _backbones_section(folder, metrics), _models_section(folder, metrics, metric),
+        _whole_section(folder, metrics), _finetune_section(folder, metrics),
         _export_section(metrics), _final_section(folder, metrics),
         trust_views.report_section(folder, metrics), _labels_section(folder, metrics),
         _timings_section(metrics), *_later_sections(folder, metrics),

@@ -48,23 +48,23 @@ def heads(results: Dict[str, HeadResult], probe: dict, best: HeadResult, task: T
 
 
 def final(task: Task, what: str, scores: dict, probe_score, bag, images: int,
-          estimate: dict = None) -> str:
+          estimate: dict = None, refit: bool = False) -> str:
     """The final model's lines: which model, on which images, its scores beside the
-    probe's and the bag's; with ``estimate`` (a refit), what was exported instead and the
-    score to expect from it (it has no held-out images of its own)."""
+    probe's and the bag's; the score to expect from the exported model and which photos
+    it stands on; and, after a refit, that the exported model trained on every label."""
     name = task.headline
     other = "auc" if name == "accuracy" else "accuracy"
-    before = "before the refit " if estimate else ""
+    before = "before the refit " if refit else ""
     text = (f"final model {before}({what}) on the {images} validation images it was not "
             f"trained on: {label(name)} {scores[name]:.4f}, {label(other)} {scores[other]:.4f}"
             + (f"; linear probe {probe_score:.4f}" if probe_score is not None else "")
             + (f"; bag of {bag['members']} {bag[f'val_{name}']:.4f}" if bag else ""))
-    if estimate:
-        std = estimate.get("std")
-        text += (f"\nexported: that model refit on every labelled image (the validation images "
-                 f"too, so it has no held-out score); expected {label(name)} "
-                 f"{estimate['value']:.4f}" + (f" +- {std:.4f}" if std is not None else "")
-                 + f" from {estimate['how'].split(' (')[0]}")
+    if estimate and estimate.get("value") is not None:
+        text += (f"\nexpected {label(name)} {estimate['value']:.4f}: {estimate['how']}")
+    if refit:
+        text += ("\nexported: that model refit on every labelled image (training + "
+                 "validation, at the epoch counts chosen above), so it has no held-out "
+                 "score of its own")
     return text
 
 
