@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Callable, Optional
 
@@ -339,8 +340,11 @@ def finetune(classifier: backbone.Classifier, blocks, task: Task, train_frame: p
         callbacks.insert(2, keras.callbacks.TensorBoard(log_dir))
     started = time.perf_counter()
     if initial_epoch < s.epochs and checkpointer.wait < s.patience:
+        # On a terminal, Keras' bar shows each epoch's steps with the time left (an
+        # epoch of the whole network is a minute); piped, the one line per epoch.
         fit_model.fit(train.dataset, epochs=s.epochs, initial_epoch=initial_epoch,
-                      steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=0)
+                      steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
+                      verbose=1 if sys.stdout.isatty() else 0)
     seconds = time.perf_counter() - started
     progress.clear("finetune")
     checkpointer.restore_best()

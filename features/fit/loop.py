@@ -103,20 +103,31 @@ class _EpochWeights(keras.callbacks.Callback):
 
 class EpochLog(keras.callbacks.Callback):
     """One plain log line per epoch (instead of Keras' progress bar): readable when the
-    output is piped, and it shows the exact validation metrics. ``quiet``: in the log
-    file only (a head's up to 100 epochs of a few milliseconds each)."""
+    output is piped, and it shows the exact validation metrics, the epoch's time and the
+    most time left (the remaining epochs at this pace; early stopping may end sooner).
+    ``quiet``: in the log file only (a head's up to 100 epochs of milliseconds each)."""
 
     def __init__(self, what: str, epochs: int, quiet: bool = False):
         super().__init__()
         self.what, self.epochs = what, epochs
         self.log = logging.getLogger("detail").info if quiet else logging.info
+        self._started = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        import time
+        self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        import time
         logs = logs or {}
         shown = [k for k in ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc",
                              "val_map") if k in logs]
-        self.log("%s epoch %d/%d: %s", self.what, epoch + 1, self.epochs,
-                     ", ".join(f"{k} {float(logs[k]):.4f}" for k in shown))
+        seconds = time.perf_counter() - self._started if self._started else 0.0
+        left = (self.epochs - epoch - 1) * seconds
+        pace = (f" ({seconds:.0f} s; at most {left / 60:.1f} min left)"
+                if seconds >= 5 and left > 0 else "")
+        self.log("%s epoch %d/%d: %s%s", self.what, epoch + 1, self.epochs,
+                 ", ".join(f"{k} {float(logs[k]):.4f}" for k in shown), pace)
 
 
 @dataclasses.dataclass

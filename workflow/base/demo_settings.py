@@ -2,7 +2,8 @@
 TensorFlow-free, as the flags are checked before it starts)."""
 
 SETTINGS = {"weights": "none", "include_top": False, "image_size": 64, "val_size": "40",
-            "cv_folds": "3", "scenarios": ["A", "B"], "finetune_epochs": 3, "monitor": "loss"}
+            "cv_folds": "3", "scenarios": ["A", "B"], "finetune_epochs": 3, "monitor": "loss",
+            "heads_patience": 3}
 REASONS = {
     "weights": "offline and instant; random weights prove the plumbing, not transfer quality",
     "include_top": "VGG16 only: no 120M-parameter ImageNet top without ImageNet weights",
@@ -16,6 +17,8 @@ REASONS = {
                        "exported: then no epoch runs, and the summary says so)",
     "monitor": "when fine-tuning runs: with 40 synthetic validation images the AUC saturates "
                "near 1.0 every epoch; the loss still tells epochs apart",
+    "heads_patience": "synthetic curves settle in a few epochs; a scenario stops 3 epochs "
+                      "after its last gain instead of 10",
 }
 
 
