@@ -104,9 +104,10 @@ class FinetuneConfig:
     resume: bool
     warmup: float = 1.0            # epochs of learning-rate warm-up (then a cosine decay)
     whole: str = "auto"            # --whole_network: auto, yes or no
-    whole_epochs: int = 30
+    whole_epochs: int = 15
     whole_learning_rate: float = 1e-4
     whole_batch_size: int = 16
+    whole_patience: int = 8
 
     @property
     def view_preset(self) -> str:
@@ -346,7 +347,8 @@ def train_config(flag_values, names) -> TrainConfig:
                                 v["finetune_views"], v["patience"],
                                 None if v["monitor"] == "auto" else v["monitor"], v["resume"],
                                 v["finetune_warmup"], v["whole_network"], v["whole_epochs"],
-                                v["whole_learning_rate"], v["whole_batch_size"]),
+                                v["whole_learning_rate"], v["whole_batch_size"],
+                                v["whole_patience"]),
         predict=PredictConfig(parse_tta(v["tta"]), v["bag"], check_rate(v["unfamiliar_rate"]),
                               parse_threshold(v["threshold"])),
         runtime=RuntimeConfig.from_values(v),

@@ -340,9 +340,15 @@ def _train_finetune(d: dict) -> None:
                       "EfficientNetV2-B0) unless the frozen model is already too good for "
                       "anything to beat it beyond noise on the validation photos.",
                       module_name=FINETUNE, **d)
-    flags.DEFINE_integer("whole_epochs", 30, "Whole-network fine-tuning: the most epochs "
-                         "(it stops after --patience epochs without improvement).",
+    flags.DEFINE_integer("whole_epochs", 15, "Whole-network fine-tuning: the most epochs "
+                         "(the cosine decay ends there; it stops earlier after "
+                         "--whole_patience epochs without a better validation score).",
                          lower_bound=1, module_name=FINETUNE, **d)
+    flags.DEFINE_integer("whole_patience", 8, "Whole-network fine-tuning: epochs without a "
+                         "better validation score before it stops (longer than --patience: "
+                         "its early epochs dip while the network adapts, and its learning "
+                         "rate is still high there).", lower_bound=1, module_name=FINETUNE,
+                         **d)
     flags.DEFINE_float("whole_learning_rate", 1e-4, "Whole-network fine-tuning: Adam's peak "
                        "learning rate.", module_name=FINETUNE, **d)
     flags.DEFINE_integer("whole_batch_size", 16, "Whole-network fine-tuning: images per "

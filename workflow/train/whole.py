@@ -100,7 +100,8 @@ def settings(job, config, heads, runtime):
     from workflow.train.job import finetune_settings
     return finetune_settings(job, config, heads, runtime, "adam").replace(
         epochs=config.whole_epochs, learning_rate=config.whole_learning_rate,
-        batch_size=min(runtime.batch_size, config.whole_batch_size))
+        batch_size=min(runtime.batch_size, config.whole_batch_size),
+        patience=config.whole_patience)
 
 
 def start_scenario(job, chosen: str) -> Optional[str]:
