@@ -13,6 +13,12 @@ one after the other: starts ``serve.py`` in its own process and times it until
 name and probabilities: none lost, none mixed up). Prints requests per second and p50 /
 p95 latency of each version and their ratio, and the batch throughput of this
 checkout's predictor on the same photos in this process (the model loaded) for scale.
+
+``--large_seconds=60`` adds the memory bound under many clients (issue 50): made-up
+20-megapixel PNGs (and every tenth request a 90-megapixel one, both under the upload
+limit), posted by ``--clients`` threads for that long; every answer must be 200, or 503
+with ``Retry-After``; the server's peak RSS (the kernel's high-water mark, VmHWM) after
+start-up and one photo, and after the load, and their difference.
 """
 
 import argparse
@@ -118,12 +124,80 @@ def load(url: str, photos, clients: int, requests: int, max_seconds: float) -> d
             "asked": clients * requests}
 
 
+def _png(path: str, width: int, height: int) -> str:
+    """A smooth RGB PNG (it compresses to a few MB), written a row at a time."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    packer, parts = zlib.compressobj(6), []
+    ramp = (np.arange(width) * 255 // max(1, width - 1)).astype(np.uint8)
+    for y in range(height):
+        row = np.stack([ramp, np.full(width, y * 255 // max(1, height - 1), np.uint8),
+                        ramp[::-1]], axis=1)
+        parts.append(packer.compress(b"\0" + row.tobytes()))
+    parts.append(packer.flush())
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8,
+                                                                   2, 0, 0, 0))
+                + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    return path
+
+
+def _peak_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+
+
+def large_load(url: str, pid: int, clients: int, seconds: float) -> dict:
+    """``clients`` threads posting large PNGs for ``seconds``: the answers by status,
+    whether every 503 had Retry-After, and the server's peak RSS before and after."""
+    import collections
+    import httpx
+    folder = tempfile.mkdtemp(prefix="bench-serve-large-")
+    try:
+        twenty = open(_png(os.path.join(folder, "p20mp.png"), 5000, 4000), "rb").read()
+        ninety = open(_png(os.path.join(folder, "p90mp.png"), 10000, 9000), "rb").read()
+        idle = _peak_mb(pid)
+        counts, no_retry = collections.Counter(), 0
+        deadline = time.perf_counter() + seconds
+
+        def client(c):
+            nonlocal no_retry
+            n = 0
+            while time.perf_counter() < deadline:
+                big = n % 10 == 9
+                answer = httpx.post(f"{url}/api/predict", files=[("files", (
+                    "p90mp.png" if big else "p20mp.png", ninety if big else twenty))],
+                    timeout=300)
+                counts[answer.status_code] += 1
+                no_retry += answer.status_code == 503 and "retry-after" not in answer.headers
+                n += 1
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            list(pool.map(client, range(clients)))
+        return {"idle_peak_mb": idle, "peak_mb": _peak_mb(pid), "counts": dict(counts),
+                "no_retry_after": no_retry, "sizes_mb": (len(twenty) / 1e6, len(ninety) / 1e6)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def version(label: str, root: str, args, photos) -> dict:
     """One version's start-up, agreement and load, printed."""
     server, url, startup, health = start(root, args.workdir)
     try:
         diff = agreement(url, root, args.workdir, photos, health["classes"])
         got = load(url, photos, args.clients, args.requests, args.max_seconds)
+        if args.large_seconds > 0:
+            large = large_load(url, server.pid, args.clients, args.large_seconds)
+            print(f"{label}: {args.clients} clients x {args.large_seconds:g} s of 20-megapixel "
+                  f"PNGs ({large['sizes_mb'][0]:.1f} MB; every tenth a 90-megapixel one, "
+                  f"{large['sizes_mb'][1]:.1f} MB): answers by status {large['counts']}, "
+                  f"503 without Retry-After: {large['no_retry_after']}; server peak RSS "
+                  f"{large['idle_peak_mb']:.0f} MB idle -> {large['peak_mb']:.0f} MB "
+                  f"(+{large['peak_mb'] - large['idle_peak_mb']:.0f} MB)", flush=True)
+            got["large"] = large
     finally:
         server.kill()
         server.wait()
@@ -158,6 +232,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=25)
     parser.add_argument("--max_seconds", type=float, default=300)
+    parser.add_argument("--large_seconds", type=float, default=0,
+                        help="also post large PNGs for this long (the memory bound)")
     parser.add_argument("--before", default=None,
                         help="git revision to compare with (e.g. aa650e6), run first")
     args = parser.parse_args()

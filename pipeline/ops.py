@@ -75,11 +75,28 @@ def decode(image_size=None):
     return op
 
 
+# Above this many pixels an 8-bit image is first averaged down to twice the target size
+# (area resampling reads uint8 and writes only the small float32 result): the
+# antialiased resize widens its whole input to float32, 1.1 GB for a 90-megapixel PNG,
+# per image decoding at once. JPEGs that large are already shrunk while decoding (DCT).
+LARGE_PIXELS = 16_000_000
+
+
 def resize_image(image, image_size):
     """Resizes to ``image_size`` x ``image_size`` (aspect ratio not kept, as in Keras'
-    ``flow_from_directory``) with antialiased bilinear filtering; float32 output in [0, 255]."""
-    image = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size],
-                            method="bilinear", antialias=True)
+    ``flow_from_directory``) with antialiased bilinear filtering; float32 output in [0, 255].
+    An image over `LARGE_PIXELS` is averaged to twice the size first, in its own dtype."""
+    shape = tf.shape(image)
+    pixels = tf.cast(shape[0], tf.int64) * tf.cast(shape[1], tf.int64)
+
+    def shrunk():
+        return tf.image.resize(image, [2 * image_size, 2 * image_size], method="area")
+
+    def whole():
+        return tf.cast(image, tf.float32)
+    image = tf.cond(pixels > LARGE_PIXELS, shrunk, whole)
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear",
+                            antialias=True)
     # Antialiasing kernels can overshoot slightly; keep the pixel range exact.
     return tf.clip_by_value(image, 0.0, 255.0)
 

@@ -41,8 +41,19 @@ def dimensions(contents: bytes):
     return None
 
 
+def unreadable_size(contents: bytes) -> str:
+    """Why a JPEG or PNG's header does not give its size (a check that cannot read it
+    fails closed: such a file is never decoded), or ""."""
+    if dimensions(contents) is not None:
+        return ""
+    kind = "PNG" if contents.startswith(b"\x89PNG") else "JPEG"
+    return (f"has a {kind} header that does not give its size (truncated or damaged "
+            "before its first frame): not decoded")
+
+
 def too_many_pixels(contents: bytes, max_pixels: int = MAX_PIXELS) -> str:
-    """The reason an image is refused for its size (from its header), or ""."""
+    """The reason an image is refused for its size (from its header), or "" (also when
+    the header does not say: `unreadable_size` refuses that)."""
     size = dimensions(contents)
     if size is None or size[0] * size[1] <= max_pixels:
         return ""
@@ -69,22 +80,37 @@ def signature_problem(contents: bytes) -> str:
     return "is not a JPEG or PNG file (unrecognised content)"
 
 
+# How much of a file the header checks read: a JPEG's frame header follows its EXIF and
+# colour-profile segments (64 KB each at most), so 1 MB holds it in any camera's file.
+HEADER_BYTES = 1 << 20
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file an image of ``max_pixels`` can honestly be: 4 bytes a pixel (a
+    PNG with alpha stored raw) plus 1 MB of headers and metadata."""
+    return 4 * max_pixels + HEADER_BYTES
+
+
 def check_image(path: str, image_size: int = 224, max_pixels: int = MAX_PIXELS) -> str:
-    """Returns "" if ``path`` decodes to an RGB image of at most ``max_pixels`` pixels
-    (checked in its header first: an image over the limit is never decoded), else the
-    reason it does not."""
+    """Returns "" if ``path`` decodes to an RGB image of at most ``max_pixels`` pixels,
+    else the reason it does not. The size checks read at most `HEADER_BYTES` (the file's
+    byte size, then the pixel count from its header: a file over either limit, or one
+    whose header does not say its size, is never read whole nor decoded)."""
     try:
         with open(path, "rb") as f:
-            contents = f.read()
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(HEADER_BYTES)
+            problem = (signature_problem(head) or unreadable_size(head)
+                       or too_many_pixels(head, max_pixels))
+            if not problem and size > max_file_bytes(max_pixels):
+                problem = (f"is {size / 1e6:.0f} MB, more than an image of "
+                           f"{max_pixels / 1e6:g} megapixels can be (--max_pixels): not read")
+            if problem:
+                return problem
+            contents = head + f.read()
     except OSError as err:
         return f"cannot be read ({err.strerror or err})"
-    problem = signature_problem(contents)
-    if problem:
-        return problem
     kind = next(k for sig, k in _SIGNATURES if contents.startswith(sig))
-    oversized = too_many_pixels(contents, max_pixels)
-    if oversized:
-        return oversized
     try:
         image = ops.decode_image_bytes(contents, image_size)
     except (tf.errors.InvalidArgumentError, tf.errors.OpError) as err:

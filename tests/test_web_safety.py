@@ -129,13 +129,22 @@ def test_requests_from_pages_of_other_sites_change_nothing(served, caplog):
         assert client.options("/api/labels", headers=headers).status_code == 403
     pd.testing.assert_frame_equal(_reviewed(run), before)
     assert "Refused POST /api/predict" in caplog.text and "attacker.example" in caplog.text
-    # The server's own pages (same origin), and programs (no Origin), work.
-    own = {"Origin": "http://127.0.0.1:8000"}
+    # The server's own pages (same origin, with the label page's token), and programs
+    # (no Origin) asking for predictions, work.
+    from tests.test_serve import page_token
+    own = {"Origin": "http://127.0.0.1:8000", "X-Page-Token": page_token(client.get)}
     assert client.post("/api/predict", files=[photo], headers=own).status_code == 200
     assert client.post("/api/predict", files=[photo]).status_code == 200
     assert client.post("/api/labels", json={"id": item["id"], "label": "bees"},
                        headers=own).status_code == 200
     assert client.delete(f"/api/labels/{item['id']}", headers=own).status_code == 200
+    # Without the page's token (a script of another page cannot read it), no change.
+    for headers in ({"Origin": "http://127.0.0.1:8000"}, {},
+                    {"X-Page-Token": "guessed", "Origin": "http://127.0.0.1:8000"}):
+        assert client.post("/api/labels", json={"id": item["id"], "label": "bees"},
+                           headers=headers).status_code == 403
+        assert client.delete(f"/api/labels/{item['id']}", headers=headers).status_code == 403
+    assert _reviewed(run).to_dict("records") == before.to_dict("records")
 
 
 def test_an_error_inside_a_handler_is_a_500_without_its_text(served, caplog):

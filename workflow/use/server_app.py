@@ -4,16 +4,22 @@ Safe by default, in the order a request meets it:
 
 1. `workflow.use.web_guard`: a ``Host`` the server does not answer to gets 400, a POST,
    PUT or DELETE from a page of another site 403 (DNS rebinding, cross-site requests);
-2. the token, when there is one (``Authorization: Bearer``, the ``token`` cookie, or
-   ``?token=`` once, which sets the cookie);
+2. the token, when there is one: a valid one in any of ``Authorization: Bearer``, the
+   cookie named for the port, or ``?token=`` (which sets the cookie, ``Path=/`` and
+   host-only) is enough;
 3. the body's size: a ``Content-Length`` over the limit gets 413 before anything is
    read (`web_guard`), and FastAPI's ``max_body_size`` cuts a chunked body at the limit;
-4. each upload: counted, measured, its pixel count read from its header, then decoded
-   once (`serving.prepare_uploads`).
+4. each upload, while it streams (`LimitedParser`): counted, and cut at the per-file
+   limit; then, under a decode slot shared by every request (`serving.DecodeSlots`:
+   busy too long is 503 with ``Retry-After``), its pixel count read from its header,
+   then decoded once (`serving.prepare_uploads`).
 
-Images come only from the run's own lists by opaque id; every error is a JSON 4xx naming
-what was wrong; an unexpected one is a 500 with an id and no detail (the details go to
-the server's log); nothing is listed.
+The label page's changes (POST, DELETE ``/api/labels``) also need the page's own token
+(``X-Page-Token``, in the page the server sent): a script on another page cannot send
+it. Images come only from the run's own lists by opaque id; every error is a JSON 4xx
+naming what was wrong; an unexpected one is a 500 with an id and no detail (the details
+go to the server's log); nothing is listed. Every response carries the headers of
+`web_guard.SECURITY_HEADERS` (no framing, no inline script).
 """
 
 import hmac
@@ -21,13 +27,15 @@ import logging
 import os
 import secrets
 import tempfile
-from typing import List, Optional
+from typing import Optional
 
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from workflow.use import serving, web_guard
 
@@ -53,30 +61,41 @@ def create_app(workdir: str, config: serving.ServeConfig = serving.ServeConfig()
                   # what the parser takes before that.
                   form_limits={"max_files": 2 * config.max_files + 1, "max_fields": 8})
     _errors(app)
-    _token(app, config.token)
-    _prediction_routes(app, predictor, config)
+    _token(app, config.token, config.port)
+    page_token = secrets.token_urlsafe(24)
+    _static_routes(app)
+    _prediction_routes(app, predictor, config, serving.DecodeSlots.for_config(config))
     _label_routes(app, predictor, serving.Reviews(workdir),
-                  serving.Queue(workdir, predictor.task))
+                  serving.Queue(workdir, predictor.task), page_token)
     return web_guard.GuardMiddleware(app, web_guard.Guard.for_server(
         config.host, config.port, config.allowed_hosts, config.max_request_bytes))
 
 
-def _token(app: FastAPI, token: Optional[str]) -> None:
-    """The token check."""
+def cookie_name(port: int) -> str:
+    """The token's cookie, one per port: a cookie is sent to every port of a host, and
+    another local service must neither receive this one nor overwrite it."""
+    return f"serve_token_{int(port)}"
+
+
+def _token(app: FastAPI, token: Optional[str], port: int) -> None:
+    """The token check: a valid token in the header, the cookie or the query is enough
+    (an unrelated ``Authorization`` header hides neither of the others)."""
+    cookie = cookie_name(port)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
         if token is None:
             return await call_next(request)
-        given = (request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-                 or request.cookies.get("token") or request.query_params.get("token") or "")
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        header = request.headers.get("authorization", "")
+        given = [header[len("Bearer "):].strip() if header.startswith("Bearer ") else "",
+                 request.cookies.get(cookie, ""), request.query_params.get("token", "")]
+        if not any(g and hmac.compare_digest(g.encode(), token.encode()) for g in given):
             return JSONResponse({"error": "This server needs its token: send "
                                           "'Authorization: Bearer <token>' or open "
                                           "the page once with ?token=<token>."}, 401)
         response = await call_next(request)
-        if request.query_params.get("token"):
-            response.set_cookie("token", token, httponly=True, samesite="strict")
+        if given[2]:
+            response.set_cookie(cookie, token, httponly=True, samesite="strict", path="/")
         return response
 
 
@@ -86,7 +105,8 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(serving.UploadError)
     async def upload_error(request: Request, err: serving.UploadError):
-        return JSONResponse({"error": err.message}, err.status)
+        return JSONResponse({"error": err.message}, err.status, headers=(
+            {"Retry-After": str(err.retry_after)} if err.retry_after else None))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
@@ -104,7 +124,48 @@ def _errors(app: FastAPI) -> None:
                                       "the details.", "id": error_id}, 500)
 
 
-def _prediction_routes(app: FastAPI, predictor, config: serving.ServeConfig) -> None:
+class LimitedParser(MultiPartParser):
+    """Starlette's multipart parser with a limit per file, enforced while the body
+    streams: a file over ``max_file_bytes`` stops the parsing there (413, naming it),
+    before the rest of it is read or spooled. Starlette limits only the count of files
+    and the size of plain fields."""
+
+    def __init__(self, headers, stream, *, max_file_bytes: int, **limits):
+        super().__init__(headers, stream, **limits)
+        self.max_file_bytes, self._part_bytes = max_file_bytes, 0
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self._part_bytes = 0
+
+    def on_headers_finished(self) -> None:
+        try:
+            super().on_headers_finished()
+        except MultiPartException as err:
+            if "Too many files" in str(err):
+                raise serving.UploadError(413, f"More than {self.max_files} files in one "
+                                               f"request; at most {self.max_files}.") from None
+            raise
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current_part
+        if part.file is not None:
+            self._part_bytes += end - start
+            if self._part_bytes > self.max_file_bytes:
+                raise serving.UploadError(413, f"{part.file.filename}: more than "
+                                               f"{self.max_file_bytes / 1e6:.0f} MB; at most "
+                                               "that per image (serve.py --max_upload_mb).")
+        super().on_part_data(data, start, end)
+
+
+# /api/predict's body, for the OpenAPI page (the route parses it itself, see above).
+_UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["files"], "properties": {"files": {
+        "type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+
+
+def _prediction_routes(app: FastAPI, predictor, config: serving.ServeConfig,
+                       slots: serving.DecodeSlots) -> None:
     """The predict page, /api/health and /api/predict."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -116,31 +177,44 @@ def _prediction_routes(app: FastAPI, predictor, config: serving.ServeConfig) -> 
         """The loaded model: file, classes, backbone, image size, version."""
         return predictor.health()
 
-    @app.post("/api/predict")
-    async def predict(files: List[UploadFile] = File(...), format: str = "json"):
+    @app.post("/api/predict", openapi_extra=_UPLOAD_SCHEMA)
+    async def predict(request: Request, format: str = "json"):
         """Class probabilities of each uploaded image (multipart field ``files``), in the
         model's class order; ``?format=csv`` gives predict.py's CSV."""
-        if len(files) > config.max_files:
-            raise serving.UploadError(413, f"{len(files)} files in one request; at most "
-                                           f"{config.max_files}.")
-        for f in files:  # measured by the parser, which spooled them: nothing read yet
-            if f.size is not None and f.size > config.max_bytes:
-                raise serving.UploadError(413, f"{f.filename}: {f.size / 1e6:.1f} MB; at "
-                                               f"most {config.max_bytes / 1e6:.0f} MB per "
-                                               "image.")
-        loaded = [(os.path.basename(f.filename or "image"), await f.read()) for f in files]
-        # Decoding and the network block: off the event loop, so that other requests are
-        # read meanwhile and join the next batch (`serving.Predictor.predict`).
-        return await run_in_threadpool(_predict, predictor, loaded, format, config)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise serving.UploadError(415, "Send the photos as multipart/form-data in the "
+                                           "field 'files'.")
+        try:
+            form = await LimitedParser(request.headers, request.stream(),
+                                       max_file_bytes=config.max_bytes,
+                                       max_files=config.max_files, max_fields=8).parse()
+        except MultiPartException as err:
+            raise serving.UploadError(400, f"Malformed multipart body: {err.message}")
+        files = [(os.path.basename(f.filename or "image"), f.file)
+                 for key, f in form.multi_items() if key == "files" and isinstance(f, UploadFile)]
+        try:
+            # Decoding and the network block: off the event loop, so that other requests
+            # are read meanwhile and join the next batch (`serving.Predictor.predict`).
+            return await run_in_threadpool(_predict, predictor, files, format, config, slots)
+        finally:
+            await form.close()
 
 
 def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,
-                  queue: serving.Queue) -> None:
-    """The label page, its queue and images, and the answers."""
+                  queue: serving.Queue, page_token: str) -> None:
+    """The label page, its queue and images, and the answers (changes need the page's
+    token)."""
+
+    def from_our_page(request: Request) -> Optional[JSONResponse]:
+        given = request.headers.get("x-page-token", "")
+        if hmac.compare_digest(given.encode(), page_token.encode()):
+            return None
+        return JSONResponse({"error": "Answers come from this server's label page: the "
+                                      "request lacks its page token (X-Page-Token)."}, 403)
 
     @app.get("/label", response_class=HTMLResponse, include_in_schema=False)
     def label_page():
-        return _page("label.html")
+        return _page("label.html", page_token)
 
     @app.get("/api/queue")
     def get_queue():
@@ -158,8 +232,12 @@ def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,
         return FileResponse(path)
 
     @app.post("/api/labels")
-    def answer(given: Answer):
-        """Records a label for a photo of the queue (a second answer replaces the first)."""
+    def answer(given: Answer, request: Request):
+        """Records a label for a photo of the queue (a second answer replaces the first);
+        needs the label page's ``X-Page-Token``."""
+        refused = from_our_page(request)
+        if refused is not None:
+            return refused
         item = queue.by_id.get(given.id)
         if item is None:
             return JSONResponse({"error": f"No photo {given.id!r} in the queue."}, 404)
@@ -170,8 +248,11 @@ def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,
         return {"saved": item["name"], "label": given.label, "answered": len(reviews.rows)}
 
     @app.delete("/api/labels/{item_id}")
-    def undo(item_id: str):
-        """Removes the answer to a photo of the queue (undo)."""
+    def undo(item_id: str, request: Request):
+        """Removes the answer to a photo of the queue (undo); needs the page's token."""
+        refused = from_our_page(request)
+        if refused is not None:
+            return refused
         item = queue.by_id.get(item_id)
         if item is None:
             return JSONResponse({"error": f"No photo {item_id!r} in the queue."}, 404)
@@ -187,8 +268,8 @@ def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,
         return result
 
 
-def _predict(predictor, loaded, format: str, config: serving.ServeConfig):
-    images = serving.prepare_uploads(loaded, config, predictor.image_size)
+def _predict(predictor, loaded, format: str, config: serving.ServeConfig, slots=None):
+    images = serving.prepare_uploads(loaded, config, predictor.image_size, slots)
     names = [os.path.splitext(n)[0] for n, _ in loaded]
     probs, unfamiliar = predictor.predict(images)
     if format == "csv":
@@ -196,9 +277,24 @@ def _predict(predictor, loaded, format: str, config: serving.ServeConfig):
     return {"predictions": predictor.rows(names, probs, unfamiliar)}
 
 
-def _page(name: str) -> str:
+# The pages' scripts, served from files (the Content-Security-Policy allows no inline
+# script): only these names, never a path from the request.
+SCRIPTS = ("label.js", "predict.js")
+
+
+def _static_routes(app: FastAPI) -> None:
+    @app.get("/static/{name}", include_in_schema=False)
+    def script(name: str):
+        if name not in SCRIPTS:
+            return JSONResponse({"error": "No such file."}, 404)
+        return FileResponse(os.path.join(serving.PAGES, name),
+                            media_type="text/javascript; charset=utf-8")
+
+
+def _page(name: str, page_token: str = "") -> str:
+    """A page, with its token (``{{page_token}}``, a URL-safe string) filled in."""
     with open(os.path.join(serving.PAGES, name), encoding="utf-8") as f:
-        return f.read()
+        return f.read().replace("{{page_token}}", page_token)
 
 
 def _csv(predictor, names, probs, unfamiliar) -> str:

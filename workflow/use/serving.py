@@ -19,6 +19,7 @@ Every answer is written at once to ``RUN/labels/reviewed.csv``
 temporary file and a rename, so a killed server leaves the last whole file.
 """
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -62,11 +63,48 @@ class ServeConfig:
 
 
 class UploadError(Exception):
-    """A bad upload: answered with ``status`` and a JSON body naming the file."""
+    """A bad upload: answered with ``status`` and a JSON body naming the file;
+    ``retry_after`` (seconds) for a server too busy to take it now (503)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: Optional[int] = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+# Memory photos may take while they decode, across every request at once: a decoding
+# photo holds its file and its 8-bit pixels (3 bytes each; the resize reads them in
+# 8 bits, `pipeline.ops.resize_image`). Bodies waiting for a slot stay where the
+# multipart parser spooled them (disk above 1 MB), so they count for little.
+DECODE_MEMORY = 1 << 30
+# How long a photo waits for a slot before its request is answered 503.
+DECODE_WAIT_S = 20.0
+
+
+class DecodeSlots:
+    """At most ``slots`` photos decode at once across all requests; the rest wait (up to
+    ``wait_s``), then their request gets 503 with ``Retry-After`` instead of taking the
+    machine's memory (a handful of clients posting 90-megapixel PNGs would)."""
+
+    def __init__(self, slots: int, wait_s: float = DECODE_WAIT_S):
+        self.slots, self.wait_s = slots, wait_s
+        self._free = threading.BoundedSemaphore(slots)
+
+    @classmethod
+    def for_config(cls, config: "ServeConfig") -> "DecodeSlots":
+        """As many slots as `DECODE_MEMORY` holds of the largest photo ``config`` accepts
+        (its file plus 3 bytes a pixel), at most one per core, at least one."""
+        per_photo = config.max_bytes + 3 * config.max_pixels
+        return cls(max(1, min(os.cpu_count() or 1, DECODE_MEMORY // per_photo)))
+
+    def __enter__(self):
+        if not self._free.acquire(timeout=self.wait_s):
+            raise UploadError(503, f"The server is decoding {self.slots} photo(s) already and "
+                                   f"none finished within {self.wait_s:g} s: try again "
+                                   "shortly.", retry_after=5)
+        return self
+
+    def __exit__(self, *exc):
+        self._free.release()
 
 
 class Predictor:
@@ -179,11 +217,14 @@ class Predictor:
         return out
 
 
-def prepare_uploads(files: List[tuple], config: ServeConfig, image_size: int) -> np.ndarray:
-    """The uploaded images through the eval path ([N, S, S, 3]), each decoded once; a
-    bad upload is refused before any prediction (each named): none, too many, one too
-    large in bytes or in pixels (its header says, before decoding), one that is not a
-    decodable JPEG or PNG. ``files``: (name, bytes)."""
+def prepare_uploads(files: List[tuple], config: ServeConfig, image_size: int,
+                    slots: Optional[DecodeSlots] = None) -> np.ndarray:
+    """The uploaded images through the eval path ([N, S, S, 3]), each read and decoded
+    once, under a decode slot (`DecodeSlots`); a bad upload is refused before any
+    prediction (each named), its status by what is wrong: none (400), too many or one
+    too large in bytes or in pixels (413, its header says, before decoding), one that
+    is not a JPEG or PNG, whose header does not give its size, or that does not decode
+    (415). ``files``: (name, bytes or a binary file object)."""
     import tensorflow as tf
     from pipeline import input as input_lib, scan
     if not files:
@@ -191,22 +232,26 @@ def prepare_uploads(files: List[tuple], config: ServeConfig, image_size: int) ->
     if len(files) > config.max_files:
         raise UploadError(413, f"{len(files)} files in one request; at most "
                                f"{config.max_files}.")
-    for name, data in files:
-        if len(data) > config.max_bytes:
-            raise UploadError(413, f"{name}: {len(data) / 1e6:.1f} MB; at most "
-                                   f"{config.max_bytes / 1e6:.0f} MB per image.")
     images = []
-    for name, data in files:
-        reason = scan.signature_problem(data) or scan.too_many_pixels(data, config.max_pixels)
-        if reason:
-            raise UploadError(413 if "megapixels" in reason else 415,
-                              f"{name} {reason}: expected a JPEG or PNG photo.")
-        try:
-            images.append(input_lib.image_from_bytes(data, image_size).numpy())
-        except tf.errors.OpError as err:
-            raise UploadError(415, f"{name} cannot be decoded: truncated or corrupt "
-                                   f"({scan.clean_error(err)}); expected a JPEG or PNG "
-                                   "photo.") from None
+    for name, source in files:
+        with slots or contextlib.nullcontext():
+            data = source if isinstance(source, bytes) else source.read(config.max_bytes + 1)
+            if len(data) > config.max_bytes:
+                raise UploadError(413, f"{name}: more than {config.max_bytes / 1e6:.0f} MB; "
+                                       "at most that per image.")
+            unsupported = scan.signature_problem(data) or scan.unreadable_size(data)
+            if unsupported:
+                raise UploadError(415, f"{name} {unsupported}: expected a JPEG or PNG photo.")
+            oversized = scan.too_many_pixels(data, config.max_pixels)
+            if oversized:
+                raise UploadError(413, f"{name} {oversized}.")
+            try:
+                images.append(input_lib.image_from_bytes(data, image_size).numpy())
+            except tf.errors.OpError as err:
+                raise UploadError(415, f"{name} cannot be decoded: truncated or corrupt "
+                                       f"({scan.clean_error(err)}); expected a JPEG or PNG "
+                                       "photo.") from None
+            del data
     return np.stack(images)
 
 
@@ -304,6 +349,18 @@ class Queue:
                                "source": source, "note": note,
                                "label": row.get("given") or row.get("label") or ""})
 
+    def relative(self, path: str) -> str:
+        """``path`` relative to the data folder, or ``$UNLABELLED/...`` for a photo of
+        the unlabelled folder; never a folder of the machine."""
+        real = os.path.realpath(path)
+        data = os.path.realpath(self.data_dir) if self.data_dir else None
+        if data and (real == data or real.startswith(data + os.sep)):
+            return os.path.relpath(real, data)
+        for root in self.roots:
+            if real.startswith(root + os.sep):
+                return "$UNLABELLED/" + os.path.relpath(real, root)
+        return os.path.basename(path)
+
     def image_path(self, item_id: str) -> Optional[str]:
         """The photo of ``item_id`` when it is on the lists and inside the data folders
         (a symlink out of them is refused); else None."""
@@ -319,13 +376,20 @@ def labels_for_training(info: dict, queue: Queue, rows: Dict[str, dict]):
     task = Task.of_model(info)
     answered = [r for r in rows.values() if r["label"] in task.class_names]
     if info.get("layout") == "folders":
+        # Paths relative to the data folder (the page and the API name no folder of the
+        # machine, as /api/health does not): a photo of the unlabelled folder is
+        # written as "$UNLABELLED/<path in it>".
         by_name = {i["name"]: i for i in queue.items}
-        moves = [{"name": r["name"], "from": by_name[r["name"]]["path"],
-                  "to": os.path.join(queue.data_dir, r["label"])}
-                 for r in answered if r["name"] in by_name]
-        command = "\n".join(f"mkdir -p {shlex.quote(m['to'])} && mv {shlex.quote(m['from'])} "
-                            f"{shlex.quote(m['to'])}/" for m in moves)
-        return {"layout": "folders", "moves": moves, "command": command}
+        moves = [{"name": r["name"], "from": queue.relative(by_name[r["name"]]["path"]),
+                  "to": r["label"]} for r in answered if r["name"] in by_name]
+        lines = [f"mkdir -p {shlex.quote(m['to'])} && mv {_shell_path(m['from'])} "
+                 f"{shlex.quote(m['to'])}/" for m in moves]
+        if any(m["from"].startswith("$UNLABELLED/") for m in moves):
+            lines.insert(0, "UNLABELLED=<the folder given to --stage=label_next "
+                            "--unlabelled_dir>")
+        return {"layout": "folders", "moves": moves,
+                "run_in": "the data folder (train.py --data_dir)",
+                "command": "\n".join(lines)}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     if task.kind == "binary":
@@ -336,6 +400,12 @@ def labels_for_training(info: dict, queue: Queue, rows: Dict[str, dict]):
         writer.writerow(["name", "label"])
         writer.writerows([r["name"], r["label"]] for r in answered)
     return buffer.getvalue()
+
+
+def _shell_path(path: str) -> str:
+    if path.startswith("$UNLABELLED/"):
+        return '"$UNLABELLED"/' + shlex.quote(path[len("$UNLABELLED/"):])
+    return shlex.quote(path)
 
 
 def check_host(host: str, token: Optional[str]) -> Optional[str]:

@@ -19,6 +19,11 @@ local web services). Every refusal is a JSON error and a line in the server's lo
   (chunked) is counted as it arrives by FastAPI's own limit (``FastAPI(max_body_size=
   ...)``, Starlette's ``RequestBodyLimitMiddleware``) and cut there with 413
   (`workflow.use.server_app`).
+* **What a browser may do with an answer** (`SECURITY_HEADERS`, on every response,
+  refusals included): no other site may frame a page (``frame-ancestors 'none'``,
+  ``X-Frame-Options: DENY``: clickjacking the label page), a page runs only the
+  server's own script files (no inline script, no plugin, no ``<base>``), a response is
+  never sniffed into another type, and no page leaks its address to another site.
 """
 
 import dataclasses
@@ -30,6 +35,22 @@ from urllib.parse import urlsplit
 from starlette.datastructures import Headers
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+# Every response's headers. The pages' scripts are files the server serves itself
+# (`/static/*.js`), so no inline script is allowed; their styles stay inline (a style
+# runs nothing). blob: for the predict page's thumbnails of the user's own files.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' "
+                           "'unsafe-inline'; img-src 'self' blob: data:; connect-src 'self'; "
+                           "object-src 'none'; base-uri 'none'; form-action 'self'; "
+                           "frame-ancestors 'none'")
+SECURITY_HEADERS = ((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+                    (b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"))
+# FastAPI's /docs page loads Swagger UI's script and style from a CDN and starts it with
+# an inline script: that page alone may, and it still cannot be framed.
+DOCS_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline' "
+               "https://cdn.jsdelivr.net; style-src 'self' 'unsafe-inline' "
+               "https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 # What changes something or costs work, and the preflight a browser sends before a
 # cross-site request that is not "simple" (a JSON POST, a DELETE).
 _CHANGES = ("POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -104,14 +125,31 @@ class GuardMiddleware:
         self.app, self.guard = app, guard
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            refused = self.guard.refusal(scope["method"], Headers(scope=scope))
-            if refused is not None:
-                status, message = refused
-                logging.warning("Refused %s %s from %s: %s", scope["method"], scope["path"],
-                                (scope.get("client") or ("?",))[0], message)
-                return await _json(send, status, {"error": message})
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        send = _with_security_headers(send, scope["path"] in ("/docs", "/docs/oauth2-redirect"))
+        refused = self.guard.refusal(scope["method"], Headers(scope=scope))
+        if refused is not None:
+            status, message = refused
+            logging.warning("Refused %s %s from %s: %s", scope["method"], scope["path"],
+                            (scope.get("client") or ("?",))[0], message)
+            return await _json(send, status, {"error": message})
         await self.app(scope, receive, send)
+
+
+def _with_security_headers(send, docs: bool = False):
+    """``send`` that adds `SECURITY_HEADERS` to the response's start (replacing any the
+    app set)."""
+    names = {name for name, _ in SECURITY_HEADERS}
+    added = [(n, DOCS_POLICY.encode() if docs and n == b"content-security-policy" else v)
+             for n, v in SECURITY_HEADERS]
+
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            headers = [(n, v) for n, v in message.get("headers", []) if n.lower() not in names]
+            message = {**message, "headers": headers + added}
+        await send(message)
+    return wrapped
 
 
 async def _json(send, status: int, body: dict) -> None:
