@@ -192,7 +192,7 @@ def test_the_demo_runs_on_a_keras_file_backbone(tiny_file, tmp_path):
 @pytest.mark.slow
 def test_auto_compares_backbones_on_the_same_folds_and_goes_on_with_the_choice(
         tiny_file, tmp_path):
-    result = run("train.py", "--demo", "--backbone=auto", f"--backbones=vgg16,{tiny_file}",
+    result = run("train.py", "--demo", "--backbone=auto", f"--backbones=vgg16,{tiny_file}@48",
                  f"--workdir={tmp_path}/run", f"--cache_dir={tmp_path}/cache",
                  "--scenarios=A,B", "--finetune_epochs=0", "--nobag",
                  # No CV for the rest of the run (as with 100+ validation images): the
@@ -206,6 +206,7 @@ def test_auto_compares_backbones_on_the_same_folds_and_goes_on_with_the_choice(
     assert "chosen by 5-fold CV" not in log and "Scenario A: 5-fold" not in log
     table = pd.read_csv(tmp_path / "run" / "backbones.csv")
     assert list(table.backbone) == ["vgg16", tiny_file]
+    assert list(table.image_size) == [64, 48]
     assert (table.extraction_ms_per_image > 0).all() and (table.parameters > 0).all()
     section = json.load(open(tmp_path / "run" / "metrics.json"))["backbones"]
     # The rule: the best CV among those within the cost bound of the cheapest; one
@@ -221,9 +222,15 @@ def test_auto_compares_backbones_on_the_same_folds_and_goes_on_with_the_choice(
     assert section["chosen"] == expected
     info = json.load(open(tmp_path / "run" / "model_info.json"))
     assert info["backbone"] == section["chosen"]
+    # Every record says the size the run went on with, not the first candidate's.
+    size = int(table.image_size[table.backbone == section["chosen"]].iloc[0])
+    config = json.load(open(tmp_path / "run" / "run_config.json"))
+    assert info["image_size"] == config["image_size"] == size
+    assert f"at {size} px" in log.split("Going on with", 1)[1].splitlines()[0]
     assert "backbones (out-of-fold predictions on the 120 training images" in result.stdout
     report = (tmp_path / "run" / "report.html").read_text()
     assert "Backbones (--stage=backbones, --backbone=auto)" in report
+    assert f"Input size {size} px" in report
     assert (tmp_path / "run" / "backbones.png").stat().st_size > 0
 
 
