@@ -112,8 +112,20 @@ def test_the_frozen_model_is_kept_when_nothing_could_beat_it_beyond_noise():
     perfect = y * 0.8 + 0.1
     plan = whole.plan(job, "auto", perfect, "the linear probe")
     assert not plan.tried and "could not beat it beyond noise" in plan.why
+    # Two errors in 40 (the flowers' case): fixing half of them shows nothing.
+    two_wrong = perfect.copy()
+    two_wrong[:2] = 1 - two_wrong[:2]
+    assert not whole.plan(job, "auto", two_wrong, "the linear probe").tried
     plan = whole.plan(job, "auto", np.full(len(y), 0.5), "the linear probe")
-    assert plan.tried
+    assert plan.tried and "fixed about half of its errors" in plan.why
+    # Multi-class: 13 errors in 73 (the seedlings' case) is worth trying, 4 in 115 not.
+    task12 = task_lib.Task("multiclass", tuple("abcdefghijkl"))
+    for n, errors, tried in ((73, 13, True), (115, 4, False)):
+        y12 = np.arange(n) % 12
+        probs = np.eye(12)[y12] * 0.9 + 0.1 / 12
+        probs[:errors] = np.eye(12)[(y12[:errors] + 1) % 12] * 0.9 + 0.1 / 12
+        job12 = SimpleNamespace(**{**vars(job), "task": task12, "y_val": y12})
+        assert whole.plan(job12, "auto", probs, "scenario C").tried == tried, (n, errors)
     assert not whole.plan(job, "no", np.full(len(y), 0.5), "x").tried
     heavy = SimpleNamespace(stem=SimpleNamespace(weights=[np.zeros((4000, 4000))]),
                             last=SimpleNamespace(weights=[]), net=SimpleNamespace(slug="big"))
