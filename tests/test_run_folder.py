@@ -117,3 +117,17 @@ def test_each_file_gets_its_most_specific_role_and_old_predictions_are_marked(tm
     assert "made by an earlier model.keras" in lines["held.csv"]
     assert "earlier" not in lines["fresh.csv"] and "earlier" not in lines["model.keras"]
     assert (tmp_path / "held.csv").exists()
+
+
+def test_the_whole_networks_flags_are_named_when_it_was_not_tried(tmp_path):
+    job = _job(tmp_path)
+    state_lib.update(str(tmp_path), export=state_lib.ExportState("model.keras"))
+    job.run.update_metrics("whole_network", {"tried": False, "why": "vgg16's conv base has "
+                                             "14.7 M parameters: tried by default only ..."})
+    found = no_effect.find(job, ("whole_epochs", "augment"), "probe", 5)
+    assert found["--whole_epochs"] == ("whole-network fine-tuning was not tried: vgg16's conv "
+                                       "base has 14.7 M parameters")
+    # Tried (and lost to the probe): --augment shaped it, so it is not named.
+    job.run.update_metrics("whole_network", {"tried": True, "why": "..."})
+    assert set(no_effect.find(job, ("whole_epochs", "augment", "finetune_epochs"), "probe",
+                              5)) == {"--finetune_epochs"}

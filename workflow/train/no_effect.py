@@ -14,6 +14,10 @@ from workflow.train.job import Job
 FINETUNE_FLAGS = ("finetune_epochs", "finetune_learning_rate", "finetune_views",
                   "trainable_blocks", "augment", "augment_on", "patience", "monitor",
                   "resume")
+# Those the whole network's fine-tuning uses too (when it was tried).
+WHOLE_USES = ("augment", "augment_on", "monitor", "resume")
+# The flags that act only when the whole network is fine-tuned.
+WHOLE_FLAGS = ("whole_epochs", "whole_learning_rate", "whole_batch_size", "whole_patience")
 
 
 def find(job: Job, given: Iterable[str], scenario: str, epochs: int) -> Dict[str, str]:
@@ -31,8 +35,13 @@ def find(job: Job, given: Iterable[str], scenario: str, epochs: int) -> Dict[str
         why = "--finetune_epochs=0: no fine-tuning ran"
     else:
         why = None
+    whole = job.run.metrics().get("whole_network", {})
     found = {f"--{f}": why for f in FINETUNE_FLAGS if why and f in given
-             and not (f == "finetune_epochs" and epochs <= 0)}
+             and not (f == "finetune_epochs" and epochs <= 0)
+             and not (whole.get("tried") and f in WHOLE_USES)}
+    if whole and not whole.get("tried"):
+        found.update({f"--{f}": "whole-network fine-tuning was not tried: "
+                      + whole.get("why", "").split(":")[0] for f in WHOLE_FLAGS if f in given})
     if "bag" in given and export is not None and export.default != "bag.keras" \
             and not job.run.metrics().get("bag"):
         found["--bag"] = ("no bag was made: it needs cross-validation and a scenario's head "
