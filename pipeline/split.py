@@ -6,6 +6,7 @@ label's share about equal on both sides. Every class keeps at least one image
 on each side.
 """
 
+import dataclasses
 from typing import Sequence, Union
 
 import numpy as np
@@ -14,10 +15,23 @@ import pandas as pd
 from pipeline.errors import ConfigError
 
 
+@dataclasses.dataclass(frozen=True)
+class Balanced:
+    """``--val_size=100+100``: the same count of validation images from each class (the
+    reference write-up's 100/100), asked for explicitly. Every other size keeps each
+    class's share of the data, so that what is measured and fitted on the validation
+    images (calibration, thresholds, the expected score) sees the field's proportions."""
+    per_class: int
+    classes: int
+
+    def __str__(self) -> str:
+        return "+".join([str(self.per_class)] * self.classes)
+
+
 def _apportion(count: int, sizes: dict, even: bool) -> dict:
-    """How many images of each class go to validation: ``count / K`` each when ``even``
-    and every class allows it, else in proportion (largest remainder keeps the total
-    exact), with at least one image of every class."""
+    """How many images of each class go to validation: in proportion to the classes'
+    sizes (largest remainder keeps the total exact), with at least one image of every
+    class; ``count / K`` each when ``even`` and every class allows it."""
     k, n = len(sizes), sum(sizes.values())
     if even and count % k == 0 and all(c >= 2 * (count // k) for c in sizes.values()):
         return {label: count // k for label in sizes}
@@ -35,7 +49,9 @@ def _apportion(count: int, sizes: dict, even: bool) -> dict:
     return share
 
 
-def _count(val_size: Union[int, float], n: int) -> int:
+def _count(val_size: Union[int, float, Balanced], n: int) -> int:
+    if isinstance(val_size, Balanced):
+        return val_size.per_class * val_size.classes
     if isinstance(val_size, float):
         if not 0 < val_size < 1:
             raise ConfigError(f"--val_size as a fraction must be in (0, 1); got {val_size}.")
@@ -50,16 +66,17 @@ def _count(val_size: Union[int, float], n: int) -> int:
     return count
 
 
-def split_train_val(frame: pd.DataFrame, val_size: Union[int, float], seed: int):
+def split_train_val(frame: pd.DataFrame, val_size: Union[int, float, Balanced], seed: int):
     """Stratified, seeded split of labelled images into train and validation.
 
     Args:
       frame: columns ``name`` and ``label`` (an int per image, or a 0/1 tuple per image
         for multi-label data).
-      val_size: an integer count, or a fraction in (0, 1). A count is split evenly
-        between the classes (the reference write-up's 100/100) when each class can
-        give that many while keeping at least as many for training; otherwise, and
-        for fractions, each class contributes in proportion.
+      val_size: an integer count or a fraction in (0, 1): each class contributes in
+        proportion to its share of the data (largest remainders keep the count exact;
+        at least one image of every class); or `Balanced` (``100+100``): that many of
+        each class, and a class that cannot give them while keeping one for training
+        is an error, never a silent change of proportions.
       seed: the same seed gives the same split on any machine (NumPy's PCG64 on
         names sorted in a fixed order).
 
@@ -71,9 +88,19 @@ def split_train_val(frame: pd.DataFrame, val_size: Union[int, float], seed: int)
     """
     count = _count(val_size, len(frame))
     if len(frame) and isinstance(frame.label.iloc[0], tuple):
+        if isinstance(val_size, Balanced):
+            raise ConfigError(f"--val_size={val_size} balances classes; with several labels "
+                              "per image the split keeps each label's share: pass a count "
+                              "or a fraction.")
         return _split_multilabel(frame, count, seed)
     sizes = frame.label.value_counts().sort_index().to_dict()
-    per_class = _apportion(count, sizes, even=isinstance(val_size, int))
+    if isinstance(val_size, Balanced):
+        if val_size.classes != len(sizes):
+            raise ConfigError(f"--val_size={val_size} names {val_size.classes} classes' "
+                              f"validation images; the data has {len(sizes)} classes.")
+        per_class = {label: val_size.per_class for label in sizes}
+    else:
+        per_class = _apportion(count, sizes, even=False)
     for label, k in per_class.items():
         if k < 1 or k >= sizes[label]:
             raise ConfigError(

@@ -104,16 +104,31 @@ def _frame(n_pos, n_neg):
                          "path": names})
 
 
-def test_split_count_is_balanced_and_reproducible():
+def test_split_count_keeps_the_datas_shares_and_is_reproducible():
+    """A count keeps each class's share of the data (issue 48: validation had been split
+    100/100 whenever the classes allowed, and calibration fitted on it leaned towards a
+    uniform prior); the balanced split is there when asked for, as 100+100."""
     frame = _frame(500, 300)
     train, val = split.split_train_val(frame, 200, seed=3)
     assert len(val) == 200 and len(train) == 600
-    assert (val.label == 1).sum() == 100 and (val.label == 0).sum() == 100
+    assert (val.label == 1).sum() == 125 and (val.label == 0).sum() == 75
     assert not set(train.name) & set(val.name)
     _, again = split.split_train_val(frame.sample(frac=1, random_state=1), 200, seed=3)
     assert list(again.name) == list(val.name)  # input order does not matter
     _, other = split.split_train_val(frame, 200, seed=4)
     assert list(other.name) != list(val.name)
+    from workflow.base import config
+    balanced = config.parse_val_size("100+100")
+    assert balanced == split.Balanced(100, 2) and str(balanced) == "100+100"
+    _, even = split.split_train_val(frame, balanced, seed=3)
+    assert (even.label == 1).sum() == 100 and (even.label == 0).sum() == 100
+    with pytest.raises(ConfigError, match="names 3 classes"):
+        split.split_train_val(frame, config.parse_val_size("50+50+50"), seed=0)
+    with pytest.raises(ConfigError, match="each class needs at least one image on both"):
+        split.split_train_val(_frame(500, 100), balanced, seed=0)
+    for bad in ("100+50", "100+", "+100", "a+b"):
+        with pytest.raises(ConfigError, match="same count for every class"):
+            config.parse_val_size(bad)
 
 
 def test_split_fraction_is_stratified():

@@ -138,10 +138,12 @@ def _train_data(d: dict) -> None:
                         module_name=DATA, **d)
     flags.DEFINE_string("positive_class", None, "Two class folders: which one is positive "
                         "(label 1). Default: the second in sorted order.", module_name=DATA, **d)
-    flags.DEFINE_string("val_size", "auto", "Validation set: a count (balanced between classes "
-                        "when they allow), a fraction such as 0.2, or 'auto': 200 (100/100, as "
-                        "in the reference) when there are at least 1,000 images, else 20%.",
-                        module_name=DATA, **d)
+    flags.DEFINE_string("val_size", "auto", "Validation set, each class in its share of the "
+                        "data (what calibration, thresholds and the expected score are fitted "
+                        "and measured on): a count, a fraction such as 0.2, or 'auto': 200 "
+                        "when there are at least 1,000 images, else 20%. 100+100 (one term "
+                        "per class): that many of each class, the reference write-up's "
+                        "balanced split.", module_name=DATA, **d)
     flags.DEFINE_integer("seed", 0, "Seed for the split, initialisation, shuffling, "
                          "augmentation.", module_name=DATA, **d)
     flags.DEFINE_string("workdir", None, "Run folder for histories, plots, metrics, weights "

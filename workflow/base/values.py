@@ -16,15 +16,26 @@ def _floats(values, flag: str) -> Tuple[float, ...]:
                           f"{','.join(values)!r}.") from None
 
 
-def parse_val_size(text: str) -> Union[int, float, str]:
-    """``--val_size``: "auto", an integer count ("200") or a fraction ("0.2")."""
-    if text.strip().lower() == "auto":
+def parse_val_size(text: str):
+    """``--val_size``: "auto", an integer count ("200") or a fraction ("0.2"), each class
+    in its share of the data; or "100+100" (one term per class, all equal): that many
+    of each class, the reference write-up's balanced split (`pipeline.split.Balanced`)."""
+    from pipeline.split import Balanced
+    text = str(text).strip()
+    if text.lower() == "auto":
         return "auto"
+    if "+" in text:
+        terms = [t.strip() for t in text.split("+")]
+        if len(terms) >= 2 and all(t.isdigit() and int(t) >= 1 for t in terms) and \
+                len(set(map(int, terms))) == 1:
+            return Balanced(int(terms[0]), len(terms))
+        raise ConfigError(f"--val_size={text!r}: a balanced split names the same count for "
+                          "every class, e.g. 100+100 for two classes.")
     try:
         value = float(text)
     except ValueError as err:
-        raise ConfigError(f"--val_size must be a count like 200, a fraction like 0.2 or "
-                          f"'auto'; got {text!r}.") from err
+        raise ConfigError(f"--val_size must be a count like 200, a fraction like 0.2, "
+                          f"100+100 (that many of each class) or 'auto'; got {text!r}.") from err
     if value.is_integer() and value >= 1:
         return int(value)
     if 0 < value < 1:

@@ -87,8 +87,9 @@ def resolve_val_size(text: str, n: int):
     if value != "auto":
         return value
     value = 200 if n >= 1000 else 0.2
-    logging.info("--val_size=auto: %s of %d images (200 needs at least 1,000; pass "
-                 "--val_size to choose).", "200" if value == 200 else "20%", n)
+    logging.info("--val_size=auto: %s of %d images, each class in its share of the data "
+                 "(200 needs at least 1,000; pass --val_size to choose, 100+100 for the "
+                 "reference's balanced split).", "200" if value == 200 else "20%", n)
     return value
 
 
