@@ -287,3 +287,26 @@ def test_multilabel_end_to_end_writes_thresholds_per_label_metrics_and_tags(tmp_
     # Per-label calibration and thresholds on the calibrated probabilities (issue 30).
     assert len(info["calibration"]["temperature"]) in (0, 3) and info["threshold_rule"] == "auto"
     assert all(set(t.split()) <= {"blue", "plain", "red"} for t in rows.tags)
+
+
+def test_per_class_intervals_hold_the_point_estimates_and_match_scikit_learn():
+    """Issue 48: each class's precision, recall and F1 on held-out predictions with a 95 %
+    bootstrap interval around them, equal to scikit-learn's at the point."""
+    from sklearn.metrics import precision_recall_fscore_support
+    rng = np.random.default_rng(0)
+    task = task_lib.Task("multiclass", ("a", "b", "c"))
+    y = rng.integers(0, 3, 200)
+    probs = np.eye(3)[np.where(rng.random(200) < 0.8, y, rng.integers(0, 3, 200))] * 0.8 + 0.2 / 3
+    table = task_lib.per_class_intervals(task, y, probs, seed=1)
+    p, r, f, support = precision_recall_fscore_support(y, probs.argmax(1), labels=[0, 1, 2],
+                                                      zero_division=0)
+    np.testing.assert_allclose(table.precision, p, atol=1e-6)
+    np.testing.assert_allclose(table.recall, r, atol=1e-6)
+    np.testing.assert_allclose(table.f1, f, atol=1e-6)
+    assert list(table.support) == list(support)
+    for m in ("precision", "recall", "f1"):
+        assert (table[f"{m}_low"] <= table[m]).all() and (table[m] <= table[f"{m}_high"]).all()
+        assert (table[f"{m}_high"] - table[f"{m}_low"] > 0.02).all()  # 200 images: not exact
+    binary = task_lib.per_class_intervals(task_lib.binary(("ants", "bees")), y % 2,
+                                          np.where(y % 2 == 1, 0.9, 0.1))
+    assert list(binary["class"]) == ["ants", "bees"] and (binary.f1 == 1).all()

@@ -36,6 +36,12 @@ def final_report(job: Job, probs):
                   else None)
     interpret.write_all(job.run.path, job.val.path.tolist(), job.y_val, probs, task,
                         "final model, validation")
+    if len(job.y_val):
+        intervals = task_lib.per_class_intervals(task, job.y_val, probs, thresholds, job.seed)
+        job.run.update_metrics("per_class", {
+            "images": f"the {len(job.y_val)} validation images, predicted by the final model "
+                      "before any refit", "interval": "95% bootstrap over the images",
+            "classes": intervals.to_dict(orient="records")})
     if task.kind != "binary":
         report = task_lib.per_class_report(task, job.y_val, probs, thresholds)
         job.run.write_csv(report, "classification_report.csv")

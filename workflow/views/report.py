@@ -261,6 +261,15 @@ def _final_section(folder: str, metrics: dict) -> str:
     note = ("<p class=\"note\">The exported model was then refit on every labelled image, "
             "these too: it has no held-out score of its own; its expected score is in "
             "<i>The exported model and why</i>.</p>" if refit else "")
+    per_class = metrics.get("per_class", {})
+    if per_class.get("classes"):
+        def cell(row, m):
+            return (f"{row[m]:.3f} ({row[m + '_low']:.3f}–{row[m + '_high']:.3f})")
+        note += (f"<p>Per class, on {esc(per_class.get('images'))}; in brackets the "
+                 f"{esc(per_class.get('interval'))}:</p>" + table(
+                     ["class", "precision", "recall", "F1", "support"],
+                     [[esc(r["class"]), cell(r, "precision"), cell(r, "recall"), cell(r, "f1"),
+                       esc(r["support"])] for r in per_class["classes"]]))
     return (f"<h2>{esc(title)}</h2>" + note + table(["metric", "value"], rows)
             + "".join(image(os.path.join(folder, f), c) for f, c in (
                 ("confusion_matrix.png", "Confusion matrix"), ("roc.png", "ROC"),
