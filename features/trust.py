@@ -65,29 +65,49 @@ class Calibration:
     """A fitted calibration map (``kind`` none, temperature or platt).
 
     ``temperature``: one value (binary, multi-class) or one per label (multi-label).
-    ``platt``: binary only, ``slope`` and ``bias`` on the logit."""
+    ``platt``: binary only, ``slope`` and ``bias`` on the logit.
+    ``prior_shift``: the field's class shares against the training data's, applied after
+    the map (Saerens, Latinne & Decaestecker 2002): ``log(field / training)`` per class
+    (multi-class), or the log-odds ratio of the positive class (binary); () for none."""
     kind: str = "none"
     temperature: tuple = ()
     slope: float = 1.0
     bias: float = 0.0
     fitted_on: str = ""
+    prior_shift: tuple = ()
 
-    def apply(self, task_kind: str, probs) -> np.ndarray:
-        """The calibrated probabilities ([N] for binary, [N, K] otherwise); NaN rows stay NaN."""
+    def apply(self, task_kind: str, probs, shift: bool = True) -> np.ndarray:
+        """The calibrated probabilities ([N] for binary, [N, K] otherwise), moved to the
+        field's prior unless ``shift`` is False; NaN rows stay NaN."""
         p = np.asarray(probs, np.float64)
-        if self.kind == "none":
-            return p
         if self.kind == "platt":
-            return _sigmoid(self.slope * _logit(p) + self.bias)
-        t = np.asarray(self.temperature, np.float64)
+            p = _sigmoid(self.slope * _logit(p) + self.bias)
+        elif self.kind != "none":
+            t = np.asarray(self.temperature, np.float64)
+            if task_kind == "multiclass":
+                p = _softmax_log(p, float(t[0]))
+            else:
+                p = _sigmoid(_logit(p) / (t if task_kind == "multilabel" else float(t[0])))
+        return self.shift(task_kind, p) if shift else p
+
+    def shift(self, task_kind: str, p) -> np.ndarray:
+        """Calibrated probabilities moved to the field's prior (`prior_shift`)."""
+        if not self.prior_shift:
+            return np.asarray(p, np.float64)
         if task_kind == "multiclass":
-            return _softmax_log(p, float(t[0]))
-        return _sigmoid(_logit(p) / (t if task_kind == "multilabel" else float(t[0])))
+            z = np.log(np.clip(np.asarray(p, np.float64), EPS, 1.0)) + np.asarray(
+                self.prior_shift, np.float64)
+            z -= z.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            return e / e.sum(axis=1, keepdims=True)
+        return _sigmoid(_logit(p) + float(self.prior_shift[0]))
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "temperature": [float(t) for t in self.temperature],
                 "slope": float(self.slope), "bias": float(self.bias),
-                "fitted_on": self.fitted_on}
+                "fitted_on": self.fitted_on,
+                **({"prior_shift": [float(v) for v in self.prior_shift]}
+                   if self.prior_shift else {})}
 
     @classmethod
     def from_json(cls, data: Optional[dict]) -> "Calibration":
@@ -95,7 +115,7 @@ class Calibration:
             return cls()
         return cls(data.get("kind", "none"), tuple(data.get("temperature", ())),
                    float(data.get("slope", 1.0)), float(data.get("bias", 0.0)),
-                   data.get("fitted_on", ""))
+                   data.get("fitted_on", ""), tuple(data.get("prior_shift", ())))
 
     def describe(self) -> str:
         if self.kind == "platt":
@@ -104,6 +124,38 @@ class Calibration:
             ts = ", ".join(f"{t:.3f}" for t in self.temperature)
             return f"temperature scaling (T = {ts})"
         return "none (the model's own probabilities)"
+
+
+def prior_shift(task_kind: str, training: Sequence[float], field: Sequence[float]) -> tuple:
+    """`Calibration.prior_shift` for class shares ``training`` (what the model's calibrated
+    probabilities reflect) and ``field`` (both in class order)."""
+    a = np.clip(np.asarray(training, np.float64), EPS, 1.0)
+    b = np.clip(np.asarray(field, np.float64), EPS, 1.0)
+    if task_kind == "binary":
+        return (float(np.log(b[1] / (1 - b[1])) - np.log(a[1] / (1 - a[1]))),)
+    return tuple(float(v) for v in np.log(b / b.sum()) - np.log(a / a.sum()))
+
+
+def estimate_prior(task_kind: str, probs, training: Sequence[float], rounds: int = 200,
+                   tolerance: float = 1e-6) -> np.ndarray:
+    """The class shares of the photos whose calibrated probabilities are ``probs`` (at the
+    training shares ``training``), by Saerens, Latinne & Decaestecker's EM: move the
+    probabilities to the current estimate, average them, repeat."""
+    p = np.asarray(probs, np.float64)
+    if task_kind == "binary":
+        p = np.column_stack([1 - p, p])
+    p = p[~np.isnan(p).any(axis=1)]
+    base = np.clip(np.asarray(training, np.float64), EPS, 1.0)
+    base = base / base.sum()
+    current = base.copy()
+    for _ in range(rounds):
+        moved = p * (current / base)
+        moved /= moved.sum(axis=1, keepdims=True)
+        estimate = moved.mean(axis=0)
+        if np.abs(estimate - current).max() < tolerance:
+            return estimate
+        current = estimate
+    return current
 
 
 MIN_ERRORS = 10  # held-out mistakes needed before a map may sharpen the probabilities

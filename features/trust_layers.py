@@ -73,28 +73,36 @@ def _float32(kwargs: dict) -> dict:
 
 
 class Calibrate(keras.layers.Layer):
-    """`features.trust.Calibration.apply` in the graph (always in float32)."""
+    """`features.trust.Calibration.apply` in the graph (always in float32); ``shift``:
+    also move the probabilities to the field's prior (the exported probabilities), or
+    not (what the unfamiliar score's uncertainty is measured on)."""
 
-    def __init__(self, task_kind: str, calibration: dict, **kwargs):
+    def __init__(self, task_kind: str, calibration: dict, shift: bool = True, **kwargs):
         super().__init__(**_float32(kwargs))
-        self.task_kind, self.calibration = task_kind, dict(calibration)
+        self.task_kind, self.calibration, self.shift = task_kind, dict(calibration), shift
 
     def call(self, p):
         c = trust.Calibration.from_json(self.calibration)
         p = ops.clip(ops.cast(p, "float32"), trust.EPS, 1.0 - trust.EPS)
-        if c.kind == "none":
-            return p
+        moved = self.shift and c.prior_shift
         if self.task_kind == "multiclass":
-            return ops.softmax(ops.log(p) / float(c.temperature[0]), axis=-1)
+            z = ops.log(p) / (float(c.temperature[0]) if c.kind != "none" else 1.0)
+            if moved:
+                z = z + np.asarray(c.prior_shift, np.float32)
+            return p if c.kind == "none" and not moved else ops.softmax(z, axis=-1)
         logit = ops.log(p) - ops.log(1.0 - p)
         if c.kind == "platt":
-            return ops.sigmoid(c.slope * logit + c.bias)
-        t = np.asarray(c.temperature, np.float32)
-        return ops.sigmoid(logit / (t if self.task_kind == "multilabel" else float(t[0])))
+            logit = c.slope * logit + c.bias
+        elif c.kind != "none":
+            t = np.asarray(c.temperature, np.float32)
+            logit = logit / (t if self.task_kind == "multilabel" else float(t[0]))
+        if moved:
+            logit = logit + float(c.prior_shift[0])
+        return p if c.kind == "none" and not moved else ops.sigmoid(logit)
 
     def get_config(self):
         return {**super().get_config(), "task_kind": self.task_kind,
-                "calibration": self.calibration}
+                "calibration": self.calibration, "shift": self.shift}
 
 
 class UnfamiliarScore(keras.layers.Layer):
@@ -147,8 +155,11 @@ def trusted_model(model: keras.Model, info: dict, reference: np.ndarray) -> kera
     feature_map = last(stem(image, training=False), training=False)
     raw = ops.cast(head(feature_map, training=False), "float32")
     probs = Calibrate(kind, info.get("calibration") or {}, name=PROBABILITIES)(raw)
+    # The uncertainty is measured before the prior's shift, as it was fitted.
+    unshifted = Calibrate(kind, info.get("calibration") or {}, shift=False,
+                          name="calibrated_training_prior")(raw)
     score = UnfamiliarScore(kind, info["unfamiliar"], reference,
-                            name=UNFAMILIAR_SCORE)([_pool(feature_map), probs])
+                            name=UNFAMILIAR_SCORE)([_pool(feature_map), unshifted])
     return keras.Model(image, {PROBABILITIES: probs, UNFAMILIAR_SCORE: score},
                        name=f"{model.name}_trusted")
 

@@ -350,3 +350,106 @@ def test_too_few_held_out_images_export_without_calibration_and_say_so():
     out = trusting.fit_held_out(job, None, 4, "probe", "block5_pool", None, predict,
                                 oof_ok=False)
     assert out["info"] == {} and "only 3 validation image(s)" in out["metrics"]["skipped"]
+
+
+def test_the_prior_shift_is_bayes_rule_and_the_graph_computes_it_too():
+    """Issue 48: probabilities moved from the training shares to the field's are
+    p * field/training, renormalised (Saerens et al. 2002), in NumPy and in the graph;
+    the unshifted probabilities (what the unfamiliar score measures) stay available."""
+    import keras
+    from features import trust_layers
+    rng = np.random.default_rng(0)
+    # Binary: training 50/50, field 20 % positive.
+    p = rng.uniform(0.01, 0.99, 50)
+    cal = trust.Calibration("temperature", (1.3,), prior_shift=trust.prior_shift(
+        "binary", [0.5, 0.5], [0.8, 0.2]))
+    base = trust.Calibration("temperature", (1.3,)).apply("binary", p)
+    expected = base * 0.4 / (base * 0.4 + (1 - base) * 1.6)
+    np.testing.assert_allclose(cal.apply("binary", p), expected, atol=1e-9)
+    np.testing.assert_allclose(cal.apply("binary", p, shift=False), base, atol=1e-12)
+    # Multi-class: training (0.5, 0.3, 0.2), field (0.2, 0.3, 0.5).
+    q = rng.dirichlet(np.ones(3), 40)
+    shifted = trust.Calibration(prior_shift=trust.prior_shift(
+        "multiclass", [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]))
+    ratio = q * np.array([0.4, 1.0, 2.5])
+    np.testing.assert_allclose(shifted.apply("multiclass", q),
+                               ratio / ratio.sum(axis=1, keepdims=True), atol=1e-9)
+    again = trust.Calibration.from_json(shifted.to_json())
+    assert again.prior_shift == shifted.prior_shift
+    for kind, values, c in (("binary", p[:, None], cal), ("multiclass", q, shifted)):
+        for shift in (True, False):
+            layer = trust_layers.Calibrate(kind, c.to_json(), shift=shift)
+            got = np.asarray(layer(keras.ops.convert_to_tensor(values, "float32")))
+            want = c.apply(kind, values[:, 0] if kind == "binary" else values, shift=shift)
+            np.testing.assert_allclose(got.reshape(want.shape), want, atol=2e-6)
+
+
+def test_em_estimates_the_class_shares_of_the_photos_given():
+    """Calibrated probabilities of photos drawn 20/80 from a model trained 50/50: the EM
+    procedure finds about 0.2 where the mean probability says far more."""
+    rng = np.random.default_rng(1)
+    n = 2000
+    y = (rng.random(n) < 0.2).astype(int)
+    # A calibrated model at training shares 50/50: the likelihood ratio of a noisy score.
+    score = rng.normal(np.where(y == 1, 1.0, -1.0), 1.0)
+    p = 1 / (1 + np.exp(-2 * score))  # P(positive | score) at equal priors
+    naive = p.mean()
+    shares = trust.estimate_prior("binary", p, [0.5, 0.5])
+    assert abs(shares[1] - 0.2) < 0.03 and abs(naive - 0.2) > 0.1
+
+
+def test_prior_flags_are_checked_and_read_against_the_classes():
+    from features.task import Task
+    from pipeline.errors import ConfigError
+    from workflow.use import prior
+    binary = Task("binary", ("ants", "bees"))
+    np.testing.assert_allclose(prior.field_shares("bees:0.2", binary), [0.8, 0.2])
+    np.testing.assert_allclose(prior.field_shares("ants:0.2", binary), [0.2, 0.8])
+    np.testing.assert_allclose(prior.field_shares("0.05", binary), [0.95, 0.05])
+    three = Task("multiclass", ("a", "b", "c"))
+    np.testing.assert_allclose(prior.field_shares("a:0.5,b:0.3,c:0.2", three), [0.5, 0.3, 0.2])
+    for text, task, said in (("wasps:0.2", binary, "no class 'wasps'"),
+                             ("a:0.5,b:0.3", three, "name every class"),
+                             ("0.2", three, "two classes only"),
+                             ("a:0.5,b:0.3,c:0.3", three, "sum 1.1")):
+        with pytest.raises(ConfigError, match=said):
+            prior.field_shares(text, task)
+    for text in ("bees:1.5", "bees:x", "bees"):
+        with pytest.raises(ConfigError):
+            prior.check_text(text)
+    with pytest.raises(ConfigError, match="predict.py's"):
+        prior.check_text("estimate")
+    assert prior.check_text("estimate", allow_estimate=True) == "estimate"
+
+
+@pytest.mark.slow
+def test_a_prior_given_at_training_moves_every_probability_and_predict_can_estimate_one(
+        tmp_path, capsys):
+    """train.py --prior stores the shift with the model (model_info.json says both
+    shares, the thresholds are for the field); predict.py gives the moved probabilities,
+    can move them elsewhere (--prior) or to the shares it estimates (--prior=estimate)."""
+    import pandas as pd
+    from tests.conftest import class_folders
+    from tests.inprocess import run
+    data = class_folders(tmp_path / "data", 40)
+    result = run("train.py", f"--data_dir={data}", f"--workdir={tmp_path}/run",
+                 f"--cache_dir={tmp_path}/cache", "--weights=none", "--noinclude_top",
+                 "--image_size=32", "--val_size=0.5", "--batch_size=8", "--epochs=3",
+                 "--scenarios=B", "--cv_folds=0", "--finetune_epochs=0", "--tta=1",
+                 "--notensorboard", "--prior=pos:0.1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.load(open(tmp_path / "run" / "model_info.json"))
+    assert info["prior"]["training"] == {"neg": 0.5, "pos": 0.5}
+    assert info["prior"]["field"] == {"neg": 0.9, "pos": 0.1}
+    assert info["calibration"]["prior_shift"][0] == pytest.approx(np.log(1 / 9))
+    photos = tmp_path / "data" / "pos"
+    predict_in_process(tmp_path / "run", photos, tmp_path / "a.csv")
+    stored = pd.read_csv(tmp_path / "a.csv")
+    predict_in_process(tmp_path / "run", photos, tmp_path / "b.csv", prior="pos:0.5")
+    undone = pd.read_csv(tmp_path / "b.csv")
+    p, q = undone.pos.to_numpy(), stored.pos.to_numpy()
+    np.testing.assert_allclose(q, p / 9 / (p / 9 + (1 - p)), atol=2e-6)  # CSV rounding
+    capsys.readouterr()
+    predict_in_process(tmp_path / "run", photos, tmp_path / "c.csv", prior="estimate")
+    said = capsys.readouterr().out
+    assert "estimated class shares of these 20 photos" in said and "rough estimate" in said

@@ -13,6 +13,7 @@ from features import networks, scenarios
 from pipeline import limits
 from pipeline.errors import ConfigError
 from workflow.base import demo_settings
+from workflow.use import prior as prior_lib
 # The parsers of single values live in `values`; imported here, where callers know them.
 from workflow.base.values import (FORMATS, _floats, check_rate, parse_folds,  # noqa: F401
                                   parse_formats, parse_threshold, parse_tta, parse_val_size)
@@ -124,6 +125,7 @@ class PredictConfig:
     bag: bool
     unfamiliar_rate: float = 0.05   # share of held-out known photos flagged unfamiliar
     threshold: Optional[str] = None  # --threshold, parsed (None: 0.5 binary, auto multi-label)
+    prior: Optional[str] = None      # --prior: the field's class shares (checked form)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,7 +352,8 @@ def train_config(flag_values, names) -> TrainConfig:
                                 v["whole_learning_rate"], v["whole_batch_size"],
                                 v["whole_patience"]),
         predict=PredictConfig(parse_tta(v["tta"]), v["bag"], check_rate(v["unfamiliar_rate"]),
-                              parse_threshold(v["threshold"])),
+                              parse_threshold(v["threshold"]),
+                              prior_lib.check_text(v["prior"])),
         runtime=RuntimeConfig.from_values(v),
         labelling=LabellingConfig(v["unlabelled_dir"], v["budget"], v["label_next_strategy"]),
         deploy=DeployConfig(tuple(parse_formats(v["export"])), v["quantize"]),

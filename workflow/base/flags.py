@@ -116,6 +116,14 @@ def _train_trust(d: dict) -> None:
                         "with recall >= R). Default: 0.5 for binary, auto for multi-label. "
                         "Stored with the model; the report states the precision and recall "
                         "to expect at it.", module_name=PREDICT, **d)
+    flags.DEFINE_string("prior", None, "The class shares of the photos the model will meet, "
+                        "when they differ from the training labels' (e.g. 5% invasive in "
+                        "the field, balanced training): CLASS:SHARE,... (two classes: one "
+                        "share is enough, e.g. bees:0.2 or 0.2 for the positive class). The "
+                        "calibrated probabilities are moved to them (Saerens et al. 2002) "
+                        "everywhere, exports included, and the thresholds' precision and "
+                        "recall are recomputed for them; model_info.json records both "
+                        "shares.", module_name=PREDICT, **d)
 
 
 def _train_data(d: dict) -> None:
@@ -397,6 +405,12 @@ def define_predict(fv=flags.FLAGS) -> None:
                       "yes, except for a Kaggle layout whose sample_submission.csv fixes the "
                       "columns (then they go to <output>_unfamiliar.csv).",
                       module_name=OUTPUTS, **d)
+    flags.DEFINE_string("prior", None, "Move the probabilities to other class shares than "
+                        "the training labels': CLASS:SHARE,... (two classes: one share), or "
+                        "estimate: the shares of these photos, estimated by the EM procedure "
+                        "of Saerens et al. 2002 and printed (rough below ~100 photos). "
+                        "Default: what train.py stored (its --prior, else the training "
+                        "shares).", module_name=PREDICT, **d)
     flags.DEFINE_boolean("keep_bad_rows", False, "With --on_bad_image=skip: keep a row for "
                          "each unreadable image, with empty values and a last column status "
                          "('ok' or 'unreadable: <reason>'), instead of leaving it out.",

@@ -23,6 +23,7 @@ from workflow.train import trusting, validation
 from workflow.base.config import CacheConfig, HeadsConfig, PredictConfig, RuntimeConfig
 from workflow.train.job import Features, Job, backbone_weights_id
 from workflow.base.outputs import binary_column
+from workflow.use import prior as prior_lib
 
 PROBE = "probe"
 
@@ -106,7 +107,10 @@ def model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) -
             **({"binary_column": binary_column(task.class_names, job.dataset.sample_submission,
                                                job.dataset.label_column)}
                if task.kind == "binary" else {}),
-            **({"thresholds": [float(t) for t in thresholds]} if thresholds is not None else {})}
+            **({"thresholds": [float(t) for t in thresholds]} if thresholds is not None else {}),
+            **({"prior": prior_lib.record(task, prior_lib.training_shares(
+                task, job.frame.label.tolist()), None, "")}
+               if task.kind != "multilabel" else {})}
 
 
 def trust(job: Job, cache: CacheConfig, runtime: RuntimeConfig, trusted: dict, start: str,

@@ -125,8 +125,10 @@ def fit_held_out(job, cache, batch_size: int, what: str, start: str, val_probs, 
     y, probs, d, where = held
     probs = job.task.probabilities(probs)  # binary: P(positive) [N], whatever produced it
     calibration, before, after = _calibration(kind, y, probs, where, job.seed)
+    # The uncertainty is measured before any prior's shift (predict.py may apply another).
+    u = trust.uncertainty(kind, calibration.apply(kind, probs))
+    calibration, weights, prior = _with_prior(job, calibration, y, predict.prior)
     calibrated = calibration.apply(kind, probs)
-    u = trust.uncertainty(kind, calibrated)
     unfamiliar = trust.fit_unfamiliar(d, u, predict.unfamiliar_rate, where)
     report = {"held_out": where, "images": int(len(y)), "calibration": calibration.to_json(),
               "before": before, "after_cross_fitted": after,
@@ -135,14 +137,40 @@ def fit_held_out(job, cache, batch_size: int, what: str, start: str, val_probs, 
               "unfamiliar": unfamiliar.to_json(),
               "unfamiliar_scores": [round(float(s), 4) for s in unfamiliar.score(d, u)]}
     info = {"calibration": calibration.to_json(), "unfamiliar": {
-        **unfamiliar.to_json(), "reference_file": trust.REFERENCE_FILE}}
+        **unfamiliar.to_json(), "reference_file": trust.REFERENCE_FILE},
+        **({"prior": prior} if prior else {})}
+    if prior:
+        report["prior"] = prior
     if kind != "multiclass":
         spec = predict.threshold or ("0.5" if kind == "binary" else "auto")
-        values, expected = choose_thresholds(kind, y, calibrated, spec, job.seed)
+        values, expected = choose_thresholds(kind, y, calibrated, spec, job.seed, weights)
         info["threshold_rule"] = spec
         info["thresholds"] = [round(float(v), 6) for v in values]
         report["threshold"] = {"rule": spec, "values": info["thresholds"], **expected}
     return {"info": info, "metrics": report}
+
+
+def _with_prior(job, calibration, y, text):
+    """(the calibration moved to ``--prior``'s shares, each held-out image's weight for
+    the thresholds' precision and recall there, model_info.json's ``prior``), or the
+    calibration unchanged, no weights and the training shares alone without --prior."""
+    from workflow.use import prior as prior_lib
+    if job.task.kind == "multilabel":
+        return calibration, None, None
+    import dataclasses
+    training = prior_lib.training_shares(job.task, job.frame.label.tolist())
+    if not text:
+        return calibration, None, prior_lib.record(job.task, training, None, "")
+    field = prior_lib.field_shares(text, job.task)
+    shifted = dataclasses.replace(calibration, prior_shift=trust.prior_shift(
+        job.task.kind, training, field))
+    # A held-out image of class c stands for field_c / training_c images in the field.
+    weights = (field / np.maximum(training, 1e-12))[np.asarray(y).astype(int)]
+    logging.info("--prior=%s: probabilities moved from the training shares (%s) to the "
+                 "field's (%s); the threshold's precision and recall are for the field's.",
+                 text, ", ".join(f"{c} {s:.3f}" for c, s in zip(job.task.class_names, training)),
+                 ", ".join(f"{c} {s:.3f}" for c, s in zip(job.task.class_names, field)))
+    return shifted, weights, prior_lib.record(job.task, training, field, f"--prior={text}")
 
 
 def _cross_fitted(kind: str, y, probs, seed: int) -> dict:
@@ -158,13 +186,13 @@ def _cross_fitted(kind: str, y, probs, seed: int) -> dict:
     return trust.metrics(kind, y, out)
 
 
-def _one_threshold(y, p, spec: str) -> float:
+def _one_threshold(y, p, spec: str, weights=None) -> float:
     from sklearn.metrics import precision_recall_curve
     if spec not in ("auto",) and ":" not in spec:
         return float(spec)
     if y.min() == y.max():
         return 0.5
-    precision, recall, cuts = precision_recall_curve(y, p)
+    precision, recall, cuts = precision_recall_curve(y, p, sample_weight=weights)
     precision, recall = precision[:-1], recall[:-1]
     if spec == "auto":
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
@@ -178,21 +206,26 @@ def _one_threshold(y, p, spec: str) -> float:
     return float(cuts[ok[-1]]) if len(ok) else float(cuts[0])
 
 
-def choose_thresholds(kind: str, y, probs, spec: str, seed: int):
+def choose_thresholds(kind: str, y, probs, spec: str, seed: int, weights=None):
     """The threshold(s) by ``spec`` on held-out calibrated probabilities (one per label for
     multi-label), with the precision and recall to expect there and 95 % bootstrap
-    intervals."""
+    intervals. ``weights``: each held-out image's weight (the field's class shares over
+    the training's, with ``--prior``), so that precision is the field's."""
     y, p = np.asarray(y), np.asarray(probs, np.float64)
     if kind == "binary":
         y, p = y.reshape(-1, 1), p.reshape(-1, 1)
-    values = [_one_threshold(y[:, j].astype(int), p[:, j], spec) for j in range(p.shape[1])]
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)
+    values = [_one_threshold(y[:, j].astype(int), p[:, j], spec, w)
+              for j in range(p.shape[1])]
     hits = (p >= np.asarray(values)).astype(int)
     rng = np.random.default_rng(seed)
     draws = {"precision": [], "recall": []}
 
     def pr(rows):
-        tp = float((hits[rows] * y[rows]).sum())
-        return (tp / max(1.0, float(hits[rows].sum())), tp / max(1.0, float(y[rows].sum())))
+        ww = w[rows][:, None]
+        tp = float((ww * hits[rows] * y[rows]).sum())
+        return (tp / max(1e-12, float((ww * hits[rows]).sum())) if hits[rows].any() else 0.0,
+                tp / max(1e-12, float((ww * y[rows]).sum())) if y[rows].any() else 0.0)
     base = pr(np.arange(len(y)))
     for _ in range(1000):
         a, b = pr(rng.integers(0, len(y), len(y)))

@@ -13,7 +13,7 @@ from features.task import Task
 from pipeline import limits
 from pipeline.errors import ConfigError, DataError
 from workflow.base import config as config_lib
-from workflow.use import trusted
+from workflow.use import prior as prior_lib, trusted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +31,13 @@ class PredictRun(config_lib.Devices):
     keep_bad_rows: bool = False
     unfamiliar_label: bool = True
     unfamiliar_columns: str = "auto"
+    prior: Optional[str] = None  # --prior: the field's class shares, or "estimate"
 
     @classmethod
     def from_flags(cls, flag_values) -> "PredictRun":
         """Reads and checks predict.py's flags (no TensorFlow needed)."""
         config_lib.parse_tta(flag_values.tta)
+        prior_lib.check_text(flag_values.prior, allow_estimate=True)
         if flag_values.labels and not os.path.exists(flag_values.labels):
             raise DataError(f"--labels={flag_values.labels!r}: no such file or folder.")
         return cls.from_values({name: flag_values[name].value for name in flag_values})
@@ -244,6 +246,8 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     progress.report("predict", f"predict again ({cfg.output} is only written once every "
                                "row is done)")
     outputs = _outputs(cfg, model, frame, image_size, tta, use_bag, chosen.policy)
+    if cfg.prior:
+        info = _with_prior(cfg.prior, task, info, outputs, units)
     probs, unfamiliar = trusted.apply(task, info, outputs, units, reference)
     if unfamiliar is None:
         print(_why_untrusted(cfg, info))
@@ -271,6 +275,20 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     return _score(cfg, frame[good].reset_index(drop=True), probs[good], truth[good], task,
                   info, stem, f"{inference.BAG_FILE if use_bag else inference.MODEL_FILE} "
                               f"(tta={tta})")
+
+
+def _with_prior(text: str, task: Task, info: dict, outputs, units: int) -> dict:
+    """``info`` whose calibration moves the probabilities to ``--prior``'s shares (or the
+    shares the EM procedure estimates in these photos), said on the console."""
+    calibration = trust.Calibration.from_json(info.get("calibration"))
+    unshifted = calibration.apply(task.kind, task.probabilities(
+        np.asarray(outputs, np.float64)[:, :units]), shift=False)
+    shift, field, said = prior_lib.for_prediction(text, task, info, unshifted)
+    print(said)
+    return {**info, "calibration": {**calibration.to_json(), "prior_shift": list(shift)},
+            "prior": {**(info.get("prior") or {}), "field": dict(zip(task.class_names,
+                                                                      map(float, field))),
+                      "source": f"predict.py --prior={text}"}}
 
 
 def _outputs(cfg: PredictRun, model, frame, image_size: int, tta: int, use_bag: bool,

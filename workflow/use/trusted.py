@@ -43,7 +43,9 @@ def apply(task, info: dict, outputs, units: int, reference=None):
     for unreadable rows), else None."""
     outputs = np.asarray(outputs, np.float64)
     calibration = trust.Calibration.from_json(info.get("calibration"))
-    probs = calibration.apply(task.kind, task.probabilities(outputs[:, :units]))
+    unshifted = calibration.apply(task.kind, task.probabilities(outputs[:, :units]),
+                                  shift=False)
+    probs = calibration.shift(task.kind, unshifted)
     if reference is None:
         return probs, None
     fitted = trust.Unfamiliar.from_json(info["unfamiliar"])
@@ -51,6 +53,7 @@ def apply(task, info: dict, outputs, units: int, reference=None):
     score = np.full(len(outputs), np.nan)
     if good.any():
         d = trust.distance(reference, outputs[good, units:], fitted.k)
-        score[good] = fitted.score(d, trust.uncertainty(task.kind, probs[good]))
+        # The uncertainty as it was fitted: before the field's prior moved it.
+        score[good] = fitted.score(d, trust.uncertainty(task.kind, unshifted[good]))
     return probs, {"score": score, "flagged": good & (np.nan_to_num(score) > fitted.threshold),
                    "threshold": fitted.threshold, "rate": fitted.rate}
