@@ -16,7 +16,7 @@ console.quiet_tensorflow()
 
 from absl import app, flags  # noqa: E402
 
-from workflow.base import flags as flag_defs  # noqa: E402
+from workflow.base import flags as flag_defs, script_help  # noqa: E402
 from workflow.use.predicting import PredictRun  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flag_defs.run_script(main, FLAGS, __doc__)
+    script_help.run_script(main, FLAGS, __doc__)

@@ -27,7 +27,7 @@ console.quiet_tensorflow()
 
 from absl import app, flags  # noqa: E402
 
-from workflow.base import config, demo_settings, flags as flag_defs  # noqa: E402
+from workflow.base import config, demo_settings, flags as flag_defs, script_help  # noqa: E402
 
 FLAGS = flags.FLAGS
 _BEFORE = set(FLAGS)
@@ -55,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flag_defs.run_script(main, FLAGS, __doc__)
+    script_help.run_script(main, FLAGS, __doc__)

@@ -11,7 +11,7 @@ import pytest
 from features import backbone
 from features.serve import inference
 from pipeline.errors import ConfigError, DataError
-from workflow.base import config
+from workflow.base import config, values
 from workflow.use import deploy, runtimes
 
 SIZE = 32
@@ -22,8 +22,8 @@ def test_formats_are_checked_before_any_work(monkeypatch):
     assert config.parse_formats("TFLite, savedmodel,tflite") == ["tflite", "savedmodel"]
     with pytest.raises(ConfigError, match="unknown format.*coreml"):
         config.parse_formats("onnx,coreml")
-    real = config.importlib.util.find_spec
-    monkeypatch.setattr(config.importlib.util, "find_spec",
+    real = values.importlib.util.find_spec
+    monkeypatch.setattr(values.importlib.util, "find_spec",
                         lambda name: None if name == "tf2onnx" else real(name))
     with pytest.raises(ConfigError, match=r"needs tf2onnx.*pip install -e \"\.\[export\]\""):
         config.parse_formats("savedmodel,onnx")

@@ -15,7 +15,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from features import backbone, networks
-from features.fit import finetune
+from features.fit import checkpoint, finetune
 from features.serve import inference
 from features.fit.settings import FinetuneSettings
 from features import task as task_lib
@@ -55,7 +55,7 @@ def test_finetune_writes_checkpoints_and_resume_continues(split, tmp_path):
     first = finetune.finetune(clf, blocks, BINARY, train, val, settings, workdir=workdir)
     assert first["epochs_run"] == 2 and first["resumed_from_epoch"] == 0
     folder = os.path.join(workdir, "finetune")
-    assert "ckpt-2" in open(os.path.join(folder, finetune.CHECKPOINT_FILE)).read()
+    assert "ckpt-2" in open(os.path.join(folder, checkpoint.CHECKPOINT_FILE)).read()
     assert os.path.isfile(os.path.join(folder, f"best-{first['best_epoch']:06d}.index"))
     # The state after epoch 2, as a fresh process would find it.
     ref = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=5,

@@ -9,7 +9,7 @@ import pytest
 
 from features import backbone, networks, precision
 from features.store import cache
-from features.fit import finetune, heads
+from features.fit import checkpoint, finetune, heads
 from features.serve import inference
 from features.fit.settings import FinetuneSettings, FitSettings
 from features import task as task_lib
@@ -179,7 +179,7 @@ def test_finetuning_from_cached_views_trains_only_the_head_and_resumes(data, tmp
     assert out["epochs_run"] == 2 and list(out["history"].epoch) == [0, 1, 2]
     assert not np.allclose(clf.head.get_layer("fc1").kernel.numpy(), fc1)
     np.testing.assert_array_equal(clf.stem.get_layer("block1_conv1").kernel.numpy(), conv)
-    assert "ckpt-2" in open(tmp_path / "finetune" / finetune.CHECKPOINT_FILE).read()
+    assert "ckpt-2" in open(tmp_path / "finetune" / checkpoint.CHECKPOINT_FILE).read()
     again = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
                                       backbone="vgg16")
     resumed = finetune.finetune(again, ["fc", "predictions"], BINARY, train, val,

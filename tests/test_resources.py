@@ -163,7 +163,7 @@ else:  # no size-limited file system here: a file-size limit makes the first big
     import matplotlib.pyplot  # noqa: F401  (its font cache is written before the limit)
     matplotlib.font_manager.findfont("DejaVu Sans")
 from features import backbone
-from features.fit import finetune
+from features.fit import checkpoint, finetune
 from features.serve import inference
 from workflow.base import outputs
 from workflow.views import plots
@@ -183,9 +183,9 @@ writers = {
     "plot": lambda p: plots.roc(np.arange(10) % 2, np.linspace(0, 1, 10), ("0", "1"),
                                 p + ".png", "ROC"),
     "model": lambda p: inference.export_model(clf.model, p, {"image_size": 32}),
-    "best_weights": lambda p: finetune.Checkpointer(
+    "best_weights": lambda p: checkpoint.Checkpointer(
         p, clf.model, clf.model.optimizer).set_baseline({"val_auc": 0.5}),
-    "checkpoint": lambda p: finetune.Checkpointer(p, clf.model, clf.model.optimizer)._commit(1),
+    "checkpoint": lambda p: checkpoint.Checkpointer(p, clf.model, clf.model.optimizer)._commit(1),
 }
 results = {}
 for name, write in writers.items():

@@ -401,7 +401,7 @@ def test_em_estimates_the_class_shares_of_the_photos_given():
 def test_prior_flags_are_checked_and_read_against_the_classes():
     from features.task import Task
     from pipeline.errors import ConfigError
-    from workflow.use import prior
+    from workflow.base import prior
     binary = Task("binary", ("ants", "bees"))
     np.testing.assert_allclose(prior.field_shares("bees:0.2", binary), [0.8, 0.2])
     np.testing.assert_allclose(prior.field_shares("ants:0.2", binary), [0.2, 0.8])

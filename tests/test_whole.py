@@ -62,7 +62,7 @@ def test_the_default_run_exports_the_whole_network_when_frozen_features_are_blin
     result = run("train.py", f"--data_dir={data}", f"--backbone={net}@{SIZE}",
                  f"--workdir={tmp_path}/run", f"--cache_dir={tmp_path}/cache",
                  # Tiny images and a tiny network: a larger step than real photos want.
-                 "--whole_learning_rate=3e-3", "--whole_epochs=25", "--patience=25",
+                 "--whole_learning_rate=3e-3", "--whole_epochs=25", "--whole_patience=25",
                  "--augment=none")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.load(open(tmp_path / "run" / "metrics.json"))

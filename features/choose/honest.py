@@ -34,18 +34,21 @@ def parts(task: Task, y, seed: int = 0, k: int = PARTS) -> list:
     return [va for _, va in KFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)))]
 
 
-def cross_fit(task: Task, y, epoch_probs: Sequence, seed: int = 0, k: int = PARTS):
+def cross_fit(task: Task, y, epoch_probs: Sequence, seed: int = 0, k: int = PARTS,
+              by: str = "headline"):
     """(probabilities, the epoch index each part's rows came from): for each part of the
-    images, the predictions of the epoch (index into ``epoch_probs``) with the best
-    headline score on the other parts. Ties go to the earlier epoch, as the fits' own
-    choice does."""
+    images, the predictions of the epoch (index into ``epoch_probs``) with the best score
+    on the other parts: the task's headline metric, or (``by="loss"``) the lowest log
+    loss, as the fit that is mirrored chose its epoch. Ties go to the earlier epoch, as
+    the fits' own choice does."""
     y = np.asarray(y)
     stacked = np.asarray([np.asarray(p, np.float64) for p in epoch_probs])
     out = np.zeros(stacked.shape[1:], np.float64)
     chosen = []
     for part in parts(task, y, seed, k):
         rest = np.setdiff1d(np.arange(len(y)), part)
-        scores = [task.headline_score(y[rest], p[rest]) for p in stacked]
+        scores = [-task.scores(y[rest], p[rest])["loss"] if by == "loss" else
+                  task.headline_score(y[rest], p[rest]) for p in stacked]
         scores = np.where(np.isfinite(scores), scores, -np.inf)
         best = int(np.argmax(scores))
         out[part] = stacked[best][part]

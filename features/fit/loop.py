@@ -218,8 +218,7 @@ class HeadTrainer:
             variable.assign(value)
 
     def fit(self, x, y, settings: FitSettings, *, val=None, keep: Optional[object] = "best",
-            record: Sequence[str] = (), callbacks=(), per_epoch: Optional[int] = None,
-            first_epoch: int = 0) -> Fit:
+            record: Sequence[str] = (), callbacks=(), first_epoch: int = 0) -> Fit:
         """Trains from the model's current weights with a fresh optimizer, or (with
         ``first_epoch`` > 0) continues a fit whose `state` was put back.
 
@@ -235,7 +234,6 @@ class HeadTrainer:
           record: what to keep of every epoch in the result: "probs" (validation
             probabilities) and/or "weights" (trainable weights).
           callbacks: more Keras callbacks (e.g. an `EpochLog` for per-epoch lines).
-          per_epoch: rows per epoch (default all; see `rows.shuffled_batches`).
           first_epoch: epochs already trained (0-based index of the first one to train);
             the batches of every epoch are those one uninterrupted fit would see.
         """
@@ -245,8 +243,8 @@ class HeadTrainer:
             keras.utils.set_random_seed(s.seed)
         weights = sample_weights(self.task, y, s.class_weight) if s.class_weight else None
         batches, steps = rows_lib.shuffled_batches(
-            x, self.task.targets(y), s.batch_size, s.seed, s.epochs, per_epoch=per_epoch,
-            min_rows=self.replicas, weights=weights, first_epoch=first_epoch)
+            x, self.task.targets(y), s.batch_size, s.seed, range(first_epoch, s.epochs),
+            min_rows=self.replicas, weights=weights)
         validation = None if val is None else ExactValidation(
             lambda: self.predict(val[0]), val[1], self.task, keep_probs="probs" in record)
         keeper = _EpochWeights(self.trainable) if "weights" in record else None

@@ -182,14 +182,13 @@ class Batches:
         self.dataset, self.source = dataset, source
 
 
-def shuffled_batches(x, y, batch_size: int, seed: int, epochs: int,
-                     per_epoch: Optional[int] = None, min_rows: int = 1, weights=None,
-                     first_epoch: int = 0):
-    """Epochs ``first_epoch`` .. ``epochs - 1`` (0-based) of feature batches, each epoch in
-    its `epoch_order`; returns (dataset, steps per epoch). Fit it with
-    ``steps_per_epoch=steps`` (and ``initial_epoch=first_epoch``): epoch e's batches
-    depend on e alone, so a fit continued from ``first_epoch`` sees what one fit of
-    every epoch would have seen.
+def shuffled_batches(x, y, batch_size: int, seed: int, epochs: range,
+                     per_epoch: Optional[int] = None, min_rows: int = 1, weights=None):
+    """The feature batches of ``epochs`` (0-based epoch numbers, e.g. ``range(3, 10)``),
+    each epoch in its `epoch_order`; returns (dataset, steps per epoch). Fit it with
+    ``steps_per_epoch=steps`` (and ``initial_epoch=epochs.start``): epoch e's batches
+    depend on e alone, so a fit continued from epoch 3 sees what one fit of every epoch
+    would have seen.
 
     ``per_epoch`` rows (default: all) are taken from the front of each epoch's order,
     e.g. one image's worth of a pool of K augmented views per image. ``y`` holds the
@@ -207,9 +206,9 @@ def shuffled_batches(x, y, batch_size: int, seed: int, epochs: int,
     per_epoch = n if per_epoch is None else min(per_epoch, n)
     bounds = batch_bounds(per_epoch, batch_size, min_rows)
     steps = len(bounds) - 1
-    count = max(epochs - first_epoch, 0)
+    count = len(epochs)
     orders = np.stack([epoch_order(n, seed, e)[:per_epoch]
-                       for e in range(first_epoch, epochs)]) if count else None
+                       for e in epochs]) if count else None
 
     def rows_of(i):
         epoch, step = divmod(i, steps)

@@ -13,7 +13,7 @@ from features import networks, scenarios
 from pipeline import limits
 from pipeline.errors import ConfigError
 from workflow.base import demo_settings
-from workflow.use import prior as prior_lib
+from workflow.base import prior as prior_lib
 # The parsers of single values live in `values`; imported here, where callers know them.
 from workflow.base.values import (FORMATS, _floats, check_rate, parse_folds,  # noqa: F401
                                   parse_formats, parse_threshold, parse_tta, parse_val_size)

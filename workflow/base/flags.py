@@ -14,11 +14,11 @@ from pipeline import limits
 
 PRECISIONS = ["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 STRATEGIES = ["auto", "one", "mirrored"]
-DATA, OUTPUTS, MODEL, HEADS, SWEEP, FINETUNE, PREDICT, DEVICES, TESTING, LABELLING, DEPLOY = (
-    "data", "outputs", "model", "heads stage (cached features)", "sweep stage",
-    "fine-tuning stage", "prediction", "precision, devices and scale-out",
-    "testing (not for everyday use)", "labelling: what to label next",
-    "deployment exports")
+DATA, OUTPUTS, MODEL, HEADS, SWEEP, FINETUNE, WHOLE, PREDICT, DEVICES, TESTING, LABELLING, \
+    DEPLOY = ("data", "outputs", "model", "heads stage (cached features)", "sweep stage",
+              "fine-tuning stage", "whole-network fine-tuning", "prediction",
+              "precision, devices and scale-out", "testing (not for everyday use)",
+              "labelling: what to label next", "deployment exports")
 ALIASES = "aliases (clearer names of flags above)"
 
 
@@ -88,7 +88,8 @@ def define_export(fv=flags.FLAGS) -> None:
 
 def define_train(fv=flags.FLAGS) -> None:
     """The flags of train.py, section by section."""
-    for define in (_train_data, _train_model, _train_heads, _train_sweep, _train_finetune):
+    for define in (_train_data, _train_model, _train_heads, _train_choice, _train_sweep,
+                   _train_finetune, _train_whole):
         define(dict(flag_values=fv))
     define_export(fv)
     _train_trust(dict(flag_values=fv))
@@ -260,6 +261,12 @@ def _train_heads(d: dict) -> None:
                         "scenario on the training split: K >= 2, 0 for none, or 'auto' (5 when "
                         "the validation set has fewer than 100 images). With CV, the epoch and "
                         "the scenario are chosen by the mean CV score.", module_name=HEADS, **d)
+    flags.DEFINE_enum("class_weight", "auto", ["auto", "balanced", "none"], "Weigh classes in "
+                      "the loss of the heads, CV, sweep, probe and fine-tuning: balanced = each "
+                      "class the same total weight; auto = balanced when the smallest class has "
+                      "under 30% of the images.", module_name=HEADS, **d)
+def _train_choice(d: dict) -> None:
+    """What the heads stage exports: the probe or a scenario, the bag, the refit."""
     flags.DEFINE_boolean("probe_baseline", True, "With CV: the linear probe (the simpler model) "
                          "is the baseline: the best scenario is fine-tuned and exported only "
                          "when its out-of-fold predictions beat the probe's beyond a paired "
@@ -270,10 +277,6 @@ def _train_heads(d: dict) -> None:
                          "fold heads of the chosen scenario and the final model; it is the "
                          "default output only when it beats the single model on the validation "
                          "images beyond noise.", module_name=HEADS, **d)
-    flags.DEFINE_enum("class_weight", "auto", ["auto", "balanced", "none"], "Weigh classes in "
-                      "the loss of the heads, CV, sweep, probe and fine-tuning: balanced = each "
-                      "class the same total weight; auto = balanced when the smallest class has "
-                      "under 30% of the images.", module_name=HEADS, **d)
     flags.DEFINE_boolean("refit", True, "Train the exported model again on every label "
                          "(training + validation images) with the settings and epoch counts "
                          "chosen before, whether cross-validation or a validation split chose "
@@ -342,29 +345,6 @@ def _train_finetune(d: dict) -> None:
                        "rate rises from 0 (then a cosine decay to 0 at the last allowed "
                        "epoch); 0: a constant rate.", lower_bound=0.0, module_name=FINETUNE,
                        **d)
-    flags.DEFINE_enum("whole_network", "auto", ["auto", "yes", "no"], "Also fine-tune every "
-                      "stage of the backbone (from a cache-trained head, at its own size, "
-                      "batch-norm frozen) and export it only when it beats the frozen-feature "
-                      "model beyond noise on honest validation predictions. auto: on light "
-                      "backbones (at most 10 M parameters: EfficientNet-Lite, MobileNet, "
-                      "EfficientNetV2-B0) unless the frozen model is already too good for "
-                      "anything to beat it beyond noise on the validation photos.",
-                      module_name=FINETUNE, **d)
-    flags.DEFINE_integer("whole_epochs", 15, "Whole-network fine-tuning: the most epochs "
-                         "(the cosine decay ends there; it stops earlier after "
-                         "--whole_patience epochs without a better validation score).",
-                         lower_bound=1, module_name=FINETUNE, **d)
-    flags.DEFINE_integer("whole_patience", 8, "Whole-network fine-tuning: epochs without a "
-                         "better validation score before it stops (longer than --patience: "
-                         "its early epochs dip while the network adapts, and its learning "
-                         "rate is still high there).", lower_bound=1, module_name=FINETUNE,
-                         **d)
-    flags.DEFINE_float("whole_learning_rate", 1e-4, "Whole-network fine-tuning: Adam's peak "
-                       "learning rate.", module_name=FINETUNE, **d)
-    flags.DEFINE_integer("whole_batch_size", 16, "Whole-network fine-tuning: images per "
-                         "batch (at most --batch_size): every layer's activations are kept "
-                         "for the backward pass, so this bounds its memory.", lower_bound=1,
-                         module_name=FINETUNE, **d)
     flags.DEFINE_enum("monitor", "auto", ["auto", "auc", "accuracy", "loss", "map"],
                       "Validation metric for early stopping and the kept fine-tuning epoch. "
                       "auto: the task's headline metric (auc for two classes, accuracy for "
@@ -374,6 +354,34 @@ def _train_finetune(d: dict) -> None:
                          "checkpoint in --workdir.", module_name=FINETUNE, **d)
     flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the loss (heads and "
                        "fine-tuning), e.g. 0.1; 0 for none.", module_name=FINETUNE, **d)
+
+
+def _train_whole(d: dict) -> None:
+    """Whole-network fine-tuning, a candidate the run compares with the frozen-feature
+    model (--patience, --augment and --monitor are fine-tuning's, shared)."""
+    flags.DEFINE_enum("whole_network", "auto", ["auto", "yes", "no"], "Also fine-tune every "
+                      "stage of the backbone (from a cache-trained head, at its own size, "
+                      "batch-norm frozen) and export it only when it beats the frozen-feature "
+                      "model beyond noise on honest validation predictions. auto: on light "
+                      "backbones (at most 10 M parameters: EfficientNet-Lite, MobileNet, "
+                      "EfficientNetV2-B0) unless the frozen model is already too good for "
+                      "anything to beat it beyond noise on the validation photos.",
+                      module_name=WHOLE, **d)
+    flags.DEFINE_integer("whole_epochs", 15, "Whole-network fine-tuning: the most epochs "
+                         "(the cosine decay ends there; it stops earlier after "
+                         "--whole_patience epochs without a better validation score).",
+                         lower_bound=1, module_name=WHOLE, **d)
+    flags.DEFINE_integer("whole_patience", 8, "Whole-network fine-tuning: epochs without a "
+                         "better validation score before it stops (longer than --patience: "
+                         "its early epochs dip while the network adapts, and its learning "
+                         "rate is still high there).", lower_bound=1, module_name=WHOLE,
+                         **d)
+    flags.DEFINE_float("whole_learning_rate", 1e-4, "Whole-network fine-tuning: Adam's peak "
+                       "learning rate.", module_name=WHOLE, **d)
+    flags.DEFINE_integer("whole_batch_size", 16, "Whole-network fine-tuning: images per "
+                         "batch (at most --batch_size): every layer's activations are kept "
+                         "for the backward pass, so this bounds its memory.", lower_bound=1,
+                         module_name=WHOLE, **d)
 
 
 def define_predict(fv=flags.FLAGS) -> None:
@@ -418,34 +426,3 @@ def define_predict(fv=flags.FLAGS) -> None:
     _shared(fv, "Test-time augmentation: auto = what train.py chose for the model (recorded "
                 "in model_info.json), or average over N deterministic views (1 = plain; 2 adds "
                 "the mirror; up to 8 adds crops).")
-
-
-def run_script(main, fv, doc: str) -> None:
-    """An entry point's ``__main__``: ``-h``/``--help`` print the grouped help (before absl,
-    whose own --help would list none of our grouped flags), else ``app.run(main)``."""
-    import sys
-    from absl import app
-    if help_requested(sys.argv):
-        print(grouped_help(fv, doc))
-        sys.exit(0)
-    app.run(main)
-
-
-def help_requested(argv) -> bool:
-    """``-h``, ``--help`` or ``--helpshort`` (``--helpfull`` stays absl's: every flag,
-    absl's own and the testing ones too)."""
-    return any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:])
-
-
-def grouped_help(fv, doc: str) -> str:
-    """The script's docstring and its flags, group by group in the order a run uses them;
-    the testing flags are left to --helpfull."""
-    order = (DATA, OUTPUTS, MODEL, HEADS, SWEEP, FINETUNE, PREDICT, LABELLING, DEPLOY, DEVICES)
-    parts = [doc.rstrip(), ""]
-    for group in order:
-        text = fv.module_help(group)
-        if text.strip():
-            parts.append(text.rstrip())
-            parts.append("")
-    parts.append("Aliases, testing flags and absl's own flags: --helpfull.")
-    return "\n".join(parts)

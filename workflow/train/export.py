@@ -21,86 +21,49 @@ What a run exports, and why, is decided on held-out images, never by principle:
 import dataclasses
 import logging
 import os
-import time
 from typing import Optional
 
 import numpy as np
-import pandas as pd
 
-from features.choose import bag as bag_lib, honest
-from features.fit import heads as heads_lib
-from features.serve import inference
 from features import scenarios
-from features.store import cache as cache_lib
-from features.fit import finetune as finetune_lib
-from features.store import rows as rows_lib
-from features.fit.settings import FinetuneSettings, FitSettings
+from features.choose import bag as bag_lib, honest
 from features.fit.loop import restore
+from features.fit.settings import FinetuneSettings
+from features.serve import inference
 from pipeline.atomic import atomic_link
-from workflow.train import augment_choice, final_model, heads_choice, trusting, validation
+from workflow.base import state as state_lib
+from workflow.base.config import CacheConfig, FinetuneConfig, RuntimeConfig, TrainConfig
+from workflow.train import (augment_choice, final_fit, final_model, heads_choice, trusting,
+                            validation)
 from workflow.train import whole as whole_lib
-from workflow.views import plots, summary
-from workflow.base import console, state as state_lib
-from workflow.base.config import CacheConfig, FinetuneConfig, HeadsConfig, PredictConfig, RuntimeConfig
-from workflow.train.job import (Features, Job, cache_spec, finetune_settings,
-                                fit_settings)
+from workflow.train.job import Job, finetune_settings, fit_settings
+from workflow.views import summary
 
 PROBE = final_model.PROBE
 
 
-def _cached_views(job: Job, config: FinetuneConfig, cache: CacheConfig, batch_size: int,
-                  blocks, frame: Optional[pd.DataFrame] = None):
-    """`finetune.CachedViews` for --finetune_views=K when the blocks start above a cached
-    layer (extracting the views once), else None: the whole network trains from images.
-    ``frame``: the images to train on (default the training split)."""
-    start = job.classifier.start_layer(blocks)
-    if config.views <= 0:
-        return None
-    if start not in cache_lib.cached_layers(job.model.include_top, job.classifier.net):
-        logging.info("Fine-tuning blocks %s reach below every cached layer: training the whole "
-                     "network from images (--finetune_views applies above a cached layer).",
-                     ",".join(blocks))
-        return None
-    features = Features(job, cache, batch_size)
-    frame = job.train if frame is None else frame
-    y = np.asarray(frame.label.tolist())
-    views = 1 if config.augment == "none" else config.views  # K identical views are one
-    preset = "none" if config.augment == "none" else config.view_preset
-    layers = None
-    if preset != "none":
-        # Views of the one layer the blocks train from (VGG16 at Kaggle size: 1.2 GB
-        # instead of 6.0 GB for every cached layer), unless views of every layer
-        # (--cache_augmented_views, the same preset) already hold them all.
-        held = cache_lib.planned_bytes(job.classifier, cache_spec(job, cache, preset), frame,
-                                       cache.cache_dir, views) == 0
-        layers = None if held else (start,)
-    train_x = features.of(frame, views if preset != "none" else 0, preset, layers)[start]
-    _, val = features.split()[:2]
-    return finetune_lib.CachedViews(start, train_x, np.concatenate([y] * views), val[start],
-                                    job.y_val, views)
-
-
-def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
-                   runtime: RuntimeConfig, predict: PredictConfig, scenario: str,
-                   optimizer: str = "adam") -> None:
+def finetune_stage(job: Job, cfg: TrainConfig, scenario: str, optimizer: str = "adam") -> None:
     """Tries whole-network fine-tuning when it could win (`workflow.train.whole`), else
     fine-tunes ``scenario`` (or takes the probe); chooses the default output, refits on
-    every label (``--refit``), and exports."""
+    every label (``--refit``), and exports. Reads the heads', cache's, runtime's,
+    prediction's and fine-tuning's settings of ``cfg``."""
+    heads, cache, runtime, predict = cfg.heads, cfg.cache, cfg.runtime, cfg.predict
     refit = heads.refit
     frozen = heads_choice.load_honest(job, scenario)
-    plan = whole_lib.plan(job, config.whole, frozen.probs, frozen.what)
+    plan = whole_lib.plan(job, cfg.finetune.whole, frozen.probs, frozen.what)
     whole_lib.log_plan(plan)
     job.run.update_metrics("whole_network", {"tried": plan.tried, "why": plan.why})
     if plan.tried:
-        config = _augment_resolved(job, config, cache, runtime)
-        if _try_whole(job, config, heads, cache, runtime, predict, scenario, frozen, refit):
+        cfg = _with_finetune(cfg, _augment_resolved(job, cfg.finetune, cache, runtime))
+        if _try_whole(job, cfg, scenario, frozen):
             return
         # The frozen model stays, as the heads stage made it: its own fine-tuning is what
         # the whole network's just did better than it could (the last stage trained too).
-        config = dataclasses.replace(config, epochs=0)
+        cfg = _with_finetune(cfg, dataclasses.replace(cfg.finetune, epochs=0))
+    config = cfg.finetune
     if scenario == PROBE:
         return final_model.export_probe(job, heads, cache, runtime, predict, refit, frozen)
-    _load_head(job, heads, cache, runtime, config, scenario)
+    final_fit.load_head(job, heads, cache, runtime, config, scenario)
     blocks = (scenarios.parse_blocks(config.trainable_blocks, job.classifier.net)
               if config.trainable_blocks
               else scenarios.get_scenario(scenario).blocks_on(job.classifier.net))
@@ -114,15 +77,22 @@ def finetune_stage(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: 
         result["skipped"] = skipped
     elif config.epochs > 0:
         config = _augment_resolved(job, config, cache, runtime)
+        cfg = _with_finetune(cfg, config)
         fine = fine.replace(augment=config.augment)
-        ft = _finetune(job, config, cache, scenario, blocks, fine)
+        ft = final_fit.finetune(job, config, cache, scenario, blocks, fine)
     kept = ft["best_epoch"] if ft else 0
     described = (_described(scenario, config.epochs, kept) if not skipped else
                  f"scenario {scenario} (its head; fine-tuning skipped: it could not beat it)")
     if config.epochs > 0 and kept == 0 and not skipped:
         print("fine-tuning did not improve on the head: exporting the head")
-    _finish(job, Final(scenario, blocks, described, ft, fine, frozen if kept == 0 else None,
-                       bag=heads.bag), result, heads, cache, runtime, predict, refit, config)
+    _finish(job, cfg, Final(scenario, blocks, described, ft, fine,
+                            frozen if kept == 0 else None, bag=heads.bag), result)
+
+
+def _with_finetune(cfg: TrainConfig, finetune: FinetuneConfig) -> TrainConfig:
+    """``cfg`` with the fine-tuning settings this run resolved (e.g. --augment=auto's
+    preset), so that the refit and the records use them."""
+    return dataclasses.replace(cfg, finetune=finetune)
 
 
 @dataclasses.dataclass
@@ -130,7 +100,8 @@ class Final:
     """The model about to be exported: its scenario (the head it started from), the
     blocks that trained, its name, its fine-tuning's summary (None: not fine-tuned) and
     settings, the frozen model's honest predictions when it is that model, and whether
-    a bag may be offered beside it."""
+    a bag may be offered beside it; the estimate of its score (probabilities on held-out
+    images and how they were made)."""
     scenario: str
     blocks: list
     described: str
@@ -142,19 +113,19 @@ class Final:
     estimate_how: str = ""
 
 
-def _finish(job: Job, final: Final, result: dict, heads: HeadsConfig, cache: CacheConfig,
-            runtime: RuntimeConfig, predict: PredictConfig, refit: bool,
-            config: FinetuneConfig) -> None:
+def _finish(job: Job, cfg: TrainConfig, final: Final, result: dict) -> None:
     """Everything after the training: the final report on the validation images, bag or
     single model and TTA, calibration and the unfamiliar score, the refit, the export."""
+    cache, runtime, predict, refit = cfg.cache, cfg.runtime, cfg.predict, cfg.heads.refit
     scenario, blocks, ft = final.scenario, final.blocks, final.ft
     checkpoints, kept = None, 0
     if ft is not None:
         checkpoints, kept = ft.pop("checkpoints"), ft["best_epoch"]
         epoch_probs = ft.pop("epoch_probs", None)
         if final.estimate_probs is None and kept > 0 and epoch_probs:
-            final.estimate_probs, _ = honest.cross_fit(job.task, job.y_val, epoch_probs,
-                                                       job.seed)
+            final.estimate_probs, _ = honest.cross_fit(
+                job.task, job.y_val, epoch_probs, job.seed,
+                by="loss" if final.fine.monitor == "loss" else "headline")
             final.estimate_how = (f"the {len(job.y_val)} validation images, each predicted "
                                   "at the fine-tuning epoch chosen on the other validation "
                                   "images")
@@ -175,15 +146,15 @@ def _finish(job: Job, final: Final, result: dict, heads: HeadsConfig, cache: Cac
     trusted = trusting.fit_held_out(job, cache, runtime.batch_size, scenario, start, probs,
                                     predict, oof_ok)
     if refit:
-        settings = (fit_settings(job, heads, cache, runtime),
+        settings = (fit_settings(job, cfg.heads, cache, runtime),
                     final.fine.replace(epochs=kept, schedule_epochs=final.fine.epochs))
-        result["refit"] = _refit(job, config, cache, scenario, blocks, *settings)
+        result["refit"] = final_fit.refit(job, cfg.finetune, cache, scenario, blocks, *settings)
     job.run.update_metrics("finetune", result)
     final_model.record_final(job, final.described, scores, thresholds)
     choice["model_info"] = final_model.trust(job, cache, runtime, trusted, start, refit)
     estimate = final_model.expected_score(job, final.estimate_probs, final.estimate_how,
                                           final.described, scores)
-    _export(job, scenario, blocks, scores, thresholds, members, choice, refit, estimate)
+    _export(job, final, (scores, thresholds), members, choice, estimate, refit)
     if checkpoints is not None:
         checkpoints.remove()  # exported: nothing left to resume (kept when a run fails)
     state = state_lib.load(job.run.path)
@@ -205,36 +176,25 @@ def _augment_resolved(job: Job, config: FinetuneConfig, cache: CacheConfig,
     return dataclasses.replace(config, augment=chosen)
 
 
-def _load_head(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
-               config: FinetuneConfig, scenario: str) -> None:
-    """Puts ``scenario``'s cache-trained head into the classifier (fitting it first when
-    the heads stage cross-validated it but did not fit it)."""
-    head_weights = heads_lib.weights_file(job.run.path, scenario)
-    if scenario not in job.heads and not os.path.isfile(head_weights):
-        _fit_unfitted_head(job, heads, cache, runtime, config.view_preset, scenario)
-    heads_lib.load_scenario_weights(job.classifier, scenario, head_weights,
-                                    job.heads.get(scenario))
-
-
-def _try_whole(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: CacheConfig,
-               runtime: RuntimeConfig, predict: PredictConfig, scenario: str, frozen,
-               refit: bool) -> bool:
+def _try_whole(job: Job, cfg: TrainConfig, scenario: str, frozen) -> bool:
     """Trains the whole network from a cache-trained head and exports it when its honest
     validation predictions beat the frozen model's beyond noise; returns whether it did
     (else the classifier is back at its starting weights)."""
+    config, heads, cache, runtime = cfg.finetune, cfg.heads, cfg.cache, cfg.runtime
     start = whole_lib.start_scenario(job, scenario)
     if start is None:
         logging.info("Whole-network fine-tuning: no scenario was trained to start from.")
         return False
-    _load_head(job, heads, cache, runtime, config, start)
+    final_fit.load_head(job, heads, cache, runtime, config, start)
     blocks = list(job.classifier.net.blocks)
     fine = whole_lib.settings(job, config, heads, runtime)
     print(f"Whole-network fine-tuning from scenario {start}'s head: at most {fine.epochs} "
           f"epochs of {len(job.train)} photos at {fine.image_size} px, augment={fine.augment}, "
           f"lr {fine.learning_rate:g} after a {fine.warmup_epochs:g}-epoch warm-up ...")
-    ft = _finetune(job, config, cache, start, blocks, fine, what="the whole network")
+    ft = final_fit.finetune(job, config, cache, start, blocks, fine, what="the whole network")
     kept = ft["best_epoch"]
-    probs, _ = honest.cross_fit(job.task, job.y_val, ft["epoch_probs"], job.seed)
+    probs, _ = honest.cross_fit(job.task, job.y_val, ft["epoch_probs"], job.seed,
+                                by="loss" if fine.monitor == "loss" else "headline")
     decision = whole_lib.choose(job, frozen.probs, probs, frozen.what)
     job.run.update_metrics("whole_network", {
         "tried": True, "why": whole_lib.plan(job, config.whole, frozen.probs,
@@ -255,9 +215,8 @@ def _try_whole(job: Job, config: FinetuneConfig, heads: HeadsConfig, cache: Cach
                   ft, fine, bag=False, estimate_probs=probs, estimate_how=(
                       f"the {len(job.y_val)} validation images, each predicted at the epoch "
                       "chosen on the other validation images"))
-    _finish(job, final, {"scenario": "whole", "start": start, "blocks": blocks,
-                         "optimizer": fine.optimizer}, heads, cache, runtime, predict, refit,
-            config)
+    _finish(job, cfg, final, {"scenario": "whole", "start": start, "blocks": blocks,
+                              "optimizer": fine.optimizer})
     return True
 
 
@@ -298,30 +257,6 @@ def _described(scenario: str, epochs: int, kept: int) -> str:
     return f"scenario {scenario}, fine-tuned" if epochs > 0 else f"scenario {scenario}"
 
 
-def _fit_unfitted_head(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
-                       view_preset: str, scenario: str) -> None:
-    """Fits a scenario the heads stage cross-validated but did not fit (CV ranked another
-    first) on the whole training split, to the epoch its CV chose, and saves its weights
-    as the heads stage would have: e.g. for ``--stage=finetune --scenario=C``."""
-    head = state_lib.load(job.run.path).heads.get(scenario)
-    if head is None:
-        return  # never trained: loading says which stage to run
-    logging.info("Scenario %s was cross-validated but not fitted by the heads stage: fitting "
-                 "it now on the training split's cached features to its CV epoch %d.",
-                 scenario, head.epoch)
-    config = heads_lib.HeadConfig.for_scenario(scenario, head.learning_rate,
-                                               optimizer=head.optimizer, dropout=head.dropout,
-                                               views=head.views)
-    train, val, views = Features(job, cache, runtime.batch_size).split(head.views, view_preset)
-    restore(job.classifier.model, job.initial)
-    result = heads_lib.fit_head(
-        job.classifier, config, job.task,
-        heads_lib.FeatureSplit(train, job.y_train, views), heads_lib.FeatureSplit(val, job.y_val),
-        fit_settings(job, heads, cache, runtime), epoch=head.epoch)
-    heads_lib.save_head_weights(job.classifier, scenario, job.run.path)
-    job.heads[scenario] = result.weights
-
-
 def _members_file(job: Job, scenario: str) -> str:
     return bag_lib.members_file(job.run.file("heads", "bag"), scenario)
 
@@ -333,74 +268,13 @@ def _bag_fits(job: Job, scenario: str, blocks) -> bool:
     return job.classifier.start_layer(blocks) == start
 
 
-def _finetune(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, blocks,
-              fine: FinetuneSettings, what: Optional[str] = None) -> dict:
-    """Runs the fine-tuning; writes its history CSV and plot; returns its summary.
-    ``what``: what is fine-tuned, for the plot (default: the scenario)."""
-    started = time.perf_counter()
-    cached = _cached_views(job, config, cache, fine.batch_size, blocks)
-    ft = finetune_lib.finetune(job.classifier, blocks, job.task, job.train, job.val, fine,
-                               workdir=job.run.path, cached=cached)
-    # The whole stage, view extraction included, so both ways compare honestly.
-    ft["fit_seconds"] = ft.pop("seconds")
-    ft["seconds"] = round(time.perf_counter() - started, 2)
-    ft["views"] = cached.views if cached else 0
-    history = ft.pop("history")
-    job.run.write_csv(history, "history_finetune.csv")
-    plots.history(
-        history, job.run.file("finetune_history.png"),
-        title=f"Fine-tuning {what or 'scenario ' + scenario} (epoch 0 = scenario {scenario}'s "
-              "head)",
-        kept_epoch=ft["best_epoch"],
-        metrics=tuple(dict.fromkeys(("accuracy", "loss", job.task.headline))))
-    return ft
-
-
-def _refit(job: Job, config: FinetuneConfig, cache: CacheConfig, scenario: str, blocks,
-           fit: FitSettings, fine: FinetuneSettings) -> dict:
-    """Trains the exported model again on training + validation images: the head for the
-    epochs cross-validation chose (from the same initial weights), then the fine-tuning
-    for the epochs the validation run kept (``fine.epochs``). Returns what was done, for
-    metrics.json."""
-    everything = pd.concat([job.train, job.val], ignore_index=True)
-    y = np.asarray(everything.label.tolist())
-    head = state_lib.load(job.run.path).heads.get(scenario) or state_lib.HeadState(fit.epochs)
-    epochs = int(head.epoch or fit.epochs)
-    config_head = heads_lib.HeadConfig.for_scenario(
-        scenario, head.learning_rate, optimizer=head.optimizer, dropout=head.dropout)
-    restore(job.classifier.model, job.initial)
-    features = Features(job, cache, fit.batch_size)
-    start = job.classifier.start_layer(config_head.row.blocks)
-    x, y_rows = features.of(everything)[start], y
-    views = head.views
-    if views:
-        # The chosen epoch count is of epochs over plain rows plus K cached views of each
-        # image: the refit's epochs are of the same rows, or it would train (1+K)x less.
-        x, y_rows = rows_lib.with_views(
-            x, y, features.of(everything, views, config.view_preset)[start])
-    started = time.perf_counter()
-    # A new trainer compiles Keras' step function again, and TensorFlow counts every
-    # compile of that one closure as a retrace of it: after cross-validation's and the
-    # bag's fits that reads as a leak, but it is one trace of a new function.
-    with console.expected_retracing(), config_head.trainer(
-            job.classifier, job.task, label_smoothing=fit.label_smoothing) as trainer:
-        trainer.fit(x, y_rows, fit.replace(epochs=epochs), keep=None)
-    done = {"rows": len(y), "head_rows": len(y_rows), "head_views": views,
-            "head_epochs": epochs, "finetune_epochs": fine.epochs}
-    if fine.epochs > 0:
-        cached = _cached_views(job, config, cache, fine.batch_size, blocks, everything)
-        finetune_lib.fit_fixed(job.classifier, blocks, job.task, everything, cached, fine)
-    done["seconds"] = round(time.perf_counter() - started, 2)
-    logging.info("Refit on all %d labelled images (training + validation): %d head epoch(s), "
-                 "%d fine-tuning epoch(s), %.1f s.", len(y), epochs, fine.epochs,
-                 done["seconds"])
-    return done
-
-
-def _export(job: Job, scenario: str, blocks, scores: dict, thresholds, members, choice: dict,
-            refit: bool, estimate: dict) -> None:
+def _export(job: Job, final: Final, scored, members, choice: dict, estimate: dict,
+            refit: bool) -> None:
     """model.keras + model_info.json (+ bag.keras), and metrics.json's ``export``.
-    ``choice["model_info"]``: the calibration's and unfamiliar score's entries (`final_model.trust`)."""
+    ``scored``: the final model's (scores, multi-label thresholds) on the validation
+    images; ``choice["model_info"]``: the calibration's and unfamiliar score's entries
+    (`final_model.trust`)."""
+    scenario, blocks, (scores, thresholds) = final.scenario, final.blocks, scored
     info = {**final_model.model_info(job, scenario, blocks, scores, thresholds), **choice["model_info"]}
     stale = job.run.file(inference.BAG_FILE)
     if members is not None:

@@ -23,7 +23,7 @@ from workflow.train import trusting, validation
 from workflow.base.config import CacheConfig, HeadsConfig, PredictConfig, RuntimeConfig
 from workflow.train.job import Features, Job, backbone_weights_id
 from workflow.base.outputs import binary_column
-from workflow.use import prior as prior_lib
+from workflow.base import prior as prior_lib
 
 PROBE = "probe"
 

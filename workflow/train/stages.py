@@ -338,8 +338,7 @@ def _train_and_export(job: Job, cfg: TrainConfig, chosen, view_preset: str) -> N
                     (chosen.scenario if cfg.sweep.use and chosen else None) or
                     scenario or chosen_scenario(job))
         with job.clock.stage("final model (fine-tuning, output choice, export)"):
-            export.finetune_stage(job, cfg.finetune, cfg.heads, cfg.cache, runtime,
-                                  cfg.predict, scenario,
+            export.finetune_stage(job, cfg, scenario,
                                   optimizer=chosen.optimizer if cfg.sweep.use and chosen
                                   else "adam")
         no_effect.record(job, no_effect.find(job, cfg.given, scenario, cfg.finetune.epochs))

@@ -10,6 +10,7 @@ maps fitted on its predecessors' held-out predictions (the way scikit-learn's
 ``CalibratedClassifierCV(ensemble=False)`` does), never on images it trained on.
 """
 
+import dataclasses
 import logging
 import os
 from typing import Optional
@@ -19,6 +20,7 @@ import pandas as pd
 
 from features import networks, trust
 from pipeline.atomic import atomic_path
+from workflow.base import prior as prior_lib
 
 OOF_FILE = os.path.join("heads", "oof.npz")
 MIN_HELD_OUT = 10  # fewer held-out images fit nothing worth shipping
@@ -154,10 +156,8 @@ def _with_prior(job, calibration, y, text):
     """(the calibration moved to ``--prior``'s shares, each held-out image's weight for
     the thresholds' precision and recall there, model_info.json's ``prior``), or the
     calibration unchanged, no weights and the training shares alone without --prior."""
-    from workflow.use import prior as prior_lib
     if job.task.kind == "multilabel":
         return calibration, None, None
-    import dataclasses
     training = prior_lib.training_shares(job.task, job.frame.label.tolist())
     if not text:
         return calibration, None, prior_lib.record(job.task, training, None, "")

@@ -13,7 +13,8 @@ from features.task import Task
 from pipeline import limits
 from pipeline.errors import ConfigError, DataError
 from workflow.base import config as config_lib
-from workflow.use import prior as prior_lib, trusted
+from workflow.base import prior as prior_lib
+from workflow.use import trusted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +255,22 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     written = write_output(frame, probs, cfg, task, info, unfamiliar)
     used = (f"bag of {info.get('bag', {}).get('members', '?')} models" if use_bag
             else "one model") + f", tta={tta}"
+    _say_written(cfg, frame, task, written, used, unfamiliar)
+    if truth is None:
+        return None
+    good = ~frame.bad.to_numpy(bool)
+    if unfamiliar is not None:
+        frame = frame.assign(unfamiliar=unfamiliar["flagged"])
+    return _score(cfg, frame[good].reset_index(drop=True), probs[good], truth[good], task,
+                  info, stem, f"{inference.BAG_FILE if use_bag else inference.MODEL_FILE} "
+                              f"(tta={tta})")
+
+
+def _say_written(cfg: PredictRun, frame, task: Task, written: int, used: str,
+                 unfamiliar: Optional[dict]) -> None:
+    """What the console says of a finished prediction: the rows written, the photos
+    flagged unfamiliar (and where to see the most unfamiliar), the unreadable ones."""
+    stem = os.path.splitext(cfg.output)[0]
     print(f"Wrote {written} predictions of {_what(cfg.output_format, task)} to {cfg.output} "
           f"({used})")
     if unfamiliar is not None:
@@ -267,14 +284,6 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
         print(f"{unreadable} unreadable image(s) got no prediction "
               + ("(rows with empty values and a status) " if cfg.keep_bad_rows else
                  "(left out) ") + f"- listed with the reason in {stem}_bad_images.csv")
-    if truth is None:
-        return None
-    good = ~frame.bad.to_numpy(bool)
-    if unfamiliar is not None:
-        frame = frame.assign(unfamiliar=unfamiliar["flagged"])
-    return _score(cfg, frame[good].reset_index(drop=True), probs[good], truth[good], task,
-                  info, stem, f"{inference.BAG_FILE if use_bag else inference.MODEL_FILE} "
-                              f"(tta={tta})")
 
 
 def _with_prior(text: str, task: Task, info: dict, outputs, units: int) -> dict:

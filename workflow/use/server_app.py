@@ -65,8 +65,9 @@ def create_app(workdir: str, config: serving.ServeConfig = serving.ServeConfig()
     page_token = secrets.token_urlsafe(24)
     _static_routes(app)
     _prediction_routes(app, predictor, config, serving.DecodeSlots.for_config(config))
-    _label_routes(app, predictor, serving.Reviews(workdir),
-                  serving.Queue(workdir, predictor.task), page_token)
+    reviews, queue = serving.Reviews(workdir), serving.Queue(workdir, predictor.task)
+    _label_routes(app, predictor, reviews, queue, page_token)
+    _answer_routes(app, predictor, reviews, queue, page_token)
     return web_guard.GuardMiddleware(app, web_guard.Guard.for_server(
         config.host, config.port, config.allowed_hosts, config.max_request_bytes))
 
@@ -202,15 +203,8 @@ def _prediction_routes(app: FastAPI, predictor, config: serving.ServeConfig,
 
 def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,
                   queue: serving.Queue, page_token: str) -> None:
-    """The label page, its queue and images, and the answers (changes need the page's
-    token)."""
-
-    def from_our_page(request: Request) -> Optional[JSONResponse]:
-        given = request.headers.get("x-page-token", "")
-        if hmac.compare_digest(given.encode(), page_token.encode()):
-            return None
-        return JSONResponse({"error": "Answers come from this server's label page: the "
-                                      "request lacks its page token (X-Page-Token)."}, 403)
+    """The label page, its queue and images, and the answers so far as training labels
+    (reads; the changes are `_answer_routes`')."""
 
     @app.get("/label", response_class=HTMLResponse, include_in_schema=False)
     def label_page():
@@ -230,6 +224,28 @@ def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,
         if path is None:
             return JSONResponse({"error": "No such image on this run's lists."}, 404)
         return FileResponse(path)
+
+    @app.get("/api/labels")
+    def training_labels():
+        """The answers in the training data's format (CSV text, or for class folders the
+        moves and one command that applies them)."""
+        result = serving.labels_for_training(predictor.info, queue, reviews.snapshot())
+        if isinstance(result, str):
+            return Response(result, media_type="text/csv")
+        return result
+
+
+def _answer_routes(app: FastAPI, predictor, reviews: serving.Reviews,
+                   queue: serving.Queue, page_token: str) -> None:
+    """Answers given and undone: only from this server's label page, which holds the page
+    token (another site's page in the same browser cannot read it)."""
+
+    def from_our_page(request: Request) -> Optional[JSONResponse]:
+        given = request.headers.get("x-page-token", "")
+        if hmac.compare_digest(given.encode(), page_token.encode()):
+            return None
+        return JSONResponse({"error": "Answers come from this server's label page: the "
+                                      "request lacks its page token (X-Page-Token)."}, 403)
 
     @app.post("/api/labels")
     def answer(given: Answer, request: Request):
@@ -257,15 +273,6 @@ def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,
         if item is None:
             return JSONResponse({"error": f"No photo {item_id!r} in the queue."}, 404)
         return {"removed": reviews.undo(item["name"]), "answered": len(reviews.rows)}
-
-    @app.get("/api/labels")
-    def training_labels():
-        """The answers in the training data's format (CSV text, or for class folders the
-        moves and one command that applies them)."""
-        result = serving.labels_for_training(predictor.info, queue, reviews.snapshot())
-        if isinstance(result, str):
-            return Response(result, media_type="text/csv")
-        return result
 
 
 def _predict(predictor, loaded, format: str, config: serving.ServeConfig, slots=None):
