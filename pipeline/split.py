@@ -3,7 +3,8 @@
 Single-label data is split class by class; multi-label data by iterative
 stratification (Sechidis, Tsoumakas and Vlahavas, 2011), which keeps every
 label's share about equal on both sides. Every class keeps at least one image
-on each side.
+on each side. With groups (`pipeline.groups`: a ``group`` column), whole groups are
+dealt instead of photos, so the counts are met as closely as whole groups allow.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import ConfigError
+from pipeline.groups import COLUMN as GROUP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +83,8 @@ def split_train_val(frame: pd.DataFrame, val_size: Union[int, float, Balanced], 
         names sorted in a fixed order).
 
     Returns:
-      (train, val) frames, each sorted by name.
+      (train, val) frames, each sorted by name. With a ``group`` column
+      (`pipeline.groups`), no group has photos on both sides.
 
     Raises:
       ConfigError: if the validation set would be empty or take every image of a class.
@@ -94,6 +97,19 @@ def split_train_val(frame: pd.DataFrame, val_size: Union[int, float, Balanced], 
                               "or a fraction.")
         return _split_multilabel(frame, count, seed)
     sizes = frame.label.value_counts().sort_index().to_dict()
+    per_class = _per_class(val_size, count, sizes)
+    if GROUP in frame.columns:
+        return _split_groups(frame, per_class, seed)
+    rng = np.random.default_rng(seed)
+    val_names = []
+    for label in sorted(per_class):
+        names = np.sort(frame.name[frame.label == label].to_numpy(dtype=str))
+        val_names.extend(names[rng.permutation(len(names))[:per_class[label]]])
+    return _sides(frame, set(val_names))
+
+
+def _per_class(val_size, count: int, sizes: dict) -> dict:
+    """Validation images of each class (checked: at least one on each side)."""
     if isinstance(val_size, Balanced):
         if val_size.classes != len(sizes):
             raise ConfigError(f"--val_size={val_size} names {val_size.classes} classes' "
@@ -106,12 +122,40 @@ def split_train_val(frame: pd.DataFrame, val_size: Union[int, float, Balanced], 
             raise ConfigError(
                 f"--val_size={val_size} would put {k} of the {sizes[label]} images of class "
                 f"{label} in validation; each class needs at least one image on both sides.")
+    return per_class
+
+
+def _split_groups(frame: pd.DataFrame, per_class: dict, seed: int):
+    """Whole groups to validation, class by class (a group counts for its most common
+    class): in a seeded order, each group that fits in what is left of the class's
+    count, and the class's smallest group when none fits (every class gets validation
+    images). A class whose photos are all in one group cannot be on both sides, and
+    says so."""
     rng = np.random.default_rng(seed)
-    val_names = []
+    table = frame.groupby(GROUP).label.agg(lambda v: v.value_counts().index[0])
+    size = frame.groupby(GROUP).size()
+    val_groups = []
     for label in sorted(per_class):
-        names = np.sort(frame.name[frame.label == label].to_numpy(dtype=str))
-        val_names.extend(names[rng.permutation(len(names))[:per_class[label]]])
-    return _sides(frame, set(val_names))
+        groups = np.sort(table.index[table == label].to_numpy(dtype=str))
+        if len(groups) < 2:
+            raise ConfigError(
+                f"Class {label}: its photos are in {len(groups)} group(s), and a group stays "
+                "on one side of the split, so the class cannot be both trained on and "
+                "validated. Name finer groups, or give the class photos of more groups.")
+        taken, chosen = 0, []
+        for group in groups[rng.permutation(len(groups))]:
+            if taken + size[group] <= per_class[label] and len(chosen) < len(groups) - 1:
+                chosen.append(group)
+                taken += int(size[group])
+        val_groups += chosen or [min(groups, key=lambda g: (size[g], g))]
+    train, val = _sides(frame, set(frame.name[frame[GROUP].isin(val_groups)]))
+    missing = [label for label in per_class if not ((train.label == label).any()
+                                                     and (val.label == label).any())]
+    if missing:
+        raise ConfigError(f"Keeping groups whole leaves class(es) {missing} on one side of "
+                          "the split only (their photos share groups with other classes'): "
+                          "name finer groups, or give those classes photos of more groups.")
+    return train, val
 
 
 def _sides(frame: pd.DataFrame, val_names: set):
@@ -122,6 +166,15 @@ def _sides(frame: pd.DataFrame, val_names: set):
 
 
 def _split_multilabel(frame: pd.DataFrame, count: int, seed: int):
+    if GROUP in frame.columns:  # iterative stratification of whole groups
+        labels = frame.groupby(GROUP).label.agg(lambda v: tuple(np.max(list(v), axis=0)))
+        names = labels.index.to_numpy(dtype=str)
+        k = int(round(count * len(names) / len(frame)))
+        if not 1 <= k < len(names):
+            raise ConfigError(f"{len(names)} groups cannot give about {count} validation "
+                              "images and keep groups whole: name finer groups.")
+        side = iterative_assign(np.asarray(labels.tolist(), int), [len(names) - k, k], seed)
+        return _sides(frame, set(frame.name[frame[GROUP].isin(set(names[side == 1]))]))
     order = np.argsort(frame.name.to_numpy(dtype=str), kind="stable")
     y = np.asarray(frame.label.tolist(), int)[order]
     side = iterative_assign(y, [len(y) - count, count], seed)

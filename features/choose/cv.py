@@ -21,7 +21,7 @@ import warnings
 from typing import List, Optional, Tuple
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from features.store import rows as rows_lib
 from features.fit.settings import FitSettings
@@ -42,13 +42,18 @@ def stratify_key(task: Task, y) -> np.ndarray:
     return np.array([int("".join(map(str, row)) or "0", 2) for row in y.astype(int)])
 
 
-def make_folds(y, folds: int, seed: int, task: Optional[Task] = None) -> Folds:
+def make_folds(y, folds: int, seed: int, task: Optional[Task] = None,
+               groups=None) -> Folds:
     """Stratified K-fold (train, validation) index pairs, shuffled by ``seed``.
 
     Multi-label rows are split by iterative stratification (`iterative_folds`),
-    which keeps every label's share about equal in each fold.
+    which keeps every label's share about equal in each fold. With ``groups`` (one
+    name per row, `pipeline.groups`), every group's rows are in one fold: scikit-learn's
+    ``StratifiedGroupKFold`` (multi-label: iterative stratification of whole groups).
     """
     y = np.asarray(y)
+    if groups is not None:
+        return _group_folds(y, folds, seed, task, np.asarray(groups))
     if task is not None and task.kind == "multilabel":
         return iterative_folds(y, folds, seed)
     labels = y.astype(int)
@@ -61,6 +66,30 @@ def make_folds(y, folds: int, seed: int, task: Optional[Task] = None) -> Folds:
                           "pass a smaller --cv_folds, or 0 to choose by the validation set.")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels))
+
+
+def _group_folds(y, folds: int, seed: int, task: Optional[Task], groups) -> Folds:
+    names, index = np.unique(groups, return_inverse=True)
+    if folds < 2 or len(names) < folds:
+        raise ConfigError(
+            f"{folds}-fold cross-validation keeps each group of photos in one fold, and the "
+            f"training split has {len(names)} group(s): a fold needs at least one. Pass "
+            f"--cv_folds={max(2, len(names))} or fewer (at least 2), or 0 to choose by the "
+            "validation set; or name finer groups.")
+    if task is not None and task.kind == "multilabel":
+        per_group = np.zeros((len(names), y.shape[1]), int)
+        np.maximum.at(per_group, index, y.astype(int))
+        sizes = [len(names) // folds + (1 if k < len(names) % folds else 0)
+                 for k in range(folds)]
+        part = split.iterative_assign(per_group, sizes, seed)[index]
+        return [(np.flatnonzero(part != f), np.flatnonzero(part == f)) for f in range(folds)]
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    out = list(splitter.split(np.zeros(len(y)), y.astype(int), index))
+    empty = [k for k, (_, va) in enumerate(out) if not len(va)]
+    if empty:
+        raise ConfigError(f"{folds}-fold cross-validation with whole groups left fold(s) "
+                          f"{empty} empty: pass a smaller --cv_folds or name finer groups.")
+    return out
 
 
 def iterative_folds(y, folds: int, seed: int) -> Folds:

@@ -13,18 +13,26 @@ training, only each epoch's validation predictions).
 from typing import Sequence
 
 import numpy as np
-from sklearn.model_selection import KFold, StratifiedKFold
+from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
 from features.task import Task
 
 PARTS = 5
 
 
-def parts(task: Task, y, seed: int = 0, k: int = PARTS) -> list:
+def parts(task: Task, y, seed: int = 0, k: int = PARTS, groups=None) -> list:
     """K disjoint index arrays covering the ``len(y)`` images, stratified by class when
-    every class allows it."""
+    every class allows it; with ``groups``, each group's images in one part (photos of
+    one plant choosing the epoch for each other would be the leak this undoes)."""
     y = np.asarray(y)
     k = max(2, min(k, len(y)))
+    if groups is not None:
+        names, index = np.unique(np.asarray(groups), return_inverse=True)
+        k = max(2, min(k, len(names)))
+        split = (StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+                 if task.kind != "multilabel" else GroupKFold(k))
+        labels = y.astype(int) if task.kind != "multilabel" else np.zeros(len(y))
+        return [va for _, va in split.split(np.zeros(len(y)), labels, index) if len(va)]
     if task.kind != "multilabel":
         labels = y.astype(int)
         counts = np.bincount(labels)
@@ -35,17 +43,17 @@ def parts(task: Task, y, seed: int = 0, k: int = PARTS) -> list:
 
 
 def cross_fit(task: Task, y, epoch_probs: Sequence, seed: int = 0, k: int = PARTS,
-              by: str = "headline"):
+              by: str = "headline", groups=None):
     """(probabilities, the epoch index each part's rows came from): for each part of the
     images, the predictions of the epoch (index into ``epoch_probs``) with the best score
     on the other parts: the task's headline metric, or (``by="loss"``) the lowest log
     loss, as the fit that is mirrored chose its epoch. Ties go to the earlier epoch, as
-    the fits' own choice does."""
+    the fits' own choice does. ``groups``: see `parts`."""
     y = np.asarray(y)
     stacked = np.asarray([np.asarray(p, np.float64) for p in epoch_probs])
     out = np.zeros(stacked.shape[1:], np.float64)
     chosen = []
-    for part in parts(task, y, seed, k):
+    for part in parts(task, y, seed, k, groups):
         rest = np.setdiff1d(np.arange(len(y)), part)
         scores = [-task.scores(y[rest], p[rest])["loss"] if by == "loss" else
                   task.headline_score(y[rest], p[rest]) for p in stacked]

@@ -10,7 +10,7 @@ import os
 from typing import Optional, Tuple, Union
 
 from features import networks, scenarios
-from pipeline import limits
+from pipeline import groups as groups_lib, limits
 from pipeline.errors import ConfigError
 from workflow.base import demo_settings
 from workflow.base import prior as prior_lib
@@ -32,6 +32,8 @@ class DataConfig:
     label_column: Optional[str] = None
     task: Optional[str] = None      # None: detected from the data
     max_pixels: int = limits.MAX_PIXELS  # --max_pixels: a larger image is a bad image
+    groups: Optional[str] = None         # --groups: a column of the labels CSV
+    group_pattern: Optional[str] = None  # --group_pattern: from the file names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,7 +329,8 @@ def train_config(flag_values, names) -> TrainConfig:
     return TrainConfig(
         data=DataConfig(v["data_dir"], v["positive_class"], v["val_size"], v["seed"],
                         v["on_bad_image"], v["demo"], v["label_column"],
-                        None if v["task"] == "auto" else v["task"], v["max_pixels"]),
+                        None if v["task"] == "auto" else v["task"], v["max_pixels"],
+                        v["groups"], groups_lib.check_pattern(v["group_pattern"])),
         model=ModelConfig(v["weights"], v["include_top"] and choice.keeps_imagenet_top,
                           size, v["dropout"], choice, *_compared(v)[:1], why, v["image_size"],
                           _compared(v)[1]),

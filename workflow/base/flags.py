@@ -153,6 +153,14 @@ def _train_data(d: dict) -> None:
                         "when there are at least 1,000 images, else 20%. 100+100 (one term "
                         "per class): that many of each class, the reference write-up's "
                         "balanced split.", module_name=DATA, **d)
+    flags.DEFINE_string("groups", None, "A column of the labels CSV naming each photo's "
+                        "group (a plant, a camera, a site): every split and fold - validation, "
+                        "cross-validation, the bag, --stage=curve, --backbone=auto, the label "
+                        "audit - keeps a group on one side.", module_name=DATA, **d)
+    flags.DEFINE_string("group_pattern", None, "The groups from the file names: a regular "
+                        "expression whose first capture group is the group, e.g. "
+                        "'^(cam\\d+)_' or '^(.*)_\\d$' (copies named <photo>_<k>).",
+                        module_name=DATA, **d)
     flags.DEFINE_integer("seed", 0, "Seed for the split, initialisation, shuffling, "
                          "augmentation.", module_name=DATA, **d)
     flags.DEFINE_string("workdir", None, "Run folder for histories, plots, metrics, weights "

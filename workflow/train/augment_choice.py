@@ -21,7 +21,7 @@ import logging
 
 import numpy as np
 
-from features.choose import cv as cv_lib, probe
+from features.choose import probe
 from workflow.base import state as state_lib
 
 CANDIDATES = ("keras_blog", "aggressive", "top_down")
@@ -37,7 +37,7 @@ def choose(job, cache, batch_size: int, candidates=CANDIDATES) -> tuple:
     config = (probe.ProbeConfig(meta.pooling, meta.standardised, meta.c) if meta
               else probe.ProbeConfig())
     y = job.y_train
-    folds = job.folds or cv_lib.make_folds(y, AUTO_FOLDS, job.seed, job.task)
+    folds = job.folds or job.make_folds(AUTO_FOLDS)
     plain = probe.pooled(features.split()[0][layer], config.pooling)
     table = {}
     for preset in candidates:

@@ -127,7 +127,8 @@ def evaluate(job: Job, cfg: TrainConfig) -> Entry:
     train, val, _ = Features(job, cfg.cache, cfg.runtime.batch_size).split(0)
     layer = job.classifier.net.feature_layer
     y = job.y_train
-    chosen = probe.choose(train[layer], y, job.task, job.folds, job.seed, job.class_weight)
+    chosen = probe.choose(train[layer], y, job.task, job.probe_folds(), job.seed,
+                          job.class_weight)
     config = heads_lib.HeadConfig.for_scenario("B", cfg.heads.learning_rate,
                                                pooling=job.classifier.net.pooling,
                                                optimizer=cfg.heads.optimizer)
@@ -211,7 +212,7 @@ def run(job: Job, cfg: TrainConfig, choices) -> tuple:
         # it has its own folds when the run chooses by a validation set (e.g. 576 photos:
         # 115 validation images, --cv_folds=auto makes none); the rest of the run keeps
         # its validation-set choices.
-        folds = cv_lib.make_folds(job.y_train, AUTO_FOLDS, job.seed, job.task)
+        folds = job.make_folds(AUTO_FOLDS)
         logging.info("Backbones are compared by %d-fold CV on the training split (the rest "
                      "of the run chooses by the validation set).", AUTO_FOLDS)
         job = dataclasses.replace(job, folds=folds)

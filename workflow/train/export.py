@@ -30,6 +30,7 @@ from features.choose import bag as bag_lib, honest
 from features.fit.loop import restore
 from features.fit.settings import FinetuneSettings
 from features.serve import inference
+from pipeline import groups as groups_lib
 from pipeline.atomic import atomic_link
 from workflow.base import state as state_lib
 from workflow.base.config import CacheConfig, FinetuneConfig, RuntimeConfig, TrainConfig
@@ -125,7 +126,8 @@ def _finish(job: Job, cfg: TrainConfig, final: Final, result: dict) -> None:
         if final.estimate_probs is None and kept > 0 and epoch_probs:
             final.estimate_probs, _ = honest.cross_fit(
                 job.task, job.y_val, epoch_probs, job.seed,
-                by="loss" if final.fine.monitor == "loss" else "headline")
+                by="loss" if final.fine.monitor == "loss" else "headline",
+                groups=groups_lib.of(job.val))
             final.estimate_how = (f"the {len(job.y_val)} validation images, each predicted "
                                   "at the fine-tuning epoch chosen on the other validation "
                                   "images")
@@ -194,7 +196,8 @@ def _try_whole(job: Job, cfg: TrainConfig, scenario: str, frozen) -> bool:
     ft = final_fit.finetune(job, config, cache, start, blocks, fine, what="the whole network")
     kept = ft["best_epoch"]
     probs, _ = honest.cross_fit(job.task, job.y_val, ft["epoch_probs"], job.seed,
-                                by="loss" if fine.monitor == "loss" else "headline")
+                                by="loss" if fine.monitor == "loss" else "headline",
+                                groups=groups_lib.of(job.val))
     decision = whole_lib.choose(job, frozen.probs, probs, frozen.what)
     job.run.update_metrics("whole_network", {
         "tried": True, "why": whole_lib.plan(job, config.whole, frozen.probs,

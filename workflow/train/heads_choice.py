@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 
 from features.choose import cv as cv_lib, evidence, honest
+from pipeline import groups as groups_lib
 from pipeline.atomic import atomic_path
 from workflow.train.final_model import PROBE
 from workflow.train.job import Job
@@ -116,7 +117,8 @@ def honest_val(job: Job, choice: dict, results: dict, probe_val) -> Honest:
     if r.cv is not None or not r.epoch_probs:
         return Honest(r.val_probs, what, f"the {n} validation images, which chose nothing of "
                       "it (its epoch was chosen by cross-validation on the training split)")
-    probs, _ = honest.cross_fit(job.task, job.y_val, r.epoch_probs, job.seed)
+    probs, _ = honest.cross_fit(job.task, job.y_val, r.epoch_probs, job.seed,
+                                groups=groups_lib.of(job.val))
     return Honest(probs, what, f"the {n} validation images, each predicted at the epoch "
                   "chosen on the other validation images")
 

@@ -23,7 +23,7 @@ from features.fit.settings import FinetuneSettings, FitSettings
 from features.task import Task
 from features.fit.loop import snapshot
 from features.weights import weights_identity
-from pipeline import diskspace, discovery, labels, limits, scan, split
+from pipeline import diskspace, discovery, groups as groups_lib, labels, limits, scan, split
 from pipeline.errors import ConfigError, UserError
 from workflow.base import config as config_lib, console
 from workflow.base.clock import StageClock
@@ -75,10 +75,42 @@ class Job:
     def y_val(self) -> np.ndarray:
         return labels_of(self.task, self.val)
 
+    @property
+    def train_groups(self) -> Optional[np.ndarray]:
+        """The group of each training photo (--groups, --group_pattern), or None."""
+        return groups_lib.of(self.train)
+
+    def make_folds(self, k: int) -> list:
+        """K stratified folds of the training split, every group in one fold: what any
+        step that cross-validates beyond ``folds`` (the curve, the backbone comparison,
+        the augmentation choice, the sweep) splits by."""
+        return cv_lib.make_folds(self.y_train, k, self.seed, self.task, self.train_groups)
+
+    def probe_folds(self) -> Optional[list]:
+        """The folds the linear probe chooses its variant on: the run's CV folds, else
+        (with groups) its inner folds made of whole groups; None: the probe's own."""
+        groups = self.train_groups
+        if self.folds or groups is None:
+            return self.folds
+        _, smallest = task_lib.smallest_class(self.task, self.y_train)
+        return self.make_folds(max(2, min(5, smallest, len(set(groups)))))
+
 
 def labels_of(task: Task, frame: pd.DataFrame) -> np.ndarray:
     """The labels of a frame in the task's encoding (see `features.task`)."""
     return np.asarray(frame.label.tolist()) if len(frame) else np.zeros(0, int)
+
+
+def _with_folds(table: pd.DataFrame, train: pd.DataFrame, folds) -> pd.DataFrame:
+    """split.csv's columns: name, label, subset, path, then the group (with groups) and
+    the cross-validation fold that held each training photo out (with CV)."""
+    columns = ["name", "label", "subset", "path"] + (
+        [groups_lib.COLUMN] if groups_lib.COLUMN in table.columns else [])
+    table = table[columns]
+    if folds:  # (1-based: fold 1 .. K)
+        held_in = dict(zip(train.name, cv_lib.fold_of(folds, len(train)) + 1))
+        table = table.assign(fold=[held_in.get(n, "") for n in table.name])
+    return table
 
 
 def resolve_val_size(text: str, n: int):
@@ -93,8 +125,10 @@ def resolve_val_size(text: str, n: int):
     return value
 
 
-def resolve_folds(heads: HeadsConfig, task: Task, y_train, n_val: int, seed: int):
-    """``--cv_folds`` as index pairs into the training split, or None."""
+def resolve_folds(heads: HeadsConfig, task: Task, y_train, n_val: int, seed: int,
+                  groups=None):
+    """``--cv_folds`` as index pairs into the training split (each group in one fold),
+    or None."""
     k = config_lib.parse_folds(heads.cv_folds)
     if k == "auto":
         if n_val >= SMALL_VAL:
@@ -112,7 +146,7 @@ def resolve_folds(heads: HeadsConfig, task: Task, y_train, n_val: int, seed: int
         k = AUTO_FOLDS
     if k == 0:
         return None
-    return cv_lib.make_folds(y_train, k, seed, task)
+    return cv_lib.make_folds(y_train, k, seed, task, groups)
 
 
 def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: CacheConfig,
@@ -136,10 +170,14 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
                                        memo_path=os.path.join(cache.cache_dir,
                                                               "preflight.json"),
                                        max_pixels=data.max_pixels)
+        frame, grouped = groups_lib.assign(
+            frame, data.groups, data.group_pattern, os.path.join(
+                dataset.data_dir, discovery.LABELS_CSV) if dataset.layout == "kaggle" else None)
         train, val = split.split_train_val(frame, resolve_val_size(data.val_size, len(frame)),
                                            data.seed)
         y_train = labels_of(task, train)
-        folds = resolve_folds(heads, task, y_train, len(val), data.seed)
+        folds = resolve_folds(heads, task, y_train, len(val), data.seed,
+                              groups_lib.of(train))
     except UserError:
         if fresh:
             logging.info("Nothing was trained or written: %s holds only this log (train.log).",
@@ -148,7 +186,10 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
     table = frame.assign(subset=np.where(frame.name.isin(set(val.name)), "val", "train"),
                          label=[labels.label_text(task.kind, task.class_names, v)
                                 for v in frame.label])
-    run.write_csv(table[["name", "label", "subset", "path"]], "split.csv")
+    run.write_csv(_with_folds(table, train, folds), "split.csv")
+    if grouped is not None:
+        logging.info("Groups: %s.", grouped.sentence())
+    run.update_metrics("groups", grouped.as_dict() if grouped is not None else None)
     logging.info("Split: %d train, %d validation (seed %d) -> %s", len(train), len(val),
                  data.seed, run.file("split.csv"))
     # Before the model is built: layers take the global policy when they are created.

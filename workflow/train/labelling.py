@@ -185,7 +185,7 @@ def _pairs_table(rows) -> pd.DataFrame:
 def curve_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
                 repeats: int = 3) -> Dict[str, curve.Forecast]:
     """The learning curve of the probe and of the best dense head, by CV from the cache."""
-    folds = job.folds or cv_lib.make_folds(job.y_train, _curve_folds(job), job.seed, job.task)
+    folds = job.folds or job.make_folds(_curve_folds(job))
     train, _, _ = Features(job, cache, runtime.batch_size).split()
     y = job.y_train
     state = state_lib.load(job.run.path)

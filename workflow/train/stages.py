@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from features import trust
-from features.choose import bag as bag_lib, cv as cv_lib, probe, sweep
+from features.choose import bag as bag_lib, probe, sweep
 from features.fit import heads as heads_lib
 from features.serve import inference
 from pipeline import discovery, labels, progress, scan
@@ -48,7 +48,7 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
                                                                                view_preset)
     with job.clock.stage("linear probe (choice by CV, fit)"):
         baseline, probe_choice, estimator = probe.run(train, job.y_train, val, job.y_val,
-                                                      job.task, job.folds, job.seed,
+                                                      job.task, job.probe_folds(), job.seed,
                                                       job.class_weight)
     probe_val = probe.probabilities(estimator, probe.pooled(
         val[job.classifier.net.feature_layer], probe_choice.config.pooling), job.task)
@@ -177,7 +177,7 @@ def sweep_stage(job: Job, config: SweepConfig, heads: HeadsConfig, cache: CacheC
                             config.dropouts, config.views, job.classifier.dropout is not None)
     train, _, view_feats = Features(job, cache, runtime.batch_size).split(
         max(c.views for c in grid), view_preset)
-    folds = cv_lib.make_folds(job.y_train, config.folds, job.seed, job.task)
+    folds = job.make_folds(config.folds)
     logging.info("Sweep: %d configurations x %d folds, %d epochs each.", len(grid), len(folds),
                  heads.epochs)
     started = time.perf_counter()

@@ -39,6 +39,15 @@ def _data_section(folder: str) -> str:
                            for s in ("train", "val")], str(int(counts.loc[label].sum()))]
             for label in counts.index]
     out = "<h2>Data</h2>" + table(["class", "training", "validation", "all"], rows)
+    groups = read_json(os.path.join(folder, "metrics.json")).get("groups")
+    if groups:
+        out += (f"<p>Groups: {groups['groups']} groups of photos from "
+                f"{esc(groups['source'])} (the largest, {esc(groups['largest_name'])}, has "
+                f"{groups['largest']} photos); each stays on one side of every split and "
+                "fold (split.csv: group, fold).</p>")
+    else:
+        out += ("<p>Groups: none named (--groups, --group_pattern): photos were split one "
+                "by one, so near-copies of one subject can be on both sides.</p>")
     bad_csv = os.path.join(folder, "bad_images.csv")
     if os.path.isfile(bad_csv):
         bad = pd.read_csv(bad_csv)
