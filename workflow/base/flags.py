@@ -88,7 +88,7 @@ def define_export(fv=flags.FLAGS) -> None:
 
 def define_train(fv=flags.FLAGS) -> None:
     """The flags of train.py, section by section."""
-    for define in (_train_data, _train_model, _train_heads, _train_choice, _train_sweep,
+    for define in (_train_data, _train_groups, _train_model, _train_heads, _train_choice, _train_sweep,
                    _train_finetune, _train_whole):
         define(dict(flag_values=fv))
     define_export(fv)
@@ -153,14 +153,6 @@ def _train_data(d: dict) -> None:
                         "when there are at least 1,000 images, else 20%. 100+100 (one term "
                         "per class): that many of each class, the reference write-up's "
                         "balanced split.", module_name=DATA, **d)
-    flags.DEFINE_string("groups", None, "A column of the labels CSV naming each photo's "
-                        "group (a plant, a camera, a site): every split and fold - validation, "
-                        "cross-validation, the bag, --stage=curve, --backbone=auto, the label "
-                        "audit - keeps a group on one side.", module_name=DATA, **d)
-    flags.DEFINE_string("group_pattern", None, "The groups from the file names: a regular "
-                        "expression whose first capture group is the group, e.g. "
-                        "'^(cam\\d+)_' or '^(.*)_\\d$' (copies named <photo>_<k>).",
-                        module_name=DATA, **d)
     flags.DEFINE_integer("seed", 0, "Seed for the split, initialisation, shuffling, "
                          "augmentation.", module_name=DATA, **d)
     flags.DEFINE_string("workdir", None, "Run folder for histories, plots, metrics, weights "
@@ -188,6 +180,18 @@ def _train_data(d: dict) -> None:
                       "--stage=label_next: combined = uncertain photos unlike the labelled "
                       "and already chosen ones (measured in docs/benchmarks.md); uncertainty; "
                       "diversity (k-center); random.", module_name=LABELLING, **d)
+
+
+def _train_groups(d: dict) -> None:
+    """Which photos belong together (one plant, camera or site)."""
+    flags.DEFINE_string("groups", None, "A column of the labels CSV naming each photo's "
+                        "group (a plant, a camera, a site): every split and fold - validation, "
+                        "cross-validation, the bag, --stage=curve, --backbone=auto, the label "
+                        "audit - keeps a group on one side.", module_name=DATA, **d)
+    flags.DEFINE_string("group_pattern", None, "The groups from the file names: a regular "
+                        "expression whose first capture group is the group, e.g. "
+                        "'^(cam\\d+)_' or '^(.*)_\\d$' (copies named <photo>_<k>).",
+                        module_name=DATA, **d)
 
 
 def _train_model(d: dict) -> None:

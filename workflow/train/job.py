@@ -101,6 +101,45 @@ def labels_of(task: Task, frame: pd.DataFrame) -> np.ndarray:
     return np.asarray(frame.label.tolist()) if len(frame) else np.zeros(0, int)
 
 
+@dataclasses.dataclass
+class _Split:
+    """The photos (with their groups), the two sides and the CV folds of a run."""
+    frame: pd.DataFrame
+    train: pd.DataFrame
+    val: pd.DataFrame
+    folds: Optional[list]
+    grouped: Optional[groups_lib.Summary]
+
+
+def _split(data: DataConfig, heads: HeadsConfig, task: Task, frame: pd.DataFrame,
+           dataset) -> _Split:
+    """The groups (--groups, --group_pattern), the validation split and the CV folds,
+    each group on one side of both; every error here comes before anything is
+    written."""
+    frame, grouped = groups_lib.assign(
+        frame, data.groups, data.group_pattern, os.path.join(
+            dataset.data_dir, discovery.LABELS_CSV) if dataset.layout == "kaggle" else None)
+    train, val = split.split_train_val(frame, resolve_val_size(data.val_size, len(frame)),
+                                       data.seed)
+    folds = resolve_folds(heads, task, labels_of(task, train), len(val), data.seed,
+                          groups_lib.of(train))
+    return _Split(frame, train, val, folds, grouped)
+
+
+def _write_split(run: RunFolder, task: Task, parts: _Split, seed: int) -> None:
+    """split.csv, and the groups in the log and metrics.json."""
+    frame, val = parts.frame, parts.val
+    table = frame.assign(subset=np.where(frame.name.isin(set(val.name)), "val", "train"),
+                         label=[labels.label_text(task.kind, task.class_names, v)
+                                for v in frame.label])
+    run.write_csv(_with_folds(table, parts.train, parts.folds), "split.csv")
+    if parts.grouped is not None:
+        logging.info("Groups: %s.", parts.grouped.sentence())
+    run.update_metrics("groups", parts.grouped.as_dict() if parts.grouped else None)
+    logging.info("Split: %d train, %d validation (seed %d) -> %s", len(parts.train), len(val),
+                 seed, run.file("split.csv"))
+
+
 def _with_folds(table: pd.DataFrame, train: pd.DataFrame, folds) -> pd.DataFrame:
     """split.csv's columns: name, label, subset, path, then the group (with groups) and
     the cross-validation fold that held each training photo out (with CV)."""
@@ -170,28 +209,15 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
                                        memo_path=os.path.join(cache.cache_dir,
                                                               "preflight.json"),
                                        max_pixels=data.max_pixels)
-        frame, grouped = groups_lib.assign(
-            frame, data.groups, data.group_pattern, os.path.join(
-                dataset.data_dir, discovery.LABELS_CSV) if dataset.layout == "kaggle" else None)
-        train, val = split.split_train_val(frame, resolve_val_size(data.val_size, len(frame)),
-                                           data.seed)
-        y_train = labels_of(task, train)
-        folds = resolve_folds(heads, task, y_train, len(val), data.seed,
-                              groups_lib.of(train))
+        parts = _split(data, heads, task, frame, dataset)
     except UserError:
         if fresh:
             logging.info("Nothing was trained or written: %s holds only this log (train.log).",
                          workdir)
         raise
-    table = frame.assign(subset=np.where(frame.name.isin(set(val.name)), "val", "train"),
-                         label=[labels.label_text(task.kind, task.class_names, v)
-                                for v in frame.label])
-    run.write_csv(_with_folds(table, train, folds), "split.csv")
-    if grouped is not None:
-        logging.info("Groups: %s.", grouped.sentence())
-    run.update_metrics("groups", grouped.as_dict() if grouped is not None else None)
-    logging.info("Split: %d train, %d validation (seed %d) -> %s", len(train), len(val),
-                 data.seed, run.file("split.csv"))
+    _write_split(run, task, parts, data.seed)
+    frame, train, val, folds, y_train = (parts.frame, parts.train, parts.val, parts.folds,
+                                         labels_of(task, parts.train))
     # Before the model is built: layers take the global policy when they are created.
     chosen = precision.resolve_and_apply(runtime.precision)
     # A later stage (curve, label_next) writes its own settings file: run_config.json
