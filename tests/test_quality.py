@@ -589,10 +589,10 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, h
     from features.fit import loop as training
     from workflow.base import config, flags
     from workflow.train import stages
-    from workflow.train import export as export_stage
+    from workflow.train import final_fit
     seen, refitting = [], []
     real_fit, real_fixed = training.HeadTrainer.fit, finetune.fit_fixed
-    real_refit = export_stage._refit
+    real_refit = final_fit.refit
 
     def spy_refit(*args, **kw):
         refitting.append(True)  # head fits from here on are the refit's (not a bag's folds)
@@ -612,7 +612,7 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, h
 
     monkeypatch.setattr(training.HeadTrainer, "fit", spy_fit)
     monkeypatch.setattr(finetune, "fit_fixed", spy_fixed)
-    monkeypatch.setattr(export_stage, "_refit", spy_refit)
+    monkeypatch.setattr(final_fit, "refit", spy_refit)
     fv = absl_flags.FlagValues()
     flags.define_train(fv)
     fv(["train.py", f"--data_dir={kaggle_dir}", f"--workdir={tmp_path / 'run'}",
