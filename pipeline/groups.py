@@ -75,7 +75,7 @@ def assign(frame: pd.DataFrame, column: Optional[str], pattern: Optional[str],
         source = f"the column {column!r} of {os.path.basename(labels_csv)}"
     elif pattern:
         names = _from_pattern(frame, pattern)
-        source = f"the file names (--group_pattern={pattern!r})"
+        source = f"the file names (--group_pattern='{pattern}')"
     else:
         return frame, None
     frame = frame.assign(**{COLUMN: names})

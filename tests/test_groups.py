@@ -174,3 +174,55 @@ def test_every_split_and_fold_of_a_run_keeps_groups_whole(tmp_path):
     assert any(r["kind"] == "folds" and "make_folds" in r["callers"] and "run" in r["callers"]
                for r in auto_calls), auto_calls  # the backbones' own folds
     assert {r["kind"] for r in calls} >= {"split", "folds", "parts"}
+
+
+def test_near_duplicates_joined_transitively():
+    from workflow.train import near_groups
+    names = np.array(["e", "a", "b", "c", "d", "f"])
+    # e~a, a~b: one group named by its first photo in name order; c~d; f alone.
+    assert near_groups._components(names, [(0, 1, 0.99), (1, 2, 0.97), (3, 4, 0.96)]) == \
+        ["a", "a", "a", "c", "c", "f"]
+
+
+def test_near_duplicates_become_groups_of_the_split_and_folds(tmp_path, monkeypatch):
+    """Without named groups, a run's near-duplicates (copies of one subject) are joined
+    into groups and the split and folds are made again around them; the features and the
+    threshold are stand-ins here (near-duplicates need pretrained weights)."""
+    from absl import flags as absl_flags
+    from workflow.base import config, flags
+    from workflow.train import job as job_lib, near_groups
+    data = _grouped_kaggle(tmp_path / "data", n_groups=16, copies=3)
+    fv = absl_flags.FlagValues()
+    flags.define_train(fv)
+    fv(["train.py", f"--data_dir={data}", f"--workdir={tmp_path / 'run'}",
+        f"--cache_dir={tmp_path / 'cache'}", "--weights=none", "--noinclude_top",
+        "--image_size=32", "--val_size=12", "--cv_folds=3", "--precision=float32"])
+    cfg = config.train_config(fv, list(fv))
+    job = job_lib.prepare(cfg.data, cfg.model, cfg.heads, cfg.cache, cfg.runtime,
+                          cfg.flag_values)
+    subject = job.frame.name.str[:3].to_numpy()  # s07_2 -> s07
+    rng = np.random.default_rng(0)
+    centres = {s: rng.normal(size=8) for s in set(subject)}
+
+    class Stand_in:  # one feature map per photo: its subject's direction, a little noise
+        def __init__(self, *args):
+            pass
+
+        def of(self, frame):
+            x = np.stack([centres[n[:3]] + rng.normal(0, 0.01, 8) for n in frame.name])
+            return {job.classifier.net.feature_layer: x[:, None, None, :]}
+
+    monkeypatch.setattr(near_groups, "Features", Stand_in)
+    monkeypatch.setattr(near_groups.labelling, "near_duplicate_threshold",
+                        lambda job, batch_size: (0.99, "a stand-in"))
+    monkeypatch.setattr(near_groups, "wanted", lambda job, cfg: True)
+    before = set(job.train.name[job.train.name.str[:3].isin(set(job.val.name.str[:3]))])
+    assert before  # split one by one, copies of a subject were on both sides
+    job = near_groups.regroup(job, cfg)
+    assert not set(job.train.name.str[:3]) & set(job.val.name.str[:3])
+    for tr, va in job.folds:
+        assert not set(job.train.name.str[:3].iloc[tr]) & set(job.train.name.str[:3].iloc[va])
+    table = pd.read_csv(tmp_path / "run" / "split.csv", dtype=str)
+    assert table.groupby("group").subset.nunique().max() == 1
+    record = json.load(open(tmp_path / "run" / "metrics.json"))["groups"]
+    assert record["groups"] == 16 and record["source"].startswith("near-duplicate photos")

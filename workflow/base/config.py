@@ -34,6 +34,7 @@ class DataConfig:
     max_pixels: int = limits.MAX_PIXELS  # --max_pixels: a larger image is a bad image
     groups: Optional[str] = None         # --groups: a column of the labels CSV
     group_pattern: Optional[str] = None  # --group_pattern: from the file names
+    near_duplicate_groups: bool = True   # --near_duplicate_groups (without the two above)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +331,8 @@ def train_config(flag_values, names) -> TrainConfig:
         data=DataConfig(v["data_dir"], v["positive_class"], v["val_size"], v["seed"],
                         v["on_bad_image"], v["demo"], v["label_column"],
                         None if v["task"] == "auto" else v["task"], v["max_pixels"],
-                        v["groups"], groups_lib.check_pattern(v["group_pattern"])),
+                        v["groups"], groups_lib.check_pattern(v["group_pattern"]),
+                        v["near_duplicate_groups"]),
         model=ModelConfig(v["weights"], v["include_top"] and choice.keeps_imagenet_top,
                           size, v["dropout"], choice, *_compared(v)[:1], why, v["image_size"],
                           _compared(v)[1]),

@@ -192,6 +192,11 @@ def _train_groups(d: dict) -> None:
                         "expression whose first capture group is the group, e.g. "
                         "'^(cam\\d+)_' or '^(.*)_\\d$' (copies named <photo>_<k>).",
                         module_name=DATA, **d)
+    flags.DEFINE_boolean("near_duplicate_groups", True, "Without --groups or "
+                         "--group_pattern: photos that are near-duplicates of each other "
+                         "(the label audit's copies, mirrors, re-saves and crops; pretrained "
+                         "weights only) are joined into groups, and the split and folds keep "
+                         "each whole (said in the log).", module_name=DATA, **d)
 
 
 def _train_model(d: dict) -> None:

@@ -126,6 +126,16 @@ def _split(data: DataConfig, heads: HeadsConfig, task: Task, frame: pd.DataFrame
     return _Split(frame, train, val, folds, grouped)
 
 
+def resplit(data: DataConfig, heads: HeadsConfig, job: "Job", frame: pd.DataFrame,
+            grouped: groups_lib.Summary) -> _Split:
+    """The split and folds made again for ``frame``'s groups, found after `prepare`
+    (`workflow.train.near_groups`); split.csv and the groups' record rewritten."""
+    parts = dataclasses.replace(_split(data, heads, job.task, frame, job.dataset),
+                                grouped=grouped)
+    _write_split(job.run, job.task, parts, data.seed)
+    return parts
+
+
 def _write_split(run: RunFolder, task: Task, parts: _Split, seed: int) -> None:
     """split.csv, and the groups in the log and metrics.json."""
     frame, val = parts.frame, parts.val

@@ -20,7 +20,7 @@ from features.fit import heads as heads_lib
 from features.serve import inference
 from pipeline import discovery, labels, progress, scan
 from workflow.base import console, state as state_lib
-from workflow.train import export, labelling
+from workflow.train import export, labelling, near_groups
 from workflow.views import interpret, plots, summary
 from workflow.train import heads_choice, no_effect, trusting
 from workflow.train.export import PROBE
@@ -274,6 +274,9 @@ def _stages(cfg: TrainConfig, clock: StageClock, engine=None, dataset=None):
         if engine is not None:
             engine.precision = job.precision.policy
             job.engine = engine.start()
+    if near_groups.wanted(job, cfg):
+        with clock.stage("near-duplicate groups (feature cache, extraction or reuse)"):
+            job = near_groups.regroup(job, cfg)
     if cfg.model.compare:
         from workflow.train import backbones as backbones_stage
         with clock.stage("backbone comparison"):
