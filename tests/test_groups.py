@@ -226,3 +226,22 @@ def test_near_duplicates_become_groups_of_the_split_and_folds(tmp_path, monkeypa
     assert table.groupby("group").subset.nunique().max() == 1
     record = json.load(open(tmp_path / "run" / "metrics.json"))["groups"]
     assert record["groups"] == 16 and record["source"].startswith("near-duplicate photos")
+
+
+def test_comparisons_resample_whole_groups():
+    """Ten copies of each of 30 photos are 30 pieces of evidence: the cluster bootstrap's
+    interval is the one of the 30 photos, wider than the one that counts 300."""
+    from features.choose import evidence
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 30)
+    candidate = np.clip(y * 0.3 + rng.uniform(0, 0.7, 30), 0, 1)
+    baseline = rng.uniform(0, 1, 30)
+    copies = np.repeat(np.arange(30), 10)
+    alone = evidence.compare(BINARY, y, candidate, baseline, seed=1)
+    by_photo = evidence.compare(BINARY, y[copies], candidate[copies], baseline[copies], seed=1)
+    by_group = evidence.compare(BINARY, y[copies], candidate[copies], baseline[copies], seed=1,
+                                clusters=copies)
+    width = {k: c.high - c.low for k, c in
+             (("alone", alone), ("photo", by_photo), ("group", by_group))}
+    assert width["photo"] < 0.5 * width["group"]
+    assert abs(width["group"] - width["alone"]) < 0.25 * width["alone"]

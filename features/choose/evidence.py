@@ -54,7 +54,7 @@ class Comparison:
 
 
 def compare(task: Task, y, candidate, baseline, seed: int = 0, rounds: int = ROUNDS,
-            groups=None) -> Comparison:
+            groups=None, clusters=None) -> Comparison:
     """Paired bootstrap of (candidate - baseline) on the task's headline metric: both
     models' probabilities on the same images ``y``, resampled together.
 
@@ -62,6 +62,10 @@ def compare(task: Task, y, candidate, baseline, seed: int = 0, rounds: int = ROU
     per-group metrics, resampled within each group: out-of-fold predictions of different
     fold models are not on one scale, so their pooled AUC would compare the folds'
     calibration instead of the models.
+
+    ``clusters`` (each row's group of photos, `pipeline.groups`) resamples whole groups
+    instead of photos (the cluster bootstrap): four copies of one photo are one piece of
+    evidence, not four, and the interval widens accordingly.
     """
     y, candidate, baseline = np.asarray(y), np.asarray(candidate), np.asarray(baseline)
     groups = np.zeros(len(y), int) if groups is None else np.asarray(groups)
@@ -70,7 +74,13 @@ def compare(task: Task, y, candidate, baseline, seed: int = 0, rounds: int = ROU
     counts = np.zeros((rounds, len(y)))
     for g in np.unique(groups):
         rows = np.flatnonzero(groups == g)
-        counts[:, rows] = rng.multinomial(len(rows), np.full(len(rows), 1 / len(rows)), rounds)
+        if clusters is None:
+            counts[:, rows] = rng.multinomial(len(rows), np.full(len(rows), 1 / len(rows)),
+                                              rounds)
+            continue
+        names, index = np.unique(np.asarray(clusters)[rows], return_inverse=True)
+        drawn = rng.multinomial(len(names), np.full(len(names), 1 / len(names)), rounds)
+        counts[:, rows] = drawn[:, index]  # a drawn group brings every one of its photos
     observed = [_score(task, y, p, np.ones((1, len(y))), groups)[0]
                 for p in (candidate, baseline)]
     diffs = (_score(task, y, candidate, counts, groups)

@@ -165,7 +165,7 @@ def choose(entries: List[Entry], job: Job, bound: float = COST_BOUND) -> tuple:
     groups = cv_lib.fold_of(job.folds, len(job.y_train))
     for richer in ordered[len(within):]:
         c = evidence.compare(job.task, job.y_train, richer.oof, current.oof, job.seed,
-                             groups=groups)
+                             groups=groups, clusters=job.train_groups)
         said.append({"candidate": richer.slug, "image_size": richer.image_size,
                      "baseline": current.slug, "within_cost_bound": False,
                      "difference": round(c.difference, 6), "low": round(c.low, 6),

@@ -16,7 +16,7 @@ from features.choose import evidence, probe
 from features.serve import inference
 from features.store import cache as cache_lib
 from features import task as task_lib
-from pipeline import run_info
+from pipeline import groups as groups_lib, run_info
 from workflow.views import interpret, summary, trust_views
 from workflow.base import state as state_lib
 from workflow.train import trusting, validation
@@ -142,7 +142,8 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
     choice = {"default": "model", "decisions": {}}
     if predict.tta == "auto":
         _, mirrored = validation.validate(job, held, (head, layer), tta=2)
-        tta = evidence.compare(job.task, job.y_val, mirrored, probs, job.seed)
+        tta = evidence.compare(job.task, job.y_val, mirrored, probs, job.seed,
+                               clusters=groups_lib.of(job.val))
         choice["decisions"]["tta2_vs_tta1"] = tta.summary()
         choice["tta"] = 2 if tta.better else 1
     else:

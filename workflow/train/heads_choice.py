@@ -62,23 +62,27 @@ def probe_or_head(job: Job, best, probe_choice, baseline: dict,
         y, head, lin = job.y_train, best.cv.oof_probs, probe_choice.oof_probs
         where = "out-of-fold predictions of the training split, fold by fold"
         groups, score = cv_lib.fold_of(job.folds, len(y)), f"cv_{job.task.headline}_mean"
+        clusters = groups_lib.of(job.train)
     elif best.val_probs is not None and probe_val is not None and len(job.y_val):
         y, head, lin = job.y_val, best.val_probs, probe_val
         where = "the validation images, which also chose the scenario and its epoch"
         groups, score = None, f"val_{job.task.headline}"
+        clusters = groups_lib.of(job.val)
         probe_baseline = False
     else:
         choice["probe_vs_head"] = None
         return choice
     name = f"scenario {best.scenario}"
     if probe_baseline:
-        comparison = evidence.compare(job.task, y, head, lin, job.seed, groups=groups)
+        comparison = evidence.compare(job.task, y, head, lin, job.seed, groups=groups,
+                                      clusters=clusters)
         logging.info("Scenario %s vs the probe (%s): %s", best.scenario, where,
                      comparison.describe(name, "the linear probe"))
         use_probe = not comparison.better
         candidate, kept = (name, "the linear probe") if use_probe else (name, name)
     else:
-        comparison = evidence.compare(job.task, y, lin, head, job.seed, groups=groups)
+        comparison = evidence.compare(job.task, y, lin, head, job.seed, groups=groups,
+                                      clusters=clusters)
         logging.info("Probe vs scenario %s (%s): %s", best.scenario, where,
                      comparison.describe("the linear probe", name))
         use_probe = comparison.better

@@ -16,6 +16,7 @@ from features import scenarios
 from features.choose import bag as bag_lib, evidence
 from features.serve import inference
 from features.store import cache as cache_lib
+from pipeline import groups as groups_lib
 from workflow.base.config import CacheConfig, PredictConfig
 from workflow.train.job import Features, Job
 
@@ -73,7 +74,8 @@ def choose_output(job: Job, held: inference.HeldOut, models, single_probs,
     chosen = single
     if bag is not None:
         bag_scores, bag_probs = validate(job, held, bag)
-        bag_vs_single = evidence.compare(task, job.y_val, bag_probs, single_probs, job.seed)
+        bag_vs_single = evidence.compare(task, job.y_val, bag_probs, single_probs, job.seed,
+                                         clusters=groups_lib.of(job.val))
         logging.info("Bag vs single model: %s", bag_vs_single.describe("bag", "single model"))
         out["decisions"]["bag_vs_single"] = bag_vs_single.summary()
         out["bag_scores"] = {"members": bag_lib.size(members) + 1,
@@ -90,7 +92,8 @@ def choose_tta(job: Job, held: inference.HeldOut, out: dict, base_probs, model_a
     if predict.tta != "auto":
         return int(predict.tta)
     _, mirrored = validate(job, held, model_at, tta=2)
-    tta = evidence.compare(job.task, job.y_val, mirrored, base_probs, job.seed)
+    tta = evidence.compare(job.task, job.y_val, mirrored, base_probs, job.seed,
+                           clusters=groups_lib.of(job.val))
     logging.info("Test-time augmentation: %s", tta.describe("2 views", "1 view"))
     out["decisions"]["tta2_vs_tta1"] = tta.summary()
     return 2 if tta.better else 1

@@ -30,6 +30,7 @@ from typing import Optional
 import numpy as np
 
 from features.choose import evidence
+from pipeline import groups as groups_lib
 
 LIGHT_PARAMETERS = 10e6
 
@@ -77,7 +78,8 @@ def plan(job, mode: str, frozen_probs, frozen_what: str) -> Plan:
     if frozen_probs is None or len(y) == 0:
         return Plan(False, "no validation images to compare it on")
     half = halfway(job.task, y, frozen_probs, job.seed)
-    gain = evidence.compare(job.task, y, half, frozen_probs, job.seed)
+    gain = evidence.compare(job.task, y, half, frozen_probs, job.seed,
+                            clusters=groups_lib.of(job.val))
     score = gain.baseline
     if not gain.better:
         return Plan(False, f"{frozen_what} already scores {job.task.headline} {score:.4f} on "
@@ -98,7 +100,8 @@ def log_plan(p: Plan) -> None:
 def choose(job, frozen_probs, whole_probs, frozen_what: str) -> dict:
     """The frozen model (the baseline) against the whole-network fine-tuned one on the
     same honest validation predictions; the record metrics.json keeps."""
-    c = evidence.compare(job.task, job.y_val, whole_probs, frozen_probs, job.seed)
+    c = evidence.compare(job.task, job.y_val, whole_probs, frozen_probs, job.seed,
+                         clusters=groups_lib.of(job.val))
     logging.info("Whole-network fine-tuning vs %s: %s", frozen_what,
                  c.describe("the whole network fine-tuned", frozen_what))
     return {**c.summary(), "candidate_is": "the whole network, fine-tuned",
