@@ -243,7 +243,8 @@ def test_auto_takes_the_best_cv_within_the_cost_bound_and_a_costlier_one_only_on
     rng = np.random.default_rng(0)
     y = np.array([0, 1] * 60)
     folds = cv_lib.make_folds(y, 5, 0)
-    job = types.SimpleNamespace(task=task_lib.binary(), y_train=y, folds=folds, seed=0)
+    job = types.SimpleNamespace(task=task_lib.binary(), y_train=y, folds=folds, seed=0,
+                                train_groups=None)  # no groups: photos resampled one by one
     noisy = np.clip(0.5 + (y - 0.5) * 0.2 + rng.normal(0, 0.3, len(y)), 0, 1)
     clean = np.clip(0.5 + (y - 0.5) * 0.8 + rng.normal(0, 0.05, len(y)), 0, 1)
 

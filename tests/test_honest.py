@@ -5,6 +5,7 @@ import csv
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import discovery
@@ -119,7 +120,8 @@ def _choice(head_oof, probe_oof, probe_baseline):
     from workflow.train import heads_choice
     y = np.tile([0, 1], 20)
     folds = [(np.arange(20, 40), np.arange(20)), (np.arange(20), np.arange(20, 40))]
-    job = SimpleNamespace(task=task_lib.binary(), y_train=y, folds=folds, seed=0)
+    job = SimpleNamespace(task=task_lib.binary(), y_train=y, folds=folds, seed=0,
+                          train=pd.DataFrame({"name": [f"p{i}" for i in range(40)]}))
     best = SimpleNamespace(scenario="B", selected_by="cross-validation", score=0.9,
                            cv=SimpleNamespace(oof_probs=head_oof(y)))
     probe_choice = SimpleNamespace(oof_probs=probe_oof(y))

@@ -5,6 +5,7 @@ import json
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 
 from features import task as task_lib
@@ -108,7 +109,9 @@ def test_the_frozen_model_is_kept_when_nothing_could_beat_it_beyond_noise():
     y = np.tile([0, 1], 20)
     net = SimpleNamespace(stem=SimpleNamespace(weights=[]), last=SimpleNamespace(weights=[]),
                           net=SimpleNamespace(slug="tiny"))
-    job = SimpleNamespace(classifier=net, task=task, y_val=y, seed=0)
+    # (The validation photos without groups: each is its own piece of evidence.)
+    job = SimpleNamespace(classifier=net, task=task, y_val=y, seed=0,
+                          val=pd.DataFrame({"name": [f"p{i}" for i in range(len(y))]}))
     perfect = y * 0.8 + 0.1
     plan = whole.plan(job, "auto", perfect, "the linear probe")
     assert not plan.tried and "could not beat it beyond noise" in plan.why
