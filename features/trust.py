@@ -200,8 +200,10 @@ def _fit_binary(kind: str, y, p) -> Calibration:
     return Calibration("platt", (), float(found.x[0]), float(found.x[1]))
 
 
-def fit(task_kind: str, y, probs, fitted_on: str, seed: int = 0) -> Calibration:
-    """The calibration map for ``probs`` (held-out predictions) against labels ``y``."""
+def fit(task_kind: str, y, probs, fitted_on: str, seed: int = 0, groups=None) -> Calibration:
+    """The calibration map for ``probs`` (held-out predictions) against labels ``y``;
+    ``groups`` (one per image, or None): photos of one subject, kept in one fold when the
+    binary map is chosen by cross-validation."""
     y, p = np.asarray(y), np.asarray(probs, np.float64)
     if len(y) < 2:
         return Calibration(fitted_on=fitted_on)
@@ -219,19 +221,24 @@ def fit(task_kind: str, y, probs, fitted_on: str, seed: int = 0) -> Calibration:
             ts.append(_fit_temperature(lambda t: _binary_nll(yj, _sigmoid(zj / t)), lowest)
                       if 0 < yj.sum() < len(yj) else 1.0)
         return Calibration("temperature", tuple(ts), fitted_on=fitted_on)
-    chosen = _choose_binary(y.astype(int), p, seed)
+    chosen = _choose_binary(y.astype(int), p, seed, groups)
     return dataclasses.replace(_fit_binary(chosen, y, p), fitted_on=fitted_on)
 
 
-def _choose_binary(y, p, seed: int) -> str:
+def _choose_binary(y, p, seed: int, groups=None) -> str:
     """Temperature or Platt by the log loss of a 5-fold cross-validation of each map on
-    the held-out predictions (temperature on ties or too few photos of a class)."""
-    from sklearn.model_selection import StratifiedKFold
+    the held-out predictions, each group in one fold (temperature on ties or too few
+    photos, or groups, of a class)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
     folds = min(5, int(np.bincount(y, minlength=2).min()))
+    if groups is not None:
+        folds = min(folds, *(len(set(np.asarray(groups)[y == c])) for c in (0, 1)))
     if folds < 2:
         return "temperature"
     losses = {"temperature": [], "platt": []}
-    for tr, va in StratifiedKFold(folds, shuffle=True, random_state=seed).split(p, y):
+    splitter = (StratifiedKFold(folds, shuffle=True, random_state=seed) if groups is None
+                else StratifiedGroupKFold(folds, shuffle=True, random_state=seed))
+    for tr, va in splitter.split(p, y, groups):
         for kind in losses:
             cal = _fit_binary(kind, y[tr], p[tr])
             losses[kind].append(_binary_nll(y[va], cal.apply("binary", p[va])) * len(va))

@@ -245,3 +245,33 @@ def test_comparisons_resample_whole_groups():
              (("alone", alone), ("photo", by_photo), ("group", by_group))}
     assert width["photo"] < 0.5 * width["group"]
     assert abs(width["group"] - width["alone"]) < 0.25 * width["alone"]
+
+
+def test_calibration_cross_validates_whole_groups(monkeypatch):
+    """The binary map's choice (temperature or Platt) and the cross-fitted 'after' fit
+    each map on whole groups: copies of a photo never on both sides of a fold."""
+    from features import trust
+    from workflow.train import trusting
+    rng = np.random.default_rng(0)
+    subjects, copies = 40, 5
+    group = np.repeat(np.arange(subjects), copies)
+    y = np.repeat(rng.integers(0, 2, subjects), copies)
+    # Each copy's probability tells its group (0.2 + 0.01 g) and its copy (1e-5 k).
+    p = 0.2 + 0.01 * group + 1e-5 * np.tile(np.arange(copies), subjects)
+    seen = []
+    real = trust._fit_binary
+
+    def spy(kind, yt, pt):
+        seen.append(np.bincount(np.round((np.asarray(pt) - 0.2) / 0.01).astype(int),
+                                minlength=subjects))
+        return real(kind, yt, pt)
+
+    monkeypatch.setattr(trust, "_fit_binary", spy)
+    trust.fit("binary", y, p, "held-out", groups=group)
+    trusting._cross_fitted("binary", y, p, 0, groups=group)
+    assert len(seen) > 10
+    for counts in seen:  # every group wholly in the map's training part, or wholly out
+        assert set(np.unique(counts)) <= {0, copies}
+    seen.clear()
+    trust.fit("binary", y, p, "held-out")  # without groups copies do straddle: the check bites
+    assert any(set(np.unique(c)) - {0, copies} for c in seen)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from features import networks, trust
+from pipeline import groups as groups_lib
 from pipeline.atomic import atomic_path
 from workflow.base import prior as prior_lib
 
@@ -70,14 +71,14 @@ def pooled(job, cache, frame: pd.DataFrame, start: str, batch_size: int) -> np.n
 
 
 def _held_out(job, cache, batch_size: int, what: str, start: str, val_probs, oof_ok: bool):
-    """(labels, probabilities, distances, what they are) of the held-out images, or a
-    string saying why there are too few."""
+    """(labels, probabilities, distances, groups or None, what they are) of the held-out
+    images, or a string saying why there are too few."""
     oof = _load_oof(job, what) if oof_ok else None
     if oof is not None:
         folds = [va for _, va in job.folds]
         d = trust.fold_distances(pooled(job, cache, job.train, start, batch_size), folds,
                                  trust.K_NEAREST)
-        return (job.y_train, oof, d, f"out-of-fold predictions of the {len(job.y_train)} "
+        return (job.y_train, oof, d, job.train_groups, f"out-of-fold predictions of the {len(job.y_train)} "
                 f"training images ({len(folds)}-fold cross-validation of {what})")
     if len(job.val) < MIN_HELD_OUT:
         return (f"only {len(job.val)} validation image(s) and no out-of-fold predictions of "
@@ -86,15 +87,18 @@ def _held_out(job, cache, batch_size: int, what: str, start: str, val_probs, oof
     train_x = pooled(job, cache, job.train, start, batch_size)
     val_x = pooled(job, cache, job.val, start, batch_size)
     d = trust.distance(trust.deduplicate(train_x), val_x, trust.K_NEAREST)
-    return (job.y_val, val_probs, d, f"the {len(job.y_val)} validation images, predicted by "
+    return (job.y_val, val_probs, d, groups_lib.of(job.val),
+            f"the {len(job.y_val)} validation images, predicted by "
             "the final model before any refit")
 
 
-def _calibration(kind: str, y, probs, where: str, seed: int):
+def _calibration(kind: str, y, probs, where: str, seed: int, groups=None):
     """(the map, metrics before, cross-fitted metrics after): the identity when the map
-    does not lower the cross-fitted log loss."""
-    calibration = trust.fit(kind, y, probs, where, seed)
-    before, after = trust.metrics(kind, y, probs), _cross_fitted(kind, y, probs, seed)
+    does not lower the cross-fitted log loss. ``groups``: each held-out photo's group
+    (None: each photo its own), kept whole in every fold of both cross-validations."""
+    calibration = trust.fit(kind, y, probs, where, seed, groups)
+    before = trust.metrics(kind, y, probs)
+    after = _cross_fitted(kind, y, probs, seed, groups)
     if after["log_loss"] >= before["log_loss"]:
         # With few errors among the held-out predictions a map fitted without them
         # sharpens, and the next error costs more than the map gains: keep the model's own.
@@ -124,9 +128,9 @@ def fit_held_out(job, cache, batch_size: int, what: str, start: str, val_probs, 
     if isinstance(held, str):
         logging.info("Not calibrated, no unfamiliar score: %s.", held)
         return {"info": {}, "metrics": {"skipped": held}}
-    y, probs, d, where = held
+    y, probs, d, groups, where = held
     probs = job.task.probabilities(probs)  # binary: P(positive) [N], whatever produced it
-    calibration, before, after = _calibration(kind, y, probs, where, job.seed)
+    calibration, before, after = _calibration(kind, y, probs, where, job.seed, groups)
     # The uncertainty is measured before any prior's shift (predict.py may apply another).
     u = trust.uncertainty(kind, calibration.apply(kind, probs))
     calibration, weights, prior = _with_prior(job, calibration, y, predict.prior)
@@ -173,16 +177,20 @@ def _with_prior(job, calibration, y, text):
     return shifted, weights, prior_lib.record(job.task, training, field, f"--prior={text}")
 
 
-def _cross_fitted(kind: str, y, probs, seed: int) -> dict:
+def _cross_fitted(kind: str, y, probs, seed: int, groups=None) -> dict:
     """The calibrated predictions' metrics where each held-out image's map was fitted on
-    the other images (5 folds): an honest 'after', unlike refitting on the same images."""
-    from sklearn.model_selection import KFold
+    the other images (5 folds, a group never on both sides): an honest 'after', unlike
+    refitting on the same images."""
+    from sklearn.model_selection import GroupKFold, KFold
     y, p = np.asarray(y), np.asarray(probs, np.float64)
-    if len(y) < 10:
+    if len(y) < 10 or (groups is not None and len(set(groups)) < 5):
         return trust.metrics(kind, y, p)
+    splitter = (KFold(5, shuffle=True, random_state=seed) if groups is None
+                else GroupKFold(5, shuffle=True, random_state=seed))
     out = np.zeros_like(p)
-    for tr, va in KFold(5, shuffle=True, random_state=seed).split(p):
-        out[va] = trust.fit(kind, y[tr], p[tr], "", seed).apply(kind, p[va])
+    for tr, va in splitter.split(p, y, groups):
+        out[va] = trust.fit(kind, y[tr], p[tr], "", seed,
+                            None if groups is None else np.asarray(groups)[tr]).apply(kind, p[va])
     return trust.metrics(kind, y, out)
 
 
