@@ -55,8 +55,8 @@ def logloss_better(task, y, candidate, baseline, seed=0, rounds=1000) -> tuple:
 
 
 def ms_per_image(clf, frame, size: int) -> float:
-    from features.store import extract
-    from pipeline import input as input_lib
+    from small_photo_classifier.features.store import extract
+    from small_photo_classifier.pipeline import input as input_lib
     paths = frame.path.tolist()[:16]
     batch = next(iter(input_lib.eval_dataset(paths, None, paths, size, 16)))["image"]
     run = extract.extractor(clf, [clf.net.feature_layer])
@@ -69,8 +69,8 @@ def ms_per_image(clf, frame, size: int) -> float:
 def candidate(args, label: str, names, folds):
     """(CV mean, OOF probabilities, held-out score, ms per image) of one candidate;
     ``names``: (the photos to fit and choose on, the held-out photos)."""
-    from features import networks
-    from features.choose import probe
+    from small_photo_classifier.features import networks
+    from small_photo_classifier.features.choose import probe
     name, size = networks.split_size(label)
     size = size or networks.check_choice(name).trained_size()[0]
     ds, frame, task, clf, feats = common.cached_photos(args.data_dir, args.weights, size,
@@ -90,7 +90,7 @@ def candidate(args, label: str, names, folds):
 
 def rules(results, task, y, folds, bound: float = 4.0) -> dict:
     """Each rule's pick (an index into ``results``)."""
-    from features.choose import cv as cv_lib, evidence
+    from small_photo_classifier.features.choose import cv as cv_lib, evidence
     groups = cv_lib.fold_of(folds, len(y))
     order = sorted(range(len(results)), key=lambda i: results[i]["ms"])
 
@@ -131,8 +131,8 @@ def main():
                         help="comma-separated NAME or NAME@SIZE (files: PATH@SIZE)")
     parser.add_argument("--bound", type=float, default=4.0)
     args = parser.parse_args()
-    from features.choose import cv as cv_lib
-    from pipeline import discovery, split
+    from small_photo_classifier.features.choose import cv as cv_lib
+    from small_photo_classifier.pipeline import discovery, split
     frame = discovery.discover(args.data_dir).frame
     frame = frame[~frame.path.str.lower().str.endswith(".gif")].reset_index(drop=True)
     train, held = split.split_train_val(frame, 0.2, 0)

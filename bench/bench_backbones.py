@@ -71,8 +71,8 @@ def main():
     parser.add_argument("--noonnx", dest="onnx", action="store_false")
     args = parser.parse_args()
     from bench_perf import matmul_rates
-    from features import networks
-    from pipeline import discovery, input as input_lib
+    from small_photo_classifier.features import networks
+    from small_photo_classifier.pipeline import discovery, input as input_lib
     frame = discovery.discover(args.data_dir).frame
     paths = frame.path.tolist()[:args.batch]
     batch = next(iter(input_lib.eval_dataset(paths, None, paths, args.image_size,
@@ -91,7 +91,7 @@ def _gflops(clf, choice, size) -> float:
     """FLOPs per image (in G) of the frozen layers the cache holds."""
     import keras
     if choice.is_file:  # any input size: count on the file's own graph, to the feature map
-        from features import zoo
+        from small_photo_classifier.features import zoo
         whole = zoo.load_file(choice.name)
         names = [l.name for l in whole.layers]
         upto = keras.Model(whole.input, whole.get_layer(clf.net.feature_layer).output)
@@ -101,8 +101,8 @@ def _gflops(clf, choice, size) -> float:
 
 def _row(args, choice, batch, peak) -> str:
     """One backbone's table row: FLOPs, speed (best of three), size, its ONNX export."""
-    from features import backbone
-    from workflow.use import deploy, runtimes
+    from small_photo_classifier.features import backbone
+    from small_photo_classifier.workflow.use import deploy, runtimes
     weights = "imagenet" if choice.is_file else args.weights
     clf = backbone.build_classifier(weights, False, args.image_size, 0, backbone=choice)
     feature = clf.feature_model([clf.net.feature_layer])

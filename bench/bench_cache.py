@@ -47,15 +47,15 @@ def parse_args():
 
 
 def synthetic(root, n, size=96):
-    from pipeline import demo
+    from small_photo_classifier.pipeline import demo
     return demo.make_demo_dataset(root, n_train=n, n_test=2, size=size, seed=1)
 
 
 def extract_only(args):
     """Child process: extract features of n synthetic images and report max RSS."""
-    from features import backbone
-    from features.store import cache
-    from pipeline import discovery
+    from small_photo_classifier.features import backbone
+    from small_photo_classifier.features.store import cache
+    from small_photo_classifier.pipeline import discovery
     root = synthetic(os.path.join(args.work, f"mem{args._extract_only}"), args._extract_only)
     ds = discovery.discover(root)
     clf = backbone.build_classifier("none", False, args.image_size, 0, backbone="vgg16")
@@ -78,8 +78,8 @@ def main():
     if args._extract_only:
         return extract_only(args)
     import tensorflow as tf
-    from features import backbone
-    from pipeline import discovery, scan, split
+    from small_photo_classifier.features import backbone
+    from small_photo_classifier.pipeline import discovery, scan, split
     if args.data_dir:
         ds = discovery.discover(args.data_dir)
         label = f"{ds.data_dir} ({len(ds.frame)} images)"
@@ -106,8 +106,8 @@ def main():
 def _extraction_rows(args, clf, ds, frame):
     """1. Extraction vs the bare model on in-memory tensors (same images, same batches)."""
     import tensorflow as tf
-    from features.store import cache
-    from pipeline import input as input_lib
+    from small_photo_classifier.features.store import cache
+    from small_photo_classifier.pipeline import input as input_lib
     size, bs = args.image_size, args.batch_size
     spec = cache.CacheSpec("none(seed=0)", False, size, "float16", ds.data_dir, net=clf.net)
     cache_dir = os.path.join(args.work, "cache")
@@ -133,11 +133,11 @@ def _extraction_rows(args, clf, ds, frame):
 def _scenario_rows(args, clf, spec, result, parts):
     """2./3. Scenarios from the cache vs the reference way (images through VGG every
     epoch)."""
-    from features import backbone, scenarios, task
-    from features.store import cache
-    from features.fit import heads
-    from features.fit.settings import FitSettings
-    from pipeline import input as input_lib
+    from small_photo_classifier.features import backbone, scenarios, task
+    from small_photo_classifier.features.store import cache
+    from small_photo_classifier.features.fit import heads
+    from small_photo_classifier.features.fit.settings import FitSettings
+    from small_photo_classifier.pipeline import input as input_lib
     train, val = parts
     size, bs, epochs = args.image_size, args.batch_size, args.epochs
     feats_tr = cache.load_features(result.path, spec, train, spec.layers)

@@ -35,9 +35,9 @@ def main():
     args = p.parse_args()
 
     import numpy as np
-    from features.fit.loop import snapshot
-    from pipeline import discovery, scan, split
-    from workflow.base import config
+    from small_photo_classifier.features.fit.loop import snapshot
+    from small_photo_classifier.pipeline import discovery, scan, split
+    from small_photo_classifier.workflow.base import config
     ds = discovery.discover(args.data_dir)
     work = args.cache_dir or tempfile.mkdtemp(prefix="bench_quality_")
     frame = scan.filter_bad_images(ds.frame, args.image_size, "skip", os.path.join(work, "b.csv"))
@@ -75,9 +75,9 @@ def main():
 
 def _features(args, ds, frame, parts, work):
     """(classifier, {dtype: (train, val) features}, the training images' cached views)."""
-    from features import backbone
-    from features.store import cache
-    from features.weights import weights_identity
+    from small_photo_classifier.features import backbone
+    from small_photo_classifier.features.store import cache
+    from small_photo_classifier.features.weights import weights_identity
     train, val = parts
     clf = backbone.build_classifier(args.weights, False, args.image_size, 0, backbone="vgg16")
     wid = weights_identity(args.weights, 0)
@@ -98,10 +98,10 @@ def _features(args, ds, frame, parts, work):
 
 def _heads(trial, train_feats, y, val_feats):
     """Scenario -> (val AUC, val probabilities) of A, B, C trained from the same weights."""
-    from features import task
-    from features.fit import heads
-    from features.fit.settings import FitSettings
-    from features.fit.loop import restore
+    from small_photo_classifier.features import task
+    from small_photo_classifier.features.fit import heads
+    from small_photo_classifier.features.fit.settings import FitSettings
+    from small_photo_classifier.features.fit.loop import restore
     args, clf, initial, work, yva, seed = trial
     out = {}
     for s in ("A", "B", "C"):

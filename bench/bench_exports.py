@@ -43,7 +43,7 @@ def run_one(name: str, precision: str, formats: str, folder: str) -> dict:
 
 
 def main() -> None:
-    from features import networks
+    from small_photo_classifier.features import networks
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--precision", default="mixed_bfloat16")
     parser.add_argument("--formats", default="onnx,tflite")

@@ -25,12 +25,12 @@ def main():
     parser = common.photo_parser(__doc__)
     parser.add_argument("--ratios", default="5,10")
     args = parser.parse_args()
-    from features.fit import heads
-    from features.choose import probe
-    from features import task as task_lib
-    from features.fit.settings import FitSettings
-    from features.fit.loop import restore, snapshot
-    from pipeline import split
+    from small_photo_classifier.features.fit import heads
+    from small_photo_classifier.features.choose import probe
+    from small_photo_classifier.features import task as task_lib
+    from small_photo_classifier.features.fit.settings import FitSettings
+    from small_photo_classifier.features.fit.loop import restore, snapshot
+    from small_photo_classifier.pipeline import split
     ds, frame, task, clf, feats = common.cached_photos(args.data_dir, args.weights,
                                                        args.image_size, args.cache_dir)
     start = snapshot(clf.model)

@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _setup(args):
-    from features.choose import probe
+    from small_photo_classifier.features.choose import probe
     _, frame, task, clf, feats = common.cached_photos(args.data_dir, args.weights,
                                                       args.image_size, args.cache_dir,
                                                       args.backbone)
@@ -40,8 +40,8 @@ def _setup(args):
 
 
 def simulate(args, task, x, y):
-    from features.data import curve, selection
-    from features.choose import probe
+    from small_photo_classifier.features.data import curve, selection
+    from small_photo_classifier.features.choose import probe
     config = probe.ProbeConfig("average", False, 0.1)
     strategies = list(selection.STRATEGIES)
     results = {s: [] for s in strategies}
@@ -133,8 +133,8 @@ def _any_over_threshold(p, y, folds) -> set:
 
 
 def flipped(args, task, x, y):
-    from features.data import audit
-    from features.choose import cv, probe
+    from small_photo_classifier.features.data import audit
+    from small_photo_classifier.features.choose import cv, probe
     config = probe.ProbeConfig("average", False, 0.1)
     print("\n## 2. Flipped labels found by suspect_labels\n")
     print("| flipped | found in the top 2x | flagged | recall (flips flagged) | precision "
@@ -174,8 +174,8 @@ def flipped(args, task, x, y):
 
 def near_duplicates(args, clf, frame, x):
     import tensorflow as tf
-    from features.data import selection
-    from pipeline import input as input_lib, ops
+    from small_photo_classifier.features.data import selection
+    from small_photo_classifier.pipeline import input as input_lib, ops
     layer = clf.net.feature_layer
     model = clf.feature_model([layer])
     rows = np.random.default_rng(0).choice(len(frame), min(40, len(frame)), replace=False)

@@ -23,10 +23,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, pandas as pd
-from features import backbone, task
-from features.store import cache
-from features.fit import heads
-from features.fit.settings import FitSettings
+from small_photo_classifier.features import backbone, task
+from small_photo_classifier.features.store import cache
+from small_photo_classifier.features.fit import heads
+from small_photo_classifier.features.fit.settings import FitSettings
 folder, size, stream, epochs = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 clf = backbone.build_classifier("none", False, size, 0, backbone="vgg16")
 spec = cache.CacheSpec("none(seed=0)", False, size, data_dir=folder, net=clf.net)
@@ -50,8 +50,8 @@ def make_cache(folder: str, rows: int, size: int) -> None:
     """A finished cache of ``rows`` random rows (and empty stand-in image files)."""
     import numpy as np
     import pandas as pd
-    from features import backbone
-    from features.store import cache, h5file as store
+    from small_photo_classifier.features import backbone
+    from small_photo_classifier.features.store import cache, h5file as store
     images = os.path.join(folder, "images")
     os.makedirs(images, exist_ok=True)
     paths = []

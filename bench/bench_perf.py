@@ -99,10 +99,10 @@ def _bare_rate(policy, size, batch, seconds):
 
 def section_extract(args, results):
     import pandas as pd
-    from features import backbone, precision
-    from features.store import cache
-    from features.weights import weights_identity
-    from pipeline import discovery, scan
+    from small_photo_classifier.features import backbone, precision
+    from small_photo_classifier.features.store import cache
+    from small_photo_classifier.features.weights import weights_identity
+    from small_photo_classifier.pipeline import discovery, scan
     frame = discovery.discover(args.data_dir).frame
     frame = scan.filter_bad_images(frame, args.image_size, "skip",
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))
@@ -266,11 +266,11 @@ def section_finetune(args, results):
 
 def section_ray(args, results):
     """Extraction of the same photos on this process vs a local Ray cluster (1, 2 workers)."""
-    from features import backbone
-    from features.store import cache
-    from features.serve import ray_engine
-    from features.weights import weights_identity
-    from pipeline import discovery, scan
+    from small_photo_classifier.features import backbone
+    from small_photo_classifier.features.store import cache
+    from small_photo_classifier.features.serve import ray_engine
+    from small_photo_classifier.features.weights import weights_identity
+    from small_photo_classifier.pipeline import discovery, scan
     frame = discovery.discover(args.data_dir).frame
     frame = scan.filter_bad_images(frame, args.image_size, "skip",
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))
@@ -337,9 +337,9 @@ def section_mirrored(args, results):
 def section_ftprofile(args, results):
     """One whole-network fine-tuning epoch of scenario B split into input, model and the
     rest: the tf.data input alone, the training step alone on a fixed batch, and fit."""
-    from features import backbone, task
-    from pipeline import discovery, scan
-    from pipeline import input as input_lib
+    from small_photo_classifier.features import backbone, task
+    from small_photo_classifier.pipeline import discovery, scan
+    from small_photo_classifier.pipeline import input as input_lib
     frame = discovery.discover(args.data_dir).frame
     frame = scan.filter_bad_images(frame, args.image_size, "skip",
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))

@@ -66,8 +66,8 @@ def main():
     parser.add_argument("--before", default="aa650e6")
     parser.add_argument("--nobefore", dest="run_before", action="store_false")
     args = parser.parse_args()
-    from features.choose import cv as cv_lib, probe
-    from pipeline import split
+    from small_photo_classifier.features.choose import cv as cv_lib, probe
+    from small_photo_classifier.pipeline import split
     ds, frame, task, clf, feats = common.cached_photos(
         args.data_dir, args.weights, args.image_size, args.cache_dir, args.backbone)
     layer = clf.net.feature_layer
@@ -78,7 +78,8 @@ def main():
     y_all = np.asarray(frame.label.tolist())
     x_all = np.asarray(feats[layer])
     y, y_val = y_all[tr], y_all[va]
-    _, smallest = __import__("features.task", fromlist=["x"]).smallest_class(task, y)
+    from small_photo_classifier.features import task as task_lib
+    _, smallest = task_lib.smallest_class(task, y)
     folds = cv_lib.make_folds(y, max(2, min(5, smallest)), 0, task)
     print(f"{args.data_dir} ({args.backbone if args.backbone != 'vgg16' else 'VGG16'}): "
           f"{len(tr)} training rows, {len(va)} held out, {layer} {x_all.shape[1:]}, "

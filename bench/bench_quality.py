@@ -38,10 +38,10 @@ def _train(args, workdir, *extra):
 
 def _data(args):
     """(task, classifier, train split's features and labels) with the plain cache filled."""
-    from features import backbone, precision, task as task_lib
-    from features.store import cache
-    from features.weights import weights_identity
-    from pipeline import discovery, scan, split
+    from small_photo_classifier.features import backbone, precision, task as task_lib
+    from small_photo_classifier.features.store import cache
+    from small_photo_classifier.features.weights import weights_identity
+    from small_photo_classifier.pipeline import discovery, scan, split
     chosen = precision.resolve_and_apply("auto")  # what train.py would compute in here
     ds = discovery.discover(args.data_dir)
     task = task_lib.Task(ds.kind, ds.class_names)
@@ -66,10 +66,10 @@ def _pm(mean, std) -> str:
 def scenario_cv(args):
     """Section 1: CV of A, B, C at the table's rates and at 1e-3, on the training split;
     the task's headline metric and, beside it, macro ROC AUC (accuracy for binary)."""
-    from features.choose import cv as cv_lib, probe
-    from features.fit import heads
-    from features import scenarios
-    from features.fit.settings import FitSettings
+    from small_photo_classifier.features.choose import cv as cv_lib, probe
+    from small_photo_classifier.features.fit import heads
+    from small_photo_classifier.features import scenarios
+    from small_photo_classifier.features.fit.settings import FitSettings
     task, clf, feats, y = _data(args)
     name = task.headline
     other = "auc" if name != "auc" else "accuracy"
@@ -103,7 +103,7 @@ def scenario_cv(args):
 def end_to_end(args):
     """Sections 2 and 3: train.py with defaults, then model vs bag, TTA, on held-out images."""
     import pandas as pd
-    from features.serve import inference
+    from small_photo_classifier.features.serve import inference
     workdir = os.path.join(args.work, "e2e")
     if args.reuse and os.path.isfile(os.path.join(workdir, "model.keras")):
         # An earlier run's folder: its train.log holds every line the run printed.
@@ -149,7 +149,7 @@ def _split_folders(args, seed: int, root: str):
     """Links the photos into ``root/dev/<class>/`` (80%) and ``root/held/<class>/`` (20%),
     stratified by ``seed``; the same dev path for every seed, so the cache's rows are
     shared between splits."""
-    from pipeline import discovery, split
+    from small_photo_classifier.pipeline import discovery, split
     ds = discovery.discover(args.data_dir)
     frame = ds.frame[[os.path.splitext(p)[1].lower() != ".gif" for p in ds.frame.path]]
     dev, held = split.split_train_val(frame, 0.2, seed)
@@ -173,7 +173,7 @@ def _splits(args, root):
 def _train_on_split(args, root, name, *extra):
     """train.py on the split's dev folder (default flags plus ``extra``); returns
     (workdir, seconds, model_info, task)."""
-    from features.serve import inference
+    from small_photo_classifier.features.serve import inference
     workdir = os.path.join(root, name)
     _, seconds = _train(args, workdir, f"--finetune_epochs={args.finetune_epochs}", *extra,
                         f"--data_dir={os.path.join(root, 'dev')}",
@@ -186,7 +186,7 @@ def repeated_splits(args):
     """Section 5: repeated 80/20 splits; the held-out 20% is never seen by training, CV or
     any choice. Per split, train.py runs twice (--norefit and --refit, default flags
     otherwise) and every candidate output is scored on the held-out photos."""
-    from features.serve import inference
+    from small_photo_classifier.features.serve import inference
     root = os.path.join(args.work, "splits")
     rows = []
     for seed, held_paths, y, names in _splits(args, root):
@@ -234,7 +234,7 @@ def baseline_rule(args):
     predictions) and with --noprobe_baseline (the best scenario is kept unless the probe
     beats it beyond noise); each run's exported default is scored on the held-out photos
     that no training or choice saw."""
-    from features.serve import inference
+    from small_photo_classifier.features.serve import inference
     root = os.path.join(args.work, "rule")
     rows = []
     for seed, held_paths, y, names in _splits(args, root):

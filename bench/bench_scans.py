@@ -38,10 +38,10 @@ def best_of(fn, repeats: int = 3) -> float:
 def main():
     parser = common.photo_parser(__doc__)
     args = parser.parse_args()
-    from features.choose import cv as cv_lib, probe
-    from features.data import audit, selection
-    from pipeline import discovery
-    from workflow.train import labelling
+    from small_photo_classifier.features.choose import cv as cv_lib, probe
+    from small_photo_classifier.features.data import audit, selection
+    from small_photo_classifier.pipeline import discovery
+    from small_photo_classifier.workflow.train import labelling
     ds, frame, task, clf, feats = common.cached_photos(
         args.data_dir, args.weights, args.image_size, args.cache_dir, args.backbone)
     y = np.asarray(frame.label.tolist())

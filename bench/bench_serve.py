@@ -213,9 +213,9 @@ def version(label: str, root: str, args, photos) -> dict:
 
 def batch_rate(workdir: str, photos) -> float:
     """Images per second of this checkout's predictor on the photos, model loaded."""
-    from workflow.base import console
+    from small_photo_classifier.workflow.base import console
     console.quiet_tensorflow()
-    from workflow.use import serving
+    from small_photo_classifier.workflow.use import serving
     predictor = serving.Predictor(workdir, batch_size=32)
     uploads = [(os.path.basename(p), open(p, "rb").read()) for p in photos]
     config = serving.ServeConfig(max_files=len(uploads))

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workflow.base import console  # noqa: E402
+from small_photo_classifier.workflow.base import console  # noqa: E402
 
 console.quiet_tensorflow()
 
@@ -35,11 +35,11 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args()
     from sklearn.metrics import roc_auc_score
-    from features import trust
-    from features.serve import inference
-    from pipeline import run_info
-    from workflow.use import predicting
-    from workflow.use import trusted
+    from small_photo_classifier.features import trust
+    from small_photo_classifier.features.serve import inference
+    from small_photo_classifier.pipeline import run_info
+    from small_photo_classifier.workflow.use import predicting
+    from small_photo_classifier.workflow.use import trusted
     info = run_info.read_info(args.workdir)
     task = inference.task_of(info)
     reference = trusted.load_reference(args.workdir, info)
@@ -82,10 +82,10 @@ def main() -> None:
 def _scored(args, predictor, folder: str) -> dict:
     """The photos of ``folder`` as predict.py scores them: raw and calibrated
     probabilities, the unfamiliar score and flag, its distance and uncertainty."""
-    from features import trust
-    from features.serve import inference
-    from pipeline import discovery, scan
-    from workflow.use import trusted
+    from small_photo_classifier.features import trust
+    from small_photo_classifier.features.serve import inference
+    from small_photo_classifier.pipeline import discovery, scan
+    from small_photo_classifier.workflow.use import trusted
     model, info, units, task, reference, tta = predictor
     fitted = trust.Unfamiliar.from_json(info["unfamiliar"])
     frame = scan.filter_bad_images(discovery.discover_unlabelled(folder),

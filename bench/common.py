@@ -67,16 +67,16 @@ def cached_photos(data_dir: str, weights: str, image_size: int, cache_dir: str,
     ``backbone_name``: as ``--backbone`` (a file brings its own weights)."""
     sys.path.insert(0, ROOT)
     import tempfile
-    from features import backbone, precision, task as task_lib
-    from features.store import cache
-    from features.weights import weights_identity
-    from pipeline import discovery, scan
+    from small_photo_classifier.features import backbone, precision, task as task_lib
+    from small_photo_classifier.features.store import cache
+    from small_photo_classifier.features.weights import weights_identity
+    from small_photo_classifier.pipeline import discovery, scan
     precision.resolve_and_apply("auto")  # the policy the features are computed in
     ds = discovery.discover(data_dir)
     frame = scan.filter_bad_images(ds.frame, image_size, "skip",
                                    os.path.join(tempfile.mkdtemp(), "bad.csv"))
     task = task_lib.Task(ds.kind, ds.class_names)
-    from features import networks
+    from small_photo_classifier.features import networks
     choice = networks.check_choice(backbone_name)
     weights = "imagenet" if choice.is_file else weights
     clf = backbone.build_classifier(weights, False, image_size, 0, units=task.units,

@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     import tensorflow as tf
-    from pipeline import demo
+    from small_photo_classifier.pipeline import demo
     rng = np.random.default_rng(args.seed)
     for subset, count in (("train", args.train), ("test", args.test)):
         folder = os.path.join(args.out, subset)

@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workflow.base import console  # noqa: E402
+from small_photo_classifier.workflow.base import console  # noqa: E402
 
 console.quiet_tensorflow()
 
@@ -33,8 +33,8 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def features(backbone_name: str, weights: str):
     """GAP features of every shared photo and its group (species, hym_ants, hym_bees)."""
-    from features import backbone
-    from pipeline import input as input_lib
+    from small_photo_classifier.features import backbone
+    from small_photo_classifier.pipeline import input as input_lib
     paths, groups = [], []
     for d in sorted(glob.glob(os.path.join(DATA, "flowers12", "train", "*"))):
         for p in sorted(glob.glob(d + "/*")):
@@ -45,7 +45,7 @@ def features(backbone_name: str, weights: str):
             if not p.endswith(".gif"):
                 paths.append(p)
                 groups.append("hym_" + d)
-    from features.store import extract
+    from small_photo_classifier.features.store import extract
     clf = backbone.build_classifier(weights=weights, include_top=False, backbone=backbone_name)
     run = extract.extractor(clf, [clf.net.feature_layer])  # compiled: never an eager trunk
     out = [np.asarray(run(b["image"])[clf.net.feature_layer]).mean(axis=(1, 2))
@@ -83,7 +83,7 @@ def _draw(x, groups, species, known, seed) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.preprocessing import StandardScaler
-    from features import trust
+    from small_photo_classifier.features import trust
     rng = np.random.default_rng(seed)
     tr, ho = [], []
     for c in known:
@@ -114,7 +114,7 @@ def _rule(fit, rule, d_oof, ho, others) -> tuple:
     """(AUROC held-out known vs each of ``others``, share of held-out known flagged) of
     one (k, distance weight)."""
     from sklearn.metrics import roc_auc_score
-    from features import trust
+    from small_photo_classifier.features import trust
     (k, w), u_oof = rule, fit["u_oof"]
     fitted = trust.fit_unfamiliar(d_oof, u_oof, 0.05, "oof", k)
     fitted = type(fitted)(**{**fitted.__dict__, "distance_weight": w or 1.0})

@@ -134,9 +134,9 @@ def trusted_run(root, size: int = 32, extra_info=None):
     calibration, an unfamiliar score and reference features, as the export writes them:
     the reference from 16 red and blue photos, the threshold from 8 others. Returns the
     run folder (``root``) and the photos' folder."""
-    from features import backbone, trust, trust_layers
-    from features.serve import inference
-    from pipeline import input as input_lib
+    from small_photo_classifier.features import backbone, trust, trust_layers
+    from small_photo_classifier.features.serve import inference
+    from small_photo_classifier.pipeline import input as input_lib
     clf = backbone.build_classifier("none", include_top=False, image_size=size, seed=0,
                                     backbone="vgg16")
     photos = root / "photos"
@@ -164,7 +164,7 @@ def trusted_run(root, size: int = 32, extra_info=None):
 def predict_in_process(run, data, out, **flags):
     """predict.py's job on ``data`` with the run in ``run``, in this process (float32, one
     device, unreadable images skipped); ``flags`` override any other setting."""
-    from workflow.use import predicting
+    from small_photo_classifier.workflow.use import predicting
     cfg = predicting.PredictRun(
         workdir=str(run), data_dir=str(data), output=str(out), on_bad_image="skip",
         precision="float32", batch_size=4, strategy="none", cpu_replicas=1, ray_address=None,

@@ -14,8 +14,8 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from features.choose import cv, honest  # noqa: E402
-from pipeline import split  # noqa: E402
+from small_photo_classifier.features.choose import cv, honest  # noqa: E402
+from small_photo_classifier.pipeline import split  # noqa: E402
 
 
 def _record(kind: str, pure: bool, grouped: bool) -> None:

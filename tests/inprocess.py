@@ -14,21 +14,21 @@ import traceback
 
 
 def _train(fv) -> None:
-    from workflow.base import config, console, demo_settings
+    from small_photo_classifier.workflow.base import config, console, demo_settings
     cfg = config.train_config(fv, list(fv))
     if cfg.data.demo:
         print(demo_settings.describe(fv))
     dataset = None if cfg.data.demo else config.discover(cfg.data, cfg.cache)
     console.load_tensorflow()
-    from workflow.train import stages
+    from small_photo_classifier.workflow.train import stages
     stages.run(cfg, dataset)
 
 
 def _predict(fv) -> None:
-    from features import distribute
-    from workflow.base import console
-    from workflow.use import predicting
-    from workflow.use.predicting import PredictRun
+    from small_photo_classifier.features import distribute
+    from small_photo_classifier.workflow.base import console
+    from small_photo_classifier.workflow.use import predicting
+    from small_photo_classifier.workflow.use.predicting import PredictRun
     cfg = PredictRun.from_flags(fv)
     prepared = predicting.prepare(cfg)
     console.load_tensorflow()
@@ -42,7 +42,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     --cpu_replicas (which must split the CPU before TensorFlow starts)."""
     import keras
     from absl import flags as absl_flags
-    from workflow.base import console, flags as flag_defs
+    from small_photo_classifier.workflow.base import console, flags as flag_defs
     assert script in ("train.py", "predict.py"), script
     assert not any(a.startswith("--cpu_replicas") for a in args), "needs a fresh process"
     fv = absl_flags.FlagValues()

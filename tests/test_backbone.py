@@ -5,8 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from features import backbone, networks, scenarios, weights
-from pipeline.errors import ConfigError
+from small_photo_classifier.features import backbone, networks, scenarios, weights
+from small_photo_classifier.pipeline.errors import ConfigError
 
 SIZE = 32
 

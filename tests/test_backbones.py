@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import backbone, networks, scenarios
-from features.store import cache as cache_lib
-from pipeline.errors import ConfigError
+from small_photo_classifier.features import backbone, networks, scenarios
+from small_photo_classifier.features.store import cache as cache_lib
+from small_photo_classifier.pipeline.errors import ConfigError
 from tests.inprocess import run
-from workflow.train import backbones
-from workflow.use import deploy
+from small_photo_classifier.workflow.train import backbones
+from small_photo_classifier.workflow.use import deploy
 
 SIZE = 32
 
@@ -238,8 +238,8 @@ def test_auto_takes_the_best_cv_within_the_cost_bound_and_a_costlier_one_only_on
     """Within COST_BOUND x the cheapest's cost the best CV score wins, ties to the cheaper;
     beyond it a candidate must beat that choice beyond noise on out-of-fold predictions."""
     import types
-    from features import task as task_lib
-    from features.choose import cv as cv_lib
+    from small_photo_classifier.features import task as task_lib
+    from small_photo_classifier.features.choose import cv as cv_lib
     rng = np.random.default_rng(0)
     y = np.array([0, 1] * 60)
     folds = cv_lib.make_folds(y, 5, 0)
@@ -268,8 +268,8 @@ def test_undoing_the_mean_centring_works_under_a_bfloat16_policy():
     CaffeToRGB layer; adding float32 means to them stopped the run (issue 29's bf16
     check)."""
     import tensorflow as tf
-    from features import zoo
-    from pipeline import ops
+    from small_photo_classifier.features import zoo
+    from small_photo_classifier.pipeline import ops
     layer = zoo.CaffeToRGB(dtype="mixed_bfloat16")
     centred = ops.vgg_mean_centre_image(tf.fill((1, 2, 2, 3), 128.0))
     out = layer(centred)
@@ -281,7 +281,7 @@ def test_each_backbone_runs_at_its_trained_size_unless_told(tiny_file, tmp_path)
     """The size a network was trained at is its default input size: a named network's
     (efficientnetv2s: 384), a file's fixed input shape; a file that accepts any size is
     named with @SIZE or gets 224 with a reason that says so; --image_size overrides."""
-    from workflow.base import config
+    from small_photo_classifier.workflow.base import config
     assert networks.check_choice("vgg16").trained_size()[0] == 224
     assert networks.check_choice("EfficientNetV2S").trained_size() == (
         384, "efficientnetv2s was trained at 384 px")

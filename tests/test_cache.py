@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from features import backbone, networks, task as task_lib
-from features.store import cache, extract, h5file as store
-from features.choose import cv
-from features.fit import heads
-from features.fit.settings import FitSettings
-from features.fit.loop import restore, snapshot
-from pipeline import augment, discovery, input as input_lib, ops
-from pipeline.errors import DataError
+from small_photo_classifier.features import backbone, networks, task as task_lib
+from small_photo_classifier.features.store import cache, extract, h5file as store
+from small_photo_classifier.features.choose import cv
+from small_photo_classifier.features.fit import heads
+from small_photo_classifier.features.fit.settings import FitSettings
+from small_photo_classifier.features.fit.loop import restore, snapshot
+from small_photo_classifier.pipeline import augment, discovery, input as input_lib, ops
+from small_photo_classifier.pipeline.errors import DataError
 from tests.conftest import colour_image, write_image
 
 # Extraction in batches of 4, no progress bar: the tests' way of filling a cache.

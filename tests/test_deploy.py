@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import backbone
-from features.serve import inference
-from pipeline.errors import ConfigError, DataError
-from workflow.base import config, values
-from workflow.use import deploy, runtimes
+from small_photo_classifier.features import backbone
+from small_photo_classifier.features.serve import inference
+from small_photo_classifier.pipeline.errors import ConfigError, DataError
+from small_photo_classifier.workflow.base import config, values
+from small_photo_classifier.workflow.use import deploy, runtimes
 
 SIZE = 32
 

@@ -5,8 +5,8 @@ import os
 import pandas as pd
 import pytest
 
-from pipeline import discovery, split
-from pipeline.errors import ConfigError, DataError
+from small_photo_classifier.pipeline import discovery, split
+from small_photo_classifier.pipeline.errors import ConfigError, DataError
 from tests.conftest import write_image
 
 
@@ -117,7 +117,7 @@ def test_split_count_keeps_the_datas_shares_and_is_reproducible():
     assert list(again.name) == list(val.name)  # input order does not matter
     _, other = split.split_train_val(frame, 200, seed=4)
     assert list(other.name) != list(val.name)
-    from workflow.base import config
+    from small_photo_classifier.workflow.base import config
     balanced = config.parse_val_size("100+100")
     assert balanced == split.Balanced(100, 2) and str(balanced) == "100+100"
     _, even = split.split_train_val(frame, balanced, seed=3)
@@ -148,7 +148,7 @@ def test_split_count_falls_back_to_proportional_when_a_class_is_small():
 def test_split_rejects_sizes_that_leave_too_little():
     with pytest.raises(ConfigError, match="val_size"):
         split.split_train_val(_frame(10, 10), 15, seed=0)
-    from workflow.base import config
+    from small_photo_classifier.workflow.base import config
     with pytest.raises(ConfigError):
         config.parse_val_size("-3")
     assert config.parse_val_size("200") == 200

@@ -14,14 +14,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from features import backbone, networks
-from features.fit import checkpoint, finetune
-from features.serve import inference
-from features.fit.settings import FinetuneSettings
-from features import task as task_lib
-from pipeline import augment, discovery
-from pipeline import split as split_lib
-from pipeline import input as input_lib
+from small_photo_classifier.features import backbone, networks
+from small_photo_classifier.features.fit import checkpoint, finetune
+from small_photo_classifier.features.serve import inference
+from small_photo_classifier.features.fit.settings import FinetuneSettings
+from small_photo_classifier.features import task as task_lib
+from small_photo_classifier.pipeline import augment, discovery
+from small_photo_classifier.pipeline import split as split_lib
+from small_photo_classifier.pipeline import input as input_lib
 from tests.conftest import said, write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,8 +162,8 @@ def test_held_out_outputs_from_cached_features_equal_the_whole_network(split, tm
     """The export validates its models (single, bag, probe; 1 or 2 views) from the cached
     features of the validation images instead of running them through the frozen layers
     again: the outputs must equal the whole network's, view for view."""
-    from features.choose import bag as bag_lib
-    from features.store import cache as cache_lib
+    from small_photo_classifier.features.choose import bag as bag_lib
+    from small_photo_classifier.features.store import cache as cache_lib
     train, _ = split
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
                                     backbone="vgg16")
@@ -173,7 +173,7 @@ def test_held_out_outputs_from_cached_features_equal_the_whole_network(split, tm
     paths, names_ = train.path.tolist(), train.name.tolist()
     held = inference.HeldOut(clf, paths, SIZE, 4, cached={k: np.asarray(v)
                                                            for k, v in feats.items()})
-    from features.store import extract
+    from small_photo_classifier.features.store import extract
     calls, extractor = [], extract.extractor  # every pass through the frozen layers
 
     def spy(classifier, layers):
@@ -225,7 +225,7 @@ def test_tta_views_are_deterministic_and_first_is_identity():
     np.testing.assert_array_equal(views[1], x[:, :, ::-1])
     with pytest.raises(Exception, match="--tta"):
         inference.check_tta(9)
-    from workflow.base import config
+    from small_photo_classifier.workflow.base import config
     with pytest.raises(Exception, match="--tta"):
         config.parse_tta(0)
 
@@ -252,8 +252,8 @@ def test_labels_scoring_matches_sklearn(tmp_path):
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("name,invasive\n" + "".join(f"{n},{l}\n" for n, l in zip(names, labels)))
     png = str(tmp_path / "roc.png")
-    from workflow.views import plots
-    from workflow.use import predicting
+    from small_photo_classifier.workflow.views import plots
+    from small_photo_classifier.workflow.use import predicting
     scores = predicting.score_against_labels(names, probs, str(csv_path), BINARY)
     assert scores["auc"] == pytest.approx(roc_auc_score(labels, probs))
     assert scores["accuracy"] == pytest.approx(np.mean((probs >= 0.5) == np.array(labels)))
@@ -294,7 +294,7 @@ def test_round_trip_through_the_scripts(kaggle_dir, tmp_path):
         assert (workdir / "heads" / tuned / name).is_file() and \
             not (workdir / "heads" / name).exists(), name
     # Every file the run wrote is one the README's table names, and the console listed it.
-    from workflow.base import run_files
+    from small_photo_classifier.workflow.base import run_files
     listed = result.stdout[result.stdout.index("Outputs in"):]
     for entry in sorted(os.listdir(workdir)):
         assert run_files.role(entry), f"{entry}: not in workflow/base/run_files.py"
@@ -428,7 +428,7 @@ def check_report(path, metrics: dict) -> int:
     an embedded PNG, and every number equals the JSON it names. Returns the image count."""
     import base64
     from html.parser import HTMLParser
-    from workflow.views import html as page_parts
+    from small_photo_classifier.workflow.views import html as page_parts
 
     class Page(HTMLParser):
         def __init__(self):
@@ -503,7 +503,7 @@ def test_train_bad_flags_are_one_clear_paragraph_before_tensorflow(kaggle_dir, n
 @pytest.mark.parametrize("depth", [1, 40])
 def test_error_paragraphs_break_lines_between_words_only(depth):
     """However long a temporary path, it is never cut: it can be copied from the terminal."""
-    from workflow.base import console
+    from small_photo_classifier.workflow.base import console
     path = "/tmp/" + "/".join(["pytest-of-root-0"] * depth) + "/train_labels.csv"
     message = f"--workdir={path} is a file, not a run folder: " + "pick another one " * 12
     lines = console._paragraphs(message).splitlines()

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import task as task_lib
-from features.choose import cv, honest
-from pipeline import groups, split
-from pipeline.errors import ConfigError, DataError
+from small_photo_classifier.features import task as task_lib
+from small_photo_classifier.features.choose import cv, honest
+from small_photo_classifier.pipeline import groups, split
+from small_photo_classifier.pipeline.errors import ConfigError, DataError
 from tests.conftest import colour_image, write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,7 +177,7 @@ def test_every_split_and_fold_of_a_run_keeps_groups_whole(tmp_path):
 
 
 def test_near_duplicates_joined_transitively():
-    from workflow.train import near_groups
+    from small_photo_classifier.workflow.train import near_groups
     names = np.array(["e", "a", "b", "c", "d", "f"])
     # e~a, a~b: one group named by its first photo in name order; c~d; f alone.
     assert near_groups._components(names, [(0, 1, 0.99), (1, 2, 0.97), (3, 4, 0.96)]) == \
@@ -189,8 +189,8 @@ def test_near_duplicates_become_groups_of_the_split_and_folds(tmp_path, monkeypa
     into groups and the split and folds are made again around them; the features and the
     threshold are stand-ins here (near-duplicates need pretrained weights)."""
     from absl import flags as absl_flags
-    from workflow.base import config, flags
-    from workflow.train import job as job_lib, near_groups
+    from small_photo_classifier.workflow.base import config, flags
+    from small_photo_classifier.workflow.train import job as job_lib, near_groups
     data = _grouped_kaggle(tmp_path / "data", n_groups=16, copies=3)
     fv = absl_flags.FlagValues()
     flags.define_train(fv)
@@ -231,7 +231,7 @@ def test_near_duplicates_become_groups_of_the_split_and_folds(tmp_path, monkeypa
 def test_comparisons_resample_whole_groups():
     """Ten copies of each of 30 photos are 30 pieces of evidence: the cluster bootstrap's
     interval is the one of the 30 photos, wider than the one that counts 300."""
-    from features.choose import evidence
+    from small_photo_classifier.features.choose import evidence
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 30)
     candidate = np.clip(y * 0.3 + rng.uniform(0, 0.7, 30), 0, 1)
@@ -250,8 +250,8 @@ def test_comparisons_resample_whole_groups():
 def test_calibration_cross_validates_whole_groups(monkeypatch):
     """The binary map's choice (temperature or Platt) and the cross-fitted 'after' fit
     each map on whole groups: copies of a photo never on both sides of a fold."""
-    from features import trust
-    from workflow.train import trusting
+    from small_photo_classifier.features import trust
+    from small_photo_classifier.workflow.train import trusting
     rng = np.random.default_rng(0)
     subjects, copies = 40, 5
     group = np.repeat(np.arange(subjects), copies)

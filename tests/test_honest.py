@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import discovery
+from small_photo_classifier.pipeline import discovery
 from tests.conftest import colour_image, predict_in_process, write_image
 
 SIZE = 32
@@ -17,8 +17,8 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def binary_run(tmp_path_factory):
     """An exported ants/bees model (random weights; in-process, no training needed)."""
-    from features import backbone
-    from features.serve import inference
+    from small_photo_classifier.features import backbone
+    from small_photo_classifier.features.serve import inference
     root = tmp_path_factory.mktemp("honest_run")
     clf = backbone.build_classifier("none", include_top=False, image_size=SIZE, seed=0,
                                     backbone="vgg16")
@@ -76,7 +76,7 @@ def test_kept_bad_rows_are_empty_with_a_status(binary_run, photos_with_a_broken_
 
 
 def test_binary_column_names_the_positive_class_unless_a_csv_names_it(binary_run, tmp_path):
-    from workflow.base import outputs
+    from small_photo_classifier.workflow.base import outputs
     folder = tmp_path / "two"
     for i in range(2):
         write_image(str(folder / f"q{i}.jpg"), colour_image(i, size=SIZE, seed=i))
@@ -100,8 +100,8 @@ def test_kaggle_layout_records_its_labels_column(kaggle_dir, tmp_path):
 
 def test_predict_frame_gives_unreadable_rows_no_number(binary_run, photos_with_a_broken_one,
                                                        tmp_path):
-    from features.serve import inference
-    from pipeline import scan
+    from small_photo_classifier.features.serve import inference
+    from small_photo_classifier.pipeline import scan
     frame = discovery.discover_unlabelled(str(photos_with_a_broken_one))
     frame = scan.filter_bad_images(frame, SIZE, "skip", str(tmp_path / "bad.csv"),
                                    keep_rows=True)
@@ -116,8 +116,8 @@ def test_predict_frame_gives_unreadable_rows_no_number(binary_run, photos_with_a
 def _choice(head_oof, probe_oof, probe_baseline):
     """The heads stage's choice on out-of-fold predictions of 40 images in 2 folds."""
     from types import SimpleNamespace
-    from features import task as task_lib
-    from workflow.train import heads_choice
+    from small_photo_classifier.features import task as task_lib
+    from small_photo_classifier.workflow.train import heads_choice
     y = np.tile([0, 1], 20)
     folds = [(np.arange(20, 40), np.arange(20)), (np.arange(20), np.arange(20, 40))]
     job = SimpleNamespace(task=task_lib.binary(), y_train=y, folds=folds, seed=0,
@@ -163,7 +163,7 @@ def test_the_probe_is_kept_unless_a_scenario_beats_it_beyond_noise():
 def test_scoring_says_when_the_model_was_trained_on_the_scored_images(
         binary_run, photos_with_a_broken_one, tmp_path, capsys):
     import pandas as pd
-    from workflow.use import predicting
+    from small_photo_classifier.workflow.use import predicting
     photos = sorted(str(p) for p in photos_with_a_broken_one.glob("p*.jpg"))
     run = tmp_path / "run"
     run.mkdir()
@@ -189,9 +189,9 @@ def test_fine_tuning_that_cannot_change_the_export_is_skipped_and_said(tmp_path)
     """An epoch is kept only when it beats the head on the monitored score: a head that
     already scores 1 cannot be beaten, so no epoch (nor a cached view) is spent on it."""
     from types import SimpleNamespace
-    from features import task as task_lib
-    from workflow.train import export
-    from workflow.base import state as state_lib
+    from small_photo_classifier.features import task as task_lib
+    from small_photo_classifier.workflow.train import export
+    from small_photo_classifier.workflow.base import state as state_lib
     state_lib.update(str(tmp_path), heads={"A": state_lib.HeadState(3, val_score=1.0),
                                            "B": state_lib.HeadState(3, val_score=0.99)})
     job = SimpleNamespace(task=task_lib.binary(), run=SimpleNamespace(path=str(tmp_path)),

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.data import audit, curve, selection
-from features.choose import cv
-from features import task as task_lib
+from small_photo_classifier.features.data import audit, curve, selection
+from small_photo_classifier.features.choose import cv
+from small_photo_classifier.features import task as task_lib
 from tests.conftest import colour_image, said, write_image
 
 BINARY = task_lib.binary()
@@ -48,7 +48,7 @@ def test_forecast_recovers_a_clean_law_and_refuses_noise():
 def test_degenerate_scores_give_answers_without_warnings():
     # Tiny data: a fold that cannot score an epoch, a constant learning curve, a bootstrap
     # group without an AUC. The answers stay defined; nothing is printed about them.
-    from features.choose import cv, evidence
+    from small_photo_classifier.features.choose import cv, evidence
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")

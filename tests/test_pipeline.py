@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-from pipeline import augment, input as input_lib, ops, scan
+from small_photo_classifier.pipeline import augment, input as input_lib, ops, scan
 from tests.conftest import colour_image, write_image
 
 

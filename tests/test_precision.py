@@ -7,14 +7,14 @@ import keras
 import numpy as np
 import pytest
 
-from features import backbone, networks, precision
-from features.store import cache
-from features.fit import checkpoint, finetune, heads
-from features.serve import inference
-from features.fit.settings import FinetuneSettings, FitSettings
-from features import task as task_lib
-from pipeline import discovery, split
-from pipeline.errors import ConfigError
+from small_photo_classifier.features import backbone, networks, precision
+from small_photo_classifier.features.store import cache
+from small_photo_classifier.features.fit import checkpoint, finetune, heads
+from small_photo_classifier.features.serve import inference
+from small_photo_classifier.features.fit.settings import FinetuneSettings, FitSettings
+from small_photo_classifier.features import task as task_lib
+from small_photo_classifier.pipeline import discovery, split
+from small_photo_classifier.pipeline.errors import ConfigError
 from tests.conftest import class_folders
 
 # Extraction in batches of 4, no progress bar: the tests' way of filling a cache.

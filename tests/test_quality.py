@@ -8,16 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import backbone, networks, scenarios
-from features.choose import bag, cv, probe, sweep
-from features.store import cache, rows
-from features.fit import finetune, heads
-from features.fit.settings import FinetuneSettings, FitSettings
-from features import task as task_lib
-from features.fit.loop import restore, snapshot
-from pipeline import discovery, split
-from pipeline import input as input_lib
-from pipeline.errors import ConfigError
+from small_photo_classifier.features import backbone, networks, scenarios
+from small_photo_classifier.features.choose import bag, cv, probe, sweep
+from small_photo_classifier.features.store import cache, rows
+from small_photo_classifier.features.fit import finetune, heads
+from small_photo_classifier.features.fit.settings import FinetuneSettings, FitSettings
+from small_photo_classifier.features import task as task_lib
+from small_photo_classifier.features.fit.loop import restore, snapshot
+from small_photo_classifier.pipeline import discovery, split
+from small_photo_classifier.pipeline import input as input_lib
+from small_photo_classifier.pipeline.errors import ConfigError
 from tests.conftest import class_folders
 from tests.inprocess import run as _run
 
@@ -57,7 +57,7 @@ def test_scenario_table_rates_and_an_explicit_rate_wins():
 
 
 def test_val_size_auto_is_200_for_large_data_and_a_fifth_for_small():
-    from workflow.train.job import resolve_val_size
+    from small_photo_classifier.workflow.train.job import resolve_val_size
     assert resolve_val_size("auto", 2295) == 200
     assert resolve_val_size("auto", 244) == 0.2
     assert resolve_val_size("50", 244) == 50
@@ -171,7 +171,7 @@ def test_probe_separates_separable_features_and_not_random_labels():
 
 def test_row_space_keeps_every_inner_product_and_fits_like_the_raw_features():
     # Wide and rank-deficient, as flattened feature maps of a few hundred photos.
-    from features.choose import linear
+    from small_photo_classifier.features.choose import linear
     rng = np.random.default_rng(3)
     x = rng.normal(size=(24, 300))
     x[12:] = x[:12] * 2.0  # half the rows repeat: rank 12
@@ -443,7 +443,7 @@ def test_sweep_then_use_sweep_through_the_flags(kaggle_dir, tmp_path):
 
 
 def test_top_losses_are_the_errors_with_the_largest_loss_first():
-    from workflow.views import interpret
+    from small_photo_classifier.workflow.views import interpret
     labels = np.array([1, 1, 0, 0, 1, 0])
     probs = np.array([0.9, 0.05, 0.8, 0.1, 0.4, 0.99])
     # errors: index 1 (true 1, P .05), 2 (true 0, P .8), 4 (true 1, P .4), 5 (true 0, P .99)
@@ -515,7 +515,7 @@ def test_with_tensorboard_off_no_logs_are_written(kaggle_dir, tmp_path):
 def test_config_is_typed_frozen_and_demo_defaults_never_touch_the_flags(tmp_path):
     import dataclasses as dc
     from absl import flags as absl_flags
-    from workflow.base import config, flags
+    from small_photo_classifier.workflow.base import config, flags
     fv = absl_flags.FlagValues()
     flags.define_train(fv)
     fv(["train.py", "--demo", "--epochs=2", f"--data_dir={tmp_path}"])
@@ -544,7 +544,7 @@ def test_config_is_typed_frozen_and_demo_defaults_never_touch_the_flags(tmp_path
 
 
 def test_evidence_needs_a_margin_beyond_noise():
-    from features.choose import evidence
+    from small_photo_classifier.features.choose import evidence
     rng = np.random.default_rng(0)
     y = np.arange(60) % 2
     good = np.clip(y * 0.6 + rng.random(60) * 0.4, 0, 1)        # separates the classes
@@ -586,10 +586,10 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, h
     fine-tuning; its expected score is the one measured before, on validation images
     that chose nothing of it."""
     from absl import flags as absl_flags
-    from features.fit import loop as training
-    from workflow.base import config, flags
-    from workflow.train import stages
-    from workflow.train import final_fit
+    from small_photo_classifier.features.fit import loop as training
+    from small_photo_classifier.workflow.base import config, flags
+    from small_photo_classifier.workflow.train import stages
+    from small_photo_classifier.workflow.train import final_fit
     seen, refitting = [], []
     real_fit, real_fixed = training.HeadTrainer.fit, finetune.fit_fixed
     real_refit = final_fit.refit
@@ -646,7 +646,7 @@ def test_refit_trains_on_every_labelled_row(kaggle_dir, tmp_path, monkeypatch, h
 
 
 def test_bootstrap_auc_weighs_images_as_drawing_them_would():
-    from features.choose import evidence
+    from small_photo_classifier.features.choose import evidence
     from sklearn.metrics import roc_auc_score
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 40)

@@ -18,9 +18,9 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from features import networks
-from pipeline import discovery, input as input_lib, ops, scan
-from pipeline.errors import DataError
+from small_photo_classifier.features import networks
+from small_photo_classifier.pipeline import discovery, input as input_lib, ops, scan
+from small_photo_classifier.pipeline.errors import DataError
 from tests.conftest import checkpoint_epoch, write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,8 +162,8 @@ def test_fuzz_labels_csv_either_parses_cleanly_or_raises_data_error(tmp_path_fac
                 max_size=8))
 def test_fuzz_any_labels_csv_parses_consistently_or_is_a_clear_error(tmp_path_factory, header,
                                                                       rows):
-    from pipeline import labels
-    from pipeline.errors import ConfigError
+    from small_photo_classifier.pipeline import labels
+    from small_photo_classifier.pipeline.errors import ConfigError
     path = tmp_path_factory.mktemp("fuzzany") / "labels.csv"
     path.write_text(",".join(header) + "\n" + "".join(
         f"n{i}," + ",".join(r[:len(header) - 1]) + "\n" for i, r in enumerate(rows)))
@@ -327,9 +327,9 @@ def test_killed_or_interrupted_at_every_stage_then_the_rerun_resumes(kill_data, 
 _EXTRACT = """
 import sys, json
 sys.path.insert(0, {root!r})
-from features import backbone
-from features.store import cache
-from pipeline import discovery
+from small_photo_classifier.features import backbone
+from small_photo_classifier.features.store import cache
+from small_photo_classifier.pipeline import discovery
 ds = discovery.discover({data!r})
 clf = backbone.build_classifier("none", False, 64, 0, backbone="vgg16")
 spec = cache.CacheSpec("none(seed=0)", False, 64, "float16",
@@ -354,7 +354,7 @@ def test_two_runs_sharing_a_cache_dir_do_not_corrupt_it(kill_data, tmp_path):
     with h5py.File(results[0]["path"]) as f:
         assert int(f.attrs["rows_done"]) == 48
     # Everything in it passes its checksum.
-    from features.store import cache
+    from small_photo_classifier.features.store import cache
     spec = cache.CacheSpec("none(seed=0)", False, 64, "float16",
                            str(kill_data), net=networks.VGG16)
     frame = discovery.discover(str(kill_data)).frame
@@ -363,8 +363,8 @@ def test_two_runs_sharing_a_cache_dir_do_not_corrupt_it(kill_data, tmp_path):
 
 
 def test_skipped_test_image_gets_no_number(kaggle_dir, tmp_path):
-    from features import backbone
-    from features.serve import inference
+    from small_photo_classifier.features import backbone
+    from small_photo_classifier.features.serve import inference
     (kaggle_dir / "test" / "3.jpg").write_bytes(b"")
     frame = discovery.discover_unlabelled(str(kaggle_dir))
     frame = scan.filter_bad_images(frame, 32, "skip", str(tmp_path / "bad.csv"), keep_rows=True)

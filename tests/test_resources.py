@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 
-from features import networks
-from pipeline import diskspace
+from small_photo_classifier.features import networks
+from small_photo_classifier.pipeline import diskspace
 from tests.conftest import said
 from tests.test_finetune_predict import ROOT
 from tests.test_reliability import _popen
-from features.store import cache
+from small_photo_classifier.features.store import cache
 
 # Extraction in batches of 4, no progress bar: the tests' way of filling a cache.
 QUIET = cache.Extraction(4, progress=False)
@@ -66,11 +66,11 @@ def test_disk_full_is_recognised_from_oserror_and_from_hdf5_text():
 
 _EXTRACT_ON_SMALL_DISK = r"""
 import errno, json, os, sys
-from pipeline import diskspace
-from workflow.base import console as cli
-from features import backbone
-from features.store import cache
-from pipeline import discovery
+from small_photo_classifier.pipeline import diskspace
+from small_photo_classifier.workflow.base import console as cli
+from small_photo_classifier.features import backbone
+from small_photo_classifier.features.store import cache
+from small_photo_classifier.pipeline import discovery
 cache_dir, real, guard = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
 if not guard:
     diskspace.ensure_room = lambda *a, **k: None   # let the HDF5 write itself fail
@@ -129,9 +129,9 @@ def test_cache_on_a_full_disk_ends_cleanly_and_resumes(small_fs, kill_data, tmp_
     # On a 1 MB disk the guard stops before the first batch (nothing to resume from); a
     # write that failed keeps every batch flushed before it, and the rerun reuses them.
     assert committed == 0 if guard else committed > 0
-    from features import backbone
-    from features.store import cache
-    from pipeline import discovery
+    from small_photo_classifier.features import backbone
+    from small_photo_classifier.features.store import cache
+    from small_photo_classifier.pipeline import discovery
     ds = discovery.discover(str(kill_data))
     spec = cache.CacheSpec("none(seed=0)", False, 64, data_dir=ds.data_dir, net=networks.VGG16)
     result = cache.ensure_features(backbone.build_classifier("none", False, 64, 0,
@@ -143,8 +143,8 @@ def test_cache_on_a_full_disk_ends_cleanly_and_resumes(small_fs, kill_data, tmp_
 _WRITERS = r"""
 import errno, json, os, sys, glob
 import numpy as np, pandas as pd
-from pipeline import diskspace
-from pipeline.atomic import atomic_write_text
+from small_photo_classifier.pipeline import diskspace
+from small_photo_classifier.pipeline.atomic import atomic_write_text
 folder, real = sys.argv[1], sys.argv[2] == "1"
 if real:  # fill the file system to the last byte
     with open(os.path.join(folder, "filler"), "wb") as f:
@@ -162,11 +162,11 @@ else:  # no size-limited file system here: a file-size limit makes the first big
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (its font cache is written before the limit)
     matplotlib.font_manager.findfont("DejaVu Sans")
-from features import backbone
-from features.fit import checkpoint, finetune
-from features.serve import inference
-from workflow.base import outputs
-from workflow.views import plots
+from small_photo_classifier.features import backbone
+from small_photo_classifier.features.fit import checkpoint, finetune
+from small_photo_classifier.features.serve import inference
+from small_photo_classifier.workflow.base import outputs
+from small_photo_classifier.workflow.views import plots
 
 clf = backbone.build_classifier("none", False, 32, 0, backbone="vgg16")
 clf.model.compile(optimizer="adam", loss="binary_crossentropy")
@@ -229,12 +229,12 @@ def test_every_writer_fails_cleanly_on_a_full_disk(small_fs, tmp_path):
 
 @pytest.mark.slow
 def test_streamed_heads_equal_in_memory_heads(tmp_path):
-    from features import backbone, task
-    from features.store import cache, rows
-    from features.choose import cv, probe
-    from features.fit import heads
-    from features.fit.settings import FitSettings
-    from pipeline import discovery, split
+    from small_photo_classifier.features import backbone, task
+    from small_photo_classifier.features.store import cache, rows
+    from small_photo_classifier.features.choose import cv, probe
+    from small_photo_classifier.features.fit import heads
+    from small_photo_classifier.features.fit.settings import FitSettings
+    from small_photo_classifier.pipeline import discovery, split
     from tests.conftest import colour_image, write_image
     for i in range(16):
         write_image(str(tmp_path / "data" / ("pos" if i % 2 else "neg") / f"img{i}.jpg"),
@@ -272,7 +272,7 @@ def test_streamed_heads_equal_in_memory_heads(tmp_path):
 
 
 def test_h5rows_reads_rows_in_the_order_asked(tmp_path):
-    from features.store.rows import H5Rows
+    from small_photo_classifier.features.store.rows import H5Rows
     path = str(tmp_path / "f.h5")
     with h5py.File(path, "w") as f:
         f["a"] = np.arange(20, dtype=np.float32).reshape(10, 2)
@@ -293,7 +293,7 @@ def test_h5rows_reads_rows_in_the_order_asked(tmp_path):
 def test_an_interrupt_wrapped_by_c_code_is_still_an_interrupt(capsys, kind, status, words):
     # A signal handler that raises while numpy's C code runs comes out as SystemError
     # ("returned a result with an exception set") caused by the interrupt (seen in CI).
-    from workflow.base import console
+    from small_photo_classifier.workflow.base import console
     interrupt = console.Terminated if kind == "Terminated" else KeyboardInterrupt
 
     class Raises:
@@ -318,7 +318,7 @@ def test_an_interrupt_re_raised_from_none_is_still_an_interrupt(capsys, monkeypa
                                                                  status, words):
     # TensorFlow's error handler re-raises the SystemError `from None` (seen in CI): the
     # interrupt is gone from the chain, but the process did receive the signal.
-    from workflow.base import console
+    from small_photo_classifier.workflow.base import console
     monkeypatch.setattr(console, "_RECEIVED", [])
     with pytest.raises(SystemExit) as stop:
         with console.user_errors():
@@ -332,7 +332,7 @@ def test_an_interrupt_re_raised_from_none_is_still_an_interrupt(capsys, monkeypa
 
 
 def test_atomic_link_names_one_file_twice_and_leaves_nothing_behind(tmp_path, monkeypatch):
-    from pipeline.atomic import atomic_link
+    from small_photo_classifier.pipeline.atomic import atomic_link
     src, dst = tmp_path / "heads" / "B.keras", tmp_path / "bag.keras"
     src.parent.mkdir()
     src.write_bytes(b"members")
@@ -354,7 +354,7 @@ def test_atomic_link_names_one_file_twice_and_leaves_nothing_behind(tmp_path, mo
 
 def test_each_stage_records_its_own_time_and_peak_memory():
     import time
-    from workflow.base import clock as clock_lib
+    from small_photo_classifier.workflow.base import clock as clock_lib
     clock = clock_lib.StageClock()
     with clock.stage(clock_lib.TOTAL):
         with clock.stage("small"):
@@ -375,7 +375,7 @@ def test_each_stage_records_its_own_time_and_peak_memory():
     assert list(record["timings"]) == ["small", "large", "small again", "total"]
     # metrics.json sorts its keys; the report shows the stages in the order they ran.
     assert record["stage_order"] == ["small", "large", "small again", "total"]
-    from workflow.views import report
+    from small_photo_classifier.workflow.views import report
     stored = json.loads(json.dumps(record, sort_keys=True))
     page = report._timings_section(stored)
     assert [page.index(f">{k}<") for k in record["stage_order"]] == sorted(

@@ -7,9 +7,9 @@ import json
 import re
 import types
 
-from workflow.base import outputs, run_files, state as state_lib
-from workflow.train import no_effect
-from workflow.views import report, summary
+from small_photo_classifier.workflow.base import outputs, run_files, state as state_lib
+from small_photo_classifier.workflow.train import no_effect
+from small_photo_classifier.workflow.views import report, summary
 
 
 def _job(tmp_path, folds=((0,), (1,))):

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import backbone, distribute, networks
-from features.store import cache
-from features.serve import inference, ray_engine
-from pipeline import discovery
-from pipeline.errors import ConfigError
+from small_photo_classifier.features import backbone, distribute, networks
+from small_photo_classifier.features.store import cache
+from small_photo_classifier.features.serve import inference, ray_engine
+from small_photo_classifier.pipeline import discovery
+from small_photo_classifier.pipeline.errors import ConfigError
 from tests.conftest import class_folders, checkpoint_epoch
 from tests.test_reliability import _kill_when, _popen
 from tests.test_finetune_predict import ROOT, _run
@@ -38,8 +38,9 @@ def test_strategy_names_and_late_cpu_split_are_clear_errors():
 
 @pytest.mark.slow
 def test_without_ray_address_ray_is_never_imported():
-    code = ("import sys; import features.store.cache, features.serve.inference, "
-            "features.serve.ray_engine; "
+    code = ("import sys; import small_photo_classifier.features.store.cache, "
+            "small_photo_classifier.features.serve.inference, "
+            "small_photo_classifier.features.serve.ray_engine; "
             "import train; assert 'ray' not in sys.modules, 'ray imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -147,13 +148,13 @@ _UNEVEN = """
 import sys, json
 import numpy as np
 sys.path.insert(0, {root!r})
-from features import distribute
+from small_photo_classifier.features import distribute
 distribute.split_cpu(3)
 import tensorflow as tf
-from features import backbone
-from features.store import cache
-from features.serve import inference
-from pipeline import discovery
+from small_photo_classifier.features import backbone
+from small_photo_classifier.features.store import cache
+from small_photo_classifier.features.serve import inference
+from small_photo_classifier.pipeline import discovery
 
 # Extraction in batches of 4, no progress bar: the tests' way of filling a cache.
 QUIET = cache.Extraction(4, progress=False)

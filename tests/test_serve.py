@@ -46,7 +46,7 @@ def _lists(run, photos):
 def served(tmp_path_factory):
     """A run folder with a model, a label queue, and the app on it (no token)."""
     from tests.conftest import trusted_run
-    from workflow.use import server_app, serving
+    from small_photo_classifier.workflow.use import server_app, serving
     run, photos = trusted_run(tmp_path_factory.mktemp("served"), SIZE, {"layout": "kaggle"})
     _lists(run, photos)
     predictor = serving.Predictor(str(run))
@@ -56,7 +56,7 @@ def served(tmp_path_factory):
 def _client(served, **settings):
     """A test client of the app on the served run, as a browser on the same machine
     reaches it (http://127.0.0.1:8000/); ``settings``: `serving.ServeConfig` fields."""
-    from workflow.use import serving
+    from small_photo_classifier.workflow.use import serving
     run, _, predictor, server_app = served
     return TestClient(server_app.create_app(str(run), serving.ServeConfig(**settings),
                                             predictor=predictor),
@@ -98,7 +98,7 @@ def test_predict_api_gives_predict_py_probabilities(served, tmp_path):
     assert [r["name"] for r in rows] == names
     assert all(list(r["probabilities"]) == ["ants", "bees"] for r in rows)
     # predict.py on the same files.
-    from workflow.use import predicting
+    from small_photo_classifier.workflow.use import predicting
     folder = tmp_path / "five"
     folder.mkdir()
     for n in names:
@@ -154,8 +154,8 @@ def test_an_image_symlinked_out_of_the_data_folder_is_not_served(served, tmp_pat
 def test_an_empty_queue_says_what_is_true_of_this_run(tmp_path):
     """A run whose audit found no suspect label is not told to 'train with CV'; one
     without an audit is; neither claims a label_next that did not run."""
-    from features.task import Task
-    from workflow.use import serving
+    from small_photo_classifier.features.task import Task
+    from small_photo_classifier.workflow.use import serving
     task = Task("binary", ("ants", "bees"))
     (tmp_path / "metrics.json").write_text(json.dumps({"label_audit": {
         "suspect_labels": 0, "by": "linear probe, out-of-fold", "duplicate_pairs": 0}}))
@@ -206,7 +206,7 @@ def test_labels_are_written_at_once_replaced_undone_and_exported(served):
 
 
 def test_class_folder_runs_get_the_moves_that_apply_the_labels(served, tmp_path):
-    from workflow.use import serving
+    from small_photo_classifier.workflow.use import serving
     run, photos, predictor, _ = served
     queue = serving.Queue(str(run), predictor.task)
     rows = {"new0": {"name": "new0", "label": "bees", "source": "label_next", "time": "t"}}
@@ -221,7 +221,7 @@ def test_class_folder_runs_get_the_moves_that_apply_the_labels(served, tmp_path)
 
 
 def test_off_loopback_every_request_needs_the_token(served):
-    from workflow.use import serving
+    from small_photo_classifier.workflow.use import serving
     assert serving.check_host("127.0.0.1", None) is None
     generated = serving.check_host("0.0.0.0", None)
     assert generated and len(generated) >= 24
@@ -374,8 +374,8 @@ def test_health_says_calibrated_only_when_a_map_is_applied_and_names_no_local_pa
     walkthrough: /api/health said calibrated for such a run); a backbone file is named,
     not located."""
     import types
-    from features.task import Task
-    from workflow.use import serving
+    from small_photo_classifier.features.task import Task
+    from small_photo_classifier.workflow.use import serving
 
     def health(calibration, backbone="/home/someone/nets/lite0.keras"):
         fake = types.SimpleNamespace(

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pipeline.errors import ConfigError
-from workflow.base import state
+from small_photo_classifier.pipeline.errors import ConfigError
+from small_photo_classifier.workflow.base import state
 
 
 def test_each_stage_writes_its_part_and_the_rest_is_kept(tmp_path):

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from sklearn import metrics as sk_metrics
 
-from features.choose import cv
-from features import task as task_lib
-from pipeline import discovery, labels, split
-from pipeline.errors import ConfigError, DataError
+from small_photo_classifier.features.choose import cv
+from small_photo_classifier.features import task as task_lib
+from small_photo_classifier.pipeline import discovery, labels, split
+from small_photo_classifier.pipeline.errors import ConfigError, DataError
 from tests.conftest import class_image, said, write_image
 
 SIZE = 32

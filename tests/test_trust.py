@@ -10,8 +10,8 @@ import pytest
 from scipy.special import softmax
 from sklearn.metrics import roc_auc_score
 
-from features import trust
-from pipeline.errors import ConfigError
+from small_photo_classifier.features import trust
+from small_photo_classifier.pipeline.errors import ConfigError
 from tests.conftest import colour_image, predict_in_process, write_image
 
 SIZE = 32
@@ -107,8 +107,8 @@ def test_distance_ignores_near_copies_and_fold_distances_leave_the_fold_out():
 
 
 def test_thresholds_for_a_purpose_meet_their_target_on_the_held_out_predictions():
-    from workflow.train import trusting
-    from workflow.base.config import parse_threshold
+    from small_photo_classifier.workflow.train import trusting
+    from small_photo_classifier.workflow.base.config import parse_threshold
     rng = np.random.default_rng(5)
     y = rng.integers(0, 2, 600)
     p = np.clip(y * 0.3 + rng.random(600) * 0.7, 0, 1)
@@ -132,7 +132,7 @@ def test_the_graph_layers_compute_what_numpy_computes(policy):
     in float32 whatever the global policy (mixed_bfloat16 is the default on AVX512-BF16
     CPUs; forced here so that this runs on every CPU)."""
     import keras
-    from features import trust_layers
+    from small_photo_classifier.features import trust_layers
     keras.mixed_precision.set_global_policy(policy)  # put back by restore_global_state
     rng = np.random.default_rng(6)
     multiclass = softmax(rng.normal(0, 2, (40, 3)), axis=1)
@@ -188,9 +188,9 @@ def mixed_photos(tmp_path):
 
 def test_predict_writes_calibrated_probabilities_and_the_unfamiliar_columns(
         trusted_run, mixed_photos, tmp_path, capsys):
-    from features import trust_layers
-    from features.serve import inference
-    from pipeline import input as input_lib
+    from small_photo_classifier.features import trust_layers
+    from small_photo_classifier.features.serve import inference
+    from small_photo_classifier.pipeline import input as input_lib
     out = tmp_path / "pred.csv"
     predict_in_process(trusted_run, mixed_photos, out)
     rows = _rows(out)
@@ -342,7 +342,7 @@ def test_too_few_held_out_images_export_without_calibration_and_say_so():
     """No out-of-fold predictions and 3 validation images: nothing is fitted, the export
     goes on as before calibration existed, and metrics.json says why."""
     import types
-    from workflow.train import trusting
+    from small_photo_classifier.workflow.train import trusting
     job = types.SimpleNamespace(
         task=types.SimpleNamespace(kind="binary"), folds=None, val=[0, 1, 2],
         run=types.SimpleNamespace(file=lambda *p: "/nonexistent"))
@@ -357,7 +357,7 @@ def test_the_prior_shift_is_bayes_rule_and_the_graph_computes_it_too():
     p * field/training, renormalised (Saerens et al. 2002), in NumPy and in the graph;
     the unshifted probabilities (what the unfamiliar score measures) stay available."""
     import keras
-    from features import trust_layers
+    from small_photo_classifier.features import trust_layers
     rng = np.random.default_rng(0)
     # Binary: training 50/50, field 20 % positive.
     p = rng.uniform(0.01, 0.99, 50)
@@ -399,9 +399,9 @@ def test_em_estimates_the_class_shares_of_the_photos_given():
 
 
 def test_prior_flags_are_checked_and_read_against_the_classes():
-    from features.task import Task
-    from pipeline.errors import ConfigError
-    from workflow.base import prior
+    from small_photo_classifier.features.task import Task
+    from small_photo_classifier.pipeline.errors import ConfigError
+    from small_photo_classifier.workflow.base import prior
     binary = Task("binary", ("ants", "bees"))
     np.testing.assert_allclose(prior.field_shares("bees:0.2", binary), [0.8, 0.2])
     np.testing.assert_allclose(prior.field_shares("ants:0.2", binary), [0.2, 0.8])

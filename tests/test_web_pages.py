@@ -23,7 +23,7 @@ HOSTILE_FILE = 'odd"name<b>'
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from tests.conftest import trusted_run
-    from workflow.use import server_app, serving
+    from small_photo_classifier.workflow.use import server_app, serving
     run, photos = trusted_run(tmp_path_factory.mktemp("pages"), SIZE, {"layout": "kaggle"})
     _lists(run, photos)
     return run, photos, serving.Predictor(str(run)), server_app
@@ -75,7 +75,7 @@ def test_data_reaches_the_pages_through_the_dom_only():
     """No page script puts a string into HTML (innerHTML, outerHTML, insertAdjacentHTML,
     document.write): every string from the data goes through textContent or an attribute
     set by the DOM."""
-    from workflow.use import serving
+    from small_photo_classifier.workflow.use import serving
     for name in ("label.js", "predict.js"):
         text = open(os.path.join(serving.PAGES, name), encoding="utf-8").read()
         for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
@@ -109,7 +109,7 @@ def test_a_file_over_the_limit_stops_the_upload_while_it_streams():
     one chunk past the limit, whatever follows."""
     import asyncio
     from starlette.datastructures import Headers
-    from workflow.use import server_app, serving
+    from small_photo_classifier.workflow.use import server_app, serving
     read = []
 
     async def body():
@@ -150,7 +150,7 @@ def test_busy_decoding_is_503_with_retry_after(served, monkeypatch):
     """At most the slots' photos decode at once across every request; a photo that waits
     longer than the server allows gets its request a 503 and Retry-After, never a 5xx of
     exhaustion."""
-    from workflow.use import serving
+    from small_photo_classifier.workflow.use import serving
     slots = serving.DecodeSlots(1, wait_s=0.3)
     monkeypatch.setattr(serving.DecodeSlots, "for_config", classmethod(lambda cls, c: slots))
     client = _client(served)
@@ -164,7 +164,7 @@ def test_busy_decoding_is_503_with_retry_after(served, monkeypatch):
 
 
 def test_decode_slots_are_sized_from_the_limits_and_the_machine():
-    from workflow.use import serving
+    from small_photo_classifier.workflow.use import serving
     default = serving.DecodeSlots.for_config(serving.ServeConfig())
     assert 1 <= default.slots <= (os.cpu_count() or 1)
     # 3 bytes a pixel + the file: 100 MP and 20 MB is 320 MB; 1 GB holds 3.
@@ -177,7 +177,7 @@ def test_decode_slots_are_sized_from_the_limits_and_the_machine():
 # ------------------------------------------------------------------ checks that fail closed
 
 def test_the_size_checks_fail_closed_and_read_at_most_the_header(tmp_path, monkeypatch):
-    from pipeline import scan
+    from small_photo_classifier.pipeline import scan
     headless = tmp_path / "headless.jpg"
     headless.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 5000)
     assert "does not give its size" in scan.check_image(str(headless))
@@ -211,7 +211,7 @@ def test_the_size_checks_fail_closed_and_read_at_most_the_header(tmp_path, monke
 # ------------------------------------------------------------------ the token
 
 def test_a_valid_token_anywhere_is_enough_and_its_cookie_is_the_ports(served):
-    from workflow.use import server_app
+    from small_photo_classifier.workflow.use import server_app
     client = _client(served, token="s3cret", port=8123)
     cookie = server_app.cookie_name(8123)
     assert cookie == "serve_token_8123"

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient  # the test extra installs the serve e
 def served(tmp_path_factory):
     """A run folder with a model and a label queue, and a loaded predictor."""
     from tests.conftest import trusted_run
-    from workflow.use import server_app, serving
+    from small_photo_classifier.workflow.use import server_app, serving
     run, photos = trusted_run(tmp_path_factory.mktemp("safe"), SIZE, {"layout": "kaggle"})
     _lists(run, photos)
     return run, photos, serving.Predictor(str(run)), server_app
@@ -148,7 +148,7 @@ def test_requests_from_pages_of_other_sites_change_nothing(served, caplog):
 
 
 def test_an_error_inside_a_handler_is_a_500_without_its_text(served, caplog):
-    from workflow.use import serving, server_app
+    from small_photo_classifier.workflow.use import serving, server_app
     run, _, predictor, _ = served
 
     class Broken:
@@ -176,7 +176,7 @@ def test_a_request_body_over_the_limit_is_413_before_it_is_read(served):
 # ------------------------------------------------------------------ photos too large
 
 def test_the_pixel_count_is_read_from_the_header_before_any_decoding(bomb, tmp_path):
-    from pipeline import scan
+    from small_photo_classifier.pipeline import scan
     with open(bomb, "rb") as f:
         assert scan.dimensions(f.read(64)) == (20000, 20000)
     photo = write_image(str(tmp_path / "big.jpg"), np.zeros((300, 500, 3), np.uint8))

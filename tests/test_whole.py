@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import task as task_lib
-from features.choose import honest
+from small_photo_classifier.features import task as task_lib
+from small_photo_classifier.features.choose import honest
 from tests.conftest import write_image
 from tests.inprocess import run
 
@@ -104,7 +104,7 @@ def test_cross_fitting_takes_each_part_from_an_epoch_the_others_chose():
 
 def test_the_frozen_model_is_kept_when_nothing_could_beat_it_beyond_noise():
     from types import SimpleNamespace
-    from workflow.train import whole
+    from small_photo_classifier.workflow.train import whole
     task = task_lib.binary()
     y = np.tile([0, 1], 20)
     net = SimpleNamespace(stem=SimpleNamespace(weights=[]), last=SimpleNamespace(weights=[]),

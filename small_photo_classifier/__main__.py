@@ -1,0 +1,6 @@
+"""``python -m small_photo_classifier <command> [--flags]``: the same as the installed
+``small-photo-classifier`` command."""
+
+from small_photo_classifier import cli
+
+cli.main()
