@@ -13,9 +13,6 @@ from the same world whatever ran before it, fixtures included.
 """
 
 import os
-import random
-
-import numpy as np
 import pytest
 
 # pytest writes this one itself around every test phase.
@@ -23,20 +20,14 @@ _PYTEST_OWN = ("PYTEST_CURRENT_TEST",)
 
 
 def snapshot() -> dict:
-    """Everything global that tests or the tool's code are known to change."""
-    import keras
+    """Everything global that tests or the tool's code are known to change: what the
+    Python API puts back itself (`process_state`), the environment and absl's FLAGS."""
     from absl import flags
-    from keras.src.backend.common import global_state as keras_state
-    from tensorflow.python.eager import context
+    from small_photo_classifier.workflow.base import process_state
+    # Logging handlers and sys.stdout are pytest's own between tests (capture, caplog).
     return {
-        "dtype_policy": keras.mixed_precision.global_policy().name,
-        "keras_config": (keras.config.floatx(), keras.config.epsilon(),
-                         keras.config.image_data_format()),
-        "python_random": random.getstate(),
-        "numpy_random": np.random.get_state(),
-        "tf_seed": context.global_seed(),
-        "keras_seed": (keras_state.get_global_attribute("global_random_seed"),
-                       keras_state.get_global_attribute("global_seed_generator")),
+        **{k: v for k, v in process_state.snapshot().items()
+           if k not in ("logging", "streams")},
         "environ": {k: v for k, v in os.environ.items() if k not in _PYTEST_OWN},
         "absl_flags": {name: flags.FLAGS[name].value for name in flags.FLAGS},
     }
@@ -44,40 +35,16 @@ def snapshot() -> dict:
 
 def differences(before: dict, after: dict) -> list:
     """The names of the parts of two snapshots that differ."""
-    def same(a, b):
-        if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
-            return all(same(x, y) for x, y in zip(a, b))
-        if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-            return np.array_equal(a, b)
-        return a is b or a == b
-    return [key for key in before if not same(before[key], after[key])]
+    from small_photo_classifier.workflow.base import process_state
+    return process_state.differences(before, after)
 
 
 def restore(saved: dict) -> None:
     """Puts back every part of ``saved`` (a `snapshot`) that differs from now."""
-    import keras
-    import tensorflow as tf
     from absl import flags
-    from keras.src.backend.common import global_state as keras_state
-    now = snapshot()
-    changed = differences(saved, now)
-    if "dtype_policy" in changed:
-        keras.mixed_precision.set_global_policy(saved["dtype_policy"])
-    if "keras_config" in changed:
-        floatx, epsilon, data_format = saved["keras_config"]
-        keras.config.set_floatx(floatx)
-        keras.config.set_epsilon(epsilon)
-        keras.config.set_image_data_format(data_format)
-    if "python_random" in changed:
-        random.setstate(saved["python_random"])
-    if "numpy_random" in changed:
-        np.random.set_state(saved["numpy_random"])
-    if "tf_seed" in changed:
-        tf.random.set_seed(saved["tf_seed"])
-    if "keras_seed" in changed:
-        seed, generator = saved["keras_seed"]
-        keras_state.set_global_attribute("global_random_seed", seed)
-        keras_state.set_global_attribute("global_seed_generator", generator)
+    from small_photo_classifier.workflow.base import process_state
+    process_state.restore(saved)
+    changed = differences(saved, snapshot())
     if "environ" in changed:
         for key in [k for k in os.environ if k not in saved["environ"]
                     and k not in _PYTEST_OWN]:

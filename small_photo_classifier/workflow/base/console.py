@@ -190,6 +190,14 @@ class _ShortFormatter(logging.Formatter):
 _STATE = {}
 
 
+def end_transcript() -> None:
+    """Closes the run's log file and forgets it (the next run in this process, e.g. a
+    second `train()` in a notebook, starts its own)."""
+    transcript = _STATE.pop("transcript", None)
+    if transcript is not None and transcript.file is not None:
+        transcript.file.close()
+
+
 def _transcript() -> _Transcript:
     if "transcript" not in _STATE:
         _STATE["transcript"] = _Transcript()
@@ -200,9 +208,10 @@ def _transcript() -> _Transcript:
     return _STATE["transcript"]
 
 
-def setup_logging() -> None:
+def setup_logging(stream=None) -> None:
     """INFO and above reach the terminal as short lines; the run's log file gets every
-    terminal line (prints too) plus the detail, with absl's full prefixes."""
+    terminal line (prints too) plus the detail, with absl's full prefixes. ``stream``:
+    where the short lines go (default the process's stderr; a notebook's cell output)."""
     from absl import logging as absl_logging
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -213,7 +222,8 @@ def setup_logging() -> None:
     DETAIL.setLevel(logging.INFO)
     root.removeHandler(absl_logging.get_absl_handler())
     transcript = _transcript()
-    terminal = logging.StreamHandler(sys.__stderr__)  # not the tee: the file has the long form
+    # Not the tee: the file has the long form.
+    terminal = logging.StreamHandler(stream or sys.__stderr__)
     terminal.setFormatter(_ShortFormatter())
     terminal.addFilter(_OurInfo())
     root.addHandler(terminal)

@@ -199,6 +199,12 @@ def resolve_folds(heads: HeadsConfig, task: Task, y_train, n_val: int, seed: int
     return cv_lib.make_folds(y_train, k, seed, task, groups)
 
 
+def run_folder_of(workdir: Optional[str], data_dir: str) -> str:
+    """The run folder: ``--workdir``, else ``runs/<the data folder's name>``."""
+    return workdir or os.path.join(
+        "runs", os.path.basename(os.path.abspath(data_dir).rstrip(os.sep)))
+
+
 def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: CacheConfig,
             runtime: RuntimeConfig, flag_values: dict, dataset=None) -> Job:
     """Discovers and checks the data (unless ``dataset`` is given: `discover` ran before
@@ -207,8 +213,7 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
     task = Task(dataset.kind, dataset.class_names)
     logging.info("Task: %s (%s; --task to override).", task.describe(),
                  "as asked" if data.task else "detected from the data")
-    workdir = runtime.workdir or os.path.join(
-        "runs", os.path.basename(os.path.abspath(dataset.data_dir).rstrip(os.sep)))
+    workdir = run_folder_of(runtime.workdir, dataset.data_dir)
     fresh = not os.path.isdir(workdir)
     run = RunFolder(workdir)
     console.log_to_file(run.file("train.log"))

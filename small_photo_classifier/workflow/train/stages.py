@@ -14,13 +14,13 @@ from typing import Optional
 
 import numpy as np
 
-from small_photo_classifier.features import trust
 from small_photo_classifier.features.choose import bag as bag_lib, probe, sweep
 from small_photo_classifier.features.fit import heads as heads_lib
 from small_photo_classifier.features.serve import inference
 from small_photo_classifier.pipeline import discovery, labels, progress, scan
 from small_photo_classifier.workflow.base import console, state as state_lib
 from small_photo_classifier.workflow.train import export, labelling, near_groups
+from small_photo_classifier.workflow.use import loaded
 from small_photo_classifier.workflow.views import interpret, plots, summary
 from small_photo_classifier.workflow.train import heads_choice, no_effect, trusting
 from small_photo_classifier.workflow.train.export import PROBE
@@ -218,14 +218,12 @@ def predict_test(job: Job, runtime: RuntimeConfig, demo: bool = False) -> None:
     test = scan.filter_bad_images(test, job.model.image_size, "skip",
                                   job.run.file("bad_test_images.csv"), keep_rows=True,
                                   max_pixels=job.max_pixels)
-    export = state_lib.load(job.run.path).export or state_lib.ExportState(inference.MODEL_FILE)
-    model, info = inference.load_exported(job.run.path, bag=export.default == inference.BAG_FILE,
-                                          policy=job.precision.policy)
-    outputs = inference.predict_frame(model, test, job.model.image_size, runtime.batch_size,
-                                      export.tta)
+    # The run folder as predict.py loads it: the default model or bag, its TTA, its
+    # calibration (`workflow.use.loaded`), so submission.csv holds predict.py's numbers.
+    run = loaded.load(job.run.path, precision=job.precision.policy, unfamiliar=False)
+    outputs = run.predict_frame(test, runtime.batch_size)
     good = ~test.bad.to_numpy(bool)
-    probs = trust.Calibration.from_json(info.get("calibration")).apply(  # as predict.py
-        job.task.kind, job.task.probabilities(outputs)[good])
+    probs = run.apply(outputs)[0][good]
     test = test[good].reset_index(drop=True)
     write_predictions(
         test.name, probs, job.run.file("submission.csv"), job.task.class_names,
@@ -239,7 +237,7 @@ def predict_test(job: Job, runtime: RuntimeConfig, demo: bool = False) -> None:
         truth = labels.read_labels(hidden, class_order=job.task.class_names,
                                    task=job.task.kind).frame
         y = np.asarray(truth.set_index("name").label.reindex(test.name).tolist())
-        print(f"{export.default} on the demo's {len(test)} "
+        print(f"{run.model_file} on the demo's {len(test)} "
               "synthetic test images (never trained on): "
               f"{summary.scores_line(job.task, job.task.scores(y, probs))}")
 

@@ -14,7 +14,7 @@ from small_photo_classifier.pipeline import limits
 from small_photo_classifier.pipeline.errors import ConfigError, DataError
 from small_photo_classifier.workflow.base import config as config_lib
 from small_photo_classifier.workflow.base import prior as prior_lib
-from small_photo_classifier.workflow.use import trusted
+from small_photo_classifier.workflow.use import loaded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,43 +218,31 @@ def prepare(cfg: PredictRun) -> Prepared:
 def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     """Loads the model, predicts every readable image in order, writes the CSV (and
     scores)."""
-    from small_photo_classifier.features.serve import inference
-    from small_photo_classifier.features import precision
     from small_photo_classifier.pipeline import progress, scan
     from small_photo_classifier.workflow.base import console
     prepared = prepared or prepare(cfg)
     stem = os.path.splitext(cfg.output)[0]
     console.log_to_file(stem + ".log")  # beside the output: what this prediction did
-    chosen = precision.resolve_and_apply(cfg.precision)
     info, task, truth = prepared.info, prepared.task, prepared.truth
     frame = scan.filter_bad_images(prepared.frame, int(info["image_size"]), cfg.on_bad_image,
                                    stem + "_bad_images.csv", keep_rows=True,
                                    max_pixels=cfg.max_pixels)
-    has_bag = os.path.isfile(os.path.join(cfg.workdir, inference.BAG_FILE))
-    wanted = cfg.bag if cfg.bag is not None else info.get("default_model", "bag") == "bag"
-    use_bag = wanted and has_bag
-    tta = config_lib.parse_tta(cfg.tta)
-    tta = int(info.get("tta", 1)) if tta == "auto" else tta
-    reference = None if cfg.ray_address else trusted.load_reference(cfg.workdir, info)
-    model, info, units = inference.load_predictor(cfg.workdir, use_bag, chosen.policy,
-                                                  reference is not None)
-    if int(model.output.shape[-1]) == units:
-        reference = None  # an old whole-network bag: no features to score with
-    image_size = int(info["image_size"])
+    run = loaded.load(cfg.workdir, cfg.bag, config_lib.parse_tta(cfg.tta), cfg.precision,
+                      unfamiliar=not cfg.ray_address)
+    info = run.info
     logging.info("Predicting %d images with %s (%s, %d px, tta=%d, %s).",
-                 int((~frame.bad).sum()), inference.BAG_FILE if use_bag else inference.MODEL_FILE,
-                 task.describe(), image_size, tta, chosen.policy)
+                 int((~frame.bad).sum()), run.model_file, task.describe(), run.image_size,
+                 run.tta, run.policy)
     progress.report("predict", f"predict again ({cfg.output} is only written once every "
                                "row is done)")
-    outputs = _outputs(cfg, model, frame, image_size, tta, use_bag, chosen.policy)
+    outputs = _outputs(cfg, run, frame)
     if cfg.prior:
-        info = _with_prior(cfg.prior, task, info, outputs, units)
-    probs, unfamiliar = trusted.apply(task, info, outputs, units, reference)
+        info = _with_prior(cfg.prior, task, info, outputs, run.units)
+    probs, unfamiliar = run.apply(outputs, info)
     if unfamiliar is None:
         print(_why_untrusted(cfg, info))
     written = write_output(frame, probs, cfg, task, info, unfamiliar)
-    used = (f"bag of {info.get('bag', {}).get('members', '?')} models" if use_bag
-            else "one model") + f", tta={tta}"
+    used = run.describe()
     _say_written(cfg, frame, task, written, used, unfamiliar)
     if truth is None:
         return None
@@ -262,8 +250,7 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     if unfamiliar is not None:
         frame = frame.assign(unfamiliar=unfamiliar["flagged"])
     return _score(cfg, frame[good].reset_index(drop=True), probs[good], truth[good], task,
-                  info, stem, f"{inference.BAG_FILE if use_bag else inference.MODEL_FILE} "
-                              f"(tta={tta})")
+                  info, stem, f"{run.model_file} (tta={run.tta})")
 
 
 def _say_written(cfg: PredictRun, frame, task: Task, written: int, used: str,
@@ -300,21 +287,19 @@ def _with_prior(text: str, task: Task, info: dict, outputs, units: int) -> dict:
                       "source": f"predict.py --prior={text}"}}
 
 
-def _outputs(cfg: PredictRun, model, frame, image_size: int, tta: int, use_bag: bool,
-             policy: str):
+def _outputs(cfg: PredictRun, run, frame):
     """The network's outputs per row of ``frame`` (NaN rows for unreadable images), here
     or on Ray workers with --ray_address."""
-    from small_photo_classifier.features.serve import inference
     engine = None
     if cfg.ray_address:
-        from small_photo_classifier.features.serve import (ray_engine)  # only with --ray_address: Ray is optional
+        # Only with --ray_address: Ray is optional.
+        from small_photo_classifier.features.serve import ray_engine
         engine = ray_engine.RayEngine(cfg.ray_address, cfg.ray_workers,
-                                      precision=policy).start()
+                                      precision=run.policy).start()
     try:
-        remote = (ray_engine.RemoteModel(engine, cfg.workdir, use_bag) if engine is not None
-                  else None)
-        return inference.predict_frame(model, frame, image_size, cfg.batch_size, tta,
-                                       remote=remote)
+        remote = (ray_engine.RemoteModel(engine, cfg.workdir, run.use_bag)
+                  if engine is not None else None)
+        return run.predict_frame(frame, cfg.batch_size, remote=remote)
     finally:
         if engine is not None:
             engine.stop()

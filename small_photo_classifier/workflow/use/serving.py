@@ -111,23 +111,13 @@ class Predictor:
     """The run's default model, loaded once; `predict` is what predict.py computes."""
 
     def __init__(self, workdir: str, batch_size: int = 16):
-        from small_photo_classifier.features import precision
-        from small_photo_classifier.features.serve import inference
-        from small_photo_classifier.pipeline import run_info
-        from small_photo_classifier.workflow.use import trusted
+        from small_photo_classifier.workflow.use import loaded
         self.workdir, self.batch_size = workdir, batch_size
-        info = run_info.read_info(workdir)
-        self.task = Task.of_model(info)
-        self.policy = precision.resolve_and_apply("auto").policy
-        self.use_bag = info.get("default_model", "bag") == "bag" and os.path.isfile(
-            os.path.join(workdir, inference.BAG_FILE))
-        self.reference = trusted.load_reference(workdir, info)
-        self.model, self.info, self.units = inference.load_predictor(
-            workdir, self.use_bag, self.policy, self.reference is not None)
-        if int(self.model.output.shape[-1]) == self.units:
-            self.reference = None
-        self.tta = int(self.info.get("tta", 1))
-        self.image_size = int(self.info["image_size"])
+        self.run = loaded.load(workdir)  # what predict.py loads: the same numbers
+        self.task, self.info, self.units = self.run.task, self.run.info, self.run.units
+        self.model, self.reference = self.run.model, self.run.reference
+        self.use_bag, self.tta, self.image_size = (self.run.use_bag, self.run.tta,
+                                                   self.run.image_size)
         # Requests that arrive while a batch is computed wait here and go through the
         # network together: one pipeline and one call for all of them, each request's
         # rows handed back to it (answers never mix: each job keeps its own rows).
@@ -156,7 +146,6 @@ class Predictor:
         """(probabilities, unfamiliar or None) of images through the eval path
         (`prepare_uploads`), as predict.py gives for their files; safe to call from many
         threads at once (their images are batched together)."""
-        from small_photo_classifier.workflow.use import trusted
         job = {"images": images, "done": threading.Event()}
         with self.ready:
             self.waiting.append(job)
@@ -164,12 +153,11 @@ class Predictor:
         job["done"].wait()
         if "error" in job:
             raise job["error"]
-        return trusted.apply(self.task, self.info, job["outputs"], self.units, self.reference)
+        return self.run.apply(job["outputs"])
 
     def _serve_batches(self, most: int = 64) -> None:
         """The one thread that runs the model: takes every waiting request (up to
         ``most`` images), predicts them in one pass, hands each its own rows."""
-        from small_photo_classifier.features.serve import inference
         while True:
             with self.ready:
                 while not self.waiting:
@@ -180,9 +168,8 @@ class Predictor:
                     jobs.append(self.waiting.pop(0))
                     count += len(jobs[-1]["images"])
             try:
-                out = inference.predict_images(
-                    self.model, np.concatenate([job["images"] for job in jobs]),
-                    self.batch_size, self.tta)
+                out = self.run.predict_images(np.concatenate([job["images"] for job in jobs]),
+                                              self.batch_size)
                 start = 0
                 for job in jobs:
                     job["outputs"] = out[start:start + len(job["images"])]
