@@ -90,6 +90,11 @@ def test_export_script_writes_and_checks_a_format_quietly(run_folder):
     check_console(result, (run_folder / "export.log").read_text())
     recorded = json.loads((run_folder / "metrics.json").read_text())["exports"]
     assert recorded["onnx"]["max_abs_dp"] < 1e-4
+    # Progress before the silent conversion, and the report's exports section.
+    assert "export 1/1: onnx: converting to model.onnx" in result.stdout
+    page = (run_folder / "report.html").read_text()
+    assert "Deployment formats" in page and "model.onnx" in page
+    assert "python export.py --workdir=" in page  # the command to export again
 
 
 def _convnext_like(path):

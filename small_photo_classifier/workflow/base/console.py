@@ -232,11 +232,12 @@ def setup_logging(stream=None) -> None:
         sys.stderr = _Tee(sys.stderr, transcript)
 
 
-def command_line() -> str:
-    """This process's command as it can be pasted into a shell."""
+def command_line(default: str = "train.py") -> str:
+    """This process's command as it can be pasted into a shell (``default``: the script
+    named when the process was not started as one, e.g. the Python API)."""
     import shlex
-    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train.py"
-    return " ".join(["python", script if script.endswith(".py") else "train.py",
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else default
+    return " ".join(["python", script if script.endswith(".py") else default,
                      *(shlex.quote(a) for a in sys.argv[1:])])
 
 

@@ -71,6 +71,8 @@ class RunState:
     choice_by: Optional[str] = None
     export: Optional[ExportState] = None
     stages: Dict[str, dict] = dataclasses.field(default_factory=dict)  # later stages' records
+    # The commands report.html ends with, kept for whoever writes it again (export.py).
+    report_commands: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,7 +88,8 @@ class RunState:
             heads={s: HeadState(**h) for s, h in (data.get("heads") or {}).items()},
             choice=data.get("choice"), choice_by=data.get("choice_by"),
             export=ExportState(**data["export"]) if data.get("export") else None,
-            stages=dict(data.get("stages") or {}))
+            stages=dict(data.get("stages") or {}),
+            report_commands=dict(data.get("report_commands") or {}))
 
 
 def load(folder: str) -> RunState:

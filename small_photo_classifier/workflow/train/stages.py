@@ -369,6 +369,7 @@ def _write_report(job: Job, runtime: RuntimeConfig) -> None:
             (trained or console.command_line()) + " --stage=finetune --resume")
     for stage, record in state_lib.load(job.run.path).stages.items():
         commands[f"Run --stage={stage} again"] = record.get("command", "")
+    state_lib.update(job.run.path, report_commands=commands)
     report.write_run_report(job.run.path, commands)
 
 

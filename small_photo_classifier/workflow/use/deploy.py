@@ -247,8 +247,13 @@ def _export_each(exported, jobs_asked, workdir: str, val, task, held_out: bool,
     rng = np.random.default_rng(0)
     representative = val[0][rng.permutation(len(val[0]))[:REPRESENTATIVE_IMAGES]]
     out = {}
-    for fmt, q in jobs:
+    for number, (fmt, q) in enumerate(jobs, 1):
         key = fmt if q == "none" else f"{fmt}_{q}"
+        # A conversion takes from seconds to minutes (ONNX of VGG16: 85 s) and prints
+        # nothing of its own: say what is running, and what is next.
+        print(f"export {number}/{len(jobs)}: {key}: converting to {file_name(fmt, q)}, then "
+              f"checking it in a fresh process on {len(val[1])} validation images "
+              f"(started {time.strftime('%H:%M:%S')})", flush=True)
         try:
             out[key] = _export_one(exported, (fmt, q), workdir, representative,
                                    (val, task, held_out, expected))
@@ -351,6 +356,7 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
               f"the run's {len(y_val)} validation images (split.csv), which the refitted "
               "model.keras was trained on: agreement with model.keras only, no score")
     run.update_metrics("exports", {**results, "input": INPUT, "checked_on": images})
+    _rewrite_report(workdir)
     print(f"Exports checked against predict.py (model.keras, one view) on {images}:")
     for key, r in results.items():
         if "error" in r:
@@ -364,6 +370,15 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
                         f"log file); model.keras and the other formats in {workdir} are "
                         "complete and checked.")
     return results
+
+
+def _rewrite_report(workdir: str) -> None:
+    """report.html again, now with its exports section (the training's commands kept)."""
+    from small_photo_classifier.workflow.base import console
+    from small_photo_classifier.workflow.views import report
+    if os.path.isfile(os.path.join(workdir, "metrics.json")):
+        path = report.write_run_report(workdir, {"Export again": console.command_line("export.py")})
+        print(f"{path}: its exports section now shows these checks")
 
 
 def _print_check(key: str, r: dict, workdir: str, headline: str, held_out: bool) -> None:
