@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from small_photo_classifier.workflow.base.outputs import read_json
-from small_photo_classifier.workflow.views import summary, trust_views
+from small_photo_classifier.workflow.views import export_views, summary, trust_views
 from small_photo_classifier.workflow.views.html import esc, image, number, page, table
 
 REPORT = "report.html"
@@ -206,30 +206,6 @@ def _export_section(metrics: dict) -> str:
     if measured and export.get("refit"):
         out.append(f"<p class=\"note\">The bag was measured with {esc(measured)}.</p>")
     return "".join(out)
-
-
-def _exports_section(metrics: dict) -> str:
-    """The deployment formats (--export, export.py): each file checked against
-    predict.py in a fresh process, or why it failed."""
-    exports = metrics.get("exports", {})
-    formats = {k: v for k, v in exports.items() if isinstance(v, dict)}
-    if not formats:
-        return ""
-    rows = []
-    for key, r in formats.items():
-        if "error" in r:
-            rows.append([esc(key), "failed: no file kept", esc(r["error"]), "", "", ""])
-            continue
-        rows.append([esc(key), esc(r.get("file")), f"{r.get('bytes', 0) / 1e6:.1f} MB",
-                     number(metrics, f"exports/{key}/max_abs_dp", 2),
-                     number(metrics, f"exports/{key}/max_abs_d_unfamiliar", 2)
-                     if "max_abs_d_unfamiliar" in r else "–",
-                     number(metrics, f"exports/{key}/ms_per_image", 1)])
-    return ("<h2>Deployment formats</h2>"
-            f"<p>Each checked against predict.py (model.keras, one view) on "
-            f"{esc(exports.get('checked_on', '?'))}.</p>"
-            + table(["format", "file", "size", "max |dP| vs predict.py",
-                     "max |d unfamiliar_score|", "ms / image (CPU)"], rows))
 
 
 def _whole_section(folder: str, metrics: dict) -> str:
@@ -441,7 +417,8 @@ def write_run_report(folder: str, commands: Optional[Dict[str, str]] = None) -> 
         header, _data_section(folder), _settings_section(folder),
         _backbones_section(folder, metrics), _models_section(folder, metrics, metric),
         _whole_section(folder, metrics), _finetune_section(folder, metrics),
-        _export_section(metrics), _exports_section(metrics), _final_section(folder, metrics),
+        _export_section(metrics), export_views.report_section(metrics),
+        _final_section(folder, metrics),
         trust_views.report_section(folder, metrics), _labels_section(folder, metrics),
         _timings_section(metrics), *_later_sections(folder, metrics),
         _commands_section(commands or {})]))
