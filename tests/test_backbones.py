@@ -1,12 +1,15 @@
 """Backbones other than VGG16: a user's .keras file, keras.applications by name, the
 description every module reads, caches kept apart, and ONNX-safe rewrites."""
 
+import os
+
 import keras
 import numpy as np
 import pandas as pd
 import pytest
 
 from small_photo_classifier.features import backbone, networks, scenarios
+from small_photo_classifier.features.serve import inference
 from small_photo_classifier.features.store import cache as cache_lib
 from small_photo_classifier.pipeline.errors import ConfigError
 from tests.inprocess import run
@@ -323,3 +326,33 @@ def test_a_candidate_that_cannot_be_tried_gets_a_row_and_auto_goes_on(tiny_file,
     assert len(re.findall(r"^W.*not tried: ", log, re.M)) == 2  # one line each in the log
     assert "Traceback" not in result.stderr
     assert "chosen:" in result.stdout and "not tried: " in result.stdout
+
+
+@pytest.mark.slow
+def test_model_keras_loads_in_safe_mode_in_a_fresh_process_after_importing_the_layers(
+        tiny, tmp_path):
+    """The README's promise for model.keras: a plain Python process loads it with
+    safe_mode=True once `small_photo_classifier.keras_layers` is imported (without it,
+    Keras cannot know the tool's own layer, and says so), and gets the same outputs."""
+    import subprocess
+    import sys
+    inference.export_model(tiny.model, str(tmp_path), {"image_size": SIZE, "task": "binary",
+                                                       "class_names": ["0", "1"]})
+    x = np.random.default_rng(1).uniform(-120, 120, (2, SIZE, SIZE, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np, keras\n"
+            "if sys.argv[1] == 'with': import small_photo_classifier.keras_layers\n"
+            f"m = keras.saving.load_model({str(tmp_path / 'model.keras')!r}, safe_mode=True)\n"
+            f"np.save({str(tmp_path / 'y.npy')!r}, np.asarray(m(np.load("
+            f"{str(tmp_path / 'x.npy')!r}))))\n")
+    # This checkout's package (not whichever one is installed), from another folder.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    without = subprocess.run([sys.executable, "-c", code, "without"], capture_output=True,
+                             text=True, cwd=tmp_path, env=env, timeout=300)
+    assert without.returncode != 0 and "CaffeToRGB" in without.stderr
+    loaded = subprocess.run([sys.executable, "-c", code, "with"], capture_output=True,
+                            text=True, cwd=tmp_path, env=env, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(tiny.model(x)),
+                               atol=1e-5)

@@ -22,7 +22,9 @@ FILES: Tuple[Tuple[str, str], ...] = (
     ("run_config.json", "what was asked: every flag value of the run"),
     ("run_state.json", "what each stage decided, for the stages after it"),
     ("metrics.json", "what was measured: every score, time and peak memory"),
-    ("model.keras", "the exported model (safe_mode=True loads it)"),
+    ("model.keras", "the exported model, before calibration (safe_mode=True loads it after "
+                    "import small_photo_classifier.keras_layers; "
+                    "small_photo_classifier.load(RUN) predicts as predict.py)"),
     ("model_info.json", "what prediction needs: size, classes, calibration, thresholds"),
     ("reference_features.npz", "the unfamiliar score's reference features"),
     ("bag.keras", "the bag's fold heads (predict.py averages them with model.keras)"),
