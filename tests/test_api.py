@@ -32,6 +32,8 @@ def test_train_twice_then_predict_in_one_process_leaves_the_users_state(tmp_path
     keras.utils.set_random_seed(1234)
     mine = logging.StreamHandler(sys.stdout)
     logging.getLogger().addHandler(mine)
+    from small_photo_classifier.workflow.base import console
+    script_log = console._transcript()  # as a train.py run in this process leaves it
     try:
         before = _users_state()
         cache = str(tmp_path / "cache")
@@ -47,6 +49,9 @@ def test_train_twice_then_predict_in_one_process_leaves_the_users_state(tmp_path
                           scenarios=["B"])
         assert os.path.isfile(os.path.join(again.workdir, "model.keras"))
         assert _users_state()["policy"] == "mixed_float16"
+        # The API's runs had log files of their own; the one before is untouched.
+        assert console._STATE["transcript"] is script_log and not script_log.ended
+        assert "Done in" in open(os.path.join(run.workdir, "train.log")).read()
     finally:
         logging.getLogger().removeHandler(mine)
 

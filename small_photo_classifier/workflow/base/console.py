@@ -113,9 +113,11 @@ class _Transcript:
     memory until the run folder exists (so the opening lines are in it too)."""
 
     def __init__(self):
-        self.pending, self.file = [], None
+        self.pending, self.file, self.ended = [], None, False
 
     def write(self, text: str) -> None:
+        if self.ended:  # a handler left on a logger by a run that has finished
+            return
         if self.file is None:
             self.pending.append(text)
             return
@@ -190,12 +192,22 @@ class _ShortFormatter(logging.Formatter):
 _STATE = {}
 
 
-def end_transcript() -> None:
-    """Closes the run's log file and forgets it (the next run in this process, e.g. a
-    second `train()` in a notebook, starts its own)."""
-    transcript = _STATE.pop("transcript", None)
-    if transcript is not None and transcript.file is not None:
-        transcript.file.close()
+@contextlib.contextmanager
+def own_transcript():
+    """The block's run gets a log file of its own, closed when the block ends (the Python
+    API: a second `train()` in a notebook starts its own); a transcript this process had
+    before (a script's) is kept as it was."""
+    before = _STATE.pop("transcript", None)
+    try:
+        yield
+    finally:
+        transcript = _STATE.pop("transcript", None)
+        if transcript is not None:
+            if transcript.file is not None:
+                transcript.file.close()
+            transcript.file, transcript.ended = None, True
+        if before is not None:
+            _STATE["transcript"] = before
 
 
 def _transcript() -> _Transcript:
@@ -227,9 +239,11 @@ def setup_logging(stream=None) -> None:
     terminal.setFormatter(_ShortFormatter())
     terminal.addFilter(_OurInfo())
     root.addHandler(terminal)
-    if not isinstance(sys.stdout, _Tee):
-        sys.stdout = _Tee(sys.stdout, transcript)
-        sys.stderr = _Tee(sys.stderr, transcript)
+    # Prints go to this run's transcript (another run's tee in this process is unwrapped).
+    sys.stdout = _Tee(sys.stdout._stream if isinstance(sys.stdout, _Tee) else sys.stdout,
+                      transcript)
+    sys.stderr = _Tee(sys.stderr._stream if isinstance(sys.stderr, _Tee) else sys.stderr,
+                      transcript)
 
 
 def command_line(default: str = "train.py") -> str:

@@ -88,10 +88,10 @@ def restore(saved: dict) -> None:
 def preserved():
     """Runs the block, then puts the process-global state back as it was (and closes
     the run's log file)."""
+    from small_photo_classifier.workflow.base import console
     saved = snapshot()
     try:
-        yield
+        with console.own_transcript():
+            yield
     finally:
-        from small_photo_classifier.workflow.base import console
-        console.end_transcript()
         restore(saved)
