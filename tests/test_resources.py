@@ -320,12 +320,19 @@ def test_an_interrupt_re_raised_from_none_is_still_an_interrupt(capsys, monkeypa
     # interrupt is gone from the chain, but the process did receive the signal.
     from small_photo_classifier.workflow.base import console
     monkeypatch.setattr(console, "_RECEIVED", [])
-    with pytest.raises(SystemExit) as stop:
-        with console.user_errors():
-            try:
-                signal.getsignal(signum)(signum, None)  # what the signal's arrival runs
-            except BaseException:
-                raise SystemError("returned a result with an exception set") from None
+    # Python's own Ctrl-C handler, as a user's terminal has it: a test worker may have
+    # been started with SIGINT ignored or handled (then the tool leaves it alone, and
+    # this test would call that handler instead of the tool's).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            with console.user_errors():
+                try:
+                    signal.getsignal(signum)(signum, None)  # what the signal's arrival runs
+                except BaseException:
+                    raise SystemError("returned a result with an exception set") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stop.value.code == status
     assert words in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is not console._on_sigterm  # put back
