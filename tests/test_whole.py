@@ -69,7 +69,7 @@ def test_the_default_run_exports_the_whole_network_when_frozen_features_are_blin
     metrics = json.load(open(tmp_path / "run" / "metrics.json"))
     assert metrics["probe"]["cv_auc_mean"] < 0.75  # frozen features: near chance
     whole = metrics["whole_network"]
-    assert whole["tried"] and whole["decision"]["candidate_better_beyond_noise"]
+    assert whole["tried"] and whole["decision"]["whole_network_kept"]
     assert metrics["finetune"]["scenario"] == "whole"
     assert metrics["final"]["model"].startswith("the whole network, fine-tuned")
     estimate = metrics["export"]["estimate"]
@@ -135,6 +135,41 @@ def test_the_frozen_model_is_kept_when_nothing_could_beat_it_beyond_noise():
     plan = whole.plan(SimpleNamespace(**{**vars(job), "classifier": heavy}), "auto",
                       np.full(len(y), 0.5), "x")
     assert not plan.tried and "16.0 M parameters" in plan.why
+
+
+def _confident(y, right, sure, k=12):
+    """Probabilities of ``k`` classes: the true class (``right``) or the next one with
+    probability ``sure``, the rest spread evenly."""
+    probs = np.full((len(y), k), (1 - sure) / (k - 1))
+    probs[np.arange(len(y)), np.where(right, y, (y + 1) % k)] = sure
+    return probs
+
+
+def test_the_whole_network_is_kept_by_the_log_loss_only_when_it_is_not_less_accurate():
+    """Seedlings' case: 73 validation photos, 4 more right of 73 (+0.055) is not beyond
+    the accuracy's noise, but a model far surer of the true classes is beyond the log
+    loss's; the same sureness with fewer right photos keeps the frozen model."""
+    from types import SimpleNamespace
+    from small_photo_classifier.workflow.train import whole
+    y = np.arange(73) % 12
+    job = SimpleNamespace(task=task_lib.Task("multiclass", tuple("abcdefghijkl")), y_val=y,
+                          seed=0, val=pd.DataFrame({"name": [f"p{i}" for i in range(73)]}))
+    frozen_right = np.arange(73) >= 13                      # 60 of 73
+    whole_right = frozen_right.copy()
+    whole_right[:6], whole_right[13:15] = True, False        # 6 fixed, 2 broken: 64
+    frozen = _confident(y, frozen_right, 0.45)
+    decision = whole.choose(job, frozen, _confident(y, whole_right, 0.9), "scenario C")
+    assert not decision["candidate_better_beyond_noise"]    # accuracy alone: noise
+    assert decision["loss"]["candidate_better_beyond_noise"]
+    assert decision["whole_network_kept"] and "log loss" in decision["why"]
+    fewer = frozen_right.copy()
+    fewer[:2], fewer[13:17] = True, False                     # 2 fixed, 4 broken: 58
+    surer = np.where(fewer[:, None], _confident(y, fewer, 0.9), _confident(y, fewer, 0.45))
+    decision = whole.choose(job, frozen, surer, "scenario C")
+    assert decision["loss"]["candidate_better_beyond_noise"]
+    assert not decision["whole_network_kept"] and decision["kept"] == "scenario C"
+    # Neither: the same model against itself.
+    assert not whole.choose(job, frozen, frozen, "scenario C")["whole_network_kept"]
 
 
 @pytest.mark.slow

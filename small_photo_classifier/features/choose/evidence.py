@@ -6,6 +6,11 @@ only when it scores better on the same held-out images and a paired bootstrap
 over those images puts the difference above zero with 90% confidence. With a
 few dozen images that takes a clear margin, so in doubt the simpler baseline
 stays.
+
+The headline metric is coarse on a few dozen images (accuracy moves in steps of one
+image), so a comparison may also be made on the log loss (``metric="loss"``, lower is
+better): each image then counts by how much probability the model gave its true label,
+which tells two models apart on far fewer images.
 """
 
 import dataclasses
@@ -28,6 +33,7 @@ class Comparison:
     low: float
     high: float
     images: int
+    lower_is_better: bool = False  # the log loss
 
     @property
     def difference(self) -> float:
@@ -35,8 +41,8 @@ class Comparison:
 
     @property
     def better(self) -> bool:
-        """The candidate wins only when the whole interval is above zero."""
-        return self.low > 0
+        """The candidate wins only when the whole interval is on its side of zero."""
+        return self.high < 0 if self.lower_is_better else self.low > 0
 
     def summary(self) -> dict:
         return {"metric": self.metric, "candidate": round(self.candidate, 6),
@@ -54,9 +60,10 @@ class Comparison:
 
 
 def compare(task: Task, y, candidate, baseline, seed: int = 0, rounds: int = ROUNDS,
-            groups=None, clusters=None) -> Comparison:
-    """Paired bootstrap of (candidate - baseline) on the task's headline metric: both
-    models' probabilities on the same images ``y``, resampled together.
+            groups=None, clusters=None, metric: str = "headline") -> Comparison:
+    """Paired bootstrap of (candidate - baseline) on the task's headline metric (or, with
+    ``metric="loss"``, the mean log loss): both models' probabilities on the same images
+    ``y``, resampled together.
 
     ``groups`` (e.g. each row's cross-validation fold) makes the metric the mean of the
     per-group metrics, resampled within each group: out-of-fold predictions of different
@@ -81,29 +88,46 @@ def compare(task: Task, y, candidate, baseline, seed: int = 0, rounds: int = ROU
         names, index = np.unique(np.asarray(clusters)[rows], return_inverse=True)
         drawn = rng.multinomial(len(names), np.full(len(names), 1 / len(names)), rounds)
         counts[:, rows] = drawn[:, index]  # a drawn group brings every one of its photos
-    observed = [_score(task, y, p, np.ones((1, len(y))), groups)[0]
+    loss = metric == "loss"
+    observed = [_score(task, y, p, np.ones((1, len(y))), groups, loss)[0]
                 for p in (candidate, baseline)]
-    diffs = (_score(task, y, candidate, counts, groups)
-             - _score(task, y, baseline, counts, groups))
+    diffs = (_score(task, y, candidate, counts, groups, loss)
+             - _score(task, y, baseline, counts, groups, loss))
     diffs = diffs[np.isfinite(diffs)]
     tail = (1 - CONFIDENCE) / 2
     low, high = (np.quantile(diffs, [tail, 1 - tail]) if len(diffs) else (np.nan, np.nan))
-    return Comparison(task.headline, float(observed[0]), float(observed[1]), float(low),
-                      float(high), len(y))
+    return Comparison("loss" if loss else task.headline, float(observed[0]),
+                      float(observed[1]), float(low), float(high), len(y), loss)
 
 
-def _score(task: Task, y, probs, counts, groups) -> np.ndarray:
-    """The headline metric per bootstrap round (rows of ``counts``: each image's weight),
-    averaged over groups."""
+def _score(task: Task, y, probs, counts, groups, loss: bool = False) -> np.ndarray:
+    """The headline metric (or the mean log loss) per bootstrap round (rows of
+    ``counts``: each image's weight), averaged over groups."""
     per_group = []
     for g in np.unique(groups):
         rows = np.flatnonzero(groups == g)
+        if loss:
+            per_image = _log_loss(task, y[rows], probs[rows])
+            weights = counts[:, rows]
+            per_group.append(weights @ per_image / weights.sum(axis=1))
+            continue
         per_group.append(_weighted(task, y[rows], probs[rows], counts[:, rows]))
     if len(per_group) == 1:
         return per_group[0]
     with warnings.catch_warnings():  # a round where no group has a score stays NaN, quietly
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(np.stack(per_group), axis=0)
+
+
+def _log_loss(task: Task, y, probs) -> np.ndarray:
+    """Each image's log loss (as `Task.scores`' mean; multi-label: the mean over labels)."""
+    y, p = np.asarray(y), np.asarray(probs, np.float64)
+    eps = 1e-7
+    if task.kind == "multiclass":
+        return -np.log(np.clip(p[np.arange(len(y)), y.astype(int)], eps, 1.0))
+    q = np.clip(p, eps, 1 - eps)
+    per = -(y * np.log(q) + (1 - y) * np.log(1 - q))
+    return per.mean(axis=1) if per.ndim == 2 else per
 
 
 def _weighted(task: Task, y, probs, counts) -> np.ndarray:

@@ -205,16 +205,16 @@ def _try_whole(job: Job, cfg: TrainConfig, scenario: str, frozen) -> bool:
                                              frozen.what).why,
         "start": f"scenario {start}'s head", "kept_epoch": kept,
         "seconds": ft["seconds"], "decision": decision})
-    if not decision["candidate_better_beyond_noise"] or kept == 0:
-        print(f"whole-network fine-tuning is not better than {frozen.what} beyond noise "
-              f"on honest validation predictions: {frozen.what} is exported")
+    if not decision["whole_network_kept"] or kept == 0:
+        print(f"whole-network fine-tuning is not kept ({decision['why']}, on honest "
+              f"validation predictions): {frozen.what} is exported")
         ft["checkpoints"].remove()
         restore(job.classifier.model, job.initial)
         job.heads.pop(start, None)  # reloaded from its file, as the heads stage saved it
         return False
-    print(f"whole-network fine-tuning beats {frozen.what} beyond noise on honest validation "
-          f"predictions ({decision['candidate']:.4f} vs {decision['baseline']:.4f}): it is "
-          "exported")
+    print(f"whole-network fine-tuning beats {frozen.what} on honest validation predictions "
+          f"({decision['why']}; log loss {decision['loss']['candidate']:.4f} against "
+          f"{decision['loss']['baseline']:.4f}): it is exported")
     final = Final(start, blocks, f"the whole network, fine-tuned from scenario {start}'s head",
                   ft, fine, bag=False, estimate_probs=probs, estimate_how=(
                       f"the {len(job.y_val)} validation images, each predicted at the epoch "

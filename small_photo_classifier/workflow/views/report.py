@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from small_photo_classifier.workflow.base.outputs import read_json
-from small_photo_classifier.workflow.views import export_views, summary, trust_views
+from small_photo_classifier.workflow.views import decisions, export_views, summary, trust_views
 from small_photo_classifier.workflow.views.html import esc, image, number, page, table
 
 REPORT = "report.html"
@@ -149,7 +149,7 @@ def _models_section(folder: str, metrics: dict, metric: str) -> str:
             # Named for the images compared on: out-of-fold predictions with CV, else the
             # validation images (which also chose the scenario).
             on = versus.get("on", "out-of-fold").split(",")[0]
-            why += _decision(f"best scenario vs the linear probe ({on})", "probe_vs_head",
+            why += decisions.table(f"best scenario vs the linear probe ({on})", "probe_vs_head",
                              versus, "heads_choice/probe_vs_head", metrics)
     return (f"<h2>Probe and heads on cached features ({esc(metric)})</h2>" +
             table(["model", f"CV {metric} mean", "± std", f"validation {metric}", "epoch",
@@ -158,84 +158,6 @@ def _models_section(folder: str, metrics: dict, metric: str) -> str:
                   "Scenarios per epoch (cross-validation mean and, for the scenario fitted, "
                   "validation) and the probe" if metrics.get("cross_validation") else
                   "Scenarios per epoch on the validation images, and the probe"))
-
-
-# (baseline, candidate) of each decision metrics.json records.
-_SIDES = {"bag_vs_single": ("single model", "bag"), "tta2_vs_tta1": ("1 view", "2 views")}
-
-
-def _decision(title: str, name: str, data: dict, key: str, metrics: dict) -> str:
-    """One evidence decision: both scores, the paired bootstrap's interval, and what was
-    kept, named (the baseline unless the candidate won beyond noise)."""
-    verdict = data.get("candidate_better_beyond_noise")
-    baseline, candidate = _SIDES.get(name, (data.get("baseline_is", "baseline"),
-                                            data.get("candidate_is", "candidate")))
-    kept = data.get("kept") or (candidate if verdict else baseline)
-    words = (f"{candidate} better beyond noise: {kept} kept" if verdict else
-             f"{candidate} not better beyond noise: {kept} kept")
-    return table(["decision", f"baseline ({esc(baseline)})", f"candidate ({esc(candidate)})",
-                  "difference", "90% interval", "images", "verdict"], [[
-                      esc(title), number(metrics, f"{key}/baseline"),
-                      number(metrics, f"{key}/candidate"),
-                      number(metrics, f"{key}/difference"),
-                      esc(" .. ".join(f"{v:+.4f}" for v in data.get("ci90", []))),
-                      number(metrics, f"{key}/images", 0), esc(words)]])
-
-
-def _export_section(metrics: dict) -> str:
-    export = metrics.get("export", {})
-    if not export:
-        return ""
-    out = ["<h2>The exported model and why</h2>",
-           f"<p>Exported: <b>{esc(metrics.get('final', {}).get('model', export.get('model')))}"
-           f"</b>; default file {esc(export.get('default'))}, test-time views "
-           f"{number(metrics, 'export/tta', 0)}, refit on every label: "
-           f"{esc('yes' if export.get('refit') else 'no')}.</p>"]
-    estimate = export.get("estimate", {})
-    if estimate:
-        spread = (f" ± {number(metrics, 'export/estimate/std')}"
-                  if estimate.get("std") is not None else "")
-        out.append(f"<p>Expected {esc(estimate.get('metric'))}: "
-                   f"{number(metrics, 'export/estimate/value')}{spread} "
-                   f"({esc(estimate.get('how'))}).</p>")
-    for name, data in export.get("decisions", {}).items():
-        title = {"bag_vs_single": "bag vs single model",
-                 "tta2_vs_tta1": "2 test-time views vs 1"}.get(name, name)
-        out.append(_decision(title, name, data, f"export/decisions/{name}", metrics))
-    measured = metrics.get("bag", {}).get("measured_with")
-    if measured and export.get("refit"):
-        out.append(f"<p class=\"note\">The bag was measured with {esc(measured)}.</p>")
-    return "".join(out)
-
-
-def _whole_section(folder: str, metrics: dict) -> str:
-    """Whether the whole network was fine-tuned, why (not), and the evidence that kept
-    it or the frozen model; the augmentation preset and why."""
-    whole, augment = metrics.get("whole_network"), metrics.get("augment")
-    if not whole and not augment:
-        return ""
-    out = ["<h2>Whole-network fine-tuning</h2>"]
-    if whole:
-        out.append(f"<p>{esc('Tried' if whole.get('tried') else 'Not tried')}: "
-                   f"{esc(whole.get('why', ''))}.</p>")
-        decision = whole.get("decision")
-        if decision:
-            out.append(f"<p>From {esc(whole.get('start'))}; kept epoch "
-                       f"{esc(whole.get('kept_epoch'))}; {number(metrics, 'whole_network/seconds', 1)}"
-                       f" s. Compared on {esc(decision.get('on'))}:</p>")
-            out.append(_decision("whole network vs the frozen-feature model", "whole",
-                                 decision, "whole_network/decision", metrics))
-            if not decision.get("candidate_better_beyond_noise") and not metrics.get(
-                    "finetune", {}).get("scenario") == "whole":
-                out.append(image(os.path.join(folder, "finetune_history.png"),
-                                 "The whole network's epochs (not exported; epoch 0 = the "
-                                 "head it started from)"))
-    if augment:
-        table_ = augment.get(next((k for k in augment if k.endswith("_by_preset")), ""), {})
-        out.append(f"<p>Augmentation: <b>{esc(augment.get('chosen'))}</b>, by "
-                   f"{esc(augment.get('how'))}: " + ", ".join(
-                       f"{esc(p)} {v:.4f}" for p, v in table_.items()) + ".</p>")
-    return "".join(out)
 
 
 def _finetune_section(folder: str, metrics: dict) -> str:
@@ -416,8 +338,8 @@ def write_run_report(folder: str, commands: Optional[Dict[str, str]] = None) -> 
     return write(os.path.join(folder, REPORT), page("Training report", [
         header, _data_section(folder), _settings_section(folder),
         _backbones_section(folder, metrics), _models_section(folder, metrics, metric),
-        _whole_section(folder, metrics), _finetune_section(folder, metrics),
-        _export_section(metrics), export_views.report_section(metrics),
+        decisions.whole_section(folder, metrics), _finetune_section(folder, metrics),
+        decisions.export_section(metrics), export_views.report_section(metrics),
         _final_section(folder, metrics),
         trust_views.report_section(folder, metrics), _labels_section(folder, metrics),
         _timings_section(metrics), *_later_sections(folder, metrics),
