@@ -105,6 +105,30 @@ class Run:
             probs, unfamiliar = run.apply(outputs)
         return _table(run, frame, probs, unfamiliar)
 
+    def explain(self, photo: Union[str, os.PathLike, np.ndarray],
+                class_: Optional[str] = None) -> np.ndarray:
+        """Where the single exported model looked to call ``photo`` (a path, or an image
+        array [H, W, 3] RGB 0..255) ``class_`` (default: the class it predicts): a
+        heatmap in [0, 1] at the photo's own size (`features.serve.explain`: HiResCAM on
+        the backbone's last spatial feature map, Grad-CAM behind average pooling)."""
+        return self._explained(photo, class_).heatmap
+
+    def explain_figure(self, photo, class_: Optional[str] = None):
+        """`explain` drawn over the photo: a matplotlib Figure (shown inline in Jupyter)."""
+        from small_photo_classifier.workflow.use import explaining
+        return explaining.figure(self._explained(photo, class_))
+
+    def _explained(self, photo, class_):
+        from small_photo_classifier.pipeline import limits
+        from small_photo_classifier.workflow.base import process_state
+        from small_photo_classifier.workflow.use import explaining
+        pixels = (explaining.as_pixels(photo) if isinstance(photo, np.ndarray) else
+                  explaining.read_photo(os.fspath(photo), limits.MAX_PIXELS))
+        with process_state.preserved():
+            if getattr(self, "_explainer", None) is None:
+                self._explainer = explaining.Explainer(self.workdir, self.info)
+            return self._explainer.explain(pixels, class_)
+
     def _repr_html_(self) -> str:
         """In Jupyter: the headline and the report inline."""
         headline = html.escape(str(self.metrics.get("headline", "")))
@@ -167,6 +191,7 @@ def _outputs(run, source, batch_size: int):
     folder, a list of paths or an array of images."""
     import pandas as pd
     from small_photo_classifier.pipeline import discovery, limits, scan
+    from small_photo_classifier.workflow.use import explaining
     if isinstance(source, np.ndarray):
         images = source[None] if source.ndim == 3 else source
         if images.ndim != 4 or images.shape[-1] != 3:
@@ -174,7 +199,8 @@ def _outputs(run, source, batch_size: int):
                               f"0..255; got shape {tuple(source.shape)}.")
         frame = pd.DataFrame({"name": [f"image_{i}" for i in range(len(images))],
                               "path": "", "bad": False, "reason": ""})
-        return frame, run.predict_images(_eval_path(images, run.image_size), batch_size)
+        return frame, run.predict_images(explaining.eval_images(images, run.image_size),
+                                         batch_size)
     if isinstance(source, (str, os.PathLike)):
         frame = discovery.discover_unlabelled(os.fspath(source))
     else:
@@ -184,16 +210,6 @@ def _outputs(run, source, batch_size: int):
                                    max_pixels=limits.MAX_PIXELS))
     frame = frame.assign(bad=frame.path.isin(bad), reason=[bad.get(p, "") for p in frame.path])
     return frame, run.predict_frame(frame, batch_size, progress=False)
-
-
-def _eval_path(images: np.ndarray, image_size: int) -> np.ndarray:
-    """Images (RGB 0..255) as predict.py's input graph makes its decoded files: resized,
-    mean-centred (`pipeline.ops`)."""
-    import tensorflow as tf
-    from small_photo_classifier.pipeline import ops
-    out = [ops.vgg_mean_centre_image(ops.resize_image(tf.constant(image), image_size)).numpy()
-           for image in images]
-    return np.stack(out)
 
 
 def _table(run, frame, probs, unfamiliar):

@@ -59,8 +59,8 @@ class Comparison:
                 f"{verdict}")
 
 
-def compare(task: Task, y, candidate, baseline, seed: int = 0, rounds: int = ROUNDS,
-            groups=None, clusters=None, metric: str = "headline") -> Comparison:
+def compare(task: Task, y, candidate, baseline, seed: int = 0, groups=None,
+            clusters=None, metric: str = "headline") -> Comparison:
     """Paired bootstrap of (candidate - baseline) on the task's headline metric (or, with
     ``metric="loss"``, the mean log loss): both models' probabilities on the same images
     ``y``, resampled together.
@@ -78,6 +78,7 @@ def compare(task: Task, y, candidate, baseline, seed: int = 0, rounds: int = ROU
     groups = np.zeros(len(y), int) if groups is None else np.asarray(groups)
     rng = np.random.default_rng(seed)
     # One row of counts per bootstrap round: how often each image is drawn (within its group).
+    rounds = ROUNDS
     counts = np.zeros((rounds, len(y)))
     for g in np.unique(groups):
         rows = np.flatnonzero(groups == g)

@@ -436,6 +436,11 @@ def define_predict(fv=flags.FLAGS) -> None:
                         "of Saerens et al. 2002 and printed (rough below ~100 photos). "
                         "Default: what train.py stored (its --prior, else the training "
                         "shares).", module_name=PREDICT, **d)
+    flags.DEFINE_string("explain", None, "Heatmaps of where the model looked: N (the N "
+                        "photos it is least sure of) or names of photos (comma-separated: the "
+                        "CSV's name column, or file names). One PNG per photo, named after "
+                        "it, in <output stem>_explain/: the photo with the class-activation "
+                        "map of the class it predicts.", module_name=OUTPUTS, **d)
     flags.DEFINE_boolean("keep_bad_rows", False, "With --on_bad_image=skip: keep a row for "
                          "each unreadable image, with empty values and a last column status "
                          "('ok' or 'unreadable: <reason>'), instead of leaving it out.",

@@ -83,3 +83,14 @@ def load(workdir: str, bag: Optional[bool] = None, tta="auto", precision: str = 
     if int(model.output.shape[-1]) == units:
         reference = None  # an old whole-network bag: no features to score with
     return Loaded(workdir, info, task, model, units, reference, use_bag, views, policy)
+
+
+def load_classifier(workdir: str, precision: str = "auto"):
+    """The run's single exported model (``model.keras``) as its parts (stem, last stage,
+    head: `features.serve.explain.Parts`): what a heatmap needs (a bag's members share
+    its trunk)."""
+    from small_photo_classifier.features import precision as precision_lib
+    from small_photo_classifier.features.serve import explain, inference
+    policy = precision_lib.resolve_and_apply(precision).policy
+    model, _ = inference.load_exported(workdir, bag=False, policy=policy)
+    return explain.parts_of(model)

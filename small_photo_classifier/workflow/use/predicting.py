@@ -14,7 +14,7 @@ from small_photo_classifier.pipeline import limits
 from small_photo_classifier.pipeline.errors import ConfigError, DataError
 from small_photo_classifier.workflow.base import config as config_lib
 from small_photo_classifier.workflow.base import prior as prior_lib
-from small_photo_classifier.workflow.use import loaded
+from small_photo_classifier.workflow.use import explaining, loaded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,7 @@ class PredictRun(config_lib.Devices):
     unfamiliar_label: bool = True
     unfamiliar_columns: str = "auto"
     prior: Optional[str] = None  # --prior: the field's class shares, or "estimate"
+    explain: Optional[str] = None  # --explain: a count, or names of photos
 
     @classmethod
     def from_flags(cls, flag_values) -> "PredictRun":
@@ -211,6 +212,9 @@ def prepare(cfg: PredictRun) -> Prepared:
     task = Task.of_model(info)
     check_output_format(cfg.output_format, task.kind)
     frame = discovery.discover_unlabelled(cfg.data_dir)
+    if cfg.explain:
+        # A wrong name fails here, before anything is predicted.
+        explaining.chosen_rows(cfg.explain, frame.name.tolist(), frame.path.tolist())
     truth = labels_for(frame.name.tolist(), cfg.labels, task) if cfg.labels else None
     return Prepared(info, task, frame, truth)
 
@@ -244,6 +248,8 @@ def run(cfg: PredictRun, prepared: Optional[Prepared] = None) -> Optional[dict]:
     written = write_output(frame, probs, cfg, task, info, unfamiliar)
     used = run.describe()
     _say_written(cfg, frame, task, written, used, unfamiliar)
+    if cfg.explain:
+        _explain(cfg, run, frame, probs)
     if truth is None:
         return None
     good = ~frame.bad.to_numpy(bool)
@@ -271,6 +277,24 @@ def _say_written(cfg: PredictRun, frame, task: Task, written: int, used: str,
         print(f"{unreadable} unreadable image(s) got no prediction "
               + ("(rows with empty values and a status) " if cfg.keep_bad_rows else
                  "(left out) ") + f"- listed with the reason in {stem}_bad_images.csv")
+
+
+def _explain(cfg: PredictRun, run, frame, probs) -> None:
+    """--explain: the overlays of the photos it names, or of the N least sure ones."""
+    named = explaining.chosen_rows(cfg.explain, frame.name.tolist(), frame.path.tolist())
+    good = ~frame.bad.to_numpy(bool)
+    if named is None:
+        rows = explaining.most_uncertain(run.task, probs, int(cfg.explain))  # NaN: unread
+        which = f"the {len(rows)} photos the model is least sure of"
+    else:
+        rows = [i for i in named if good[i]]
+        which = f"the {len(rows)} photos named" + (
+            f" ({len(named) - len(rows)} unreadable, left out)" if len(rows) < len(named) else "")
+    folder = os.path.splitext(cfg.output)[0] + "_explain"
+    written = explaining.write_overlays(cfg.workdir, run.info, frame, rows, folder,
+                                        cfg.precision, cfg.max_pixels)
+    print(f"Wrote {len(written)} heatmaps to {folder}/ ({which}; where model.keras looked "
+          "for the class it predicts)")
 
 
 def _with_prior(text: str, task: Task, info: dict, outputs, units: int) -> dict:
