@@ -110,3 +110,29 @@ def test_run_explain_returns_a_map_at_the_photo_size(tmp_path):
         loaded.explain(pixels, class_="wasps")
     figure = loaded.explain_figure(pixels)
     assert "where the model saw" in figure.axes[0].get_title()
+
+
+def test_top_losses_get_heatmaps_of_the_class_wrongly_given(tmp_path):
+    """interpret.write_all with an explainer: the gallery of the wrongly predicted photos
+    is drawn again with their heatmaps, each asked for the class the model gave."""
+    from small_photo_classifier.features import task as task_lib
+    from small_photo_classifier.workflow.views import interpret
+    from tests.conftest import write_image
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"p{i}.png"))
+        write_image(paths[-1], np.full((20, 20, 3), 40 * i, np.uint8))
+    task = task_lib.Task("multiclass", ("a", "b", "c"))
+    y = np.array([0, 1, 2, 0, 1, 2])
+    probs = np.eye(3)[[0, 1, 2, 2, 0, 2]] * 0.8 + 0.2 / 3  # photos 3 and 4 wrong
+    asked = []
+
+    def explain(shown, given):
+        asked.append((sorted(shown), sorted(int(g) for g in given)))
+        return [np.ones((4, 4)) for _ in shown]
+    interpret.write_all(str(tmp_path / "out"), paths, y, probs, task, "test", explain=explain)
+    assert asked == [([paths[3], paths[4]], [0, 2])]
+    assert (tmp_path / "out" / interpret.HEATMAPS).is_file()
+    interpret.write_all(str(tmp_path / "none"), paths, y, np.eye(3)[y], task, "test",
+                        explain=explain)
+    assert len(asked) == 1 and not (tmp_path / "none" / interpret.HEATMAPS).exists()

@@ -32,6 +32,7 @@ FILES: Tuple[Tuple[str, str], ...] = (
     ("confusion_matrix.png", "the final model before any refit, on the validation images"),
     ("roc.png", "the final model before any refit, on the validation images"),
     ("top_losses.png", "the same model's most confident mistakes (validation)"),
+    ("top_losses_heatmaps.png", "the same mistakes with heatmaps: where the model looked"),
     ("classification_report.csv", "the same model per class (validation)"),
     ("reliability.png", "calibration before and after (held-out predictions)"),
     ("unfamiliar_scores.png", "the unfamiliar score of held-out known photos"),

@@ -245,7 +245,7 @@ def _cannot_improve(job: Job, config: FinetuneConfig, scenario: str) -> Optional
 def _scored(job: Job, probs, scores: dict, result: dict):
     """The final report on the validation images; (scores, multi-label thresholds or
     None), both recorded in ``result``."""
-    thresholds = final_model.final_report(job, probs)
+    thresholds = final_model.final_report(job, probs, job.classifier.model)
     if thresholds is not None:
         scores = job.task.scores(job.y_val, probs, thresholds)
         result["thresholds"] = {"values": [round(float(t), 6) for t in thresholds],

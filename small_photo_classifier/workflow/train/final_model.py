@@ -29,15 +29,17 @@ from small_photo_classifier.workflow.base import prior as prior_lib
 PROBE = "probe"
 
 
-def final_report(job: Job, probs):
-    """The final model on the validation images: interpretation plots and, for several
-    classes or labels, the per-class report (``classification_report.csv``). Returns the
+def final_report(job: Job, probs, model=None):
+    """The final model on the validation images: interpretation plots (with ``model``, the
+    final model as a Keras model, its top losses' heatmaps too) and, for several classes
+    or labels, the per-class report (``classification_report.csv``). Returns the
     per-label thresholds of a multi-label task (chosen here), else None."""
     task = job.task
     thresholds = (task_lib.choose_thresholds(job.y_val, probs) if task.kind == "multilabel"
                   else None)
     interpret.write_all(job.run.path, job.val.path.tolist(), job.y_val, probs, task,
-                        "final model, validation")
+                        "final model, validation",
+                        explain=None if model is None else _heatmaps(job, model))
     if len(job.y_val):
         intervals = task_lib.per_class_intervals(task, job.y_val, probs, thresholds, job.seed)
         job.run.update_metrics("per_class", {
@@ -52,6 +54,22 @@ def final_report(job: Job, probs):
             print("most confused (true -> predicted, validation images): " + "; ".join(
                 f"{t} -> {p} ({n})" for t, p, n in confused))
     return thresholds
+
+
+def _heatmaps(job: Job, model):
+    """(paths, class indices) -> each photo's heatmap of that class under ``model``
+    (`features.serve.explain`), read as predict.py reads photos."""
+    from small_photo_classifier.features.serve import explain
+    from small_photo_classifier.pipeline import limits
+    from small_photo_classifier.workflow.use import explaining
+    parts = explain.parts_of(model)
+
+    def heatmaps(paths, classes):
+        images = [explaining.eval_images([explaining.read_photo(p, limits.MAX_PIXELS)],
+                                         job.model.image_size) for p in paths]
+        return [explain.grad_cam(parts, x, job.task.kind, int(k))[0]
+                for x, k in zip(images, classes)]
+    return heatmaps
 
 
 def record_final(job: Job, what: str, scores: dict, thresholds) -> None:
@@ -139,7 +157,7 @@ def export_probe(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runt
     held = validation.held_out(job, cache, runtime.batch_size)
     layer = job.classifier.net.feature_layer
     scores, probs = validation.validate(job, held, (head, layer))
-    thresholds = final_report(job, probs)
+    thresholds = final_report(job, probs, model)
     choice = {"default": "model", "decisions": {}}
     if predict.tta == "auto":
         _, mirrored = validation.validate(job, held, (head, layer), tta=2)

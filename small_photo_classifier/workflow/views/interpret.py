@@ -25,6 +25,9 @@ def losses(task: Task, y, probs) -> np.ndarray:
     return -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(axis=1)
 
 
+HEATMAPS = "top_losses_heatmaps.png"
+
+
 def top_losses(task: Task, y, probs, n: int = 9, thresholds=None) -> np.ndarray:
     """Indices of the ``n`` wrongly predicted images with the largest loss, largest first."""
     y = np.asarray(y)
@@ -60,9 +63,12 @@ def _caption(task: Task, y, probs, i: int) -> str:
 
 
 def write_all(folder: str, paths: Sequence[str], y, probs, task: Task, what: str,
-              prefix: str = "") -> Dict[str, str]:
+              prefix: str = "", explain=None) -> Dict[str, str]:
     """The three PNGs into ``folder`` as ``<prefix>confusion_matrix.png`` etc.; ``what``
     names the model and the images in every title ("final model, validation").
+    ``explain`` (paths, predicted class indices -> heatmaps): the top losses also as
+    ``<prefix>top_losses_heatmaps.png``, where the model looked for the class it wrongly
+    gave each photo.
 
     ROC needs two classes; with one class only the other two are drawn.
     """
@@ -79,9 +85,17 @@ def write_all(folder: str, paths: Sequence[str], y, probs, task: Task, what: str
         out["ROC"] = plots.roc(y, probs, task.class_names, os.path.join(folder, prefix + FILES[1]),
                                f"ROC: {title}")
     order = top_losses(task, y, probs)
-    out["top losses"] = plots.gallery(
-        paths, order, [_caption(task, y, probs, i) for i in order],
-        os.path.join(folder, prefix + FILES[2]),
-        f"Top losses: the {len(order)} wrongly predicted images with the largest loss "
-        f"({title})", empty="no errors")
+    captions = [_caption(task, y, probs, i) for i in order]
+    heading = (f"Top losses: the {len(order)} wrongly predicted images with the largest loss "
+               f"({title})")
+    out["top losses"] = plots.gallery(paths, order, captions,
+                                      os.path.join(folder, prefix + FILES[2]), heading,
+                                      empty="no errors")
+    if explain is not None and len(order):
+        wrong = np.asarray(probs)[order]
+        given = (wrong.argmax(axis=1) if wrong.ndim == 2 else (wrong >= 0.5).astype(int))
+        out["top losses heatmaps"] = plots.gallery(
+            paths, order, captions, os.path.join(folder, prefix + HEATMAPS),
+            heading + "\nwhere the model looked for the class it gave (Grad-CAM)",
+            heatmaps=explain([paths[i] for i in order], given))
     return out

@@ -162,8 +162,9 @@ def roc_figure(y, probs, class_names: Sequence[str], title: str):
 
 
 def gallery(paths: Sequence[str], order, captions: Sequence[str], path: str, title: str,
-            columns: int = 3, empty: str = "nothing to show") -> str:
-    """A contact sheet of the images ``order`` (indices into ``paths``) with captions."""
+            columns: int = 3, empty: str = "nothing to show", heatmaps=None) -> str:
+    """A contact sheet of the images ``order`` (indices into ``paths``) with captions;
+    ``heatmaps`` (one [h, w] map in [0, 1] per image of ``order``) drawn over them."""
     import textwrap
     import tensorflow as tf
     from small_photo_classifier.pipeline import ops
@@ -182,6 +183,10 @@ def gallery(paths: Sequence[str], order, captions: Sequence[str], path: str, tit
     for ax, i, title_text in zip(axes.flat, order, titles):
         image = ops.resize_image(ops.decode_image_bytes(tf.io.read_file(paths[i]), 160), 160)
         ax.imshow(np.clip(image.numpy(), 0, 255).astype(np.uint8))
+        if heatmaps is not None:
+            heat = heatmaps[list(order).index(i)]
+            ax.imshow(tf.image.resize(np.asarray(heat)[..., None], [160, 160]).numpy()[..., 0],
+                      cmap="jet", alpha=0.45, vmin=0, vmax=1)
         ax.set_title(title_text, fontsize=8)
     if not len(order):
         axes[0, 0].text(0.5, 0.5, empty, ha="center")

@@ -204,7 +204,9 @@ def _final_section(folder: str, metrics: dict) -> str:
     return (f"<h2>{esc(title)}</h2>" + note + table(["metric", "value"], rows)
             + "".join(image(os.path.join(folder, f), c) for f, c in (
                 ("confusion_matrix.png", "Confusion matrix"), ("roc.png", "ROC"),
-                ("top_losses.png", "Top losses"))))
+                ("top_losses.png", "Top losses"),
+                ("top_losses_heatmaps.png", "Top losses: where the model looked for the "
+                                            "class it gave (Grad-CAM)"))))
 
 
 def _labels_section(folder: str, metrics: dict) -> str:
