@@ -119,6 +119,24 @@ def test_predict_api_gives_predict_py_probabilities(served, tmp_path):
     assert "/api/predict" in client.get("/openapi.json").json()["paths"]
 
 
+def test_explain_api_gives_a_heatmap_png_and_refuses_bad_uploads(served):
+    """/api/explain: one photo in, a PNG of it with its heatmap out; two photos, a file
+    that is not a photo, or a request from another site's page get a 4xx."""
+    run, photos, _, _ = served
+    client = _client(served)
+    photo = ("files", ("p3.jpg", open(photos / "p3.jpg", "rb").read(), "image/jpeg"))
+    answer = client.post("/api/explain", files=[photo])
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    assert answer.content[:8] == b"\x89PNG\r\n\x1a\n"
+    two = client.post("/api/explain", files=[photo, photo])
+    assert two.status_code == 413 and "at most 1" in two.json()["error"]
+    text = client.post("/api/explain", files=[("files", ("a.jpg", b"not a photo", "image/jpeg"))])
+    assert text.status_code == 415 and "a.jpg" in text.json()["error"]
+    other = client.post("/api/explain", files=[photo], headers={"Origin": "https://evil.example"})
+    assert other.status_code == 403
+    assert "/api/explain" in client.get("/openapi.json").json()["paths"]
+
+
 @pytest.mark.parametrize("path", [
     "/image/../../etc/passwd", "/image/..%2F..%2Fetc%2Fpasswd", "/image/%2Fetc%2Fpasswd",
     "/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/image/0", "/image/" + "a" * 20,
@@ -349,6 +367,8 @@ def test_both_pages_in_a_real_browser(server, served):
         page.set_input_files("#pick", str(photos / "p3.jpg"))
         page.wait_for_selector(".row[data-name='p3']")
         assert page.inner_text(".row .top") in ("ants", "bees")
+        page.click(".row button.why")  # the heatmap of the predicted class, beside it
+        page.wait_for_selector(".row img.heatmap")
         page.goto(url + "/label")
         page.wait_for_selector("#card:not([hidden])")
         names = []

@@ -86,10 +86,21 @@ class Explainer:
         return int(np.argmax(probs))
 
     def explain(self, pixels: np.ndarray, class_: Optional[str] = None) -> Explained:
-        """The heatmap of ``class_`` (default: the predicted class) on one photo."""
+        """The heatmap of ``class_`` (default: the predicted class) on one photo (RGB
+        0..255), at the photo's own size."""
+        return self._explain(eval_images([pixels], self.image_size), pixels, class_)
+
+    def explain_eval(self, image: np.ndarray, class_: Optional[str] = None) -> Explained:
+        """The same for one image already through the eval path ([S, S, 3], as serve.py
+        decodes an upload), at the model's input size."""
+        from small_photo_classifier.pipeline import ops
+        pixels = np.clip(ops.vgg_mean_uncentre_image(np.asarray(image, np.float32)).numpy(),
+                         0, 255)
+        return self._explain(np.asarray(image)[None], pixels, class_)
+
+    def _explain(self, images: np.ndarray, pixels: np.ndarray, class_) -> Explained:
         from small_photo_classifier.features.serve import explain
         clf = self.classifier
-        images = eval_images([pixels], self.image_size)
         probs = self.task.probabilities(np.asarray(clf.model(images, training=False)))[0]
         if self.task.kind == "binary":  # P(positive) -> one probability per class
             probs = np.array([1 - probs, probs])
@@ -97,6 +108,14 @@ class Explainer:
         cam = explain.grad_cam(clf, images, self.task.kind, index)[0]
         return Explained(pixels, explain.upsampled(cam, *pixels.shape[:2]),
                          self.task.class_names[index], float(probs[index]))
+
+
+def png(explained: Explained, title: Optional[str] = None) -> bytes:
+    """`figure` as PNG bytes (serve.py's answer)."""
+    import io
+    buffer = io.BytesIO()
+    figure(explained, title).savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
 
 
 def figure(explained: Explained, title: Optional[str] = None):

@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import tempfile
+from dataclasses import replace
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -64,7 +65,9 @@ def create_app(workdir: str, config: serving.ServeConfig = serving.ServeConfig()
     _token(app, config.token, config.port)
     page_token = secrets.token_urlsafe(24)
     _static_routes(app)
-    _prediction_routes(app, predictor, config, serving.DecodeSlots.for_config(config))
+    slots = serving.DecodeSlots.for_config(config)
+    _prediction_routes(app, predictor, config, slots)
+    _explain_route(app, predictor, config, slots)
     reviews, queue = serving.Reviews(workdir), serving.Queue(workdir, predictor.task)
     _label_routes(app, predictor, reviews, queue, page_token)
     _answer_routes(app, predictor, reviews, queue, page_token)
@@ -165,6 +168,22 @@ _UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-
         "type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 
 
+async def _uploads(request: Request, config: serving.ServeConfig):
+    """(the parsed form, its (name, file) pairs of the field ``files``): the body read
+    under the upload limits (`LimitedParser`), a bad one refused with a 4xx."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise serving.UploadError(415, "Send the photos as multipart/form-data in the "
+                                       "field 'files'.")
+    try:
+        form = await LimitedParser(request.headers, request.stream(),
+                                   max_file_bytes=config.max_bytes,
+                                   max_files=config.max_files, max_fields=8).parse()
+    except MultiPartException as err:
+        raise serving.UploadError(400, f"Malformed multipart body: {err.message}")
+    return form, [(os.path.basename(f.filename or "image"), f.file)
+                  for key, f in form.multi_items() if key == "files" and isinstance(f, UploadFile)]
+
+
 def _prediction_routes(app: FastAPI, predictor, config: serving.ServeConfig,
                        slots: serving.DecodeSlots) -> None:
     """The predict page, /api/health and /api/predict."""
@@ -182,23 +201,34 @@ def _prediction_routes(app: FastAPI, predictor, config: serving.ServeConfig,
     async def predict(request: Request, format: str = "json"):
         """Class probabilities of each uploaded image (multipart field ``files``), in the
         model's class order; ``?format=csv`` gives predict.py's CSV."""
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise serving.UploadError(415, "Send the photos as multipart/form-data in the "
-                                           "field 'files'.")
-        try:
-            form = await LimitedParser(request.headers, request.stream(),
-                                       max_file_bytes=config.max_bytes,
-                                       max_files=config.max_files, max_fields=8).parse()
-        except MultiPartException as err:
-            raise serving.UploadError(400, f"Malformed multipart body: {err.message}")
-        files = [(os.path.basename(f.filename or "image"), f.file)
-                 for key, f in form.multi_items() if key == "files" and isinstance(f, UploadFile)]
+        form, files = await _uploads(request, config)
         try:
             # Decoding and the network block: off the event loop, so that other requests
             # are read meanwhile and join the next batch (`serving.Predictor.predict`).
             return await run_in_threadpool(_predict, predictor, files, format, config, slots)
         finally:
             await form.close()
+
+
+def _explain_route(app: FastAPI, predictor, config: serving.ServeConfig,
+                   slots: serving.DecodeSlots) -> None:
+    @app.post("/api/explain", openapi_extra=_UPLOAD_SCHEMA,
+              responses={200: {"content": {"image/png": {}}}})
+    async def explain(request: Request):
+        """One uploaded photo (multipart field ``files``) with the heatmap of the class the
+        model predicts: where it looked (Grad-CAM on model.keras), as a PNG."""
+        form, files = await _uploads(request, replace(config, max_files=1))
+        try:
+            return await run_in_threadpool(_explain, predictor, files, config, slots)
+        finally:
+            await form.close()
+
+
+def _explain(predictor, loaded, config: serving.ServeConfig, slots) -> Response:
+    image = serving.prepare_uploads(loaded, replace(config, max_files=1),
+                                    predictor.image_size, slots)[0]
+    name = os.path.splitext(loaded[0][0])[0]
+    return Response(predictor.explain_png(image, name), media_type="image/png")
 
 
 def _label_routes(app: FastAPI, predictor, reviews: serving.Reviews,

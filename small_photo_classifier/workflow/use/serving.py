@@ -123,6 +123,7 @@ class Predictor:
         # rows handed back to it (answers never mix: each job keeps its own rows).
         self.waiting: List[dict] = []
         self.ready = threading.Condition()
+        self.explainer, self.explaining = None, threading.Lock()
         threading.Thread(target=self._serve_batches, daemon=True,
                          name="predict-batches").start()
 
@@ -154,6 +155,18 @@ class Predictor:
         if "error" in job:
             raise job["error"]
         return self.run.apply(job["outputs"])
+
+    def explain_png(self, image: np.ndarray, name: str) -> bytes:
+        """One upload (through the eval path) with the heatmap of the class the single
+        model predicts (`workflow.use.explaining`), as a PNG. The model for heatmaps is
+        loaded at the first request and kept; one heatmap at a time."""
+        from small_photo_classifier.workflow.use import explaining
+        with self.explaining:
+            if self.explainer is None:
+                self.explainer = explaining.Explainer(self.workdir, self.info)
+            explained = self.explainer.explain_eval(image)
+            return explaining.png(explained, f"{name}: where model.keras saw "
+                                             f"{explained.class_name}")
 
     def _serve_batches(self, most: int = 64) -> None:
         """The one thread that runs the model: takes every waiting request (up to

@@ -43,11 +43,32 @@ function resultRow(p, file) {
     tr.appendChild(element("td", v.toFixed(4), "prob"));
     table.appendChild(tr);
   }
+  const why = element("button", "Where it looked", "why");
+  why.addEventListener("click", () => showHeatmap(why, file, row));
   text.appendChild(line);
   text.appendChild(table);
+  text.appendChild(why);
   row.appendChild(img);
   row.appendChild(text);
   return row;
+}
+
+// The heatmap of the predicted class (/api/explain: a PNG), shown beside the photo.
+async function showHeatmap(button, file, row) {
+  button.disabled = true;
+  const form = new FormData();
+  form.append("files", file, file.name);
+  const response = await fetch("/api/explain", {method: "POST", body: form});
+  if (!response.ok) {
+    const body = await response.json();
+    row.appendChild(element("span", body.error, "err"));
+    return;
+  }
+  const heat = document.createElement("img");
+  heat.className = "heatmap";
+  heat.alt = `where the model looked: ${file.name}`;
+  heat.src = URL.createObjectURL(await response.blob());
+  row.appendChild(heat);
 }
 
 async function predict(files) {
