@@ -296,7 +296,7 @@ def test_each_backbone_runs_at_its_trained_size_unless_told(tiny_file, tmp_path)
     image = keras.Input((48, 48, 3))
     keras.Model(image, keras.layers.Conv2D(4, 3, name="block1_conv")(image)).save(
         tmp_path / "fixed.keras")
-    assert networks.check_choice(str(tmp_path / "fixed.keras")).trained_size()[0] == 48
+    assert networks.check_choice(str(tmp_path / "fixed.keras") + ":rgb255").trained_size()[0] == 48
     with pytest.raises(ConfigError, match="below the smallest"):
         networks.check_choice("vgg16@16")
     model = config.ModelConfig("imagenet", False, 224, 0.5, networks.check_choice("vgg16"),
@@ -356,3 +356,50 @@ def test_model_keras_loads_in_safe_mode_in_a_fresh_process_after_importing_the_l
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(tiny.model(x)),
                                atol=1e-5)
+
+
+def _without_rescaling(source: str, path) -> str:
+    """``source``'s network without its first Rescaling layer, same weights: a file that
+    wants RGB in [-1, 1] and does not say so."""
+    original = keras.saving.load_model(source, safe_mode=True)
+    image = keras.Input((None, None, 3), name="image")
+    x, outputs = image, {}
+    for layer in original.layers[2:]:  # past the input and the Rescaling
+        inbound = [t for node in [layer._inbound_nodes[0]] for t in node.input_tensors]
+        args = [outputs.get(id(t), x) for t in inbound]
+        x = layer(args if len(args) > 1 else args[0])
+        outputs[id(layer.output)] = x
+    keras.Model(image, x, name="stripped_net").save(path)
+    return str(path)
+
+
+def test_a_file_names_its_input_contract_or_is_refused(tiny_file, tmp_path):
+    """A file whose first layer scales its input says so itself (RGB 0..255); one that
+    does not is refused with one paragraph listing the contracts, and given the right one
+    (:minus_one_to_one) gives the same features as the original with its Rescaling. The
+    contract survives the export: a loaded model.keras reads it back."""
+    from small_photo_classifier.features import backbone
+    assert networks.check_choice(tiny_file).contract == networks.RGB255
+    stripped = _without_rescaling(tiny_file, tmp_path / "stripped.keras")
+    with pytest.raises(ConfigError, match="does not say what input it expects") as err:
+        networks.check_choice(stripped)
+    assert all(c in str(err.value) for c in networks.CONTRACTS)
+    choice = networks.check_choice(stripped + "@40:minus_one_to_one")
+    assert (choice.size, choice.contract, choice.contract_named) == (40, "minus_one_to_one",
+                                                                     True)
+    assert choice.label.endswith("stripped.keras@40:minus_one_to_one")
+    with pytest.raises(ConfigError, match="brings its own input"):
+        networks.check_choice("efficientnetv2b0:zero_to_one")
+    x = np.random.default_rng(0).normal(0, 50, (2, SIZE, SIZE, 3)).astype(np.float32)
+    feats = {}
+    for name, entry in (("original", tiny_file), ("named", stripped + ":minus_one_to_one"),
+                        ("wrong", stripped + ":zero_to_one")):
+        clf = backbone.build_classifier("imagenet", False, SIZE, 0,
+                                        backbone=networks.check_choice(entry))
+        feats[name] = np.asarray(clf.last(clf.stem(x)))
+        if name == "named":
+            clf.model.save(tmp_path / "model.keras")
+            loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+            assert backbone.from_model(loaded).net.preprocessing == "minus_one_to_one"
+    np.testing.assert_allclose(feats["named"], feats["original"], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(feats["wrong"], feats["original"], rtol=1e-2, atol=1e-2)

@@ -376,6 +376,19 @@ def _nested_models(model: keras.Model) -> List[keras.Model]:
     return out
 
 
+def _contract_of(layers) -> str:
+    """The input contract a loaded stem's first layers implement (`zoo._contract_layers`)."""
+    names = {layer.name: layer for layer in layers}
+    if "input_contract_standardise" in names:
+        return networks.IMAGENET_MEAN_STD
+    if "input_contract" in names:
+        return (networks.MINUS_ONE_TO_ONE if names["input_contract"].offset
+                else networks.ZERO_TO_ONE)
+    if any(isinstance(layer, zoo.CaffeToRGB) for layer in layers):
+        return networks.RGB255
+    return networks.CAFFE
+
+
 def from_model(model: keras.Model) -> Classifier:
     """The `Classifier` view of a loaded ``model.keras``: its three sub-models (stem,
     last stage, head, in that order) and the backbone's description read back from
@@ -401,8 +414,7 @@ def from_model(model: keras.Model) -> Classifier:
         name=model.name[:-len("_classifier")] if model.name.endswith("_classifier")
         else model.name, source=f"loaded:{model.name}", stages=stages, stem_layer=stem_layer,
         feature_layer=feature_layer,
-        preprocessing=networks.RGB255 if any(isinstance(l, zoo.CaffeToRGB)
-                                             for l in leaves(stem)) else networks.CAFFE,
+        preprocessing=_contract_of(leaves(stem)),
         pooling="flatten" if any(l.name == FLATTEN for l in head.layers) else "avg")
     return Classifier(stem=stem, last=last, head=head, model=model, include_top=include_top,
                       net=net, stage_of=stage_of)

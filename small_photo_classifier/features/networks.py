@@ -40,11 +40,31 @@ LAST_STAGE = "last"
 # TTA and the cache treat every backbone alike. A network that wants RGB in
 # [0, 255] (and preprocesses inside itself, as Keras' EfficientNetV2, ConvNeXt,
 # MobileNetV3 and the user's own files do) gets an exact inverse as its first layer.
+# A ``.keras`` file that does not preprocess inside itself names what it expects
+# (``PATH:minus_one_to_one``): the first layers then scale the RGB pixels to it, with
+# Keras' own Rescaling and Normalization (safe_mode loads them).
 CAFFE, RGB255 = "caffe", "rgb255"
+MINUS_ONE_TO_ONE, ZERO_TO_ONE, IMAGENET_MEAN_STD = (
+    "minus_one_to_one", "zero_to_one", "imagenet_mean_std")
 PREPROCESSING_TEXT = {
     CAFFE: f"{run_info.INPUT_VALUES}; the network expects exactly this",
     RGB255: "the input graph's BGR mean-centring undone in the network's first layer "
             "(RGB in [0, 255]); the network's own preprocessing follows inside it",
+    MINUS_ONE_TO_ONE: "the input graph's BGR mean-centring undone, then RGB scaled to "
+                      "[-1, 1] (x / 127.5 - 1) in the network's first layers",
+    ZERO_TO_ONE: "the input graph's BGR mean-centring undone, then RGB scaled to [0, 1] "
+                 "(x / 255) in the network's first layers",
+    IMAGENET_MEAN_STD: "the input graph's BGR mean-centring undone, then RGB scaled to "
+                       "[0, 1] and standardised by ImageNet's mean and std (0.485, 0.456, "
+                       "0.406; 0.229, 0.224, 0.225) in the network's first layers",
+}
+# What each contract means to a user, for --help and errors.
+CONTRACTS = {
+    RGB255: "RGB 0..255 (the file scales its input itself)",
+    MINUS_ONE_TO_ONE: "RGB in [-1, 1]",
+    ZERO_TO_ONE: "RGB in [0, 1]",
+    IMAGENET_MEAN_STD: "RGB in [0, 1] minus ImageNet's mean, over its std",
+    CAFFE: "BGR minus ImageNet's mean pixel, unscaled (VGG and Caffe style)",
 }
 
 
@@ -180,11 +200,15 @@ class BackboneChoice:
       feature_layer: ``--feature_layer``: use this layer as the feature map.
       stage_ends: ``--stage_ends``: the last layer of each stage, in order.
       size: the input size named with it (``NAME@SIZE``, ``PATH@SIZE``), else None.
+      contract: a file's input contract (``PATH:CONTRACT``, ``PATH@SIZE:CONTRACT``, or
+        `RGB255` when the file's first layer scales its input itself), else None.
     """
     name: str
     feature_layer: Optional[str] = None
     stage_ends: Tuple[str, ...] = ()
     size: Optional[int] = None
+    contract: Optional[str] = None  # a file's input (`CONTRACTS`); None: a named network
+    contract_named: bool = False  # the user named it (else the file's first layer says)
 
     @property
     def is_file(self) -> bool:
@@ -206,7 +230,8 @@ class BackboneChoice:
     @property
     def label(self) -> str:
         """How the user names it: ``NAME`` or ``NAME@SIZE``."""
-        return self.name + (f"@{self.size}" if self.size else "")
+        return self.name + (f"@{self.size}" if self.size else "") + (
+            f":{self.contract}" if self.contract and self.contract_named else "")
 
     def trained_size(self) -> Tuple[int, str]:
         """(its default input size, why): ``@SIZE`` when named so, else the size it was
@@ -247,6 +272,36 @@ def file_input_size(path: str) -> Optional[int]:
     return None
 
 
+def file_contract(path: str) -> Optional[str]:
+    """`RGB255` when a ``.keras`` file's first layer after its input rescales or
+    normalises (it takes RGB 0..255 and scales it itself, as Keras' applications and the
+    shared EfficientNet-Lite files do), else None: the file does not say what it wants.
+    Read from the zip without TensorFlow."""
+    import json
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            config = json.loads(z.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    layers = (config.get("config") or {}).get("layers") or []
+    inputs = [layer for layer in layers if layer.get("class_name") == "InputLayer"]
+    shape = ((inputs[0].get("config") or {}).get("batch_shape") or []) if inputs else []
+    if len(shape) != 4 or shape[-1] != 3:
+        return RGB255  # not an image network: loading it says so (`zoo.load_file`)
+    rest = [layer.get("class_name") for layer in layers if layer not in inputs]
+    return RGB255 if rest and rest[0] in ("Rescaling", "Normalization") else None
+
+
+def split_contract(text: str) -> Tuple[str, Optional[str]]:
+    """``PATH:CONTRACT`` (a `CONTRACTS` name after the last colon) -> (PATH, CONTRACT);
+    anything else -> (text, None)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and tail.strip().lower() in CONTRACTS:
+        return head, tail.strip().lower()
+    return text, None
+
+
 def split_size(text: str) -> Tuple[str, Optional[int]]:
     """``NAME@SIZE`` -> (NAME, SIZE); anything else -> (text, None)."""
     head, sep, tail = text.rpartition("@")
@@ -259,7 +314,8 @@ def check_choice(name: str, feature_layer: Optional[str] = None,
                  stage_ends: Sequence[str] = ()) -> BackboneChoice:
     """``--backbone`` (or a ``--backbones`` entry: ``NAME`` or ``NAME@SIZE``, ``PATH`` or
     ``PATH@SIZE``) and its overrides, checked without TensorFlow."""
-    text, size = split_size(str(name).strip())
+    text, contract = split_contract(str(name).strip())
+    text, size = split_size(text)
     normal = text.lower().replace("-", "_")
     if size is not None and size < 32:
         raise ConfigError(f"--backbone={name!r}: a size of {size} px is below the smallest "
@@ -268,6 +324,9 @@ def check_choice(name: str, feature_layer: Optional[str] = None,
         if (feature_layer or stage_ends) and normal == "vgg16":
             raise ConfigError("--feature_layer/--stage_ends describe another network's "
                               "layers; VGG16's are fixed (block4_pool, block5_pool).")
+        if contract:
+            raise ConfigError(f"--backbone={name!r}: {normal} brings its own input "
+                              f"preprocessing; a contract (:{contract}) is for .keras files.")
         return BackboneChoice(normal, feature_layer or None, tuple(stage_ends), size)
     if not text.endswith(".keras"):
         raise ConfigError(f"--backbone={text!r}: expected vgg16, one of "
@@ -276,8 +335,16 @@ def check_choice(name: str, feature_layer: Optional[str] = None,
     if not os.path.isfile(text):
         raise ConfigError(f"--backbone={text!r}: no such file (expected a Keras .keras model "
                           "file of an image network).")
+    recorded = file_contract(text)
+    if contract is None and recorded is None:
+        raise ConfigError(
+            f"--backbone={name}: the file does not say what input it expects (its first "
+            "layer neither rescales nor normalises), and a wrong guess gives wrong features "
+            "with no error. Name it after the path, e.g. --backbone="
+            f"{os.path.basename(text)}{'@' + str(size) if size else ''}:minus_one_to_one; "
+            "the choices: " + "; ".join(f"{k} = {v}" for k, v in CONTRACTS.items()) + ".")
     return BackboneChoice(os.path.abspath(text), feature_layer or None, tuple(stage_ends),
-                          size)
+                          size, contract or recorded, contract_named=contract is not None)
 
 
 def candidates(entries: Sequence[str]) -> Tuple[Tuple[BackboneChoice, ...],

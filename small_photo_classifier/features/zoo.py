@@ -183,8 +183,7 @@ def split(model: keras.Model, net: networks.Backbone, image_size: int, prefix: s
     """The stem (image -> `stem_layer`, with `CaffeToRGB` first when the network
     preprocesses inside itself) and the last stage (`stem_layer` -> `feature_layer`)."""
     image = keras.Input((image_size, image_size, 3), name="image")
-    x = CaffeToRGB(name="caffe_to_rgb")(image) if net.preprocessing == networks.RGB255 \
-        else image
+    x = _contract_layers(net.preprocessing, image)
     inner = keras.Model(model.input, model.get_layer(net.stem_layer).output,
                         name=f"{prefix}_base_stem")
     stem = keras.Model(image, inner(x), name=f"{prefix}_stem")
@@ -201,6 +200,25 @@ def split(model: keras.Model, net: networks.Backbone, image_size: int, prefix: s
     return stem, last
 
 
+def _contract_layers(contract: str, image):
+    """The first layers that turn the input graph's "caffe" images into what the network
+    expects (`networks.CONTRACTS`): nothing for caffe, `CaffeToRGB` for RGB 0..255, then
+    Keras' Rescaling (and Normalization) for the scaled contracts."""
+    if contract == networks.CAFFE:
+        return image
+    x = CaffeToRGB(name="caffe_to_rgb")(image)
+    if contract == networks.MINUS_ONE_TO_ONE:
+        return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="input_contract")(x)
+    if contract == networks.ZERO_TO_ONE:
+        return keras.layers.Rescaling(1 / 255.0, name="input_contract")(x)
+    if contract == networks.IMAGENET_MEAN_STD:
+        x = keras.layers.Rescaling(1 / 255.0, name="input_contract")(x)
+        return keras.layers.Normalization(mean=[0.485, 0.456, 0.406],
+                                          variance=[0.229 ** 2, 0.224 ** 2, 0.225 ** 2],
+                                          name="input_contract_standardise")(x)
+    return x
+
+
 def build(choice: networks.BackboneChoice, weights: str, image_size: int, seed: int
           ) -> Tuple[networks.Backbone, Dict[str, str], keras.Model, keras.Model]:
     """(description, layer -> stage, stem, last stage) of a non-VGG16 backbone."""
@@ -208,7 +226,7 @@ def build(choice: networks.BackboneChoice, weights: str, image_size: int, seed: 
         if weights not in ("imagenet", "file"):
             raise ConfigError(f"--backbone={choice.name} brings its own weights; drop "
                               f"--weights={weights} (it applies to networks by name).")
-        model, preprocessing = load_file(choice.name), networks.RGB255
+        model, preprocessing = load_file(choice.name), choice.contract or networks.RGB255
     else:
         model = load_named(choice.name, weights, image_size, seed)
         preprocessing = networks.NAMED[choice.name][1]

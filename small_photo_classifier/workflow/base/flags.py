@@ -206,8 +206,15 @@ def _train_model(d: dict) -> None:
                         "a keras.applications name (resnet50, "
                         "efficientnetb0, efficientnetv2b0, efficientnetv2s, convnext_tiny, "
                         "mobilenetv3large, mobilenetv3small; --weights applies), or the path "
-                        "of a Keras model file (.keras) of any image network, weights and "
-                        "preprocessing inside.", module_name=MODEL, **d)
+                        "of a Keras model file (.keras) of any image network, weights inside: "
+                        "PATH, PATH@SIZE (its input size), PATH:CONTRACT or "
+                        "PATH@SIZE:CONTRACT, where CONTRACT is the input the file expects "
+                        "when its first layer does not scale it itself: rgb255 (RGB 0..255), "
+                        "minus_one_to_one (RGB in [-1, 1]), zero_to_one (RGB in [0, 1]), "
+                        "imagenet_mean_std ([0, 1] minus ImageNet's mean, over its std), "
+                        "caffe (BGR minus ImageNet's mean pixel). A file that neither scales "
+                        "its input nor is given a contract is refused.", module_name=MODEL,
+                        **d)
     flags.DEFINE_list("backbones", ["vgg16", "efficientnetv2b0"], "--stage=backbones and "
                       "--backbone=auto: the backbones to compare (names and .keras files; "
                       "--weights applies to the named ones). Each is extracted (cached), "

@@ -118,6 +118,7 @@ def model_info(job: Job, scenario: str, blocks, scores: dict, thresholds=None) -
             "backbone": job.classifier.net.name, "backbone_source": job.classifier.net.source,
             "weights": backbone_weights_id(job.model, job.seed),
             "preprocessing": cache_lib.preprocessing(job.classifier.net),
+            "input_contract": job.classifier.net.preprocessing,
             "input": input_contract(job.model.image_size),
             "output": "P(positive class)" if task.kind == "binary" else
             "P(class) per class, in class_names order",

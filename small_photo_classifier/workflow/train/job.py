@@ -247,6 +247,12 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
                     "command": console.command_line()}, runtime.config_file)
     classifier, model, failed = _first_buildable(model, task, data.seed)
     logging.info("Input size: %d px (%s).", model.image_size, model.image_size_reason)
+    if model.backbone.contract:
+        logging.info("Input of %s: %s (%s; another with --backbone=PATH:CONTRACT).",
+                     os.path.basename(model.backbone.name),
+                     networks.CONTRACTS[model.backbone.contract],
+                     "named" if model.backbone.contract_named else
+                     "the file's first layer scales its input itself")
     classifier.model.summary(print_fn=lambda line, *a, **k: console.DETAIL.info(line),
                              expand_nested=True)
     weights = task_lib.class_weights(task, y_train, heads.class_weight)
