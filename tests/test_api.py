@@ -16,8 +16,10 @@ import small_photo_classifier as spc
 def _users_state():
     """What a user's own Keras work in the same kernel depends on."""
     import keras
+    import matplotlib
     from keras.src.backend.common import global_state as keras_state
     return {"policy": keras.mixed_precision.global_policy().name,
+            "matplotlib_backend": matplotlib.get_backend(),
             "python_random": random.getstate(), "numpy_random": np.random.get_state()[1].copy(),
             "keras_seed": keras_state.get_global_attribute("global_random_seed"),
             "handlers": list(logging.getLogger().handlers), "streams": (sys.stdout, sys.stderr)}
@@ -27,7 +29,12 @@ def _users_state():
 def test_train_twice_then_predict_in_one_process_leaves_the_users_state(tmp_path):
     import keras
     from small_photo_classifier.workflow.use import predicting
-    # The user's own session: another dtype policy, their seed, their log handler.
+    # The user's own session: another dtype policy, their seed, their log handler, their
+    # plotting backend (a notebook's is its inline one; svg stands in for it here).
+    import matplotlib
+    import matplotlib.pyplot  # noqa: F401  (a user who plots has pyplot imported)
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")
     keras.mixed_precision.set_global_policy("mixed_float16")
     keras.utils.set_random_seed(1234)
     mine = logging.StreamHandler(sys.stdout)
@@ -52,8 +59,10 @@ def test_train_twice_then_predict_in_one_process_leaves_the_users_state(tmp_path
         # The API's runs had log files of their own; the one before is untouched.
         assert console._STATE["transcript"] is script_log and not script_log.ended
         assert "Done in" in open(os.path.join(run.workdir, "train.log")).read()
+        assert matplotlib.get_backend() == "svg"
     finally:
         logging.getLogger().removeHandler(mine)
+        matplotlib.use(backend)
 
     assert run.metrics["final"] and run.report_path.endswith("report.html")
     assert "<iframe" in run._repr_html_()

@@ -249,10 +249,9 @@ def run(job: Job, cfg: TrainConfig, choices) -> tuple:
 
 
 def _plot(entries: List[Entry], best: Entry, metric: str, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from small_photo_classifier.pipeline.atomic import atomic_path
+    from small_photo_classifier.workflow.views.plots import pyplot
+    plt = pyplot()  # Agg unless the process chose a backend (a notebook's kernel)
     fig, ax = plt.subplots(figsize=(6, 4))
     for e in entries:
         ax.errorbar(e.ms_per_image, e.score, yerr=e.std, fmt="o",

@@ -17,9 +17,16 @@ from small_photo_classifier.pipeline.atomic import atomic_path
 FILES = ("confusion_matrix.png", "roc.png", "top_losses.png")
 
 
-def _pyplot():
+def pyplot():
+    """pyplot, on the file-only Agg backend unless the process already chose one: a
+    notebook's kernel names its inline backend (MPLBACKEND), and a user's pyplot keeps
+    its backend, so their own figures still show after a run (every figure here is
+    written to a file and closed, never shown)."""
+    import os
+    import sys
     import matplotlib
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
@@ -28,7 +35,7 @@ def save(fig, path: str) -> str:
     """Writes ``fig`` to ``path`` atomically and closes it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -42,7 +49,7 @@ def curves(histories: Dict[str, pd.DataFrame], path: str,
     (e.g. the kept one).
     """
     from matplotlib.ticker import MaxNLocator
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics_to_plot), figsize=(5 * len(metrics_to_plot), 3.8),
                              squeeze=False)
     for ax, metric in zip(axes[0], metrics_to_plot):
@@ -84,7 +91,7 @@ def history(frame: pd.DataFrame, path: str, title: str = "Fine-tuning",
 def sweep(table: pd.DataFrame, path: str, metric: str, describe,
           probe_cv: Optional[float] = None) -> str:
     """The sweep's CV score with error bars per configuration (best first)."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = [describe(r) for r in table.itertuples()]
     fig, ax = plt.subplots(figsize=(7.5, max(3.0, 0.28 * len(table) + 1.2)))
     y = np.arange(len(table))[::-1]
@@ -107,7 +114,7 @@ def confusion_matrix(y, predicted, class_names: Sequence[str], path: str,
     """Counts and row-normalised shares of true x predicted class, readable up to ~20
     classes (labels rotated and shrunk as K grows)."""
     from sklearn.metrics import ConfusionMatrixDisplay
-    plt = _pyplot()
+    plt = pyplot()
     k = len(class_names)
     size = max(4.2, 0.45 * k + 2.5)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
@@ -137,7 +144,7 @@ def roc_figure(y, probs, class_names: Sequence[str], title: str):
     do (scikit-learn's display rounds to 2: 0.995 would read 1.00).
     """
     from sklearn.metrics import roc_auc_score, roc_curve
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     probs = np.asarray(probs)
 
@@ -168,7 +175,7 @@ def gallery(paths: Sequence[str], order, captions: Sequence[str], path: str, tit
     import textwrap
     import tensorflow as tf
     from small_photo_classifier.pipeline import ops
-    plt = _pyplot()
+    plt = pyplot()
     rows = max(1, int(np.ceil(len(order) / columns)))
     # Captions wrapped to the cell's width; each row is as tall as its longest caption
     # needs, so no caption runs into the photo above it.
@@ -199,7 +206,7 @@ def learning_curve(table: pd.DataFrame, forecasts: dict, path: str, metric: str)
     folds and subsets), the fitted law, and its extension to 2x / 4x with the bootstrap
     range when the fit supports one."""
     from small_photo_classifier.features.data import curve
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model, result in forecasts.items():
         measured = table[(table.model == model) & (table.kind == "measured")]

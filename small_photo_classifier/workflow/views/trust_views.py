@@ -21,7 +21,7 @@ def write_plots(run, report: dict, task_kind: str) -> None:
     """``reliability.png`` (before and after calibration, on the held-out predictions) and
     ``unfamiliar_scores.png`` (the held-out known photos' scores and the threshold)."""
     from small_photo_classifier.workflow.views import plots
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     lo = 0.0 if task_kind == "multiclass" else 0.5
     for ax, key, title in ((axes[0], "reliability_before", "before"),
