@@ -104,9 +104,9 @@ def test_flags_as_keyword_arguments_are_checked_like_train_py(tmp_path):
 
 
 def test_one_loader_of_a_run_folder_for_prediction():
-    """predict.py, serve.py, the training stages' test-set prediction and the API load a
-    run folder through `workflow.use.loaded.load`, and nothing else loads the predictor
-    (the exports and Ray's workers still read model.keras themselves: see the README)."""
+    """predict.py, serve.py, the training stages' test-set prediction, the exports and the
+    API load a run folder through `workflow.use.loaded.load`, and nothing else loads the
+    predictor (Ray's workers, in features/, read model.keras themselves: see the README)."""
     import ast
     root = os.path.dirname(spc.__file__)
     callers, users = set(), set()
@@ -125,4 +125,5 @@ def test_one_loader_of_a_run_folder_for_prediction():
     assert callers == {os.path.join("workflow", "use", "loaded.py")}
     assert users >= {os.path.join("workflow", "use", "predicting.py"),
                      os.path.join("workflow", "use", "serving.py"),
-                     os.path.join("workflow", "train", "stages.py"), "api.py"}
+                     os.path.join("workflow", "train", "stages.py"), "api.py",
+                     os.path.join("workflow", "use", "deploy.py")}

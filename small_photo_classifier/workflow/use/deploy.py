@@ -342,9 +342,17 @@ def deploy_run(workdir: str, formats: Sequence[str], quantize: str = "none",
     """Exports ``workdir``'s model.keras in ``formats``, checks each, records the checks in
     metrics.json (``exports``); returns them."""
     from small_photo_classifier.features.serve import inference
+    from small_photo_classifier.workflow.base import process_state
     from small_photo_classifier.workflow.base.outputs import RunFolder
-    from small_photo_classifier.workflow.use import trusted
-    model, info = inference.load_exported(workdir, policy="float32")
+    from small_photo_classifier.workflow.use import loaded, trusted
+    # The run's loader, as predict.py's, in float32 (the exports' precision) with the
+    # calling process's dtype policy put back: train.py --export calls this too.
+    saved = process_state.snapshot()
+    try:
+        run = loaded.load(workdir, bag=False, tta=1, precision="float32", unfamiliar=False)
+    finally:
+        process_state.restore(saved)
+    model, info = run.model, run.info
     task = inference.task_of(info)
     x_val, y_val = validation_set(workdir, task, int(info["image_size"]), batch_size)
     held_out = not info.get("refit")
