@@ -77,9 +77,30 @@ def test_the_default_run_exports_the_whole_network_when_frozen_features_are_blin
     info = json.load(open(tmp_path / "run" / "model_info.json"))
     assert info["scenario"] == "whole" or info.get("trainable_blocks")
     assert "whole-network fine-tuning beats" in result.stdout
+    # The frozen scenario's bag waited for the verdict, and was never made.
+    assert not (tmp_path / "run" / "bag.keras").exists() and "bag" not in metrics
+    assert not any(k.startswith("bag members") for k in metrics["timings"])
     # The exported model was refit on every label, the whole network too.
     refit = metrics["finetune"]["refit"]
     assert refit["rows"] == 160 and refit["finetune_epochs"] == whole["kept_epoch"] > 0
+
+
+@pytest.mark.slow
+def test_the_bag_waits_for_the_whole_networks_verdict_and_is_made_when_it_loses(tmp_path):
+    """Whole-network fine-tuning is tried (frozen features near chance) but cannot learn
+    (a step too small to move it): the frozen scenario is exported, and the bag that
+    waited for the verdict is made then and exported beside it."""
+    net = _blind_network(tmp_path / "blind_net.keras")
+    data = _texture_folders(tmp_path / "data", n=80)
+    result = run("train.py", f"--data_dir={data}", f"--backbone={net}@{SIZE}",
+                 f"--workdir={tmp_path}/run", f"--cache_dir={tmp_path}/cache",
+                 "--whole_learning_rate=1e-9", "--whole_epochs=1", "--augment=none",
+                 "--scenarios=B", "--epochs=3", "--noprobe_baseline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert metrics["whole_network"]["tried"] and metrics["finetune"]["scenario"] == "B"
+    assert metrics["bag"] and (tmp_path / "run" / "bag.keras").is_file()
+    assert "its bag is made now" in open(tmp_path / "run" / "train.log").read()
 
 
 def test_cross_fitting_takes_each_part_from_an_epoch_the_others_chose():

@@ -205,15 +205,11 @@ def _train_model(d: dict) -> None:
                         "vgg16 (the reference), auto (chosen by evidence among --backbones), "
                         "a keras.applications name (resnet50, "
                         "efficientnetb0, efficientnetv2b0, efficientnetv2s, convnext_tiny, "
-                        "mobilenetv3large, mobilenetv3small; --weights applies), or the path "
-                        "of a Keras model file (.keras) of any image network, weights inside: "
-                        "PATH, PATH@SIZE (its input size), PATH:CONTRACT or "
-                        "PATH@SIZE:CONTRACT, where CONTRACT is the input the file expects "
-                        "when its first layer does not scale it itself: rgb255 (RGB 0..255), "
-                        "minus_one_to_one (RGB in [-1, 1]), zero_to_one (RGB in [0, 1]), "
-                        "imagenet_mean_std ([0, 1] minus ImageNet's mean, over its std), "
-                        "caffe (BGR minus ImageNet's mean pixel). A file that neither scales "
-                        "its input nor is given a contract is refused.", module_name=MODEL,
+                        "mobilenetv3large, mobilenetv3small; --weights applies), or a Keras "
+                        "model file of any image network, PATH[@SIZE][:CONTRACT]: CONTRACT, "
+                        "the input a file expects when its first layer does not scale it, is "
+                        "rgb255, minus_one_to_one, zero_to_one, imagenet_mean_std or caffe "
+                        "(README); such a file without one is refused.", module_name=MODEL,
                         **d)
     flags.DEFINE_list("backbones", ["vgg16", "efficientnetv2b0"], "--stage=backbones and "
                       "--backbone=auto: the backbones to compare (names and .keras files; "
@@ -443,11 +439,8 @@ def define_predict(fv=flags.FLAGS) -> None:
                         "of Saerens et al. 2002 and printed (rough below ~100 photos). "
                         "Default: what train.py stored (its --prior, else the training "
                         "shares).", module_name=PREDICT, **d)
-    flags.DEFINE_string("explain", None, "Heatmaps of where the model looked: N (the N "
-                        "photos it is least sure of) or names of photos (comma-separated: the "
-                        "CSV's name column, or file names). One PNG per photo, named after "
-                        "it, in <output stem>_explain/: the photo with the class-activation "
-                        "map of the class it predicts.", module_name=OUTPUTS, **d)
+    flags.DEFINE_string("explain", None, "Heatmaps (<output stem>_explain/): N, the N least "
+                        "sure photos, or photo names, comma-separated.", module_name=OUTPUTS, **d)
     flags.DEFINE_boolean("keep_bad_rows", False, "With --on_bad_image=skip: keep a row for "
                          "each unreadable image, with empty values and a last column status "
                          "('ok' or 'unreadable: <reason>'), instead of leaving it out.",

@@ -62,6 +62,10 @@ def finetune_stage(job: Job, cfg: TrainConfig, scenario: str, optimizer: str = "
         # The frozen model stays, as the heads stage made it: its own fine-tuning is what
         # the whole network's just did better than it could (the last stage trained too).
         cfg = _with_finetune(cfg, dataclasses.replace(cfg.finetune, epochs=0))
+    if job.pending_bag is not None:  # the frozen model stays: its bag is wanted now
+        logging.info("Bag members: the frozen model is exported, so its bag is made now.")
+        make, job.pending_bag = job.pending_bag, None
+        make()
     config = cfg.finetune
     if scenario == PROBE:
         return final_model.export_probe(job, heads, cache, runtime, predict, refit, frozen)

@@ -67,6 +67,7 @@ class Job:
     # The run's seconds and peak memory by stage (metrics.json, console, report).
     clock: StageClock = dataclasses.field(default_factory=StageClock)
     max_pixels: int = limits.MAX_PIXELS  # --max_pixels: a larger image is a bad image
+    pending_bag: object = None  # the bag's making, waiting for the whole network (bagging)
 
     @property
     def y_train(self) -> np.ndarray:
@@ -249,10 +250,9 @@ def prepare(data: DataConfig, model: ModelConfig, heads: HeadsConfig, cache: Cac
     logging.info("Input size: %d px (%s).", model.image_size, model.image_size_reason)
     if model.backbone.contract:
         logging.info("Input of %s: %s (%s; another with --backbone=PATH:CONTRACT).",
-                     os.path.basename(model.backbone.name),
-                     networks.CONTRACTS[model.backbone.contract],
-                     "named" if model.backbone.contract_named else
-                     "the file's first layer scales its input itself")
+                     os.path.basename(model.backbone.name), networks.CONTRACTS[
+                         model.backbone.contract], "named" if model.backbone.contract_named
+                     else "the file's first layer scales its input itself")
     classifier.model.summary(print_fn=lambda line, *a, **k: console.DETAIL.info(line),
                              expand_nested=True)
     weights = task_lib.class_weights(task, y_train, heads.class_weight)

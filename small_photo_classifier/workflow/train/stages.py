@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from small_photo_classifier.features.choose import bag as bag_lib, probe, sweep
+from small_photo_classifier.features.choose import probe, sweep
 from small_photo_classifier.features.fit import heads as heads_lib
 from small_photo_classifier.features.serve import inference
 from small_photo_classifier.pipeline import discovery, labels, progress, scan
@@ -22,7 +22,7 @@ from small_photo_classifier.workflow.base import console, state as state_lib
 from small_photo_classifier.workflow.train import export, labelling, near_groups
 from small_photo_classifier.workflow.use import loaded
 from small_photo_classifier.workflow.views import interpret, plots, summary
-from small_photo_classifier.workflow.train import heads_choice, no_effect, trusting
+from small_photo_classifier.workflow.train import bagging, heads_choice, no_effect, trusting
 from small_photo_classifier.workflow.train.export import PROBE
 from small_photo_classifier.workflow.base.config import (CacheConfig, HeadsConfig, RuntimeConfig,
                                                          SweepConfig, TrainConfig)
@@ -39,8 +39,12 @@ def _interpret(job: Job, folder: str, probs, what: str) -> None:
 
 
 def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: RuntimeConfig,
-                view_preset: str, chosen: Optional[heads_lib.HeadConfig] = None) -> str:
-    """Probe + scenarios on the cache; returns the best scenario. ``chosen``: a sweep config."""
+                view_preset: str, chosen: Optional[heads_lib.HeadConfig] = None,
+                whole_mode: str = "no") -> str:
+    """Probe + scenarios on the cache; returns the best scenario. ``chosen``: a sweep config.
+    ``whole_mode`` (--whole_network): when the final stage will try the whole network
+    first, the bag's members wait for its verdict (`Job.pending_bag`): a bag of frozen
+    fold heads is of no use once the whole network is exported (seedlings: 298 s)."""
     bag_folder = job.run.file("heads", "bag")
     shutil.rmtree(bag_folder, ignore_errors=True)  # never mix with an old bag
     progress.report("heads", "repeat the heads stage (it trains from the feature cache)")
@@ -84,10 +88,9 @@ def heads_stage(job: Job, heads: HeadsConfig, cache: CacheConfig, runtime: Runti
                             if choice["scenario"] == PROBE else f"scenario {best.scenario}")
     if heads.bag and best.cv is not None and choice["scenario"] != PROBE:
         # (An exported probe has no bag: the scenario's fold heads would go unused.)
-        with job.clock.stage("bag members (the chosen scenario's folds again)"):
-            _save_bag(job, best, heads_lib.FeatureSplit(train, job.y_train, view_feats,
-                                                        job.folds),
-                      fit_settings(job, heads, cache, runtime), bag_folder)
+        bagging.make_or_defer(job, best, (heads, cache, runtime), (views, view_preset),
+                              bag_folder, runtime.finetunes and bagging.whole_first(
+                                  job, whole_mode, choice["scenario"]))
     print(summary.heads(results, baseline, best, job.task))
     print(heads_choice.choice_sentence(choice, best.scenario))
     progress.clear("heads")
@@ -121,19 +124,6 @@ def _record_heads(job: Job, results):
     if job.folds:
         job.run.update_metrics("cross_validation", {s: r.cv.summary() for s, r in results.items()})
     return best
-
-
-def _save_bag(job: Job, best, train: heads_lib.FeatureSplit, fit, folder: str) -> None:
-    """The bag's members: the best scenario's fold heads at the epoch its cross-
-    validation chose, trained again (`heads.fold_members`), saved in ``folder``."""
-    blocks = best.config.row.blocks
-    weights = heads_lib.fold_members(job.classifier, best.config, job.task, train, fit,
-                                     best.cv.epoch)
-    members = [bag_lib.as_member(job.classifier, blocks, m) for m in weights]
-    path = bag_lib.save(bag_lib.members_model(job.classifier, blocks, members),
-                        bag_lib.members_file(folder, best.scenario))
-    logging.info("Bag: the %d fold heads of scenario %s (its cross-validation's folds at "
-                 "epoch %d) saved in %s.", len(members), best.scenario, best.cv.epoch, path)
 
 
 def _plot_heads(job: Job, results, baseline: dict) -> None:
@@ -335,7 +325,7 @@ def _train_and_export(job: Job, cfg: TrainConfig, chosen, view_preset: str) -> N
     scenario = None
     if runtime.heads:
         scenario = heads_stage(job, cfg.heads, cfg.cache, runtime, view_preset,
-                               chosen if cfg.sweep.use else None)
+                               chosen if cfg.sweep.use else None, cfg.finetune.whole)
     if runtime.finetunes:
         scenario = (cfg.finetune.scenario or
                     (chosen.scenario if cfg.sweep.use and chosen else None) or
