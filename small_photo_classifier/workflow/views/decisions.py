@@ -19,6 +19,8 @@ def table(title: str, name: str, data: dict, key: str, metrics: dict) -> str:
     kept = data.get("kept") or (candidate if verdict else baseline)
     words = (f"{candidate} better beyond noise: {kept} kept" if verdict else
              f"{candidate} not better beyond noise: {kept} kept")
+    if data.get("verdict_only"):  # one of two metrics: what was kept is said below both
+        words = "better beyond noise" if verdict else "not better beyond noise"
     return html_table(["decision", f"baseline ({esc(baseline)})",
                        f"candidate ({esc(candidate)})", "difference", "90% interval",
                        "images", "verdict"], [[
@@ -31,7 +33,7 @@ def table(title: str, name: str, data: dict, key: str, metrics: dict) -> str:
 
 def _sides(decision: dict) -> dict:
     """The names of a decision's two sides, for a second metric's table."""
-    return {k: decision[k] for k in ("baseline_is", "candidate_is", "kept") if k in decision}
+    return {k: decision[k] for k in ("baseline_is", "candidate_is") if k in decision}
 
 
 def export_section(metrics: dict) -> str:
@@ -76,12 +78,15 @@ def whole_section(folder: str, metrics: dict) -> str:
             out.append(f"<p>From {esc(whole.get('start'))}; kept epoch "
                        f"{esc(whole.get('kept_epoch'))}; {seconds} s. Compared on "
                        f"{esc(decision.get('on'))}:</p>")
+            two = bool(decision.get("loss"))
             out.append(table("whole network vs the frozen-feature model", "whole",
-                             decision, "whole_network/decision", metrics))
-            if decision.get("loss"):
+                             {**decision, "verdict_only": two}, "whole_network/decision",
+                             metrics))
+            if two:
                 out.append(table("the same, on the log loss (lower is better)", "whole",
-                             {**decision["loss"], **_sides(decision)},
-                             "whole_network/decision/loss", metrics))
+                                 {**decision["loss"], **_sides(decision),
+                                  "verdict_only": True}, "whole_network/decision/loss",
+                                 metrics))
             kept = decision.get("whole_network_kept",
                                 decision.get("candidate_better_beyond_noise"))
             if decision.get("why"):
