@@ -39,6 +39,7 @@ def _photos(n: int, seed: int):
     return np.stack(photos), np.array(labels), np.array(quarters)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg16", "efficientnetv2b0"])
 def test_the_heatmap_peaks_where_the_evidence_is(name):
     import keras
