@@ -192,7 +192,9 @@ class PredictWorker:
         from small_photo_classifier.features.serve import inference
         from small_photo_classifier.features import precision
         precision.apply(precision.Precision(policy, "Ray worker"))
-        self._model, _ = inference.load_exported(workdir, bag=bag, policy=policy)
+        # The loader predict.py's `workflow.use.loaded.load` calls, without the unfamiliar
+        # score's features (the driver scores what the workers return).
+        self._model, _, _ = inference.load_predictor(workdir, bag, policy, False)
         self._args = (image_size, batch_size, tta)
         self._inference = inference
 
