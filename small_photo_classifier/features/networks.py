@@ -251,18 +251,24 @@ class BackboneChoice:
                               f"@SIZE (e.g. @260 for EfficientNet-Lite2)")
 
 
-def file_input_size(path: str) -> Optional[int]:
-    """The square input size fixed in a ``.keras`` file's model config (its first input
-    layer's ``batch_shape``), read from the zip without TensorFlow; None when any size is
-    accepted or the file does not say."""
+def _file_layers(path: str) -> list:
+    """The layer configs of a ``.keras`` file's model, read from its zip without
+    TensorFlow ([] when the file cannot be read so)."""
     import json
     import zipfile
     try:
         with zipfile.ZipFile(path) as z:
             config = json.loads(z.read("config.json"))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-    layers = (config.get("config") or {}).get("layers") or []
+        return []
+    return (config.get("config") or {}).get("layers") or []
+
+
+def file_input_size(path: str) -> Optional[int]:
+    """The square input size fixed in a ``.keras`` file's model config (its first input
+    layer's ``batch_shape``), read from the zip without TensorFlow; None when any size is
+    accepted or the file does not say."""
+    layers = _file_layers(path)
     for layer in layers:
         if layer.get("class_name") == "InputLayer":
             shape = (layer.get("config") or {}).get("batch_shape") or []
@@ -277,14 +283,9 @@ def file_contract(path: str) -> Optional[str]:
     normalises (it takes RGB 0..255 and scales it itself, as Keras' applications and the
     shared EfficientNet-Lite files do), else None: the file does not say what it wants.
     Read from the zip without TensorFlow."""
-    import json
-    import zipfile
-    try:
-        with zipfile.ZipFile(path) as z:
-            config = json.loads(z.read("config.json"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+    layers = _file_layers(path)
+    if not layers:
         return None
-    layers = (config.get("config") or {}).get("layers") or []
     inputs = [layer for layer in layers if layer.get("class_name") == "InputLayer"]
     shape = ((inputs[0].get("config") or {}).get("batch_shape") or []) if inputs else []
     if len(shape) != 4 or shape[-1] != 3:
